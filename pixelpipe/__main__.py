@@ -1,0 +1,3 @@
+from pixelpipe.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""The ``pixelpipe`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pixelpipe import logs
+from pixelpipe.config import ConfigError, Settings, settings_table
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from e
+    logs.configure(settings.log_level)
+    return settings
+
+
+@click.group()
+@click.version_option(package_name="pixelpipe")
+def main() -> None:
+    """pixelpipe: image generation and editing on Kafka, diffusers, S3 and ClickHouse."""
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the table of every setting, as in the README.")
+def config_command(markdown: bool) -> None:
+    """Show the settings in force (secrets masked)."""
+    if markdown:
+        click.echo(settings_table())
+    else:
+        click.echo(json.dumps(_settings().redacted(), indent=2))
+
+
+# -- local stack ---------------------------------------------------------------------------------------------
+@main.group()
+def stack() -> None:
+    """Run Kafka, ClickHouse and an S3 endpoint on 127.0.0.1 (no Docker needed)."""
+
+
+def _print_status(statuses: list) -> bool:
+    for s in statuses:
+        state = "healthy" if s.healthy else ("unhealthy" if s.pid else "stopped")
+        click.echo(f"{s.name:<11} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
+    return all(s.healthy for s in statuses)
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start every service that is not running and wait until each answers."""
+    from pixelpipe.stack import LocalStack, StackError
+
+    try:
+        statuses = LocalStack(_settings()).up()
+    except StackError as e:
+        raise click.ClickException(str(e)) from e
+    _print_status(statuses)
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop every service (SIGTERM, then SIGKILL after a grace period)."""
+    from pixelpipe.stack import LocalStack
+
+    local = LocalStack(_settings())
+    local.down()
+    _print_status(local.status())
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Report each service; exits 1 unless all are healthy."""
+    from pixelpipe.stack import LocalStack
+
+    if not _print_status(LocalStack(_settings()).status()):
+        sys.exit(1)
+
+
+@stack.command("env")
+def stack_env() -> None:
+    """Print shell exports that point pixelpipe at the local stack: eval "$(pixelpipe stack env)"."""
+    from pixelpipe.stack import LocalStack
+
+    for name, value in LocalStack(_settings()).client_env().items():
+        click.echo(f"export {name}={value}")
+
+
+# -- topics --------------------------------------------------------------------------------------------------
+@main.command("topics")
+def topics_command() -> None:
+    """Create the pipeline's topics that do not exist yet."""
+    from pixelpipe.topics import ensure_topics
+
+    created = ensure_topics(_settings())
+    click.echo(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+# -- publishing ----------------------------------------------------------------------------------------------
+@main.command("publish")
+@click.argument("jsonl", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--synthetic", "count", type=click.IntRange(min=1), help="Generate this many requests instead.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Requests per second (default: max).")
+@click.option("--edit-ratio", default=0.3, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--users", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--model", default="tiny-sd", show_default=True)
+@click.option("--size", default=64, show_default=True, type=int, help="Width and height of synthetic requests.")
+@click.option("--source-uri", "source_uris", multiple=True, help="Edit source for synthetic edits (repeatable).")
+@click.option(
+    "--experiment",
+    "experiments",
+    multiple=True,
+    help="KEY=variant[:weight],... assigned by user (repeatable).",
+)
+@click.option("--topic", help="Publish here instead of PIXELPIPE_TOPIC_REQUESTS.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def publish_command(
+    jsonl: Path | None,
+    count: int | None,
+    rate: float | None,
+    edit_ratio: float,
+    users: int,
+    model: str,
+    size: int,
+    source_uris: tuple[str, ...],
+    experiments: tuple[str, ...],
+    topic: str | None,
+    progress: bool,
+) -> None:
+    """Publish ImageRequests from a JSONL file or a synthetic load generator, and count the acknowledgements."""
+    from pixelpipe.producers import Publisher
+    from pixelpipe.producers.experiments import parse_experiment_spec
+    from pixelpipe.producers.load import SyntheticLoad, describe, publish_all, requests_from_jsonl
+
+    if (jsonl is None) == (count is None):
+        raise click.UsageError("give either a JSONL file or --synthetic COUNT")
+    try:
+        assignments = dict(parse_experiment_spec(spec) for spec in experiments)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--experiment") from e
+    settings = _settings()
+    if jsonl is not None:
+        source, total = requests_from_jsonl(jsonl), sum(1 for line in jsonl.open() if line.strip())
+    else:
+        assert count is not None
+        source, total = (
+            SyntheticLoad(
+                count=count,
+                model=model,
+                edit_ratio=edit_ratio,
+                users=users,
+                width=size,
+                height=size,
+                source_uris=source_uris,
+                experiments=assignments,
+            ),
+            count,
+        )
+    with Publisher(settings) as publisher:
+        report = publish_all(publisher, source, rate=rate, total=total, progress=progress, topic=topic)
+    for invalid in report.invalid:
+        click.echo(f"refused {invalid.source}: {invalid.error}", err=True)
+    for failure in report.failed:
+        click.echo(f"not acknowledged {failure}", err=True)
+    counts = describe(report)
+    click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
+    if not report.ok:
+        sys.exit(1)

@@ -1,0 +1,109 @@
+"""One settings object, read from ``PIXELPIPE_*`` environment variables, with defaults for the embedded run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "PIXELPIPE_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _setting(default: Any, doc: str, secret: bool = False) -> Any:
+    return field(default=default, metadata={"doc": doc, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated.")
+    kafka_security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_sasl_mechanism: str = _setting("", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).")
+    kafka_sasl_username: str = _setting("", "SASL user name.")
+    kafka_sasl_password: str = _setting("", "SASL password.", secret=True)
+    kafka_ssl_ca_location: str = _setting("", "CA bundle that signs the brokers' certificates.")
+    schema_registry_url: str = _setting(
+        "",
+        "Confluent schema registry URL; when set, events use its framing instead of single-object encoding.",
+    )
+    topic_requests: str = _setting("pixelpipe.requests", "Topic upstream services publish ImageRequests to.")
+    topic_generate: str = _setting("pixelpipe.generate", "Topic of moderated text-to-image requests.")
+    topic_edit: str = _setting("pixelpipe.edit", "Topic of moderated image-to-image and inpaint requests.")
+    topic_results: str = _setting("pixelpipe.results", "Topic of terminal ImageResults.")
+    topic_metrics: str = _setting("pixelpipe.metrics", "Topic of per-stage StageMetrics.")
+    topic_dead_letter: str = _setting("pixelpipe.dead-letter", "Topic of undecodable or exhausted events.")
+    topic_partitions: int = _setting(8, "Partitions for topics pixelpipe creates.")
+    # Storage and warehouse
+    clickhouse_url: str = _setting(
+        "chdb://./data/clickhouse", "chdb://DIR (embedded) or clickhouse://user:password@host:9000/db."
+    )
+    object_store_url: str = _setting("file://./data/objects", "file://DIR or s3://bucket/prefix.")
+    s3_endpoint_url: str = _setting("", "S3 API endpoint; empty means AWS.")
+    s3_region: str = _setting("us-east-1", "S3 region.")
+    s3_access_key_id: str = _setting("", "S3 access key id; empty uses boto3's default chain.", secret=True)
+    s3_secret_access_key: str = _setting("", "S3 secret access key.", secret=True)
+    # Request limits enforced by the producer SDK and again by the processors
+    max_prompt_chars: int = _setting(2000, "Longest prompt accepted, in characters.")
+    max_image_side: int = _setting(2048, "Largest width or height accepted, in pixels.")
+    max_steps: int = _setting(150, "Most denoising steps accepted.")
+    # Local stack
+    stack_dir: str = _setting("./data/stack", "Where `pixelpipe stack` keeps each service's data and logs.")
+    stack_kafka_port: int = _setting(9092, "Local Kafka broker port (the controller uses the next one).")
+    stack_clickhouse_port: int = _setting(9000, "Local ClickHouse native-protocol port.")
+    stack_clickhouse_http_port: int = _setting(8123, "Local ClickHouse HTTP port.")
+    stack_s3_port: int = _setting(9100, "Local S3 endpoint port.")
+    stack_s3_bucket: str = _setting("pixelpipe", "Bucket the local stack creates.")
+    cache_dir: str = _setting("~/.cache/pixelpipe", "Downloaded server jars and the cached virtual environment.")
+    # Logs
+    log_level: str = _setting("WARNING", "Log level; logs are JSON lines on stderr.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            if f.type in ("int", int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: expected an integer, got {raw!r}") from None
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with every secret masked, safe to log."""
+        return {
+            f.name: ("***" if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka settings for connecting and authenticating; shared by every Kafka client we make."""
+        conf = {"bootstrap.servers": self.kafka_bootstrap, "security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            conf |= {
+                "sasl.mechanism": self.kafka_sasl_mechanism,
+                "sasl.username": self.kafka_sasl_username,
+                "sasl.password": self.kafka_sasl_password,
+            }
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = self.kafka_ssl_ca_location
+        return conf
+
+
+def settings_table() -> str:
+    """The configuration table for the README: variable, default, meaning."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        rows.append(f"| `{ENV_PREFIX}{f.name.upper()}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,442 @@
+"""Kafka (KRaft), ClickHouse and an S3 endpoint as local processes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixelpipe.config import Settings
+
+log = logging.getLogger(__name__)
+
+MAVEN_DIR = Path(__file__).parent / "maven"
+LOCAL_S3_ACCESS_KEY = "pixelpipe"
+LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credential, never a real one
+
+
+class StackError(RuntimeError):
+    """A local service could not be set up, started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    pid: int | None
+    healthy: bool
+    endpoint: str
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class LocalService:
+    """One server process: subclasses say how to prepare, run and probe it."""
+
+    name = ""
+    start_timeout_s = 90.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = Path(settings.stack_dir).expanduser().resolve() / self.name
+        self.cache = Path(settings.cache_dir).expanduser()
+        self.pid_file = self.dir / "pid"
+        self.log_file = self.dir / "service.log"
+
+    # -- what subclasses define ------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write configuration and initialise data on first start."""
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def probe(self) -> bool:
+        """True when the service answers real requests."""
+        raise NotImplementedError
+
+    def after_ready(self) -> None:
+        """One-time set-up that needs the running server."""
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def status(self) -> ServiceStatus:
+        pid = self.pid()
+        return ServiceStatus(self.name, pid, pid is not None and self.probe(), self.endpoint)
+
+    def start(self) -> None:
+        if self.pid() is not None:
+            self.wait_ready()
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        with open(self.log_file, "ab") as out:
+            process = subprocess.Popen(
+                self.command(),
+                cwd=self.dir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: `down` stops it and its children together
+            )
+        self.pid_file.write_text(str(process.pid))
+        log.info("service starting", extra={"service": self.name, "pid": process.pid})
+        self.wait_ready(process)
+        self.after_ready()
+
+    def wait_ready(self, process: subprocess.Popen[bytes] | None = None) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.probe():
+                return
+            if process is not None and process.poll() is not None:
+                raise StackError(f"{self.name} exited with code {process.returncode}:\n{self.log_tail()}")
+            time.sleep(0.5)
+        raise StackError(f"{self.name} not ready after {self.start_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _pid_alive(pid):
+            log.warning("service ignored SIGTERM, killing", extra={"service": self.name, "pid": pid})
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # also reaps any child left in the group
+        self.pid_file.unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def maven_classpath(self, artifact: str) -> str:
+        """Resolve ``maven/<artifact>.xml`` into the cache once, with Maven; returns a java -cp value."""
+        lib = self.cache / "maven" / artifact / "lib"
+        if not any(lib.glob("*.jar")):
+            if shutil.which("mvn") is None:
+                raise StackError(f"{self.name}: Maven is needed to fetch {artifact}; run scripts/setup.sh")
+            lib.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [
+                    "mvn",
+                    "-q",
+                    "-f",
+                    str(MAVEN_DIR / f"{artifact}.xml"),
+                    "dependency:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    f"-DoutputDirectory={lib}",
+                ],
+                check=True,
+                cwd=lib,
+            )
+        return f"{lib}/*"
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("Java 17 or newer is needed for Kafka and s3proxy; run scripts/setup.sh")
+    return java
+
+
+class Kafka(LocalService):
+    """Apache Kafka 4.x, one combined broker and controller in KRaft mode."""
+
+    name = "kafka"
+
+    @property
+    def port(self) -> int:
+        return self.settings.stack_kafka_port
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def prepare(self) -> None:
+        controller = f"127.0.0.1:{self.port + 1}"
+        properties = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": controller,
+            "listeners": f"PLAINTEXT://{self.endpoint},CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{self.endpoint}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.dir / "data"),
+            "num.partitions": str(self.settings.topic_partitions),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+        }
+        (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
+        (self.dir / "log4j2.properties").write_text(
+            "status = error\nappender.out.type = Console\nappender.out.name = out\n"
+            "appender.out.layout.type = PatternLayout\nappender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = WARN\nrootLogger.appenderRef.out.ref = out\n"
+        )
+        if not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            formatted = subprocess.run(
+                [
+                    *self._java_command(),
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "--cluster-id",
+                    cluster_id,
+                    "--config",
+                    str(self.dir / "server.properties"),
+                ],
+                cwd=self.dir,
+                capture_output=True,
+                text=True,
+            )
+            if formatted.returncode != 0:
+                raise StackError(f"kafka: formatting storage failed:\n{formatted.stdout}{formatted.stderr}")
+
+    def _java_command(self) -> list[str]:
+        return [
+            _java(),
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            "-cp",
+            self.maven_classpath("kafka"),
+        ]
+
+    def command(self) -> list[str]:
+        return [*self._java_command(), "kafka.Kafka", str(self.dir / "server.properties")]
+
+    def probe(self) -> bool:
+        if not port_open(self.port):
+            return False
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            AdminClient({"bootstrap.servers": self.endpoint}).list_topics(timeout=3)
+        except Exception:  # any client error means: not ready yet
+            return False
+        return True
+
+
+class ClickHouse(LocalService):
+    """Debian's clickhouse-server with a configuration of our own (no systemd, no system paths)."""
+
+    name = "clickhouse"
+
+    @property
+    def endpoint(self) -> str:
+        return f"clickhouse://default@127.0.0.1:{self.settings.stack_clickhouse_port}/default"
+
+    def prepare(self) -> None:
+        for sub in ("data", "tmp", "user_files", "format_schemas"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        # <yandex> is the root both the 18.x server and current releases accept.
+        (self.dir / "config.xml").write_text(f"""<yandex>
+  <logger><level>warning</level><console>1</console></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>{self.settings.stack_clickhouse_port}</tcp_port>
+  <http_port>{self.settings.stack_clickhouse_http_port}</http_port>
+  <path>{self.dir / "data"}/</path>
+  <tmp_path>{self.dir / "tmp"}/</tmp_path>
+  <user_files_path>{self.dir / "user_files"}/</user_files_path>
+  <format_schema_path>{self.dir / "format_schemas"}/</format_schema_path>
+  <users_config>{self.dir / "users.xml"}</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>50</max_concurrent_queries>
+</yandex>
+""")
+        (self.dir / "users.xml").write_text("""<yandex>
+  <profiles><default><allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+    <profile>default</profile><quota>default</quota></default></users>
+  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
+    <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+""")
+
+    def command(self) -> list[str]:
+        binary = shutil.which("clickhouse-server") or shutil.which("clickhouse-server", path="/usr/sbin:/usr/bin")
+        if binary is None:
+            raise StackError("clickhouse-server is not installed; run scripts/setup.sh (Debian package)")
+        return [binary, f"--config-file={self.dir / 'config.xml'}"]
+
+    def probe(self) -> bool:
+        if not port_open(self.settings.stack_clickhouse_port):
+            return False
+        from clickhouse_driver import Client
+
+        try:
+            Client("127.0.0.1", port=self.settings.stack_clickhouse_port, connect_timeout=2).execute("SELECT 1")
+        except Exception:  # any client error means: not ready yet
+            return False
+        return True
+
+
+class ObjectStorage(LocalService):
+    """An S3 API endpoint: s3proxy on a filesystem directory, or moto's server where s3proxy cannot be had."""
+
+    name = "s3"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.settings.stack_s3_port}"
+
+    def _use_s3proxy(self) -> bool:
+        try:
+            self.maven_classpath("s3proxy")
+        except (StackError, subprocess.CalledProcessError) as e:
+            log.warning("s3proxy unavailable, using moto server", extra={"reason": str(e)})
+            return False
+        return shutil.which("java") is not None
+
+    def prepare(self) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.dir / "s3proxy.conf").write_text(
+            f"s3proxy.endpoint={self.endpoint}\n"
+            "s3proxy.authorization=aws-v2-or-v4\n"
+            f"s3proxy.identity={LOCAL_S3_ACCESS_KEY}\n"
+            f"s3proxy.credential={LOCAL_S3_SECRET_KEY}\n"
+            "jclouds.provider=filesystem\n"
+            f"jclouds.filesystem.basedir={self.dir / 'data'}\n"
+        )
+
+    def command(self) -> list[str]:
+        if self._use_s3proxy():
+            return [
+                _java(),
+                "-Xmx256m",
+                "-cp",
+                self.maven_classpath("s3proxy"),
+                "org.gaul.s3proxy.Main",
+                "--properties",
+                str(self.dir / "s3proxy.conf"),
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(self.settings.stack_s3_port),
+        ]
+
+    def client(self):  # noqa: ANN201 - boto3 clients are dynamically typed
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.settings.s3_region,
+            aws_access_key_id=LOCAL_S3_ACCESS_KEY,
+            aws_secret_access_key=LOCAL_S3_SECRET_KEY,
+            config=Config(
+                retries={"max_attempts": 1},
+                connect_timeout=2,
+                read_timeout=5,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+
+    def probe(self) -> bool:
+        if not port_open(self.settings.stack_s3_port):
+            return False
+        try:
+            self.client().list_buckets()
+        except Exception:  # any client error means: not ready yet
+            return False
+        return True
+
+    def after_ready(self) -> None:
+        client = self.client()
+        if self.settings.stack_s3_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=self.settings.stack_s3_bucket)
+
+
+class LocalStack:
+    """The three services together, started in order and stopped in reverse."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services: list[LocalService] = [Kafka(settings), ClickHouse(settings), ObjectStorage(settings)]
+
+    def up(self) -> list[ServiceStatus]:
+        for service in self.services:
+            service.start()
+        return self.status()
+
+    def down(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def status(self) -> list[ServiceStatus]:
+        return [service.status() for service in self.services]
+
+    def client_env(self) -> dict[str, str]:
+        """The PIXELPIPE_* variables that point every pixelpipe client at this stack."""
+        return {
+            "PIXELPIPE_KAFKA_BOOTSTRAP": self.services[0].endpoint,
+            "PIXELPIPE_CLICKHOUSE_URL": self.services[1].endpoint,
+            "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.settings.stack_s3_bucket}/images",
+            "PIXELPIPE_S3_ENDPOINT_URL": self.services[2].endpoint,
+            "PIXELPIPE_S3_REGION": self.settings.s3_region,
+            "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,
+            "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
+        }

@@ -1,0 +1,39 @@
+"""The pipeline's Kafka topics: names and partition counts come from the settings."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pixelpipe.config import Settings
+
+
+def pipeline_topics(settings: Settings) -> list[str]:
+    return [
+        settings.topic_requests,
+        settings.topic_generate,
+        settings.topic_edit,
+        settings.topic_results,
+        settings.topic_metrics,
+        settings.topic_dead_letter,
+    ]
+
+
+def ensure_topics(settings: Settings, names: list[str] | None = None, partitions: int | None = None) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created. Existing topics are left as they are."""
+    admin = AdminClient(settings.kafka_client_config())
+    wanted = names or pipeline_topics(settings)
+    existing = admin.list_topics(timeout=10).topics
+    missing = [name for name in wanted if name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(name, partitions or settings.topic_partitions, 1) for name in missing], operation_timeout=30
+    )
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as e:
+            if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:
+                raise
+    return missing

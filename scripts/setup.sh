@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what pixelpipe needs on a fresh Debian machine and activates its virtual environment.
+# Source it (`source scripts/setup.sh`) to keep the environment; running it also works.
+#
+# The virtual environment lives outside the repository, keyed by the hash of requirements.lock: torch alone is
+# several GB, so it is built once per set of pins and reused by every checkout and CI run.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${PIXELPIPE_CACHE_DIR:-$HOME/.cache/pixelpipe}
+mkdir -p "$cache"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+missing=()
+command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || missing+=(maven)
+command -v clickhouse-server >/dev/null || [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+pins_hash=$( (cat "$repo/requirements.lock"; python3 --version) | sha256sum | cut -c1-16)
+venv="$cache/venv-$pins_hash"
+if [ ! -f "$venv/.complete" ]; then
+  say "building the virtual environment $venv (once per requirements.lock)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q --no-deps -r "$repo/requirements.lock"
+  touch "$venv/.complete"
+fi
+# Editable, so the venv serves whichever checkout last ran this; cheap, so it runs every time.
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >/dev/null
+export VIRTUAL_ENV="$venv"
+export PATH="$venv/bin:$PATH"
+export PIXELPIPE_CACHE_DIR="$cache"
+export HF_HUB_OFFLINE=1  # no model hub is reachable; models load from local directories only
+say "ready: $(python --version), venv $venv"

@@ -1,0 +1,37 @@
+"""Write one event per schema with a historical schema version, for the compatibility tests.
+
+    python scripts/write_schema_fixtures.py v1
+
+Run once when a version is frozen; the files under tests/fixtures/<version>/ never change after that.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+from fastavro import parse_schema, schemaless_writer
+
+from pixelpipe.schemas.codec import SCHEMA_DIR, SCHEMA_NAMES, SINGLE_OBJECT_MAGIC, schema_fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.samples import sample_records  # noqa: E402
+
+
+def main(version: str) -> None:
+    out_dir = ROOT / "tests" / "fixtures" / version
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = sample_records()
+    for name in SCHEMA_NAMES:
+        schema = parse_schema(json.loads((SCHEMA_DIR / version / f"{name}.avsc").read_text()))
+        body = io.BytesIO()
+        schemaless_writer(body, schema, records[name])
+        (out_dir / f"{name}.bin").write_bytes(SINGLE_OBJECT_MAGIC + schema_fingerprint(schema) + body.getvalue())
+        print(f"wrote {out_dir / f'{name}.bin'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

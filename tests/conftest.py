@@ -1,0 +1,124 @@
+"""Shared fixtures: the real servers the integration tests use.
+
+Where they come from, first match wins:
+1. servers named by the environment (PIXELPIPE_KAFKA_BOOTSTRAP set: CI exports the local stack's);
+2. testcontainers, where a Docker engine answers;
+3. the local stack, started for this test session in a temporary directory on free ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from pixelpipe.config import Settings
+from pixelpipe.stack import LocalStack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+    except Exception:  # no client, no socket, no engine: all mean "no Docker"
+        return False
+    return True
+
+
+def _containers() -> Iterator[Settings]:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    kafka_port = free_port()
+    kafka = (
+        DockerContainer("apache/kafka:4.1.1")
+        .with_bind_ports(9092, kafka_port)
+        .with_env("KAFKA_LISTENERS", "PLAINTEXT://:9092,CONTROLLER://:9093")
+        .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://127.0.0.1:{kafka_port}")
+    )
+    clickhouse = DockerContainer("clickhouse/clickhouse-server:latest").with_exposed_ports(9000)
+    minio = (
+        DockerContainer("minio/minio:latest")
+        .with_command("server /data")
+        .with_env("MINIO_ROOT_USER", "pixelpipe")
+        .with_env("MINIO_ROOT_PASSWORD", "pixelpipe-local-secret")
+        .with_exposed_ports(9000)
+    )
+    with kafka, clickhouse, minio:
+        wait_for_logs(kafka, "Kafka Server started", timeout=120)
+        wait_for_logs(clickhouse, "Ready for connections", timeout=120)
+        wait_for_logs(minio, "API:", timeout=120)
+        s3 = f"http://127.0.0.1:{minio.get_exposed_port(9000)}"
+        settings = Settings(
+            kafka_bootstrap=f"127.0.0.1:{kafka_port}",
+            clickhouse_url=f"clickhouse://default@127.0.0.1:{clickhouse.get_exposed_port(9000)}/default",
+            object_store_url="s3://pixelpipe/images",
+            s3_endpoint_url=s3,
+            s3_access_key_id="pixelpipe",
+            s3_secret_access_key="pixelpipe-local-secret",
+        )
+        import boto3
+
+        boto3.client(
+            "s3",
+            endpoint_url=s3,
+            aws_access_key_id="pixelpipe",
+            aws_secret_access_key="pixelpipe-local-secret",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="pixelpipe")
+        yield settings
+
+
+def _local_stack(tmp_dir: str) -> Iterator[Settings]:
+    kafka_port = free_port()
+    base = Settings.from_env()
+    stack_settings = dataclasses.replace(
+        base,
+        stack_dir=tmp_dir,
+        stack_kafka_port=kafka_port,
+        stack_clickhouse_port=free_port(),
+        stack_clickhouse_http_port=free_port(),
+        stack_s3_port=free_port(),
+    )
+    stack = LocalStack(stack_settings)
+    try:
+        stack.up()
+        yield Settings.from_env(os.environ | stack.client_env())
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings whose Kafka, ClickHouse and S3 are real servers, whichever way they were found."""
+    if os.environ.get("PIXELPIPE_KAFKA_BOOTSTRAP"):
+        yield Settings.from_env()
+    elif _docker_answers():
+        yield from _containers()
+    else:
+        yield from _local_stack(str(tmp_path_factory.mktemp("stack")))
+
+
+@pytest.fixture
+def topic_settings(servers: Settings) -> Settings:
+    """The servers' settings with pipeline topic names of this test's own, so tests never see each other's events."""
+    suffix = uuid.uuid4().hex[:8]
+    return dataclasses.replace(
+        servers,
+        **{
+            f.name: f"{getattr(servers, f.name)}.{suffix}"
+            for f in dataclasses.fields(servers)
+            if f.name.startswith("topic_") and f.name != "topic_partitions"
+        },
+    )

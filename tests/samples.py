@@ -1,0 +1,97 @@
+"""One realistic record of every schema, with every optional field set, for round-trip and fixture tests.
+
+tests/fixtures/v1 holds these records as the v1 schemas wrote them: never change the value of a v1 field here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+T0 = dt.datetime(2026, 11, 25, 12, 30, 15, 123000, tzinfo=dt.UTC)
+
+
+def sample_records() -> dict[str, dict[str, Any]]:
+    common = {"request_id": "req-0001", "schema_version": 1, "event_time": T0}
+    return {
+        "ImageRequest": common
+        | {
+            "event_id": "2f1c5a34-7f6e-4c1b-9d0e-1a2b3c4d5e6f",
+            "kind": "EDIT",
+            "user_id": "user-42",
+            "prompt": "a red fox in fresh snow, photograph — ünïcödé ✓",
+            "negative_prompt": "blurry",
+            "n": 3,
+            "width": 512,
+            "height": 768,
+            "steps": 30,
+            "guidance": 7.5,
+            "seed": 2**40 + 7,
+            "model": "sd-1.5",
+            "source_image_uri": "s3://pixelpipe/inputs/fox.png",
+            "mask_uri": "s3://pixelpipe/inputs/fox-mask.png",
+            "strength": 0.75,
+            "experiments": {"steps-test": "fast", "model-test": "control"},
+            "priority": "INTERACTIVE",
+            "deadline": T0 + dt.timedelta(minutes=5),
+            "created_at": T0 - dt.timedelta(milliseconds=250),
+            "reply_topic": "svc-a.results",
+        },
+        "ImageResult": common
+        | {
+            "event_id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+            "status": "REJECTED",
+            "kind": "GENERATE",
+            "user_id": "user-42",
+            "images": [
+                {
+                    "uri": "s3://pixelpipe/images/2026/11/25/req-0001/0.png",
+                    "sha256": "ab" * 32,
+                    "width": 512,
+                    "height": 768,
+                    "format": "PNG",
+                    "bytes": 123456,
+                },
+            ],
+            "moderation_stage": "OUTPUT_IMAGE",
+            "moderation_scores": [
+                {"category": "sexual", "score": 0.875},
+                {"category": "violence", "score": 0.125},
+            ],
+            "error_code": "MODERATION_REJECTED",
+            "error_message": "output image 0 rejected: sexual",
+            "model": "sd-1.5",
+            "experiments": {"steps-test": "fast"},
+            "variant": "steps-test:fast",
+            "request_created_at": T0 - dt.timedelta(seconds=3),
+            "timings_ms": {"moderation": 12.5, "generate": 1834.25},
+        },
+        "StageMetric": common
+        | {
+            "event_id": "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6",
+            "stage": "GENERATE",
+            "outcome": "OK",
+            "queue_ms": 41.5,
+            "compute_ms": 1834.25,
+            "batch_size": 4,
+            "device": "cuda:0",
+            "device_seconds": 0.4585625,
+            "cost_usd": 0.000318,
+            "worker_id": "worker-gpu-1",
+            "user_id": "user-42",
+            "model": "sd-1.5",
+            "experiments": {"steps-test": "fast"},
+            "variant": "steps-test:fast",
+        },
+        "DeadLetter": common
+        | {
+            "event_id": "5e6f7a8b-9c0d-4e1f-a2b3-c4d5e6f7a8b9",
+            "original_key": b"req-0001",
+            "original_value": b"\xc3\x01garbage\x00\xff",
+            "topic": "pixelpipe.requests",
+            "partition": 3,
+            "offset": 123456789,
+            "error_reason": "single-object encoding with fingerprint 6761726261676500 matches no shipped schema",
+            "stage": "moderation",
+        },
+    }

@@ -1,0 +1,92 @@
+import datetime as dt
+
+import pytest
+
+from pixelpipe.config import Settings
+from pixelpipe.producers import InvalidRequestError, new_request, validate_request
+from pixelpipe.producers.experiments import assign_variant, parse_experiment_spec
+
+SETTINGS = Settings(max_prompt_chars=100, max_image_side=1024)
+
+
+def request(**changes):
+    fields = {"prompt": "a red fox", "model": "tiny-sd", "user_id": "u1"}
+    record = new_request(**fields)
+    record.update(changes)
+    return record
+
+
+def test_a_good_request_passes():
+    validate_request(request(), SETTINGS)
+    validate_request(
+        request(kind="EDIT", source_image_uri="s3://b/k.png", mask_uri="s3://b/m.png", strength=0.5), SETTINGS
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": ""}, "prompt: must not be empty"),
+        ({"prompt": "   "}, "prompt: must not be empty"),
+        ({"prompt": "x" * 101}, "prompt: must be at most 100 characters, got 101"),
+        ({"n": 0}, "n: must be between 1 and 10, got 0"),
+        ({"n": 11}, "n: must be between 1 and 10, got 11"),
+        ({"width": 500}, "width: must be a positive multiple of 8, got 500"),
+        ({"height": 0}, "height: must be a positive multiple of 8, got 0"),
+        ({"width": 2048}, "width: must be at most 1024 \\(PIXELPIPE_MAX_IMAGE_SIDE\\), got 2048"),
+        ({"height": 1032}, "height: must be at most 1024"),
+        ({"kind": "EDIT"}, "source_image_uri: is required for an EDIT request"),
+        ({"kind": "UPSCALE"}, "kind: must be one of GENERATE, EDIT, got 'UPSCALE'"),
+        ({"priority": "URGENT"}, "priority: must be one of INTERACTIVE, BATCH, got 'URGENT'"),
+        (
+            {"deadline": dt.datetime(2020, 1, 1, tzinfo=dt.UTC)},
+            "deadline: is in the past \\(2020-01-01T00:00:00\\+00:00\\)",
+        ),
+        ({"deadline": dt.datetime(2999, 1, 1)}, "deadline: must be an aware datetime"),
+        ({"steps": 0}, "steps: must be between 1 and 150, got 0"),
+        ({"steps": 151}, "steps: must be between 1 and 150"),
+        ({"guidance": -1.0}, "guidance: must be between 0 and 50"),
+        ({"seed": -5}, "seed: must be in 0..2\\^63-1, got -5"),
+        ({"user_id": ""}, "user_id: must not be empty"),
+        ({"model": " "}, "model: must not be empty"),
+        ({"source_image_uri": "s3://b/k.png"}, "source_image_uri: is only allowed on an EDIT request"),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/k", "strength": 0.0},
+            "strength: must be in \\(0, 1\\]",
+        ),
+        ({"experiments": {"exp": ""}}, "experiments: must map non-empty experiment keys"),
+        ({"n": True}, "n: must be between 1 and 10, got True"),
+    ],
+)
+def test_bad_requests_are_refused_naming_field_and_rule(changes, message):
+    with pytest.raises(InvalidRequestError, match=f"^{message}"):
+        validate_request(request(**changes), SETTINGS)
+
+
+def test_error_exposes_field_and_rule():
+    with pytest.raises(InvalidRequestError) as caught:
+        validate_request(request(n=42), SETTINGS)
+    assert caught.value.field == "n"
+    assert "between 1 and 10" in caught.value.rule
+
+
+def test_assignment_is_deterministic_and_follows_weights():
+    weights = {"control": 1.0, "treatment": 3.0}
+    first = [assign_variant("exp-a", f"user-{i}", weights) for i in range(20_000)]
+    again = [assign_variant("exp-a", f"user-{i}", weights) for i in range(20_000)]
+    assert first == again
+    share = first.count("treatment") / len(first)
+    assert 0.73 < share < 0.77
+    other = [assign_variant("exp-b", f"user-{i}", weights) for i in range(20_000)]
+    assert other != first  # experiments are hashed independently
+
+
+def test_experiment_spec_parsing():
+    assert parse_experiment_spec("steps=fast:1,slow:3") == ("steps", {"fast": 1.0, "slow": 3.0})
+    assert parse_experiment_spec("m=a,b") == ("m", {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match="expected KEY=variant"):
+        parse_experiment_spec("nokey")
+    with pytest.raises(ValueError, match="weight 'x' of 'a' is not a number"):
+        parse_experiment_spec("k=a:x")
+    with pytest.raises(ValueError, match="must be non-negative and not all zero"):
+        assign_variant("k", "u", {"a": 0.0})
