@@ -7,7 +7,6 @@ import json
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pixelpipe.producers.experiments import assign_variant
-from pixelpipe.producers.publisher import Delivery, Publisher
+from pixelpipe.producers.publisher import Delivery, PendingDelivery, Publisher
 from pixelpipe.producers.requests import InvalidRequestError, new_request
 from pixelpipe.schemas.codec import Record
 
@@ -124,11 +123,11 @@ def publish_all(
     Invalid requests are reported with their source and not sent; the rest still go.
     """
     report = PublishReport()
-    pending: list[Future[Delivery]] = []
+    pending: list[PendingDelivery] = []
     started = time.monotonic()
     bar = tqdm(total=total, unit="req", desc="acknowledged", disable=not progress, dynamic_ncols=True)
 
-    def settled(request_id: str, future: Future[Delivery]) -> None:
+    def settled(request_id: str, future: PendingDelivery) -> None:
         error = future.exception()
         if error is None:
             report.acknowledged += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -48,12 +48,60 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     )
 
 
+class PendingDelivery:
+    """The outcome of one publish, like a concurrent.futures.Future but cheap enough for 100k events/s.
+
+    Publisher's delivery-report thread settles it; waiters share the publisher's one condition variable.
+    """
+
+    __slots__ = ("_callbacks", "_delivery", "_done", "_error", "_settled")
+
+    def __init__(self, settled: threading.Condition) -> None:
+        self._settled = settled
+        self._done = False
+        self._delivery: Delivery | None = None
+        self._error: DeliveryError | None = None
+        self._callbacks: list[Callable[[PendingDelivery], None]] = []
+
+    def __call__(self, error: KafkaError | None, message: Message) -> None:  # librdkafka's delivery report
+        if error is not None:
+            self._error = DeliveryError(error)
+        else:
+            self._delivery = Delivery(message.topic(), message.partition(), message.offset())
+        self._done = True
+        for callback in self._callbacks:
+            callback(self)
+
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, callback: Callable[[PendingDelivery], None]) -> None:
+        """Call ``callback(self)`` once settled (at once if it already is), on the delivery-report thread."""
+        if self._done:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def exception(self, timeout_s: float | None = None) -> DeliveryError | None:
+        with self._settled:
+            if not self._settled.wait_for(self.done, timeout_s):
+                raise TimeoutError(f"no delivery report within {timeout_s}s")
+        return self._error
+
+    def result(self, timeout_s: float | None = None) -> Delivery:
+        error = self.exception(timeout_s)
+        if error is not None:
+            raise error
+        assert self._delivery is not None
+        return self._delivery
+
+
 class Publisher:
     """Publishes ImageRequests to ``settings.topic_requests`` keyed by request id.
 
-    ``publish`` validates and encodes, then returns a Future that resolves to a Delivery once the broker has
-    acknowledged the event, or raises DeliveryError. A background thread serves delivery reports, so callers
-    may wait on futures without polling. ``close`` (or leaving the ``with`` block) flushes.
+    ``publish`` validates and encodes, then returns a PendingDelivery whose ``result()`` is the Delivery once the
+    broker has acknowledged the event, or raises DeliveryError. A background thread serves delivery reports, so
+    callers may wait without polling. ``close`` (or leaving the ``with`` block) flushes.
     """
 
     def __init__(self, settings: Settings, codec: Codec | None = None, **producer_overrides: Any) -> None:
@@ -61,29 +109,23 @@ class Publisher:
         self._codec = codec or Codec()
         self._producer = Producer(producer_config(settings, **producer_overrides))
         self._closed = threading.Event()
+        self._settled = threading.Condition()
         self._poller = threading.Thread(target=self._serve_delivery_reports, name="pixelpipe-delivery", daemon=True)
         self._poller.start()
 
-    def publish(self, request: Record, topic: str | None = None) -> Future[Delivery]:
+    def publish(self, request: Record, topic: str | None = None) -> PendingDelivery:
         validate_request(request, self.settings)
         return self.publish_encoded(request["request_id"].encode(), self._codec.encode("ImageRequest", request), topic)
 
-    def publish_encoded(self, key: bytes, value: bytes, topic: str | None = None) -> Future[Delivery]:
+    def publish_encoded(self, key: bytes, value: bytes, topic: str | None = None) -> PendingDelivery:
         """Send bytes already encoded by the codec; waits while the local queue is full."""
         if self._closed.is_set():
             raise RuntimeError("publisher is closed")
-        future: Future[Delivery] = Future()
-
-        def report(error: KafkaError | None, message: Message) -> None:
-            if error is not None:
-                future.set_exception(DeliveryError(error))
-            else:
-                future.set_result(Delivery(message.topic(), message.partition(), message.offset()))
-
+        pending = PendingDelivery(self._settled)
         while True:
             try:
-                self._producer.produce(topic or self.settings.topic_requests, value, key, on_delivery=report)
-                return future
+                self._producer.produce(topic or self.settings.topic_requests, value, key, on_delivery=pending)
+                return pending
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let deliveries drain, then retry
 
@@ -99,7 +141,9 @@ class Publisher:
 
     def _serve_delivery_reports(self) -> None:
         while not self._closed.is_set():
-            self._producer.poll(0.1)
+            if self._producer.poll(0.1):
+                with self._settled:
+                    self._settled.notify_all()
 
     def __enter__(self) -> Publisher:
         return self
