@@ -101,6 +101,18 @@ def topics_command() -> None:
     click.echo(f"created: {', '.join(created) or 'none (all exist)'}")
 
 
+# -- demo ---------------------------------------------------------------------------------------------------
+@main.command("demo")
+@click.option("--requests", "count", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--keep-stack", is_flag=True, help="Leave the local stack running if the demo started it.")
+def demo_command(count: int, keep_stack: bool) -> None:
+    """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""
+    from pixelpipe.demo import run_demo
+
+    if not run_demo(_settings(), count, click.echo, keep_stack):
+        sys.exit(1)
+
+
 # -- publishing ----------------------------------------------------------------------------------------------
 @main.command("publish")
 @click.argument("jsonl", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))

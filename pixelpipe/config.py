@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,9 +88,16 @@ class Settings:
             for f in dataclasses.fields(self)
         }
 
-    def kafka_client_config(self) -> dict[str, str]:
-        """librdkafka settings for connecting and authenticating; shared by every Kafka client we make."""
-        conf = {"bootstrap.servers": self.kafka_bootstrap, "security.protocol": self.kafka_security_protocol}
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka settings for connecting and authenticating; shared by every Kafka client we make.
+
+        librdkafka's own log lines go through Python logging, so they are JSON and follow the log level.
+        """
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+            "logger": logging.getLogger("pixelpipe.kafka"),
+        }
         if self.kafka_sasl_mechanism:
             conf |= {
                 "sasl.mechanism": self.kafka_sasl_mechanism,
