@@ -82,14 +82,14 @@ class PendingDelivery:
         else:
             self._callbacks.append(callback)
 
-    def exception(self, timeout_s: float | None = None) -> DeliveryError | None:
+    def exception(self, timeout: float | None = None) -> DeliveryError | None:
         with self._settled:
-            if not self._settled.wait_for(self.done, timeout_s):
-                raise TimeoutError(f"no delivery report within {timeout_s}s")
+            if not self._settled.wait_for(self.done, timeout):
+                raise TimeoutError(f"no delivery report within {timeout}s")
         return self._error
 
-    def result(self, timeout_s: float | None = None) -> Delivery:
-        error = self.exception(timeout_s)
+    def result(self, timeout: float | None = None) -> Delivery:
+        error = self.exception(timeout)
         if error is not None:
             raise error
         assert self._delivery is not None

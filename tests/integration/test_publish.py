@@ -10,7 +10,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer
 
-from pixelpipe.producers import InvalidRequestError, Publisher, new_request
+from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import SyntheticLoad, publish_all
 from pixelpipe.schemas import Codec
 from pixelpipe.topics import ensure_topics
@@ -143,3 +143,12 @@ def topic_env(settings):
         "PIXELPIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "PIXELPIPE_TOPIC_REQUESTS": settings.topic_requests,
     }
+
+
+def test_delivery_failures_are_surfaced_to_the_caller(topic_settings):
+    # The topic does not exist and the broker does not auto-create: the delivery report must carry the error.
+    with Publisher(topic_settings, **{"message.timeout.ms": 3000}) as publisher:
+        pending = publisher.publish(new_request(prompt="x", model="m", user_id="u"))
+        with pytest.raises(DeliveryError, match="delivery failed"):
+            pending.result(timeout=30)
+    assert pending.done()

@@ -1,0 +1,362 @@
+"""The model registry and the diffusion models the generation and editing stages run.
+
+The registry is a JSON file mapping a model name to where its weights are and how to run it::
+
+    {"tiny-sd": {"path": "/models/tiny-sd", "kind": "stable-diffusion", "default_steps": 4,
+                 "default_guidance": 5.0, "dtype": "auto", "device": "auto"}}
+
+``DiffusionModels`` loads each model once, on first use, with ``AutoPipelineForText2Image`` and derives the
+image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of the weights.
+Its methods block for seconds: call them from an executor thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
+from PIL import Image
+
+KINDS = ("stable-diffusion",)
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ModelError(ValueError):
+    """A registry that cannot be used, a model name it does not hold, or arguments a model cannot run."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the registry."""
+
+    name: str
+    path: str
+    kind: str = "stable-diffusion"
+    default_steps: int = 25
+    default_guidance: float = 7.5
+    dtype: str = "auto"
+    device: str = "auto"
+
+    @classmethod
+    def from_json(cls, name: str, raw: Any) -> ModelEntry:
+        where = f"model {name!r}"
+        if not isinstance(raw, dict):
+            raise ModelError(f"{where}: expected an object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - {"path", "kind", "default_steps", "default_guidance", "dtype", "device"})
+        if unknown:
+            raise ModelError(f"{where}: unknown keys {unknown}")
+        path = raw.get("path")
+        if not isinstance(path, str) or not path:
+            raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
+        kind = raw.get("kind", cls.kind)
+        if kind not in KINDS:
+            raise ModelError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+        steps = raw.get("default_steps", cls.default_steps)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ModelError(f"{where}: 'default_steps' must be a positive integer, got {steps!r}")
+        guidance = raw.get("default_guidance", cls.default_guidance)
+        if not isinstance(guidance, int | float) or isinstance(guidance, bool) or guidance < 0:
+            raise ModelError(f"{where}: 'default_guidance' must be a number >= 0, got {guidance!r}")
+        dtype = raw.get("dtype", cls.dtype)
+        if dtype not in DTYPES:
+            raise ModelError(f"{where}: 'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
+        device = raw.get("device", cls.device)
+        if device not in DEVICES:
+            raise ModelError(f"{where}: 'device' must be one of {list(DEVICES)}, got {device!r}")
+        return cls(name, path, kind, steps, float(guidance), dtype, device)
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """The models pixelpipe may run, by name."""
+
+    entries: dict[str, ModelEntry]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelRegistry:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"model registry {path} does not exist (set PIXELPIPE_MODEL_REGISTRY)") from None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model registry {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict) or not raw:
+            raise ModelError(f"model registry {path}: expected a non-empty object of name -> model")
+        try:
+            entries = {name: ModelEntry.from_json(name, entry) for name, entry in raw.items()}
+        except ModelError as e:
+            raise ModelError(f"model registry {path}: {e}") from None
+        # Relative model paths are relative to the registry file, so a registry can travel with its models.
+        for name, entry in entries.items():
+            local = path.parent / entry.path
+            if not Path(entry.path).is_absolute() and local.is_dir():
+                entries[name] = dataclasses.replace(entry, path=str(local.resolve()))
+        return cls(entries)
+
+    def get(self, name: str) -> ModelEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise ModelError(f"unknown model {name!r}; the registry has {sorted(self.entries)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+def resolve_device_dtype(entry: ModelEntry) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to run ``entry`` with: on CUDA bf16 (fp16 where bf16 is unsupported), on CPU fp32."""
+    if entry.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model {entry.name!r} asks for device 'cuda', but CUDA is not available here")
+    use_cuda = entry.device == "cuda" or (entry.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    dtype = DTYPES[entry.dtype]
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            # Half precision on CPU is slow and poorly supported.
+            dtype = torch.float32
+    return device, dtype
+
+
+@dataclass
+class BatchOutput:
+    """The images of one batch, ``images[i]`` for prompt ``i``, the device time the batch took and the seeds
+    used (drawn at random when none were given)."""
+
+    images: list[list[Image.Image]]
+    device_seconds: float
+    seeds: list[int]
+
+
+@dataclass
+class LoadedModel:
+    """A model's three pipelines, which share one set of modules (weights, tokenizer, scheduler)."""
+
+    entry: ModelEntry
+    device: torch.device
+    dtype: torch.dtype
+    text2image: DiffusionPipeline
+    image2image: DiffusionPipeline
+    inpaint: DiffusionPipeline
+    # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
+    run_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class DiffusionModels:
+    """Loads each registry model once and runs batches of text-to-image, image-to-image and inpainting on it.
+
+    Seeds are per image: image ``k`` of prompt ``i`` starts from the noise of ``seeds[i] + k``, drawn by its
+    own ``torch.Generator`` on the model's device. With ``batch_invariant`` (the default) each image also runs
+    in its own pipeline call, so the same request gives the same bytes whatever batch it lands in. Without it
+    the batch runs in one call: faster on a GPU, but batched kernels round differently, which moves a few
+    pixel values by one level (the noise is still per seed, so images stay visually identical).
+    """
+
+    def __init__(self, registry: ModelRegistry, batch_invariant: bool = True) -> None:
+        self.registry = registry
+        self.batch_invariant = batch_invariant
+        self._loaded: dict[str, LoadedModel] = {}
+        self._load_lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path, batch_invariant: bool = True) -> DiffusionModels:
+        return cls(ModelRegistry.load(path), batch_invariant)
+
+    def load(self, name: str) -> LoadedModel:
+        """Load ``name`` now (or return it, when loaded); later calls reuse the same weights."""
+        entry = self.registry.get(name)
+        # One lock for all loads: two threads asking for the same model must not load it twice.
+        with self._load_lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(entry)
+            return self._loaded[name]
+
+    def loaded(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def _load(self, entry: ModelEntry) -> LoadedModel:
+        device, dtype = resolve_device_dtype(entry)
+        try:
+            text2image = AutoPipelineForText2Image.from_pretrained(
+                entry.path, torch_dtype=dtype, local_files_only=Path(entry.path).is_dir()
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load model {entry.name!r} from {entry.path!r}: {e}") from e
+        text2image = text2image.to(device)
+        # from_pipe builds new pipeline objects around the same modules: no second copy of the weights.
+        image2image = AutoPipelineForImage2Image.from_pipe(text2image)
+        inpaint = AutoPipelineForInpainting.from_pipe(text2image)
+        for pipe in (text2image, image2image, inpaint):
+            pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint)
+
+    def generate(
+        self,
+        model: str,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        width: int = 512,
+        height: int = 512,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seeds: Sequence[int] | None = None,
+        n_per_prompt: int = 1,
+    ) -> BatchOutput:
+        """Text-to-image for a batch of prompts; ``steps`` and ``guidance`` default to the model's."""
+        m = self.load(model)
+        _check_size(width, height)
+        batch = _Batch.of(m, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt)
+        return self._run(m, m.text2image, batch, {"width": width, "height": height})
+
+    def edit(
+        self,
+        model: str,
+        prompts: Sequence[str],
+        images: Sequence[Image.Image],
+        masks: Sequence[Image.Image] | None = None,
+        strength: float = 0.75,
+        negative_prompts: Sequence[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seeds: Sequence[int] | None = None,
+        n_per_prompt: int = 1,
+    ) -> BatchOutput:
+        """Image-to-image (``masks`` None) or inpainting (white mask pixels are repainted) for a batch.
+
+        Each source image (and mask) is resized to ``width`` x ``height``, by default the first image's size.
+        """
+        m = self.load(model)
+        batch = _Batch.of(m, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt)
+        if len(images) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(images)} source images")
+        if masks is not None and len(masks) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(masks)} masks")
+        if not 0.0 < strength <= 1.0:
+            raise ModelError(f"strength must be in (0, 1], got {strength}")
+        width = width or images[0].width
+        height = height or images[0].height
+        _check_size(width, height)
+        # Batched images must share one size; resizing here also sets the output size for image-to-image.
+        batch.per_image["image"] = batch.repeat([_resized(im.convert("RGB"), width, height) for im in images])
+        if masks is None:
+            return self._run(m, m.image2image, batch, {"strength": strength})
+        batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
+        return self._run(m, m.inpaint, batch, {"strength": strength, "width": width, "height": height})
+
+    def _run(self, m: LoadedModel, pipe: DiffusionPipeline, batch: _Batch, shared: dict[str, Any]) -> BatchOutput:
+        shared = {**shared, **batch.shared, "num_images_per_prompt": 1, "output_type": "pil"}
+        if self.batch_invariant:
+            # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
+            # one image per call makes every image independent of its batch, bit for bit.
+            calls = [{k: v[i : i + 1] for k, v in batch.per_image.items()} for i in range(batch.size)]
+        else:
+            calls = [batch.per_image]
+        flat: list[Image.Image] = []
+        with m.run_lock, torch.inference_mode():
+            _synchronize(m.device)
+            start = time.perf_counter()
+            for per_image in calls:
+                flat += pipe(**per_image, **shared).images
+            _synchronize(m.device)
+            seconds = time.perf_counter() - start
+        n = batch.n_per_prompt
+        return BatchOutput([flat[i : i + n] for i in range(0, len(flat), n)], seconds, batch.seeds)
+
+
+def _check_size(width: int, height: int) -> None:
+    if width < 8 or height < 8 or width % 8 or height % 8:
+        raise ModelError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
+def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+@dataclass
+class _Batch:
+    """A batch flattened to one row per output image, prompt-major: image ``k`` of prompt ``i`` is row
+    ``i * n_per_prompt + k``. We repeat prompts and images ourselves and call the pipeline with
+    ``num_images_per_prompt=1``, so rows line up the same way in every pipeline and every call."""
+
+    per_image: dict[str, list[Any]]
+    shared: dict[str, Any]
+    seeds: list[int]
+    n_per_prompt: int
+
+    @property
+    def size(self) -> int:
+        return len(self.per_image["prompt"])
+
+    def repeat(self, values: Sequence[Any]) -> list[Any]:
+        return [v for v in values for _ in range(self.n_per_prompt)]
+
+    @classmethod
+    def of(
+        cls,
+        m: LoadedModel,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None,
+        steps: int | None,
+        guidance: float | None,
+        seeds: Sequence[int] | None,
+        n_per_prompt: int,
+    ) -> _Batch:
+        if isinstance(prompts, str) or not prompts:
+            raise ModelError("prompts must be a non-empty list of strings")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(seeds)} seeds (one per prompt)")
+        if n_per_prompt < 1:
+            raise ModelError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
+        steps = m.entry.default_steps if steps is None else steps
+        if steps < 1:
+            raise ModelError(f"steps must be at least 1, got {steps}")
+        if seeds is None:
+            seeds = [secrets.randbelow(2**31) for _ in prompts]
+        batch = cls({}, {}, list(seeds), n_per_prompt)
+        batch.per_image["prompt"] = batch.repeat(prompts)
+        if negative_prompts is not None:
+            batch.per_image["negative_prompt"] = batch.repeat(negative_prompts)
+        # One generator per image, seeded seed + k: its noise is the same whatever else is in the batch.
+        batch.per_image["generator"] = [
+            torch.Generator(m.device).manual_seed(seed + k) for seed in seeds for k in range(n_per_prompt)
+        ]
+        batch.shared["num_inference_steps"] = steps
+        batch.shared["guidance_scale"] = m.entry.default_guidance if guidance is None else guidance
+        return batch
+
+
+def _synchronize(device: torch.device) -> None:
+    # CUDA calls return before the kernels finish; wait so the clock measures the work.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,301 @@
+"""The model registry, the diffusion models (on tiny random-weight pipelines) and the image helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
+from pixelpipe.processors.models import (
+    DiffusionModels,
+    ModelEntry,
+    ModelError,
+    ModelRegistry,
+    resolve_device_dtype,
+)
+from pixelpipe.processors.tiny_models import build_tiny_models, write_registry
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline(monkeypatch_module: pytest.MonkeyPatch) -> None:
+    # Nothing here may reach a model hub.
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def registry_path(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def models(registry_path):
+    return DiffusionModels.from_file(registry_path)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+# -- text to image -------------------------------------------------------------------------------------------
+def test_generate_returns_images_of_the_requested_size(models):
+    out = models.generate("tiny-sd", ["a cat", "a dog"], width=64, height=48, steps=STEPS, n_per_prompt=2)
+    assert [len(row) for row in out.images] == [2, 2]
+    assert all(im.size == (64, 48) and im.mode == "RGB" for row in out.images for im in row)
+    assert out.device_seconds > 0
+    assert len(out.seeds) == 2
+
+
+def test_same_seed_same_bytes_and_different_seed_different_bytes(models):
+    def png(seed: int, model: str = "tiny-sd") -> bytes:
+        out = models.generate(model, ["a red fox"], width=64, height=64, steps=STEPS, seeds=[seed])
+        return encode_png(out.images[0][0])
+
+    assert png(11) == png(11)
+    assert png(11) != png(12)
+    # A/B: the second tiny model has other weights, so the same seed gives another image.
+    assert png(11) != png(11, model="tiny-sd-b")
+
+
+def test_batch_composition_does_not_change_an_image(models):
+    alone = models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[7])
+    batch = models.generate("tiny-sd", ["a dog", "a cat", "a bird"], width=64, height=64, steps=STEPS, seeds=[1, 7, 3])
+    assert np.array_equal(pixels(alone.images[0][0]), pixels(batch.images[1][0]))
+    # Image k of a prompt is seeded seed + k, so it equals a lone request with that seed.
+    several = models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[6], n_per_prompt=2)
+    assert np.array_equal(pixels(alone.images[0][0]), pixels(several.images[0][1]))
+
+
+def test_one_call_batches_keep_per_seed_noise(registry_path):
+    # One pipeline call for the whole batch: the noise is still per seed, only kernel rounding differs.
+    batched = DiffusionModels.from_file(registry_path, batch_invariant=False)
+    alone = batched.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[7])
+    batch = batched.generate("tiny-sd", ["a dog", "a cat"], width=64, height=64, steps=STEPS, seeds=[1, 7])
+    same_seed = np.abs(pixels(alone.images[0][0]) - pixels(batch.images[1][0])).mean()
+    other_seed = np.abs(pixels(batch.images[0][0]) - pixels(batch.images[1][0])).mean()
+    assert same_seed < other_seed / 10
+
+
+# -- image to image and inpainting ---------------------------------------------------------------------------
+def test_edit_pipelines_share_the_loaded_weights(models):
+    loaded = models.load("tiny-sd")
+    assert loaded.image2image.unet is loaded.text2image.unet
+    assert loaded.inpaint.unet is loaded.text2image.unet
+    assert loaded.inpaint.vae is loaded.text2image.vae
+    assert models.load("tiny-sd") is loaded
+
+
+def test_image_to_image_outputs_the_requested_size(models):
+    source = Image.new("RGB", (80, 72), "red")
+    out = models.edit("tiny-sd", ["paint it blue"], [source], width=64, height=64, steps=STEPS, seeds=[3])
+    assert out.images[0][0].size == (64, 64)
+    again = models.edit("tiny-sd", ["paint it blue"], [source], width=64, height=64, steps=STEPS, seeds=[3])
+    assert np.array_equal(pixels(out.images[0][0]), pixels(again.images[0][0]))
+    # Without a size, the output has the source's size.
+    assert models.edit("tiny-sd", ["x"], [source], steps=STEPS).images[0][0].size == (80, 72)
+
+
+def test_inpainting_outputs_the_requested_size_and_is_batch_invariant(models):
+    sources = [Image.new("RGB", (64, 64), c) for c in ("red", "green")]
+    masks = [Image.new("L", (64, 64), 255), Image.new("L", (64, 64), 0)]
+    out = models.edit(
+        "tiny-sd", ["a", "b"], sources, masks=masks, width=64, height=48, steps=STEPS, seeds=[1, 2], n_per_prompt=2
+    )
+    assert [[im.size for im in row] for row in out.images] == [[(64, 48)] * 2] * 2
+    alone = models.edit("tiny-sd", ["b"], sources[1:], masks=masks[1:], width=64, height=48, steps=STEPS, seeds=[2])
+    assert np.array_equal(pixels(alone.images[0][0]), pixels(out.images[1][0]))
+
+
+def test_edit_argument_errors(models):
+    source = Image.new("RGB", (64, 64))
+    with pytest.raises(ModelError, match="2 prompts but 1 source images"):
+        models.edit("tiny-sd", ["a", "b"], [source])
+    with pytest.raises(ModelError, match="1 prompts but 2 masks"):
+        models.edit("tiny-sd", ["a"], [source], masks=[source, source])
+    with pytest.raises(ModelError, match="strength"):
+        models.edit("tiny-sd", ["a"], [source], strength=0)
+    with pytest.raises(ModelError, match="multiples of 8"):
+        models.generate("tiny-sd", ["a"], width=60, height=64)
+    with pytest.raises(ModelError, match="non-empty list of strings"):
+        models.generate("tiny-sd", "a cat", width=64, height=64)
+    with pytest.raises(ModelError, match="non-empty list of strings"):
+        models.edit("tiny-sd", [], [])
+    with pytest.raises(ModelError, match="one per prompt"):
+        models.generate("tiny-sd", ["a", "b"], width=64, height=64, seeds=[1])
+
+
+def test_concurrent_loads_load_once(registry_path):
+    fresh = DiffusionModels.from_file(registry_path)
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(fresh.load("tiny-sd-b"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(g is got[0] for g in got)
+    assert fresh.loaded() == ["tiny-sd-b"]
+
+
+# -- registry ------------------------------------------------------------------------------------------------
+def test_registry_round_trip_and_unknown_name(registry_path):
+    registry = ModelRegistry.load(registry_path)
+    assert registry.names() == ["tiny-sd", "tiny-sd-b"]
+    entry = registry.get("tiny-sd")
+    assert (entry.kind, entry.dtype, entry.device) == ("stable-diffusion", "auto", "auto")
+    with pytest.raises(ModelError, match=r"unknown model 'sd-xl'; the registry has \['tiny-sd', 'tiny-sd-b'\]"):
+        registry.get("sd-xl")
+
+
+def test_write_registry_with_relative_paths(tmp_path, registry_path):
+    write_registry(tmp_path / "r.json", {"m": registry_path.parent / "tiny-sd"})
+    assert ModelRegistry.load(tmp_path / "r.json").get("m").path == str(registry_path.parent / "tiny-sd")
+    # A relative path is relative to the registry file.
+    (tmp_path / "rel.json").write_text(json.dumps({"m": {"path": "models/tiny-sd"}}))
+    (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
+    assert ModelRegistry.load(tmp_path / "rel.json").get("m").path == str(tmp_path / "models" / "tiny-sd")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({}, "'path' must be"),
+        ({"path": "x", "kind": "gan"}, "'kind' must be one of"),
+        ({"path": "x", "dtype": "float8"}, "'dtype' must be one of"),
+        ({"path": "x", "device": "tpu"}, "'device' must be one of"),
+        ({"path": "x", "default_steps": 0}, "'default_steps' must be a positive integer"),
+        ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a number"),
+        ({"path": "x", "stepz": 4}, r"unknown keys \['stepz'\]"),
+        ("x", "expected an object"),
+    ],
+)
+def test_malformed_registry_entries(tmp_path, entry, message):
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"bad": entry}))
+    with pytest.raises(ModelError, match=rf"registry .*model 'bad': {message}"):
+        ModelRegistry.load(path)
+
+
+def test_unreadable_registry_files(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        ModelRegistry.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        ModelRegistry.load(tmp_path / "bad.json")
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ModelError, match="non-empty object"):
+        ModelRegistry.load(tmp_path / "empty.json")
+
+
+def test_a_model_that_cannot_load_says_which(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"ghost": {"path": str(tmp_path / "nowhere")}}))
+    with pytest.raises(ModelError, match="cannot load model 'ghost'"):
+        DiffusionModels.from_file(tmp_path / "r.json").load("ghost")
+
+
+def test_resolve_device_dtype():
+    assert resolve_device_dtype(ModelEntry("m", "p", device="cpu")) == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype(ModelEntry("m", "p", device="cpu", dtype="bfloat16"))[1] == torch.bfloat16
+    device, dtype = resolve_device_dtype(ModelEntry("m", "p"))
+    if torch.cuda.is_available():
+        assert device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    else:
+        assert (device, dtype) == (torch.device("cpu"), torch.float32)
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            resolve_device_dtype(ModelEntry("m", "p", device="cuda"))
+
+
+# -- imaging -------------------------------------------------------------------------------------------------
+def encoded(image: Image.Image, fmt: str, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **params)
+    return out.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A valid-looking PNG whose header claims width x height, with almost no data behind it."""
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_decode_accepts_allowed_formats_and_converts_to_rgb():
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        image = decode_image(encoded(Image.new("RGB", (20, 10), "blue"), fmt))
+        assert image.size == (20, 10) and image.mode == "RGB"
+    assert decode_image(encoded(Image.new("RGBA", (4, 4)), "PNG")).mode == "RGB"
+    assert decode_image(encoded(Image.new("P", (4, 4)), "PNG")).mode == "RGB"
+
+
+def test_decode_refuses_decompression_bombs():
+    # Over our limit: refused from the header, before any pixel is decoded.
+    with pytest.raises(ImageError, match="decompression bomb: 2000x2000 = 4000000 pixels"):
+        decode_image(png_claiming_size(2000, 2000), max_pixels=1_000_000)
+    # Past Pillow's own global limit: refused by Image.open, still as an ImageError.
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(png_claiming_size(100_000, 100_000), max_pixels=10**12)
+    # A real image exactly at the limit is fine.
+    assert decode_image(encoded(Image.new("RGB", (100, 10)), "PNG"), max_pixels=1000).size == (100, 10)
+
+
+def test_decode_refuses_other_formats_and_garbage():
+    for fmt in ("GIF", "BMP", "TIFF"):
+        with pytest.raises(ImageError, match=r"allowed format \(JPEG, PNG, WEBP\)"):
+            decode_image(encoded(Image.new("RGB", (8, 8)), fmt))
+    with pytest.raises(ImageError, match="allowed format"):
+        decode_image(b"not an image at all")
+    with pytest.raises(ImageError, match="empty image"):
+        decode_image(b"")
+    truncated = encoded(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")[:-200]
+    with pytest.raises(ImageError, match="corrupt PNG image"):
+        decode_image(truncated)
+
+
+def test_decode_mask_checks_mode_and_size():
+    image = Image.new("RGB", (64, 48))
+    mask = decode_mask(encoded(Image.new("RGB", (64, 48), "white"), "PNG"), image)
+    assert mask.mode == "L" and mask.size == (64, 48)
+    with pytest.raises(ImageError, match="mask is 32x32 but the image is 64x48"):
+        decode_mask(encoded(Image.new("L", (32, 32)), "PNG"), image)
+
+
+def test_encode_png_strips_metadata():
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"  # camera make
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "user@example.com")
+    source = Image.open(io.BytesIO(encoded(Image.new("RGB", (16, 16), "red"), "PNG", exif=exif, pnginfo=info)))
+    assert source.info.get("Comment") and source.getexif()
+
+    data = encode_png(source)
+    reread = Image.open(io.BytesIO(data))
+    assert not reread.getexif() and "exif" not in reread.info and "Comment" not in reread.info
+    assert _png_chunk_types(data) == ["IHDR", "IDAT", "IEND"]
+    assert np.array_equal(pixels(reread), pixels(source))
+
+
+def _png_chunk_types(data: bytes) -> list[str]:
+    types, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8].decode("ascii")
+        if kind not in types:
+            types.append(kind)
+        pos += 12 + length
+    return types
