@@ -83,9 +83,23 @@ class LocalService:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def probe(self) -> bool:
-        """True when the service answers real requests."""
+    @property
+    def port(self) -> int:
         raise NotImplementedError
+
+    def request(self) -> None:
+        """One real client request; raises while the service is not ready."""
+        raise NotImplementedError
+
+    def probe(self) -> bool:
+        """True when the service answers a real request."""
+        if not port_open(self.port):
+            return False
+        try:
+            self.request()
+        except Exception:  # any client error means: not ready yet
+            return False
+        return True
 
     def after_ready(self) -> None:
         """One-time set-up that needs the running server."""
@@ -259,16 +273,10 @@ class Kafka(LocalService):
     def command(self) -> list[str]:
         return [*self._java_command(), "kafka.Kafka", str(self.dir / "server.properties")]
 
-    def probe(self) -> bool:
-        if not port_open(self.port):
-            return False
+    def request(self) -> None:
         from confluent_kafka.admin import AdminClient
 
-        try:
-            AdminClient({"bootstrap.servers": self.endpoint}).list_topics(timeout=3)
-        except Exception:  # any client error means: not ready yet
-            return False
-        return True
+        AdminClient({"bootstrap.servers": self.endpoint}).list_topics(timeout=3)
 
 
 class ClickHouse(LocalService):
@@ -278,7 +286,7 @@ class ClickHouse(LocalService):
 
     @property
     def endpoint(self) -> str:
-        return f"clickhouse://default@127.0.0.1:{self.settings.stack_clickhouse_port}/default"
+        return f"clickhouse://default@127.0.0.1:{self.port}/default"
 
     def prepare(self) -> None:
         for sub in ("data", "tmp", "user_files", "format_schemas"):
@@ -287,7 +295,7 @@ class ClickHouse(LocalService):
         (self.dir / "config.xml").write_text(f"""<yandex>
   <logger><level>warning</level><console>1</console></logger>
   <listen_host>127.0.0.1</listen_host>
-  <tcp_port>{self.settings.stack_clickhouse_port}</tcp_port>
+  <tcp_port>{self.port}</tcp_port>
   <http_port>{self.settings.stack_clickhouse_http_port}</http_port>
   <path>{self.dir / "data"}/</path>
   <tmp_path>{self.dir / "tmp"}/</tmp_path>
@@ -315,16 +323,14 @@ class ClickHouse(LocalService):
             raise StackError("clickhouse-server is not installed; run scripts/setup.sh (Debian package)")
         return [binary, f"--config-file={self.dir / 'config.xml'}"]
 
-    def probe(self) -> bool:
-        if not port_open(self.settings.stack_clickhouse_port):
-            return False
+    @property
+    def port(self) -> int:
+        return self.settings.stack_clickhouse_port
+
+    def request(self) -> None:
         from clickhouse_driver import Client
 
-        try:
-            Client("127.0.0.1", port=self.settings.stack_clickhouse_port, connect_timeout=2).execute("SELECT 1")
-        except Exception:  # any client error means: not ready yet
-            return False
-        return True
+        Client("127.0.0.1", port=self.port, connect_timeout=2).execute("SELECT 1")
 
 
 class ObjectStorage(LocalService):
@@ -334,7 +340,7 @@ class ObjectStorage(LocalService):
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.settings.stack_s3_port}"
+        return f"http://127.0.0.1:{self.port}"
 
     def _use_s3proxy(self) -> bool:
         try:
@@ -373,7 +379,7 @@ class ObjectStorage(LocalService):
             "-H",
             "127.0.0.1",
             "-p",
-            str(self.settings.stack_s3_port),
+            str(self.port),
         ]
 
     def client(self):  # noqa: ANN201 - boto3 clients are dynamically typed
@@ -395,14 +401,12 @@ class ObjectStorage(LocalService):
             ),
         )
 
-    def probe(self) -> bool:
-        if not port_open(self.settings.stack_s3_port):
-            return False
-        try:
-            self.client().list_buckets()
-        except Exception:  # any client error means: not ready yet
-            return False
-        return True
+    @property
+    def port(self) -> int:
+        return self.settings.stack_s3_port
+
+    def request(self) -> None:
+        self.client().list_buckets()
 
     def after_ready(self) -> None:
         client = self.client()
