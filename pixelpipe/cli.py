@@ -157,7 +157,7 @@ def publish_command(
         raise click.BadParameter(str(e), param_hint="--experiment") from e
     settings = _settings()
     if jsonl is not None:
-        source, total = requests_from_jsonl(jsonl), sum(1 for line in jsonl.open() if line.strip())
+        source, total = requests_from_jsonl(jsonl), sum(1 for line in jsonl.read_text().splitlines() if line.strip())
     else:
         assert count is not None
         source, total = (

@@ -24,7 +24,7 @@ DEMO_EXPERIMENT = {"steps-test": {"control": 1.0, "fast": 1.0}}
 def run_demo(settings: Settings, requests: int, echo: Callable[[str], None], keep_stack: bool = False) -> bool:
     """Publish a synthetic mix and read it back from Kafka; returns True when every event came back once."""
     stack = LocalStack(settings)
-    host, _, port = settings.kafka_bootstrap.rpartition(":")
+    host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     started_stack = not port_open(int(port), host)
     if started_stack:
         echo(f"starting the local stack in {settings.stack_dir} ...")
