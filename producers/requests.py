@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pixelpipe.config import Settings
-from pixelpipe.schemas.codec import Record
+from pixelpipe.schemas.codec import REQUEST_ID_PATTERN, Record
 
 KINDS = ("GENERATE", "EDIT")
 PRIORITIES = ("INTERACTIVE", "BATCH")
@@ -92,6 +92,11 @@ def validate_request(request: Record, settings: Settings, now: dt.datetime | Non
 
     for field in ("event_id", "request_id", "user_id", "model"):
         require(isinstance(request.get(field), str) and bool(request[field].strip()), field, "must not be empty")
+    require(
+        REQUEST_ID_PATTERN.fullmatch(request["request_id"]) is not None,
+        "request_id",
+        f"must match {REQUEST_ID_PATTERN.pattern}, got {request['request_id']!r}",
+    )
     require(
         request.get("kind") in KINDS,
         "kind",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import threading
 import urllib.error
@@ -34,6 +35,9 @@ _SINGLE_OBJECT_HEADER_LEN = 10
 _REGISTRY_HEADER_LEN = 5
 
 Record = dict[str, Any]
+
+# request_id is the Kafka key and a segment of object keys, so the contract limits it to safe characters.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CodecError(ValueError):

@@ -48,6 +48,8 @@ def test_a_good_request_passes():
         ({"guidance": -1.0}, "guidance: must be between 0 and 50"),
         ({"seed": -5}, "seed: must be in 0..2\\^63-1, got -5"),
         ({"user_id": ""}, "user_id: must not be empty"),
+        ({"request_id": "../etc/passwd"}, "request_id: must match"),
+        ({"request_id": "a" * 129}, "request_id: must match"),
         ({"model": " "}, "model: must not be empty"),
         ({"source_image_uri": "s3://b/k.png"}, "source_image_uri: is only allowed on an EDIT request"),
         (

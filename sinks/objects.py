@@ -1,0 +1,359 @@
+"""Object storage for images: one interface, a filesystem backend (the default) and an S3 backend.
+
+Keys are deterministic, ``{prefix}/{yyyy}/{mm}/{dd}/{request_id}/{index}.{ext}``, so a retried write replaces the
+object instead of adding a second one. Every key and every URI read back is validated against the configured
+store: sources come from upstream events, so a URI naming another bucket, a path outside the root or an http URL is
+refused rather than fetched. The store only stores bytes; stripping EXIF and the like happens when the image is
+encoded (``processors/imaging.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from pixelpipe.config import Settings
+from pixelpipe.schemas.codec import REQUEST_ID_PATTERN
+
+# First character alphanumeric so that "..", "." and hidden names (our temp and sidecar files) can never be a key.
+_SEGMENT = REQUEST_ID_PATTERN.pattern
+_KEY_PATTERN = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
+_EXT_PATTERN = re.compile(r"[a-z0-9]{1,8}")
+_BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+MAX_KEY_CHARS = 900  # S3 allows 1024 bytes; leave room for the configured prefix
+DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # the SigV4 limit
+
+
+class ObjectStoreError(ValueError):
+    """A key or URI that the configured store does not accept, or an object it cannot serve."""
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    """The URI is valid for the store but no object is there."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    uri: str
+    sha256: str
+    bytes: int  # named like StoredImage.bytes in ImageResult
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    content_type: str
+    sha256: str
+
+
+def validate_key(key: str) -> str:
+    """The key itself when it is made only of safe segments; ObjectStoreError otherwise."""
+    if len(key) > MAX_KEY_CHARS or not _KEY_PATTERN.fullmatch(key):
+        raise ObjectStoreError(
+            f"object key {key!r} is not allowed: segments must match {_SEGMENT} (no '..', no leading '/' or '.')"
+        )
+    return key
+
+
+class ObjectStore(ABC):
+    """Where images live. URIs returned by ``put`` are the only sources ``get``, ``head`` and friends accept."""
+
+    @property
+    @abstractmethod
+    def root_uri(self) -> str:
+        """The URI every object of this store starts with, for messages and configuration checks."""
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The URI of a (validated) key."""
+
+    @abstractmethod
+    def key_of(self, uri: str) -> str:
+        """The key a URI names, or ObjectStoreError when the URI is not inside this store."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Store ``data`` under ``key``, replacing what was there."""
+
+    @abstractmethod
+    def get(self, uri: str) -> bytes: ...
+
+    @abstractmethod
+    def head(self, uri: str) -> ObjectInfo: ...
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool: ...
+
+    @abstractmethod
+    def presigned_url(self, uri: str, expires_s: int) -> str:
+        """A URL anyone can GET the object with until it expires."""
+
+    def image_key(self, request_id: str, index: int, ext: str, when: datetime) -> str:
+        """``yyyy/mm/dd/request_id/index.ext``; ``when`` must come from the request (not the clock) to stay stable.
+
+        Naive datetimes are taken as UTC; aware ones are converted, so the date part never depends on the host.
+        """
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
+            raise ObjectStoreError(f"request_id {request_id!r} does not match {REQUEST_ID_PATTERN.pattern}")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ObjectStoreError(f"image index must be a non-negative integer, got {index!r}")
+        ext = ext.lower().lstrip(".")
+        if not _EXT_PATTERN.fullmatch(ext):
+            raise ObjectStoreError(f"file extension {ext!r} does not match {_EXT_PATTERN.pattern}")
+        day = when.astimezone(UTC) if when.tzinfo else when
+        return f"{day:%Y/%m/%d}/{request_id}/{index}.{ext}"
+
+    def _refuse(self, uri: str, reason: str) -> ObjectStoreError:
+        return ObjectStoreError(f"source URI {uri} is not in the configured store {self.root_uri}; {reason}")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FileObjectStore(ObjectStore):
+    """Objects as files under ``root``; content type and sha256 in a hidden JSON sidecar next to each file."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    @property
+    def root_uri(self) -> str:
+        return self.root.as_uri()
+
+    def uri_for(self, key: str) -> str:
+        return (self.root / validate_key(key)).as_uri()
+
+    def key_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.scheme != "file":
+            raise self._refuse(uri, f"scheme {parts.scheme or '(none)'!r} is not file")
+        if parts.netloc not in ("", "localhost"):
+            raise self._refuse(uri, f"host {parts.netloc!r} is not local")
+        path = unquote(parts.path)
+        if ".." in path.split("/"):
+            raise self._refuse(uri, "'..' is not allowed in paths")
+        root = self.root.as_posix().rstrip("/") + "/"
+        if not path.startswith(root):
+            raise self._refuse(uri, "the path is outside the store's root")
+        try:
+            key = validate_key(path[len(root) :])
+        except ObjectStoreError as e:
+            raise self._refuse(uri, str(e)) from None
+        # A symlink inside the root could still point outside it.
+        if not (self.root / key).resolve().is_relative_to(self.root):
+            raise self._refuse(uri, "the path resolves outside the store's root")
+        return key
+
+    def _paths(self, uri: str) -> tuple[Path, Path]:
+        path = self.root / self.key_of(uri)
+        return path, path.with_name(f".{path.name}.meta.json")
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        path = self.root / validate_key(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = _sha256(data)
+        meta = json.dumps({"content_type": content_type, "sha256": digest}).encode()
+        # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
+        _write_atomically(path, data)
+        _write_atomically(path.with_name(f".{path.name}.meta.json"), meta)
+        return StoredObject(uri=path.as_uri(), sha256=digest, bytes=len(data))
+
+    def get(self, uri: str) -> bytes:
+        path, _ = self._paths(uri)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"no object at {uri}") from None
+
+    def head(self, uri: str) -> ObjectInfo:
+        path, meta_path = self._paths(uri)
+        try:
+            size = path.stat().st_size
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"no object at {uri}") from None
+        return ObjectInfo(size=size, content_type=meta["content_type"], sha256=meta["sha256"])
+
+    def exists(self, uri: str) -> bool:
+        return self._paths(uri)[0].is_file()
+
+    def presigned_url(self, uri: str, expires_s: int) -> str:
+        raise ObjectStoreError(
+            f"presigned URLs need an S3 object store; {self.root_uri} is a local directory and has none"
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a partial write: temp file in the same directory, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class S3ObjectStore(ObjectStore):
+    """Objects in ``bucket`` under ``prefix``; sha256 in the object's user metadata (``x-amz-meta-sha256``)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        client: Any,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+    ) -> None:
+        if not _BUCKET_PATTERN.fullmatch(bucket):
+            raise ObjectStoreError(f"bucket name {bucket!r} is not a valid S3 bucket name")
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_key(prefix)
+        self.bucket = bucket
+        self.prefix = prefix
+        self.client = client
+        self.transfer_config = TransferConfig(multipart_threshold=multipart_threshold)
+
+    @property
+    def root_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _object_key(self, key: str) -> str:
+        key = validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.scheme != "s3":
+            raise self._refuse(uri, f"scheme {parts.scheme or '(none)'!r} is not s3")
+        if parts.netloc != self.bucket:
+            raise self._refuse(uri, f"bucket {parts.netloc!r} is not {self.bucket!r}")
+        if parts.query or parts.fragment:
+            raise self._refuse(uri, "query strings and fragments are not allowed")
+        path = parts.path.removeprefix("/")
+        if ".." in path.split("/"):
+            raise self._refuse(uri, "'..' is not allowed in keys")
+        if self.prefix:
+            if not path.startswith(self.prefix + "/"):
+                raise self._refuse(uri, f"the key is outside the prefix {self.prefix!r}")
+            path = path[len(self.prefix) + 1 :]
+        try:
+            return validate_key(path)
+        except ObjectStoreError as e:
+            raise self._refuse(uri, str(e)) from None
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        object_key = self._object_key(key)
+        digest = _sha256(data)
+        # upload_fileobj switches to a multipart upload above the threshold; a retry rewrites the same key.
+        self.client.upload_fileobj(
+            io.BytesIO(data),
+            self.bucket,
+            object_key,
+            ExtraArgs={"ContentType": content_type, "Metadata": {"sha256": digest}},
+            Config=self.transfer_config,
+        )
+        return StoredObject(uri=f"s3://{self.bucket}/{object_key}", sha256=digest, bytes=len(data))
+
+    def _full_key(self, uri: str) -> str:
+        return self._object_key(self.key_of(uri))
+
+    def get(self, uri: str) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full_key(uri))
+        except ClientError as e:
+            if _is_not_found(e):
+                raise ObjectNotFoundError(f"no object at {uri}") from None
+            raise
+        return response["Body"].read()
+
+    def head(self, uri: str) -> ObjectInfo:
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._full_key(uri))
+        except ClientError as e:
+            if _is_not_found(e):
+                raise ObjectNotFoundError(f"no object at {uri}") from None
+            raise
+        return ObjectInfo(
+            size=response["ContentLength"],
+            content_type=response.get("ContentType", ""),
+            sha256=response.get("Metadata", {}).get("sha256", ""),
+        )
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self.head(uri)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def presigned_url(self, uri: str, expires_s: int) -> str:
+        if not 1 <= expires_s <= MAX_PRESIGN_EXPIRY_S:
+            raise ObjectStoreError(f"expires_s must be between 1 and {MAX_PRESIGN_EXPIRY_S}, got {expires_s}")
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._full_key(uri)}, ExpiresIn=expires_s
+        )
+
+
+def _is_not_found(error: ClientError) -> bool:
+    # HEAD has no body, so a missing object shows up as a bare "404"; GET says NoSuchKey.
+    return error.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound")
+
+
+def s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client from the settings: endpoint (its scheme decides TLS), region, and credentials when given."""
+    config = Config(
+        # s3proxy and other S3-compatible servers do not speak the newer flexible-checksum trailers.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # Custom endpoints (s3proxy, MinIO) are addressed by path; virtual hosts need DNS they rarely have.
+        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+    )
+    credentials: dict[str, str] = {}
+    if settings.s3_access_key_id:
+        credentials = {
+            "aws_access_key_id": settings.s3_access_key_id,
+            "aws_secret_access_key": settings.s3_secret_access_key,
+        }
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.s3_region,
+        config=config,
+        **credentials,
+    )
+
+
+def open_object_store(settings: Settings, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD) -> ObjectStore:
+    """The store ``settings.object_store_url`` names: ``file://DIR`` (relative DIRs are from the cwd) or ``s3://bucket/prefix``."""
+    url = settings.object_store_url
+    if url.startswith("file://"):
+        # Taken literally rather than through urlsplit, so that file://./data/objects stays a relative path.
+        return FileObjectStore(url.removeprefix("file://"))
+    if url.startswith("s3://"):
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        return S3ObjectStore(bucket, prefix, s3_client(settings), multipart_threshold=multipart_threshold)
+    raise ObjectStoreError(f"object_store_url {url!r} must start with file:// or s3://")

@@ -1,0 +1,94 @@
+"""The S3 object store against a real S3 endpoint: metadata, presigned GETs, multipart uploads and URI refusal."""
+
+import hashlib
+import os
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from pixelpipe.sinks.objects import ObjectNotFoundError, ObjectStoreError, S3ObjectStore, open_object_store
+
+pytestmark = pytest.mark.integration
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def store(servers):
+    store = open_object_store(servers, multipart_threshold=5 * MB)
+    assert isinstance(store, S3ObjectStore)
+    return store
+
+
+def key(store, index=0, ext="png"):
+    # A request id of this test's own, so reruns against a long-lived server never see old objects.
+    return store.image_key(f"it-{uuid.uuid4().hex}", index, ext, datetime.now(UTC))
+
+
+def test_put_get_head(store):
+    data = os.urandom(4096)
+    stored = store.put(key(store), data, "image/png")
+    assert stored.uri.startswith("s3://pixelpipe/images/")
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.get(stored.uri) == data
+    info = store.head(stored.uri)
+    assert (info.size, info.content_type, info.sha256) == (len(data), "image/png", stored.sha256)
+    assert store.exists(stored.uri)
+
+
+def test_retried_write_replaces(store):
+    k = key(store)
+    store.put(k, b"first attempt", "image/png")
+    stored = store.put(k, b"second attempt", "image/webp")
+    assert store.get(stored.uri) == b"second attempt"
+    assert store.head(stored.uri).content_type == "image/webp"
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"{store.prefix}/{k.rsplit('/', 1)[0]}/")
+    assert [o["Key"] for o in listed["Contents"]] == [f"{store.prefix}/{k}"]
+
+
+def test_missing_object(store):
+    uri = store.uri_for(key(store))
+    assert not store.exists(uri)
+    with pytest.raises(ObjectNotFoundError):
+        store.get(uri)
+
+
+def test_presigned_get_over_http(store):
+    data = os.urandom(2048)
+    stored = store.put(key(store), data, "image/png")
+    url = store.presigned_url(stored.uri, expires_s=300)
+    assert url.startswith(("http://", "https://"))
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.read() == data
+    with pytest.raises(ObjectStoreError, match="expires_s"):
+        store.presigned_url(stored.uri, expires_s=0)
+
+
+def test_multipart_upload_above_threshold(store):
+    data = os.urandom(12 * MB)
+    stored = store.put(key(store, ext="bin"), data, "application/octet-stream")
+    assert store.get(stored.uri) == data
+    info = store.head(stored.uri)
+    assert (info.size, info.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    # S3 (and s3proxy, MinIO, moto) give a multipart object the ETag "<md5 of part md5s>-<parts>".
+    full_key = stored.uri.removeprefix(f"s3://{store.bucket}/")
+    etag = store.client.head_object(Bucket=store.bucket, Key=full_key)["ETag"]
+    assert etag.strip('"').endswith("-2"), etag
+
+
+def test_objects_outside_the_store_are_refused(store):
+    data = b"not ours"
+    outside = f"elsewhere/{uuid.uuid4().hex}.png"
+    store.client.put_object(Bucket=store.bucket, Key=outside, Body=data)
+    for uri in (
+        f"s3://{store.bucket}/{outside}",
+        f"s3://other-bucket/images/{outside}",
+        f"s3://{store.bucket}/images/../{outside}",
+        "http://127.0.0.1/pixelpipe/images/x.png",
+    ):
+        with pytest.raises(ObjectStoreError, match="is not in the configured store s3://pixelpipe/images"):
+            store.get(uri)
+        with pytest.raises(ObjectStoreError):
+            store.presigned_url(uri, 60)
