@@ -1,0 +1,180 @@
+"""Every migration applies, once, on the CI ClickHouse server (18.16) and on chDB's current engine; the dedup
+views count each event once and the materialized views fill the rollups."""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from pixelpipe.config import Settings
+from pixelpipe.sinks.clickhouse.migrate import (
+    ChdbClient,
+    ClickHouseClient,
+    ServerClient,
+    apply_migrations,
+    connect,
+    drop_expired_partitions,
+    migration_files,
+    server_version,
+)
+
+pytestmark = pytest.mark.integration
+
+# Events from now: with a table TTL, rows already past it are dropped as they are inserted.
+_NOW_MS = int(time.time()) * 1000
+
+# SQL literals per column; rows go in with INSERT ... SELECT because the native driver wants inline VALUES data
+# as Python rows, and aliases keep chDB from seeing two identical `[]` columns.
+_RESULT = {
+    "event_id": "'res-1'",
+    "request_id": "'req-1'",
+    "schema_version": "1",
+    "event_time_ms": f"{_NOW_MS + 123}",
+    "status": "'SUCCEEDED'",
+    "kind": "'GENERATE'",
+    "user_id": "'user-1'",
+    "image_uris": "['s3://pixelpipe/req-1/0.png', 's3://pixelpipe/req-1/1.png']",
+    "image_sha256": "['aa', 'bb']",
+    "image_widths": "[512, 512]",
+    "image_heights": "[512, 512]",
+    "image_formats": "['PNG', 'PNG']",
+    "image_bytes": "[1000, 2000]",
+    "moderation_stage": "''",
+    "moderation_categories": "['nsfw']",
+    "moderation_scores": "[0.01]",
+    "error_code": "NULL",
+    "error_message": "NULL",
+    "model": "'sd-turbo'",
+    "experiment_keys": "['steps']",
+    "experiment_variants": "['fast']",
+    "variant": "'steps:fast'",
+    "request_created_at_ms": f"{_NOW_MS - 2000}",
+    "timing_stages": "['GENERATE']",
+    "timing_ms": "[120.5]",
+}
+_REJECTED = _RESULT | {
+    "event_id": "'res-2'",
+    "request_id": "'req-2'",
+    "status": "'REJECTED'",
+    **{f"image_{name}": "[]" for name in ("uris", "sha256", "widths", "heights", "formats", "bytes")},
+    "moderation_stage": "'PROMPT'",
+    "moderation_categories": "['violence', 'nsfw']",
+    "moderation_scores": "[0.2, 0.9]",
+    "variant": "NULL",
+}
+_METRIC = {
+    "event_id": "'met-1'",
+    "request_id": "'req-1'",
+    "schema_version": "1",
+    "event_time_ms": f"{_NOW_MS}",
+    "stage": "'GENERATE'",
+    "outcome": "'OK'",
+    "queue_ms": "5.0",
+    "compute_ms": "100.0",
+    "batch_size": "2",
+    "device": "'cuda:0'",
+    "device_seconds": "0.1",
+    "cost_usd": "0.004",
+    "worker_id": "'worker-1'",
+    "user_id": "'user-1'",
+    "model": "'sd-turbo'",
+    "experiment_keys": "['steps']",
+    "experiment_variants": "['fast']",
+    "variant": "'steps:fast'",
+}
+
+
+def _insert(client: ClickHouseClient, table: str, rows: list[dict[str, str]]) -> None:
+    columns = ", ".join(rows[0])
+    selects = " UNION ALL ".join(
+        "SELECT " + ", ".join(f"{value} AS {name}" for name, value in row.items()) for row in rows
+    )
+    client.execute(f"INSERT INTO {table} ({columns}) {selects}")
+
+
+@pytest.fixture
+def server_client(servers: Settings) -> Iterator[ServerClient]:
+    """A database of this test's own on the CI server, dropped afterwards."""
+    database = f"test_migrations_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(servers.clickhouse_url)
+    admin = ServerClient(servers.clickhouse_url)
+    admin.execute(f"CREATE DATABASE {database}")
+    client = ServerClient(urlunsplit(parts._replace(path=f"/{database}")))
+    try:
+        yield client
+    finally:
+        client.close()
+        admin.execute(f"DROP DATABASE IF EXISTS {database}")
+        admin.close()
+
+
+@pytest.fixture
+def chdb_client(tmp_path: Path) -> Iterator[ChdbClient]:
+    client = connect(f"chdb://{tmp_path / 'chdb'}")
+    assert isinstance(client, ChdbClient)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _check_migrations(client: ClickHouseClient) -> None:
+    names = [path.stem for path in migration_files()]
+    assert apply_migrations(client, ttl_days=30) == names
+    assert apply_migrations(client, ttl_days=30) == []
+    assert sorted(name for (name,) in client.execute("SELECT name FROM schema_migrations")) == names
+
+    # A redelivered event arrives as a second insert of the same row.
+    _insert(client, "results", [_RESULT, _REJECTED])
+    _insert(client, "results", [_RESULT])
+    _insert(client, "stage_metrics", [_METRIC])
+    _insert(client, "stage_metrics", [_METRIC])
+
+    assert client.execute("SELECT count() FROM results") == [(3,)]
+    assert client.execute("SELECT count(), uniqExact(event_id) FROM results_dedup") == [(2, 2)]
+    assert client.execute("SELECT count() FROM stage_metrics_dedup") == [(1,)]
+    assert client.execute("SELECT event_time_ms, toUnixTimestamp(event_time) FROM stage_metrics_dedup") == [
+        (_NOW_MS, _NOW_MS // 1000)
+    ]
+
+    latency = client.execute(
+        "SELECT toString(stage), model, variant, uniqExactMerge(events),"
+        " quantilesMerge(0.5, 0.95, 0.99)(compute_ms_q) FROM stage_latency_1m"
+        " GROUP BY minute, stage, model, variant"
+    )
+    assert latency == [("GENERATE", "sd-turbo", "steps:fast", 1, [100.0, 100.0, 100.0])]
+
+    # Sums in the rollup see the redelivered metric and result twice (see 0003_rollups.sql): 2 x 0.004 USD
+    # over 2 x 2 images.
+    cost = client.execute("SELECT model, variant, total_cost_usd, total_images, usd_per_image FROM cost_per_image")
+    assert [(model, variant, images) for model, variant, _, images, _ in cost] == [("sd-turbo", "steps:fast", 4)]
+    assert cost[0][2] == pytest.approx(0.008)
+    assert cost[0][4] == pytest.approx(0.002)
+
+    rejections = client.execute(
+        "SELECT toString(moderation_stage), category, model, variant, uniqExactMerge(rejections)"
+        " FROM rejections_1h GROUP BY hour, moderation_stage, category, model, variant"
+    )
+    assert rejections == [("PROMPT", "nsfw", "sd-turbo", "", 1)]
+
+    # Table TTL only where the engine has it (not 18.16); partition drops work everywhere, here a year ahead.
+    (create,) = client.execute("SHOW CREATE TABLE results")[0]
+    assert ("TTL event_date + toIntervalDay(30)" in create) == (server_version(client) >= (19, 6))
+    next_year = datetime.date.today() + datetime.timedelta(days=365)
+    dropped = drop_expired_partitions(client, ttl_days=30, today=next_year)
+    assert sorted(table for table, _ in dropped) == ["results", "stage_metrics"]
+    assert client.execute("SELECT count() FROM results") == [(0,)]
+
+
+def test_migrations_on_the_ci_server(server_client: ServerClient) -> None:
+    _check_migrations(server_client)
+
+
+def test_migrations_on_chdb(chdb_client: ChdbClient) -> None:
+    _check_migrations(chdb_client)
