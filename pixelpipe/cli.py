@@ -8,17 +8,8 @@ from pathlib import Path
 
 import click
 
-from pixelpipe import logs
-from pixelpipe.config import ConfigError, Settings, settings_table
-
-
-def _settings() -> Settings:
-    try:
-        settings = Settings.from_env()
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from e
-    logs.configure(settings.log_level)
-    return settings
+from pixelpipe.cli_common import load_settings
+from pixelpipe.config import settings_table
 
 
 @click.group()
@@ -35,7 +26,7 @@ def config_command(markdown: bool) -> None:
     if markdown:
         click.echo(settings_table())
     else:
-        click.echo(json.dumps(_settings().redacted(), indent=2))
+        click.echo(json.dumps(load_settings().redacted(), indent=2))
 
 
 # -- local stack ---------------------------------------------------------------------------------------------
@@ -57,7 +48,7 @@ def stack_up() -> None:
     from pixelpipe.stack import LocalStack, StackError
 
     try:
-        statuses = LocalStack(_settings()).up()
+        statuses = LocalStack(load_settings()).up()
     except StackError as e:
         raise click.ClickException(str(e)) from e
     _print_status(statuses)
@@ -68,7 +59,7 @@ def stack_down() -> None:
     """Stop every service (SIGTERM, then SIGKILL after a grace period)."""
     from pixelpipe.stack import LocalStack
 
-    local = LocalStack(_settings())
+    local = LocalStack(load_settings())
     local.down()
     _print_status(local.status())
 
@@ -78,7 +69,7 @@ def stack_status() -> None:
     """Report each service; exits 1 unless all are healthy."""
     from pixelpipe.stack import LocalStack
 
-    if not _print_status(LocalStack(_settings()).status()):
+    if not _print_status(LocalStack(load_settings()).status()):
         sys.exit(1)
 
 
@@ -87,7 +78,7 @@ def stack_env() -> None:
     """Print shell exports that point pixelpipe at the local stack: eval "$(pixelpipe stack env)"."""
     from pixelpipe.stack import LocalStack
 
-    for name, value in LocalStack(_settings()).client_env().items():
+    for name, value in LocalStack(load_settings()).client_env().items():
         click.echo(f"export {name}={value}")
 
 
@@ -97,8 +88,41 @@ def topics_command() -> None:
     """Create the pipeline's topics that do not exist yet."""
     from pixelpipe.topics import ensure_topics
 
-    created = ensure_topics(_settings())
+    created = ensure_topics(load_settings())
     click.echo(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+# -- processors ---------------------------------------------------------------------------------------------
+@main.command("worker")
+@click.option(
+    "--stages",
+    default="moderation,generate,edit",
+    show_default=True,
+    help="Comma-separated stages to run, e.g. moderation on CPU workers and generate,edit on GPU workers.",
+)
+def worker_command(stages: str) -> None:
+    """Run pipeline stages until SIGTERM; workers with the same stages share the partitions."""
+    from pixelpipe.processors.app import run_worker
+
+    settings = load_settings()
+    try:
+        run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()], settings.log_level.lower()[:4])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--stages") from e
+
+
+@main.group()
+def models() -> None:
+    """The diffusion model registry."""
+
+
+@models.command("init-tiny")
+@click.option("--out", "out_dir", default="./data/models", show_default=True, type=click.Path(path_type=Path))
+def models_init_tiny(out_dir: Path) -> None:
+    """Build tiny seeded random-weight pipelines and their registry (for tests and the CPU demo)."""
+    from pixelpipe.processors.tiny_models import build_tiny_models
+
+    click.echo(f"registry: {build_tiny_models(out_dir)}")
 
 
 # -- demo ---------------------------------------------------------------------------------------------------
@@ -109,7 +133,7 @@ def demo_command(count: int, keep_stack: bool) -> None:
     """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""
     from pixelpipe.demo import run_demo
 
-    if not run_demo(_settings(), count, click.echo, keep_stack):
+    if not run_demo(load_settings(), count, click.echo, keep_stack):
         sys.exit(1)
 
 
@@ -155,7 +179,7 @@ def publish_command(
         assignments = dict(parse_experiment_spec(spec) for spec in experiments)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--experiment") from e
-    settings = _settings()
+    settings = load_settings()
     if jsonl is not None:
         source, total = requests_from_jsonl(jsonl), sum(1 for line in jsonl.read_text().splitlines() if line.strip())
     else:
@@ -183,3 +207,15 @@ def publish_command(
     click.echo(" ".join(f"{k}={v}" for k, v in counts.items()))
     if not report.ok:
         sys.exit(1)
+
+
+def _register_layer_commands() -> None:
+    # Each layer owns its commands; the CLI only gathers them.
+    from pixelpipe.analytics.cli import analyze
+    from pixelpipe.sinks.cli import clickhouse
+
+    main.add_command(analyze)
+    main.add_command(clickhouse)
+
+
+_register_layer_commands()

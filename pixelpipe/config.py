@@ -53,6 +53,17 @@ class Settings:
     max_prompt_chars: int = _setting(2000, "Longest prompt accepted, in characters.")
     max_image_side: int = _setting(2048, "Largest width or height accepted, in pixels.")
     max_steps: int = _setting(150, "Most denoising steps accepted.")
+    # Processors
+    model_registry: str = _setting("./data/models/registry.json", "Model registry file (name -> path, defaults).")
+    moderation_policy: str = _setting("", "Moderation policy file (thresholds, rules); empty uses the defaults.")
+    max_batch: int = _setting(8, "Most compatible requests run in one model batch.")
+    max_wait_ms: int = _setting(50, "Longest a request waits for its batch to fill.")
+    max_source_pixels: int = _setting(4_194_304, "Largest edit source or mask accepted, in pixels.")
+    device_hour_price_usd: float = _setting(1.0, "Price of one hour of this worker's device, for cost metrics.")
+    retry_attempts: int = _setting(4, "Attempts at a transient failure (storage, broker) before giving up.")
+    retry_backoff_ms: int = _setting(200, "First retry delay; doubles each attempt.")
+    worker_id: str = _setting("", "This worker's name in metrics; empty uses host-pid.")
+    consumer_group: str = _setting("pixelpipe", "Prefix of the workers' consumer groups (one group per stage set).")
     # Local stack
     stack_dir: str = _setting("./data/stack", "Where `pixelpipe stack` keeps each service's data and logs.")
     stack_kafka_port: int = _setting(9092, "Local Kafka broker port (the controller uses the next one).")
@@ -72,14 +83,16 @@ class Settings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            if f.type in ("int", int):
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: expected an integer, got {raw!r}") from None
-            else:
-                values[f.name] = raw
+            parse = {"int": int, "float": float}.get(str(f.type), str)
+            try:
+                values[f.name] = parse(raw)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: expected {f.type}, got {raw!r}") from None
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as PIXELPIPE_* variables, for starting another pixelpipe process with them."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with every secret masked, safe to log."""

@@ -82,8 +82,13 @@ def new_request(
     }
 
 
-def validate_request(request: Record, settings: Settings, now: dt.datetime | None = None) -> None:
-    """Raise InvalidRequestError naming the first field that breaks a rule."""
+def validate_request(
+    request: Record, settings: Settings, now: dt.datetime | None = None, check_deadline: bool = True
+) -> None:
+    """Raise InvalidRequestError naming the first field that breaks a rule.
+
+    Processors pass ``check_deadline=False``: for them an expired deadline is an outcome, not a bad request.
+    """
     now = now or dt.datetime.now(dt.UTC)
 
     def require(ok: bool, field: str, rule: str) -> None:
@@ -159,7 +164,7 @@ def validate_request(request: Record, settings: Settings, now: dt.datetime | Non
             "deadline",
             "must be an aware datetime",
         )
-        require(deadline > now, "deadline", f"is in the past ({deadline.isoformat()})")
+        require(not check_deadline or deadline > now, "deadline", f"is in the past ({deadline.isoformat()})")
 
 
 def _is_int(value: Any) -> bool:

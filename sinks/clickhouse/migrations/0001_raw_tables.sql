@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS results
     event_time DateTime DEFAULT toDateTime(intDiv(event_time_ms, 1000)),
     event_date Date DEFAULT toDate(event_time),
     status Enum8('SUCCEEDED' = 1, 'REJECTED' = 2, 'FAILED' = 3),
-    kind Enum8('GENERATE' = 1, 'EDIT' = 2),
+    -- '' and 0 below: the request could not be decoded, so its kind and creation time are unknown
+    kind Enum8('' = 0, 'GENERATE' = 1, 'EDIT' = 2),
     user_id String,
     -- images: one element per stored image in each parallel array
     image_count UInt16 DEFAULT length(image_uris),

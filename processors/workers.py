@@ -1,0 +1,53 @@
+"""Worker processes on this machine, for the demo and the tests: `pixelpipe worker` with given settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from pixelpipe.config import Settings
+
+
+class WorkerProcess:
+    """A ``pixelpipe worker`` subprocess; stops with SIGTERM (graceful) or ``kill`` (SIGKILL)."""
+
+    def __init__(self, settings: Settings, stages: Sequence[str], log_path: Path) -> None:
+        self.log_path = log_path
+        env = os.environ | settings.to_env() | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pixelpipe", "worker", "--stages", ",".join(stages)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,71 @@
+"""Reading results back: what an upstream service does to learn how its requests ended."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer
+from tqdm import tqdm
+
+from pixelpipe.config import Settings
+from pixelpipe.schemas.codec import Codec, Record
+
+
+@dataclass
+class Collected:
+    """Every event read per request id; more than one event for a request means a redelivery."""
+
+    events: dict[str, list[Record]] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)
+
+    def latest(self) -> dict[str, Record]:
+        return {request_id: events[-1] for request_id, events in self.events.items()}
+
+
+def collect(
+    settings: Settings,
+    topic: str,
+    schema: str,
+    request_ids: Iterable[str] | Mapping[str, int],
+    *,
+    timeout_s: float = 300.0,
+    settle_s: float = 0.0,
+    progress: bool = False,
+) -> Collected:
+    """Read ``topic`` from the start until each request id has its events (one each, or as many as the mapping
+    says) or time runs out, then keep reading ``settle_s`` longer to catch duplicates."""
+    expected = dict(request_ids) if isinstance(request_ids, Mapping) else dict.fromkeys(request_ids, 1)
+    wanted = set(expected)
+    consumer = Consumer(
+        settings.kafka_client_config()
+        | {"group.id": f"pixelpipe-reader-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
+    )
+    consumer.subscribe([topic])
+    codec = Codec()
+    collected = Collected()
+    done: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        with tqdm(total=len(wanted), unit="req", desc=f"{schema}s", disable=not progress) as bar:
+            while time.monotonic() < (settle_until or deadline):
+                for message in consumer.consume(500, timeout=0.5):
+                    if message.error():
+                        continue
+                    record = codec.decode_as(schema, message.value())
+                    if record["request_id"] not in wanted:
+                        continue
+                    events = collected.events.setdefault(record["request_id"], [])
+                    events.append(record)
+                    if len(events) == expected[record["request_id"]]:
+                        done.add(record["request_id"])
+                        bar.update(1)
+                if settle_until is None and done == wanted:
+                    settle_until = time.monotonic() + settle_s
+    finally:
+        consumer.close()
+    collected.missing = wanted - done
+    return collected

@@ -1,0 +1,83 @@
+"""`pixelpipe clickhouse migrate` and `pixelpipe clickhouse sink`; also runs alone: python -m pixelpipe.sinks.cli."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import click
+
+from pixelpipe.cli_common import load_settings
+from pixelpipe.config import Settings
+
+
+def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
+    from pixelpipe.sinks.clickhouse.migrate import connect
+
+    try:
+        return connect(settings.clickhouse_url)
+    except ValueError as e:
+        raise click.ClickException(f"PIXELPIPE_CLICKHOUSE_URL: {e}") from e
+
+
+@click.group()
+def clickhouse() -> None:
+    """The ClickHouse schema and the sink that loads results and metrics into it."""
+
+
+@clickhouse.command("migrate")
+@click.option("--ttl-days", type=click.IntRange(min=1), help="Age out raw events after this many days.")
+def migrate_command(ttl_days: int | None) -> None:
+    """Apply the schema migrations not yet applied to PIXELPIPE_CLICKHOUSE_URL."""
+    from pixelpipe.sinks.clickhouse.migrate import apply_migrations
+
+    client = _connect(load_settings())
+    try:
+        applied = apply_migrations(client, ttl_days=ttl_days)
+    finally:
+        client.close()
+    click.echo(f"applied: {', '.join(applied) or 'none (up to date)'}")
+
+
+@clickhouse.command("sink")
+@click.option("--group-id", default="pixelpipe.clickhouse-sink", show_default=True, help="Kafka consumer group.")
+@click.option("--max-batch-rows", default=50_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-batch-wait", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Seconds.")
+@click.option("--max-idle", type=click.FloatRange(min=0), help="Exit after this many seconds without events.")
+def sink_command(group_id: str, max_batch_rows: int, max_batch_wait: float, max_idle: float | None) -> None:
+    """Load PIXELPIPE_TOPIC_RESULTS and PIXELPIPE_TOPIC_METRICS into ClickHouse until SIGTERM or SIGINT."""
+    from pixelpipe.sinks.clickhouse.migrate import applied_migrations, migration_files
+    from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
+
+    settings = load_settings()
+    client = _connect(settings)
+    try:
+        try:
+            pending = sorted({path.stem for path in migration_files()} - applied_migrations(client))
+        except Exception as e:  # no schema_migrations table, or no server: both need the operator
+            raise click.ClickException(
+                f"cannot read the schema version ({e}); run `pixelpipe clickhouse migrate`"
+            ) from e
+        if pending:
+            raise click.ClickException(
+                f"migrations not applied: {', '.join(pending)}; run `pixelpipe clickhouse migrate`"
+            )
+        stop = threading.Event()
+
+        def request_stop(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()  # the sink inserts and commits what it holds, then returns
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        config = SinkConfig(
+            group_id=group_id, max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait, max_idle_s=max_idle
+        )
+        stats = ClickHouseSink(settings, client, config).run(stop)
+    finally:
+        client.close()
+    click.echo(f"rows={stats.rows} batches={stats.batches} dead_letters={stats.dead_letters}")
+
+
+if __name__ == "__main__":
+    clickhouse()

@@ -1,0 +1,140 @@
+"""Decoded Avro events to row tuples for the raw tables of migrations/0001_raw_tables.sql.
+
+One pure function per table; the column tuples name the columns in row order. Columns with a DEFAULT
+(event_time, event_date, image_count) are left to ClickHouse, so both backends derive them the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+Record = dict[str, Any]
+Row = tuple[Any, ...]
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MILLISECOND = dt.timedelta(milliseconds=1)
+
+RESULT_COLUMNS = (
+    "event_id",
+    "request_id",
+    "schema_version",
+    "event_time_ms",
+    "status",
+    "kind",
+    "user_id",
+    "image_uris",
+    "image_sha256",
+    "image_widths",
+    "image_heights",
+    "image_formats",
+    "image_bytes",
+    "moderation_stage",
+    "moderation_categories",
+    "moderation_scores",
+    "error_code",
+    "error_message",
+    "model",
+    "experiment_keys",
+    "experiment_variants",
+    "variant",
+    "request_created_at_ms",
+    "timing_stages",
+    "timing_ms",
+)
+
+METRIC_COLUMNS = (
+    "event_id",
+    "request_id",
+    "schema_version",
+    "event_time_ms",
+    "stage",
+    "outcome",
+    "queue_ms",
+    "compute_ms",
+    "batch_size",
+    "device",
+    "device_seconds",
+    "cost_usd",
+    "worker_id",
+    "user_id",
+    "model",
+    "experiment_keys",
+    "experiment_variants",
+    "variant",
+)
+
+
+def epoch_ms(value: dt.datetime | int) -> int:
+    """fastavro reads timestamp-millis as an aware datetime; integer arithmetic keeps the milliseconds exact."""
+    if isinstance(value, int):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return (value - _EPOCH) // _MILLISECOND
+
+
+def _sorted_map(mapping: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    # Avro maps become parallel key and value arrays (no Map type on 18.16); sorted so equal maps give equal rows.
+    keys = sorted(mapping)
+    return keys, [mapping[key] for key in keys]
+
+
+def result_row(record: Record) -> Row:
+    """An ImageResult as a `results` row, in RESULT_COLUMNS order."""
+    images = record["images"]
+    scores = record["moderation_scores"]
+    experiment_keys, experiment_variants = _sorted_map(record["experiments"])
+    timing_stages, timing_ms = _sorted_map(record["timings_ms"])
+    return (
+        record["event_id"],
+        record["request_id"],
+        record["schema_version"],
+        epoch_ms(record["event_time"]),
+        record["status"],
+        record["kind"] or "",
+        record["user_id"],
+        [image["uri"] for image in images],
+        [image["sha256"] for image in images],
+        [image["width"] for image in images],
+        [image["height"] for image in images],
+        [image["format"] for image in images],
+        [image["bytes"] for image in images],
+        record["moderation_stage"] or "",
+        [score["category"] for score in scores],
+        [score["score"] for score in scores],
+        record["error_code"],
+        record["error_message"],
+        record["model"],
+        experiment_keys,
+        experiment_variants,
+        record["variant"],
+        epoch_ms(record["request_created_at"]) if record["request_created_at"] else 0,
+        timing_stages,
+        timing_ms,
+    )
+
+
+def metric_row(record: Record) -> Row:
+    """A StageMetric as a `stage_metrics` row, in METRIC_COLUMNS order."""
+    experiment_keys, experiment_variants = _sorted_map(record["experiments"])
+    return (
+        record["event_id"],
+        record["request_id"],
+        record["schema_version"],
+        epoch_ms(record["event_time"]),
+        record["stage"],
+        record["outcome"],
+        record["queue_ms"],
+        record["compute_ms"],
+        record["batch_size"],
+        record["device"],
+        record["device_seconds"],
+        record["cost_usd"],
+        record["worker_id"],
+        record["user_id"],
+        record["model"],
+        experiment_keys,
+        experiment_variants,
+        record["variant"],
+    )

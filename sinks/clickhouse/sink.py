@@ -1,0 +1,283 @@
+"""The ClickHouse sink: ImageResults and StageMetrics from Kafka into the raw tables, in batches.
+
+A batch closes at `max_batch_rows` rows or `max_batch_wait_s` after its first event, whichever comes first. It is
+inserted (one insert per table), its dead letters are acknowledged by the broker, and only then are the Kafka
+offsets committed: a crash at any point replays the uncommitted events, and the tables' ReplacingMergeTree on
+event_id (read through the *_dedup views) makes the replay count once.
+
+Undecodable events and rows ClickHouse refuses go to the dead-letter topic with the reason; the rest of the batch
+is inserted and the sink carries on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from pixelpipe.config import Settings
+from pixelpipe.schemas import Codec, CodecError
+from pixelpipe.sinks.clickhouse.migrate import InsertRefused
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, Record, Row, metric_row, result_row
+
+log = logging.getLogger(__name__)
+
+STAGE = "clickhouse-sink"
+
+
+class Warehouse(Protocol):
+    """What the sink needs of a backend: migrate.ServerClient (clickhouse-driver) or migrate.ChdbClient (chDB)."""
+
+    def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        """Inserts all rows or raises InsertRefused having inserted none."""
+        ...
+
+
+class SinkError(RuntimeError):
+    """The sink cannot go on without losing events (e.g. a dead letter the broker did not acknowledge)."""
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    group_id: str = "pixelpipe.clickhouse-sink"
+    max_batch_rows: int = 50_000
+    max_batch_wait_s: float = 1.0
+    max_idle_s: float | None = None  # stop after this long without an event (benchmarks, tests); None runs on
+    log_interval_s: float = 10.0
+    consumer_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Route:
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+    to_row: Callable[[Record], Row]
+
+
+@dataclass
+class _Pending:
+    """Rows of one table waiting for the next insert, each with the message it came from."""
+
+    rows: list[Row] = field(default_factory=list)
+    sources: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class SinkStats:
+    rows: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    rows_by_table: dict[str, int] = field(default_factory=dict)
+
+
+def consumer_config(settings: Settings, config: SinkConfig) -> dict[str, Any]:
+    return (
+        settings.kafka_client_config()
+        | {
+            "group.id": config.group_id,
+            "enable.auto.commit": False,  # offsets are committed by hand, after the insert
+            "auto.offset.reset": "earliest",  # a new sink group loads the topics from their start
+            "session.timeout.ms": 6000,  # a killed sink's partitions move on after 6 s, not the default 45 s
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+        | config.consumer_overrides
+    )
+
+
+class ClickHouseSink:
+    """Consumes settings.topic_results and settings.topic_metrics into `results` and `stage_metrics`.
+
+    `run()` returns when `stop` is set (the CLI sets it on SIGTERM and SIGINT) or after `max_idle_s` without events,
+    having inserted and committed everything consumed.
+    """
+
+    def __init__(
+        self, settings: Settings, warehouse: Warehouse, config: SinkConfig | None = None, codec: Codec | None = None
+    ) -> None:
+        self.settings = settings
+        self.config = config or SinkConfig()
+        self.stats = SinkStats()
+        self._warehouse = warehouse
+        self._codec = codec or Codec()
+        self._routes = {
+            settings.topic_results: _Route("ImageResult", "results", RESULT_COLUMNS, result_row),
+            settings.topic_metrics: _Route("StageMetric", "stage_metrics", METRIC_COLUMNS, metric_row),
+        }
+        self._pending = {route.table: _Pending() for route in self._routes.values()}
+        self._dead_letters: list[tuple[Message, str, str | None]] = []
+        self._uncommitted = 0  # messages consumed since the last commit, inserted or dead-lettered
+        self._batch_started: float | None = None
+        self._last_event: float | None = None  # None until partitions are assigned: joining takes seconds
+        self._consumer = Consumer(consumer_config(settings, self.config))
+        self._producer = Producer(settings.kafka_client_config() | {"enable.idempotence": True, "acks": "all"})
+
+    def run(self, stop: threading.Event | None = None) -> SinkStats:
+        stop = stop or threading.Event()
+        self._consumer.subscribe(list(self._routes), on_assign=self._assigned, on_revoke=self._revoked)
+        last_log = time.monotonic()
+        logged_rows = 0
+        log.info("sink started", extra={"topics": list(self._routes), "group_id": self.config.group_id})
+        try:
+            while not stop.is_set():
+                messages = self._consumer.consume(10_000, timeout=0.2)
+                now = time.monotonic()
+                for message in messages:
+                    self._take(message)
+                if messages:
+                    self._last_event = now
+                    self._batch_started = self._batch_started or now
+                if self._batch_started is not None and (
+                    self._pending_rows() >= self.config.max_batch_rows
+                    or now - self._batch_started >= self.config.max_batch_wait_s
+                ):
+                    self._flush()
+                if now - last_log >= self.config.log_interval_s:
+                    rate = (self.stats.rows - logged_rows) / (now - last_log)
+                    log.info("sink progress", extra={"rows_per_s": round(rate), **vars(self.stats)})
+                    last_log, logged_rows = now, self.stats.rows
+                idle = self.config.max_idle_s
+                if idle is not None and self._last_event is not None and now - self._last_event >= idle:
+                    break
+            self._flush()
+        finally:
+            # After an error nothing more is committed (close() revokes, and revoking flushes): those events are
+            # read again by the next sink.
+            self._uncommitted = 0
+            self._consumer.close()
+            self._producer.flush(10)
+        log.info("sink stopped", extra=vars(self.stats))
+        return self.stats
+
+    def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._last_event = self._last_event or time.monotonic()
+        log.info("partitions assigned", extra={"partitions": len(partitions)})
+
+    def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # A revoked partition's events must be inserted and committed before another sink takes it over.
+        self._flush()
+        log.info("partitions revoked", extra={"partitions": len(partitions)})
+
+    # -- one message -----------------------------------------------------------------------------------------
+    def _take(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise KafkaException(error)
+            log.warning("consumer error", extra={"error": error.str(), "code": error.name()})
+            return
+        self._uncommitted += 1
+        route = self._routes[message.topic()]
+        try:
+            record = self._codec.decode_as(route.schema, message.value() or b"")
+            row = route.to_row(record)
+        except (CodecError, KeyError, TypeError, ValueError) as e:
+            self._dead_letter(message, f"{route.schema} does not decode: {e}", None)
+            return
+        pending = self._pending[route.table]
+        pending.rows.append(row)
+        pending.sources.append(message)
+
+    def _pending_rows(self) -> int:
+        return sum(len(pending.rows) for pending in self._pending.values())
+
+    # -- one batch -------------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Insert what is pending, send its dead letters, then commit: the order that loses nothing."""
+        if not self._uncommitted:
+            return
+        started = time.monotonic()
+        for table, pending in self._pending.items():
+            if pending.rows:
+                route = next(r for r in self._routes.values() if r.table == table)
+                inserted = self._insert(route, pending.rows, pending.sources)
+                self.stats.rows += inserted
+                self.stats.rows_by_table[table] = self.stats.rows_by_table.get(table, 0) + inserted
+        self._send_dead_letters()
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as e:
+            # Nothing to commit (a revoked assignment, say) is harmless: the events are in ClickHouse either way.
+            if e.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+        log.debug(
+            "batch committed",
+            extra={"messages": self._uncommitted, "seconds": round(time.monotonic() - started, 3)},
+        )
+        self.stats.batches += 1
+        self._pending = {table: _Pending() for table in self._pending}
+        self._uncommitted = 0
+        self._batch_started = None
+
+    def _insert(self, route: _Route, rows: list[Row], sources: list[Message]) -> int:
+        """Insert rows; when ClickHouse refuses the batch, bisect it down to the refused rows. Returns rows inserted."""
+        try:
+            self._warehouse.insert(route.table, route.columns, rows)
+            return len(rows)
+        except InsertRefused as e:
+            if len(rows) == 1:
+                event_id, request_id = rows[0][0], rows[0][1]
+                log.warning(
+                    "row refused by ClickHouse",
+                    extra={"event_id": event_id, "table": route.table, "reason": str(e), **_where(sources[0])},
+                )
+                self._dead_letter(sources[0], f"ClickHouse refused event {event_id} for {route.table}: {e}", request_id)
+                return 0
+        half = len(rows) // 2
+        return self._insert(route, rows[:half], sources[:half]) + self._insert(route, rows[half:], sources[half:])
+
+    # -- dead letters ----------------------------------------------------------------------------------------
+    def _dead_letter(self, message: Message, reason: str, request_id: str | None) -> None:
+        self._dead_letters.append((message, reason, request_id))
+
+    def _send_dead_letters(self) -> None:
+        if not self._dead_letters:
+            return
+        failures: list[KafkaError] = []
+
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                failures.append(error)
+
+        now = dt.datetime.now(dt.UTC)
+        for message, reason, request_id in self._dead_letters:
+            key = message.key()
+            log.warning("dead letter", extra={"reason": reason, **_where(message)})
+            record = {
+                "event_id": str(uuid.uuid4()),
+                # The key is the request id by contract; trust it only when the event itself could not be read.
+                "request_id": request_id or (key.decode("utf-8", "replace") if key else None),
+                "schema_version": 1,
+                "event_time": now,
+                "original_key": key,
+                "original_value": message.value() or b"",
+                "topic": message.topic(),
+                "partition": message.partition(),
+                "offset": message.offset(),
+                "error_reason": reason,
+                "stage": STAGE,
+            }
+            self._producer.produce(
+                self.settings.topic_dead_letter, self._codec.encode("DeadLetter", record), key, on_delivery=delivered
+            )
+        # The offsets of these events are committed next, so the dead letters must be stored first.
+        if self._producer.flush(30) or failures:
+            raise SinkError(
+                f"the dead-letter topic {self.settings.topic_dead_letter} did not take "
+                f"{len(failures) or len(self._dead_letters)} events ({failures[0].str() if failures else 'timeout'}); "
+                "not committing offsets, the events will be read again"
+            )
+        self.stats.dead_letters += len(self._dead_letters)
+        self._dead_letters = []
+
+
+def _where(message: Message) -> dict[str, Any]:
+    return {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}

@@ -1,0 +1,320 @@
+"""The ClickHouse sink against the real broker and the CI ClickHouse server (18.16), and on chDB: every event once
+across a SIGKILL, bad events to the dead-letter topic, and every dashboard query on both engines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from pixelpipe.schemas import Codec
+from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, apply_migrations, connect
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
+from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
+from pixelpipe.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((REPO / "analytics" / "dashboards").glob("*.sql"))
+GRAFANA_DASHBOARD = REPO / "analytics" / "grafana" / "dashboards" / "pixelpipe.json"
+
+
+def events(count: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """`count` ImageResults (succeeded, rejected, failed) and as many StageMetrics, times around now."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    results, metrics = [], []
+    for i in range(count):
+        status = ("SUCCEEDED", "SUCCEEDED", "REJECTED", "FAILED")[i % 4]
+        common = {
+            "request_id": f"req-{seed}-{i}",
+            "schema_version": 1,
+            "event_time": now - dt.timedelta(seconds=i % 120),
+            "user_id": f"user-{i % 37}",
+            "model": ("sd-1.5", "sd-turbo")[i % 2],
+            "experiments": {"steps": ("control", "fast")[i % 3 % 2]},
+            "variant": ("steps:control", "steps:fast")[i % 3 % 2],
+        }
+        results.append(
+            common
+            | {
+                "event_id": f"res-{seed}-{i}",
+                "status": status,
+                "kind": ("GENERATE", "EDIT")[i % 5 == 0],
+                "images": [
+                    {
+                        "uri": f"s3://b/{i}/{n}.png",
+                        "sha256": "ab" * 32,
+                        "width": 64,
+                        "height": 64,
+                        "format": "PNG",
+                        "bytes": 1000 + n,
+                    }
+                    for n in range(1 + i % 2 if status == "SUCCEEDED" else 0)
+                ],
+                "moderation_stage": "PROMPT" if status == "REJECTED" else None,
+                "moderation_scores": [
+                    {"category": "nsfw", "score": 0.9},
+                    {"category": ("violence", "hate")[i % 3 % 2], "score": 0.95 if i % 8 == 2 else 0.1},
+                ]
+                if status == "REJECTED"
+                else [],
+                "error_code": ("DEADLINE_EXCEEDED", "OOM")[i % 8 == 3] if status == "FAILED" else None,
+                "error_message": "failed" if status == "FAILED" else None,
+                "request_created_at": now - dt.timedelta(seconds=5),
+                "timings_ms": {"moderation": 10.0 + i % 7, "generate": 800.0 + i % 100},
+            }
+        )
+        metrics.append(
+            common
+            | {
+                "event_id": f"met-{seed}-{i}",
+                "stage": ("MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION")[i % 4],
+                "outcome": ("OK", "OK", "REJECTED", "FAILED")[i % 4],
+                "queue_ms": float(i % 50),
+                "compute_ms": 100.0 + i % 300,
+                "batch_size": 1 + i % 8,
+                "device": "cuda:0",
+                "device_seconds": 0.25,
+                "cost_usd": 0.001,
+                "worker_id": "worker-1",
+            }
+        )
+    return results, metrics
+
+
+def publish(settings, results, metrics, extra=()) -> None:
+    codec = Codec()
+    producer = Producer(settings.kafka_client_config() | {"linger.ms": 5})
+    messages = [(settings.topic_results, codec.encode("ImageResult", r), r["request_id"]) for r in results]
+    messages += [(settings.topic_metrics, codec.encode("StageMetric", m), m["request_id"]) for m in metrics]
+    for topic, value, key in [*messages, *extra]:
+        producer.produce(topic, value, key.encode())
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def dead_letters(settings, expected: int, timeout_s: float = 30) -> list[dict]:
+    consumer = Consumer(
+        settings.kafka_client_config()
+        | {"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
+    )
+    consumer.subscribe([settings.topic_dead_letter])
+    codec, found, deadline = Codec(), [], time.monotonic() + timeout_s
+    try:
+        while len(found) < expected and time.monotonic() < deadline:
+            found += [codec.decode_as("DeadLetter", m.value()) for m in consumer.consume(100, 1.0) if not m.error()]
+    finally:
+        consumer.close()
+    return found
+
+
+def make_topics(settings):
+    ensure_topics(settings, [settings.topic_results, settings.topic_metrics, settings.topic_dead_letter], partitions=4)
+
+
+@pytest.fixture
+def server_url(servers):
+    """A migrated database of this test's own on the CI server, dropped afterwards."""
+    database = f"test_sink_{uuid.uuid4().hex[:8]}"
+    admin = ServerClient(servers.clickhouse_url)
+    admin.execute(f"CREATE DATABASE {database}")
+    url = urlunsplit(urlsplit(servers.clickhouse_url)._replace(path=f"/{database}"))
+    client = ServerClient(url)
+    apply_migrations(client)
+    client.close()
+    try:
+        yield url
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {database}")
+        admin.close()
+
+
+@pytest.fixture(params=["server", "chdb"])
+def warehouse(request, tmp_path):
+    client = ServerClient(request.getfixturevalue("server_url")) if request.param == "server" else None
+    client = client or connect(f"chdb://{tmp_path / 'chdb'}")
+    if isinstance(client, ChdbClient):
+        apply_migrations(client)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def dedup_counts(client) -> list[tuple]:
+    return client.execute(
+        "SELECT (SELECT count() FROM results_dedup), (SELECT uniqExact(event_id) FROM results_dedup),"
+        " (SELECT count() FROM stage_metrics_dedup), (SELECT uniqExact(event_id) FROM stage_metrics_dedup)"
+    )
+
+
+def test_every_event_lands_exactly_once_across_a_sigkill(topic_settings, server_url):
+    make_topics(topic_settings)
+    results, metrics = events(5000)
+    env = os.environ | {
+        "PIXELPIPE_KAFKA_BOOTSTRAP": topic_settings.kafka_bootstrap,
+        "PIXELPIPE_CLICKHOUSE_URL": server_url,
+        "PIXELPIPE_TOPIC_RESULTS": topic_settings.topic_results,
+        "PIXELPIPE_TOPIC_METRICS": topic_settings.topic_metrics,
+        "PIXELPIPE_TOPIC_DEAD_LETTER": topic_settings.topic_dead_letter,
+        "PIXELPIPE_LOG_LEVEL": "INFO",
+    }
+    # Small batches, so the kill lands mid-stream, between some insert and its commit.
+    command = [sys.executable, "-m", "pixelpipe.sinks.cli", "sink", "--group-id", f"sink-{uuid.uuid4().hex[:8]}"]
+    command += ["--max-batch-rows", "500", "--max-batch-wait", "0.1"]
+    client = ServerClient(server_url)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The first half arrives while the first sink starts and runs; it is killed once it has loaded some, and the
+    # second half is published after the kill, so it cannot have seen everything.
+    sent, deadline = 0, time.monotonic() + 40
+    try:
+        while client.execute("SELECT count() FROM results")[0][0] < 500 and time.monotonic() < deadline:
+            if sent < 2500:
+                publish(topic_settings, results[sent : sent + 250], metrics[sent : sent + 250])
+                sent += 250
+            time.sleep(0.1)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+    publish(topic_settings, results[sent:], metrics[sent:])
+    (raw_results,) = client.execute("SELECT count() FROM results")[0]
+    assert 500 <= raw_results <= sent < 5000
+
+    second = subprocess.run([*command, "--max-idle", "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr
+    assert "dead_letters=0" in second.stdout
+
+    assert dedup_counts(client) == [(5000, 5000, 5000, 5000)]
+    assert {e for (e,) in client.execute("SELECT event_id FROM results_dedup")} == {r["event_id"] for r in results}
+    assert {e for (e,) in client.execute("SELECT event_id FROM stage_metrics_dedup")} == {
+        m["event_id"] for m in metrics
+    }
+    client.close()
+
+
+def test_bad_events_go_to_the_dead_letter_topic_and_the_rest_is_loaded(topic_settings, warehouse):
+    make_topics(topic_settings)
+    results, metrics = events(200)
+    metrics[7]["batch_size"] = 70_000  # overflows UInt16
+    results[11]["images"] = [results[0]["images"][0] | {"width": -1}]  # a negative UInt16
+    garbage = b"\xc3\x01not an event"
+    wrong_kind = Codec().encode("StageMetric", metrics[0])
+    extra = [
+        (topic_settings.topic_results, garbage, "req-garbage"),
+        (topic_settings.topic_results, wrong_kind, "req-x"),
+    ]
+    publish(topic_settings, results, metrics, extra)
+
+    config = SinkConfig(group_id=f"sink-{uuid.uuid4().hex[:8]}", max_batch_rows=1000, max_idle_s=2.0)
+    stats = ClickHouseSink(topic_settings, warehouse, config).run()
+
+    assert stats.dead_letters == 4
+    assert dedup_counts(warehouse) == [(199, 199, 199, 199)]
+    letters = {letter["original_key"]: letter for letter in dead_letters(topic_settings, 4)}
+    assert set(letters) == {b"req-garbage", b"req-x", b"req-0-7", b"req-0-11"}
+    assert letters[b"req-garbage"]["original_value"] == garbage
+    assert letters[b"req-garbage"]["request_id"] == "req-garbage"
+    assert "matches no shipped schema" in letters[b"req-garbage"]["error_reason"]
+    assert "expected a ImageResult, got a StageMetric" in letters[b"req-x"]["error_reason"]
+    assert letters[b"req-0-7"]["error_reason"].startswith("ClickHouse refused event met-0-7 for stage_metrics")
+    assert "batch_size" in letters[b"req-0-7"]["error_reason"]
+    assert letters[b"req-0-11"]["error_reason"].startswith("ClickHouse refused event res-0-11 for results")
+    assert all(letter["stage"] == "clickhouse-sink" and letter["topic"] for letter in letters.values())
+
+
+# -- dashboards ----------------------------------------------------------------------------------------------
+def render(sql: str, start: dt.datetime, end: dt.datetime) -> str:
+    """Grafana's $__timeFilter(column), as its ClickHouse plugin expands it."""
+    return re.sub(
+        r"\$__timeFilter\((\w+)\)",
+        rf"\1 >= toDateTime({int(start.timestamp())}) AND \1 <= toDateTime({int(end.timestamp())})",
+        sql,
+    )
+
+
+def normalised(rows):
+    def value(v):
+        if isinstance(v, dt.datetime):
+            return v.strftime("%Y-%m-%d %H:%M:%S")
+        if isinstance(v, float):
+            return round(v, 6) if math.isfinite(v) else None
+        return v
+
+    return [tuple(value(v) for v in row) for row in rows]
+
+
+def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp_path):
+    assert {path.stem for path in DASHBOARDS} >= {
+        "throughput",
+        "latency_by_stage",
+        "queue_vs_compute",
+        "rejection_rate_by_category",
+        "error_rate_by_code",
+        "cost_per_image",
+        "batch_size_distribution",
+    }
+    codec = Codec()
+    results, metrics = events(400)
+    # Decoded records carry every default, as the sink sees them; the first 50 are inserted twice (redelivered).
+    result_rows = [result_row(codec.decode_as("ImageResult", codec.encode("ImageResult", r))) for r in results]
+    metric_rows = [metric_row(codec.decode_as("StageMetric", codec.encode("StageMetric", m))) for m in metrics]
+    server = ServerClient(server_url)
+    chdb = connect(f"chdb://{tmp_path / 'chdb'}")
+    apply_migrations(chdb)
+    for client in (server, chdb):
+        client.insert("results", RESULT_COLUMNS, result_rows)
+        client.insert("results", RESULT_COLUMNS, result_rows[:50])
+        client.insert("stage_metrics", METRIC_COLUMNS, metric_rows)
+        client.insert("stage_metrics", METRIC_COLUMNS, metric_rows[:50])
+
+    now = dt.datetime.now(dt.UTC)
+    answers = {}
+    for path in DASHBOARDS:
+        sql = render(path.read_text(), now - dt.timedelta(hours=1), now + dt.timedelta(minutes=1))
+        answers[path.stem] = on_server = normalised(server.execute(sql))
+        assert on_server, path.name
+        assert normalised(chdb.execute(sql)) == on_server, path.name
+    server.close()
+    chdb.close()
+
+    assert sum(row[1] for row in answers["throughput"]) == 400
+    assert sum(row[2] for row in answers["batch_size_distribution"]) == 400
+    assert sum(row[2] for row in answers["rejection_rate_by_category"]) == 100
+    assert sum(row[3] for row in answers["rejection_rate_by_category"]) == pytest.approx(0.25)
+    assert {row[0]: row[1] for row in answers["error_rate_by_code"]} == {"DEADLINE_EXCEEDED": 50, "OOM": 50}
+    cost = {(model, variant): (total, images) for model, variant, total, images, _ in answers["cost_per_image"]}
+    assert sum(total for total, _ in cost.values()) == pytest.approx(0.4)
+    assert sum(images for _, images in cost.values()) == 300  # 200 successes, half of them with two images
+
+
+def test_the_grafana_dashboard_holds_every_dashboard_query():
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text())
+    panels = {panel["title"]: panel["targets"][0]["rawSql"] for panel in dashboard["panels"]}
+    assert sorted(panels.values()) == sorted(path.read_text() for path in DASHBOARDS)
+
+
+def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
+    env = os.environ | {"PIXELPIPE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'empty'}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pixelpipe.sinks.cli", "sink"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "run `pixelpipe clickhouse migrate`" in done.stderr
+    migrated = subprocess.run(
+        [sys.executable, "-m", "pixelpipe.sinks.cli", "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    assert "applied: 0001_raw_tables, 0002_dedup_views, 0003_rollups" in migrated.stdout

@@ -1,0 +1,251 @@
+"""The stages end to end: real broker, real S3 endpoint, tiny diffusers models, real moderation models."""
+
+import dataclasses
+import datetime as dt
+import hashlib
+import io
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelpipe.processors.tiny_models import build_tiny_models
+from pixelpipe.processors.workers import WorkerProcess
+from pixelpipe.producers import InvalidRequestError, Publisher, new_request
+from pixelpipe.producers.results import collect
+from pixelpipe.schemas import Codec
+from pixelpipe.sinks.objects import open_object_store
+from pixelpipe.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+STAGES = ("moderation", "generate", "edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_registry(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def pipeline(topic_settings, tiny_registry):
+    settings = dataclasses.replace(
+        topic_settings,
+        model_registry=str(tiny_registry),
+        consumer_group=f"test-{uuid.uuid4().hex[:8]}",
+        object_store_url=f"{topic_settings.object_store_url.rstrip('/')}/{uuid.uuid4().hex[:8]}",
+        topic_partitions=4,
+        max_batch=4,
+        max_wait_ms=100,
+    )
+    ensure_topics(settings)
+    return settings
+
+
+def png(width, height, seed, mode="RGB"):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def mask_png(width, height):
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    return out.getvalue()
+
+
+def publish(settings, requests):
+    """Publish through the SDK; requests it refuses go encoded as they are, to test the processors' own checks."""
+    codec = Codec()
+    with Publisher(settings) as publisher:
+        pending = []
+        for request in requests:
+            try:
+                pending.append(publisher.publish(request))
+            except InvalidRequestError:  # what a producer without the SDK could still send
+                key, value = request["request_id"].encode(), codec.encode("ImageRequest", request)
+                pending.append(publisher.publish_encoded(key, value))
+        for p in pending:
+            p.result(timeout=30)
+
+
+def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
+    store = open_object_store(pipeline)
+    source = store.put("inputs/source.png", png(64, 64, 1), "image/png").uri
+    mask = store.put("inputs/mask.png", mask_png(64, 64), "image/png").uri
+    small_mask = store.put("inputs/small-mask.png", mask_png(32, 32), "image/png").uri
+    base = {"model": "tiny-sd", "width": 64, "height": 64, "steps": 2}
+    expected: dict[str, tuple[str, str | None]] = {}  # request id -> (status, error code)
+    stages: dict[str, set[str]] = {}
+    requests = []
+
+    def add(status, code, passed, **fields):
+        request = new_request(**(base | {"user_id": f"user-{len(requests) % 7}"} | fields))
+        requests.append(request)
+        expected[request["request_id"]] = (status, code)
+        stages[request["request_id"]] = passed
+
+    ok_generate = {"MODERATION", "GENERATE", "OUTPUT_MODERATION"}
+    ok_edit = {"MODERATION", "EDIT", "OUTPUT_MODERATION"}
+    for i in range(25):
+        add(
+            "SUCCEEDED",
+            None,
+            ok_generate,
+            prompt=f"a lighthouse {i}",
+            seed=i,
+            n=1 + i % 3,
+            priority="INTERACTIVE" if i % 4 == 0 else "BATCH",
+        )
+    for _ in range(2):  # the same seed and parameters as request 5: identical bytes
+        add("SUCCEEDED", None, ok_generate, prompt="a lighthouse 5", seed=5, n=3)
+    add("SUCCEEDED", None, ok_generate, prompt="a square", model="tiny-sd-b", width=128, height=64, seed=3)
+    for i in range(10):
+        add(
+            "SUCCEEDED",
+            None,
+            ok_edit,
+            kind="EDIT",
+            prompt=f"make it blue {i}",
+            source_image_uri=source,
+            strength=0.6,
+            seed=100 + i,
+            n=1 + i % 2,
+        )
+    for i in range(8):
+        add(
+            "SUCCEEDED",
+            None,
+            ok_edit,
+            kind="EDIT",
+            prompt=f"fill the middle {i}",
+            source_image_uri=source,
+            mask_uri=mask,
+            strength=0.9,
+            seed=200 + i,
+        )
+    for prompt in ("a gory massacre", "how to make fentanyl", "nazi rally poster", "suicide note"):
+        add("REJECTED", "MODERATION_REJECTED", {"MODERATION"}, prompt=prompt)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    for i in range(4):
+        add("FAILED", "DEADLINE_EXCEEDED", {"MODERATION"}, prompt=f"too late {i}", deadline=past.replace(microsecond=0))
+    for uri in ("http://example.com/cat.png", "s3://other-bucket/cat.png", f"{source}/../../etc/passwd"):
+        add("FAILED", "INVALID_SOURCE", {"MODERATION"}, kind="EDIT", prompt="edit this", source_image_uri=uri)
+    add(
+        "FAILED",
+        "INVALID_SOURCE",
+        {"MODERATION"},
+        kind="EDIT",
+        prompt="bad mask",
+        source_image_uri=source,
+        mask_uri=small_mask,
+    )
+    add("FAILED", "MODEL_ERROR", {"MODERATION", "GENERATE"}, prompt="no such model", model="sd-99")
+    add("FAILED", "INVALID_REQUEST", set(), prompt="too many steps", steps=10_000)
+    assert len(requests) == 60
+
+    with WorkerProcess(pipeline, STAGES, tmp_path / "worker.log") as worker:
+        publish(pipeline, requests)
+        results = collect(pipeline, pipeline.topic_results, "ImageResult", list(expected), timeout_s=300, settle_s=3)
+        missing = sorted(r["prompt"] for r in requests if r["request_id"] in results.missing)
+        assert not missing, f"no result for {missing}\n{worker.log_tail()}"
+    assert {rid: len(events) for rid, events in results.events.items() if len(events) != 1} == {}
+    latest = results.latest()
+    assert {rid: (r["status"], r["error_code"]) for rid, r in latest.items()} == expected
+
+    by_id = {r["request_id"]: r for r in requests}
+    for rid, result in latest.items():
+        request = by_id[rid]
+        if result["status"] != "SUCCEEDED":
+            assert result["images"] == []
+            continue
+        assert len(result["images"]) == request["n"]
+        for image in result["images"]:
+            data = store.get(image["uri"])
+            assert hashlib.sha256(data).hexdigest() == image["sha256"] and len(data) == image["bytes"]
+            decoded = Image.open(io.BytesIO(data))
+            assert decoded.format == "PNG" and decoded.size == (request["width"], request["height"])
+            assert (image["width"], image["height"]) == decoded.size
+    same_seed = [latest[r["request_id"]] for r in requests if r["prompt"] == "a lighthouse 5"]
+    assert len(same_seed) == 3
+    assert len({tuple(i["sha256"] for i in r["images"]) for r in same_seed}) == 1
+    assert len({i["sha256"] for i in same_seed[0]["images"]}) == 3  # but the n images differ from each other
+    rejected = [r for r in latest.values() if r["status"] == "REJECTED"]
+    assert all(r["moderation_stage"] == "PROMPT" for r in rejected)
+    assert {s["category"] for r in rejected for s in r["moderation_scores"] if s["score"] >= 0.5} >= {
+        "violence",
+        "illicit",
+        "hate",
+        "self-harm",
+    }
+
+    metrics = collect(
+        pipeline,
+        pipeline.topic_metrics,
+        "StageMetric",
+        {rid: len(s) for rid, s in stages.items() if s},
+        timeout_s=60,
+        settle_s=2,
+    )
+    for rid, passed in stages.items():
+        seen = {m["stage"] for m in metrics.events.get(rid, [])}
+        assert seen == passed, (rid, by_id[rid]["prompt"], seen, passed)
+    generate = [
+        m for events in metrics.events.values() for m in events if m["stage"] == "GENERATE" and m["outcome"] == "OK"
+    ]
+    assert max(m["batch_size"] for m in generate) > 1  # compatible requests were batched
+    assert all(m["device_seconds"] >= 0 and m["cost_usd"] >= 0 and m["compute_ms"] > 0 for m in generate)
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(pipeline, tmp_path):
+    good = new_request(prompt="a fox", model="tiny-sd", user_id="u1", width=64, height=64, steps=2)
+    with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
+        with Publisher(pipeline) as publisher:
+            publisher.publish_encoded(b"bad-0001", b"this is not avro").result(timeout=30)
+            publisher.publish_encoded(b"bad-0002", b"\xc3\x01" + bytes(8) + b"x").result(timeout=30)
+            publisher.publish(good).result(timeout=30)
+        results = collect(
+            pipeline, pipeline.topic_results, "ImageResult", ["bad-0001", "bad-0002", good["request_id"]], timeout_s=240
+        )
+        assert not results.missing, worker.log_tail()
+    latest = results.latest()
+    assert latest[good["request_id"]]["status"] == "SUCCEEDED"
+    assert latest["bad-0001"]["status"] == "FAILED" and latest["bad-0001"]["error_code"] == "UNDECODABLE"
+    assert latest["bad-0001"]["kind"] is None
+    letters = collect(pipeline, pipeline.topic_dead_letter, "DeadLetter", ["bad-0001", "bad-0002"], timeout_s=30)
+    assert not letters.missing
+    first = letters.latest()["bad-0001"]
+    assert first["original_value"] == b"this is not avro" and first["original_key"] == b"bad-0001"
+    assert first["topic"] == pipeline.topic_requests and first["stage"] == "moderation"
+    assert "not an Avro event: starts with 7468" in first["error_reason"]
+    assert "matches no shipped schema" in letters.latest()["bad-0002"]["error_reason"]
+
+
+def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, tmp_path):
+    def batch(tag, count):
+        return [
+            new_request(prompt=f"{tag} {i}", model="tiny-sd", user_id=f"u{i}", width=64, height=64, steps=2, seed=i)
+            for i in range(count)
+        ]
+
+    first, second = batch("first", 24), batch("second", 24)
+    with WorkerProcess(pipeline, STAGES, tmp_path / "a.log") as a:
+        publish(pipeline, first)
+        early = collect(
+            pipeline, pipeline.topic_results, "ImageResult", [r["request_id"] for r in first][:4], timeout_s=240
+        )
+        assert not early.missing, a.log_tail()
+        with WorkerProcess(pipeline, STAGES, tmp_path / "b.log") as b:  # joins midway: the group rebalances
+            publish(pipeline, second)
+            ids = [r["request_id"] for r in first + second]
+            results = collect(pipeline, pipeline.topic_results, "ImageResult", ids, timeout_s=300, settle_s=5)
+            assert not results.missing, a.log_tail() + "\n---\n" + b.log_tail()
+    assert all(r["status"] == "SUCCEEDED" for r in results.latest().values())
+    # Redelivery across the rebalance may repeat an event, never with another id: the sinks' dedup sees one.
+    assert all(len({e["event_id"] for e in events}) == 1 for events in results.events.values())
+    workers = collect(pipeline, pipeline.topic_metrics, "StageMetric", dict.fromkeys(ids, 3), timeout_s=60)
+    assert len({m["worker_id"] for events in workers.events.values() for m in events}) == 2

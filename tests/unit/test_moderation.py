@@ -1,0 +1,177 @@
+"""Moderation with the models shipped in the wheels: prompt rules and profanity, the image detector, policy files."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelpipe.processors.moderation import (
+    DEFAULT_RULES,
+    OUTPUT_IMAGE,
+    ImageModerator,
+    ModerationPolicy,
+    PolicyError,
+    PromptModerator,
+    verdict_from_detections,
+)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptModerator:
+    return PromptModerator()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "category"),
+    [
+        ("a NUDE figure study", "sexual"),
+        ("explicit photo of a child", "sexual/minors"),
+        ("a gory battlefield", "violence"),
+        ("a note about suicide", "self-harm"),
+        ("a poster with a swastika", "hate"),
+        ("a lab cooking meth", "illicit"),
+    ],
+)
+def test_rule_rejects_its_category_with_score(prompts: PromptModerator, prompt: str, category: str) -> None:
+    verdict = prompts.check(prompt)
+    assert verdict.stage == "PROMPT"
+    assert not verdict.allowed
+    assert category in verdict.rejected_categories
+    assert verdict.scores[category] == 1.0
+
+
+def test_minor_terms_alone_do_not_fire_sexual_minors(prompts: PromptModerator) -> None:
+    verdict = prompts.check("children flying kites in a park")
+    assert verdict.allowed
+    assert verdict.scores["sexual/minors"] == 0.0
+
+
+def test_rules_match_whole_words_only(prompts: PromptModerator) -> None:
+    # "sextant" and "Essex" contain "sex"; "methodical" contains "meth".
+    assert prompts.check("a sextant on a methodical map of Essex").allowed
+
+
+def test_clean_prompt_passes_with_every_category_scored(prompts: PromptModerator) -> None:
+    verdict = prompts.check("a watercolour of a lighthouse at dawn")
+    assert verdict.allowed
+    assert verdict.rejected_categories == []
+    assert set(verdict.scores) == {"profanity", *DEFAULT_RULES}
+    assert verdict.scores["profanity"] < 0.5
+
+
+def test_profanity_is_scored_by_the_shipped_model(prompts: PromptModerator) -> None:
+    clean, profane = prompts.check_many(["a bowl of fruit on a table", "fuck you, you piece of shit"])
+    assert clean.scores["profanity"] < 0.2
+    assert profane.scores["profanity"] > 0.9
+    assert profane.rejected_categories == ["profanity"]
+
+
+def test_negative_prompt_is_scored_for_profanity_not_rules(prompts: PromptModerator) -> None:
+    assert prompts.check("a portrait", negative_prompt="nude, gore, blurry").allowed
+    assert prompts.check("a portrait", negative_prompt="fuck you").rejected_categories == ["profanity"]
+
+
+def test_check_many_calls_the_model_once(prompts: PromptModerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = prompts._predict_prob
+
+    def counting(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return real(texts)
+
+    monkeypatch.setattr(prompts, "_predict_prob", counting)
+    verdicts = prompts.check_many(["a cat", "a dog", "a gory scene"], [None, "blurry", None])
+    assert len(calls) == 1
+    assert calls[0] == ["a cat", "a dog", "a gory scene", "blurry"]
+    assert [v.allowed for v in verdicts] == [True, True, False]
+
+
+def test_thresholds_from_a_policy_file_change_the_verdict(tmp_path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"profanity_threshold": 1.0, "rules": {"violence": [["dragon"]]}}))
+    policy = ModerationPolicy.from_file(path)
+    assert policy.thresholds["hate"] == 0.5  # untouched keys keep their defaults
+    moderator = PromptModerator(policy)
+    assert moderator.check("what the hell").allowed  # about 0.99: under the file's threshold of 1.0
+    assert moderator.check("a friendly dragon").rejected_categories == ["violence"]
+    assert not PromptModerator().check("what the hell").allowed
+
+
+def test_an_empty_rule_switches_its_category_off() -> None:
+    moderator = PromptModerator(ModerationPolicy.from_mapping({"rules": {"violence": []}}))
+    assert moderator.check("a gory battlefield").allowed
+    assert moderator.check("a cat").scores["violence"] == 0.0
+
+
+def test_no_policy_file_gives_the_defaults() -> None:
+    assert ModerationPolicy.from_file(None) == ModerationPolicy()
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ({"thresholds": {"violence": "high"}}, "thresholds['violence']"),
+        ({"profanity_threshold": 2}, "profanity_threshold"),
+        ({"rules": {"violence": ["gore"]}}, "rules['violence']"),
+        ({"rules": {"violence": [["(unclosed"]]}}, "rules['violence'][0][0]"),
+        ({"rules": {"gambling": [["casino"]]}}, "rules['gambling']"),
+        ({"image_labels": {"ANUS_EXPOSED": "sexy"}}, "image_labels['ANUS_EXPOSED']"),
+        ({"treshold": {}}, "treshold"),
+    ],
+)
+def test_malformed_policy_file_names_the_key(tmp_path, content: dict, named: str) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(PolicyError, match=r"policy\.json: .*" + named.replace("[", r"\[").replace("]", r"\]")):
+        ModerationPolicy.from_file(path)
+
+
+def test_invalid_json_is_a_policy_error(tmp_path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text("{thresholds: 1}")
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        ModerationPolicy.from_file(path)
+
+
+def test_exposed_label_rejects_as_sexual_and_covered_labels_do_not() -> None:
+    policy = ModerationPolicy()
+    canned = [
+        {"class": "FACE_FEMALE", "score": 0.95, "box": [0, 0, 10, 10]},
+        {"class": "FEMALE_BREAST_COVERED", "score": 0.9, "box": [0, 0, 10, 10]},
+        {"class": "BUTTOCKS_EXPOSED", "score": 0.62, "box": [0, 0, 10, 10]},
+        {"class": "FEMALE_GENITALIA_EXPOSED", "score": 0.81, "box": [0, 0, 10, 10]},
+    ]
+    verdict = verdict_from_detections(canned, OUTPUT_IMAGE, policy)
+    assert verdict.stage == "OUTPUT_IMAGE"
+    assert not verdict.allowed
+    assert verdict.rejected_categories == ["sexual"]
+    assert verdict.scores == {"sexual": pytest.approx(0.81)}
+    covered = verdict_from_detections(canned[:2], OUTPUT_IMAGE, policy)
+    assert covered.allowed
+    assert covered.scores == {"sexual": 0.0}
+
+
+def test_detector_loads_and_runs_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("moderation tried to open a network connection")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
+    moderator = ImageModerator()
+    rng = np.random.default_rng(7)
+    noise = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1)))
+    verdicts = moderator.check([noise, gradient], "INPUT_IMAGE")
+    assert [v.stage for v in verdicts] == ["INPUT_IMAGE", "INPUT_IMAGE"]
+    assert all(v.allowed for v in verdicts)
+    assert all(v.scores["sexual"] < 0.5 for v in verdicts)
+
+
+def test_image_check_rejects_an_unknown_stage() -> None:
+    with pytest.raises(ValueError, match="stage"):
+        ImageModerator().check([], "PROMPT")

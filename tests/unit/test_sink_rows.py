@@ -1,0 +1,114 @@
+"""Decoded events to rows of the raw tables: every column, in order, with exact times and flattened maps."""
+
+import datetime as dt
+
+from pixelpipe.schemas import Codec
+from pixelpipe.sinks.clickhouse.migrate import MIGRATIONS_DIR
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, epoch_ms, metric_row, result_row
+from tests.samples import T0, sample_records
+
+T0_MS = 1795609815123  # 2026-11-25T12:30:15.123Z
+
+
+def decoded(name):
+    codec = Codec()
+    return codec.decode_as(name, codec.encode(name, sample_records()[name]))
+
+
+def test_epoch_ms_is_exact_for_aware_naive_and_integer_times():
+    assert epoch_ms(T0) == T0_MS
+    assert epoch_ms(T0.replace(tzinfo=None)) == T0_MS
+    assert epoch_ms(dt.datetime(1970, 1, 1, 0, 0, 0, 999000, tzinfo=dt.UTC)) == 999
+    assert epoch_ms(42) == 42
+
+
+def test_result_row():
+    row = dict(zip(RESULT_COLUMNS, result_row(decoded("ImageResult")), strict=True))
+    assert row == {
+        "event_id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+        "request_id": "req-0001",
+        "schema_version": 1,
+        "event_time_ms": T0_MS,
+        "status": "REJECTED",
+        "kind": "GENERATE",
+        "user_id": "user-42",
+        "image_uris": ["s3://pixelpipe/images/2026/11/25/req-0001/0.png"],
+        "image_sha256": ["ab" * 32],
+        "image_widths": [512],
+        "image_heights": [768],
+        "image_formats": ["PNG"],
+        "image_bytes": [123456],
+        "moderation_stage": "OUTPUT_IMAGE",
+        "moderation_categories": ["sexual", "violence"],
+        "moderation_scores": [0.875, 0.125],
+        "error_code": "MODERATION_REJECTED",
+        "error_message": "output image 0 rejected: sexual",
+        "model": "sd-1.5",
+        "experiment_keys": ["steps-test"],
+        "experiment_variants": ["fast"],
+        "variant": "steps-test:fast",
+        "request_created_at_ms": T0_MS - 3000,
+        "timing_stages": ["generate", "moderation"],  # sorted by stage, values follow their keys
+        "timing_ms": [1834.25, 12.5],
+    }
+
+
+def test_a_result_without_moderation_or_images_has_empty_arrays_and_an_empty_stage():
+    record = decoded("ImageResult") | {
+        "status": "SUCCEEDED",
+        "images": [],
+        "moderation_stage": None,
+        "moderation_scores": [],
+        "error_code": None,
+        "error_message": None,
+        "experiments": {},
+        "variant": None,
+        "timings_ms": {},
+    }
+    row = dict(zip(RESULT_COLUMNS, result_row(record), strict=True))
+    assert row["moderation_stage"] == ""
+    assert row["image_uris"] == row["image_bytes"] == row["moderation_scores"] == []
+    assert row["error_code"] is row["variant"] is None
+    assert row["experiment_keys"] == row["timing_stages"] == []
+
+
+def test_metric_row():
+    row = dict(zip(METRIC_COLUMNS, metric_row(decoded("StageMetric")), strict=True))
+    assert row == {
+        "event_id": "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6",
+        "request_id": "req-0001",
+        "schema_version": 1,
+        "event_time_ms": T0_MS,
+        "stage": "GENERATE",
+        "outcome": "OK",
+        "queue_ms": 41.5,
+        "compute_ms": 1834.25,
+        "batch_size": 4,
+        "device": "cuda:0",
+        "device_seconds": 0.4585625,
+        "cost_usd": 0.000318,
+        "worker_id": "worker-gpu-1",
+        "user_id": "user-42",
+        "model": "sd-1.5",
+        "experiment_keys": ["steps-test"],
+        "experiment_variants": ["fast"],
+        "variant": "steps-test:fast",
+    }
+
+
+def test_experiment_maps_flatten_in_key_order():
+    record = decoded("StageMetric") | {"experiments": {"b": "2", "a": "1", "c": "3"}}
+    row = dict(zip(METRIC_COLUMNS, metric_row(record), strict=True))
+    assert (row["experiment_keys"], row["experiment_variants"]) == (["a", "b", "c"], ["1", "2", "3"])
+
+
+def test_columns_exist_in_the_raw_tables_and_leave_only_defaults_out():
+    ddl = (MIGRATIONS_DIR / "0001_raw_tables.sql").read_text()
+    for table, columns in (("results", RESULT_COLUMNS), ("stage_metrics", METRIC_COLUMNS)):
+        body = ddl.split(f"CREATE TABLE IF NOT EXISTS {table}\n(")[1].split("\n)")[0]
+        declared = [line.split()[0] for line in body.splitlines() if line.strip() and not line.strip().startswith("--")]
+        omitted = [name for name in declared if name not in columns]
+        assert set(columns) <= set(declared)
+        assert all(
+            " DEFAULT " in next(line for line in body.splitlines() if line.split()[:1] == [name]) for name in omitted
+        )
