@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from pixelpipe.analytics.experiments import (
+from pixelpipe.producers.experiments import (
     ExperimentConfigError,
     UnknownExperimentError,
     get_experiment,
     load_experiments,
 )
-from pixelpipe.analytics.experiments import parse_time as _parse_time
+from pixelpipe.producers.experiments import parse_time as _parse_time
 
 
 def _time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime.datetime | None:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from pixelpipe.analytics import stats
 from pixelpipe.analytics import sufficient_stats as ss
-from pixelpipe.analytics.experiments import Experiment
+from pixelpipe.producers.experiments import Experiment
 
 DEFAULT_METRICS = ("latency_ms", "latency_p95", "cost_per_image", "requests_per_user", "rejection_rate", "failure_rate")
 # Below this many users per arm the normal approximations behind every interval here are not trustworthy.

@@ -27,8 +27,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
-from pixelpipe.analytics.experiments import Experiment
 from pixelpipe.analytics.stats import MeanStats, RatioStats
+from pixelpipe.producers.experiments import Experiment
 
 QUANTILE_SAMPLE_CAP = 100_000  # users per arm whose values a quantile metric pulls
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from pixelpipe.config import settings_table
 @click.version_option(package_name="pixelpipe")
 def main() -> None:
     """pixelpipe: image generation and editing on Kafka, diffusers, S3 and ClickHouse."""
+    # The ML libraries' advice and progress bars would drown the JSON logs; workers inherit this.
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ):
+        os.environ.setdefault(name, value)
 
 
 # -- configuration -------------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def models_init_tiny(out_dir: Path) -> None:
 
 # -- demo ---------------------------------------------------------------------------------------------------
 @main.command("demo")
-@click.option("--requests", "count", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--requests", "count", default=60, show_default=True, type=click.IntRange(min=12))
 @click.option("--keep-stack", is_flag=True, help="Leave the local stack running if the demo started it.")
 def demo_command(count: int, keep_stack: bool) -> None:
     """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""

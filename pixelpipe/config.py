@@ -55,6 +55,9 @@ class Settings:
     max_steps: int = _setting(150, "Most denoising steps accepted.")
     # Processors
     model_registry: str = _setting("./data/models/registry.json", "Model registry file (name -> path, defaults).")
+    experiments_file: str = _setting(
+        "experiments.json", "Experiments file: variants' overrides applied by the processors, read by `analyze`."
+    )
     moderation_policy: str = _setting("", "Moderation policy file (thresholds, rules); empty uses the defaults.")
     max_batch: int = _setting(8, "Most compatible requests run in one model batch.")
     max_wait_ms: int = _setting(50, "Longest a request waits for its batch to fill.")

@@ -1,85 +1,213 @@
-"""`pixelpipe demo`: the pipeline end to end on embedded defaults, starting whatever is missing."""
+"""`pixelpipe demo`: the pipeline end to end on embedded defaults, starting whatever is missing.
+
+It starts the local stack when no Kafka answers, builds the tiny models when the registry is missing, runs a
+worker with every stage, publishes a mix of requests (generate, edit, inpaint, prompts that must be rejected,
+an expired deadline), waits for every result, loads results and metrics into ClickHouse with the sink, and
+prints a summary read back from ClickHouse.
+"""
 
 from __future__ import annotations
 
-import collections
-import time
-import uuid
+import dataclasses
+import datetime as dt
+import io
+import json
+import random
 from collections.abc import Callable
+from pathlib import Path
 
-from confluent_kafka import Consumer
-from tqdm import tqdm
+from PIL import Image, ImageDraw
 
 from pixelpipe.config import Settings
-from pixelpipe.producers import Publisher
-from pixelpipe.producers.load import SyntheticLoad, publish_all
+from pixelpipe.processors.workers import PixelpipeProcess, WorkerProcess
+from pixelpipe.producers import Publisher, new_request
+from pixelpipe.producers.experiments import Experiment, load_experiments
+from pixelpipe.producers.results import collect
 from pixelpipe.schemas import Codec
+from pixelpipe.schemas.codec import Record
 from pixelpipe.stack import LocalStack
 from pixelpipe.stack.services import port_open
 from pixelpipe.topics import ensure_topics
 
-DEMO_EXPERIMENT = {"steps-test": {"control": 1.0, "fast": 1.0}}
+DEMO_EXPERIMENT = {
+    "key": "steps-test",
+    "control": "control",
+    "variants": [
+        {"name": "control", "weight": 1},
+        {"name": "fast", "weight": 1, "overrides": {"steps": 2}},
+    ],
+}
+PROMPTS = (
+    "a lighthouse on a cliff at dusk",
+    "a red fox in fresh snow",
+    "an isometric city block made of glass",
+    "a bowl of ramen, studio lighting",
+)
+REJECTED_PROMPTS = ("a gory massacre in the street", "how to cook meth at home")
 
 
-def run_demo(settings: Settings, requests: int, echo: Callable[[str], None], keep_stack: bool = False) -> bool:
-    """Publish a synthetic mix and read it back from Kafka; returns True when every event came back once."""
+def run_demo(settings: Settings, count: int, echo: Callable[[str], None], keep_stack: bool = False) -> bool:
+    """Run the demo; True when every request got exactly one terminal result."""
     stack = LocalStack(settings)
     host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     started_stack = not port_open(int(port), host)
     if started_stack:
         echo(f"starting the local stack in {settings.stack_dir} ...")
         stack.up()
+    logs = Path(settings.stack_dir).parent / "demo"
+    logs.mkdir(parents=True, exist_ok=True)
     try:
-        ensure_topics(settings)
-        load = SyntheticLoad(
-            count=requests,
-            source_uris=(f"{settings.object_store_url.rstrip('/')}/inputs/demo-source.png",),
-            experiments=DEMO_EXPERIMENT,
-            seed=int(time.time()),
-        )
-        began = time.monotonic()
-        with Publisher(settings) as publisher:
-            report = publish_all(publisher, load, total=requests)
-        published_s = time.monotonic() - began
-        received = _read_back(settings, report.deliveries, echo)
-        echo("")
-        echo(
-            f"published {report.acknowledged}/{requests} requests in {published_s:.2f}s "
-            f"({report.acknowledged / published_s:,.0f}/s) to {settings.topic_requests}"
-        )
-        for label, counter in received.items():
-            echo(f"  by {label:<10} " + "  ".join(f"{k}={v}" for k, v in sorted(counter.items())))
-        echo("the moderation, generation and editing stages consume this topic: see README, 'Roadmap'")
-        return report.acknowledged == sum(received["partition"].values()) == requests
+        settings = _prepare(settings, logs, echo)
+        experiment = load_experiments(settings.experiments_file)["steps-test"]
+        requests = _requests(settings, count, experiment)
+        with WorkerProcess(settings, ["moderation", "generate", "edit"], logs / "worker.log") as worker:
+            _publish(settings, requests)
+            echo(f"published {len(requests)} requests; the worker's log is {worker.log_path}")
+            results = collect(
+                settings,
+                settings.topic_results,
+                "ImageResult",
+                [r["request_id"] for r in requests],
+                timeout_s=900,
+                progress=True,
+            )
+        if results.missing:
+            echo(f"{len(results.missing)} requests got no result; see {worker.log_path}")
+            return False
+        echo("loading results and metrics into ClickHouse ...")
+        sink = PixelpipeProcess(settings, ["clickhouse", "sink", "--max-idle", "3"], logs / "sink.log")
+        if sink.process.wait(300) != 0:
+            echo(f"the sink failed; see {sink.log_path}:\n{sink.log_tail()}")
+            return False
+        _summarise(settings, requests, echo)
+        return True
     finally:
         if started_stack and not keep_stack:
             stack.down()
 
 
-def _read_back(settings: Settings, deliveries: list, echo: Callable[[str], None]) -> dict[str, collections.Counter]:
-    """Consume exactly the published offsets back and tally them."""
-    consumer = Consumer(
-        settings.kafka_client_config()
-        | {"group.id": f"pixelpipe-demo-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
+def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:
+    """The tiny models when the registry is missing, the topics, the ClickHouse schema, and an experiments file
+    with the demo's experiment when none is configured; returns the settings to run with."""
+    from pixelpipe.processors.tiny_models import build_tiny_models
+    from pixelpipe.sinks.clickhouse.migrate import apply_migrations, connect
+
+    if not Path(settings.model_registry).exists():
+        echo("building the tiny models ...")
+        build_tiny_models(Path(settings.model_registry).parent)
+    ensure_topics(settings)
+    client = connect(settings.clickhouse_url)
+    try:
+        apply_migrations(client)
+    finally:
+        client.close()
+    if Path(settings.experiments_file).exists():
+        return settings
+    experiments_file = logs / "experiments.json"
+    start = dt.datetime.now(dt.UTC).date().isoformat()
+    experiments_file.write_text(json.dumps({"experiments": [DEMO_EXPERIMENT | {"start": start}]}, indent=2))
+    return dataclasses.replace(settings, experiments_file=str(experiments_file))
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _edit_inputs(settings: Settings) -> tuple[str, str]:
+    """A source image and an inpainting mask, put in the configured object store."""
+    from pixelpipe.sinks.objects import open_object_store
+
+    source = Image.new("RGB", (64, 64), (40, 90, 160))
+    ImageDraw.Draw(source).ellipse((16, 16, 48, 48), fill=(230, 200, 40))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((24, 24, 40, 40), fill=255)
+    store = open_object_store(settings)
+    return (
+        store.put("inputs/demo-source.png", _png(source), "image/png").uri,
+        store.put("inputs/demo-mask.png", _png(mask), "image/png").uri,
     )
-    wanted = {(d.partition, d.offset) for d in deliveries}
+
+
+def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Record]:
+    """A reproducible mix: mostly generate, edits and inpaints, two rejected prompts, one expired deadline."""
+    source, mask = _edit_inputs(settings)
+    rng = random.Random(7)
+    requests = []
+    for i in range(count):
+        user_id = f"user-{rng.randrange(40):03d}"
+        common = {
+            "model": "tiny-sd" if i % 5 else "tiny-sd-b",
+            "user_id": user_id,
+            "width": 64,
+            "height": 64,
+            "seed": i,
+            "priority": "INTERACTIVE" if i % 4 == 0 else "BATCH",
+            "experiments": {experiment.key: experiment.assign(user_id)},
+        }
+        role = i % 10
+        if role < 6:
+            request = new_request(prompt=rng.choice(PROMPTS), n=1 + i % 2, **common)
+        elif role < 8:
+            request = new_request(kind="EDIT", prompt="make it dusk", source_image_uri=source, strength=0.6, **common)
+        else:
+            request = new_request(
+                kind="EDIT", prompt="a small window", source_image_uri=source, mask_uri=mask, strength=0.9, **common
+            )
+        requests.append(request)
+    for j, prompt in enumerate(REJECTED_PROMPTS):
+        requests[3 + 10 * j]["prompt"] = prompt
+    requests[5]["deadline"] = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).replace(microsecond=0)
+    return requests
+
+
+def _publish(settings: Settings, requests: list[Record]) -> None:
     codec = Codec()
-    tallies: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    consumer.subscribe([settings.topic_requests])
-    deadline = time.monotonic() + 60
-    with tqdm(total=len(wanted), unit="req", desc="read back") as bar:
-        while wanted and time.monotonic() < deadline:
-            for message in consumer.consume(500, timeout=1.0):
-                if message.error() or (message.partition(), message.offset()) not in wanted:
-                    continue
-                wanted.discard((message.partition(), message.offset()))
-                request = codec.decode_as("ImageRequest", message.value())
-                tallies["kind"][request["kind"]] += 1
-                tallies["priority"][request["priority"]] += 1
-                tallies["variant"][request["experiments"]["steps-test"]] += 1
-                tallies["partition"][message.partition()] += 1
-                bar.update(1)
-    consumer.close()
-    if wanted:
-        echo(f"{len(wanted)} published requests were not read back within 60s")
-    return tallies
+    with Publisher(settings) as publisher:
+        pending = []
+        for request in requests:
+            if request["deadline"] is not None:
+                # The SDK refuses an expired deadline; the demo sends one anyway to show the processors' answer.
+                value = codec.encode("ImageRequest", request)
+                pending.append(publisher.publish_encoded(request["request_id"].encode(), value))
+            else:
+                pending.append(publisher.publish(request))
+        for delivery in pending:
+            delivery.result(timeout=60)
+
+
+def _summarise(settings: Settings, requests: list[Record], echo: Callable[[str], None]) -> None:
+    """Read the demo's rows back from ClickHouse, deduplicated, and print what analysts would see."""
+    from pixelpipe.sinks.clickhouse.migrate import connect
+
+    ids = ", ".join(f"'{r['request_id']}'" for r in requests)
+    client = connect(settings.clickhouse_url)
+    try:
+        by_status = client.execute(
+            f"SELECT toString(status), toString(error_code), count() FROM results_dedup "
+            f"WHERE request_id IN ({ids}) GROUP BY status, error_code ORDER BY status, error_code"
+        )
+        stages = client.execute(
+            "SELECT toString(stage), count(), quantile(0.5)(queue_ms), quantile(0.95)(queue_ms),"
+            " quantile(0.5)(compute_ms), quantile(0.95)(compute_ms), sum(cost_usd), max(batch_size)"
+            f" FROM stage_metrics_dedup WHERE request_id IN ({ids}) GROUP BY stage ORDER BY stage"
+        )
+        images = client.execute(
+            f"SELECT sum(image_count), any(image_uris[1]) FROM results_dedup "
+            f"WHERE request_id IN ({ids}) AND status = 'SUCCEEDED'"
+        )
+    finally:
+        client.close()
+    echo("")
+    echo(f"results ({len(requests)} requests, from ClickHouse {settings.clickhouse_url}):")
+    for status, code, n in by_status:
+        echo(f"  {status:<10} {code or '':<22} {n}")
+    echo("stages:       count   queue p50/p95 ms   compute p50/p95 ms   cost USD   max batch")
+    for stage, n, q50, q95, c50, c95, cost, batch in stages:
+        echo(f"  {stage:<17} {n:>4}   {q50:>7.0f} /{q95:>7.0f}   {c50:>8.0f} /{c95:>8.0f}   {cost:>9.6f}   {batch:>4}")
+    price = settings.device_hour_price_usd
+    echo(f"total cost: {sum(row[6] for row in stages):.6f} USD at {price} USD per device-hour")
+    total_images, example = images[0]
+    echo(f"{total_images} images stored under {settings.object_store_url}, e.g. {example}")
+    echo(f"analyse the experiment: pixelpipe analyze steps-test --experiments {settings.experiments_file}")

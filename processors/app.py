@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -135,6 +136,7 @@ def _render_stage(kind: str, settings: Settings, codec: Codec, me: str) -> Rende
 
     from pixelpipe.processors.models import DiffusionModels
     from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
+    from pixelpipe.producers.experiments import load_experiments
     from pixelpipe.sinks.objects import open_object_store
 
     # Worker logs are structured lines: no progress bars, no advice about optional packages.
@@ -142,6 +144,7 @@ def _render_stage(kind: str, settings: Settings, codec: Codec, me: str) -> Rende
         library.utils.logging.disable_progress_bar()
         library.utils.logging.set_verbosity_error()
     policy = ModerationPolicy.from_file(settings.moderation_policy or None)
+    experiments_file = Path(settings.experiments_file)
     return RenderStage(
         kind,
         settings,
@@ -150,6 +153,7 @@ def _render_stage(kind: str, settings: Settings, codec: Codec, me: str) -> Rende
         ImageModerator(policy),
         open_object_store(settings),
         me,
+        load_experiments(experiments_file) if experiments_file.exists() else {},
     )
 
 

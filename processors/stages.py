@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from pixelpipe.processors.events import (
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import BatchOutput, DiffusionModels, ModelError
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator
+from pixelpipe.producers.experiments import Experiment
 from pixelpipe.producers.requests import InvalidRequestError, validate_request
 from pixelpipe.schemas.codec import Codec, CodecError, Record
 from pixelpipe.sinks.objects import ObjectStore, ObjectStoreError
@@ -160,6 +161,21 @@ def _readable_request_id(key: bytes | None) -> str | None:
 def _unreadable_request(request_id: str) -> Record:
     # Only the id is known; the result says so with empty fields.
     return {"request_id": request_id, "kind": None, "user_id": "", "model": "", "experiments": {}, "created_at": None}
+
+
+def apply_overrides(request: Record, experiments: Mapping[str, Experiment]) -> Record:
+    """The request with the overrides of its assigned variants applied (model, steps, guidance).
+
+    Experiments apply in key order, so when two override the same parameter the later key wins. A variant's
+    scheduler override is not applied: the pipelines run their configured scheduler.
+    """
+    changed = dict(request)
+    for key, variant in sorted(request["experiments"].items()):
+        if key in experiments:
+            for name, value in experiments[key].overrides_for(variant).items():
+                if name in ("model", "steps", "guidance"):
+                    changed[name] = value
+    return changed
 
 
 def deadline_passed(request: Record, now: dt.datetime) -> bool:
@@ -310,8 +326,10 @@ class RenderStage:
         images: ImageModerator,
         store: ObjectStore,
         worker_id: str,
+        experiments: Mapping[str, Experiment],
     ) -> None:
         self.kind = kind
+        self.experiments = experiments
         self.name = kind  # the StageMetric stage: GENERATE or EDIT
         self.settings = settings
         self.codec = codec
@@ -327,7 +345,7 @@ class RenderStage:
             request = decode_request(message, self.settings, self.codec, self.emit, self.kind.lower())
             if request is None:
                 continue
-            item = _Pending(message, request)
+            item = _Pending(message, apply_overrides(request, self.experiments))
             if deadline_passed(request, utc_now()):
                 self._fail(item, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
                 continue

@@ -1,4 +1,5 @@
-"""Worker processes on this machine, for the demo and the tests: `pixelpipe worker` with given settings."""
+"""pixelpipe processes on this machine, for the demo and the tests: `pixelpipe worker` or `pixelpipe clickhouse sink`
+with given settings."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from types import TracebackType
 from pixelpipe.config import Settings
 
 
-class WorkerProcess:
-    """A ``pixelpipe worker`` subprocess; stops with SIGTERM (graceful) or ``kill`` (SIGKILL)."""
+class PixelpipeProcess:
+    """``pixelpipe ARGS`` as a subprocess with ``settings``; stops with SIGTERM (graceful) or ``kill`` (SIGKILL)."""
 
-    def __init__(self, settings: Settings, stages: Sequence[str], log_path: Path) -> None:
+    def __init__(self, settings: Settings, args: Sequence[str], log_path: Path) -> None:
         self.log_path = log_path
         env = os.environ | settings.to_env() | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pixelpipe", "worker", "--stages", ",".join(stages)],
+                [sys.executable, "-m", "pixelpipe", *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -44,10 +45,17 @@ class WorkerProcess:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def __enter__(self) -> WorkerProcess:
+    def __enter__(self) -> PixelpipeProcess:
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class WorkerProcess(PixelpipeProcess):
+    """``pixelpipe worker --stages ...``."""
+
+    def __init__(self, settings: Settings, stages: Sequence[str], log_path: Path) -> None:
+        super().__init__(settings, ["worker", "--stages", ",".join(stages)], log_path)

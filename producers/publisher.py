@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
 from pixelpipe.config import Settings
+from pixelpipe.producers.experiments import Experiment, load_experiments, stamp_assignments
 from pixelpipe.producers.requests import validate_request
 from pixelpipe.schemas.codec import Codec, Record
 
@@ -99,14 +101,26 @@ class PendingDelivery:
 class Publisher:
     """Publishes ImageRequests to ``settings.topic_requests`` keyed by request id.
 
-    ``publish`` validates and encodes, then returns a PendingDelivery whose ``result()`` is the Delivery once the
-    broker has acknowledged the event, or raises DeliveryError. A background thread serves delivery reports, so
-    callers may wait without polling. ``close`` (or leaving the ``with`` block) flushes.
+    ``publish`` stamps the user's arm of every active experiment the request does not name yet, validates and
+    encodes, then returns a PendingDelivery whose ``result()`` is the Delivery once the broker has acknowledged the
+    event, or raises DeliveryError. A background thread serves delivery reports, so callers may wait without
+    polling. ``close`` (or leaving the ``with`` block) flushes. Experiments come from ``experiments``, else from
+    ``settings.experiments_file`` when it exists.
     """
 
-    def __init__(self, settings: Settings, codec: Codec | None = None, **producer_overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        codec: Codec | None = None,
+        experiments: Mapping[str, Experiment] | None = None,
+        **producer_overrides: Any,
+    ) -> None:
         self.settings = settings
         self._codec = codec or Codec()
+        if experiments is None:
+            path = Path(settings.experiments_file)
+            experiments = load_experiments(path) if path.exists() else {}
+        self.experiments = experiments
         self._producer = Producer(producer_config(settings, **producer_overrides))
         self._closed = threading.Event()
         self._settled = threading.Condition()
@@ -114,6 +128,7 @@ class Publisher:
         self._poller.start()
 
     def publish(self, request: Record, topic: str | None = None) -> PendingDelivery:
+        stamp_assignments(request, self.experiments, request["created_at"])
         validate_request(request, self.settings)
         return self.publish_encoded(request["request_id"].encode(), self._codec.encode("ImageRequest", request), topic)
 

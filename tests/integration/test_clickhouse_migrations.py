@@ -143,6 +143,11 @@ def _check_migrations(client: ClickHouseClient) -> None:
         (_NOW_MS, _NOW_MS // 1000)
     ]
 
+    # Both results are user-1's in steps:fast; the first exposure is the earlier request of the two.
+    assert client.execute("SELECT experiment, variant, user_id, first_exposure_ms FROM experiment_exposures") == [
+        ("steps", "fast", "user-1", min(int(_RESULT["request_created_at_ms"]), int(_REJECTED["request_created_at_ms"])))
+    ]
+
     latency = client.execute(
         "SELECT toString(stage), model, variant, uniqExactMerge(events),"
         " quantilesMerge(0.5, 0.95, 0.99)(compute_ms_q) FROM stage_latency_1m"

@@ -16,9 +16,9 @@ import pytest
 
 from pixelpipe.analytics import report
 from pixelpipe.analytics import sufficient_stats as ss
-from pixelpipe.analytics.experiments import Experiment, Variant
 from pixelpipe.analytics.stats import ratio_stats_from_values, sufficient_stats_from_values
 from pixelpipe.config import Settings
+from pixelpipe.producers.experiments import Experiment, Variant
 from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ClickHouseClient, ServerClient, apply_migrations, connect
 
 pytestmark = pytest.mark.integration

@@ -17,16 +17,16 @@ from click.testing import CliRunner
 from pixelpipe.analytics import report
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.cli import analyze as analyze_command
-from pixelpipe.analytics.experiments import (
+from pixelpipe.producers.experiments import (
     Experiment,
     ExperimentConfigError,
     UnknownExperimentError,
     Variant,
+    assign_variant,
     get_experiment,
     load_experiments,
     parse_experiments,
 )
-from pixelpipe.producers.experiments import assign_variant
 from pixelpipe.sinks.clickhouse.migrate import ChdbClient, apply_migrations, connect
 
 EXAMPLE = Path(__file__).parents[2] / "analytics" / "experiments.example.json"

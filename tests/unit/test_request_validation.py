@@ -92,3 +92,33 @@ def test_experiment_spec_parsing():
         parse_experiment_spec("k=a:x")
     with pytest.raises(ValueError, match="must be non-negative and not all zero"):
         assign_variant("k", "u", {"a": 0.0})
+
+
+def test_the_sdk_stamps_active_experiments_and_keeps_given_assignments():
+    from pixelpipe.producers.experiments import parse_experiments, stamp_assignments
+
+    experiments = parse_experiments(
+        {
+            "experiments": [
+                {
+                    "key": "live",
+                    "start": "2026-01-01",
+                    "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+                },
+                {
+                    "key": "over",
+                    "start": "2020-01-01",
+                    "end": "2020-02-01",
+                    "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+                },
+                {
+                    "key": "kept",
+                    "start": "2026-01-01",
+                    "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+                },
+            ]
+        }
+    )
+    record = request(user_id="user-9", experiments={"kept": "b"})
+    stamp_assignments(record, experiments, record["created_at"])
+    assert record["experiments"] == {"kept": "b", "live": assign_variant("live", "user-9", {"a": 1.0, "b": 1.0})}

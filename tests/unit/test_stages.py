@@ -1,0 +1,110 @@
+"""The stages' pure parts: overrides, service order, seeds, batching keys, retries."""
+
+import datetime as dt
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from pixelpipe.config import Settings
+from pixelpipe.processors.stages import (
+    Inbound,
+    _Pending,
+    apply_overrides,
+    batch_key,
+    is_transient,
+    request_seed,
+    service_order,
+    with_retries,
+)
+from pixelpipe.producers import new_request
+from pixelpipe.producers.experiments import parse_experiments
+from pixelpipe.sinks.objects import ObjectStoreError
+
+EXPERIMENTS = parse_experiments(
+    {
+        "experiments": [
+            {
+                "key": "a-steps",
+                "start": "2026-01-01",
+                "variants": [
+                    {"name": "control", "weight": 1},
+                    {"name": "fast", "weight": 1, "overrides": {"steps": 2}},
+                ],
+            },
+            {
+                "key": "b-model",
+                "start": "2026-01-01",
+                "variants": [
+                    {"name": "control", "weight": 1},
+                    {"name": "big", "weight": 1, "overrides": {"model": "tiny-sd-b", "steps": 9, "scheduler": "lcm"}},
+                ],
+            },
+        ]
+    }
+)
+
+
+def request(**fields):
+    return new_request(**({"prompt": "p", "model": "tiny-sd", "user_id": "u"} | fields))
+
+
+def test_overrides_of_assigned_variants_apply_in_key_order():
+    assert apply_overrides(request(experiments={"a-steps": "fast"}), EXPERIMENTS)["steps"] == 2
+    both = apply_overrides(request(experiments={"a-steps": "fast", "b-model": "big"}), EXPERIMENTS)
+    assert (both["model"], both["steps"]) == ("tiny-sd-b", 9)  # b-model comes after a-steps
+    assert "scheduler" not in both
+    untouched = request(experiments={"a-steps": "control", "unknown": "x"}, steps=7)
+    assert apply_overrides(untouched, EXPERIMENTS) == untouched
+
+
+def pending(**fields):
+    return _Pending(Inbound(b"", None, "t", 0, 0, fields.pop("at", 0.0)), request(**fields))
+
+
+def test_interactive_first_then_earliest_deadline_then_oldest():
+    soon = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    later = soon + dt.timedelta(hours=1)
+    items = {
+        "batch-old": pending(prompt="batch-old", at=1.0),
+        "batch-deadline": pending(prompt="batch-deadline", at=5.0, deadline=soon),
+        "interactive-late": pending(prompt="interactive-late", priority="INTERACTIVE", at=9.0),
+        "interactive-deadline": pending(prompt="interactive-deadline", priority="INTERACTIVE", at=9.5, deadline=later),
+    }
+    order = [p.request["prompt"] for p in sorted(items.values(), key=service_order)]
+    assert order == ["interactive-deadline", "interactive-late", "batch-deadline", "batch-old"]
+
+
+def test_seed_is_the_request_seed_or_stable_per_request_id():
+    assert request_seed(request(seed=42)) == 42
+    unseeded = request(request_id="req-7")
+    assert request_seed(unseeded) == request_seed(dict(unseeded)) != request_seed(request(request_id="req-8"))
+
+
+def test_only_compatible_requests_share_a_batch_key():
+    assert batch_key(request()) == batch_key(request(prompt="other", seed=3, user_id="v"))
+    assert batch_key(request()) != batch_key(request(width=64))
+    assert batch_key(request()) != batch_key(request(n=2))
+
+
+def test_transient_errors_are_retried_with_backoff_and_bad_input_is_not():
+    settings = Settings(retry_attempts=3, retry_backoff_ms=1)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return "ok"
+
+    assert with_retries(flaky, settings, "test") == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(EndpointConnectionError):
+        with_retries(lambda: flaky() if len(calls) < 99 else None, Settings(retry_attempts=2, retry_backoff_ms=1), "t")
+    assert len(calls) == 2
+    assert not is_transient(ObjectStoreError("outside the store"))
+    assert is_transient(
+        ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Put")
+    )
+    assert not is_transient(
+        ClientError({"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "Get")
+    )
