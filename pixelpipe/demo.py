@@ -54,7 +54,7 @@ def run_demo(settings: Settings, count: int, echo: Callable[[str], None], keep_s
     if started_stack:
         echo(f"starting the local stack in {settings.stack_dir} ...")
         stack.up()
-    logs = Path(settings.stack_dir).parent / "demo"
+    logs = Path("data") / "demo"
     logs.mkdir(parents=True, exist_ok=True)
     try:
         settings = _prepare(settings, logs, echo)

@@ -13,6 +13,7 @@ from PIL import Image
 from pixelpipe.processors.tiny_models import build_tiny_models
 from pixelpipe.processors.workers import WorkerProcess
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
+from pixelpipe.producers.load import publish_all
 from pixelpipe.producers.results import collect
 from pixelpipe.schemas import Codec
 from pixelpipe.sinks.objects import open_object_store
@@ -232,7 +233,7 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
             for i in range(count)
         ]
 
-    first, second = batch("first", 24), batch("second", 24)
+    first, second = batch("first", 24), batch("second", 40)
     with WorkerProcess(pipeline, STAGES, tmp_path / "a.log") as a:
         publish(pipeline, first)
         early = collect(
@@ -240,7 +241,9 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
         )
         assert not early.missing, a.log_tail()
         with WorkerProcess(pipeline, STAGES, tmp_path / "b.log") as b:  # joins midway: the group rebalances
-            publish(pipeline, second)
+            # A steady stream for ~25 s, so the stream is still flowing when b has started and joined.
+            with Publisher(pipeline) as publisher:
+                assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
             ids = [r["request_id"] for r in first + second]
             results = collect(pipeline, pipeline.topic_results, "ImageResult", ids, timeout_s=300, settle_s=5)
             assert not results.missing, a.log_tail() + "\n---\n" + b.log_tail()
