@@ -17,14 +17,13 @@ import datetime as dt
 import threading
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import Producer
 
 from pixelpipe import logs
 from pixelpipe.config import Settings
 from pixelpipe.schemas import Codec
-from pixelpipe.sinks.clickhouse.migrate import ServerClient, apply_migrations
+from pixelpipe.sinks.clickhouse.migrate import ServerClient, apply_migrations, create_database
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
 from pixelpipe.topics import ensure_topics
@@ -82,10 +81,7 @@ def events(requests: int) -> tuple[list[dict], list[dict]]:
 
 
 def fresh_database(url: str, name: str) -> str:
-    admin = ServerClient(url)
-    admin.execute(f"CREATE DATABASE {name}")
-    admin.close()
-    database_url = urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+    database_url = create_database(url, name)
     client = ServerClient(database_url)
     apply_migrations(client)
     client.close()

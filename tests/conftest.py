@@ -13,10 +13,12 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from pixelpipe.config import Settings
+from pixelpipe.sinks.clickhouse.migrate import ChdbClient, create_database, drop_database
 from pixelpipe.stack import LocalStack
 
 
@@ -122,3 +124,24 @@ def topic_settings(servers: Settings) -> Settings:
             if f.name.startswith("topic_") and f.name != "topic_partitions"
         },
     )
+
+
+@pytest.fixture
+def clickhouse_url(servers: Settings) -> Iterator[str]:
+    """The URL of an empty database of this test's own on the ClickHouse server, dropped afterwards."""
+    database = f"test_{uuid.uuid4().hex[:10]}"
+    url = create_database(servers.clickhouse_url, database)
+    try:
+        yield url
+    finally:
+        drop_database(servers.clickhouse_url, database)
+
+
+@pytest.fixture
+def chdb_client(tmp_path: Path) -> Iterator[ChdbClient]:
+    """An embedded chDB on a directory of this test's own."""
+    client = ChdbClient(str(tmp_path / "chdb"))
+    try:
+        yield client
+    finally:
+        client.close()

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -117,6 +118,24 @@ class ChdbClient:
 
     def close(self) -> None:
         self._session.close()
+
+
+def create_database(server_url: str, database: str) -> str:
+    """Create ``database`` on the server at ``server_url``; returns the URL that connects to it."""
+    admin = ServerClient(server_url)
+    try:
+        admin.execute(f"CREATE DATABASE IF NOT EXISTS {database}")
+    finally:
+        admin.close()
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))
+
+
+def drop_database(server_url: str, database: str) -> None:
+    admin = ServerClient(server_url)
+    try:
+        admin.execute(f"DROP DATABASE IF EXISTS {database}")
+    finally:
+        admin.close()
 
 
 def connect(url: str) -> ServerClient | ChdbClient:

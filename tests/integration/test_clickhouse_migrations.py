@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import datetime
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from pixelpipe.config import Settings
 from pixelpipe.sinks.clickhouse.migrate import (
     ChdbClient,
     ClickHouseClient,
     ServerClient,
     apply_migrations,
-    connect,
     drop_expired_partitions,
     migration_files,
     server_version,
@@ -99,25 +94,8 @@ def _insert(client: ClickHouseClient, table: str, rows: list[dict[str, str]]) ->
 
 
 @pytest.fixture
-def server_client(servers: Settings) -> Iterator[ServerClient]:
-    """A database of this test's own on the CI server, dropped afterwards."""
-    database = f"test_migrations_{uuid.uuid4().hex[:8]}"
-    parts = urlsplit(servers.clickhouse_url)
-    admin = ServerClient(servers.clickhouse_url)
-    admin.execute(f"CREATE DATABASE {database}")
-    client = ServerClient(urlunsplit(parts._replace(path=f"/{database}")))
-    try:
-        yield client
-    finally:
-        client.close()
-        admin.execute(f"DROP DATABASE IF EXISTS {database}")
-        admin.close()
-
-
-@pytest.fixture
-def chdb_client(tmp_path: Path) -> Iterator[ChdbClient]:
-    client = connect(f"chdb://{tmp_path / 'chdb'}")
-    assert isinstance(client, ChdbClient)
+def server_client(clickhouse_url: str) -> Iterator[ServerClient]:
+    client = ServerClient(clickhouse_url)
     try:
         yield client
     finally:

@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from confluent_kafka import Consumer, Producer
@@ -126,20 +125,12 @@ def make_topics(settings):
 
 
 @pytest.fixture
-def server_url(servers):
-    """A migrated database of this test's own on the CI server, dropped afterwards."""
-    database = f"test_sink_{uuid.uuid4().hex[:8]}"
-    admin = ServerClient(servers.clickhouse_url)
-    admin.execute(f"CREATE DATABASE {database}")
-    url = urlunsplit(urlsplit(servers.clickhouse_url)._replace(path=f"/{database}"))
-    client = ServerClient(url)
+def server_url(clickhouse_url):
+    """A migrated database of this test's own on the CI server."""
+    client = ServerClient(clickhouse_url)
     apply_migrations(client)
     client.close()
-    try:
-        yield url
-    finally:
-        admin.execute(f"DROP DATABASE IF EXISTS {database}")
-        admin.close()
+    return clickhouse_url
 
 
 @pytest.fixture(params=["server", "chdb"])

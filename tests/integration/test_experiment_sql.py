@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -17,9 +14,8 @@ import pytest
 from pixelpipe.analytics import report
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.stats import ratio_stats_from_values, sufficient_stats_from_values
-from pixelpipe.config import Settings
 from pixelpipe.producers.experiments import Experiment, Variant
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ClickHouseClient, ServerClient, apply_migrations, connect
+from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ClickHouseClient, ServerClient, apply_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -34,24 +30,8 @@ WINDOW = ss.Window.of(EXPERIMENT.start + datetime.timedelta(days=1), EXPERIMENT.
 
 
 @pytest.fixture
-def server_client(servers: Settings) -> Iterator[ServerClient]:
-    """A database of this test's own on the CI server, dropped afterwards."""
-    database = f"test_experiment_{uuid.uuid4().hex[:8]}"
-    admin = ServerClient(servers.clickhouse_url)
-    admin.execute(f"CREATE DATABASE {database}")
-    client = ServerClient(urlunsplit(urlsplit(servers.clickhouse_url)._replace(path=f"/{database}")))
-    try:
-        yield client
-    finally:
-        client.close()
-        admin.execute(f"DROP DATABASE IF EXISTS {database}")
-        admin.close()
-
-
-@pytest.fixture
-def chdb_client(tmp_path: Path) -> Iterator[ChdbClient]:
-    client = connect(f"chdb://{tmp_path / 'chdb'}")
-    assert isinstance(client, ChdbClient)
+def server_client(clickhouse_url: str) -> Iterator[ServerClient]:
+    client = ServerClient(clickhouse_url)
     try:
         yield client
     finally:
