@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -420,7 +421,7 @@ def _plot_users(analysis: Analysis) -> bytes:
         ax.plot(g["time"], g["users"], marker=".", label=variant)
     ax.set_ylabel("users enrolled")
     ax.legend()
-    fig.autofmt_xdate()
+    _time_axis(fig, ax, analysis.users_over_time["time"])
     return _png(fig)
 
 
@@ -439,8 +440,15 @@ def _plot_sequential(analysis: Analysis) -> bytes:
         ax.set_ylabel(f"{seq['metric'].iloc[0]}: treatment - control")
         ax.legend()
     ax.axhline(0, color="grey", lw=1)
-    fig.autofmt_xdate()
+    _time_axis(fig, ax, seq["time"])
     return _png(fig)
+
+
+def _time_axis(fig: Any, ax: Any, times: pd.Series) -> None:
+    """Dates on x; a single look gets a day around it, not matplotlib's default span of years."""
+    if len(times) and times.min() == times.max():
+        ax.set_xlim(times.min() - pd.Timedelta(hours=12), times.max() + pd.Timedelta(hours=12))
+    fig.autofmt_xdate()
 
 
 def _pyplot():  # noqa: ANN202 - the module is imported lazily, so it has no annotation to give
