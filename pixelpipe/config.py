@@ -125,6 +125,27 @@ class Settings:
         return conf
 
 
+def faust_broker_credentials(settings: Settings) -> Any:
+    """The same SASL and TLS settings as ``kafka_client_config``, in the form Faust (aiokafka) takes; None for
+    PLAINTEXT."""
+    import ssl
+
+    import faust
+
+    protocol = settings.kafka_security_protocol.upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_location or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context else None
+
+
 def settings_table() -> str:
     """The configuration table for the README: variable, default, meaning."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]

@@ -22,7 +22,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from pixelpipe.config import Settings
+from pixelpipe.config import Settings, faust_broker_credentials
 from pixelpipe.processors.stages import Emission, Inbound, ModerationStage, RenderStage
 from pixelpipe.schemas.codec import Codec
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
     app = faust.App(
         f"{settings.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
         broker=broker_url(settings),
+        broker_credentials=faust_broker_credentials(settings),
         web_enabled=False,
         store="memory://",
         topic_partitions=settings.topic_partitions,
