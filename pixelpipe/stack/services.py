@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 MAVEN_DIR = Path(__file__).parent / "maven"
 LOCAL_S3_ACCESS_KEY = "pixelpipe"
-LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credential, never a real one
+LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credentials, never real ones
+LOCAL_KAFKA_USER = "pixelpipe"
+LOCAL_KAFKA_PASSWORD = "pixelpipe-local-kafka-secret"
 
 
 class StackError(RuntimeError):
@@ -211,16 +213,27 @@ class Kafka(LocalService):
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def sasl_endpoint(self) -> str:
+        """A second listener that authenticates with SASL/PLAIN, for testing clients' credentials."""
+        return f"127.0.0.1:{self.port + 2}"
+
     def prepare(self) -> None:
         controller = f"127.0.0.1:{self.port + 1}"
+        plain_login = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{LOCAL_KAFKA_USER}="{LOCAL_KAFKA_PASSWORD}";'
+        )
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": controller,
-            "listeners": f"PLAINTEXT://{self.endpoint},CONTROLLER://{controller}",
-            "advertised.listeners": f"PLAINTEXT://{self.endpoint}",
+            "listeners": f"PLAINTEXT://{self.endpoint},CONTROLLER://{controller},SASL_PLAINTEXT://{self.sasl_endpoint}",
+            "advertised.listeners": f"PLAINTEXT://{self.endpoint},SASL_PLAINTEXT://{self.sasl_endpoint}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain_login,
             "log.dirs": str(self.dir / "data"),
             "num.partitions": str(self.settings.topic_partitions),
             "offsets.topic.replication.factor": "1",
