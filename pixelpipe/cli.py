@@ -114,7 +114,7 @@ def worker_command(stages: str) -> None:
 
     settings = load_settings()
     try:
-        run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()], settings.log_level.lower()[:4])
+        run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--stages") from e
 

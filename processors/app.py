@@ -158,10 +158,13 @@ def _render_stage(kind: str, settings: Settings, codec: Codec, me: str) -> Rende
     )
 
 
-def run_worker(settings: Settings, stages: Sequence[str], loglevel: str = "warn") -> None:
+def run_worker(settings: Settings, stages: Sequence[str]) -> None:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed."""
+    from pixelpipe import logs
     from pixelpipe.topics import ensure_topics
 
     ensure_topics(settings)
     app = create_app(settings, stages)
-    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    level = settings.log_level.upper()
+    worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
+    worker.execute_from_commandline()
