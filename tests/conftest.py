@@ -28,6 +28,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_kafka_port() -> int:
+    """A free port whose next two are free too: the local Kafka's controller and SASL listener take them."""
+    while True:
+        port = free_port()
+        if _bindable(port + 1) and _bindable(port + 2):
+            return port
+
+
+def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
+    """``settings`` with every pipeline topic renamed with a suffix, so concurrent tests never share events."""
+    suffix = suffix or uuid.uuid4().hex[:8]
+    return dataclasses.replace(
+        settings,
+        **{
+            f.name: f"{getattr(settings, f.name)}.{suffix}"
+            for f in dataclasses.fields(settings)
+            if f.name.startswith("topic_") and f.name != "topic_partitions"
+        },
+    )
+
+
 def _docker_answers() -> bool:
     try:
         import docker
@@ -83,7 +113,7 @@ def _containers() -> Iterator[Settings]:
 
 
 def _local_stack(tmp_dir: str) -> Iterator[Settings]:
-    kafka_port = free_port()
+    kafka_port = free_kafka_port()
     base = Settings.from_env()
     stack_settings = dataclasses.replace(
         base,
@@ -115,15 +145,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 @pytest.fixture
 def topic_settings(servers: Settings) -> Settings:
     """The servers' settings with pipeline topic names of this test's own, so tests never see each other's events."""
-    suffix = uuid.uuid4().hex[:8]
-    return dataclasses.replace(
-        servers,
-        **{
-            f.name: f"{getattr(servers, f.name)}.{suffix}"
-            for f in dataclasses.fields(servers)
-            if f.name.startswith("topic_") and f.name != "topic_partitions"
-        },
-    )
+    return with_own_topics(servers)
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ class SinkConfig:
     max_batch_wait_s: float = 1.0
     max_idle_s: float | None = None  # stop after this long without an event (benchmarks, tests); None runs on
     log_interval_s: float = 10.0
+    insert_retry_s: float = 120.0  # how long an insert is retried while ClickHouse does not answer
     consumer_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -205,9 +206,13 @@ class ClickHouseSink:
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as e:
-            # Nothing to commit (a revoked assignment, say) is harmless: the events are in ClickHouse either way.
-            if e.args[0].code() != KafkaError._NO_OFFSET:
+            # The events are in ClickHouse either way. Nothing to commit (a revoked assignment, say) is harmless; so
+            # is a commit the broker could not take (restarting, coordinator moving): the next batch's commit covers
+            # these offsets, or they are read again and the *_dedup views count them once.
+            if e.args[0].fatal():
                 raise
+            if e.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("commit failed, carrying on", extra={"error": e.args[0].str(), "code": e.args[0].name()})
         log.debug(
             "batch committed",
             extra={"messages": self._uncommitted, "seconds": round(time.monotonic() - started, 3)},
@@ -220,7 +225,7 @@ class ClickHouseSink:
     def _insert(self, route: _Route, rows: list[Row], sources: list[Message]) -> int:
         """Insert rows; when ClickHouse refuses the batch, bisect it down to the refused rows. Returns rows inserted."""
         try:
-            self._warehouse.insert(route.table, route.columns, rows)
+            self._insert_retrying(route, rows)
             return len(rows)
         except InsertRefused as e:
             if len(rows) == 1:
@@ -233,6 +238,27 @@ class ClickHouseSink:
                 return 0
         half = len(rows) // 2
         return self._insert(route, rows[:half], sources[:half]) + self._insert(route, rows[half:], sources[half:])
+
+    def _insert_retrying(self, route: _Route, rows: list[Row]) -> None:
+        """One insert; a failure that says nothing about the rows (ClickHouse restarting, the connection reset) is
+        retried with backoff for up to `insert_retry_s`, since nothing is committed until it succeeds."""
+        deadline = time.monotonic() + self.config.insert_retry_s
+        delay_s = 0.5
+        while True:
+            try:
+                self._warehouse.insert(route.table, route.columns, rows)
+                return
+            except InsertRefused:
+                raise
+            except Exception as e:
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                log.warning(
+                    "insert failed, retrying",
+                    extra={"table": route.table, "rows": len(rows), "error": repr(e), "retry_in_s": delay_s},
+                )
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
 
     # -- dead letters ----------------------------------------------------------------------------------------
     def _dead_letter(self, message: Message, reason: str, request_id: str | None) -> None:

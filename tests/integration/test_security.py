@@ -14,7 +14,7 @@ from pixelpipe.producers import DeliveryError, Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.stack.services import LOCAL_KAFKA_PASSWORD, LOCAL_KAFKA_USER, Kafka
 from pixelpipe.topics import ensure_topics
-from tests.conftest import free_port
+from tests.conftest import free_kafka_port, with_own_topics
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def sasl_kafka(tmp_path_factory):
     """A broker of this module's own whose second listener demands SASL/PLAIN."""
-    broker = Kafka(Settings(stack_dir=str(tmp_path_factory.mktemp("sasl")), stack_kafka_port=free_port()))
+    broker = Kafka(Settings(stack_dir=str(tmp_path_factory.mktemp("sasl")), stack_kafka_port=free_kafka_port()))
     broker.start()
     yield broker
     broker.stop()
@@ -38,12 +38,7 @@ def sasl_settings(broker, password=LOCAL_KAFKA_PASSWORD):
         kafka_sasl_password=password,
         consumer_group=f"sasl-{suffix}",
     )
-    topics = {
-        f.name: f"{getattr(settings, f.name)}.{suffix}"
-        for f in dataclasses.fields(settings)
-        if f.name.startswith("topic_") and f.name != "topic_partitions"
-    }
-    return dataclasses.replace(settings, **topics, topic_partitions=2)
+    return dataclasses.replace(with_own_topics(settings, suffix), topic_partitions=2)
 
 
 def test_a_wrong_password_is_refused(sasl_kafka):

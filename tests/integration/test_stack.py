@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pixelpipe.stack.services import port_open
-from tests.conftest import free_port
+from tests.conftest import free_kafka_port, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ def pixelpipe(env, *args):
 
 
 def test_stack_up_status_down_leaves_nothing_running(tmp_path):
-    ports = {name: free_port() for name in ("KAFKA", "CLICKHOUSE", "CLICKHOUSE_HTTP", "S3")}
+    ports = {"KAFKA": free_kafka_port()} | {name: free_port() for name in ("CLICKHOUSE", "CLICKHOUSE_HTTP", "S3")}
     env = os.environ | {f"PIXELPIPE_STACK_{name}_PORT": str(port) for name, port in ports.items()}
     env["PIXELPIPE_STACK_DIR"] = str(tmp_path / "stack")
     try:

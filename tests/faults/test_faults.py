@@ -1,0 +1,124 @@
+"""Fault injection on the real stack, each with a steady stream of requests flowing through it.
+
+Every test: a worker (moderation + generate, tiny models) and the ClickHouse sink run; a few warm-up requests prove
+the pipeline flows; then a stream of small requests (64x64, 2 steps) is published at a steady rate and the fault is
+injected while it runs. Afterwards ``Harness.verify`` checks N requests in, N terminal results out, no duplicate
+event in the deduplicated ClickHouse views, and every image a result names present in object storage.
+
+The S3 outage lasts 15 s instead of the issue's 30 s, to keep the suite within CI's time; the worker's retries
+(4 attempts, 1.4 s of backoff by default) are far shorter than either, so what the outage tests is that requests
+hit by it end in a terminal result (FAILED, STORAGE_UNAVAILABLE) and the stream recovers, not that it is ridden out.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.faults
+
+WARM_UP = 2
+STREAM = 16
+RATE_PER_S = 2.0
+
+
+def start(harness, tag: str):
+    """Sink and first worker up, flowing; then the steady stream begins. Returns the request ids and the worker."""
+    harness.start_sink()
+    worker = harness.start_worker(f"{tag}-a")
+    warm = harness.requests(WARM_UP, f"{tag}-warm")
+    harness.publish_now(warm)
+    harness.wait_results_in_clickhouse([r["request_id"] for r in warm], timeout_s=180)
+    stream = harness.requests(STREAM, tag)
+    harness.stream(stream, RATE_PER_S)
+    return [r["request_id"] for r in warm + stream], worker
+
+
+def wait_stream_midway(harness, ids, share: float = 0.4) -> None:
+    deadline = time.monotonic() + 60
+    while len(harness.published) < len(ids) * share and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def backlog(harness, tag: str, count: int = 12) -> list[str]:
+    """A burst on top of the stream, returned once its first result is in: the worker is busy with the rest."""
+    burst = harness.requests(count, f"{tag}-burst")
+    harness.publish_now(burst)
+    ids = [r["request_id"] for r in burst]
+    deadline = time.monotonic() + 120
+    while harness.landed(ids) == 0:
+        assert time.monotonic() < deadline, harness.logs()
+        time.sleep(0.2)
+    return ids
+
+
+def test_worker_killed_with_sigkill_mid_batch(harness):
+    ids, worker = start(harness, "sigkill")
+    wait_stream_midway(harness, ids)
+    burst = backlog(harness, "sigkill")
+    worker.kill()  # whatever it rendered but had not committed is redelivered to the next worker
+    cleared = time.time()
+    in_flight = len(burst) - harness.landed(burst)
+    assert in_flight > 0, "the burst was done before the kill: nothing was in flight"
+    harness.start_worker("sigkill-b")
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("worker SIGKILL mid-batch", ids + burst, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def test_worker_sigterm_with_requests_in_flight_finishes_or_hands_back(harness):
+    ids, worker = start(harness, "sigterm")
+    wait_stream_midway(harness, ids)
+    burst = backlog(harness, "sigterm")
+    code = worker.stop(timeout_s=60)  # SIGTERM; SIGKILL only after 60 s
+    cleared = time.time()
+    # Whatever it finished is in ClickHouse once its results are; the rest it handed back, uncommitted.
+    print(f"\nSIGTERM: {harness.landed(burst)} of the burst's {len(burst)} done by the stopping worker")
+    assert code == 0, f"worker exited with {code} after SIGTERM\n{worker.log_tail()}"
+    harness.start_worker("sigterm-b")
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("worker SIGTERM in flight", ids + burst, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def test_kafka_broker_stopped_and_restarted(harness):
+    kafka = harness.stack.services[0]
+    ids, _ = start(harness, "kafka")
+    wait_stream_midway(harness, ids)
+    kafka.stop()
+    time.sleep(5)
+    kafka.start()
+    cleared = time.time()
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("Kafka broker stop/restart", ids, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def test_clickhouse_stopped_and_restarted_while_the_sink_inserts(harness):
+    clickhouse = harness.stack.services[1]
+    ids, _ = start(harness, "clickhouse")
+    wait_stream_midway(harness, ids)
+    clickhouse.stop()
+    time.sleep(8)  # results keep coming into Kafka; the sink cannot insert them
+    clickhouse.start()
+    cleared = time.time()
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("ClickHouse stop/restart", ids, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def test_object_storage_refusing_for_fifteen_seconds(harness):
+    s3 = harness.stack.services[2]
+    ids, _ = start(harness, "s3")
+    wait_stream_midway(harness, ids, share=0.2)
+    s3.stop()
+    time.sleep(15)
+    s3.start()
+    cleared = time.time()
+    after = harness.requests(2, "s3-after")
+    harness.publish_now(after)
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("S3 refusing 15 s", ids + [r["request_id"] for r in after], recovery)
+    assert set(row["outcomes"]) <= {"SUCCEEDED:", "FAILED:STORAGE_UNAVAILABLE"}
+    assert all(row["status_of"][r["request_id"]] == "SUCCEEDED" for r in after)  # storage is used again
