@@ -59,6 +59,9 @@ class Settings:
         "experiments.json", "Experiments file: variants' overrides applied by the processors, read by `analyze`."
     )
     moderation_policy: str = _setting("", "Moderation policy file (thresholds, rules); empty uses the defaults.")
+    max_requests_per_user_per_minute: int = _setting(
+        600, "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off."
+    )
     max_batch: int = _setting(8, "Most compatible requests run in one model batch.")
     max_wait_ms: int = _setting(50, "Longest a request waits for its batch to fill.")
     max_source_pixels: int = _setting(4_194_304, "Largest edit source or mask accepted, in pixels.")

@@ -186,6 +186,27 @@ def queue_ms(message: Inbound, started_s: float) -> float:
     return (started_s - message.timestamp_s) * 1000.0
 
 
+class UserRateLimiter:
+    """A token bucket per user, on the requests' own timestamps: a user who floods the topic is cut back to
+    ``per_minute`` at moderation, so the requests of everyone else behind the flood are not held up by it."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
+
+    def allow(self, user_id: str, at_s: float) -> bool:
+        if self.per_minute <= 0:
+            return True
+        rate = self.per_minute / 60.0
+        tokens, last = self._buckets.get(user_id, (float(self.per_minute), at_s))
+        tokens = min(float(self.per_minute), tokens + max(0.0, at_s - last) * rate)
+        allowed = tokens >= 1.0
+        self._buckets[user_id] = (tokens - 1.0 if allowed else tokens, max(last, at_s))
+        if len(self._buckets) > 100_000:  # forget users idle long enough for their bucket to be full again
+            self._buckets = {u: b for u, b in self._buckets.items() if at_s - b[1] < 60.0}
+        return allowed
+
+
 class ModerationStage:
     """Prompt and input-image checks; forwards what passes to the generate or edit topic."""
 
@@ -206,13 +227,14 @@ class ModerationStage:
         self.images = images
         self.store = store
         self.emit = Emitter(settings, codec, worker_id)
+        self.limiter = UserRateLimiter(settings.max_requests_per_user_per_minute)
 
     def handle(self, message: Inbound) -> list[Emission]:
         started_s = time.time()
         request = decode_request(message, self.settings, self.codec, self.emit, "moderation")
         if request is not None:
             try:
-                outcome = self._moderate(request)
+                outcome = self._moderate(request, message.timestamp_s)
             except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
                 log.exception("moderation failed", extra={"request_id": request["request_id"]})
                 self.emit.dead_letter(message, f"internal error: {e!r}", "moderation", request["request_id"])
@@ -236,10 +258,13 @@ class ModerationStage:
                 self.emit.result(request, outcome, {"moderation": compute_ms})
         return self.emit.take()
 
-    def _moderate(self, request: Record) -> Outcome | None:
+    def _moderate(self, request: Record, produced_s: float) -> Outcome | None:
         """None when the request may go on; otherwise its terminal outcome."""
         if deadline_passed(request, utc_now()):
             return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request['deadline'].isoformat()} passed")
+        if not self.limiter.allow(request["user_id"], produced_s):
+            limit = self.settings.max_requests_per_user_per_minute
+            return Outcome.failed("RATE_LIMITED", f"user {request['user_id']} is over {limit} requests per minute")
         verdict = self.prompts.check(request["prompt"], request.get("negative_prompt"))
         if not verdict.allowed:
             return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)

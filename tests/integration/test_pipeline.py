@@ -252,3 +252,23 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
     assert all(len({e["event_id"] for e in events}) == 1 for events in results.events.values())
     workers = collect(pipeline, pipeline.topic_metrics, "StageMetric", dict.fromkeys(ids, 3), timeout_s=60)
     assert len({m["worker_id"] for events in workers.events.values() for m in events}) == 2
+
+
+def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipeline, tmp_path):
+    settings = dataclasses.replace(pipeline, max_requests_per_user_per_minute=10)
+
+    def request(user, i):
+        return new_request(prompt=f"{user} {i}", model="tiny-sd", user_id=user, width=64, height=64, steps=2, seed=i)
+
+    flood = [request("flooder", i) for i in range(40)]
+    others = [request(f"user-{i}", i) for i in range(3)]
+    with WorkerProcess(settings, ["moderation", "generate"], tmp_path / "worker.log") as worker:
+        publish(settings, flood[:20] + others + flood[20:])
+        ids = [r["request_id"] for r in flood + others]
+        results = collect(settings, settings.topic_results, "ImageResult", ids, timeout_s=240)
+        assert not results.missing, worker.log_tail()
+    latest = results.latest()
+    assert all(latest[r["request_id"]]["status"] == "SUCCEEDED" for r in others)
+    outcomes = [(latest[r["request_id"]]["status"], latest[r["request_id"]]["error_code"]) for r in flood]
+    assert outcomes.count(("SUCCEEDED", None)) == 10
+    assert outcomes.count(("FAILED", "RATE_LIMITED")) == 30

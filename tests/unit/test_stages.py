@@ -8,6 +8,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 from pixelpipe.config import Settings
 from pixelpipe.processors.stages import (
     Inbound,
+    UserRateLimiter,
     _Pending,
     apply_overrides,
     batch_key,
@@ -108,3 +109,12 @@ def test_transient_errors_are_retried_with_backoff_and_bad_input_is_not():
     assert not is_transient(
         ClientError({"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}, "Get")
     )
+
+
+def test_a_flooding_user_is_cut_back_to_the_rate_and_others_are_not():
+    limiter = UserRateLimiter(per_minute=60)  # one a second, bursts of 60
+    flood = [limiter.allow("flooder", 1000.0 + i * 0.01) for i in range(200)]  # 200 requests in 2 s
+    assert flood.count(True) == 61  # the burst, plus the one token the 2 s refilled
+    assert all(limiter.allow("someone-else", 1001.0 + i) for i in range(10))
+    assert limiter.allow("flooder", 1062.0)  # a minute later the bucket has refilled
+    assert all(UserRateLimiter(per_minute=0).allow("u", 0.0) for _ in range(1000))  # 0 turns it off
