@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pixelpipe.config import Settings
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, create_database, drop_database
+from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, create_database, drop_database
 from pixelpipe.stack import LocalStack
 
 
@@ -157,6 +157,16 @@ def clickhouse_url(servers: Settings) -> Iterator[str]:
         yield url
     finally:
         drop_database(servers.clickhouse_url, database)
+
+
+@pytest.fixture
+def server_client(clickhouse_url: str) -> Iterator[ServerClient]:
+    """A client of this test's own database on the ClickHouse server."""
+    client = ServerClient(clickhouse_url)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture

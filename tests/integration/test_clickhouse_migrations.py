@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -91,15 +90,6 @@ def _insert(client: ClickHouseClient, table: str, rows: list[dict[str, str]]) ->
         "SELECT " + ", ".join(f"{value} AS {name}" for name, value in row.items()) for row in rows
     )
     client.execute(f"INSERT INTO {table} ({columns}) {selects}")
-
-
-@pytest.fixture
-def server_client(clickhouse_url: str) -> Iterator[ServerClient]:
-    client = ServerClient(clickhouse_url)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _check_migrations(client: ClickHouseClient) -> None:

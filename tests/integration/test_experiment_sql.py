@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,15 +26,6 @@ EXPERIMENT = Experiment(
 )
 # A window inside the experiment, so rows on both sides of its edges are left out.
 WINDOW = ss.Window.of(EXPERIMENT.start + datetime.timedelta(days=1), EXPERIMENT.start + datetime.timedelta(days=12), 7)
-
-
-@pytest.fixture
-def server_client(clickhouse_url: str) -> Iterator[ServerClient]:
-    client = ServerClient(clickhouse_url)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _seed(client: ClickHouseClient) -> None:
