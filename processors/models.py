@@ -27,7 +27,14 @@ from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    DDIMScheduler,
     DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 from PIL import Image
 
@@ -39,6 +46,18 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
+
+
+# Schedulers a request (an experiment's variant) may pick by name; each is built from the model's own config.
+SCHEDULERS: dict[str, Any] = {
+    "ddim": DDIMScheduler,
+    "dpm-solver++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-ancestral": EulerAncestralDiscreteScheduler,
+    "lcm": LCMScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
 
 
 class ModelError(ValueError):
@@ -226,12 +245,13 @@ class DiffusionModels:
         guidance: float | None = None,
         seeds: Sequence[int] | None = None,
         n_per_prompt: int = 1,
+        scheduler: str | None = None,
     ) -> BatchOutput:
-        """Text-to-image for a batch of prompts; ``steps`` and ``guidance`` default to the model's."""
+        """Text-to-image for a batch of prompts; ``steps``, ``guidance`` and ``scheduler`` default to the model's."""
         m = self.load(model)
         _check_size(width, height)
         batch = _Batch.of(m, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt)
-        return self._run(m, m.text2image, batch, {"width": width, "height": height})
+        return self._run(m, m.text2image, batch, {"width": width, "height": height}, scheduler)
 
     def edit(
         self,
@@ -247,6 +267,7 @@ class DiffusionModels:
         guidance: float | None = None,
         seeds: Sequence[int] | None = None,
         n_per_prompt: int = 1,
+        scheduler: str | None = None,
     ) -> BatchOutput:
         """Image-to-image (``masks`` None) or inpainting (white mask pixels are repainted) for a batch.
 
@@ -266,11 +287,20 @@ class DiffusionModels:
         # Batched images must share one size; resizing here also sets the output size for image-to-image.
         batch.per_image["image"] = batch.repeat([_resized(im.convert("RGB"), width, height) for im in images])
         if masks is None:
-            return self._run(m, m.image2image, batch, {"strength": strength})
+            return self._run(m, m.image2image, batch, {"strength": strength}, scheduler)
         batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
-        return self._run(m, m.inpaint, batch, {"strength": strength, "width": width, "height": height})
+        return self._run(m, m.inpaint, batch, {"strength": strength, "width": width, "height": height}, scheduler)
 
-    def _run(self, m: LoadedModel, pipe: DiffusionPipeline, batch: _Batch, shared: dict[str, Any]) -> BatchOutput:
+    def _run(
+        self,
+        m: LoadedModel,
+        pipe: DiffusionPipeline,
+        batch: _Batch,
+        shared: dict[str, Any],
+        scheduler: str | None = None,
+    ) -> BatchOutput:
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
         shared = {**shared, **batch.shared, "num_images_per_prompt": 1, "output_type": "pil"}
         if self.batch_invariant:
             # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
@@ -280,12 +310,18 @@ class DiffusionModels:
             calls = [batch.per_image]
         flat: list[Image.Image] = []
         with m.run_lock, torch.inference_mode():
-            _synchronize(m.device)
-            start = time.perf_counter()
-            for per_image in calls:
-                flat += pipe(**per_image, **shared).images
-            _synchronize(m.device)
-            seconds = time.perf_counter() - start
+            configured = pipe.scheduler
+            if scheduler is not None:  # for this call only; the run lock keeps other calls from seeing it
+                pipe.scheduler = SCHEDULERS[scheduler].from_config(configured.config)
+            try:
+                _synchronize(m.device)
+                start = time.perf_counter()
+                for per_image in calls:
+                    flat += pipe(**per_image, **shared).images
+                _synchronize(m.device)
+                seconds = time.perf_counter() - start
+            finally:
+                pipe.scheduler = configured
         n = batch.n_per_prompt
         return BatchOutput([flat[i : i + n] for i in range(0, len(flat), n)], seconds, batch.seeds)
 

@@ -164,17 +164,15 @@ def _unreadable_request(request_id: str) -> Record:
 
 
 def apply_overrides(request: Record, experiments: Mapping[str, Experiment]) -> Record:
-    """The request with the overrides of its assigned variants applied (model, steps, guidance).
+    """The request with the overrides of its assigned variants applied (model, steps, guidance, scheduler).
 
-    Experiments apply in key order, so when two override the same parameter the later key wins. A variant's
-    scheduler override is not applied: the pipelines run their configured scheduler.
+    Experiments apply in key order, so when two override the same parameter the later key wins. ``scheduler``
+    is not an ImageRequest field: it exists only on the record a stage works with.
     """
-    changed = dict(request)
+    changed = {"scheduler": None} | request
     for key, variant in sorted(request["experiments"].items()):
         if key in experiments:
-            for name, value in experiments[key].overrides_for(variant).items():
-                if name in ("model", "steps", "guidance"):
-                    changed[name] = value
+            changed |= experiments[key].overrides_for(variant)
     return changed
 
 
@@ -322,6 +320,7 @@ def batch_key(request: Record) -> tuple[Any, ...]:
         request["n"],
         request["strength"],
         request["mask_uri"] is not None,
+        request.get("scheduler"),
     )
 
 
@@ -468,6 +467,7 @@ class RenderStage:
             "guidance": first["guidance"],
             "seeds": [request_seed(r) for r in requests],
             "n_per_prompt": first["n"],
+            "scheduler": first.get("scheduler"),
         }
         if self.kind == "GENERATE":
             return self.models.generate(first["model"], **common)

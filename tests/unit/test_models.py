@@ -72,6 +72,22 @@ def test_same_seed_same_bytes_and_different_seed_different_bytes(models):
     assert png(11) != png(11, model="tiny-sd-b")
 
 
+def test_a_scheduler_can_be_chosen_per_call_and_the_configured_one_comes_back(models):
+    def png(scheduler=None) -> bytes:
+        out = models.generate(
+            "tiny-sd", ["a red fox"], width=64, height=64, steps=STEPS, seeds=[3], scheduler=scheduler
+        )
+        return encode_png(out.images[0][0])
+
+    default = png()
+    assert png("euler") != default
+    assert png("lcm") != default
+    assert png() == default  # the override lasted one call
+    assert type(models.load("tiny-sd").text2image.scheduler).__name__ == "DDIMScheduler"
+    with pytest.raises(ModelError, match="unknown scheduler 'warp'; known: ddim, dpm-solver"):
+        png("warp")
+
+
 def test_batch_composition_does_not_change_an_image(models):
     alone = models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[7])
     batch = models.generate("tiny-sd", ["a dog", "a cat", "a bird"], width=64, height=64, steps=STEPS, seeds=[1, 7, 3])

@@ -52,10 +52,10 @@ def request(**fields):
 def test_overrides_of_assigned_variants_apply_in_key_order():
     assert apply_overrides(request(experiments={"a-steps": "fast"}), EXPERIMENTS)["steps"] == 2
     both = apply_overrides(request(experiments={"a-steps": "fast", "b-model": "big"}), EXPERIMENTS)
-    assert (both["model"], both["steps"]) == ("tiny-sd-b", 9)  # b-model comes after a-steps
-    assert "scheduler" not in both
+    assert (both["model"], both["steps"], both["scheduler"]) == ("tiny-sd-b", 9, "lcm")  # b-model after a-steps
     untouched = request(experiments={"a-steps": "control", "unknown": "x"}, steps=7)
-    assert apply_overrides(untouched, EXPERIMENTS) == untouched
+    assert apply_overrides(untouched, EXPERIMENTS) == untouched | {"scheduler": None}
+    assert batch_key(both) != batch_key(both | {"scheduler": None})
 
 
 def pending(**fields):
