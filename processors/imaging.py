@@ -55,7 +55,7 @@ def _decode(data: bytes, max_pixels: int, allowed_formats: frozenset[str]) -> Im
     try:
         probe = Image.open(io.BytesIO(data), formats=sorted(allowed_formats))
     except Image.UnidentifiedImageError:
-        raise ImageError(f"not an image in an allowed format ({', '.join(sorted(allowed_formats))})") from None
+        raise ImageError(_refusal(data, allowed_formats)) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"image refused as a decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -87,3 +87,13 @@ def decode_mask(data: bytes, image: Image.Image, max_pixels: int = DEFAULT_MAX_P
             "a mask must have the same size as its image"
         )
     return mask
+
+
+def _refusal(data: bytes, allowed_formats: frozenset[str]) -> str:
+    """Why bytes outside the allow-list were refused, naming the format when Pillow knows it (header only)."""
+    allowed = ", ".join(sorted(allowed_formats))
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return f"{image.format} is not an allowed image format ({allowed})"
+    except Exception:  # anything Pillow cannot open at all
+        return f"not an image (allowed formats: {allowed})"

@@ -272,3 +272,44 @@ def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipelin
     outcomes = [(latest[r["request_id"]]["status"], latest[r["request_id"]]["error_code"]) for r in flood]
     assert outcomes.count(("SUCCEEDED", None)) == 10
     assert outcomes.count(("FAILED", "RATE_LIMITED")) == 30
+
+
+def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, tmp_path):
+    store = open_object_store(pipeline)
+    bomb = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16 Mpx of zeros compress to a few KB
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    sources = {
+        "bomb": store.put("inputs/bomb.png", bomb.getvalue(), "image/png").uri,
+        "text": store.put("inputs/not-an-image.png", b"%PDF-1.4 definitely not a PNG", "image/png").uri,
+        "gif": store.put("inputs/anim.gif", gif.getvalue(), "image/gif").uri,
+        "missing": store.uri_for("inputs/never-written.png"),
+    }
+    edits = {
+        name: new_request(kind="EDIT", prompt=name, model="tiny-sd", user_id="u", source_image_uri=uri)
+        for name, uri in sources.items()
+    }
+    oversized = new_request(prompt="x" * 5000, model="tiny-sd", user_id="u")
+    good = new_request(prompt="a fox after all that", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
+    valid = Codec().encode("ImageRequest", good)
+    with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
+        with Publisher(pipeline) as publisher:
+            publisher.publish_encoded(b"truncated-1", valid[: len(valid) // 2]).result(timeout=30)
+        publish(pipeline, [*edits.values(), oversized, good])
+        ids = ["truncated-1", *(r["request_id"] for r in [*edits.values(), oversized, good])]
+        results = collect(pipeline, pipeline.topic_results, "ImageResult", ids, timeout_s=240)
+        assert not results.missing, worker.log_tail()
+    latest = results.latest()
+    failures = {
+        name: (latest[r["request_id"]]["error_code"], latest[r["request_id"]]["error_message"])
+        for name, r in edits.items()
+    }
+    assert failures["bomb"][0] == "INVALID_SOURCE" and "pixels" in failures["bomb"][1]
+    assert failures["text"][0] == "INVALID_SOURCE"
+    assert failures["gif"][0] == "INVALID_SOURCE" and "GIF" in failures["gif"][1]
+    assert failures["missing"][0] == "INVALID_SOURCE"
+    assert latest[oversized["request_id"]]["error_code"] == "INVALID_REQUEST"
+    assert "prompt: must be at most 2000 characters" in latest[oversized["request_id"]]["error_message"]
+    assert latest["truncated-1"]["error_code"] == "UNDECODABLE"
+    assert latest[good["request_id"]]["status"] == "SUCCEEDED"
