@@ -259,8 +259,8 @@ class Kafka(LocalService):
                     "kafka.tools.StorageTool",
                     "format",
                     "--standalone",
-                    "--cluster-id",
-                    cluster_id,
+                    # One argument: a base64url id may start with "-", which argparse would take for an option.
+                    f"--cluster-id={cluster_id}",
                     "--config",
                     str(self.dir / "server.properties"),
                 ],
