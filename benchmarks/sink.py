@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 from pixelpipe import logs
 from pixelpipe.config import Settings
 from pixelpipe.schemas import Codec
-from pixelpipe.sinks.clickhouse.migrate import ServerClient, apply_migrations, create_database
+from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, migrate
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
 from pixelpipe.topics import ensure_topics
@@ -82,9 +82,7 @@ def events(requests: int) -> tuple[list[dict], list[dict]]:
 
 def fresh_database(url: str, name: str) -> str:
     database_url = create_database(url, name)
-    client = ServerClient(database_url)
-    apply_migrations(client)
-    client.close()
+    migrate(database_url)
     return database_url
 
 

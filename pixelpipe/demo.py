@@ -90,17 +90,13 @@ def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Set
     """The tiny models when the registry is missing, the topics, the ClickHouse schema, and an experiments file
     with the demo's experiment when none is configured; returns the settings to run with."""
     from pixelpipe.processors.tiny_models import build_tiny_models
-    from pixelpipe.sinks.clickhouse.migrate import apply_migrations, connect
+    from pixelpipe.sinks.clickhouse.migrate import migrate
 
     if not Path(settings.model_registry).exists():
         echo("building the tiny models ...")
         build_tiny_models(Path(settings.model_registry).parent)
     ensure_topics(settings)
-    client = connect(settings.clickhouse_url)
-    try:
-        apply_migrations(client)
-    finally:
-        client.close()
+    migrate(settings.clickhouse_url)
     if Path(settings.experiments_file).exists():
         return settings
     experiments_file = logs / "experiments.json"

@@ -194,6 +194,15 @@ def apply_migrations(client: ClickHouseClient, ttl_days: int | None = None) -> l
     return [path.stem for path in pending]
 
 
+def migrate(url: str, ttl_days: int | None = None) -> list[str]:
+    """Connect to ``url``, apply the pending migrations and close; returns the names applied."""
+    client = connect(url)
+    try:
+        return apply_migrations(client, ttl_days)
+    finally:
+        client.close()
+
+
 def drop_expired_partitions(
     client: ClickHouseClient, ttl_days: int, today: datetime.date | None = None
 ) -> list[tuple[str, str]]:

@@ -31,7 +31,7 @@ from pixelpipe.processors.tiny_models import build_tiny_models
 from pixelpipe.processors.workers import WorkerProcess
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
-from pixelpipe.sinks.clickhouse.migrate import ServerClient, apply_migrations, create_database, drop_database
+from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, drop_database, migrate
 from pixelpipe.sinks.objects import open_object_store
 from pixelpipe.stack import LocalStack
 from pixelpipe.topics import ensure_topics
@@ -122,9 +122,7 @@ class Harness:
         )
         self.sink_group = f"faults-sink-{suffix}"
         ensure_topics(self.settings)
-        client = ServerClient(url)
-        apply_migrations(client)
-        client.close()
+        migrate(url)
         self.workers: list[WorkerProcess] = []
         self.sinks: list[subprocess.Popen[bytes]] = []
         self.published: dict[str, float] = {}  # request id -> when its delivery was acknowledged

@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from pixelpipe.schemas import Codec
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, apply_migrations, connect
+from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, apply_migrations, connect, migrate
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
 from pixelpipe.topics import ensure_topics
@@ -127,9 +127,7 @@ def make_topics(settings):
 @pytest.fixture
 def server_url(clickhouse_url):
     """A migrated database of this test's own on the CI server."""
-    client = ServerClient(clickhouse_url)
-    apply_migrations(client)
-    client.close()
+    migrate(clickhouse_url)
     return clickhouse_url
 
 
