@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from pixelpipe.producers.experiments import (
+from pixelpipe.analytics.defaults import DEFAULT_MIN_USERS_PER_ARM
+from pixelpipe.core.experiments import (
     ExperimentConfigError,
     UnknownExperimentError,
     get_experiment,
     load_experiments,
 )
-from pixelpipe.producers.experiments import parse_time as _parse_time
+from pixelpipe.core.experiments import parse_time as _parse_time
 
 
 def _time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime.datetime | None:
@@ -44,7 +45,11 @@ def _time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> da
 @click.option("--by", "dimension", help="Also split every metric by this dimension (kind or model).")
 @click.option("--pre-days", default=14, show_default=True, type=click.IntRange(min=0), help="Pre-period for CUPED.")
 @click.option(
-    "--min-users", default=100, show_default=True, type=click.IntRange(min=2), help="Per arm, for an interval."
+    "--min-users",
+    default=DEFAULT_MIN_USERS_PER_ARM,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Per arm, for an interval.",
 )
 @click.option("--clickhouse-url", envvar="PIXELPIPE_CLICKHOUSE_URL", help="Default: PIXELPIPE_CLICKHOUSE_URL.")
 @click.option(
@@ -65,14 +70,14 @@ def analyze(
     """Analyse EXPERIMENT: print lifts per metric and write a self-contained HTML report."""
     from pixelpipe.analytics.report import AnalysisError
     from pixelpipe.analytics.report import analyze as run_analysis
-    from pixelpipe.cli_common import load_settings
-    from pixelpipe.sinks.clickhouse.migrate import connect
+    from pixelpipe.core.cli import load_settings
+    from pixelpipe.core.clickhouse import connect
 
     try:
         spec = get_experiment(load_experiments(experiments_file), experiment)
     except (ExperimentConfigError, UnknownExperimentError) as e:
         raise click.ClickException(str(e)) from e
-    client = connect(clickhouse_url or load_settings().clickhouse_url)
+    client = connect(clickhouse_url or load_settings().clickhouse.url)
     try:
         names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
         result = run_analysis(client, spec, start, end, names, dimension, pre_days, min_users_per_arm=min_users)

@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-MIN_USERS_PER_ARM = 2  # a sample variance divides by n - 1
+MIN_USERS_FOR_VARIANCE = 2  # a sample variance divides by n - 1
 
 
 class InsufficientSampleError(ValueError):
@@ -294,10 +294,10 @@ def _ratio_var(a: float, b: float, var_a: float, var_b: float, cov_ab: float) ->
 
 
 def _check_users(arm: str, n: int) -> None:
-    if n < MIN_USERS_PER_ARM:
+    if n < MIN_USERS_FOR_VARIANCE:
         raise InsufficientSampleError(
-            f"the {arm} arm has {n} user(s); at least {MIN_USERS_PER_ARM} per arm are needed to estimate a "
-            f"variance ({MIN_USERS_PER_ARM - n} more). Wait for more traffic before reading this experiment."
+            f"the {arm} arm has {n} user(s); at least {MIN_USERS_FOR_VARIANCE} per arm are needed to estimate a "
+            f"variance ({MIN_USERS_FOR_VARIANCE - n} more). Wait for more traffic before reading this experiment."
         )
 
 

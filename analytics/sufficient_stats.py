@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pixelpipe.analytics.stats import MeanStats, RatioStats
-from pixelpipe.producers.experiments import Experiment
+from pixelpipe.core.experiments import Experiment
 
 QUANTILE_SAMPLE_CAP = 100_000  # users per arm whose values a quantile metric pulls
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from fastavro import schemaless_reader, schemaless_writer
 
 from pixelpipe.producers import new_request
-from pixelpipe.schemas.codec import Codec, InMemorySchemaRegistry, current_schemas
+from pixelpipe.core.codec import Codec, InMemorySchemaRegistry, current_schemas
 
 
 def rate(events: int, step: Callable[[], object]) -> float:

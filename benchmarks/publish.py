@@ -18,11 +18,11 @@ import uuid
 
 from confluent_kafka import Producer
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.publisher import producer_config
 from pixelpipe.schemas import Codec
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.topics import ensure_topics
 
 EVENT_BYTES = 1024
 

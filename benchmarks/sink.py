@@ -20,13 +20,13 @@ import uuid
 
 from confluent_kafka import Producer
 
-from pixelpipe import logs
-from pixelpipe.config import Settings
+from pixelpipe.core import logs
+from pixelpipe.core.settings import Settings
 from pixelpipe.schemas import Codec
 from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, migrate
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.topics import ensure_topics
 
 BATCH_ROWS = 50_000
 

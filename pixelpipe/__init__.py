@@ -1,8 +1,10 @@
 """pixelpipe: image generation and editing at scale.
 
-Subpackages are the architecture: ``schemas`` (contracts and codec), ``producers`` (SDK and CLI for upstream
-services), ``processors`` (Faust stages), ``sinks`` (object storage and ClickHouse), ``analytics`` (dashboards
-and experiments). ``pixelpipe.config`` holds the one settings object and ``pixelpipe.stack`` runs the local servers.
+Subpackages are the architecture. ``pixelpipe.core`` is what every stage shares (settings, typed events and the
+codec, validation, experiments, the object store, the ClickHouse client, ids, clock, logs); the stage folders
+``producers`` (SDK and CLI for upstream services), ``processors`` (Faust stages), ``sinks`` (ClickHouse) and
+``analytics`` (dashboards and experiments) import it and never each other; ``schemas`` holds the Avro contracts;
+``pixelpipe.tools`` (local stack, demo, tiny models) sits beside the runtime, which never imports it.
 """
 
 __version__ = "0.1.0"

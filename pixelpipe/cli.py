@@ -9,8 +9,14 @@ from pathlib import Path
 
 import click
 
-from pixelpipe.cli_common import load_settings
-from pixelpipe.config import settings_table
+from pixelpipe.core.cli import load_settings
+from pixelpipe.core.settings import Settings, section_from_env, section_redacted, settings_table
+from pixelpipe.tools.stack.settings import StackSettings
+
+
+def _stack_settings() -> StackSettings:
+    load_settings()  # logs, and a clean error for a bad runtime setting
+    return section_from_env(StackSettings, os.environ)
 
 
 @click.group()
@@ -32,9 +38,10 @@ def main() -> None:
 def config_command(markdown: bool) -> None:
     """Show the settings in force (secrets masked)."""
     if markdown:
-        click.echo(settings_table())
+        click.echo(settings_table([*Settings.sections(), StackSettings]))
     else:
-        click.echo(json.dumps(load_settings().redacted(), indent=2))
+        shown = load_settings().redacted() | {"stack": section_redacted(_stack_settings())}
+        click.echo(json.dumps(shown, indent=2))
 
 
 # -- local stack ---------------------------------------------------------------------------------------------
@@ -53,10 +60,10 @@ def _print_status(statuses: list) -> bool:
 @stack.command("up")
 def stack_up() -> None:
     """Start every service that is not running and wait until each answers."""
-    from pixelpipe.stack import LocalStack, StackError
+    from pixelpipe.tools.stack import LocalStack, StackError
 
     try:
-        statuses = LocalStack(load_settings()).up()
+        statuses = LocalStack(_stack_settings()).up()
     except StackError as e:
         raise click.ClickException(str(e)) from e
     _print_status(statuses)
@@ -65,9 +72,9 @@ def stack_up() -> None:
 @stack.command("down")
 def stack_down() -> None:
     """Stop every service (SIGTERM, then SIGKILL after a grace period)."""
-    from pixelpipe.stack import LocalStack
+    from pixelpipe.tools.stack import LocalStack
 
-    local = LocalStack(load_settings())
+    local = LocalStack(_stack_settings())
     local.down()
     _print_status(local.status())
 
@@ -75,18 +82,18 @@ def stack_down() -> None:
 @stack.command("status")
 def stack_status() -> None:
     """Report each service; exits 1 unless all are healthy."""
-    from pixelpipe.stack import LocalStack
+    from pixelpipe.tools.stack import LocalStack
 
-    if not _print_status(LocalStack(load_settings()).status()):
+    if not _print_status(LocalStack(_stack_settings()).status()):
         sys.exit(1)
 
 
 @stack.command("env")
 def stack_env() -> None:
     """Print shell exports that point pixelpipe at the local stack: eval "$(pixelpipe stack env)"."""
-    from pixelpipe.stack import LocalStack
+    from pixelpipe.tools.stack import LocalStack
 
-    for name, value in LocalStack(load_settings()).client_env().items():
+    for name, value in LocalStack(_stack_settings()).client_env().items():
         click.echo(f"export {name}={value}")
 
 
@@ -94,9 +101,10 @@ def stack_env() -> None:
 @main.command("topics")
 def topics_command() -> None:
     """Create the pipeline's topics that do not exist yet."""
-    from pixelpipe.topics import ensure_topics
+    from pixelpipe.core.topics import ensure_topics
 
-    created = ensure_topics(load_settings())
+    settings = load_settings()
+    created = ensure_topics(settings.kafka, settings.topics)
     click.echo(f"created: {', '.join(created) or 'none (all exist)'}")
 
 
@@ -128,7 +136,7 @@ def models() -> None:
 @click.option("--out", "out_dir", default="./data/models", show_default=True, type=click.Path(path_type=Path))
 def models_init_tiny(out_dir: Path) -> None:
     """Build tiny seeded random-weight pipelines and their registry (for tests and the CPU demo)."""
-    from pixelpipe.processors.tiny_models import build_tiny_models
+    from pixelpipe.tools.tiny_models import build_tiny_models
 
     click.echo(f"registry: {build_tiny_models(out_dir)}")
 
@@ -139,9 +147,9 @@ def models_init_tiny(out_dir: Path) -> None:
 @click.option("--keep-stack", is_flag=True, help="Leave the local stack running if the demo started it.")
 def demo_command(count: int, keep_stack: bool) -> None:
     """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""
-    from pixelpipe.demo import run_demo
+    from pixelpipe.tools.demo import run_demo
 
-    if not run_demo(load_settings(), count, click.echo, keep_stack):
+    if not run_demo(load_settings(), _stack_settings(), count, click.echo, keep_stack):
         sys.exit(1)
 
 
@@ -177,8 +185,8 @@ def publish_command(
     progress: bool,
 ) -> None:
     """Publish ImageRequests from a JSONL file or a synthetic load generator, and count the acknowledgements."""
+    from pixelpipe.core.experiments import parse_experiment_spec
     from pixelpipe.producers import Publisher
-    from pixelpipe.producers.experiments import parse_experiment_spec
     from pixelpipe.producers.load import SyntheticLoad, describe, publish_all, requests_from_jsonl
 
     if (jsonl is None) == (count is None):

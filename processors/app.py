@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,19 +23,45 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from pixelpipe.config import Settings, faust_broker_credentials
-from pixelpipe.processors.stages import Emission, Inbound, ModerationStage, RenderStage
-from pixelpipe.schemas.codec import Codec
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.settings import KafkaSettings, Settings
+from pixelpipe.processors.stages import (
+    EditStage,
+    Emission,
+    GenerateStage,
+    Inbound,
+    ModerationStage,
+    RenderStage,
+    StageContext,
+)
 
 STAGES = ("moderation", "generate", "edit")
+RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
 
 
 def worker_id(settings: Settings) -> str:
-    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    return settings.stages.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def broker_url(settings: Settings) -> str:
-    return ";".join(f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(","))
+def broker_url(kafka: KafkaSettings) -> str:
+    return ";".join(f"kafka://{server.strip()}" for server in kafka.bootstrap.split(","))
+
+
+def broker_credentials(kafka: KafkaSettings) -> Any:
+    """The SASL and TLS settings of ``KafkaSettings.client_config`` in the form Faust (aiokafka) takes; None for
+    PLAINTEXT."""
+    protocol = kafka.security_protocol.upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password,
+            mechanism=kafka.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context else None
 
 
 def inbound(event: EventT) -> Inbound:
@@ -48,12 +75,12 @@ def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
     if unknown or not stages:
         raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     app = faust.App(
-        f"{settings.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
-        broker=broker_url(settings),
-        broker_credentials=faust_broker_credentials(settings),
+        f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
+        broker=broker_url(settings.kafka),
+        broker_credentials=broker_credentials(settings.kafka),
         web_enabled=False,
         store="memory://",
-        topic_partitions=settings.topic_partitions,
+        topic_partitions=settings.topics.partitions,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         # Model calls never block the loop, so heartbeats flow during a batch and a dead worker can be noticed
@@ -62,14 +89,16 @@ def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
         broker_heartbeat_interval=3.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        stream_buffer_maxsize=max(64, settings.max_batch * 8),
+        # Room for a few takes, so the next one is ready when a batch finishes.
+        stream_buffer_maxsize=max(64, settings.stages.take_events * 4),
     )
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw")
 
-    codec = Codec()
-    me = worker_id(settings)
+    context = StageContext(
+        settings.topics, settings.limits, settings.stages, codec_from_settings(settings.kafka), worker_id(settings)
+    )
 
     async def send_all(emissions: list[Emission]) -> None:
         # Wait for the broker's acknowledgement of every emission before the input counts as processed.
@@ -80,16 +109,16 @@ def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
         stage_holder: list[ModerationStage] = []
 
-        @app.agent(topic(settings.topic_requests), name="moderation")
+        @app.agent(topic(settings.topics.requests), name="moderation")
         async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
-            stage = await _build(executor, lambda: _moderation_stage(settings, codec, me), stage_holder)
+            stage = await _build(executor, lambda: _moderation_stage(settings, context), stage_holder)
             async for event in stream.events():
                 await send_all(await _run(executor, stage.handle, inbound(event)))
                 yield None
 
-    for kind, topic_name in (("generate", settings.topic_generate), ("edit", settings.topic_edit)):
+    for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
         if kind in stages:
-            _add_render_agent(app, topic(topic_name), kind, settings, codec, me, send_all)
+            _add_render_agent(app, topic(topic_name), kind, settings, context, send_all)
     return app
 
 
@@ -98,8 +127,7 @@ def _add_render_agent(
     source: faust.TopicT,
     kind: str,
     settings: Settings,
-    codec: Codec,
-    me: str,
+    context: StageContext,
     send_all: Callable[[list[Emission]], Any],
 ) -> None:
     executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
@@ -107,9 +135,11 @@ def _add_render_agent(
 
     @app.agent(source, name=kind)
     async def render(stream: faust.StreamT) -> AsyncIterator[None]:
-        stage = await _build(executor, lambda: _render_stage(kind.upper(), settings, codec, me), stage_holder)
-        # Faust's time-bounded take is the dynamic batcher: up to max_batch events, or what came in max_wait_ms.
-        async for events in stream.take_events(settings.max_batch, within=settings.max_wait_ms / 1000):
+        stage = await _build(executor, lambda: _render_stage(RENDER_STAGES[kind], settings, context), stage_holder)
+        # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or what
+        # came in max_wait_ms.
+        take, within_s = settings.stages.take_events, settings.stages.max_wait_ms / 1000
+        async for events in stream.take_events(take, within=within_s):
             await send_all(await _run(executor, stage.handle_batch, [inbound(e) for e in events]))
             yield None
 
@@ -125,50 +155,51 @@ async def _build(executor: ThreadPoolExecutor, factory: Callable[[], Any], holde
     return holder[0]
 
 
-def _moderation_stage(settings: Settings, codec: Codec, me: str) -> ModerationStage:
+def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
+    from pixelpipe.core.objects import open_object_store
     from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, PromptModerator
-    from pixelpipe.sinks.objects import open_object_store
 
-    policy = ModerationPolicy.from_file(settings.moderation_policy or None)
+    policy = ModerationPolicy.from_file(settings.moderation.policy or None)
     return ModerationStage(
-        settings, codec, PromptModerator(policy), ImageModerator(policy), open_object_store(settings), me
+        context,
+        settings.moderation,
+        PromptModerator(policy),
+        ImageModerator(policy),
+        open_object_store(settings.objects),
     )
 
 
-def _render_stage(kind: str, settings: Settings, codec: Codec, me: str) -> RenderStage:
+def _render_stage(stage: type[RenderStage], settings: Settings, context: StageContext) -> RenderStage:
     import diffusers
     import transformers
 
+    from pixelpipe.core.experiments import load_experiments
+    from pixelpipe.core.objects import open_object_store
     from pixelpipe.processors.models import DiffusionModels
     from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
-    from pixelpipe.producers.experiments import load_experiments
-    from pixelpipe.sinks.objects import open_object_store
 
     # Worker logs are structured lines: no progress bars, no advice about optional packages.
     for library in (diffusers, transformers):
         library.utils.logging.disable_progress_bar()
         library.utils.logging.set_verbosity_error()
-    policy = ModerationPolicy.from_file(settings.moderation_policy or None)
-    experiments_file = Path(settings.experiments_file)
-    return RenderStage(
-        kind,
-        settings,
-        codec,
-        DiffusionModels.from_file(settings.model_registry),
+    policy = ModerationPolicy.from_file(settings.moderation.policy or None)
+    experiments_file = Path(settings.experiments.file)
+    return stage(
+        context,
+        DiffusionModels.from_file(settings.models.registry),
         ImageModerator(policy),
-        open_object_store(settings),
-        me,
+        open_object_store(settings.objects),
         load_experiments(experiments_file) if experiments_file.exists() else {},
     )
 
 
 def run_worker(settings: Settings, stages: Sequence[str]) -> None:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed."""
-    from pixelpipe import logs
-    from pixelpipe.topics import ensure_topics
+    from pixelpipe.core import logs
+    from pixelpipe.core.topics import ensure_topics
 
-    ensure_topics(settings)
+    ensure_topics(settings.kafka, settings.topics)
     app = create_app(settings, stages)
-    level = settings.log_level.upper()
+    level = settings.logs.level.upper()
     worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
     worker.execute_from_commandline()

@@ -60,6 +60,11 @@ SCHEDULERS: dict[str, Any] = {
 }
 
 
+def scheduler_name(scheduler: Any) -> str:
+    """Our name for a scheduler object (e.g. "ddim"), or its class name for one a request cannot pick."""
+    return next((name for name, cls in SCHEDULERS.items() if type(scheduler) is cls), type(scheduler).__name__)
+
+
 class ModelError(ValueError):
     """A registry that cannot be used, a model name it does not hold, or arguments a model cannot run."""
 
@@ -215,6 +220,10 @@ class DiffusionModels:
                 self._loaded[name] = self._load(entry)
             return self._loaded[name]
 
+    def default_scheduler(self, name: str) -> str:
+        """The scheduler ``name`` runs with unless a request picks another (loads the model)."""
+        return scheduler_name(self.load(name).text2image.scheduler)
+
     def loaded(self) -> list[str]:
         return sorted(self._loaded)
 
@@ -299,6 +308,8 @@ class DiffusionModels:
         shared: dict[str, Any],
         scheduler: str | None = None,
     ) -> BatchOutput:
+        if scheduler == scheduler_name(pipe.scheduler):
+            scheduler = None  # the model's own: nothing to swap
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
         shared = {**shared, **batch.shared, "num_images_per_prompt": 1, "output_type": "pil"}

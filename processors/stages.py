@@ -1,42 +1,48 @@
 """What each stage does with its messages, apart from Kafka: plain blocking code, run in an executor.
 
-``ModerationStage.handle`` takes one request; ``RenderStage.handle_batch`` takes a micro-batch of generate or
-edit requests. Both return the events to send (results, metrics, forwarded requests, dead letters); the Faust
-agents in ``processors.app`` send them and only then let the offsets be committed.
+``ModerationStage.handle`` takes one request; ``GenerateStage`` and ``EditStage`` (both ``RenderStage``) take a
+micro-batch in ``handle_batch``. They return the events to send (results, metrics, forwarded requests, dead
+letters); the Faust agents in ``processors.app`` send them and only then let the offsets be committed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import ClassVar, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image
 
-from pixelpipe.config import Settings
-from pixelpipe.processors.events import (
-    Outcome,
-    StageWork,
-    dead_letter_record,
-    metric_record,
-    result_record,
-    utc_now,
-)
+from pixelpipe.core.clock import utc_now
+from pixelpipe.core.codec import Codec, CodecError
+from pixelpipe.core.events import DeadLetter, Event, ImageRequest, Stage, StoredImage
+from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.objects import ObjectStore, ObjectStoreError
+from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.core.validation import InvalidRequestError, check_guidance, check_steps, require, validate_request
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
-from pixelpipe.processors.models import BatchOutput, DiffusionModels, ModelError
+from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator
-from pixelpipe.producers.experiments import Experiment
-from pixelpipe.producers.requests import InvalidRequestError, validate_request
-from pixelpipe.schemas.codec import Codec, CodecError, Record
-from pixelpipe.sinks.objects import ObjectStore, ObjectStoreError
+from pixelpipe.processors.outcomes import (
+    Outcome,
+    Rendered,
+    RenderParams,
+    StageWork,
+    image_result,
+    stage_metric,
+    unreadable_result,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+DEFAULT_EDIT_STRENGTH = 0.75
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,18 @@ class Emission:
     value: bytes
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage shares: where events go and how they are encoded, the request limits, the stage settings
+    and this worker's name."""
+
+    topics: TopicSettings
+    limits: RequestLimits
+    stages: StageSettings
+    codec: Codec
+    worker_id: str
+
+
 class StageFailure(Exception):
     """A request cannot be served; ``code`` goes into its FAILED result."""
 
@@ -75,15 +93,15 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (BotoCoreError, OSError, TimeoutError))
 
 
-def with_retries(action: Callable[[], T], settings: Settings, what: str) -> T:
+def with_retries(action: Callable[[], T], stages: StageSettings, what: str) -> T:
     """Run ``action``, retrying transient failures with exponential backoff, at most ``retry_attempts`` times."""
-    for attempt in range(1, settings.retry_attempts + 1):
+    for attempt in range(1, stages.retry_attempts + 1):
         try:
             return action()
         except Exception as e:
-            if not is_transient(e) or attempt == settings.retry_attempts:
+            if not is_transient(e) or attempt == stages.retry_attempts:
                 raise
-            delay_s = settings.retry_backoff_ms / 1000 * 2 ** (attempt - 1)
+            delay_s = stages.retry_backoff_ms / 1000 * 2 ** (attempt - 1)
             log.warning("transient failure, retrying", extra={"what": what, "attempt": attempt, "error": str(e)})
             time.sleep(delay_s)
     raise AssertionError("unreachable")
@@ -92,29 +110,37 @@ def with_retries(action: Callable[[], T], settings: Settings, what: str) -> T:
 class Emitter:
     """Collects a stage's outgoing events, encoded."""
 
-    def __init__(self, settings: Settings, codec: Codec, worker_id: str) -> None:
-        self.settings = settings
-        self.codec = codec
-        self.worker_id = worker_id
+    def __init__(self, context: StageContext) -> None:
+        self.context = context
         self.emissions: list[Emission] = []
 
-    def result(self, request: Record, outcome: Outcome, timings_ms: dict[str, float]) -> None:
-        value = self.codec.encode("ImageResult", result_record(request, outcome, timings_ms))
-        key = request["request_id"].encode()
-        self.emissions.append(Emission(self.settings.topic_results, key, value))
-        if request.get("reply_topic"):
-            self.emissions.append(Emission(request["reply_topic"], key, value))
+    def _emit(self, topic: str, key: bytes | None, event: Event) -> None:
+        self.emissions.append(Emission(topic, key, self.context.codec.encode(event)))
 
-    def metric(self, request: Record, work: StageWork) -> None:
-        record = metric_record(request, work, self.worker_id, self.settings.device_hour_price_usd)
-        value = self.codec.encode("StageMetric", record)
-        self.emissions.append(Emission(self.settings.topic_metrics, request["request_id"].encode(), value))
+    def result(
+        self, request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None = None
+    ) -> None:
+        value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered))
+        key = request.request_id.encode()
+        self.emissions.append(Emission(self.context.topics.results, key, value))
+        if request.reply_topic:
+            self.emissions.append(Emission(request.reply_topic, key, value))
+
+    def unreadable(self, request_id: str, outcome: Outcome) -> None:
+        self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome))
+
+    def metric(self, request: ImageRequest, work: StageWork, model: str | None = None) -> None:
+        stages = self.context.stages
+        metric = stage_metric(
+            request, work, model or request.model, self.context.worker_id, stages.device_hour_price_usd
+        )
+        self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
 
     def forward(self, topic: str, message: Inbound) -> None:
         self.emissions.append(Emission(topic, message.key, message.value))
 
     def dead_letter(self, message: Inbound, reason: str, stage: str, request_id: str | None) -> None:
-        record = dead_letter_record(
+        letter = DeadLetter.of(
             value=message.value,
             key=message.key,
             topic=message.topic,
@@ -124,27 +150,25 @@ class Emitter:
             stage=stage,
             request_id=request_id,
         )
-        self.emissions.append(
-            Emission(self.settings.topic_dead_letter, message.key, self.codec.encode("DeadLetter", record))
-        )
+        self._emit(self.context.topics.dead_letter, message.key, letter)
 
     def take(self) -> list[Emission]:
         emissions, self.emissions = self.emissions, []
         return emissions
 
 
-def decode_request(message: Inbound, settings: Settings, codec: Codec, emit: Emitter, stage: str) -> Record | None:
+def decode_request(message: Inbound, context: StageContext, emit: Emitter, stage: str) -> ImageRequest | None:
     """The request in ``message``, or None after dead-lettering it (and failing it, when its id is readable)."""
     try:
-        request = codec.decode_as("ImageRequest", message.value)
+        request = context.codec.decode_as(ImageRequest, message.value)
     except CodecError as e:
         request_id = _readable_request_id(message.key)
         emit.dead_letter(message, f"undecodable: {e}", stage, request_id)
         if request_id is not None:
-            emit.result(_unreadable_request(request_id), Outcome.failed("UNDECODABLE", str(e)), {})
+            emit.unreadable(request_id, Outcome.failed("UNDECODABLE", str(e)))
         return None
     try:
-        validate_request(request, settings, check_deadline=False)
+        validate_request(request, context.limits, check_deadline=False)
     except InvalidRequestError as e:
         emit.result(request, Outcome.failed("INVALID_REQUEST", str(e)), {})
         return None
@@ -158,26 +182,8 @@ def _readable_request_id(key: bytes | None) -> str | None:
         return None
 
 
-def _unreadable_request(request_id: str) -> Record:
-    # Only the id is known; the result says so with empty fields.
-    return {"request_id": request_id, "kind": None, "user_id": "", "model": "", "experiments": {}, "created_at": None}
-
-
-def apply_overrides(request: Record, experiments: Mapping[str, Experiment]) -> Record:
-    """The request with the overrides of its assigned variants applied (model, steps, guidance, scheduler).
-
-    Experiments apply in key order, so when two override the same parameter the later key wins. ``scheduler``
-    is not an ImageRequest field: it exists only on the record a stage works with.
-    """
-    changed = {"scheduler": None} | request
-    for key, variant in sorted(request["experiments"].items()):
-        if key in experiments:
-            changed |= experiments[key].overrides_for(variant)
-    return changed
-
-
-def deadline_passed(request: Record, now: dt.datetime) -> bool:
-    return request.get("deadline") is not None and request["deadline"] <= now
+def deadline_passed(request: ImageRequest, now: dt.datetime) -> bool:
+    return request.deadline is not None and request.deadline <= now
 
 
 def queue_ms(message: Inbound, started_s: float) -> float:
@@ -208,68 +214,66 @@ class UserRateLimiter:
 class ModerationStage:
     """Prompt and input-image checks; forwards what passes to the generate or edit topic."""
 
-    name = "MODERATION"
+    name: ClassVar[Stage] = "MODERATION"
 
     def __init__(
         self,
-        settings: Settings,
-        codec: Codec,
+        context: StageContext,
+        moderation: ModerationSettings,
         prompts: PromptModerator,
         images: ImageModerator,
         store: ObjectStore,
-        worker_id: str,
     ) -> None:
-        self.settings = settings
-        self.codec = codec
+        self.context = context
+        self.moderation = moderation
         self.prompts = prompts
         self.images = images
         self.store = store
-        self.emit = Emitter(settings, codec, worker_id)
-        self.limiter = UserRateLimiter(settings.max_requests_per_user_per_minute)
+        self.emit = Emitter(context)
+        self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute)
+        self.next_topic = {"GENERATE": context.topics.generate, "EDIT": context.topics.edit}
 
     def handle(self, message: Inbound) -> list[Emission]:
         started_s = time.time()
-        request = decode_request(message, self.settings, self.codec, self.emit, "moderation")
+        request = decode_request(message, self.context, self.emit, "moderation")
         if request is not None:
             try:
                 outcome = self._moderate(request, message.timestamp_s)
             except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
-                log.exception("moderation failed", extra={"request_id": request["request_id"]})
-                self.emit.dead_letter(message, f"internal error: {e!r}", "moderation", request["request_id"])
+                log.exception("moderation failed", extra={"request_id": request.request_id})
+                self.emit.dead_letter(message, f"internal error: {e!r}", "moderation", request.request_id)
                 outcome = Outcome.failed("INTERNAL_ERROR", repr(e))
             compute_ms = (time.time() - started_s) * 1000.0
-            self.emit.metric(
-                request,
-                StageWork(
-                    self.name,
-                    "OK" if outcome is None else ("REJECTED" if outcome.status == "REJECTED" else "FAILED"),
-                    queue_ms(message, started_s),
-                    compute_ms,
-                    "cpu",
-                    compute_ms / 1000.0,
-                ),
+            work = StageWork(
+                self.name,
+                "OK" if outcome is None else outcome.stage_outcome,
+                queue_ms(message, started_s),
+                compute_ms,
+                "cpu",
+                compute_ms / 1000.0,
             )
+            self.emit.metric(request, work)
             if outcome is None:
-                topic = self.settings.topic_edit if request["kind"] == "EDIT" else self.settings.topic_generate
-                self.emit.forward(topic, message)
+                self.emit.forward(self.next_topic[request.kind], message)
             else:
                 self.emit.result(request, outcome, {"moderation": compute_ms})
         return self.emit.take()
 
-    def _moderate(self, request: Record, produced_s: float) -> Outcome | None:
+    def _moderate(self, request: ImageRequest, produced_s: float) -> Outcome | None:
         """None when the request may go on; otherwise its terminal outcome."""
         if deadline_passed(request, utc_now()):
-            return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request['deadline'].isoformat()} passed")
-        if not self.limiter.allow(request["user_id"], produced_s):
-            limit = self.settings.max_requests_per_user_per_minute
-            return Outcome.failed("RATE_LIMITED", f"user {request['user_id']} is over {limit} requests per minute")
-        verdict = self.prompts.check(request["prompt"], request.get("negative_prompt"))
+            assert request.deadline is not None
+            return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request.deadline.isoformat()} passed")
+        if not self.limiter.allow(request.user_id, produced_s):
+            limit = self.moderation.max_requests_per_user_per_minute
+            return Outcome.failed("RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute")
+        verdict = self.prompts.check(request.prompt, request.negative_prompt)
         if not verdict.allowed:
             return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
-        if request["kind"] != "EDIT":
+        if request.source_image_uri is None:
             return None
         try:
-            source, _ = load_edit_inputs(request, self.store, self.settings)
+            source, _ = load_edit_inputs(request, self.store, self.context)
         except StageFailure as e:
             return Outcome.failed(e.code, str(e))
         (verdict,) = self.images.check([source], "INPUT_IMAGE")
@@ -278,19 +282,21 @@ class ModerationStage:
         return None
 
 
-def load_edit_inputs(request: Record, store: ObjectStore, settings: Settings) -> tuple[Image.Image, Image.Image | None]:
+def load_edit_inputs(
+    request: ImageRequest, store: ObjectStore, context: StageContext
+) -> tuple[Image.Image, Image.Image | None]:
     """The edit's source image and mask, read from the configured store and decoded safely."""
+    source_uri, mask_uri = request.source_image_uri, request.mask_uri
+    assert source_uri is not None  # validated: an EDIT has a source
+    max_pixels = context.limits.max_source_pixels
     try:
         source = decode_image(
-            with_retries(lambda: store.get(request["source_image_uri"]), settings, "read source"),
-            max_pixels=settings.max_source_pixels,
+            with_retries(lambda: store.get(source_uri), context.stages, "read source"), max_pixels=max_pixels
         )
         mask = None
-        if request.get("mask_uri"):
+        if mask_uri:
             mask = decode_mask(
-                with_retries(lambda: store.get(request["mask_uri"]), settings, "read mask"),
-                source,
-                max_pixels=settings.max_source_pixels,
+                with_retries(lambda: store.get(mask_uri), context.stages, "read mask"), source, max_pixels=max_pixels
             )
     except (ObjectStoreError, ImageError) as e:
         raise StageFailure("INVALID_SOURCE", str(e)) from e
@@ -301,183 +307,213 @@ def load_edit_inputs(request: Record, store: ObjectStore, settings: Settings) ->
     return source, mask
 
 
-@dataclass
-class _Pending:
-    message: Inbound
-    request: Record
-    source: Image.Image | None = None  # EDIT: the decoded source image
-    mask: Image.Image | None = None  # EDIT with a mask: inpainting
+def request_seed(request: ImageRequest) -> int:
+    """The request's seed, or one derived from its id, so a redelivered request draws the same pixels."""
+    if request.seed is not None:
+        return int(request.seed)
+    return int.from_bytes(hashlib.sha256(request.request_id.encode()).digest()[:4], "big")
 
 
-def batch_key(request: Record) -> tuple[Any, ...]:
-    """Requests with equal keys can share one model call."""
-    return (
-        request["model"],
-        request["width"],
-        request["height"],
-        request["steps"],
-        request["guidance"],
-        request["n"],
-        request["strength"],
-        request["mask_uri"] is not None,
-        request.get("scheduler"),
+def resolve_params(
+    request: ImageRequest, experiments: Mapping[str, Experiment], models: DiffusionModels, limits: RequestLimits
+) -> RenderParams:
+    """The parameters that will run: the request's, then the overrides of its assigned variants (in experiment key
+    order, so a later key wins), then the model's defaults; validated here, once, after every override.
+
+    Raises InvalidRequestError naming the parameter (and the variant that set it), or ModelError for a model
+    the registry does not hold.
+    """
+    overrides: dict[str, object] = {}
+    set_by: dict[str, str] = {}
+    for key, variant in sorted(request.experiments.items()):
+        if key in experiments:
+            for name, value in experiments[key].overrides_for(variant).items():
+                overrides[name] = value
+                set_by[name] = f"experiment {key}, variant {variant}"
+    model = str(overrides.get("model", request.model))
+    entry = models.registry.get(model)
+    default_scheduler = models.default_scheduler(model)
+    steps = overrides.get("steps", request.steps)
+    guidance = overrides.get("guidance", request.guidance)
+    scheduler = overrides.get("scheduler") or default_scheduler
+    try:
+        check_steps(steps, limits)
+        check_guidance(guidance)
+        require(
+            scheduler in SCHEDULERS or scheduler == default_scheduler,
+            "scheduler",
+            f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}",
+        )
+    except InvalidRequestError as e:
+        if e.field in set_by:
+            raise InvalidRequestError(e.field, f"{e.rule} (set by {set_by[e.field]})") from None
+        raise
+    return RenderParams(
+        model=model,
+        steps=entry.default_steps if steps is None else int(steps),  # type: ignore[call-overload]
+        guidance=entry.default_guidance if guidance is None else float(guidance),  # type: ignore[arg-type]
+        scheduler=str(scheduler),
+        width=request.width,
+        height=request.height,
+        n=request.n,
     )
 
 
-def service_order(pending: _Pending) -> tuple[int, dt.datetime, float]:
+@dataclass
+class _Pending:
+    message: Inbound
+    request: ImageRequest
+    params: RenderParams
+    source: Image.Image | None = None  # EDIT: the decoded source image
+    mask: Image.Image | None = None  # EDIT with a mask: inpainting
+
+    @property
+    def seed(self) -> int:
+        return request_seed(self.request)
+
+
+def service_order(pending: _Pending) -> tuple[bool, dt.datetime, float]:
     """INTERACTIVE before BATCH, then the earliest deadline, then the oldest."""
     request = pending.request
     far = dt.datetime.max.replace(tzinfo=dt.UTC)
-    return (request["priority"] != "INTERACTIVE", request["deadline"] or far, pending.message.timestamp_s)
-
-
-def request_seed(request: Record) -> int:
-    """The request's seed, or one derived from its id, so a redelivered request draws the same pixels."""
-    if request["seed"] is not None:
-        return int(request["seed"])
-    return int.from_bytes(hashlib.sha256(request["request_id"].encode()).digest()[:4], "big")
+    return (request.priority != "INTERACTIVE", request.deadline or far, pending.message.timestamp_s)
 
 
 class RenderStage:
-    """Text-to-image (GENERATE) or image-to-image and inpainting (EDIT), then output moderation and storage."""
+    """Renders micro-batches, then moderates and stores the outputs. Subclasses say how a request's inputs are
+    prepared and how a batch calls the model."""
+
+    name: ClassVar[Stage]
 
     def __init__(
         self,
-        kind: str,
-        settings: Settings,
-        codec: Codec,
+        context: StageContext,
         models: DiffusionModels,
         images: ImageModerator,
         store: ObjectStore,
-        worker_id: str,
         experiments: Mapping[str, Experiment],
     ) -> None:
-        self.kind = kind
-        self.experiments = experiments
-        self.name = kind  # the StageMetric stage: GENERATE or EDIT
-        self.settings = settings
-        self.codec = codec
+        self.context = context
         self.models = models
         self.images = images
         self.store = store
-        self.emit = Emitter(settings, codec, worker_id)
+        self.experiments = experiments
+        self.emit = Emitter(context)
 
+    # -- what subclasses define ------------------------------------------------------------------------------
+    def params(self, request: ImageRequest) -> RenderParams:
+        return resolve_params(request, self.experiments, self.models, self.context.limits)
+
+    def prepare(self, item: _Pending) -> None:
+        """Get what the model call needs beyond the request (raises StageFailure)."""
+
+    def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
+        raise NotImplementedError
+
+    # -- one take of the stream ------------------------------------------------------------------------------
     def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
         started_s = time.time()
         pending: list[_Pending] = []
         for message in messages:
-            request = decode_request(message, self.settings, self.codec, self.emit, self.kind.lower())
+            request = decode_request(message, self.context, self.emit, self.name.lower())
             if request is None:
                 continue
-            item = _Pending(message, apply_overrides(request, self.experiments))
             if deadline_passed(request, utc_now()):
-                self._fail(item, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
+                self._fail(request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
                 continue
-            if self.kind == "EDIT":
-                try:
-                    item.source, item.mask = load_edit_inputs(request, self.store, self.settings)
-                except StageFailure as e:
-                    self._fail(item, started_s, e.code, str(e))
-                    continue
+            try:
+                item = _Pending(message, request, self.params(request))
+                self.prepare(item)
+            except InvalidRequestError as e:
+                self._fail(request, message, started_s, "INVALID_REQUEST", str(e))
+                continue
+            except ModelError as e:
+                self._fail(request, message, started_s, "MODEL_ERROR", str(e))
+                continue
+            except StageFailure as e:
+                self._fail(request, message, started_s, e.code, str(e))
+                continue
             pending.append(item)
         pending.sort(key=service_order)
-        groups: dict[tuple[Any, ...], list[_Pending]] = {}
+        groups: dict[RenderParams, list[_Pending]] = {}
         for item in pending:
-            groups.setdefault(batch_key(item.request), []).append(item)
+            groups.setdefault(item.params, []).append(item)
         # Groups in the order of their most urgent request; each group in chunks of max_batch.
-        for group in groups.values():
-            for start in range(0, len(group), self.settings.max_batch):
-                chunk = group[start : start + self.settings.max_batch]
+        max_batch = self.context.stages.max_batch
+        for params, group in groups.items():
+            for start in range(0, len(group), max_batch):
+                chunk = group[start : start + max_batch]
                 try:
-                    self._render(chunk, started_s)
+                    self._render(params, chunk)
                 except Exception as e:  # a bug or an unforeseen failure: fail these requests, keep the stream going
                     log.exception("render failed", extra={"stage": self.name, "requests": len(chunk)})
                     for item in chunk:
-                        self.emit.dead_letter(item.message, f"internal error: {e!r}", self.kind.lower(), None)
-                        self._fail(item, started_s, "INTERNAL_ERROR", repr(e))
+                        self.emit.dead_letter(item.message, f"internal error: {e!r}", self.name.lower(), None)
+                        self._fail(item.request, item.message, started_s, "INTERNAL_ERROR", repr(e), params.model)
         return self.emit.take()
 
-    def _fail(self, item: _Pending, started_s: float, code: str, message: str) -> None:
-        self.emit.result(item.request, Outcome.failed(code, message), {})
-        self.emit.metric(
-            item.request, StageWork(self.name, "FAILED", queue_ms(item.message, started_s), 0.0, "none", 0.0)
-        )
+    def _fail(
+        self,
+        request: ImageRequest,
+        message: Inbound,
+        started_s: float,
+        code: str,
+        reason: str,
+        model: str | None = None,
+    ) -> None:
+        self.emit.result(request, Outcome.failed(code, reason), {})
+        self.emit.metric(request, StageWork(self.name, "FAILED", queue_ms(message, started_s), 0.0, "none", 0.0), model)
 
-    def _render(self, chunk: list[_Pending], batch_started_s: float) -> None:
-        first = chunk[0].request
+    def _render(self, params: RenderParams, chunk: list[_Pending]) -> None:
+        device = str(self.models.load(params.model).device)
+        work_started_s = time.time()
         try:
-            device = str(self.models.load(first["model"]).device)  # a first load is not the batch's compute time
-            work_started_s = time.time()
-            output = self._run_model(chunk)
-        except ModelError as e:
+            output = self.run_model(params, chunk)
+        except (ModelError, StageFailure) as e:
+            code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"
             for item in chunk:
-                self._fail(item, batch_started_s, "MODEL_ERROR", str(e))
-            return
-        except StageFailure as e:
-            for item in chunk:
-                self._fail(item, batch_started_s, e.code, str(e))
+                self._fail(item.request, item.message, work_started_s, code, str(e), params.model)
             return
         model_ms = (time.time() - work_started_s) * 1000.0
         images_in_batch = sum(len(images) for images in output.images)
         for item, images in zip(chunk, output.images, strict=True):
-            share_s = output.device_seconds * len(images) / images_in_batch
             outcome, moderation_ms = self._finish(item, images)
+            waited_ms = queue_ms(item.message, work_started_s)
+            share_s = output.device_seconds * len(images) / images_in_batch
             self.emit.metric(
                 item.request,
                 StageWork(
                     self.name,
-                    "FAILED" if outcome.status == "FAILED" else "OK",
-                    queue_ms(item.message, work_started_s),
+                    outcome.stage_outcome if outcome.status == "FAILED" else "OK",
+                    waited_ms,
                     model_ms,
                     device,
                     share_s,
                     len(chunk),
                 ),
+                params.model,
             )
             self.emit.metric(
                 item.request,
                 StageWork(
                     "OUTPUT_MODERATION",
-                    {"SUCCEEDED": "OK", "REJECTED": "REJECTED"}.get(outcome.status, "FAILED"),
+                    outcome.stage_outcome,
                     0.0,
                     moderation_ms,
                     "cpu",
                     moderation_ms / 1000.0,
                     len(images),
                 ),
+                params.model,
             )
-            total_ms = (utc_now() - item.request["created_at"]).total_seconds() * 1000.0
+            total_ms = (utc_now() - item.request.created_at).total_seconds() * 1000.0
             timings = {
-                "queue": queue_ms(item.message, work_started_s),
-                self.kind.lower(): model_ms,
+                "queue": waited_ms,
+                self.name.lower(): model_ms,
                 "output_moderation": moderation_ms,
                 "total": total_ms,
             }
-            self.emit.result(item.request, outcome, timings)
-
-    def _run_model(self, chunk: list[_Pending]) -> BatchOutput:
-        requests = [item.request for item in chunk]
-        first = requests[0]
-        common = {
-            "prompts": [r["prompt"] for r in requests],
-            "negative_prompts": [r["negative_prompt"] or "" for r in requests],
-            "width": first["width"],
-            "height": first["height"],
-            "steps": first["steps"],
-            "guidance": first["guidance"],
-            "seeds": [request_seed(r) for r in requests],
-            "n_per_prompt": first["n"],
-            "scheduler": first.get("scheduler"),
-        }
-        if self.kind == "GENERATE":
-            return self.models.generate(first["model"], **common)
-        return self.models.edit(
-            first["model"],
-            images=[item.source for item in chunk],
-            masks=None if first["mask_uri"] is None else [item.mask for item in chunk],
-            strength=first["strength"] if first["strength"] is not None else 0.75,
-            **common,
-        )
+            self.emit.result(item.request, outcome, timings, Rendered(params, item.seed, len(chunk)))
 
     def _finish(self, item: _Pending, images: list[Image.Image]) -> tuple[Outcome, float]:
         """Moderate the outputs, then store them; returns the outcome and the moderation time."""
@@ -495,20 +531,66 @@ class RenderStage:
             return Outcome.failed(e.code, str(e)), moderation_ms
         return Outcome("SUCCEEDED", images=stored), moderation_ms
 
-    def _store(self, request: Record, index: int, image: Image.Image) -> Record:
+    def _store(self, request: ImageRequest, index: int, image: Image.Image) -> StoredImage:
         data = encode_png(image)
-        key = self.store.image_key(request["request_id"], index, "png", request["created_at"])
+        key = self.store.image_key(request.request_id, index, "png", request.created_at)
         try:
-            stored = with_retries(lambda: self.store.put(key, data, "image/png"), self.settings, "store image")
+            stored = with_retries(lambda: self.store.put(key, data, "image/png"), self.context.stages, "store image")
         except Exception as e:
             if is_transient(e):
                 raise StageFailure("STORAGE_UNAVAILABLE", f"storing image {index} failed: {e}") from e
             raise
-        return {
-            "uri": stored.uri,
-            "sha256": stored.sha256,
-            "width": image.width,
-            "height": image.height,
-            "format": "PNG",
-            "bytes": stored.bytes,
-        }
+        return StoredImage(
+            uri=stored.uri,
+            sha256=stored.sha256,
+            width=image.width,
+            height=image.height,
+            format="PNG",
+            bytes=stored.bytes,
+        )
+
+
+class GenerateStage(RenderStage):
+    """Text to image."""
+
+    name: ClassVar[Stage] = "GENERATE"
+
+    def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
+        return self.models.generate(params.model, **_common_arguments(params, chunk))
+
+
+class EditStage(RenderStage):
+    """Image to image, or inpainting where the request has a mask; the source and mask come from the store."""
+
+    name: ClassVar[Stage] = "EDIT"
+
+    def params(self, request: ImageRequest) -> RenderParams:
+        strength = DEFAULT_EDIT_STRENGTH if request.strength is None else request.strength
+        return dataclasses.replace(super().params(request), strength=strength, inpaint=request.mask_uri is not None)
+
+    def prepare(self, item: _Pending) -> None:
+        item.source, item.mask = load_edit_inputs(item.request, self.store, self.context)
+
+    def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
+        assert params.strength is not None
+        return self.models.edit(
+            params.model,
+            images=[item.source for item in chunk if item.source is not None],
+            masks=[item.mask for item in chunk if item.mask is not None] if params.inpaint else None,
+            strength=params.strength,
+            **_common_arguments(params, chunk),
+        )
+
+
+def _common_arguments(params: RenderParams, chunk: list[_Pending]) -> dict[str, object]:
+    return {
+        "prompts": [item.request.prompt for item in chunk],
+        "negative_prompts": [item.request.negative_prompt or "" for item in chunk],
+        "width": params.width,
+        "height": params.height,
+        "steps": params.steps,
+        "guidance": params.guidance,
+        "seeds": [item.seed for item in chunk],
+        "n_per_prompt": params.n,
+        "scheduler": params.scheduler,
+    }

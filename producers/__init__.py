@@ -1,15 +1,16 @@
 """The producer SDK for upstream services: build, validate and publish ImageRequests.
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 from pixelpipe.producers import Publisher, new_request
 
 with Publisher(Settings.from_env()) as publisher:
     delivery = publisher.publish(new_request(prompt="a red fox", model="tiny-sd", user_id="u1")).result()
 """
 
-from pixelpipe.producers.experiments import assign_variant
+from pixelpipe.core.experiments import assign_variant
+from pixelpipe.core.validation import InvalidRequestError, validate_request
 from pixelpipe.producers.publisher import Delivery, DeliveryError, Publisher
-from pixelpipe.producers.requests import InvalidRequestError, new_request, validate_request
+from pixelpipe.producers.requests import new_request
 
 __all__ = [
     "Delivery",

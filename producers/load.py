@@ -13,10 +13,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pixelpipe.producers.experiments import assign_variant
+from pixelpipe.core.events import ImageRequest
+from pixelpipe.core.experiments import assign_variant
+from pixelpipe.core.validation import InvalidRequestError
 from pixelpipe.producers.publisher import Delivery, PendingDelivery, Publisher
-from pixelpipe.producers.requests import InvalidRequestError, new_request
-from pixelpipe.schemas.codec import Record
+from pixelpipe.producers.requests import new_request
 
 SYNTHETIC_PROMPTS = (
     "a lighthouse on a cliff at dusk, oil painting",
@@ -37,7 +38,7 @@ class Invalid:
     error: str
 
 
-def requests_from_jsonl(path: Path) -> Iterator[Record | Invalid]:
+def requests_from_jsonl(path: Path) -> Iterator[ImageRequest | Invalid]:
     """One request per line, as JSON objects with ImageRequest's field names; ids and times are filled in.
 
     ``deadline`` is an ISO-8601 time with a zone. A line that is not a valid request yields an Invalid.
@@ -75,7 +76,7 @@ class SyntheticLoad:
     interactive_ratio: float = 0.2
     seed: int = 0
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[ImageRequest]:
         rng = random.Random(self.seed)
         for i in range(self.count):
             user_id = f"user-{rng.randrange(self.users):05d}"
@@ -111,7 +112,7 @@ class PublishReport:
 
 def publish_all(
     publisher: Publisher,
-    requests: Iterable[Record | Invalid],
+    requests: Iterable[ImageRequest | Invalid],
     *,
     rate: float | None = None,
     total: int | None = None,
@@ -146,10 +147,10 @@ def publish_all(
         try:
             future = publisher.publish(item, topic)
         except InvalidRequestError as e:
-            report.invalid.append(Invalid(str(item.get("request_id") or f"#{index}"), str(e)))
+            report.invalid.append(Invalid(item.request_id or f"#{index}", str(e)))
             bar.update(1)
             continue
-        future.add_done_callback(lambda f, rid=item["request_id"]: settled(rid, f))
+        future.add_done_callback(lambda f, rid=item.request_id: settled(rid, f))
         pending.append(future)
         report.sent += 1
     publisher.flush()

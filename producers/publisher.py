@@ -11,10 +11,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from pixelpipe.config import Settings
-from pixelpipe.producers.experiments import Experiment, load_experiments, stamp_assignments
-from pixelpipe.producers.requests import validate_request
-from pixelpipe.schemas.codec import Codec, Record
+from pixelpipe.core.codec import Codec, codec_from_settings
+from pixelpipe.core.events import ImageRequest
+from pixelpipe.core.experiments import Experiment, load_experiments, stamp_assignments
+from pixelpipe.core.settings import KafkaSettings, Settings
+from pixelpipe.core.validation import validate_request
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class DeliveryError(RuntimeError):
         self.retriable = error.retriable()
 
 
-def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     """Idempotent, acks=all, compressed: no duplicates or reordering on retries, no loss on a broker failover."""
     return (
-        settings.kafka_client_config()
+        kafka.client_config()
         | {
             "enable.idempotence": True,
             "acks": "all",
@@ -99,13 +100,13 @@ class PendingDelivery:
 
 
 class Publisher:
-    """Publishes ImageRequests to ``settings.topic_requests`` keyed by request id.
+    """Publishes ImageRequests to the requests topic, keyed by request id.
 
     ``publish`` stamps the user's arm of every active experiment the request does not name yet, validates and
     encodes, then returns a PendingDelivery whose ``result()`` is the Delivery once the broker has acknowledged the
     event, or raises DeliveryError. A background thread serves delivery reports, so callers may wait without
     polling. ``close`` (or leaving the ``with`` block) flushes. Experiments come from ``experiments``, else from
-    ``settings.experiments_file`` when it exists.
+    the experiments file when it exists.
     """
 
     def __init__(
@@ -115,22 +116,23 @@ class Publisher:
         experiments: Mapping[str, Experiment] | None = None,
         **producer_overrides: Any,
     ) -> None:
-        self.settings = settings
-        self._codec = codec or Codec()
+        self.topics = settings.topics
+        self.limits = settings.limits
+        self._codec = codec or codec_from_settings(settings.kafka)
         if experiments is None:
-            path = Path(settings.experiments_file)
+            path = Path(settings.experiments.file)
             experiments = load_experiments(path) if path.exists() else {}
         self.experiments = experiments
-        self._producer = Producer(producer_config(settings, **producer_overrides))
+        self._producer = Producer(producer_config(settings.kafka, **producer_overrides))
         self._closed = threading.Event()
         self._settled = threading.Condition()
         self._poller = threading.Thread(target=self._serve_delivery_reports, name="pixelpipe-delivery", daemon=True)
         self._poller.start()
 
-    def publish(self, request: Record, topic: str | None = None) -> PendingDelivery:
-        stamp_assignments(request, self.experiments, request["created_at"])
-        validate_request(request, self.settings)
-        return self.publish_encoded(request["request_id"].encode(), self._codec.encode("ImageRequest", request), topic)
+    def publish(self, request: ImageRequest, topic: str | None = None) -> PendingDelivery:
+        stamp_assignments(request, self.experiments, request.created_at)
+        validate_request(request, self.limits)
+        return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic)
 
     def publish_encoded(self, key: bytes, value: bytes, topic: str | None = None) -> PendingDelivery:
         """Send bytes already encoded by the codec; waits while the local queue is full."""
@@ -139,7 +141,7 @@ class Publisher:
         pending = PendingDelivery(self._settled)
         while True:
             try:
-                self._producer.produce(topic or self.settings.topic_requests, value, key, on_delivery=pending)
+                self._producer.produce(topic or self.topics.requests, value, key, on_delivery=pending)
                 return pending
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let deliveries drain, then retry

@@ -6,29 +6,33 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from confluent_kafka import Consumer
 from tqdm import tqdm
 
-from pixelpipe.config import Settings
-from pixelpipe.schemas.codec import Codec, Record
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import Event
+from pixelpipe.core.settings import KafkaSettings
+
+E = TypeVar("E", bound=Event)
 
 
 @dataclass
-class Collected:
+class Collected(Generic[E]):
     """Every event read per request id; more than one event for a request means a redelivery."""
 
-    events: dict[str, list[Record]] = field(default_factory=dict)
+    events: dict[str, list[E]] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
 
-    def latest(self) -> dict[str, Record]:
+    def latest(self) -> dict[str, E]:
         return {request_id: events[-1] for request_id, events in self.events.items()}
 
 
 def collect(
-    settings: Settings,
+    kafka: KafkaSettings,
     topic: str,
-    schema: str,
+    event_type: type[E],
     request_ids: Iterable[str] | Mapping[str, int],
     *,
     timeout_s: float = 300.0,
@@ -40,28 +44,28 @@ def collect(
     expected = dict(request_ids) if isinstance(request_ids, Mapping) else dict.fromkeys(request_ids, 1)
     wanted = set(expected)
     consumer = Consumer(
-        settings.kafka_client_config()
+        kafka.client_config()
         | {"group.id": f"pixelpipe-reader-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
     )
     consumer.subscribe([topic])
-    codec = Codec()
-    collected = Collected()
+    codec = codec_from_settings(kafka)
+    collected: Collected[E] = Collected()
     done: set[str] = set()
     deadline = time.monotonic() + timeout_s
     settle_until: float | None = None
     try:
-        with tqdm(total=len(wanted), unit="req", desc=f"{schema}s", disable=not progress) as bar:
+        with tqdm(total=len(wanted), unit="req", desc=f"{event_type.schema_name}s", disable=not progress) as bar:
             while time.monotonic() < (settle_until or deadline):
                 for message in consumer.consume(500, timeout=0.5):
                     if message.error():
                         continue
-                    record = codec.decode_as(schema, message.value())
-                    if record["request_id"] not in wanted:
+                    event = codec.decode_as(event_type, message.value())
+                    if event.request_id not in wanted:
                         continue
-                    events = collected.events.setdefault(record["request_id"], [])
-                    events.append(record)
-                    if len(events) == expected[record["request_id"]]:
-                        done.add(record["request_id"])
+                    events = collected.events.setdefault(event.request_id, [])
+                    events.append(event)
+                    if len(events) == expected[event.request_id]:
+                        done.add(event.request_id)
                         bar.update(1)
                 if settle_until is None and done == wanted:
                     settle_until = time.monotonic() + settle_s

@@ -1,11 +1,9 @@
-"""The contracts: Avro schemas in this folder (namespace pixelpipe.v1) and the one codec that reads and writes them."""
+"""The contracts: Avro schemas (namespace pixelpipe.v1) in this folder, and each earlier version's frozen copies
+in ``v1/``, ``v2/``, ... The codec (``pixelpipe.core.codec``) and the typed events (``pixelpipe.core.events``)
+are built on them."""
 
-from pixelpipe.schemas.codec import (
-    Codec,
-    CodecError,
-    Decoded,
-    UnknownEncodingError,
-    UnknownSchemaError,
-)
+from pathlib import Path
 
-__all__ = ["Codec", "CodecError", "Decoded", "UnknownEncodingError", "UnknownSchemaError"]
+SCHEMA_DIR = Path(__file__).parent
+NAMESPACE = "pixelpipe.v1"
+SCHEMA_NAMES = ("ImageRequest", "ImageResult", "StageMetric", "DeadLetter")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastavro import parse_schema, schemaless_writer
 
-from pixelpipe.schemas.codec import SCHEMA_DIR, SCHEMA_NAMES, SINGLE_OBJECT_MAGIC, schema_fingerprint
+from pixelpipe.core.codec import SCHEMA_DIR, SCHEMA_NAMES, SINGLE_OBJECT_MAGIC, schema_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

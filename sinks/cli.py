@@ -8,15 +8,15 @@ from types import FrameType
 
 import click
 
-from pixelpipe.cli_common import load_settings
-from pixelpipe.config import Settings
+from pixelpipe.core.cli import load_settings
+from pixelpipe.core.settings import Settings
 
 
 def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
-    from pixelpipe.sinks.clickhouse.migrate import connect
+    from pixelpipe.core.clickhouse import connect
 
     try:
-        return connect(settings.clickhouse_url)
+        return connect(settings.clickhouse.url)
     except ValueError as e:
         raise click.ClickException(f"PIXELPIPE_CLICKHOUSE_URL: {e}") from e
 
@@ -41,14 +41,13 @@ def migrate_command(ttl_days: int | None) -> None:
 
 
 @clickhouse.command("sink")
-@click.option("--group-id", default="pixelpipe.clickhouse-sink", show_default=True, help="Kafka consumer group.")
-@click.option("--max-batch-rows", default=50_000, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-batch-wait", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Seconds.")
 @click.option("--max-idle", type=click.FloatRange(min=0), help="Exit after this many seconds without events.")
-def sink_command(group_id: str, max_batch_rows: int, max_batch_wait: float, max_idle: float | None) -> None:
-    """Load PIXELPIPE_TOPIC_RESULTS and PIXELPIPE_TOPIC_METRICS into ClickHouse until SIGTERM or SIGINT."""
+def sink_command(max_idle: float | None) -> None:
+    """Load PIXELPIPE_TOPIC_RESULTS and PIXELPIPE_TOPIC_METRICS into ClickHouse until SIGTERM or SIGINT.
+
+    The consumer group and batch sizes are the PIXELPIPE_SINK_* settings."""
     from pixelpipe.sinks.clickhouse.migrate import applied_migrations, migration_files
-    from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
+    from pixelpipe.sinks.clickhouse.sink import ClickHouseSink
 
     settings = load_settings()
     client = _connect(settings)
@@ -70,10 +69,8 @@ def sink_command(group_id: str, max_batch_rows: int, max_batch_wait: float, max_
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        config = SinkConfig(
-            group_id=group_id, max_batch_rows=max_batch_rows, max_batch_wait_s=max_batch_wait, max_idle_s=max_idle
-        )
-        stats = ClickHouseSink(settings, client, config).run(stop)
+        sink = ClickHouseSink(settings.kafka, settings.topics, settings.sink, client, max_idle_s=max_idle)
+        stats = sink.run(stop)
     finally:
         client.close()
     click.echo(f"rows={stats.rows} batches={stats.batches} dead_letters={stats.dead_letters}")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, create_database, drop_database
-from pixelpipe.stack import LocalStack
+from pixelpipe.tools.stack import LocalStack
 
 
 def free_port() -> int:

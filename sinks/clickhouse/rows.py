@@ -1,4 +1,4 @@
-"""Decoded Avro events to row tuples for the raw tables of migrations/0001_raw_tables.sql.
+"""Typed events to row tuples for the raw tables of migrations/ (0001_raw_tables.sql, 0005_what_ran.sql).
 
 One pure function per table; the column tuples name the columns in row order. Columns with a DEFAULT
 (event_time, event_date, image_count) are left to ClickHouse, so both backends derive them the same way.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-Record = dict[str, Any]
+from pixelpipe.core.events import ImageResult, StageMetric
+
 Row = tuple[Any, ...]
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -41,6 +42,14 @@ RESULT_COLUMNS = (
     "request_created_at_ms",
     "timing_stages",
     "timing_ms",
+    "steps",
+    "guidance",
+    "scheduler",
+    "width",
+    "height",
+    "seed",
+    "strength",
+    "batch_size",
 )
 
 METRIC_COLUMNS = (
@@ -80,61 +89,69 @@ def _sorted_map(mapping: dict[str, Any]) -> tuple[list[str], list[Any]]:
     return keys, [mapping[key] for key in keys]
 
 
-def result_row(record: Record) -> Row:
+def result_row(result: ImageResult) -> Row:
     """An ImageResult as a `results` row, in RESULT_COLUMNS order."""
-    images = record["images"]
-    scores = record["moderation_scores"]
-    experiment_keys, experiment_variants = _sorted_map(record["experiments"])
-    timing_stages, timing_ms = _sorted_map(record["timings_ms"])
+    images = result.images
+    scores = result.moderation_scores
+    experiment_keys, experiment_variants = _sorted_map(result.experiments)
+    timing_stages, timing_ms = _sorted_map(result.timings_ms)
     return (
-        record["event_id"],
-        record["request_id"],
-        record["schema_version"],
-        epoch_ms(record["event_time"]),
-        record["status"],
-        record["kind"] or "",
-        record["user_id"],
-        [image["uri"] for image in images],
-        [image["sha256"] for image in images],
-        [image["width"] for image in images],
-        [image["height"] for image in images],
-        [image["format"] for image in images],
-        [image["bytes"] for image in images],
-        record["moderation_stage"] or "",
-        [score["category"] for score in scores],
-        [score["score"] for score in scores],
-        record["error_code"],
-        record["error_message"],
-        record["model"],
+        result.event_id,
+        result.request_id,
+        result.schema_version,
+        epoch_ms(result.event_time),
+        result.status,
+        result.kind or "",
+        result.user_id,
+        [image.uri for image in images],
+        [image.sha256 for image in images],
+        [image.width for image in images],
+        [image.height for image in images],
+        [image.format for image in images],
+        [image.bytes for image in images],
+        result.moderation_stage or "",
+        [score.category for score in scores],
+        [score.score for score in scores],
+        result.error_code,
+        result.error_message,
+        result.model,
         experiment_keys,
         experiment_variants,
-        record["variant"],
-        epoch_ms(record["request_created_at"]) if record["request_created_at"] else 0,
+        result.variant,
+        epoch_ms(result.request_created_at) if result.request_created_at else 0,
         timing_stages,
         timing_ms,
+        result.steps,
+        result.guidance,
+        result.scheduler,
+        result.width,
+        result.height,
+        result.seed,
+        result.strength,
+        result.batch_size,
     )
 
 
-def metric_row(record: Record) -> Row:
+def metric_row(metric: StageMetric) -> Row:
     """A StageMetric as a `stage_metrics` row, in METRIC_COLUMNS order."""
-    experiment_keys, experiment_variants = _sorted_map(record["experiments"])
+    experiment_keys, experiment_variants = _sorted_map(metric.experiments)
     return (
-        record["event_id"],
-        record["request_id"],
-        record["schema_version"],
-        epoch_ms(record["event_time"]),
-        record["stage"],
-        record["outcome"],
-        record["queue_ms"],
-        record["compute_ms"],
-        record["batch_size"],
-        record["device"],
-        record["device_seconds"],
-        record["cost_usd"],
-        record["worker_id"],
-        record["user_id"],
-        record["model"],
+        metric.event_id,
+        metric.request_id,
+        metric.schema_version,
+        epoch_ms(metric.event_time),
+        metric.stage,
+        metric.outcome,
+        metric.queue_ms,
+        metric.compute_ms,
+        metric.batch_size,
+        metric.device,
+        metric.device_seconds,
+        metric.cost_usd,
+        metric.worker_id,
+        metric.user_id,
+        metric.model,
         experiment_keys,
         experiment_variants,
-        record["variant"],
+        metric.variant,
     )

@@ -1,6 +1,7 @@
 """The ClickHouse sink: ImageResults and StageMetrics from Kafka into the raw tables, in batches.
 
-A batch closes at `max_batch_rows` rows or `max_batch_wait_s` after its first event, whichever comes first. It is
+A batch closes at `PIXELPIPE_SINK_MAX_BATCH_ROWS` rows or `PIXELPIPE_SINK_MAX_BATCH_WAIT_MS` after its first event,
+whichever comes first. It is
 inserted (one insert per table), its dead letters are acknowledged by the broker, and only then are the Kafka
 offsets committed: a crash at any point replays the uncommitted events, and the tables' ReplacingMergeTree on
 event_id (read through the *_dedup views) makes the replay count once.
@@ -11,29 +12,29 @@ is inserted and the sink carries on.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from pixelpipe.config import Settings
-from pixelpipe.schemas import Codec, CodecError
-from pixelpipe.sinks.clickhouse.migrate import InsertRefused
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, Record, Row, metric_row, result_row
+from pixelpipe.core.clickhouse import InsertRefused
+from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
+from pixelpipe.core.events import DeadLetter, Event, ImageResult, StageMetric
+from pixelpipe.core.settings import KafkaSettings, SinkSettings, TopicSettings
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, Row, metric_row, result_row
 
 log = logging.getLogger(__name__)
 
 STAGE = "clickhouse-sink"
+LOG_INTERVAL_S = 10.0
 
 
 class Warehouse(Protocol):
-    """What the sink needs of a backend: migrate.ServerClient (clickhouse-driver) or migrate.ChdbClient (chDB)."""
+    """What the sink needs of a backend: ServerClient (clickhouse-driver) or ChdbClient (chDB), from core.clickhouse."""
 
     def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         """Inserts all rows or raises InsertRefused having inserted none."""
@@ -45,22 +46,11 @@ class SinkError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SinkConfig:
-    group_id: str = "pixelpipe.clickhouse-sink"
-    max_batch_rows: int = 50_000
-    max_batch_wait_s: float = 1.0
-    max_idle_s: float | None = None  # stop after this long without an event (benchmarks, tests); None runs on
-    log_interval_s: float = 10.0
-    insert_retry_s: float = 120.0  # how long an insert is retried while ClickHouse does not answer
-    consumer_overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class _Route:
-    schema: str
+    event_type: type[Event]
     table: str
     columns: tuple[str, ...]
-    to_row: Callable[[Record], Row]
+    to_row: Callable[[Any], Row]
 
 
 @dataclass
@@ -79,54 +69,58 @@ class SinkStats:
     rows_by_table: dict[str, int] = field(default_factory=dict)
 
 
-def consumer_config(settings: Settings, config: SinkConfig) -> dict[str, Any]:
-    return (
-        settings.kafka_client_config()
-        | {
-            "group.id": config.group_id,
-            "enable.auto.commit": False,  # offsets are committed by hand, after the insert
-            "auto.offset.reset": "earliest",  # a new sink group loads the topics from their start
-            "session.timeout.ms": 6000,  # a killed sink's partitions move on after 6 s, not the default 45 s
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "queued.max.messages.kbytes": 256 * 1024,
-        }
-        | config.consumer_overrides
-    )
+def consumer_config(kafka: KafkaSettings, sink: SinkSettings) -> dict[str, Any]:
+    return kafka.client_config() | {
+        "group.id": sink.group_id,
+        "enable.auto.commit": False,  # offsets are committed by hand, after the insert
+        "auto.offset.reset": "earliest",  # a new sink group loads the topics from their start
+        "session.timeout.ms": 6000,  # a killed sink's partitions move on after 6 s, not the default 45 s
+        "fetch.max.bytes": 64 * 1024 * 1024,
+        "queued.max.messages.kbytes": 256 * 1024,
+    }
 
 
 class ClickHouseSink:
-    """Consumes settings.topic_results and settings.topic_metrics into `results` and `stage_metrics`.
+    """Consumes the results and metrics topics into `results` and `stage_metrics`.
 
-    `run()` returns when `stop` is set (the CLI sets it on SIGTERM and SIGINT) or after `max_idle_s` without events,
-    having inserted and committed everything consumed.
+    `run()` returns when `stop` is set (the CLI sets it on SIGTERM and SIGINT) or after `max_idle_s` without events
+    (benchmarks and tests; None runs on), having inserted and committed everything consumed.
     """
 
     def __init__(
-        self, settings: Settings, warehouse: Warehouse, config: SinkConfig | None = None, codec: Codec | None = None
+        self,
+        kafka: KafkaSettings,
+        topics: TopicSettings,
+        sink: SinkSettings,
+        warehouse: Warehouse,
+        *,
+        max_idle_s: float | None = None,
+        consumer_overrides: dict[str, Any] | None = None,
     ) -> None:
-        self.settings = settings
-        self.config = config or SinkConfig()
+        self.topics = topics
+        self.sink = sink
+        self.max_idle_s = max_idle_s
         self.stats = SinkStats()
         self._warehouse = warehouse
-        self._codec = codec or Codec()
+        self._codec: Codec = codec_from_settings(kafka)
         self._routes = {
-            settings.topic_results: _Route("ImageResult", "results", RESULT_COLUMNS, result_row),
-            settings.topic_metrics: _Route("StageMetric", "stage_metrics", METRIC_COLUMNS, metric_row),
+            topics.results: _Route(ImageResult, "results", RESULT_COLUMNS, result_row),
+            topics.metrics: _Route(StageMetric, "stage_metrics", METRIC_COLUMNS, metric_row),
         }
         self._pending = {route.table: _Pending() for route in self._routes.values()}
         self._dead_letters: list[tuple[Message, str, str | None]] = []
         self._uncommitted = 0  # messages consumed since the last commit, inserted or dead-lettered
         self._batch_started: float | None = None
         self._last_event: float | None = None  # None until partitions are assigned: joining takes seconds
-        self._consumer = Consumer(consumer_config(settings, self.config))
-        self._producer = Producer(settings.kafka_client_config() | {"enable.idempotence": True, "acks": "all"})
+        self._consumer = Consumer(consumer_config(kafka, sink) | (consumer_overrides or {}))
+        self._producer = Producer(kafka.client_config() | {"enable.idempotence": True, "acks": "all"})
 
     def run(self, stop: threading.Event | None = None) -> SinkStats:
         stop = stop or threading.Event()
         self._consumer.subscribe(list(self._routes), on_assign=self._assigned, on_revoke=self._revoked)
         last_log = time.monotonic()
         logged_rows = 0
-        log.info("sink started", extra={"topics": list(self._routes), "group_id": self.config.group_id})
+        log.info("sink started", extra={"topics": list(self._routes), "group_id": self.sink.group_id})
         try:
             while not stop.is_set():
                 messages = self._consumer.consume(10_000, timeout=0.2)
@@ -137,15 +131,15 @@ class ClickHouseSink:
                     self._last_event = now
                     self._batch_started = self._batch_started or now
                 if self._batch_started is not None and (
-                    self._pending_rows() >= self.config.max_batch_rows
-                    or now - self._batch_started >= self.config.max_batch_wait_s
+                    self._pending_rows() >= self.sink.max_batch_rows
+                    or now - self._batch_started >= self.sink.max_batch_wait_ms / 1000
                 ):
                     self._flush()
-                if now - last_log >= self.config.log_interval_s:
+                if now - last_log >= LOG_INTERVAL_S:
                     rate = (self.stats.rows - logged_rows) / (now - last_log)
                     log.info("sink progress", extra={"rows_per_s": round(rate), **vars(self.stats)})
                     last_log, logged_rows = now, self.stats.rows
-                idle = self.config.max_idle_s
+                idle = self.max_idle_s
                 if idle is not None and self._last_event is not None and now - self._last_event >= idle:
                     break
             self._flush()
@@ -178,10 +172,10 @@ class ClickHouseSink:
         self._uncommitted += 1
         route = self._routes[message.topic()]
         try:
-            record = self._codec.decode_as(route.schema, message.value() or b"")
-            row = route.to_row(record)
+            event = self._codec.decode_as(route.event_type, message.value() or b"")
+            row = route.to_row(event)
         except (CodecError, KeyError, TypeError, ValueError) as e:
-            self._dead_letter(message, f"{route.schema} does not decode: {e}", None)
+            self._dead_letter(message, f"{route.event_type.schema_name} does not decode: {e}", None)
             return
         pending = self._pending[route.table]
         pending.rows.append(row)
@@ -242,7 +236,7 @@ class ClickHouseSink:
     def _insert_retrying(self, route: _Route, rows: list[Row]) -> None:
         """One insert; a failure that says nothing about the rows (ClickHouse restarting, the connection reset) is
         retried with backoff for up to `insert_retry_s`, since nothing is committed until it succeeds."""
-        deadline = time.monotonic() + self.config.insert_retry_s
+        deadline = time.monotonic() + self.sink.insert_retry_s
         delay_s = 0.5
         while True:
             try:
@@ -273,31 +267,25 @@ class ClickHouseSink:
             if error is not None:
                 failures.append(error)
 
-        now = dt.datetime.now(dt.UTC)
         for message, reason, request_id in self._dead_letters:
             key = message.key()
             log.warning("dead letter", extra={"reason": reason, **_where(message)})
-            record = {
-                "event_id": str(uuid.uuid4()),
+            letter = DeadLetter.of(
+                value=message.value() or b"",
+                key=key,
+                topic=message.topic(),
+                partition=message.partition(),
+                offset=message.offset(),
+                reason=reason,
+                stage=STAGE,
                 # The key is the request id by contract; trust it only when the event itself could not be read.
-                "request_id": request_id or (key.decode("utf-8", "replace") if key else None),
-                "schema_version": 1,
-                "event_time": now,
-                "original_key": key,
-                "original_value": message.value() or b"",
-                "topic": message.topic(),
-                "partition": message.partition(),
-                "offset": message.offset(),
-                "error_reason": reason,
-                "stage": STAGE,
-            }
-            self._producer.produce(
-                self.settings.topic_dead_letter, self._codec.encode("DeadLetter", record), key, on_delivery=delivered
+                request_id=request_id or (key.decode("utf-8", "replace") if key else None),
             )
+            self._producer.produce(self.topics.dead_letter, self._codec.encode(letter), key, on_delivery=delivered)
         # The offsets of these events are committed next, so the dead letters must be stored first.
         if self._producer.flush(30) or failures:
             raise SinkError(
-                f"the dead-letter topic {self.settings.topic_dead_letter} did not take "
+                f"the dead-letter topic {self.topics.dead_letter} did not take "
                 f"{len(failures) or len(self._dead_letters)} events ({failures[0].str() if failures else 'timeout'}); "
                 "not committing offsets, the events will be read again"
             )

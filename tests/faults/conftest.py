@@ -26,15 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from pixelpipe.config import Settings
-from pixelpipe.processors.tiny_models import build_tiny_models
-from pixelpipe.processors.workers import WorkerProcess
+from pixelpipe.core.settings import Settings
+from pixelpipe.tools.tiny_models import build_tiny_models
+from pixelpipe.tools.processes import WorkerProcess
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, drop_database, migrate
-from pixelpipe.sinks.objects import open_object_store
-from pixelpipe.stack import LocalStack
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.tools.stack import LocalStack
+from pixelpipe.core.topics import ensure_topics
 from tests.conftest import free_kafka_port, free_port, with_own_topics
 
 STAGES = ("moderation", "generate")

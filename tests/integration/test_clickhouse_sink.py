@@ -22,7 +22,7 @@ from pixelpipe.schemas import Codec
 from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, apply_migrations, connect, migrate
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ import pytest
 from pixelpipe.analytics import report
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.stats import ratio_stats_from_values, sufficient_stats_from_values
-from pixelpipe.producers.experiments import Experiment, Variant
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ClickHouseClient, ServerClient, apply_migrations
+from pixelpipe.core.clickhouse import ChdbClient, ClickHouseClient, ServerClient
+from pixelpipe.core.experiments import Experiment, Variant
+from pixelpipe.sinks.clickhouse.migrate import apply_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pixelpipe.sinks.objects import ObjectNotFoundError, ObjectStoreError, S3ObjectStore, open_object_store
+from pixelpipe.core.objects import ObjectNotFoundError, ObjectStoreError, S3ObjectStore, open_object_store
 
 pytestmark = pytest.mark.integration
 

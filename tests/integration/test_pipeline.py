@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelpipe.processors.tiny_models import build_tiny_models
-from pixelpipe.processors.workers import WorkerProcess
+from pixelpipe.tools.tiny_models import build_tiny_models
+from pixelpipe.tools.processes import WorkerProcess
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import publish_all
 from pixelpipe.producers.results import collect
 from pixelpipe.schemas import Codec
-from pixelpipe.sinks.objects import open_object_store
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 STAGES = ("moderation", "generate", "edit")

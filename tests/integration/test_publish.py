@@ -13,7 +13,7 @@ from confluent_kafka import Consumer
 from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import SyntheticLoad, publish_all
 from pixelpipe.schemas import Codec
-from pixelpipe.topics import ensure_topics
+from pixelpipe.core.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,12 @@ import uuid
 
 import pytest
 
-from pixelpipe.config import Settings
-from pixelpipe.processors.workers import WorkerProcess
+from pixelpipe.core.settings import Settings
+from pixelpipe.tools.processes import WorkerProcess
 from pixelpipe.producers import DeliveryError, Publisher, new_request
 from pixelpipe.producers.results import collect
-from pixelpipe.stack.services import LOCAL_KAFKA_PASSWORD, LOCAL_KAFKA_USER, Kafka
-from pixelpipe.topics import ensure_topics
+from pixelpipe.tools.stack.services import LOCAL_KAFKA_PASSWORD, LOCAL_KAFKA_USER, Kafka
+from pixelpipe.core.topics import ensure_topics
 from tests.conftest import free_kafka_port, with_own_topics
 
 pytestmark = pytest.mark.integration

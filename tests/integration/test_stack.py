@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pixelpipe.stack.services import port_open
+from pixelpipe.tools.stack.services import port_open
 from tests.conftest import free_kafka_port, free_port
 
 pytestmark = pytest.mark.integration

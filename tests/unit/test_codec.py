@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from pixelpipe.schemas.codec import (
+from pixelpipe.core.codec import (
     SCHEMA_DIR,
     SCHEMA_NAMES,
     Codec,

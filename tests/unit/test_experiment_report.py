@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pixelpipe.analytics import report
+from pixelpipe.analytics import report, report_html
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.cli import analyze as analyze_command
-from pixelpipe.producers.experiments import (
+from pixelpipe.core.clickhouse import ChdbClient, connect
+from pixelpipe.core.experiments import (
     Experiment,
     ExperimentConfigError,
     UnknownExperimentError,
@@ -27,7 +28,7 @@ from pixelpipe.producers.experiments import (
     load_experiments,
     parse_experiments,
 )
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, apply_migrations, connect
+from pixelpipe.sinks.clickhouse.migrate import apply_migrations
 
 EXAMPLE = Path(__file__).parents[2] / "analytics" / "experiments.example.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -168,6 +169,9 @@ def test_a_small_sample_says_how_many_users_are_needed(chdb: ChdbClient):
     assert re.search(r"need 1000 per arm \(control needs \d+ more, fast needs \d+ more\)", row.note)
     assert "need 1000 per arm" in small.table()
     assert small.sequential["abs_lift"].isna().all()
+    assert small.min_users_per_arm == 1000  # what the sequential plot says is missing
+    (option,) = [p for p in analyze_command.params if p.name == "min_users"]
+    assert option.default == report.DEFAULT_MIN_USERS_PER_ARM
 
 
 def test_cli_prints_the_table_and_writes_the_report(chdb: ChdbClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -177,7 +181,7 @@ def test_cli_prints_the_table_and_writes_the_report(chdb: ChdbClient, tmp_path: 
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr("pixelpipe.sinks.clickhouse.migrate.connect", lambda url: Shared())
+    monkeypatch.setattr("pixelpipe.core.clickhouse.connect", lambda url: Shared())
     out = tmp_path / "r.html"
     args = ["steps-test", "--experiments", str(EXAMPLE), "--metrics", "latency_ms,rejection_rate", "--html", str(out)]
     result = CliRunner().invoke(analyze_command, [*args, "--clickhouse-url", "chdb://x"])
@@ -192,7 +196,7 @@ def test_cli_prints_the_table_and_writes_the_report(chdb: ChdbClient, tmp_path: 
 
 def test_html_report_is_self_contained(analysis: report.Analysis):
     page = analysis.to_html()
-    for section in report.SECTIONS:
+    for section in report_html.SECTIONS:
         assert f'<section id="{section}">' in page
     assert page.count("data:image/png;base64,") == 4
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # nothing to fetch from a server
@@ -220,5 +224,5 @@ def test_html_report_renders_in_headless_chromium(analysis: report.Analysis, tmp
     )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     dom = subprocess.run([*flags, "--dump-dom", url], check=True, timeout=60, capture_output=True, text=True).stdout
-    assert set(re.findall(r'<section id="(\w+)"', dom)) == set(report.SECTIONS)
+    assert set(re.findall(r'<section id="(\w+)"', dom)) == set(report_html.SECTIONS)
     assert dom.count('<img alt="plot" src="data:image/png;base64,') == 4

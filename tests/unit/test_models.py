@@ -21,7 +21,7 @@ from pixelpipe.processors.models import (
     ModelRegistry,
     resolve_device_dtype,
 )
-from pixelpipe.processors.tiny_models import build_tiny_models, write_registry
+from pixelpipe.tools.tiny_models import build_tiny_models, write_registry
 
 STEPS = 2
 

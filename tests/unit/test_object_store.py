@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from pixelpipe.config import Settings
-from pixelpipe.sinks.objects import (
+from pixelpipe.core.settings import Settings
+from pixelpipe.core.objects import (
     FileObjectStore,
     ObjectNotFoundError,
     ObjectStoreError,

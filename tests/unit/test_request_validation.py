@@ -2,9 +2,9 @@ import datetime as dt
 
 import pytest
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 from pixelpipe.producers import InvalidRequestError, new_request, validate_request
-from pixelpipe.producers.experiments import assign_variant, parse_experiment_spec
+from pixelpipe.core.experiments import assign_variant, parse_experiment_spec
 
 SETTINGS = Settings(max_prompt_chars=100, max_image_side=1024)
 
@@ -95,7 +95,7 @@ def test_experiment_spec_parsing():
 
 
 def test_the_sdk_stamps_active_experiments_and_keeps_given_assignments():
-    from pixelpipe.producers.experiments import parse_experiments, stamp_assignments
+    from pixelpipe.core.experiments import parse_experiments, stamp_assignments
 
     experiments = parse_experiments(
         {

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 
-from pixelpipe.schemas.codec import Codec, HttpSchemaRegistry, UnknownSchemaError
+from pixelpipe.core.codec import Codec, HttpSchemaRegistry, UnknownSchemaError
 from tests.samples import sample_records
 
 

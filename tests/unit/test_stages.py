@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 from pixelpipe.processors.stages import (
     Inbound,
     UserRateLimiter,
@@ -18,8 +18,8 @@ from pixelpipe.processors.stages import (
     with_retries,
 )
 from pixelpipe.producers import new_request
-from pixelpipe.producers.experiments import parse_experiments
-from pixelpipe.sinks.objects import ObjectStoreError
+from pixelpipe.core.experiments import parse_experiments
+from pixelpipe.core.objects import ObjectStoreError
 
 EXPERIMENTS = parse_experiments(
     {

@@ -4,7 +4,7 @@ Both wire formats decode here, always into the *current* shipped schema of the e
 built today reads what an older producer wrote.
 
 - single-object encoding: ``C3 01`` + 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema + body.
-  The fingerprint must belong to a schema shipped in this folder (``*.avsc`` now, ``v*/`` before).
+  The fingerprint must belong to a schema shipped in ``schemas/`` (``*.avsc`` now, ``v*/`` before).
 - schema-registry framing: ``00`` + 4-byte big-endian schema id + body; the writer schema comes from the registry.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import struct
 import threading
 import urllib.error
@@ -20,24 +19,21 @@ import urllib.request
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-SCHEMA_DIR = Path(__file__).parent
-NAMESPACE = "pixelpipe.v1"
-SCHEMA_NAMES = ("ImageRequest", "ImageResult", "StageMetric", "DeadLetter")
+from pixelpipe.core.events import EVENT_TYPES, Event, Record
+from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.schemas import NAMESPACE, SCHEMA_DIR, SCHEMA_NAMES
+
+E = TypeVar("E", bound=Event)
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 REGISTRY_MAGIC = b"\x00"
 _SINGLE_OBJECT_HEADER_LEN = 10
 _REGISTRY_HEADER_LEN = 5
-
-Record = dict[str, Any]
-
-# request_id is the Kafka key and a segment of object keys, so the contract limits it to safe characters.
-REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CodecError(ValueError):
@@ -153,17 +149,12 @@ class HttpSchemaRegistry:
             raise
 
 
-@dataclass(frozen=True)
-class Decoded:
-    name: str  # short schema name, e.g. "ImageRequest"
-    record: Record
-
-
 class Codec:
-    """Encodes records of the shipped schemas and decodes either wire format into the current schema.
+    """Encodes typed events and decodes either wire format into the current schema's typed event.
 
     With ``registry`` set, ``encode`` writes the registry framing (subjects follow the record-name strategy);
-    without it, the single-object encoding. ``decode`` reads both either way.
+    without it, the single-object encoding. ``decode`` reads both either way. ``encode_record`` and
+    ``decode_record`` work on plain Avro records, for tools that write raw events (fixtures, benchmarks).
     """
 
     def __init__(self, registry: SchemaRegistry | None = None, schema_dir: Path = SCHEMA_DIR) -> None:
@@ -173,8 +164,15 @@ class Codec:
         self._registry_ids: dict[str, int] = {}
         self._registry_writers: dict[int, ShippedSchema] = {}
 
+    @property
+    def uses_registry(self) -> bool:
+        return self._registry is not None
+
     # -- encoding --------------------------------------------------------------------------------------------
-    def encode(self, name: str, record: Record) -> bytes:
+    def encode(self, event: Event) -> bytes:
+        return self.encode_record(event.schema_name, event.to_avro())
+
+    def encode_record(self, name: str, record: Record) -> bytes:
         schema = self._schema(name)
         out = io.BytesIO()
         if self._registry is None:
@@ -202,7 +200,22 @@ class Codec:
         return self._registry_ids[schema.name]
 
     # -- decoding --------------------------------------------------------------------------------------------
-    def decode(self, data: bytes) -> Decoded:
+    def decode(self, data: bytes) -> Event:
+        name, record = self.decode_record(data)
+        try:
+            return EVENT_TYPES[name].from_avro(record)
+        except (TypeError, ValueError) as e:
+            raise CodecError(f"{name}: record does not fit the event: {e}") from e
+
+    def decode_as(self, event_type: type[E], data: bytes) -> E:
+        """Decode and insist on one event type, for topics that carry only that event."""
+        event = self.decode(data)
+        if not isinstance(event, event_type):
+            raise CodecError(f"expected a {event_type.schema_name}, got a {event.schema_name}")
+        return event
+
+    def decode_record(self, data: bytes) -> tuple[str, Record]:
+        """The schema name and the plain record, read into the current schema."""
         writer, header_len = self._writer_schema(data)
         reader = self._current[writer.name]
         body = io.BytesIO(data)
@@ -216,14 +229,7 @@ class Codec:
             raise CodecError(f"{writer.name}: body does not decode ({type(e).__name__}: {e})") from e
         if body.tell() != len(data):
             raise CodecError(f"{writer.name}: {len(data) - body.tell()} bytes left after the record")
-        return Decoded(writer.name, record)
-
-    def decode_as(self, name: str, data: bytes) -> Record:
-        """Decode and insist on one schema, for topics that carry only that event."""
-        decoded = self.decode(data)
-        if decoded.name != name:
-            raise CodecError(f"expected a {name}, got a {decoded.name}")
-        return decoded.record
+        return writer.name, record
 
     def _writer_schema(self, data: bytes) -> tuple[ShippedSchema, int]:
         if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= _SINGLE_OBJECT_HEADER_LEN:
@@ -254,3 +260,9 @@ class Codec:
         writer = ShippedSchema(name, f"registry:{schema_id}", "", parsed, schema_fingerprint(parsed))
         self._registry_writers[schema_id] = writer
         return writer
+
+
+def codec_from_settings(kafka: KafkaSettings) -> Codec:
+    """The codec every pixelpipe process uses: registry framing when a schema registry URL is set, else the
+    single-object encoding."""
+    return Codec(HttpSchemaRegistry(kafka.schema_registry_url) if kafka.schema_registry_url else None)

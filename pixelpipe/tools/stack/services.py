@@ -16,13 +16,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixelpipe.config import Settings
+from pixelpipe.tools.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
 
 MAVEN_DIR = Path(__file__).parent / "maven"
 LOCAL_S3_ACCESS_KEY = "pixelpipe"
 LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credentials, never real ones
+LOCAL_S3_REGION = "us-east-1"
 LOCAL_KAFKA_USER = "pixelpipe"
 LOCAL_KAFKA_PASSWORD = "pixelpipe-local-kafka-secret"
 
@@ -67,9 +68,9 @@ class LocalService:
     name = ""
     start_timeout_s = 90.0
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
-        self.dir = Path(settings.stack_dir).expanduser().resolve() / self.name
+        self.dir = Path(settings.dir).expanduser().resolve() / self.name
         self.cache = Path(settings.cache_dir).expanduser()
         self.pid_file = self.dir / "pid"
         self.log_file = self.dir / "service.log"
@@ -207,7 +208,7 @@ class Kafka(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.stack_kafka_port
+        return self.settings.kafka_port
 
     @property
     def endpoint(self) -> str:
@@ -235,7 +236,7 @@ class Kafka(LocalService):
             "sasl.enabled.mechanisms": "PLAIN",
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain_login,
             "log.dirs": str(self.dir / "data"),
-            "num.partitions": str(self.settings.topic_partitions),
+            "num.partitions": str(self.settings.default_partitions),
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "8",
             "transaction.state.log.replication.factor": "1",
@@ -309,7 +310,7 @@ class ClickHouse(LocalService):
   <logger><level>warning</level><console>1</console></logger>
   <listen_host>127.0.0.1</listen_host>
   <tcp_port>{self.port}</tcp_port>
-  <http_port>{self.settings.stack_clickhouse_http_port}</http_port>
+  <http_port>{self.settings.clickhouse_http_port}</http_port>
   <path>{self.dir / "data"}/</path>
   <tmp_path>{self.dir / "tmp"}/</tmp_path>
   <user_files_path>{self.dir / "user_files"}/</user_files_path>
@@ -338,7 +339,7 @@ class ClickHouse(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.stack_clickhouse_port
+        return self.settings.clickhouse_port
 
     def request(self) -> None:
         from clickhouse_driver import Client
@@ -402,7 +403,7 @@ class ObjectStorage(LocalService):
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
-            region_name=self.settings.s3_region,
+            region_name=LOCAL_S3_REGION,
             aws_access_key_id=LOCAL_S3_ACCESS_KEY,
             aws_secret_access_key=LOCAL_S3_SECRET_KEY,
             config=Config(
@@ -416,21 +417,21 @@ class ObjectStorage(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.stack_s3_port
+        return self.settings.s3_port
 
     def request(self) -> None:
         self.client().list_buckets()
 
     def after_ready(self) -> None:
         client = self.client()
-        if self.settings.stack_s3_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-            client.create_bucket(Bucket=self.settings.stack_s3_bucket)
+        if self.settings.s3_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=self.settings.s3_bucket)
 
 
 class LocalStack:
     """The three services together, started in order and stopped in reverse."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: StackSettings) -> None:
         self.settings = settings
         self.services: list[LocalService] = [Kafka(settings), ClickHouse(settings), ObjectStorage(settings)]
 
@@ -451,9 +452,9 @@ class LocalStack:
         return {
             "PIXELPIPE_KAFKA_BOOTSTRAP": self.services[0].endpoint,
             "PIXELPIPE_CLICKHOUSE_URL": self.services[1].endpoint,
-            "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.settings.stack_s3_bucket}/images",
+            "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.settings.s3_bucket}/images",
             "PIXELPIPE_S3_ENDPOINT_URL": self.services[2].endpoint,
-            "PIXELPIPE_S3_REGION": self.settings.s3_region,
+            "PIXELPIPE_S3_REGION": LOCAL_S3_REGION,
             "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
         }

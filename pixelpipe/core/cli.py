@@ -1,11 +1,11 @@
-"""What every layer's commands share."""
+"""What every layer's commands share: settings from the environment, with logs set up."""
 
 from __future__ import annotations
 
 import click
 
-from pixelpipe import logs
-from pixelpipe.config import ConfigError, Settings
+from pixelpipe.core import logs
+from pixelpipe.core.settings import ConfigError, Settings
 
 
 def load_settings() -> Settings:
@@ -14,5 +14,5 @@ def load_settings() -> Settings:
         settings = Settings.from_env()
     except ConfigError as e:
         raise click.ClickException(str(e)) from e
-    logs.configure(settings.log_level)
+    logs.configure(settings.logs.level)
     return settings

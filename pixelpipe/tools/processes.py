@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from pixelpipe.config import Settings
+from pixelpipe.core.settings import Settings
 
 
 class PixelpipeProcess:

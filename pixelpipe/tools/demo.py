@@ -8,7 +8,6 @@ prints a summary read back from ClickHouse.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import io
 import json
@@ -18,16 +17,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pixelpipe.config import Settings
-from pixelpipe.processors.workers import PixelpipeProcess, WorkerProcess
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import ImageRequest, ImageResult
+from pixelpipe.core.experiments import Experiment, load_experiments
+from pixelpipe.core.settings import Settings
+from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
-from pixelpipe.producers.experiments import Experiment, load_experiments
 from pixelpipe.producers.results import collect
-from pixelpipe.schemas import Codec
-from pixelpipe.schemas.codec import Record
-from pixelpipe.stack import LocalStack
-from pixelpipe.stack.services import port_open
-from pixelpipe.topics import ensure_topics
+from pixelpipe.tools.processes import PixelpipeProcess, WorkerProcess
+from pixelpipe.tools.stack import LocalStack, StackSettings
+from pixelpipe.tools.stack.services import port_open
 
 DEMO_EXPERIMENT = {
     "key": "steps-test",
@@ -46,28 +45,30 @@ PROMPTS = (
 REJECTED_PROMPTS = ("a gory massacre in the street", "how to cook meth at home")
 
 
-def run_demo(settings: Settings, count: int, echo: Callable[[str], None], keep_stack: bool = False) -> bool:
+def run_demo(
+    settings: Settings, stack_settings: StackSettings, count: int, echo: Callable[[str], None], keep_stack: bool = False
+) -> bool:
     """Run the demo; True when every request got exactly one terminal result."""
-    stack = LocalStack(settings)
-    host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
+    stack = LocalStack(stack_settings)
+    host, _, port = settings.kafka.bootstrap.split(",")[0].rpartition(":")
     started_stack = not port_open(int(port), host)
     if started_stack:
-        echo(f"starting the local stack in {settings.stack_dir} ...")
+        echo(f"starting the local stack in {stack_settings.dir} ...")
         stack.up()
     logs = Path("data") / "demo"
     logs.mkdir(parents=True, exist_ok=True)
     try:
         settings = _prepare(settings, logs, echo)
-        experiment = load_experiments(settings.experiments_file)["steps-test"]
+        experiment = load_experiments(settings.experiments.file)["steps-test"]
         requests = _requests(settings, count, experiment)
         with WorkerProcess(settings, ["moderation", "generate", "edit"], logs / "worker.log") as worker:
             _publish(settings, requests)
             echo(f"published {len(requests)} requests; the worker's log is {worker.log_path}")
             results = collect(
-                settings,
-                settings.topic_results,
-                "ImageResult",
-                [r["request_id"] for r in requests],
+                settings.kafka,
+                settings.topics.results,
+                ImageResult,
+                [r.request_id for r in requests],
                 timeout_s=900,
                 progress=True,
             )
@@ -89,20 +90,20 @@ def run_demo(settings: Settings, count: int, echo: Callable[[str], None], keep_s
 def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:
     """The tiny models when the registry is missing, the topics, the ClickHouse schema, and an experiments file
     with the demo's experiment when none is configured; returns the settings to run with."""
-    from pixelpipe.processors.tiny_models import build_tiny_models
     from pixelpipe.sinks.clickhouse.migrate import migrate
+    from pixelpipe.tools.tiny_models import build_tiny_models
 
-    if not Path(settings.model_registry).exists():
+    if not Path(settings.models.registry).exists():
         echo("building the tiny models ...")
-        build_tiny_models(Path(settings.model_registry).parent)
-    ensure_topics(settings)
-    migrate(settings.clickhouse_url)
-    if Path(settings.experiments_file).exists():
+        build_tiny_models(Path(settings.models.registry).parent)
+    ensure_topics(settings.kafka, settings.topics)
+    migrate(settings.clickhouse.url)
+    if Path(settings.experiments.file).exists():
         return settings
     experiments_file = logs / "experiments.json"
     start = dt.datetime.now(dt.UTC).date().isoformat()
     experiments_file.write_text(json.dumps({"experiments": [DEMO_EXPERIMENT | {"start": start}]}, indent=2))
-    return dataclasses.replace(settings, experiments_file=str(experiments_file))
+    return settings.updated(experiments_file=str(experiments_file))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -113,20 +114,20 @@ def _png(image: Image.Image) -> bytes:
 
 def _edit_inputs(settings: Settings) -> tuple[str, str]:
     """A source image and an inpainting mask, put in the configured object store."""
-    from pixelpipe.sinks.objects import open_object_store
+    from pixelpipe.core.objects import open_object_store
 
     source = Image.new("RGB", (64, 64), (40, 90, 160))
     ImageDraw.Draw(source).ellipse((16, 16, 48, 48), fill=(230, 200, 40))
     mask = Image.new("L", (64, 64), 0)
     ImageDraw.Draw(mask).rectangle((24, 24, 40, 40), fill=255)
-    store = open_object_store(settings)
+    store = open_object_store(settings.objects)
     return (
         store.put("inputs/demo-source.png", _png(source), "image/png").uri,
         store.put("inputs/demo-mask.png", _png(mask), "image/png").uri,
     )
 
 
-def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Record]:
+def _requests(settings: Settings, count: int, experiment: Experiment) -> list[ImageRequest]:
     """A reproducible mix: mostly generate, edits and inpaints, two rejected prompts, one expired deadline."""
     source, mask = _edit_inputs(settings)
     rng = random.Random(7)
@@ -153,32 +154,31 @@ def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Re
             )
         requests.append(request)
     for j, prompt in enumerate(REJECTED_PROMPTS):
-        requests[3 + 10 * j]["prompt"] = prompt
-    requests[5]["deadline"] = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).replace(microsecond=0)
+        requests[3 + 10 * j].prompt = prompt
+    requests[5].deadline = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).replace(microsecond=0)
     return requests
 
 
-def _publish(settings: Settings, requests: list[Record]) -> None:
-    codec = Codec()
+def _publish(settings: Settings, requests: list[ImageRequest]) -> None:
+    codec = codec_from_settings(settings.kafka)
     with Publisher(settings) as publisher:
         pending = []
         for request in requests:
-            if request["deadline"] is not None:
+            if request.deadline is not None:
                 # The SDK refuses an expired deadline; the demo sends one anyway to show the processors' answer.
-                value = codec.encode("ImageRequest", request)
-                pending.append(publisher.publish_encoded(request["request_id"].encode(), value))
+                pending.append(publisher.publish_encoded(request.request_id.encode(), codec.encode(request)))
             else:
                 pending.append(publisher.publish(request))
         for delivery in pending:
             delivery.result(timeout=60)
 
 
-def _summarise(settings: Settings, requests: list[Record], echo: Callable[[str], None]) -> None:
+def _summarise(settings: Settings, requests: list[ImageRequest], echo: Callable[[str], None]) -> None:
     """Read the demo's rows back from ClickHouse, deduplicated, and print what analysts would see."""
-    from pixelpipe.sinks.clickhouse.migrate import connect
+    from pixelpipe.core.clickhouse import connect
 
-    ids = ", ".join(f"'{r['request_id']}'" for r in requests)
-    client = connect(settings.clickhouse_url)
+    ids = ", ".join(f"'{r.request_id}'" for r in requests)
+    client = connect(settings.clickhouse.url)
     try:
         by_status = client.execute(
             f"SELECT toString(status), toString(error_code), count() FROM results_dedup "
@@ -189,6 +189,11 @@ def _summarise(settings: Settings, requests: list[Record], echo: Callable[[str],
             " quantile(0.5)(compute_ms), quantile(0.95)(compute_ms), sum(cost_usd), max(batch_size)"
             f" FROM stage_metrics_dedup WHERE request_id IN ({ids}) GROUP BY stage ORDER BY stage"
         )
+        what_ran = client.execute(
+            "SELECT ifNull(variant, ''), model, toString(scheduler), steps, guidance, count(), max(batch_size)"
+            f" FROM results_dedup WHERE request_id IN ({ids}) AND steps IS NOT NULL"
+            " GROUP BY variant, model, scheduler, steps, guidance ORDER BY variant, model"
+        )
         images = client.execute(
             f"SELECT sum(image_count), any(image_uris[1]) FROM results_dedup "
             f"WHERE request_id IN ({ids}) AND status = 'SUCCEEDED'"
@@ -196,14 +201,17 @@ def _summarise(settings: Settings, requests: list[Record], echo: Callable[[str],
     finally:
         client.close()
     echo("")
-    echo(f"results ({len(requests)} requests, from ClickHouse {settings.clickhouse_url}):")
+    echo(f"results ({len(requests)} requests, from ClickHouse {settings.clickhouse.url}):")
     for status, code, n in by_status:
         echo(f"  {status:<10} {code or '':<22} {n}")
     echo("stages:       count   queue p50/p95 ms   compute p50/p95 ms   cost USD   max batch")
     for stage, n, q50, q95, c50, c95, cost, batch in stages:
         echo(f"  {stage:<17} {n:>4}   {q50:>7.0f} /{q95:>7.0f}   {c50:>8.0f} /{c95:>8.0f}   {cost:>9.6f}   {batch:>4}")
-    price = settings.device_hour_price_usd
+    echo("what ran:     variant                    model        scheduler  steps  guidance  results  max batch")
+    for variant, model, scheduler, steps, guidance, n, batch in what_ran:
+        echo(f"  {variant:<27} {model:<12} {scheduler:<10} {steps:>5}  {guidance:>8.1f}  {n:>7}  {batch:>9}")
+    price = settings.stages.device_hour_price_usd
     echo(f"total cost: {sum(row[6] for row in stages):.6f} USD at {price} USD per device-hour")
     total_images, example = images[0]
-    echo(f"{total_images} images stored under {settings.object_store_url}, e.g. {example}")
-    echo(f"analyse the experiment: pixelpipe analyze steps-test --experiments {settings.experiments_file}")
+    echo(f"{total_images} images stored under {settings.objects.url}, e.g. {example}")
+    echo(f"analyse the experiment: pixelpipe analyze steps-test --experiments {settings.experiments.file}")

@@ -27,8 +27,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from pixelpipe.config import Settings
-from pixelpipe.schemas.codec import REQUEST_ID_PATTERN
+from pixelpipe.core.ids import REQUEST_ID_PATTERN
+from pixelpipe.core.settings import ObjectStoreSettings
 
 # First character alphanumeric so that "..", "." and hidden names (our temp and sidecar files) can never be a key.
 _SEGMENT = REQUEST_ID_PATTERN.pattern
@@ -323,7 +323,7 @@ def _is_not_found(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code", "") in ("404", "NoSuchKey", "NotFound")
 
 
-def s3_client(settings: Settings) -> Any:
+def s3_client(settings: ObjectStoreSettings) -> Any:
     """A boto3 S3 client from the settings: endpoint (its scheme decides TLS), region, and credentials when given."""
     config = Config(
         # s3proxy and other S3-compatible servers do not speak the newer flexible-checksum trailers.
@@ -347,13 +347,15 @@ def s3_client(settings: Settings) -> Any:
     )
 
 
-def open_object_store(settings: Settings, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD) -> ObjectStore:
-    """The store ``settings.object_store_url`` names: ``file://DIR`` (relative DIRs are from the cwd) or ``s3://bucket/prefix``."""
-    url = settings.object_store_url
+def open_object_store(
+    settings: ObjectStoreSettings, multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD
+) -> ObjectStore:
+    """The store ``settings.url`` names: ``file://DIR`` (relative DIRs are from the cwd) or ``s3://bucket/prefix``."""
+    url = settings.url
     if url.startswith("file://"):
         # Taken literally rather than through urlsplit, so that file://./data/objects stays a relative path.
         return FileObjectStore(url.removeprefix("file://"))
     if url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         return S3ObjectStore(bucket, prefix, s3_client(settings), multipart_threshold=multipart_threshold)
-    raise ObjectStoreError(f"object_store_url {url!r} must start with file:// or s3://")
+    raise ObjectStoreError(f"PIXELPIPE_OBJECT_STORE_URL {url!r} must start with file:// or s3://")

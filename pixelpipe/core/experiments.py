@@ -23,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pixelpipe.core.events import ImageRequest
+
 # What a variant may change, and the type each value must have (a processor applies them as-is).
 OVERRIDE_TYPES: Mapping[str, tuple[type, ...]] = MappingProxyType(
     {"model": (str,), "steps": (int,), "guidance": (int, float), "scheduler": (str,)}
@@ -183,11 +185,11 @@ def _check_overrides(key: str, variant: Variant) -> None:
             )
 
 
-def stamp_assignments(request: dict[str, Any], experiments: Mapping[str, Experiment], at: datetime.datetime) -> None:
+def stamp_assignments(request: ImageRequest, experiments: Mapping[str, Experiment], at: datetime.datetime) -> None:
     """Add the user's arm of each experiment active ``at`` that the request does not name yet (in place)."""
     for key, experiment in experiments.items():
-        if key not in request["experiments"] and experiment.is_active(at):
-            request["experiments"][key] = experiment.assign(request["user_id"])
+        if key not in request.experiments and experiment.is_active(at):
+            request.experiments[key] = experiment.assign(request.user_id)
 
 
 def assign_variant(experiment: str, user_id: str, weights: Mapping[str, float]) -> str:

@@ -1,0 +1,222 @@
+"""Typed events: the contracts of ``schemas/*.avsc`` as dataclasses.
+
+Code works with these classes; ``to_avro()`` and ``from_avro()`` turn them into and out of the plain records
+fastavro reads and writes, at the codec boundary only. ``tests/unit/test_events.py`` checks every class against
+its ``.avsc`` file: the same fields, the same defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
+
+from pixelpipe.core.clock import utc_now
+from pixelpipe.core.ids import derived_event_id, new_event_id
+
+Record = dict[str, Any]
+
+RequestKind = Literal["GENERATE", "EDIT"]
+Priority = Literal["INTERACTIVE", "BATCH"]
+ResultStatus = Literal["SUCCEEDED", "REJECTED", "FAILED"]
+ModerationStage = Literal["PROMPT", "INPUT_IMAGE", "OUTPUT_IMAGE"]
+Stage = Literal["MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION"]
+StageOutcome = Literal["OK", "REJECTED", "FAILED"]
+
+MAX_DEAD_LETTER_REASON_CHARS = 4000
+
+
+class AvroRecord:
+    """Plain conversion between a dataclass and its Avro record; nested records override the two methods."""
+
+    __slots__ = ()
+    schema_name: ClassVar[str]
+
+    def to_avro(self) -> Record:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_avro(cls, record: Record) -> Self:
+        return cls(**record)
+
+
+@dataclass(kw_only=True, slots=True)
+class ImageRequest(AvroRecord):
+    """A request to generate images from a prompt (GENERATE) or to edit an existing image (EDIT)."""
+
+    schema_name: ClassVar[str] = "ImageRequest"
+
+    event_id: str = field(default_factory=new_event_id)
+    request_id: str
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    kind: RequestKind
+    user_id: str
+    prompt: str
+    negative_prompt: str | None = None
+    n: int = 1
+    width: int = 512
+    height: int = 512
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    model: str
+    source_image_uri: str | None = None
+    mask_uri: str | None = None
+    strength: float | None = None
+    experiments: dict[str, str] = field(default_factory=dict)
+    priority: Priority = "BATCH"
+    deadline: dt.datetime | None = None
+    created_at: dt.datetime = field(default_factory=utc_now)
+    reply_topic: str | None = None
+
+    @property
+    def variant(self) -> str | None:
+        """``experiment:variant`` pairs, sorted; None outside experiments."""
+        return ",".join(f"{k}:{v}" for k, v in sorted(self.experiments.items())) or None
+
+
+@dataclass(kw_only=True, slots=True)
+class StoredImage(AvroRecord):
+    uri: str
+    sha256: str
+    width: int
+    height: int
+    format: str  # PNG, JPEG or WEBP
+    bytes: int
+
+
+@dataclass(kw_only=True, slots=True)
+class CategoryScore(AvroRecord):
+    category: str
+    score: float
+
+
+@dataclass(kw_only=True, slots=True)
+class ImageResult(AvroRecord):
+    """The one terminal outcome of a request, with the parameters that actually ran."""
+
+    schema_name: ClassVar[str] = "ImageResult"
+
+    event_id: str
+    request_id: str
+    schema_version: int = 2
+    event_time: dt.datetime = field(default_factory=utc_now)
+    status: ResultStatus
+    kind: RequestKind | None = None
+    user_id: str
+    images: list[StoredImage] = field(default_factory=list)
+    moderation_stage: ModerationStage | None = None
+    moderation_scores: list[CategoryScore] = field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+    model: str
+    experiments: dict[str, str] = field(default_factory=dict)
+    variant: str | None = None
+    request_created_at: dt.datetime | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # What ran (set once a render stage fixed the final parameters, after overrides and model defaults).
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    strength: float | None = None
+    batch_size: int | None = None
+
+    def to_avro(self) -> Record:
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        record["images"] = [image.to_avro() for image in self.images]
+        record["moderation_scores"] = [score.to_avro() for score in self.moderation_scores]
+        return record
+
+    @classmethod
+    def from_avro(cls, record: Record) -> Self:
+        return cls(
+            **record
+            | {
+                "images": [StoredImage.from_avro(image) for image in record["images"]],
+                "moderation_scores": [CategoryScore.from_avro(score) for score in record["moderation_scores"]],
+            }
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class StageMetric(AvroRecord):
+    """Latency and cost of one request passing one stage."""
+
+    schema_name: ClassVar[str] = "StageMetric"
+
+    event_id: str
+    request_id: str
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    stage: Stage
+    outcome: StageOutcome
+    queue_ms: float
+    compute_ms: float
+    batch_size: int = 1
+    device: str
+    device_seconds: float
+    cost_usd: float
+    worker_id: str
+    user_id: str
+    model: str
+    experiments: dict[str, str] = field(default_factory=dict)
+    variant: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class DeadLetter(AvroRecord):
+    """An event that could not be processed, kept whole with the reason."""
+
+    schema_name: ClassVar[str] = "DeadLetter"
+
+    event_id: str
+    request_id: str | None = None
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    original_key: bytes | None = None
+    original_value: bytes
+    topic: str
+    partition: int
+    offset: int
+    error_reason: str
+    stage: str
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        value: bytes,
+        key: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        reason: str,
+        stage: str,
+        request_id: str | None,
+    ) -> DeadLetter:
+        """The dead letter of the message at ``topic``/``partition``/``offset``, given up by ``stage``.
+
+        Its id derives from where the message was and who gave up, so a replay dead-letters it under the same id.
+        """
+        return cls(
+            event_id=derived_event_id(f"{topic}/{partition}/{offset}", f"dead-letter/{stage}"),
+            request_id=request_id,
+            original_key=key,
+            original_value=value,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            error_reason=reason[:MAX_DEAD_LETTER_REASON_CHARS],
+            stage=stage,
+        )
+
+
+Event = ImageRequest | ImageResult | StageMetric | DeadLetter
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter)
+}

@@ -1,0 +1,279 @@
+"""Settings by concern, read from ``PIXELPIPE_*`` environment variables, with defaults for the embedded run.
+
+Each concern is a small frozen dataclass (Kafka, topics, ClickHouse, object store, request limits, models,
+experiments, moderation, stages, sink, logs); ``Settings`` gathers them and each component takes only the
+parts it needs. Every field names its environment variable, so the variables stay flat and stable while the code
+groups them. The local stack's settings belong to the tools (``pixelpipe.tools.stack.settings``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+ENV_PREFIX = "PIXELPIPE_"
+
+S = TypeVar("S")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def setting(env: str, default: Any, doc: str, secret: bool = False) -> Any:
+    """A field read from ``PIXELPIPE_<env>``."""
+    return field(default=default, metadata={"env": ENV_PREFIX + env, "doc": doc, "secret": secret})
+
+
+def section_from_env(cls: type[S], environ: Mapping[str, str]) -> S:
+    """One concern's settings from ``environ``; variables not set keep their defaults."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = environ.get(f.metadata["env"])
+        if raw is None:
+            continue
+        parse = {"int": int, "float": float}.get(str(f.type), str)
+        try:
+            values[f.name] = parse(raw)
+        except ValueError:
+            raise ConfigError(f"{f.metadata['env']}: expected {f.type}, got {raw!r}") from None
+    return cls(**values)
+
+
+def section_env(section: Any) -> dict[str, str]:
+    return {f.metadata["env"]: str(getattr(section, f.name)) for f in dataclasses.fields(section)}
+
+
+def section_redacted(section: Any) -> dict[str, Any]:
+    return {
+        f.name: (_masked(getattr(section, f.name)) if f.metadata["secret"] else getattr(section, f.name))
+        for f in dataclasses.fields(section)
+    }
+
+
+def _masked(value: Any) -> Any:
+    """A URL keeps everything but its password; any other secret is masked whole."""
+    if not value:
+        return value
+    parts = urlsplit(str(value))
+    if parts.scheme and parts.netloc:
+        if parts.password is None:
+            return value
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    return "***"
+
+
+def settings_table(sections: Iterable[type]) -> str:
+    """The configuration table for the README: variable, default, meaning."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for section in sections:
+        for f in dataclasses.fields(section):
+            rows.append(f"| `{f.metadata['env']}` | `{f.default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: str = setting("KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated.")
+    security_protocol: str = setting(
+        "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: str = setting("KAFKA_SASL_MECHANISM", "", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).")
+    sasl_username: str = setting("KAFKA_SASL_USERNAME", "", "SASL user name.")
+    sasl_password: str = setting("KAFKA_SASL_PASSWORD", "", "SASL password.", secret=True)
+    ssl_ca_location: str = setting("KAFKA_SSL_CA_LOCATION", "", "CA bundle that signs the brokers' certificates.")
+    schema_registry_url: str = setting(
+        "SCHEMA_REGISTRY_URL",
+        "",
+        "Confluent schema registry URL; when set, events are written in its framing instead of the single-object "
+        "encoding (both are always read).",
+    )
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings for connecting and authenticating; shared by every Kafka client we make.
+
+        librdkafka's own log lines go through Python logging, so they are JSON and follow the log level.
+        """
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "security.protocol": self.security_protocol,
+            "logger": logging.getLogger("pixelpipe.kafka"),
+        }
+        if self.sasl_mechanism:
+            conf |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": self.sasl_username,
+                "sasl.password": self.sasl_password,
+            }
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
+        return conf
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    requests: str = setting("TOPIC_REQUESTS", "pixelpipe.requests", "Topic upstream services publish ImageRequests to.")
+    generate: str = setting("TOPIC_GENERATE", "pixelpipe.generate", "Topic of moderated text-to-image requests.")
+    edit: str = setting("TOPIC_EDIT", "pixelpipe.edit", "Topic of moderated image-to-image and inpaint requests.")
+    results: str = setting("TOPIC_RESULTS", "pixelpipe.results", "Topic of terminal ImageResults.")
+    metrics: str = setting("TOPIC_METRICS", "pixelpipe.metrics", "Topic of per-stage StageMetrics.")
+    dead_letter: str = setting(
+        "TOPIC_DEAD_LETTER", "pixelpipe.dead-letter", "Topic of undecodable or exhausted events."
+    )
+    partitions: int = setting("TOPIC_PARTITIONS", 8, "Partitions for topics pixelpipe creates.")
+
+    def pipeline(self) -> list[str]:
+        """Every topic of the pipeline."""
+        return [self.requests, self.generate, self.edit, self.results, self.metrics, self.dead_letter]
+
+
+@dataclass(frozen=True)
+class ClickHouseSettings:
+    url: str = setting(
+        "CLICKHOUSE_URL",
+        "chdb://./data/clickhouse",
+        "chdb://DIR (embedded) or clickhouse://user:password@host:9000/db.",
+        secret=True,  # the URL may carry the password; shown masked
+    )
+
+
+@dataclass(frozen=True)
+class ObjectStoreSettings:
+    url: str = setting("OBJECT_STORE_URL", "file://./data/objects", "file://DIR or s3://bucket/prefix.")
+    s3_endpoint_url: str = setting("S3_ENDPOINT_URL", "", "S3 API endpoint; empty means AWS.")
+    s3_region: str = setting("S3_REGION", "us-east-1", "S3 region.")
+    s3_access_key_id: str = setting(
+        "S3_ACCESS_KEY_ID", "", "S3 access key id; empty uses boto3's default chain.", secret=True
+    )
+    s3_secret_access_key: str = setting("S3_SECRET_ACCESS_KEY", "", "S3 secret access key.", secret=True)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Limits checked by the producer SDK on what is sent and by the render stages on what will run."""
+
+    max_prompt_chars: int = setting("MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters.")
+    max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "Largest width or height accepted, in pixels.")
+    max_steps: int = setting("MAX_STEPS", 150, "Most denoising steps accepted.")
+    max_source_pixels: int = setting("MAX_SOURCE_PIXELS", 4_194_304, "Largest edit source or mask accepted, in pixels.")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    registry: str = setting(
+        "MODEL_REGISTRY", "./data/models/registry.json", "Model registry file (name -> path, defaults)."
+    )
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    file: str = setting(
+        "EXPERIMENTS_FILE",
+        "experiments.json",
+        "Experiments file: stamped by the SDK, variants' overrides applied by the processors, read by `analyze`.",
+    )
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    policy: str = setting(
+        "MODERATION_POLICY", "", "Moderation policy file (thresholds, rules); empty uses the defaults."
+    )
+    max_requests_per_user_per_minute: int = setting(
+        "MAX_REQUESTS_PER_USER_PER_MINUTE",
+        600,
+        "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off.",
+    )
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    max_batch: int = setting("MAX_BATCH", 8, "Most compatible requests run in one model call.")
+    take_events: int = setting(
+        "TAKE_EVENTS", 32, "Most events a render stage takes from its stream at once, to group into batches."
+    )
+    max_wait_ms: int = setting("MAX_WAIT_MS", 50, "Longest a render stage waits for its events to fill a take.")
+    device_hour_price_usd: float = setting(
+        "DEVICE_HOUR_PRICE_USD", 1.0, "Price of one hour of this worker's device, for cost metrics."
+    )
+    retry_attempts: int = setting("RETRY_ATTEMPTS", 4, "Attempts at a transient storage failure before giving up.")
+    retry_backoff_ms: int = setting("RETRY_BACKOFF_MS", 200, "First retry delay; doubles each attempt.")
+    worker_id: str = setting("WORKER_ID", "", "This worker's name in metrics; empty uses host-pid.")
+    consumer_group: str = setting(
+        "CONSUMER_GROUP", "pixelpipe", "Prefix of the workers' consumer groups (one group per stage set)."
+    )
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    group_id: str = setting("SINK_GROUP_ID", "pixelpipe.clickhouse-sink", "The ClickHouse sink's consumer group.")
+    max_batch_rows: int = setting("SINK_MAX_BATCH_ROWS", 50_000, "Rows the sink gathers before an insert.")
+    max_batch_wait_ms: int = setting("SINK_MAX_BATCH_WAIT_MS", 1000, "Longest the sink holds rows before an insert.")
+    insert_retry_s: float = setting(
+        "SINK_INSERT_RETRY_S", 120.0, "How long the sink retries an insert while ClickHouse does not answer."
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = setting("LOG_LEVEL", "WARNING", "Log level; logs are JSON lines on stderr.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every runtime setting, by concern."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    clickhouse: ClickHouseSettings = field(default_factory=ClickHouseSettings)
+    objects: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
+    stages: StageSettings = field(default_factory=StageSettings)
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
+
+    @classmethod
+    def sections(cls) -> list[type]:
+        return [f.default_factory for f in dataclasses.fields(cls)]  # type: ignore[misc]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        return cls(**{f.name: section_from_env(f.default_factory, environ) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+    def _sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as PIXELPIPE_* variables, for starting another pixelpipe process with them."""
+        env: dict[str, str] = {}
+        for section in self._sections().values():
+            env |= section_env(section)
+        return env
+
+    def redacted(self) -> dict[str, dict[str, Any]]:
+        """The settings by concern with every secret masked, safe to log."""
+        return {name: section_redacted(section) for name, section in self._sections().items()}
+
+    def updated(self, **changes: Any) -> Settings:
+        """A copy with some settings changed, named as their variables without the prefix, in lower case
+        (``topic_partitions=4`` sets ``PIXELPIPE_TOPIC_PARTITIONS``)."""
+        sections = self._sections()
+        for key, value in changes.items():
+            env = ENV_PREFIX + key.upper()
+            for name, section in sections.items():
+                match = [f.name for f in dataclasses.fields(section) if f.metadata["env"] == env]
+                if match:
+                    sections[name] = dataclasses.replace(section, **{match[0]: value})
+                    break
+            else:
+                raise ConfigError(f"no setting {env}")
+        return Settings(**sections)

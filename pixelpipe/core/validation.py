@@ -1,0 +1,125 @@
+"""The rules a request must keep: checked by the producer SDK before sending, by every stage on what it reads,
+and by the render stages on the final parameters (after experiment overrides and model defaults)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pixelpipe.core.events import ImageRequest
+from pixelpipe.core.ids import REQUEST_ID_PATTERN
+from pixelpipe.core.settings import RequestLimits
+
+KINDS = ("GENERATE", "EDIT")
+PRIORITIES = ("INTERACTIVE", "BATCH")
+MAX_IMAGES = 10
+SIDE_MULTIPLE = 8
+MAX_GUIDANCE = 50.0
+
+
+class InvalidRequestError(ValueError):
+    """A request broke a rule; ``field`` names the field and the message states the rule."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+def require(ok: bool, field: str, rule: str) -> None:
+    if not ok:
+        raise InvalidRequestError(field, rule)
+
+
+def check_steps(steps: Any, limits: RequestLimits) -> None:
+    require(
+        steps is None or (_is_int(steps) and 1 <= steps <= limits.max_steps),
+        "steps",
+        f"must be between 1 and {limits.max_steps} (PIXELPIPE_MAX_STEPS), got {steps!r}",
+    )
+
+
+def check_guidance(guidance: Any) -> None:
+    require(
+        guidance is None or (isinstance(guidance, int | float) and 0 <= guidance <= MAX_GUIDANCE),
+        "guidance",
+        f"must be between 0 and {MAX_GUIDANCE:g}, got {guidance!r}",
+    )
+
+
+def check_side(side: str, value: Any, limits: RequestLimits) -> None:
+    require(
+        _is_int(value) and value > 0 and value % SIDE_MULTIPLE == 0,
+        side,
+        f"must be a positive multiple of {SIDE_MULTIPLE}, got {value!r}",
+    )
+    require(
+        value <= limits.max_image_side,
+        side,
+        f"must be at most {limits.max_image_side} (PIXELPIPE_MAX_IMAGE_SIDE), got {value}",
+    )
+
+
+def validate_request(
+    request: ImageRequest, limits: RequestLimits, now: dt.datetime | None = None, check_deadline: bool = True
+) -> None:
+    """Raise InvalidRequestError naming the first field that breaks a rule.
+
+    Stages pass ``check_deadline=False``: for them an expired deadline is an outcome, not a bad request.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    for field in ("event_id", "request_id", "user_id", "model"):
+        value = getattr(request, field)
+        require(isinstance(value, str) and bool(value.strip()), field, "must not be empty")
+    require(
+        REQUEST_ID_PATTERN.fullmatch(request.request_id) is not None,
+        "request_id",
+        f"must match {REQUEST_ID_PATTERN.pattern}, got {request.request_id!r}",
+    )
+    require(request.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}, got {request.kind!r}")
+    require(
+        request.priority in PRIORITIES,
+        "priority",
+        f"must be one of {', '.join(PRIORITIES)}, got {request.priority!r}",
+    )
+    prompt = request.prompt
+    require(isinstance(prompt, str) and bool(prompt.strip()), "prompt", "must not be empty")
+    require(
+        len(prompt) <= limits.max_prompt_chars,
+        "prompt",
+        f"must be at most {limits.max_prompt_chars} characters, got {len(prompt)}",
+    )
+    n = request.n
+    require(_is_int(n) and 1 <= n <= MAX_IMAGES, "n", f"must be between 1 and {MAX_IMAGES}, got {n!r}")
+    check_side("width", request.width, limits)
+    check_side("height", request.height, limits)
+    check_steps(request.steps, limits)
+    check_guidance(request.guidance)
+    seed = request.seed
+    require(seed is None or (_is_int(seed) and 0 <= seed < 2**63), "seed", f"must be in 0..2^63-1, got {seed!r}")
+    if request.kind == "EDIT":
+        require(bool(request.source_image_uri), "source_image_uri", "is required for an EDIT request")
+        strength = request.strength
+        require(strength is None or 0 < strength <= 1, "strength", f"must be in (0, 1], got {strength!r}")
+    else:
+        for field in ("source_image_uri", "mask_uri", "strength"):
+            require(getattr(request, field) is None, field, "is only allowed on an EDIT request")
+    experiments = request.experiments
+    require(
+        isinstance(experiments, dict)
+        and all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in experiments.items()),
+        "experiments",
+        "must map non-empty experiment keys to non-empty variant names",
+    )
+    deadline = request.deadline
+    if deadline is not None:
+        require(
+            isinstance(deadline, dt.datetime) and deadline.tzinfo is not None,
+            "deadline",
+            "must be an aware datetime",
+        )
+        require(not check_deadline or deadline > now, "deadline", f"is in the past ({deadline.isoformat()})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

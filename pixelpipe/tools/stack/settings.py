@@ -1,0 +1,23 @@
+"""The local stack's own settings: where it keeps its servers' data and which ports they listen on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pixelpipe.core.settings import setting
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    dir: str = setting("STACK_DIR", "./data/stack", "Where `pixelpipe stack` keeps each service's data and logs.")
+    kafka_port: int = setting("STACK_KAFKA_PORT", 9092, "Local Kafka broker port (the controller uses the next one).")
+    clickhouse_port: int = setting("STACK_CLICKHOUSE_PORT", 9000, "Local ClickHouse native-protocol port.")
+    clickhouse_http_port: int = setting("STACK_CLICKHOUSE_HTTP_PORT", 8123, "Local ClickHouse HTTP port.")
+    s3_port: int = setting("STACK_S3_PORT", 9100, "Local S3 endpoint port.")
+    s3_bucket: str = setting("STACK_S3_BUCKET", "pixelpipe", "Bucket the local stack creates.")
+    default_partitions: int = setting(
+        "STACK_DEFAULT_PARTITIONS", 8, "Partitions of topics the local broker creates on first use."
+    )
+    cache_dir: str = setting(
+        "CACHE_DIR", "~/.cache/pixelpipe", "Downloaded server jars and the cached virtual environment."
+    )
