@@ -30,7 +30,10 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q --no-deps -r "$repo/requirements.lock"
+  # uv (pinned in the lock) installs the rest: it downloads each wheel once into its cache (~/.cache/uv, or
+  # UV_CACHE_DIR) and hard-links it from there, so tests/packaging's fresh environments install in seconds.
+  "$venv/bin/pip" install -q --no-deps "$(grep -E '^uv==' "$repo/requirements.lock")"
+  "$venv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps -r "$repo/requirements.lock"
   touch "$venv/.complete"
 fi
 # Editable, so the venv serves whichever checkout last ran this; cheap, so it runs every time.

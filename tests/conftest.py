@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from pixelpipe.core.settings import Settings
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, create_database, drop_database
-from pixelpipe.tools.stack import LocalStack
+from pixelpipe.core.clickhouse import ChdbClient, ServerClient, create_database, drop_database
+from pixelpipe.core.settings import section_from_env
+from pixelpipe.tools.stack import LocalStack, StackSettings
 
 
 def free_port() -> int:
@@ -48,14 +49,10 @@ def free_kafka_port() -> int:
 def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
     """``settings`` with every pipeline topic renamed with a suffix, so concurrent tests never share events."""
     suffix = suffix or uuid.uuid4().hex[:8]
-    return dataclasses.replace(
-        settings,
-        **{
-            f.name: f"{getattr(settings, f.name)}.{suffix}"
-            for f in dataclasses.fields(settings)
-            if f.name.startswith("topic_") and f.name != "topic_partitions"
-        },
-    )
+    topics = settings.topics
+    renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in ("requests", "generate", "edit", "results")}
+    renamed |= {name: f"{getattr(topics, name)}.{suffix}" for name in ("metrics", "dead_letter")}
+    return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))
 
 
 def _docker_answers() -> bool:
@@ -92,7 +89,7 @@ def _containers() -> Iterator[Settings]:
         wait_for_logs(clickhouse, "Ready for connections", timeout=120)
         wait_for_logs(minio, "API:", timeout=120)
         s3 = f"http://127.0.0.1:{minio.get_exposed_port(9000)}"
-        settings = Settings(
+        settings = Settings().updated(
             kafka_bootstrap=f"127.0.0.1:{kafka_port}",
             clickhouse_url=f"clickhouse://default@127.0.0.1:{clickhouse.get_exposed_port(9000)}/default",
             object_store_url="s3://pixelpipe/images",
@@ -114,14 +111,13 @@ def _containers() -> Iterator[Settings]:
 
 def _local_stack(tmp_dir: str) -> Iterator[Settings]:
     kafka_port = free_kafka_port()
-    base = Settings.from_env()
     stack_settings = dataclasses.replace(
-        base,
-        stack_dir=tmp_dir,
-        stack_kafka_port=kafka_port,
-        stack_clickhouse_port=free_port(),
-        stack_clickhouse_http_port=free_port(),
-        stack_s3_port=free_port(),
+        section_from_env(StackSettings, os.environ),
+        dir=tmp_dir,
+        kafka_port=kafka_port,
+        clickhouse_port=free_port(),
+        clickhouse_http_port=free_port(),
+        s3_port=free_port(),
     )
     stack = LocalStack(stack_settings)
     try:
@@ -152,11 +148,11 @@ def topic_settings(servers: Settings) -> Settings:
 def clickhouse_url(servers: Settings) -> Iterator[str]:
     """The URL of an empty database of this test's own on the ClickHouse server, dropped afterwards."""
     database = f"test_{uuid.uuid4().hex[:10]}"
-    url = create_database(servers.clickhouse_url, database)
+    url = create_database(servers.clickhouse.url, database)
     try:
         yield url
     finally:
-        drop_database(servers.clickhouse_url, database)
+        drop_database(servers.clickhouse.url, database)
 
 
 @pytest.fixture

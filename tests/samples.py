@@ -1,6 +1,7 @@
 """One realistic record of every schema, with every optional field set, for round-trip and fixture tests.
 
-tests/fixtures/v1 holds these records as the v1 schemas wrote them: never change the value of a v1 field here.
+tests/fixtures/v1 holds these records as the v1 schemas wrote them: never change the value of a v1 field here
+(fields added later, such as ImageResult's steps, are not in the v1 fixtures).
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "variant": "steps-test:fast",
             "request_created_at": T0 - dt.timedelta(seconds=3),
             "timings_ms": {"moderation": 12.5, "generate": 1834.25},
+            "steps": 30,
+            "guidance": 7.5,
+            "scheduler": "ddim",
+            "width": 512,
+            "height": 768,
+            "seed": 2**40 + 7,
+            "strength": 0.75,
+            "batch_size": 4,
         },
         "StageMetric": common
         | {

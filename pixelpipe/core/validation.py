@@ -35,7 +35,7 @@ def check_steps(steps: Any, limits: RequestLimits) -> None:
     require(
         steps is None or (_is_int(steps) and 1 <= steps <= limits.max_steps),
         "steps",
-        f"must be between 1 and {limits.max_steps} (PIXELPIPE_MAX_STEPS), got {steps!r}",
+        f"must be between 1 and {limits.max_steps}, got {steps!r}",
     )
 
 

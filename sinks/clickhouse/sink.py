@@ -1,10 +1,9 @@
 """The ClickHouse sink: ImageResults and StageMetrics from Kafka into the raw tables, in batches.
 
 A batch closes at `PIXELPIPE_SINK_MAX_BATCH_ROWS` rows or `PIXELPIPE_SINK_MAX_BATCH_WAIT_MS` after its first event,
-whichever comes first. It is
-inserted (one insert per table), its dead letters are acknowledged by the broker, and only then are the Kafka
-offsets committed: a crash at any point replays the uncommitted events, and the tables' ReplacingMergeTree on
-event_id (read through the *_dedup views) makes the replay count once.
+whichever comes first. It is inserted (one insert per table), its dead letters are acknowledged by the broker, and
+only then are the Kafka offsets committed: a crash at any point replays the uncommitted events, and the tables'
+ReplacingMergeTree on event_id (read through the *_dedup views) makes the replay count once.
 
 Undecodable events and rows ClickHouse refuses go to the dead-letter topic with the reason; the rest of the batch
 is inserted and the sink carries on.

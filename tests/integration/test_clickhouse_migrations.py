@@ -8,15 +8,8 @@ import time
 
 import pytest
 
-from pixelpipe.sinks.clickhouse.migrate import (
-    ChdbClient,
-    ClickHouseClient,
-    ServerClient,
-    apply_migrations,
-    drop_expired_partitions,
-    migration_files,
-    server_version,
-)
+from pixelpipe.core.clickhouse import ChdbClient, ClickHouseClient, ServerClient
+from pixelpipe.sinks.clickhouse.migrate import apply_migrations, drop_expired_partitions, migration_files, server_version
 
 pytestmark = pytest.mark.integration
 

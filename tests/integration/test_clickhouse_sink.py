@@ -3,6 +3,7 @@ across a SIGKILL, bad events to the dead-letter topic, and every dashboard query
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -18,11 +19,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from pixelpipe.schemas import Codec
-from pixelpipe.sinks.clickhouse.migrate import ChdbClient, ServerClient, apply_migrations, connect, migrate
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
-from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
+from pixelpipe.core.clickhouse import ChdbClient, ServerClient, connect
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.topics import ensure_topics
+from pixelpipe.sinks.clickhouse.migrate import apply_migrations, migrate
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
+from pixelpipe.sinks.clickhouse.sink import ClickHouseSink
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,7 @@ DASHBOARDS = sorted((REPO / "analytics" / "dashboards").glob("*.sql"))
 GRAFANA_DASHBOARD = REPO / "analytics" / "grafana" / "dashboards" / "pixelpipe.json"
 
 
-def events(count: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def events(count: int, seed: int = 0) -> tuple[list[ImageResult], list[StageMetric]]:
     """`count` ImageResults (succeeded, rejected, failed) and as many StageMetrics, times around now."""
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     results, metrics = [], []
@@ -91,37 +94,38 @@ def events(count: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
                 "worker_id": "worker-1",
             }
         )
-    return results, metrics
+    return [ImageResult.from_avro(r) for r in results], [StageMetric.from_avro(m) for m in metrics]
 
 
 def publish(settings, results, metrics, extra=()) -> None:
     codec = Codec()
-    producer = Producer(settings.kafka_client_config() | {"linger.ms": 5})
-    messages = [(settings.topic_results, codec.encode("ImageResult", r), r["request_id"]) for r in results]
-    messages += [(settings.topic_metrics, codec.encode("StageMetric", m), m["request_id"]) for m in metrics]
+    producer = Producer(settings.kafka.client_config() | {"linger.ms": 5})
+    messages = [(settings.topics.results, codec.encode(r), r.request_id) for r in results]
+    messages += [(settings.topics.metrics, codec.encode(m), m.request_id) for m in metrics]
     for topic, value, key in [*messages, *extra]:
         producer.produce(topic, value, key.encode())
         producer.poll(0)
     assert producer.flush(30) == 0
 
 
-def dead_letters(settings, expected: int, timeout_s: float = 30) -> list[dict]:
+def dead_letters(settings, expected: int, timeout_s: float = 30) -> list[DeadLetter]:
     consumer = Consumer(
-        settings.kafka_client_config()
+        settings.kafka.client_config()
         | {"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
     )
-    consumer.subscribe([settings.topic_dead_letter])
+    consumer.subscribe([settings.topics.dead_letter])
     codec, found, deadline = Codec(), [], time.monotonic() + timeout_s
     try:
         while len(found) < expected and time.monotonic() < deadline:
-            found += [codec.decode_as("DeadLetter", m.value()) for m in consumer.consume(100, 1.0) if not m.error()]
+            found += [codec.decode_as(DeadLetter, m.value()) for m in consumer.consume(100, 1.0) if not m.error()]
     finally:
         consumer.close()
     return found
 
 
 def make_topics(settings):
-    ensure_topics(settings, [settings.topic_results, settings.topic_metrics, settings.topic_dead_letter], partitions=4)
+    topics = settings.topics
+    ensure_topics(settings.kafka, topics, [topics.results, topics.metrics, topics.dead_letter], partitions=4)
 
 
 @pytest.fixture
@@ -154,16 +158,18 @@ def test_every_event_lands_exactly_once_across_a_sigkill(topic_settings, server_
     make_topics(topic_settings)
     results, metrics = events(5000)
     env = os.environ | {
-        "PIXELPIPE_KAFKA_BOOTSTRAP": topic_settings.kafka_bootstrap,
+        "PIXELPIPE_KAFKA_BOOTSTRAP": topic_settings.kafka.bootstrap,
         "PIXELPIPE_CLICKHOUSE_URL": server_url,
-        "PIXELPIPE_TOPIC_RESULTS": topic_settings.topic_results,
-        "PIXELPIPE_TOPIC_METRICS": topic_settings.topic_metrics,
-        "PIXELPIPE_TOPIC_DEAD_LETTER": topic_settings.topic_dead_letter,
+        "PIXELPIPE_TOPIC_RESULTS": topic_settings.topics.results,
+        "PIXELPIPE_TOPIC_METRICS": topic_settings.topics.metrics,
+        "PIXELPIPE_TOPIC_DEAD_LETTER": topic_settings.topics.dead_letter,
         "PIXELPIPE_LOG_LEVEL": "INFO",
+        "PIXELPIPE_SINK_GROUP_ID": f"sink-{uuid.uuid4().hex[:8]}",
+        # Small batches, so the kill lands mid-stream, between some insert and its commit.
+        "PIXELPIPE_SINK_MAX_BATCH_ROWS": "500",
+        "PIXELPIPE_SINK_MAX_BATCH_WAIT_MS": "100",
     }
-    # Small batches, so the kill lands mid-stream, between some insert and its commit.
-    command = [sys.executable, "-m", "pixelpipe.sinks.cli", "sink", "--group-id", f"sink-{uuid.uuid4().hex[:8]}"]
-    command += ["--max-batch-rows", "500", "--max-batch-wait", "0.1"]
+    command = [sys.executable, "-m", "pixelpipe.sinks.cli", "sink"]
     client = ServerClient(server_url)
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # The first half arrives while the first sink starts and runs; it is killed once it has loaded some, and the
@@ -187,41 +193,39 @@ def test_every_event_lands_exactly_once_across_a_sigkill(topic_settings, server_
     assert "dead_letters=0" in second.stdout
 
     assert dedup_counts(client) == [(5000, 5000, 5000, 5000)]
-    assert {e for (e,) in client.execute("SELECT event_id FROM results_dedup")} == {r["event_id"] for r in results}
-    assert {e for (e,) in client.execute("SELECT event_id FROM stage_metrics_dedup")} == {
-        m["event_id"] for m in metrics
-    }
+    assert {e for (e,) in client.execute("SELECT event_id FROM results_dedup")} == {r.event_id for r in results}
+    assert {e for (e,) in client.execute("SELECT event_id FROM stage_metrics_dedup")} == {m.event_id for m in metrics}
     client.close()
 
 
 def test_bad_events_go_to_the_dead_letter_topic_and_the_rest_is_loaded(topic_settings, warehouse):
     make_topics(topic_settings)
     results, metrics = events(200)
-    metrics[7]["batch_size"] = 70_000  # overflows UInt16
-    results[11]["images"] = [results[0]["images"][0] | {"width": -1}]  # a negative UInt16
+    metrics[7].batch_size = 70_000  # overflows UInt16
+    results[11].images = [dataclasses.replace(results[0].images[0], width=-1)]  # a negative UInt16
     garbage = b"\xc3\x01not an event"
-    wrong_kind = Codec().encode("StageMetric", metrics[0])
+    wrong_kind = Codec().encode(metrics[0])
     extra = [
-        (topic_settings.topic_results, garbage, "req-garbage"),
-        (topic_settings.topic_results, wrong_kind, "req-x"),
+        (topic_settings.topics.results, garbage, "req-garbage"),
+        (topic_settings.topics.results, wrong_kind, "req-x"),
     ]
     publish(topic_settings, results, metrics, extra)
 
-    config = SinkConfig(group_id=f"sink-{uuid.uuid4().hex[:8]}", max_batch_rows=1000, max_idle_s=2.0)
-    stats = ClickHouseSink(topic_settings, warehouse, config).run()
+    settings = topic_settings.updated(sink_group_id=f"sink-{uuid.uuid4().hex[:8]}", sink_max_batch_rows=1000)
+    stats = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
 
     assert stats.dead_letters == 4
     assert dedup_counts(warehouse) == [(199, 199, 199, 199)]
-    letters = {letter["original_key"]: letter for letter in dead_letters(topic_settings, 4)}
+    letters = {letter.original_key: letter for letter in dead_letters(topic_settings, 4)}
     assert set(letters) == {b"req-garbage", b"req-x", b"req-0-7", b"req-0-11"}
-    assert letters[b"req-garbage"]["original_value"] == garbage
-    assert letters[b"req-garbage"]["request_id"] == "req-garbage"
-    assert "matches no shipped schema" in letters[b"req-garbage"]["error_reason"]
-    assert "expected a ImageResult, got a StageMetric" in letters[b"req-x"]["error_reason"]
-    assert letters[b"req-0-7"]["error_reason"].startswith("ClickHouse refused event met-0-7 for stage_metrics")
-    assert "batch_size" in letters[b"req-0-7"]["error_reason"]
-    assert letters[b"req-0-11"]["error_reason"].startswith("ClickHouse refused event res-0-11 for results")
-    assert all(letter["stage"] == "clickhouse-sink" and letter["topic"] for letter in letters.values())
+    assert letters[b"req-garbage"].original_value == garbage
+    assert letters[b"req-garbage"].request_id == "req-garbage"
+    assert "matches no shipped schema" in letters[b"req-garbage"].error_reason
+    assert "expected a ImageResult, got a StageMetric" in letters[b"req-x"].error_reason
+    assert letters[b"req-0-7"].error_reason.startswith("ClickHouse refused event met-0-7 for stage_metrics")
+    assert "batch_size" in letters[b"req-0-7"].error_reason
+    assert letters[b"req-0-11"].error_reason.startswith("ClickHouse refused event res-0-11 for results")
+    assert all(letter.stage == "clickhouse-sink" and letter.topic for letter in letters.values())
 
 
 # -- dashboards ----------------------------------------------------------------------------------------------
@@ -258,8 +262,8 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
     codec = Codec()
     results, metrics = events(400)
     # Decoded records carry every default, as the sink sees them; the first 50 are inserted twice (redelivered).
-    result_rows = [result_row(codec.decode_as("ImageResult", codec.encode("ImageResult", r))) for r in results]
-    metric_rows = [metric_row(codec.decode_as("StageMetric", codec.encode("StageMetric", m))) for m in metrics]
+    result_rows = [result_row(codec.decode_as(ImageResult, codec.encode(r))) for r in results]
+    metric_rows = [metric_row(codec.decode_as(StageMetric, codec.encode(m))) for m in metrics]
     server = ServerClient(server_url)
     chdb = connect(f"chdb://{tmp_path / 'chdb'}")
     apply_migrations(chdb)
@@ -306,4 +310,6 @@ def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
         [sys.executable, "-m", "pixelpipe.sinks.cli", "migrate"], env=env, capture_output=True, text=True, timeout=60
     )
     assert migrated.returncode == 0, migrated.stderr
-    assert "applied: 0001_raw_tables, 0002_dedup_views, 0003_rollups" in migrated.stdout
+    assert (
+        "applied: 0001_raw_tables, 0002_dedup_views, 0003_rollups, 0004_exposures, 0005_what_ran\n" in migrated.stdout
+    )

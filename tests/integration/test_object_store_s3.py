@@ -17,7 +17,7 @@ MB = 1024 * 1024
 
 @pytest.fixture
 def store(servers):
-    store = open_object_store(servers, multipart_threshold=5 * MB)
+    store = open_object_store(servers.objects, multipart_threshold=5 * MB)
     assert isinstance(store, S3ObjectStore)
     return store
 

@@ -1,6 +1,5 @@
 """The producer SDK and CLI against the real broker."""
 
-import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -10,17 +9,18 @@ import uuid
 import pytest
 from confluent_kafka import Consumer
 
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import ImageRequest
+from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import SyntheticLoad, publish_all
-from pixelpipe.schemas import Codec
-from pixelpipe.core.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
 
 def consume_all(settings, topic, expected, timeout_s=60):
     consumer = Consumer(
-        settings.kafka_client_config()
+        settings.kafka.client_config()
         | {"group.id": f"test-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
     )
     consumer.subscribe([topic])
@@ -37,44 +37,45 @@ def consume_all(settings, topic, expected, timeout_s=60):
 
 
 def test_thousand_requests_round_trip_through_the_broker(topic_settings):
-    settings = dataclasses.replace(topic_settings, topic_partitions=4)
-    assert ensure_topics(settings, [settings.topic_requests]) == [settings.topic_requests]
+    settings = topic_settings.updated(topic_partitions=4)
+    topic = settings.topics.requests
+    assert ensure_topics(settings.kafka, settings.topics, [topic]) == [topic]
     deadline = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     sent = []
     for i, request in enumerate(SyntheticLoad(count=1000, source_uris=("s3://pixelpipe/in/0.png",), seed=7)):
-        request["deadline"] = deadline.replace(microsecond=0) if i % 3 == 0 else None
-        request["negative_prompt"] = f"blurry {i}" if i % 2 else None
-        request["reply_topic"] = "svc.results" if i % 5 == 0 else None
+        request.deadline = deadline.replace(microsecond=0) if i % 3 == 0 else None
+        request.negative_prompt = f"blurry {i}" if i % 2 else None
+        request.reply_topic = "svc.results" if i % 5 == 0 else None
         sent.append(request)
     with Publisher(settings) as publisher:
         report = publish_all(publisher, sent, progress=False)
     assert (report.sent, report.acknowledged, report.failed, report.invalid) == (1000, 1000, [], [])
     assert {d.partition for d in report.deliveries} == {0, 1, 2, 3}
 
-    messages = consume_all(settings, settings.topic_requests, 1000)
-    codec = Codec()
+    messages = consume_all(settings, topic, 1000)
+    codec = codec_from_settings(settings.kafka)
     received = {}
     for message in messages:
-        record = codec.decode_as("ImageRequest", message.value())
-        assert message.key() == record["request_id"].encode()
-        received[record["request_id"]] = record
+        record = codec.decode_as(ImageRequest, message.value())
+        assert message.key() == record.request_id.encode()
+        received[record.request_id] = record
     assert len(messages) == 1000
-    assert received == {r["request_id"]: r for r in sent}
-    assert {r["kind"] for r in sent} == {"GENERATE", "EDIT"}
+    assert received == {r.request_id: r for r in sent}
+    assert {r.kind for r in sent} == {"GENERATE", "EDIT"}
 
 
 def test_bad_requests_are_refused_before_anything_is_sent(topic_settings):
-    ensure_topics(topic_settings, [topic_settings.topic_requests])
+    ensure_topics(topic_settings.kafka, topic_settings.topics, [topic_settings.topics.requests])
     with Publisher(topic_settings) as publisher:
         with pytest.raises(InvalidRequestError, match="n: must be between 1 and 10"):
             publisher.publish(new_request(prompt="x", model="m", user_id="u", n=12))
         good = publisher.publish(new_request(prompt="x", model="m", user_id="u")).result(timeout=30)
-    messages = consume_all(topic_settings, topic_settings.topic_requests, 2, timeout_s=5)
+    messages = consume_all(topic_settings, topic_settings.topics.requests, 2, timeout_s=5)
     assert [(m.partition(), m.offset()) for m in messages] == [(good.partition, good.offset)]
 
 
 def test_publish_cli_reports_refused_lines_and_counts_acknowledged(topic_settings, tmp_path):
-    ensure_topics(topic_settings, [topic_settings.topic_requests])
+    ensure_topics(topic_settings.kafka, topic_settings.topics, [topic_settings.topics.requests])
     lines = [
         {"prompt": "a red fox", "model": "tiny-sd", "user_id": "u1"},
         {"prompt": "", "model": "tiny-sd", "user_id": "u2"},
@@ -100,11 +101,11 @@ def test_publish_cli_reports_refused_lines_and_counts_acknowledged(topic_setting
     assert "deadline: is in the past" in done.stderr
     assert "requests.jsonl:5: new_request() got an unexpected keyword argument 'modell'" in done.stderr
     assert "requests.jsonl:7:" in done.stderr
-    assert len(consume_all(topic_settings, topic_settings.topic_requests, 2)) == 2
+    assert len(consume_all(topic_settings, topic_settings.topics.requests, 2)) == 2
 
 
 def test_publish_cli_synthetic_load(topic_settings):
-    ensure_topics(topic_settings, [topic_settings.topic_requests])
+    ensure_topics(topic_settings.kafka, topic_settings.topics, [topic_settings.topics.requests])
     done = subprocess.run(
         [
             sys.executable,
@@ -128,20 +129,21 @@ def test_publish_cli_synthetic_load(topic_settings):
     assert done.returncode == 0, done.stderr
     assert "sent=300 acknowledged=300 failed=0 invalid=0" in done.stdout
     assert "acknowledged: 100%" in done.stderr  # the progress bar
+    codec = codec_from_settings(topic_settings.kafka)
     records = [
-        Codec().decode_as("ImageRequest", m.value())
-        for m in consume_all(topic_settings, topic_settings.topic_requests, 300)
+        codec.decode_as(ImageRequest, m.value())
+        for m in consume_all(topic_settings, topic_settings.topics.requests, 300)
     ]
     assert len(records) == 300
-    assert {r["experiments"]["steps"] for r in records} == {"fast", "slow"}
+    assert {r.experiments["steps"] for r in records} == {"fast", "slow"}
 
 
 def topic_env(settings):
     import os
 
     return os.environ | {
-        "PIXELPIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "PIXELPIPE_TOPIC_REQUESTS": settings.topic_requests,
+        "PIXELPIPE_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "PIXELPIPE_TOPIC_REQUESTS": settings.topics.requests,
     }
 
 

@@ -8,8 +8,6 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 
 from pixelpipe.core.codec import (
-    SCHEMA_DIR,
-    SCHEMA_NAMES,
     Codec,
     CodecError,
     InMemorySchemaRegistry,
@@ -18,37 +16,46 @@ from pixelpipe.core.codec import (
     current_schemas,
     schema_fingerprint,
 )
+from pixelpipe.core.events import EVENT_TYPES, ImageResult, StageMetric
+from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 from tests.samples import sample_records
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
 
+def sample_event(name):
+    return EVENT_TYPES[name].from_avro(sample_records()[name])
+
+
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_single_object_round_trip(name):
     codec = Codec()
-    data = codec.encode(name, sample_records()[name])
+    data = codec.encode(sample_event(name))
     assert data[:2] == b"\xc3\x01"
     assert data[2:10] == current_schemas()[name].fingerprint
     decoded = codec.decode(data)
-    assert decoded.name == name
-    assert decoded.record == sample_records()[name]
+    assert type(decoded) is EVENT_TYPES[name]
+    assert decoded == sample_event(name)
+    assert decoded.to_avro() == sample_records()[name]
+    assert codec.decode_record(data) == (name, sample_records()[name])
+    assert codec.encode_record(name, sample_records()[name]) == data
 
 
 @pytest.mark.parametrize("name", SCHEMA_NAMES)
 def test_registry_framing_round_trip(name):
     registry = InMemorySchemaRegistry()
     producer_side, consumer_side = Codec(registry), Codec(registry)
-    data = producer_side.encode(name, sample_records()[name])
+    data = producer_side.encode(sample_event(name))
     assert data[0] == 0
     (schema_id,) = struct.unpack(">I", data[1:5])
     assert json.loads(registry.schema_text(schema_id))["name"] == name
-    assert consumer_side.decode(data).record == sample_records()[name]
+    assert consumer_side.decode(data) == sample_event(name)
 
 
 def test_registry_framing_decodes_without_registry_only_single_object():
-    single_object = Codec().encode("StageMetric", sample_records()["StageMetric"])
-    framed = Codec(InMemorySchemaRegistry()).encode("StageMetric", sample_records()["StageMetric"])
-    assert Codec(InMemorySchemaRegistry()).decode(single_object).name == "StageMetric"
+    single_object = Codec().encode(sample_event("StageMetric"))
+    framed = Codec(InMemorySchemaRegistry()).encode(sample_event("StageMetric"))
+    assert isinstance(Codec(InMemorySchemaRegistry()).decode(single_object), StageMetric)
     with pytest.raises(UnknownSchemaError, match="schema id 1, but no registry"):
         Codec().decode(framed)
 
@@ -58,7 +65,9 @@ def test_current_schema_reads_what_v1_wrote(name):
     v1_schema = parse_schema(json.loads((SCHEMA_DIR / "v1" / f"{name}.avsc").read_text()))
     data = (FIXTURES / "v1" / f"{name}.bin").read_bytes()
     assert data[2:10] == schema_fingerprint(v1_schema)
-    record = Codec().decode_as(name, data)
+    decoded_name, record = Codec().decode_record(data)
+    assert decoded_name == name
+    assert type(Codec().decode(data)) is EVENT_TYPES[name]
     expected = sample_records()[name]
     for field in v1_schema["fields"]:
         assert record[field["name"]] == expected[field["name"]], field["name"]
@@ -83,7 +92,7 @@ def test_an_older_writer_schema_is_resolved_into_the_current_one(tmp_path):
     body = io.BytesIO()
     schemaless_writer(body, parsed, record)
     decoded = Codec(schema_dir=tmp_path / "schemas").decode(b"\xc3\x01" + schema_fingerprint(parsed) + body.getvalue())
-    assert decoded.record == record | {"reply_topic": None}
+    assert decoded.to_avro() == record | {"reply_topic": None}
     with pytest.raises(UnknownSchemaError):
         Codec().decode(b"\xc3\x01" + schema_fingerprint(parsed) + body.getvalue())
 
@@ -114,7 +123,7 @@ def test_unknown_schema_id_is_refused_naming_it():
 
 
 def test_truncated_and_padded_bodies_are_refused():
-    data = Codec().encode("ImageRequest", sample_records()["ImageRequest"])
+    data = Codec().encode(sample_event("ImageRequest"))
     with pytest.raises(CodecError, match="ImageRequest: body does not decode"):
         Codec().decode(data[:-20])
     with pytest.raises(CodecError, match="3 bytes left after the record"):
@@ -122,14 +131,16 @@ def test_truncated_and_padded_bodies_are_refused():
 
 
 def test_decode_as_refuses_another_event():
-    data = Codec().encode("StageMetric", sample_records()["StageMetric"])
+    data = Codec().encode(sample_event("StageMetric"))
     with pytest.raises(CodecError, match="expected a ImageResult, got a StageMetric"):
-        Codec().decode_as("ImageResult", data)
+        Codec().decode_as(ImageResult, data)
 
 
 def test_encode_refuses_records_that_break_the_schema():
     bad = sample_records()["ImageRequest"] | {"kind": "UPSCALE"}
     with pytest.raises(CodecError, match="ImageRequest: record does not match the schema"):
-        Codec().encode("ImageRequest", bad)
+        Codec().encode_record("ImageRequest", bad)
+    with pytest.raises(CodecError, match="ImageRequest: record does not match the schema"):
+        Codec().encode(EVENT_TYPES["ImageRequest"].from_avro(bad))
     with pytest.raises(UnknownSchemaError, match="unknown schema 'Nope'"):
-        Codec().encode("Nope", {})
+        Codec().encode_record("Nope", {})

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from pixelpipe.core.settings import Settings
+from pixelpipe.core.settings import ObjectStoreSettings
 from pixelpipe.core.objects import (
     FileObjectStore,
     ObjectNotFoundError,
@@ -135,14 +135,14 @@ def test_presigned_url_is_an_s3_feature(store):
 
 def test_open_object_store_from_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    store = open_object_store(Settings())
+    store = open_object_store(ObjectStoreSettings())
     assert isinstance(store, FileObjectStore)
     assert store.root == tmp_path / "data" / "objects"
-    s3 = open_object_store(Settings(object_store_url="s3://pixelpipe/images", s3_endpoint_url="http://127.0.0.1:1"))
+    s3 = open_object_store(ObjectStoreSettings(url="s3://pixelpipe/images", s3_endpoint_url="http://127.0.0.1:1"))
     assert isinstance(s3, S3ObjectStore)
     assert (s3.bucket, s3.prefix, s3.root_uri) == ("pixelpipe", "images", "s3://pixelpipe/images")
     with pytest.raises(ObjectStoreError, match="must start with file:// or s3://"):
-        open_object_store(Settings(object_store_url="http://example.com/images"))
+        open_object_store(ObjectStoreSettings(url="http://example.com/images"))
 
 
 def test_s3_uri_validation_needs_no_server():

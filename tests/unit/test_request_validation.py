@@ -1,19 +1,17 @@
+import dataclasses
 import datetime as dt
 
 import pytest
 
-from pixelpipe.core.settings import Settings
-from pixelpipe.producers import InvalidRequestError, new_request, validate_request
 from pixelpipe.core.experiments import assign_variant, parse_experiment_spec
+from pixelpipe.core.settings import RequestLimits
+from pixelpipe.producers import InvalidRequestError, new_request, validate_request
 
-SETTINGS = Settings(max_prompt_chars=100, max_image_side=1024)
+SETTINGS = RequestLimits(max_prompt_chars=100, max_image_side=1024)
 
 
 def request(**changes):
-    fields = {"prompt": "a red fox", "model": "tiny-sd", "user_id": "u1"}
-    record = new_request(**fields)
-    record.update(changes)
-    return record
+    return dataclasses.replace(new_request(prompt="a red fox", model="tiny-sd", user_id="u1"), **changes)
 
 
 def test_a_good_request_passes():
@@ -120,5 +118,5 @@ def test_the_sdk_stamps_active_experiments_and_keeps_given_assignments():
         }
     )
     record = request(user_id="user-9", experiments={"kept": "b"})
-    stamp_assignments(record, experiments, record["created_at"])
-    assert record["experiments"] == {"kept": "b", "live": assign_variant("live", "user-9", {"a": 1.0, "b": 1.0})}
+    stamp_assignments(record, experiments, record.created_at)
+    assert record.experiments == {"kept": "b", "live": assign_variant("live", "user-9", {"a": 1.0, "b": 1.0})}

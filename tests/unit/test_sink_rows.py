@@ -1,8 +1,10 @@
 """Decoded events to rows of the raw tables: every column, in order, with exact times and flattened maps."""
 
+import dataclasses
 import datetime as dt
 
-from pixelpipe.schemas import Codec
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import EVENT_TYPES
 from pixelpipe.sinks.clickhouse.migrate import MIGRATIONS_DIR
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, epoch_ms, metric_row, result_row
 from tests.samples import T0, sample_records
@@ -12,7 +14,7 @@ T0_MS = 1795609815123  # 2026-11-25T12:30:15.123Z
 
 def decoded(name):
     codec = Codec()
-    return codec.decode_as(name, codec.encode(name, sample_records()[name]))
+    return codec.decode_as(EVENT_TYPES[name], codec.encode_record(name, sample_records()[name]))
 
 
 def test_epoch_ms_is_exact_for_aware_naive_and_integer_times():
@@ -50,26 +52,37 @@ def test_result_row():
         "request_created_at_ms": T0_MS - 3000,
         "timing_stages": ["generate", "moderation"],  # sorted by stage, values follow their keys
         "timing_ms": [1834.25, 12.5],
+        "steps": 30,
+        "guidance": 7.5,
+        "scheduler": "ddim",
+        "width": 512,
+        "height": 768,
+        "seed": 2**40 + 7,
+        "strength": 0.75,
+        "batch_size": 4,
     }
 
 
 def test_a_result_without_moderation_or_images_has_empty_arrays_and_an_empty_stage():
-    record = decoded("ImageResult") | {
-        "status": "SUCCEEDED",
-        "images": [],
-        "moderation_stage": None,
-        "moderation_scores": [],
-        "error_code": None,
-        "error_message": None,
-        "experiments": {},
-        "variant": None,
-        "timings_ms": {},
-    }
+    record = dataclasses.replace(
+        decoded("ImageResult"),
+        status="SUCCEEDED",
+        images=[],
+        moderation_stage=None,
+        moderation_scores=[],
+        error_code=None,
+        error_message=None,
+        experiments={},
+        variant=None,
+        timings_ms={},
+        steps=None,
+    )
     row = dict(zip(RESULT_COLUMNS, result_row(record), strict=True))
     assert row["moderation_stage"] == ""
     assert row["image_uris"] == row["image_bytes"] == row["moderation_scores"] == []
     assert row["error_code"] is row["variant"] is None
     assert row["experiment_keys"] == row["timing_stages"] == []
+    assert row["steps"] is None
 
 
 def test_metric_row():
@@ -97,15 +110,17 @@ def test_metric_row():
 
 
 def test_experiment_maps_flatten_in_key_order():
-    record = decoded("StageMetric") | {"experiments": {"b": "2", "a": "1", "c": "3"}}
+    record = dataclasses.replace(decoded("StageMetric"), experiments={"b": "2", "a": "1", "c": "3"})
     row = dict(zip(METRIC_COLUMNS, metric_row(record), strict=True))
     assert (row["experiment_keys"], row["experiment_variants"]) == (["a", "b", "c"], ["1", "2", "3"])
 
 
 def test_columns_exist_in_the_raw_tables_and_leave_only_defaults_out():
     ddl = (MIGRATIONS_DIR / "0001_raw_tables.sql").read_text()
+    added = (MIGRATIONS_DIR / "0005_what_ran.sql").read_text()
     for table, columns in (("results", RESULT_COLUMNS), ("stage_metrics", METRIC_COLUMNS)):
         body = ddl.split(f"CREATE TABLE IF NOT EXISTS {table}\n(")[1].split("\n)")[0]
+        body += "".join(f"\n{line.split(' ADD COLUMN ')[1]}" for line in added.splitlines() if f"TABLE {table} ADD" in line)
         declared = [line.split()[0] for line in body.splitlines() if line.strip() and not line.strip().startswith("--")]
         omitted = [name for name in declared if name not in columns]
         assert set(columns) <= set(declared)

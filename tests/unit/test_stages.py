@@ -1,25 +1,27 @@
-"""The stages' pure parts: overrides, service order, seeds, batching keys, retries."""
+"""The stages' pure parts: final parameters, service order, seeds, batching keys, retries."""
 
+import dataclasses
 import datetime as dt
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from pixelpipe.core.settings import Settings
+from pixelpipe.core.experiments import parse_experiments
+from pixelpipe.core.objects import ObjectStoreError
+from pixelpipe.core.settings import RequestLimits, StageSettings
+from pixelpipe.core.validation import InvalidRequestError
+from pixelpipe.processors.models import ModelEntry, ModelError, ModelRegistry
 from pixelpipe.processors.stages import (
     Inbound,
     UserRateLimiter,
     _Pending,
-    apply_overrides,
-    batch_key,
     is_transient,
     request_seed,
+    resolve_params,
     service_order,
     with_retries,
 )
 from pixelpipe.producers import new_request
-from pixelpipe.core.experiments import parse_experiments
-from pixelpipe.core.objects import ObjectStoreError
 
 EXPERIMENTS = parse_experiments(
     {
@@ -40,26 +42,71 @@ EXPERIMENTS = parse_experiments(
                     {"name": "big", "weight": 1, "overrides": {"model": "tiny-sd-b", "steps": 9, "scheduler": "lcm"}},
                 ],
             },
+            {
+                "key": "c-huge",
+                "start": "2026-01-01",
+                "variants": [
+                    {"name": "control", "weight": 1},
+                    {"name": "huge", "weight": 1, "overrides": {"steps": 10_000}},
+                    {"name": "odd", "weight": 1, "overrides": {"scheduler": "karras-magic"}},
+                ],
+            },
         ]
     }
 )
+LIMITS = RequestLimits()
+
+
+class RegistryOnlyModels:
+    """The two things resolve_params asks of DiffusionModels, without loading weights."""
+
+    registry = ModelRegistry(
+        {
+            "tiny-sd": ModelEntry("tiny-sd", "/models/a", default_steps=4, default_guidance=5.0),
+            "tiny-sd-b": ModelEntry("tiny-sd-b", "/models/b", default_steps=6, default_guidance=3.0),
+        }
+    )
+
+    def default_scheduler(self, name):
+        self.registry.get(name)
+        return "pndm"
 
 
 def request(**fields):
     return new_request(**({"prompt": "p", "model": "tiny-sd", "user_id": "u"} | fields))
 
 
-def test_overrides_of_assigned_variants_apply_in_key_order():
-    assert apply_overrides(request(experiments={"a-steps": "fast"}), EXPERIMENTS)["steps"] == 2
-    both = apply_overrides(request(experiments={"a-steps": "fast", "b-model": "big"}), EXPERIMENTS)
-    assert (both["model"], both["steps"], both["scheduler"]) == ("tiny-sd-b", 9, "lcm")  # b-model after a-steps
-    untouched = request(experiments={"a-steps": "control", "unknown": "x"}, steps=7)
-    assert apply_overrides(untouched, EXPERIMENTS) == untouched | {"scheduler": None}
-    assert batch_key(both) != batch_key(both | {"scheduler": None})
+def params(**fields):
+    return resolve_params(request(**fields), EXPERIMENTS, RegistryOnlyModels(), LIMITS)
+
+
+def test_overrides_of_assigned_variants_apply_in_key_order_then_model_defaults():
+    assert params(experiments={"a-steps": "fast"}).steps == 2
+    both = params(experiments={"a-steps": "fast", "b-model": "big"})
+    assert (both.model, both.steps, both.scheduler) == ("tiny-sd-b", 9, "lcm")  # b-model after a-steps
+    assert both.guidance == 3.0  # tiny-sd-b's default
+    untouched = params(experiments={"a-steps": "control", "unknown": "x"}, steps=7)
+    assert (untouched.model, untouched.steps, untouched.guidance, untouched.scheduler) == ("tiny-sd", 7, 5.0, "pndm")
+    assert params().steps == 4  # the model's default
+
+
+def test_final_parameters_are_validated_after_overrides_naming_the_parameter_and_the_variant():
+    with pytest.raises(
+        InvalidRequestError,
+        match=r"^steps: must be between 1 and 150, got 10000 \(set by experiment c-huge, variant huge\)",
+    ):
+        params(experiments={"c-huge": "huge"})
+    with pytest.raises(InvalidRequestError, match=r"^scheduler: must be one of .*, got 'karras-magic'") as caught:
+        params(experiments={"c-huge": "odd"})
+    assert caught.value.field == "scheduler"
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        params(model="nope")
 
 
 def pending(**fields):
-    return _Pending(Inbound(b"", None, "t", 0, 0, fields.pop("at", 0.0)), request(**fields))
+    at = fields.pop("at", 0.0)
+    item = request(**fields)
+    return _Pending(Inbound(b"", None, "t", 0, 0, at), item, resolve_params(item, {}, RegistryOnlyModels(), LIMITS))
 
 
 def test_interactive_first_then_earliest_deadline_then_oldest():
@@ -71,24 +118,30 @@ def test_interactive_first_then_earliest_deadline_then_oldest():
         "interactive-late": pending(prompt="interactive-late", priority="INTERACTIVE", at=9.0),
         "interactive-deadline": pending(prompt="interactive-deadline", priority="INTERACTIVE", at=9.5, deadline=later),
     }
-    order = [p.request["prompt"] for p in sorted(items.values(), key=service_order)]
+    order = [p.request.prompt for p in sorted(items.values(), key=service_order)]
     assert order == ["interactive-deadline", "interactive-late", "batch-deadline", "batch-old"]
 
 
 def test_seed_is_the_request_seed_or_stable_per_request_id():
     assert request_seed(request(seed=42)) == 42
     unseeded = request(request_id="req-7")
-    assert request_seed(unseeded) == request_seed(dict(unseeded)) != request_seed(request(request_id="req-8"))
+    assert (
+        request_seed(unseeded)
+        == request_seed(dataclasses.replace(unseeded))
+        != request_seed(request(request_id="req-8"))
+    )
 
 
-def test_only_compatible_requests_share_a_batch_key():
-    assert batch_key(request()) == batch_key(request(prompt="other", seed=3, user_id="v"))
-    assert batch_key(request()) != batch_key(request(width=64))
-    assert batch_key(request()) != batch_key(request(n=2))
+def test_only_compatible_requests_share_a_batch():
+    # Requests are grouped into model calls by their final parameters.
+    assert params() == params(prompt="other", seed=3, user_id="v")
+    assert params() != params(width=64)
+    assert params() != params(n=2)
+    assert params() != params(experiments={"a-steps": "fast"})
 
 
 def test_transient_errors_are_retried_with_backoff_and_bad_input_is_not():
-    settings = Settings(retry_attempts=3, retry_backoff_ms=1)
+    settings = StageSettings(retry_attempts=3, retry_backoff_ms=1)
     calls = []
 
     def flaky():
@@ -100,7 +153,9 @@ def test_transient_errors_are_retried_with_backoff_and_bad_input_is_not():
     assert with_retries(flaky, settings, "test") == "ok" and len(calls) == 3
     calls.clear()
     with pytest.raises(EndpointConnectionError):
-        with_retries(lambda: flaky() if len(calls) < 99 else None, Settings(retry_attempts=2, retry_backoff_ms=1), "t")
+        with_retries(
+            lambda: flaky() if len(calls) < 99 else None, StageSettings(retry_attempts=2, retry_backoff_ms=1), "t"
+        )
     assert len(calls) == 2
     assert not is_transient(ObjectStoreError("outside the store"))
     assert is_transient(

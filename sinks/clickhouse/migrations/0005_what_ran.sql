@@ -13,3 +13,7 @@ ALTER TABLE results ADD COLUMN batch_size Nullable(UInt16);
 -- The raw requests table never had a writer: results carry what an analysis needs of a request.
 DROP TABLE IF EXISTS requests_dedup;
 DROP TABLE IF EXISTS requests;
+
+-- A view's columns are fixed when it is created: results_dedup (0002) must be made again to show the new columns.
+DROP TABLE IF EXISTS results_dedup;
+CREATE VIEW IF NOT EXISTS results_dedup AS SELECT * FROM results FINAL;
