@@ -1,6 +1,5 @@
 """The stages end to end: real broker, real S3 endpoint, tiny diffusers models, real moderation models."""
 
-import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -10,14 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelpipe.tools.tiny_models import build_tiny_models
-from pixelpipe.tools.processes import WorkerProcess
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import publish_all
 from pixelpipe.producers.results import collect
-from pixelpipe.schemas import Codec
-from pixelpipe.core.objects import open_object_store
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.tools.processes import WorkerProcess
+from pixelpipe.tools.tiny_models import build_tiny_models
 
 pytestmark = pytest.mark.integration
 STAGES = ("moderation", "generate", "edit")
@@ -30,16 +30,16 @@ def tiny_registry(tmp_path_factory):
 
 @pytest.fixture
 def pipeline(topic_settings, tiny_registry):
-    settings = dataclasses.replace(
-        topic_settings,
+    settings = topic_settings.updated(
         model_registry=str(tiny_registry),
         consumer_group=f"test-{uuid.uuid4().hex[:8]}",
-        object_store_url=f"{topic_settings.object_store_url.rstrip('/')}/{uuid.uuid4().hex[:8]}",
+        object_store_url=f"{topic_settings.objects.url.rstrip('/')}/{uuid.uuid4().hex[:8]}",
         topic_partitions=4,
         max_batch=4,
+        take_events=4,
         max_wait_ms=100,
     )
-    ensure_topics(settings)
+    ensure_topics(settings.kafka, settings.topics)
     return settings
 
 
@@ -61,21 +61,21 @@ def mask_png(width, height):
 
 def publish(settings, requests):
     """Publish through the SDK; requests it refuses go encoded as they are, to test the processors' own checks."""
-    codec = Codec()
+    codec = codec_from_settings(settings.kafka)
     with Publisher(settings) as publisher:
         pending = []
         for request in requests:
             try:
                 pending.append(publisher.publish(request))
             except InvalidRequestError:  # what a producer without the SDK could still send
-                key, value = request["request_id"].encode(), codec.encode("ImageRequest", request)
+                key, value = request.request_id.encode(), codec.encode(request)
                 pending.append(publisher.publish_encoded(key, value))
         for p in pending:
             p.result(timeout=30)
 
 
 def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
-    store = open_object_store(pipeline)
+    store = open_object_store(pipeline.objects)
     source = store.put("inputs/source.png", png(64, 64, 1), "image/png").uri
     mask = store.put("inputs/mask.png", mask_png(64, 64), "image/png").uri
     small_mask = store.put("inputs/small-mask.png", mask_png(32, 32), "image/png").uri
@@ -87,8 +87,8 @@ def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
     def add(status, code, passed, **fields):
         request = new_request(**(base | {"user_id": f"user-{len(requests) % 7}"} | fields))
         requests.append(request)
-        expected[request["request_id"]] = (status, code)
-        stages[request["request_id"]] = passed
+        expected[request.request_id] = (status, code)
+        stages[request.request_id] = passed
 
     ok_generate = {"MODERATION", "GENERATE", "OUTPUT_MODERATION"}
     ok_edit = {"MODERATION", "EDIT", "OUTPUT_MODERATION"}
@@ -151,33 +151,35 @@ def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
 
     with WorkerProcess(pipeline, STAGES, tmp_path / "worker.log") as worker:
         publish(pipeline, requests)
-        results = collect(pipeline, pipeline.topic_results, "ImageResult", list(expected), timeout_s=300, settle_s=3)
-        missing = sorted(r["prompt"] for r in requests if r["request_id"] in results.missing)
+        results = collect(
+            pipeline.kafka, pipeline.topics.results, ImageResult, list(expected), timeout_s=300, settle_s=3
+        )
+        missing = sorted(r.prompt for r in requests if r.request_id in results.missing)
         assert not missing, f"no result for {missing}\n{worker.log_tail()}"
     assert {rid: len(events) for rid, events in results.events.items() if len(events) != 1} == {}
     latest = results.latest()
-    assert {rid: (r["status"], r["error_code"]) for rid, r in latest.items()} == expected
+    assert {rid: (r.status, r.error_code) for rid, r in latest.items()} == expected
 
-    by_id = {r["request_id"]: r for r in requests}
+    by_id = {r.request_id: r for r in requests}
     for rid, result in latest.items():
         request = by_id[rid]
-        if result["status"] != "SUCCEEDED":
-            assert result["images"] == []
+        if result.status != "SUCCEEDED":
+            assert result.images == []
             continue
-        assert len(result["images"]) == request["n"]
-        for image in result["images"]:
-            data = store.get(image["uri"])
-            assert hashlib.sha256(data).hexdigest() == image["sha256"] and len(data) == image["bytes"]
+        assert len(result.images) == request.n
+        for image in result.images:
+            data = store.get(image.uri)
+            assert hashlib.sha256(data).hexdigest() == image.sha256 and len(data) == image.bytes
             decoded = Image.open(io.BytesIO(data))
-            assert decoded.format == "PNG" and decoded.size == (request["width"], request["height"])
-            assert (image["width"], image["height"]) == decoded.size
-    same_seed = [latest[r["request_id"]] for r in requests if r["prompt"] == "a lighthouse 5"]
+            assert decoded.format == "PNG" and decoded.size == (request.width, request.height)
+            assert (image.width, image.height) == decoded.size
+    same_seed = [latest[r.request_id] for r in requests if r.prompt == "a lighthouse 5"]
     assert len(same_seed) == 3
-    assert len({tuple(i["sha256"] for i in r["images"]) for r in same_seed}) == 1
-    assert len({i["sha256"] for i in same_seed[0]["images"]}) == 3  # but the n images differ from each other
-    rejected = [r for r in latest.values() if r["status"] == "REJECTED"]
-    assert all(r["moderation_stage"] == "PROMPT" for r in rejected)
-    assert {s["category"] for r in rejected for s in r["moderation_scores"] if s["score"] >= 0.5} >= {
+    assert len({tuple(i.sha256 for i in r.images) for r in same_seed}) == 1
+    assert len({i.sha256 for i in same_seed[0].images}) == 3  # but the n images differ from each other
+    rejected = [r for r in latest.values() if r.status == "REJECTED"]
+    assert all(r.moderation_stage == "PROMPT" for r in rejected)
+    assert {s.category for r in rejected for s in r.moderation_scores if s.score >= 0.5} >= {
         "violence",
         "illicit",
         "hate",
@@ -185,21 +187,19 @@ def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
     }
 
     metrics = collect(
-        pipeline,
-        pipeline.topic_metrics,
-        "StageMetric",
+        pipeline.kafka,
+        pipeline.topics.metrics,
+        StageMetric,
         {rid: len(s) for rid, s in stages.items() if s},
         timeout_s=60,
         settle_s=2,
     )
     for rid, passed in stages.items():
-        seen = {m["stage"] for m in metrics.events.get(rid, [])}
-        assert seen == passed, (rid, by_id[rid]["prompt"], seen, passed)
-    generate = [
-        m for events in metrics.events.values() for m in events if m["stage"] == "GENERATE" and m["outcome"] == "OK"
-    ]
-    assert max(m["batch_size"] for m in generate) > 1  # compatible requests were batched
-    assert all(m["device_seconds"] >= 0 and m["cost_usd"] >= 0 and m["compute_ms"] > 0 for m in generate)
+        seen = {m.stage for m in metrics.events.get(rid, [])}
+        assert seen == passed, (rid, by_id[rid].prompt, seen, passed)
+    generate = [m for events in metrics.events.values() for m in events if m.stage == "GENERATE" and m.outcome == "OK"]
+    assert max(m.batch_size for m in generate) > 1  # compatible requests were batched
+    assert all(m.device_seconds >= 0 and m.cost_usd >= 0 and m.compute_ms > 0 for m in generate)
 
 
 def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(pipeline, tmp_path):
@@ -209,21 +209,20 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(
             publisher.publish_encoded(b"bad-0001", b"this is not avro").result(timeout=30)
             publisher.publish_encoded(b"bad-0002", b"\xc3\x01" + bytes(8) + b"x").result(timeout=30)
             publisher.publish(good).result(timeout=30)
-        results = collect(
-            pipeline, pipeline.topic_results, "ImageResult", ["bad-0001", "bad-0002", good["request_id"]], timeout_s=240
-        )
+        ids = ["bad-0001", "bad-0002", good.request_id]
+        results = collect(pipeline.kafka, pipeline.topics.results, ImageResult, ids, timeout_s=240)
         assert not results.missing, worker.log_tail()
     latest = results.latest()
-    assert latest[good["request_id"]]["status"] == "SUCCEEDED"
-    assert latest["bad-0001"]["status"] == "FAILED" and latest["bad-0001"]["error_code"] == "UNDECODABLE"
-    assert latest["bad-0001"]["kind"] is None
-    letters = collect(pipeline, pipeline.topic_dead_letter, "DeadLetter", ["bad-0001", "bad-0002"], timeout_s=30)
+    assert latest[good.request_id].status == "SUCCEEDED"
+    assert latest["bad-0001"].status == "FAILED" and latest["bad-0001"].error_code == "UNDECODABLE"
+    assert latest["bad-0001"].kind is None
+    letters = collect(pipeline.kafka, pipeline.topics.dead_letter, DeadLetter, ["bad-0001", "bad-0002"], timeout_s=30)
     assert not letters.missing
     first = letters.latest()["bad-0001"]
-    assert first["original_value"] == b"this is not avro" and first["original_key"] == b"bad-0001"
-    assert first["topic"] == pipeline.topic_requests and first["stage"] == "moderation"
-    assert "not an Avro event: starts with 7468" in first["error_reason"]
-    assert "matches no shipped schema" in letters.latest()["bad-0002"]["error_reason"]
+    assert first.original_value == b"this is not avro" and first.original_key == b"bad-0001"
+    assert first.topic == pipeline.topics.requests and first.stage == "moderation"
+    assert "not an Avro event: starts with 7468" in first.error_reason
+    assert "matches no shipped schema" in letters.latest()["bad-0002"].error_reason
 
 
 def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, tmp_path):
@@ -237,25 +236,25 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
     with WorkerProcess(pipeline, STAGES, tmp_path / "a.log") as a:
         publish(pipeline, first)
         early = collect(
-            pipeline, pipeline.topic_results, "ImageResult", [r["request_id"] for r in first][:4], timeout_s=240
+            pipeline.kafka, pipeline.topics.results, ImageResult, [r.request_id for r in first][:4], timeout_s=240
         )
         assert not early.missing, a.log_tail()
         with WorkerProcess(pipeline, STAGES, tmp_path / "b.log") as b:  # joins midway: the group rebalances
             # A steady stream for ~25 s, so the stream is still flowing when b has started and joined.
             with Publisher(pipeline) as publisher:
                 assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
-            ids = [r["request_id"] for r in first + second]
-            results = collect(pipeline, pipeline.topic_results, "ImageResult", ids, timeout_s=300, settle_s=5)
+            ids = [r.request_id for r in first + second]
+            results = collect(pipeline.kafka, pipeline.topics.results, ImageResult, ids, timeout_s=300, settle_s=5)
             assert not results.missing, a.log_tail() + "\n---\n" + b.log_tail()
-    assert all(r["status"] == "SUCCEEDED" for r in results.latest().values())
+    assert all(r.status == "SUCCEEDED" for r in results.latest().values())
     # Redelivery across the rebalance may repeat an event, never with another id: the sinks' dedup sees one.
-    assert all(len({e["event_id"] for e in events}) == 1 for events in results.events.values())
-    workers = collect(pipeline, pipeline.topic_metrics, "StageMetric", dict.fromkeys(ids, 3), timeout_s=60)
-    assert len({m["worker_id"] for events in workers.events.values() for m in events}) == 2
+    assert all(len({e.event_id for e in events}) == 1 for events in results.events.values())
+    workers = collect(pipeline.kafka, pipeline.topics.metrics, StageMetric, dict.fromkeys(ids, 3), timeout_s=60)
+    assert len({m.worker_id for events in workers.events.values() for m in events}) == 2
 
 
 def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipeline, tmp_path):
-    settings = dataclasses.replace(pipeline, max_requests_per_user_per_minute=10)
+    settings = pipeline.updated(max_requests_per_user_per_minute=10)
 
     def request(user, i):
         return new_request(prompt=f"{user} {i}", model="tiny-sd", user_id=user, width=64, height=64, steps=2, seed=i)
@@ -264,18 +263,18 @@ def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipelin
     others = [request(f"user-{i}", i) for i in range(3)]
     with WorkerProcess(settings, ["moderation", "generate"], tmp_path / "worker.log") as worker:
         publish(settings, flood[:20] + others + flood[20:])
-        ids = [r["request_id"] for r in flood + others]
-        results = collect(settings, settings.topic_results, "ImageResult", ids, timeout_s=240)
+        ids = [r.request_id for r in flood + others]
+        results = collect(settings.kafka, settings.topics.results, ImageResult, ids, timeout_s=240)
         assert not results.missing, worker.log_tail()
     latest = results.latest()
-    assert all(latest[r["request_id"]]["status"] == "SUCCEEDED" for r in others)
-    outcomes = [(latest[r["request_id"]]["status"], latest[r["request_id"]]["error_code"]) for r in flood]
+    assert all(latest[r.request_id].status == "SUCCEEDED" for r in others)
+    outcomes = [(latest[r.request_id].status, latest[r.request_id].error_code) for r in flood]
     assert outcomes.count(("SUCCEEDED", None)) == 10
     assert outcomes.count(("FAILED", "RATE_LIMITED")) == 30
 
 
 def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, tmp_path):
-    store = open_object_store(pipeline)
+    store = open_object_store(pipeline.objects)
     bomb = io.BytesIO()
     Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16 Mpx of zeros compress to a few KB
     gif = io.BytesIO()
@@ -292,24 +291,23 @@ def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, 
     }
     oversized = new_request(prompt="x" * 5000, model="tiny-sd", user_id="u")
     good = new_request(prompt="a fox after all that", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
-    valid = Codec().encode("ImageRequest", good)
+    valid = codec_from_settings(pipeline.kafka).encode(good)
     with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
         with Publisher(pipeline) as publisher:
             publisher.publish_encoded(b"truncated-1", valid[: len(valid) // 2]).result(timeout=30)
         publish(pipeline, [*edits.values(), oversized, good])
-        ids = ["truncated-1", *(r["request_id"] for r in [*edits.values(), oversized, good])]
-        results = collect(pipeline, pipeline.topic_results, "ImageResult", ids, timeout_s=240)
+        ids = ["truncated-1", *(r.request_id for r in [*edits.values(), oversized, good])]
+        results = collect(pipeline.kafka, pipeline.topics.results, ImageResult, ids, timeout_s=240)
         assert not results.missing, worker.log_tail()
     latest = results.latest()
     failures = {
-        name: (latest[r["request_id"]]["error_code"], latest[r["request_id"]]["error_message"])
-        for name, r in edits.items()
+        name: (latest[r.request_id].error_code, latest[r.request_id].error_message) for name, r in edits.items()
     }
     assert failures["bomb"][0] == "INVALID_SOURCE" and "pixels" in failures["bomb"][1]
     assert failures["text"][0] == "INVALID_SOURCE"
     assert failures["gif"][0] == "INVALID_SOURCE" and "GIF" in failures["gif"][1]
     assert failures["missing"][0] == "INVALID_SOURCE"
-    assert latest[oversized["request_id"]]["error_code"] == "INVALID_REQUEST"
-    assert "prompt: must be at most 2000 characters" in latest[oversized["request_id"]]["error_message"]
-    assert latest["truncated-1"]["error_code"] == "UNDECODABLE"
-    assert latest[good["request_id"]]["status"] == "SUCCEEDED"
+    assert latest[oversized.request_id].error_code == "INVALID_REQUEST"
+    assert "prompt: must be at most 2000 characters" in latest[oversized.request_id].error_message
+    assert latest["truncated-1"].error_code == "UNDECODABLE"
+    assert latest[good.request_id].status == "SUCCEEDED"

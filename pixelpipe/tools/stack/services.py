@@ -68,10 +68,10 @@ class LocalService:
     name = ""
     start_timeout_s = 90.0
 
-    def __init__(self, settings: StackSettings) -> None:
-        self.settings = settings
-        self.dir = Path(settings.dir).expanduser().resolve() / self.name
-        self.cache = Path(settings.cache_dir).expanduser()
+    def __init__(self, stack: StackSettings) -> None:
+        self.stack = stack
+        self.dir = Path(stack.dir).expanduser().resolve() / self.name
+        self.cache = Path(stack.cache_dir).expanduser()
         self.pid_file = self.dir / "pid"
         self.log_file = self.dir / "service.log"
 
@@ -208,7 +208,7 @@ class Kafka(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.kafka_port
+        return self.stack.kafka_port
 
     @property
     def endpoint(self) -> str:
@@ -236,7 +236,7 @@ class Kafka(LocalService):
             "sasl.enabled.mechanisms": "PLAIN",
             "listener.name.sasl_plaintext.plain.sasl.jaas.config": plain_login,
             "log.dirs": str(self.dir / "data"),
-            "num.partitions": str(self.settings.default_partitions),
+            "num.partitions": str(self.stack.default_partitions),
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "8",
             "transaction.state.log.replication.factor": "1",
@@ -310,7 +310,7 @@ class ClickHouse(LocalService):
   <logger><level>warning</level><console>1</console></logger>
   <listen_host>127.0.0.1</listen_host>
   <tcp_port>{self.port}</tcp_port>
-  <http_port>{self.settings.clickhouse_http_port}</http_port>
+  <http_port>{self.stack.clickhouse_http_port}</http_port>
   <path>{self.dir / "data"}/</path>
   <tmp_path>{self.dir / "tmp"}/</tmp_path>
   <user_files_path>{self.dir / "user_files"}/</user_files_path>
@@ -339,7 +339,7 @@ class ClickHouse(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.clickhouse_port
+        return self.stack.clickhouse_port
 
     def request(self) -> None:
         from clickhouse_driver import Client
@@ -417,23 +417,23 @@ class ObjectStorage(LocalService):
 
     @property
     def port(self) -> int:
-        return self.settings.s3_port
+        return self.stack.s3_port
 
     def request(self) -> None:
         self.client().list_buckets()
 
     def after_ready(self) -> None:
         client = self.client()
-        if self.settings.s3_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-            client.create_bucket(Bucket=self.settings.s3_bucket)
+        if self.stack.s3_bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=self.stack.s3_bucket)
 
 
 class LocalStack:
     """The three services together, started in order and stopped in reverse."""
 
-    def __init__(self, settings: StackSettings) -> None:
-        self.settings = settings
-        self.services: list[LocalService] = [Kafka(settings), ClickHouse(settings), ObjectStorage(settings)]
+    def __init__(self, stack: StackSettings) -> None:
+        self.stack = stack
+        self.services: list[LocalService] = [Kafka(stack), ClickHouse(stack), ObjectStorage(stack)]
 
     def up(self) -> list[ServiceStatus]:
         for service in self.services:
@@ -452,7 +452,7 @@ class LocalStack:
         return {
             "PIXELPIPE_KAFKA_BOOTSTRAP": self.services[0].endpoint,
             "PIXELPIPE_CLICKHOUSE_URL": self.services[1].endpoint,
-            "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.settings.s3_bucket}/images",
+            "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.stack.s3_bucket}/images",
             "PIXELPIPE_S3_ENDPOINT_URL": self.services[2].endpoint,
             "PIXELPIPE_S3_REGION": LOCAL_S3_REGION,
             "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,

@@ -1,0 +1,135 @@
+"""The shape of the code, checked: who may import whom, the README's folder table and configuration table against
+the tree and the settings, and every setting read by something."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pixelpipe.core.settings import Settings, settings_table
+from pixelpipe.tools.stack.settings import StackSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+# Where each layer's files are (the folder-to-package mapping of pyproject.toml) and what it may import.
+STAGE_FOLDERS = ("producers", "processors", "sinks", "analytics")
+LAYER_DIRS = {
+    "schemas": ROOT / "schemas",
+    "core": ROOT / "pixelpipe" / "core",
+    "tools": ROOT / "pixelpipe" / "tools",
+    **{stage: ROOT / stage for stage in STAGE_FOLDERS},
+}
+ALLOWED = {
+    "schemas": {"schemas"},
+    "core": {"core", "schemas"},
+    **{stage: {stage, "core", "schemas"} for stage in STAGE_FOLDERS},
+    "tools": {"tools", "core", "schemas", *STAGE_FOLDERS},
+}
+
+
+def _files(layer: str) -> list[Path]:
+    return sorted(LAYER_DIRS[layer].rglob("*.py"))
+
+
+def _layer_of(module: str) -> str:
+    """The layer of an imported ``pixelpipe...`` module name."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "package"
+    if parts[1] in LAYER_DIRS:
+        return parts[1]
+    return "cli"  # pixelpipe.cli, pixelpipe.__main__: the command line, on top of everything
+
+
+def _imports(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pixelpipe"):
+            yield node.lineno, node.module
+        elif isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names if a.name.startswith("pixelpipe"))
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_is_below_it(layer):
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for path in _files(layer)
+        for line, module in _imports(path)
+        if _layer_of(module) not in ALLOWED[layer] and module != "pixelpipe"
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_stage_folder_imports_a_sibling_and_the_runtime_never_imports_the_tools():
+    # The same rule as above, said the way the README says it, so a change to ALLOWED cannot quietly loosen it.
+    for stage in STAGE_FOLDERS:
+        for path in _files(stage):
+            for _, module in _imports(path):
+                assert _layer_of(module) not in (set(STAGE_FOLDERS) - {stage}) | {"tools", "cli"}, (path, module)
+
+
+def _readme_table(heading: str) -> list[list[str]]:
+    section = README.split(f"\n{heading}\n", 1)[1]
+    rows = [line for line in section.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()]
+    return [
+        [cell.strip() for cell in ("| " + row if i == 0 else row).strip("|").split("|")] for i, row in enumerate(rows)
+    ]
+
+
+def test_the_readme_folder_table_matches_the_tree():
+    listed = {row[0].strip("`") for row in _readme_table("### Folders")[2:]}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    top_level = {f"{name.split('/')[0]}/" for name in tracked.splitlines() if "/" in name}
+    top_level = {folder for folder in top_level if not folder.startswith(".")}
+    assert top_level <= listed, f"folders missing from the README table: {sorted(top_level - listed)}"
+    assert all((ROOT / folder).is_dir() for folder in listed), f"listed but absent: {listed}"
+
+
+def test_the_readme_configuration_table_is_the_settings():
+    table = settings_table([*Settings.sections(), StackSettings])
+    assert table in README, "regenerate the README's configuration table with `pixelpipe config --markdown`"
+
+
+def _settings_reads() -> set[tuple[str, str]]:
+    """(section class, field) pairs read anywhere outside the settings modules: ``x.<section>.<field>``, or
+    ``p.<field>`` where ``p`` is a parameter annotated with the section's class."""
+    sections = {f.name: f.default_factory.__name__ for f in dataclasses.fields(Settings)} | {"stack": "StackSettings"}
+    reads: set[tuple[str, str]] = set()
+    sources = [p for layer in LAYER_DIRS for p in _files(layer)] + [ROOT / "pixelpipe" / "cli.py"]
+    for path in sources:
+        if path.name == "settings.py":
+            continue
+        tree = ast.parse(path.read_text())
+        annotated: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    if isinstance(arg.annotation, ast.Name) and arg.annotation.id in sections.values():
+                        annotated[arg.arg] = arg.annotation.id
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            holder = node.value
+            name = holder.attr if isinstance(holder, ast.Attribute) else getattr(holder, "id", None)
+            if name in sections:
+                reads.add((sections[name], node.attr))
+            if isinstance(holder, ast.Name) and holder.id in annotated:
+                reads.add((annotated[holder.id], node.attr))
+    return reads
+
+
+def test_every_documented_setting_is_read_by_something():
+    reads = _settings_reads()
+    unread = [
+        f"{field.metadata['env']} ({section.__name__}.{field.name})"
+        for section in [*Settings.sections(), StackSettings]
+        for field in dataclasses.fields(section)
+        if (section.__name__, field.name) not in reads
+    ]
+    assert not unread, "settings read by nothing: " + ", ".join(unread)
