@@ -5,14 +5,13 @@
 Each request contributes one ImageResult and two StageMetrics, published (untimed) to fresh topics. Two paths,
 measured in the same run, each into a fresh database:
   baseline   clickhouse-driver inserting the same rows, already built, in batches of the sink's size
-  sink       ClickHouseSink: consume, decode, build rows, insert, commit offsets
+  sink       ClickHouseSink: consume, decode to typed events, build rows, insert, commit offsets
 The sink's rate runs from its first committed batch to its last, so it leaves out joining the consumer group.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import threading
 import time
@@ -21,61 +20,63 @@ import uuid
 from confluent_kafka import Producer
 
 from pixelpipe.core import logs
+from pixelpipe.core.clickhouse import ServerClient, create_database
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import ImageResult, StageMetric, StoredImage
 from pixelpipe.core.settings import Settings
-from pixelpipe.schemas import Codec
-from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, migrate
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
-from pixelpipe.sinks.clickhouse.sink import ClickHouseSink, SinkConfig
 from pixelpipe.core.topics import ensure_topics
+from pixelpipe.sinks.clickhouse.migrate import migrate
+from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
+from pixelpipe.sinks.clickhouse.sink import ClickHouseSink
 
 BATCH_ROWS = 50_000
 
 
-def events(requests: int) -> tuple[list[dict], list[dict]]:
+def events(requests: int) -> tuple[list[ImageResult], list[StageMetric]]:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     results, metrics = [], []
     for i in range(requests):
         common = {"request_id": f"req-{i:08d}", "schema_version": 1, "event_time": now, "user_id": f"user-{i % 1000}"}
         common |= {"model": "sd-1.5", "experiments": {"steps": "fast"}, "variant": "steps:fast"}
         results.append(
-            common
-            | {
-                "event_id": str(uuid.uuid4()),
-                "status": "SUCCEEDED",
-                "kind": "GENERATE",
-                "images": [
-                    {
-                        "uri": f"s3://b/req-{i}/0.png",
-                        "sha256": "ab" * 32,
-                        "width": 512,
-                        "height": 512,
-                        "format": "PNG",
-                        "bytes": 300_000,
-                    }
+            ImageResult(
+                **common,
+                event_id=str(uuid.uuid4()),
+                status="SUCCEEDED",
+                kind="GENERATE",
+                images=[
+                    StoredImage(
+                        uri=f"s3://b/req-{i}/0.png",
+                        sha256="ab" * 32,
+                        width=512,
+                        height=512,
+                        format="PNG",
+                        bytes=300_000,
+                    )
                 ],
-                "moderation_stage": None,
-                "moderation_scores": [],
-                "error_code": None,
-                "error_message": None,
-                "request_created_at": now,
-                "timings_ms": {"moderation": 12.0, "generate": 900.0},
-            }
+                moderation_stage=None,
+                moderation_scores=[],
+                error_code=None,
+                error_message=None,
+                request_created_at=now,
+                timings_ms={"moderation": 12.0, "generate": 900.0},
+            )
         )
         for stage in ("MODERATION", "GENERATE"):
             metrics.append(
-                common
-                | {
-                    "event_id": str(uuid.uuid4()),
-                    "stage": stage,
-                    "outcome": "OK",
-                    "queue_ms": 5.0 + i % 50,
-                    "compute_ms": 100.0 + i % 300,
-                    "batch_size": 1 + i % 8,
-                    "device": "cuda:0",
-                    "device_seconds": 0.1,
-                    "cost_usd": 0.0001,
-                    "worker_id": "worker-1",
-                }
+                StageMetric(
+                    **common,
+                    event_id=str(uuid.uuid4()),
+                    stage=stage,
+                    outcome="OK",
+                    queue_ms=5.0 + i % 50,
+                    compute_ms=100.0 + i % 300,
+                    batch_size=1 + i % 8,
+                    device="cuda:0",
+                    device_seconds=0.1,
+                    cost_usd=0.0001,
+                    worker_id="worker-1",
+                )
             )
     return results, metrics
 
@@ -91,33 +92,34 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     requests = parser.parse_args().requests
     suffix = uuid.uuid4().hex[:8]
-    base = Settings.from_env()
-    logs.configure(base.log_level)
-    settings = dataclasses.replace(
-        base,
+    settings = Settings.from_env().updated(
         topic_results=f"bench.results.{suffix}",
         topic_metrics=f"bench.metrics.{suffix}",
         topic_dead_letter=f"bench.dead-letter.{suffix}",
+        sink_group_id=f"bench-{suffix}",
+        sink_max_batch_rows=BATCH_ROWS,
     )
-    ensure_topics(settings, [settings.topic_results, settings.topic_metrics, settings.topic_dead_letter], partitions=8)
+    logs.configure(settings.logs.level)
+    topics = settings.topics
+    ensure_topics(settings.kafka, topics, names=[topics.results, topics.metrics, topics.dead_letter], partitions=8)
     results, metrics = events(requests)
     total = len(results) + len(metrics)
 
-    codec = Codec()
-    producer = Producer(settings.kafka_client_config() | {"linger.ms": 20, "compression.type": "zstd"})
-    for topic, name, records in ((settings.topic_results, "ImageResult", results),
-                                 (settings.topic_metrics, "StageMetric", metrics)):  # fmt: skip
-        for record in records:
+    codec = codec_from_settings(settings.kafka)  # what the pipeline's stages write, and the sink reads
+    producer = Producer(settings.kafka.client_config() | {"linger.ms": 20, "compression.type": "zstd"})
+    for topic, batch in ((topics.results, results), (topics.metrics, metrics)):
+        for event in batch:
             while True:
                 try:
-                    producer.produce(topic, codec.encode(name, record), record["request_id"].encode())
+                    producer.produce(topic, codec.encode(event), event.request_id.encode())
                     break
                 except BufferError:
                     producer.poll(0.01)
     producer.flush(60)
-    print(f"{total} rows ({len(results)} results, {len(metrics)} metrics) on {settings.kafka_bootstrap}")
+    print(f"{total} rows ({len(results)} results, {len(metrics)} metrics) on {settings.kafka.bootstrap}")
 
-    baseline_client = ServerClient(fresh_database(base.clickhouse_url, f"bench_baseline_{suffix}"))
+    server_url = settings.clickhouse.url
+    baseline_client = ServerClient(fresh_database(server_url, f"bench_baseline_{suffix}"))
     tables = (
         ("results", RESULT_COLUMNS, [result_row(r) for r in results]),
         ("stage_metrics", METRIC_COLUMNS, [metric_row(m) for m in metrics]),
@@ -130,10 +132,8 @@ def main() -> None:
     baseline_client.close()
     print(f"baseline  clickhouse-driver insert of built rows: {baseline:>9,.0f} rows/s")
 
-    sink_client = ServerClient(fresh_database(base.clickhouse_url, f"bench_sink_{suffix}"))
-    sink = ClickHouseSink(
-        settings, sink_client, SinkConfig(group_id=f"bench-{suffix}", max_batch_rows=BATCH_ROWS, max_idle_s=3.0)
-    )
+    sink_client = ServerClient(fresh_database(server_url, f"bench_sink_{suffix}"))
+    sink = ClickHouseSink(settings.kafka, topics, settings.sink, sink_client, max_idle_s=3.0)
     runner = threading.Thread(target=sink.run)
     runner.start()
     first_rows = first_at = 0.0

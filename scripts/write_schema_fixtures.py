@@ -1,8 +1,12 @@
 """Write one event per schema with a historical schema version, for the compatibility tests.
 
-    python scripts/write_schema_fixtures.py v1
+    python scripts/write_schema_fixtures.py v1 [OUT_DIR]
 
-Run once when a version is frozen; the files under tests/fixtures/<version>/ never change after that.
+Run once when a version is frozen; the files under tests/fixtures/<version>/ never change after that. OUT_DIR
+(default tests/fixtures/<version>) lets a check write them elsewhere and compare them with the frozen ones.
+
+The events are written with fastavro and the historical schema directly: the codec encodes only the current
+schemas, and these bytes must be what that older pixelpipe version put on the wire.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from pathlib import Path
 
 from fastavro import parse_schema, schemaless_writer
 
-from pixelpipe.core.codec import SCHEMA_DIR, SCHEMA_NAMES, SINGLE_OBJECT_MAGIC, schema_fingerprint
+from pixelpipe.core.codec import SINGLE_OBJECT_MAGIC, schema_fingerprint
+from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.samples import sample_records  # noqa: E402
 
 
-def main(version: str) -> None:
-    out_dir = ROOT / "tests" / "fixtures" / version
+def main(version: str, out_dir: Path | None = None) -> None:
+    out_dir = out_dir or ROOT / "tests" / "fixtures" / version
     out_dir.mkdir(parents=True, exist_ok=True)
     records = sample_records()
     for name in SCHEMA_NAMES:
@@ -34,4 +39,4 @@ def main(version: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) > 2 else None)

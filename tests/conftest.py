@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pixelpipe.core.settings import Settings
 from pixelpipe.core.clickhouse import ChdbClient, ServerClient, create_database, drop_database
-from pixelpipe.core.settings import section_from_env
+from pixelpipe.core.settings import Settings, section_from_env
 from pixelpipe.tools.stack import LocalStack, StackSettings
 
 

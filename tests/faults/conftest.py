@@ -13,7 +13,6 @@ Each test records a row; the session prints the reliability table at the end.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import subprocess
@@ -26,15 +25,17 @@ from pathlib import Path
 
 import pytest
 
-from pixelpipe.core.settings import Settings
-from pixelpipe.tools.tiny_models import build_tiny_models
-from pixelpipe.tools.processes import WorkerProcess
+from pixelpipe.core.clickhouse import ServerClient, create_database, drop_database
+from pixelpipe.core.events import ImageRequest, ImageResult
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.settings import Settings, section_from_env
+from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
-from pixelpipe.sinks.clickhouse.migrate import ServerClient, create_database, drop_database, migrate
-from pixelpipe.core.objects import open_object_store
-from pixelpipe.tools.stack import LocalStack
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.sinks.clickhouse.migrate import migrate
+from pixelpipe.tools.processes import WorkerProcess
+from pixelpipe.tools.stack import LocalStack, StackSettings
+from pixelpipe.tools.tiny_models import build_tiny_models
 from tests.conftest import free_kafka_port, free_port, with_own_topics
 
 STAGES = ("moderation", "generate")
@@ -63,17 +64,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 @pytest.fixture(scope="session")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    base = Settings.from_env({k: v for k, v in os.environ.items() if not k.startswith("PIXELPIPE_")})
+    # The defaults, on ports and in a directory of the suite's own; only the cache of downloaded servers is shared.
     kafka_port = free_kafka_port()
     stack = LocalStack(
-        dataclasses.replace(
-            base,
-            stack_dir=str(tmp_path_factory.mktemp("fault-stack")),
-            stack_kafka_port=kafka_port,
-            stack_clickhouse_port=free_port(),
-            stack_clickhouse_http_port=free_port(),
-            stack_s3_port=free_port(),
-            cache_dir=Settings.from_env().cache_dir,
+        StackSettings(
+            dir=str(tmp_path_factory.mktemp("fault-stack")),
+            kafka_port=kafka_port,
+            clickhouse_port=free_port(),
+            clickhouse_http_port=free_port(),
+            s3_port=free_port(),
+            cache_dir=section_from_env(StackSettings, os.environ).cache_dir,
         )
     )
     try:
@@ -107,21 +107,21 @@ class Harness:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELPIPE_")} | stack.client_env()
         servers = Settings.from_env(env)
         self.database = f"faults_{suffix}"
-        self.admin_url = servers.clickhouse_url
+        self.admin_url = servers.clickhouse.url
         url = create_database(self.admin_url, self.database)
-        self.settings = dataclasses.replace(
-            with_own_topics(servers, suffix),
+        self.settings = with_own_topics(servers, suffix).updated(
             clickhouse_url=url,
             model_registry=str(registry),
             consumer_group=f"faults-{suffix}",
-            object_store_url=f"{servers.object_store_url.rstrip('/')}/{suffix}",
+            object_store_url=f"{servers.objects.url.rstrip('/')}/{suffix}",
             topic_partitions=4,
             max_batch=4,
+            take_events=4,
             max_wait_ms=100,
             log_level="INFO",
         )
         self.sink_group = f"faults-sink-{suffix}"
-        ensure_topics(self.settings)
+        ensure_topics(self.settings.kafka, self.settings.topics)
         migrate(url)
         self.workers: list[WorkerProcess] = []
         self.sinks: list[subprocess.Popen[bytes]] = []
@@ -131,15 +131,17 @@ class Harness:
 
     # -- processes -------------------------------------------------------------------------------------------
     def start_worker(self, name: str, **overrides: object) -> WorkerProcess:
-        settings = dataclasses.replace(self.settings, worker_id=name, **overrides)
+        settings = self.settings.updated(worker_id=name, **overrides)
         worker = WorkerProcess(settings, STAGES, self.tmp_path / f"{name}.log")
         self.workers.append(worker)
         return worker
 
     def start_sink(self) -> subprocess.Popen[bytes]:
-        env = os.environ | self.settings.to_env()
-        command = [sys.executable, "-m", "pixelpipe", "clickhouse", "sink", "--group-id", self.sink_group]
-        command += ["--max-batch-rows", "200", "--max-batch-wait", "0.3"]
+        settings = self.settings.updated(
+            sink_group_id=self.sink_group, sink_max_batch_rows=200, sink_max_batch_wait_ms=300
+        )
+        env = os.environ | settings.to_env()
+        command = [sys.executable, "-m", "pixelpipe", "clickhouse", "sink"]
         log = open(self.tmp_path / f"sink-{len(self.sinks)}.log", "ab")  # noqa: SIM115 - the child keeps it
         sink = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -165,7 +167,7 @@ class Harness:
             drop_database(self.admin_url, self.database)
 
     # -- the steady stream -----------------------------------------------------------------------------------
-    def requests(self, count: int, tag: str) -> list[dict]:
+    def requests(self, count: int, tag: str) -> list[ImageRequest]:
         return [
             new_request(
                 prompt=f"{tag} lighthouse {i}",
@@ -179,14 +181,14 @@ class Harness:
             for i in range(count)
         ]
 
-    def publish_now(self, requests: list[dict]) -> None:
+    def publish_now(self, requests: list[ImageRequest]) -> None:
         with Publisher(self.settings) as publisher:
-            pending = [(r["request_id"], publisher.publish(r)) for r in requests]
+            pending = [(r.request_id, publisher.publish(r)) for r in requests]
             for request_id, p in pending:
                 p.result(timeout=120)
                 self.published[request_id] = time.time()
 
-    def stream(self, requests: list[dict], per_s: float) -> None:
+    def stream(self, requests: list[ImageRequest], per_s: float) -> None:
         """Publish ``requests`` at ``per_s`` in a background thread (they are buffered while the broker is down)."""
 
         def run() -> None:
@@ -194,7 +196,7 @@ class Harness:
                 with Publisher(self.settings) as publisher:
                     pending = []
                     for request in requests:
-                        pending.append((request["request_id"], publisher.publish(request)))
+                        pending.append((request.request_id, publisher.publish(request)))
                         time.sleep(1 / per_s)
                         self._settle(pending)
                     for request_id, p in pending:
@@ -223,7 +225,7 @@ class Harness:
 
     # -- observations ----------------------------------------------------------------------------------------
     def warehouse(self) -> ServerClient:
-        return ServerClient(self.settings.clickhouse_url)
+        return ServerClient(self.settings.clickhouse.url)
 
     def landed(self, request_ids: list[str]) -> int:
         """How many of these requests have their result in ClickHouse (0 while ClickHouse does not answer)."""
@@ -269,12 +271,14 @@ class Harness:
         """The invariants every fault must keep; records the table row, then asserts."""
         self.join_stream()
         assert set(request_ids) <= set(self.published), "not every request was acknowledged by the broker"
-        results = collect(self.settings, self.settings.topic_results, "ImageResult", request_ids, timeout_s=timeout_s)
+        results = collect(
+            self.settings.kafka, self.settings.topics.results, ImageResult, request_ids, timeout_s=timeout_s
+        )
         terminal = {
-            rid for rid, events in results.events.items() if events[-1]["status"] in ("SUCCEEDED", "REJECTED", "FAILED")
+            rid for rid, events in results.events.items() if events[-1].status in ("SUCCEEDED", "REJECTED", "FAILED")
         }
-        succeeded = sum(1 for r in results.latest().values() if r["status"] == "SUCCEEDED")
-        outcomes = sorted({f"{r['status']}:{r['error_code'] or ''}" for r in results.latest().values()})
+        succeeded = sum(1 for r in results.latest().values() if r.status == "SUCCEEDED")
+        outcomes = sorted({f"{r.status}:{r.error_code or ''}" for r in results.latest().values()})
         self.wait_results_in_clickhouse(request_ids, timeout_s=120)
         time.sleep(1.5)  # the sink's last metric batches
         ids = ",".join(f"'{r}'" for r in request_ids)
@@ -291,18 +295,18 @@ class Harness:
         finally:
             client.close()
         duplicates = (dedup_results - result_ids) + (dedup_metrics - metric_ids)
-        store = open_object_store(self.settings)
+        store = open_object_store(self.settings.objects)
         missing: list[str] = []
         for events in results.events.values():
             for event in events:
-                for image in event["images"]:
+                for image in event.images:
                     try:
-                        data = store.get(image["uri"])
+                        data = store.get(image.uri)
                     except Exception:
-                        missing.append(image["uri"])
+                        missing.append(image.uri)
                         continue
-                    if hashlib.sha256(data).hexdigest() != image["sha256"]:
-                        missing.append(image["uri"])
+                    if hashlib.sha256(data).hexdigest() != image.sha256:
+                        missing.append(image.uri)
         row = {
             "fault": fault,
             "in": len(request_ids),
@@ -313,7 +317,7 @@ class Harness:
             "recovery": f"{recovery_s:.1f}",
             "redelivered": (raw_results - result_ids) + (raw_metrics - metric_ids),
             "outcomes": outcomes,
-            "status_of": {rid: r["status"] for rid, r in results.latest().items()},
+            "status_of": {rid: r.status for rid, r in results.latest().items()},
         }
         ROWS.append(row)
         shown = {k: v for k, v in row.items() if k != "status_of"}
@@ -323,7 +327,7 @@ class Harness:
         assert result_requests == len(request_ids) and dedup_results == len(request_ids)
         assert duplicates == 0
         assert dedup_metrics >= 2 * succeeded  # MODERATION, GENERATE (and OUTPUT_MODERATION) per request
-        assert all(len({e["event_id"] for e in events}) == 1 for events in results.events.values())
+        assert all(len({e.event_id for e in events}) == 1 for events in results.events.values())
         assert not missing, missing[:5]
         assert all(sink.poll() is None for sink in self.sinks), f"the sink exited\n{self.logs()}"
         return row

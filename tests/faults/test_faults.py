@@ -29,10 +29,10 @@ def start(harness, tag: str):
     worker = harness.start_worker(f"{tag}-a")
     warm = harness.requests(WARM_UP, f"{tag}-warm")
     harness.publish_now(warm)
-    harness.wait_results_in_clickhouse([r["request_id"] for r in warm], timeout_s=180)
+    harness.wait_results_in_clickhouse([r.request_id for r in warm], timeout_s=180)
     stream = harness.requests(STREAM, tag)
     harness.stream(stream, RATE_PER_S)
-    return [r["request_id"] for r in warm + stream], worker
+    return [r.request_id for r in warm + stream], worker
 
 
 def wait_stream_midway(harness, ids, share: float = 0.4) -> None:
@@ -45,7 +45,7 @@ def backlog(harness, tag: str, count: int = 12) -> list[str]:
     """A burst on top of the stream, returned once its first result is in: the worker is busy with the rest."""
     burst = harness.requests(count, f"{tag}-burst")
     harness.publish_now(burst)
-    ids = [r["request_id"] for r in burst]
+    ids = [r.request_id for r in burst]
     deadline = time.monotonic() + 120
     while harness.landed(ids) == 0:
         assert time.monotonic() < deadline, harness.logs()
@@ -122,6 +122,6 @@ def test_object_storage_refusing_for_thirty_seconds(harness):
     after = harness.requests(2, "s3-after")
     harness.publish_now(after)
     recovery = harness.recovery_after(cleared)
-    row = harness.verify(f"S3 refusing {S3_OUTAGE_S} s", ids + [r["request_id"] for r in after], recovery)
+    row = harness.verify(f"S3 refusing {S3_OUTAGE_S} s", ids + [r.request_id for r in after], recovery)
     assert set(row["outcomes"]) <= {"SUCCEEDED:", "FAILED:STORAGE_UNAVAILABLE"}
-    assert all(row["status_of"][r["request_id"]] == "SUCCEEDED" for r in after)  # storage is used again
+    assert all(row["status_of"][r.request_id] == "SUCCEEDED" for r in after)  # storage is used again

@@ -9,7 +9,12 @@ import time
 import pytest
 
 from pixelpipe.core.clickhouse import ChdbClient, ClickHouseClient, ServerClient
-from pixelpipe.sinks.clickhouse.migrate import apply_migrations, drop_expired_partitions, migration_files, server_version
+from pixelpipe.sinks.clickhouse.migrate import (
+    apply_migrations,
+    drop_expired_partitions,
+    migration_files,
+    server_version,
+)
 
 pytestmark = pytest.mark.integration
 

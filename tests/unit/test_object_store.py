@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from pixelpipe.core.settings import ObjectStoreSettings
 from pixelpipe.core.objects import (
     FileObjectStore,
     ObjectNotFoundError,
@@ -14,6 +13,7 @@ from pixelpipe.core.objects import (
     S3ObjectStore,
     open_object_store,
 )
+from pixelpipe.core.settings import ObjectStoreSettings
 
 WHEN = datetime(2025, 3, 7, 23, 30, tzinfo=UTC)
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4

@@ -1,9 +1,4 @@
-"""HttpSchemaRegistry against a small in-process server that speaks the two Confluent REST calls it uses."""
-
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
+"""HttpSchemaRegistry against the registry test double (tests/schema_registry.py) over real HTTP."""
 
 import pytest
 
@@ -11,42 +6,13 @@ from pixelpipe.core.codec import Codec, HttpSchemaRegistry, UnknownSchemaError, 
 from pixelpipe.core.events import EVENT_TYPES
 from pixelpipe.core.settings import KafkaSettings
 from tests.samples import sample_records
-
-
-class FakeRegistry(BaseHTTPRequestHandler):
-    schemas: ClassVar[list[str]] = []
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path.startswith("/subjects/pixelpipe.v1.") and self.path.endswith("/versions")
-        if body["schema"] not in self.schemas:
-            self.schemas.append(body["schema"])
-        self._reply(200, {"id": self.schemas.index(body["schema"]) + 1})
-
-    def do_GET(self):
-        schema_id = int(self.path.rsplit("/", 1)[1])
-        if 1 <= schema_id <= len(self.schemas):
-            self._reply(200, {"schema": self.schemas[schema_id - 1]})
-        else:
-            self._reply(404, {"error_code": 40403, "message": "Schema not found"})
-
-    def _reply(self, status, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+from tests.schema_registry import schema_registry
 
 
 @pytest.fixture
 def registry_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeRegistry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with schema_registry() as registry:
+        yield registry.url
 
 
 def test_events_round_trip_through_a_registry(registry_url):

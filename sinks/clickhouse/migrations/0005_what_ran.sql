@@ -12,6 +12,10 @@ ALTER TABLE results
     ADD COLUMN strength Nullable(Float64),
     ADD COLUMN batch_size Nullable(UInt16);
 
+-- A view keeps the columns its SELECT * had when it was made (18.16), so the deduplicated view is made again.
+DROP TABLE IF EXISTS results_dedup;
+CREATE VIEW IF NOT EXISTS results_dedup AS SELECT * FROM results FINAL;
+
 -- The raw requests table never had a writer: results carry what an analysis needs of a request.
 DROP TABLE IF EXISTS requests_dedup;
 DROP TABLE IF EXISTS requests;
