@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest
 from pixelpipe.core.ids import REQUEST_ID_PATTERN
 from pixelpipe.core.settings import RequestLimits
@@ -67,7 +68,7 @@ def validate_request(
 
     Stages pass ``check_deadline=False``: for them an expired deadline is an outcome, not a bad request.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or utc_now()
     for field in ("event_id", "request_id", "user_id", "model"):
         value = getattr(request, field)
         require(isinstance(value, str) and bool(value.strip()), field, "must not be empty")

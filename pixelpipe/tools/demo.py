@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pixelpipe.core.clock import utc_now
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.experiments import Experiment, load_experiments
@@ -101,7 +102,7 @@ def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Set
     if Path(settings.experiments.file).exists():
         return settings
     experiments_file = logs / "experiments.json"
-    start = dt.datetime.now(dt.UTC).date().isoformat()
+    start = utc_now().date().isoformat()
     experiments_file.write_text(json.dumps({"experiments": [DEMO_EXPERIMENT | {"start": start}]}, indent=2))
     return settings.updated(experiments_file=str(experiments_file))
 
@@ -155,7 +156,7 @@ def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Im
         requests.append(request)
     for j, prompt in enumerate(REJECTED_PROMPTS):
         requests[3 + 10 * j].prompt = prompt
-    requests[5].deadline = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).replace(microsecond=0)
+    requests[5].deadline = utc_now() - dt.timedelta(seconds=1)
     return requests
 
 

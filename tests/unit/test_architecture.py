@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +18,27 @@ from pixelpipe.tools.stack.settings import StackSettings
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
-# Where each layer's files are (the folder-to-package mapping of pyproject.toml) and what it may import.
+# Where each package's files are: the folder-to-package mapping of pyproject.toml, the one place it is written.
+PACKAGE_DIRS = {
+    package: ROOT / folder
+    for package, folder in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].items()
+}
 STAGE_FOLDERS = ("producers", "processors", "sinks", "analytics")
+
+
+def package_dir(package: str) -> Path:
+    """Where ``package``'s modules are: its mapped folder, or its parent's folder and its own name below it."""
+    parent, _, name = package.rpartition(".")
+    return PACKAGE_DIRS[package] if package in PACKAGE_DIRS else package_dir(parent) / name
+
+
 LAYER_DIRS = {
-    "schemas": ROOT / "schemas",
-    "core": ROOT / "pixelpipe" / "core",
-    "tools": ROOT / "pixelpipe" / "tools",
-    **{stage: ROOT / stage for stage in STAGE_FOLDERS},
+    "schemas": PACKAGE_DIRS["pixelpipe.schemas"],
+    "core": PACKAGE_DIRS["pixelpipe"] / "core",
+    "tools": PACKAGE_DIRS["pixelpipe"] / "tools",
+    **{stage: PACKAGE_DIRS[f"pixelpipe.{stage}"] for stage in STAGE_FOLDERS},
 }
 ALLOWED = {
     "schemas": {"schemas"},
@@ -83,7 +98,11 @@ def _readme_table(heading: str) -> list[list[str]]:
 
 
 def test_the_readme_folder_table_matches_the_tree():
-    listed = {row[0].strip("`") for row in _readme_table("### Folders")[2:]}
+    rows = _readme_table("### Folders")[2:]
+    listed = {row[0].strip("`") for row in rows}
+    for folder, package, _ in rows:
+        if package:  # the package column says what pyproject.toml maps the folder to
+            assert ROOT / folder.strip("`") == package_dir(package.strip("`")), (folder, package)
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     top_level = {f"{name.split('/')[0]}/" for name in tracked.splitlines() if "/" in name}
     top_level = {folder for folder in top_level if not folder.startswith(".")}
