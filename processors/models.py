@@ -187,6 +187,7 @@ class LoadedModel:
     text2image: DiffusionPipeline
     image2image: DiffusionPipeline
     inpaint: DiffusionPipeline
+    default_scheduler: str  # the configured one, by name; a call may swap in another for itself
     # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -222,7 +223,7 @@ class DiffusionModels:
 
     def default_scheduler(self, name: str) -> str:
         """The scheduler ``name`` runs with unless a request picks another (loads the model)."""
-        return scheduler_name(self.load(name).text2image.scheduler)
+        return self.load(name).default_scheduler
 
     def loaded(self) -> list[str]:
         return sorted(self._loaded)
@@ -241,7 +242,8 @@ class DiffusionModels:
         inpaint = AutoPipelineForInpainting.from_pipe(text2image)
         for pipe in (text2image, image2image, inpaint):
             pipe.set_progress_bar_config(disable=True)
-        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint)
+        default_scheduler = scheduler_name(text2image.scheduler)
+        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint, default_scheduler)
 
     def generate(
         self,
@@ -308,7 +310,7 @@ class DiffusionModels:
         shared: dict[str, Any],
         scheduler: str | None = None,
     ) -> BatchOutput:
-        if scheduler == scheduler_name(pipe.scheduler):
+        if scheduler == m.default_scheduler:
             scheduler = None  # the model's own: nothing to swap
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
