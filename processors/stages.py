@@ -484,7 +484,7 @@ class RenderStage:
                 item.request,
                 StageWork(
                     self.name,
-                    outcome.stage_outcome if outcome.status == "FAILED" else "OK",
+                    "FAILED" if outcome.status == "FAILED" else "OK",  # a rejection is output moderation's
                     waited_ms,
                     model_ms,
                     device,
