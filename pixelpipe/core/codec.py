@@ -204,8 +204,8 @@ class Codec:
         name, record = self.decode_record(data)
         try:
             return EVENT_TYPES[name].from_avro(record)
-        except (TypeError, ValueError) as e:
-            raise CodecError(f"{name}: record does not fit the event: {e}") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise CodecError(f"{name}: record does not fit the event: {e!r}") from e
 
     def decode_as(self, event_type: type[E], data: bytes) -> E:
         """Decode and insist on one event type, for topics that carry only that event."""
