@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, Producer
 
 from pixelpipe.core.clickhouse import ChdbClient, ServerClient, connect
 from pixelpipe.core.codec import Codec
-from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
+from pixelpipe.core.events import CategoryScore, DeadLetter, ImageResult, StageMetric, StoredImage
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.sinks.clickhouse.migrate import apply_migrations, migrate
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
@@ -50,51 +50,46 @@ def events(count: int, seed: int = 0) -> tuple[list[ImageResult], list[StageMetr
             "variant": ("steps:control", "steps:fast")[i % 3 % 2],
         }
         results.append(
-            common
-            | {
-                "event_id": f"res-{seed}-{i}",
-                "status": status,
-                "kind": ("GENERATE", "EDIT")[i % 5 == 0],
-                "images": [
-                    {
-                        "uri": f"s3://b/{i}/{n}.png",
-                        "sha256": "ab" * 32,
-                        "width": 64,
-                        "height": 64,
-                        "format": "PNG",
-                        "bytes": 1000 + n,
-                    }
+            ImageResult(
+                **common,
+                event_id=f"res-{seed}-{i}",
+                status=status,
+                kind=("GENERATE", "EDIT")[i % 5 == 0],
+                images=[
+                    StoredImage(
+                        uri=f"s3://b/{i}/{n}.png", sha256="ab" * 32, width=64, height=64, format="PNG", bytes=1000 + n
+                    )
                     for n in range(1 + i % 2 if status == "SUCCEEDED" else 0)
                 ],
-                "moderation_stage": "PROMPT" if status == "REJECTED" else None,
-                "moderation_scores": [
-                    {"category": "nsfw", "score": 0.9},
-                    {"category": ("violence", "hate")[i % 3 % 2], "score": 0.95 if i % 8 == 2 else 0.1},
+                moderation_stage="PROMPT" if status == "REJECTED" else None,
+                moderation_scores=[
+                    CategoryScore(category="nsfw", score=0.9),
+                    CategoryScore(category=("violence", "hate")[i % 3 % 2], score=0.95 if i % 8 == 2 else 0.1),
                 ]
                 if status == "REJECTED"
                 else [],
-                "error_code": ("DEADLINE_EXCEEDED", "OOM")[i % 8 == 3] if status == "FAILED" else None,
-                "error_message": "failed" if status == "FAILED" else None,
-                "request_created_at": now - dt.timedelta(seconds=5),
-                "timings_ms": {"moderation": 10.0 + i % 7, "generate": 800.0 + i % 100},
-            }
+                error_code=("DEADLINE_EXCEEDED", "OOM")[i % 8 == 3] if status == "FAILED" else None,
+                error_message="failed" if status == "FAILED" else None,
+                request_created_at=now - dt.timedelta(seconds=5),
+                timings_ms={"moderation": 10.0 + i % 7, "generate": 800.0 + i % 100},
+            )
         )
         metrics.append(
-            common
-            | {
-                "event_id": f"met-{seed}-{i}",
-                "stage": ("MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION")[i % 4],
-                "outcome": ("OK", "OK", "REJECTED", "FAILED")[i % 4],
-                "queue_ms": float(i % 50),
-                "compute_ms": 100.0 + i % 300,
-                "batch_size": 1 + i % 8,
-                "device": "cuda:0",
-                "device_seconds": 0.25,
-                "cost_usd": 0.001,
-                "worker_id": "worker-1",
-            }
+            StageMetric(
+                **common,
+                event_id=f"met-{seed}-{i}",
+                stage=("MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION")[i % 4],
+                outcome=("OK", "OK", "REJECTED", "FAILED")[i % 4],
+                queue_ms=float(i % 50),
+                compute_ms=100.0 + i % 300,
+                batch_size=1 + i % 8,
+                device="cuda:0",
+                device_seconds=0.25,
+                cost_usd=0.001,
+                worker_id="worker-1",
+            )
         )
-    return [ImageResult.from_avro(r) for r in results], [StageMetric.from_avro(m) for m in metrics]
+    return results, metrics
 
 
 def publish(settings, results, metrics, extra=()) -> None:
