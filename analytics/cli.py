@@ -125,7 +125,11 @@ def dashboard(out: Path, since: str, serve_page: bool, port: int, refresh: int, 
         end = datetime.datetime.now(datetime.UTC)
         # A connection per render: chDB lets one process at a time open its directory, so between renders the
         # sink can write to it.
-        client = connect(url)
+        try:
+            client = connect(url)
+        except (RuntimeError, OSError, ValueError) as e:
+            hint = " (another process, a sink or analyze, may hold the chDB directory)" if "chdb://" in url else ""
+            raise click.ClickException(f"cannot open ClickHouse {url}{hint}: {e}") from e
         try:
             return render_dashboard(client, parse_since(since, end), end, url, refresh_s)
         finally:

@@ -189,24 +189,26 @@ def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Im
 
 def _experiment_requests(count: int, experiment: Experiment) -> list[ImageRequest]:
     """Light text-to-image requests from ``count`` / 1.9 users, each user at least once: 16x16 on one tiny
-    model, the model's steps (4) against the variant's (2); about 2% rejected prompts and 1% expired deadlines,
-    so the guardrail rates have events in both arms."""
+    model, the model's steps (4) against the variant's (2). Every 50th request of each arm has a prompt that must
+    be rejected and every 100th an expired deadline: the guardrail rates have events, the same share in both arms
+    (drawn at random, chance alone would make one arm look worse now and then)."""
     rng = random.Random(11)
     users = [f"exp-user-{u:04d}" for u in range(max(1, int(count / EXPERIMENT_REQUESTS_PER_USER)))]
-    requests = []
+    requests, per_arm = [], dict.fromkeys(experiment.weights, 0)
     for i in range(count):
         user_id = users[i] if i < len(users) else rng.choice(users)
-        draw = rng.random()
+        variant = experiment.assign(user_id)
+        nth = per_arm[variant] = per_arm[variant] + 1
         request = new_request(
-            prompt=rng.choice(REJECTED_PROMPTS) if draw < 0.02 else rng.choice(PROMPTS),
+            prompt=REJECTED_PROMPTS[nth % 2] if nth % 50 == 25 else rng.choice(PROMPTS),
             model="tiny-sd",
             user_id=user_id,
             width=EXPERIMENT_SIDE,
             height=EXPERIMENT_SIDE,
             seed=i,
-            experiments={experiment.key: experiment.assign(user_id)},
+            experiments={experiment.key: variant},
         )
-        if 0.02 <= draw < 0.03:
+        if nth % 100 == 60:
             request.deadline = utc_now() - dt.timedelta(seconds=1)
         requests.append(request)
     return requests
