@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import click
@@ -88,3 +89,67 @@ def analyze(
     click.echo(result.table())
     out = result.write_html(html_path or Path(f"report-{experiment}.html"))
     click.echo(f"report: {out.resolve().as_uri()}")
+
+
+@click.command("dashboard")
+@click.option(
+    "--out",
+    default="dashboard.html",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the page here (without --serve).",
+)
+@click.option(
+    "--since",
+    default="24h",
+    show_default=True,
+    help="Start of the window: a duration back from now (30m, 6h, 7d) or an ISO date or date-time (UTC).",
+)
+@click.option("--serve", "serve_page", is_flag=True, help="Serve the page on 127.0.0.1, re-rendered every --refresh.")
+@click.option("--port", default=8050, show_default=True, type=click.IntRange(0, 65535), help="With --serve.")
+@click.option("--refresh", default=30, show_default=True, type=click.IntRange(min=1), help="With --serve: seconds.")
+@click.option("--clickhouse-url", envvar="PIXELPIPE_CLICKHOUSE_URL", help="Default: PIXELPIPE_CLICKHOUSE_URL.")
+def dashboard(out: Path, since: str, serve_page: bool, port: int, refresh: int, clickhouse_url: str | None) -> None:
+    """Render the dashboards (analytics/dashboards/*.sql) into one self-contained HTML page with charts."""
+    from pixelpipe.analytics.dashboard import Dashboard, DashboardError, parse_since, render_dashboard, serve
+    from pixelpipe.core.cli import load_settings
+    from pixelpipe.core.clickhouse import connect
+
+    url = clickhouse_url or load_settings().clickhouse.url
+    try:
+        parse_since(since, datetime.datetime.now(datetime.UTC))
+    except DashboardError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from e
+
+    def render(refresh_s: int | None = None) -> Dashboard:
+        end = datetime.datetime.now(datetime.UTC)
+        # A connection per render: chDB lets one process at a time open its directory, so between renders the
+        # sink can write to it.
+        try:
+            client = connect(url)
+        except (RuntimeError, OSError, ValueError) as e:
+            hint = " (another process, a sink or analyze, may hold the chDB directory)" if "chdb://" in url else ""
+            raise click.ClickException(f"cannot open ClickHouse {url}{hint}: {e}") from e
+        try:
+            return render_dashboard(client, parse_since(since, end), end, url, refresh_s)
+        finally:
+            client.close()
+
+    if serve_page:
+        serve(
+            lambda: render(refresh).html,
+            port,
+            refresh,
+            lambda message: click.echo(message, err=True),
+            lambda address: click.echo(f"serving {address}, re-rendered every {refresh} s; Ctrl-C stops"),
+        )
+        return
+    began = time.perf_counter()
+    page = render()
+    out.write_text(page.html)
+    for panel in page.panels:
+        click.echo(f"  {panel.chart.name:<28} {panel.error or f'{len(panel.rows)} rows'}")
+    click.echo(f"dashboard ({time.perf_counter() - began:.1f} s): {out.resolve().as_uri()}")
+    failed = [panel.chart.name for panel in page.panels if panel.error]
+    if failed:
+        raise click.ClickException(f"queries failed: {', '.join(failed)}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +25,29 @@ import pandas as pd
 from pixelpipe.analytics import stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.defaults import DEFAULT_MIN_USERS_PER_ARM
+from pixelpipe.analytics.sequential import quantile_confidence_sequence
 from pixelpipe.core.experiments import Experiment
 
 DEFAULT_METRICS = ("latency_ms", "latency_p95", "cost_per_image", "requests_per_user", "rejection_rate", "failure_rate")
 MAX_LOOKS = 60  # points on the over-time plots
+TABLE_WIDTH = 120  # characters per line of the CLI report
+DEFAULT_MDE = 0.05  # the relative lift the power note sizes the experiment for
+POWER = 0.8
 
 
 class AnalysisError(ValueError):
     """The request cannot be analysed; the message says what exists instead."""
+
+
+@dataclass(frozen=True)
+class TableSection:
+    """One table of the report as text cells, shared by the CLI and the HTML so both show the same."""
+
+    id: str  # goals, guardrails or segments
+    title: str
+    explanation: str
+    columns: list[str]
+    rows: list[dict[str, str]]
 
 
 @dataclass
@@ -39,7 +56,9 @@ class Analysis:
     start: datetime.datetime
     end: datetime.datetime
     metrics: list[str]
-    results: pd.DataFrame  # segment, metric, variant, method, status, control, treatment, lifts, p, p_holm, n, note
+    # segment, metric, family, better, variant, method, status, control, treatment, lifts, p, p_holm, p_harm,
+    # verdict, variance_reduction, pre_coverage, std_error, n, note
+    results: pd.DataFrame
     arms: pd.DataFrame  # segment, variant, users (all users with events in the window)
     srm: stats.SrmResult
     users_over_time: pd.DataFrame  # time, variant, users (cumulative)
@@ -47,38 +66,127 @@ class Analysis:
     latency_values: dict[str, np.ndarray] = field(repr=False)  # per-user mean latency by variant (no user ids)
     notes: list[str] = field(default_factory=list)
     min_users_per_arm: int = DEFAULT_MIN_USERS_PER_ARM  # fewer users in an arm than this: no interval is shown
+    alpha: float = 0.05
+    # metric, variant, n_control, n_treatment, mde_now (relative), users_needed (per arm, for a lift of ``mde``)
+    power: pd.DataFrame = field(default_factory=pd.DataFrame)
+    mde: float = DEFAULT_MDE
 
-    def table(self) -> str:
-        """The results as a plain-text table, as the CLI prints it."""
-        rows = []
-        for r in self.results.itertuples():
-            if r.status == "ok":
-                lift = f"{r.rel_lift:+.1%} [{r.rel_ci_low:+.1%}, {r.rel_ci_high:+.1%}]"
-                p, p_holm = f"{r.p_value:.3g}", f"{r.p_holm:.3g}" if not math.isnan(r.p_holm) else ""
-            else:
-                lift, p, p_holm = r.note, "", ""
-            rows.append(
-                {
-                    "segment": r.segment,
-                    "metric": r.metric,
-                    "variant": r.variant,
-                    "control": _fmt(r.control),
-                    "treatment": _fmt(r.treatment),
-                    "rel. lift [95% CI]": lift,
-                    "p": p,
-                    "p (Holm)": p_holm,
-                    "users c/t": f"{r.n_control}/{r.n_treatment}",
-                }
+    def table(self, width: int = TABLE_WIDTH) -> str:
+        """The report as plain text, as the CLI prints it: SRM first, then goals, guardrails, segments, methods,
+        power and notes. No line is longer than ``width``: notes are wrapped below the tables, never a column."""
+        out = [*_wrap(self.srm_banner(), width), *_wrap(self.summary(), width)]
+        for section in self.sections():
+            out += ["", *_wrap(f"{section.title}: {section.explanation}", width)]
+            out += _text_table(section.columns, section.rows, width) if section.rows else ["  (none)"]
+        footer = (("Methods", self.method_notes()), ("Power", self.power_notes()), ("Notes", self.footnotes()))
+        for head, lines in footer:
+            if lines:
+                out += ["", f"{head}:", *(w for line in lines for w in _wrap(line, width, indent="  "))]
+        return "\n".join(out)
+
+    def srm_banner(self) -> str:
+        """The sample-ratio check in one sentence; it comes before any result, since a mismatch voids them all."""
+        users = ", ".join(f"{v}={n}" for v, n in self.users_per_arm().items())
+        total = sum(self.experiment.weights.values())
+        planned = "/".join(f"{w / total:.0%}" for w in self.experiment.weights.values())
+        if self.srm.flagged:
+            return (
+                f"SRM: MISMATCH (p={self.srm.p_value:.2g}): users {users} do not match the planned {planned} split. "
+                "Assignment or logging is broken: do not trust any result below until the cause is found."
             )
-        frame = pd.DataFrame(rows)
-        if set(frame["segment"]) == {"all"}:
-            frame = frame.drop(columns="segment")
-        srm = (
-            "SRM: "
-            + ("MISMATCH (do not trust these results) " if self.srm.flagged else "ok ")
-            + (f"p={self.srm.p_value:.3g}, users " + ", ".join(f"{v}={n}" for v, n in self.users_per_arm().items()))
+        return f"SRM: ok (p={self.srm.p_value:.3g}): users {users} match the planned {planned} split."
+
+    def summary(self) -> str:
+        exp = self.experiment
+        lower = [m for m in self.metrics if ss.METRICS[m].better == "lower"]
+        higher = [m for m in self.metrics if ss.METRICS[m].better == "higher"]
+        better = "; ".join(
+            f"{way} is better for {', '.join(ms)}" for way, ms in (("lower", lower), ("higher", higher)) if ms
         )
-        return "\n".join([frame.to_string(index=False), srm, *self.notes])
+        return (
+            f"{exp.key} compares {' and '.join(exp.treatments)} with {exp.control} (the control arm) from "
+            f"{self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC. Lifts are relative to the control, "
+            f"with {1 - self.alpha:.0%} intervals; {better}."
+        )
+
+    def sections(self) -> list[TableSection]:
+        """Goal metrics, guardrails and (with a dimension) the per-segment rows, as text cells."""
+        res = self.results
+        overall = res[res["segment"] == "all"]
+        several = len(self.experiment.treatments) > 1
+        refs = self._note_refs()
+        goals = overall[overall["family"] == "goal"]
+        tests = int(self._goal_tests().sum())
+        metrics = goals["metric"].nunique()
+        sections = [
+            TableSection(
+                "goals",
+                "Goal metrics",
+                f"win or loss when p (Holm) < {self.alpha:g} in the better or worse direction, else inconclusive; "
+                f"Holm over {_plural(tests, 'goal test')} ({_plural(metrics, 'metric')} x "
+                f"{_plural(len(self.experiment.treatments), 'treatment')}), guardrails excluded.",
+                *self._cells(goals, several, False, "goal", refs),
+            ),
+            TableSection(
+                "guardrails",
+                "Guardrails",
+                f"breached when the metric worsens with one-sided p (harm) < {self.alpha:g}, not adjusted for "
+                "multiplicity: a missed harm costs more than a false alarm, so each guardrail keeps its full power.",
+                *self._cells(overall[overall["family"] == "guardrail"], several, False, "guardrail", refs),
+            ),
+        ]
+        segments = res[res["segment"] != "all"]
+        if not segments.empty:
+            sections.append(
+                TableSection(
+                    "segments",
+                    "By segment",
+                    "exploratory: p-values are not adjusted and rows get no verdict; act on the overall rows above.",
+                    *self._cells(segments, several, True, "segment", refs),
+                )
+            )
+        return sections
+
+    def method_notes(self) -> list[str]:
+        """How each overall row was computed where that needs a word: CUPED's variance reduction and coverage, and
+        why a mean metric fell back to Welch."""
+        lines = []
+        for r in self.results[(self.results["segment"] == "all") & (self.results["status"] == "ok")].itertuples():
+            label = self._label(r.metric, r.variant)
+            if r.method == "CUPED":
+                covered = (
+                    "every user has one"
+                    if r.pre_coverage >= 1
+                    else (f"{r.pre_coverage:.0%} of users have one; the others get the covered users' mean")
+                )
+                lines.append(
+                    f"{label}: CUPED removed {r.variance_reduction:.0%} of the lift's variance "
+                    f"(1 - Var(CUPED)/Var(Welch)) using the pre-period value; {covered}."
+                )
+            elif r.method_note:
+                lines.append(f"{label}: Welch, not CUPED: {r.method_note}")
+        return lines
+
+    def power_notes(self) -> list[str]:
+        """Users per arm to detect a relative lift of ``mde`` on each goal metric, from the observed variance."""
+        if self.power.empty:
+            return []
+        tests = int(self._goal_tests().sum())
+        lines = [
+            f"users per arm to detect a {self.mde:.0%} relative lift with {POWER:.0%} power, two-sided at "
+            f"{self.alpha:g}/{tests} (Holm's strictest step), from the observed variance (after CUPED where used):"
+        ]
+        for r in self.power.itertuples():
+            needed = f"{r.users_needed:,}" if r.users_needed == r.users_needed else "n/a"
+            lines.append(
+                f"{self._label(r.metric, r.variant)}: {needed} per arm; with {r.n_control:,}/{r.n_treatment:,} "
+                f"now it detects a lift of ±{r.mde_now:.1%}."
+            )
+        return lines
+
+    def footnotes(self) -> list[str]:
+        """The numbered notes that rows without an interval point to, then general notes."""
+        return [f"{n}. {text}" for n, text in enumerate(self._note_texts(), start=1)] + self.notes
 
     def to_html(self) -> str:
         """The self-contained HTML report (see ``report_html``)."""
@@ -96,6 +204,55 @@ class Analysis:
         overall = self.arms[self.arms["segment"] == "all"]
         return dict(zip(overall["variant"], overall["users"].astype(int), strict=True))
 
+    def _goal_tests(self) -> pd.Series:
+        """Rows of the Holm family: goal metrics x treatments of the overall segment, with an interval."""
+        res = self.results
+        return (res["segment"] == "all") & (res["family"] == "goal") & (res["status"] == "ok")
+
+    def _label(self, metric: str, variant: str, segment: str = "all") -> str:
+        parts = [variant] if len(self.experiment.treatments) > 1 else []
+        parts += [segment] if segment != "all" else []
+        return f"{metric} ({', '.join(parts)})" if parts else metric
+
+    def _note_texts(self) -> list[str]:
+        bad = self.results[self.results["status"] != "ok"]
+        return [f"{self._label(r.metric, r.variant, r.segment)}: {r.note}" for r in bad.itertuples()]
+
+    def _note_refs(self) -> dict[int, int]:
+        """Results index -> number of its note, for rows without an interval."""
+        bad = self.results.index[self.results["status"] != "ok"]
+        return {i: n for n, i in enumerate(bad, start=1)}
+
+    def _cells(
+        self, rows: pd.DataFrame, several: bool, segmented: bool, kind: str, refs: dict[int, int]
+    ) -> tuple[list[str], list[dict[str, str]]]:
+        p_head = {"goal": "p (Holm)", "guardrail": "p (harm)"}.get(kind)
+        columns = [*(["segment"] if segmented else []), "metric", *(["variant"] if several else []), "method"]
+        # A guardrail's verdict rests on its one-sided p alone, so its two-sided p would only confuse.
+        columns += ["control", "treatment", "rel. lift [95% CI]", *(["p"] if kind != "guardrail" else [])]
+        columns += [p_head] if p_head else []
+        columns += [*(["verdict"] if kind != "segment" else []), "users c/t"]
+        cells = []
+        for i, r in rows.iterrows():
+            unit = ss.METRICS[r["metric"]].unit
+            ok = r["status"] == "ok"
+            row = {
+                "segment": str(r["segment"]),
+                "metric": str(r["metric"]),
+                "variant": str(r["variant"]),
+                "method": str(r["method"]),
+                "control": _fmt_value(r["control"], unit) if ok else "",
+                "treatment": _fmt_value(r["treatment"], unit) if ok else "",
+                "rel. lift [95% CI]": _fmt_lift(r, unit) if ok else f"{r['status']}: see note {refs[i]}",
+                "p": _fmt_p(r["p_value"]) if ok else "",
+                "p (Holm)": _fmt_p(r["p_holm"]) if ok else "",
+                "p (harm)": _fmt_p(r["p_harm"]) if ok else "",
+                "verdict": str(r["verdict"]),
+                "users c/t": f"{int(r['n_control'])}/{int(r['n_treatment'])}",
+            }
+            cells.append({c: row[c] for c in columns})
+        return columns, cells
+
 
 def analyze(
     client: ss.Client,
@@ -108,13 +265,21 @@ def analyze(
     alpha: float = 0.05,
     min_users_per_arm: int = DEFAULT_MIN_USERS_PER_ARM,
     now: datetime.datetime | None = None,
+    mde: float = DEFAULT_MDE,
 ) -> Analysis:
     """Every treatment against the control on each metric, from ClickHouse aggregates.
 
-    Mean metrics use CUPED with the same metric over the ``pre_days`` before the start (Welch without it);
-    ratio metrics the delta method; quantile metrics the order-statistic interval of Deng et al. P-values are
-    Holm-adjusted over all metrics and treatments of the overall segment. ``dimension`` (kind or model) adds
-    per-segment rows.
+    Mean metrics use CUPED with the same metric over the ``pre_days`` before the start (Welch without it; users
+    without a pre-period value get the covered users' mean, see ``stats.cuped_lift``); ratio metrics the delta
+    method; quantile metrics the order-statistic interval of Deng et al. Each row's ``method`` names it.
+
+    Goal metrics and guardrails (``Metric.guardrail``) are two families. Goal p-values are Holm-adjusted over the
+    goal metrics x treatments of the overall segment, and a goal's verdict is win or loss (by ``Metric.better``)
+    when p_holm < alpha, else inconclusive. A guardrail is breached when its one-sided p for harm (``p_harm``) is
+    under alpha, unadjusted: guardrails guard against harm, so a false alarm (a second look) is cheaper than a
+    missed harm, and adjusting would cut their power as guardrails are added. ``dimension`` (kind or model) adds
+    per-segment rows: exploratory, unadjusted, without a verdict. ``power`` gives the users per arm that detect a
+    relative lift of ``mde`` on each goal metric with 80% power at Holm's strictest level, alpha / tests.
     """
     names = list(metrics or DEFAULT_METRICS)
     if message := ss.unknown_metric_message(names):
@@ -134,9 +299,7 @@ def analyze(
 
     users = {v: int(overall.loc[overall["arm"] == v, "users"].iloc[0]) for v in experiment.weights}
     srm = stats.srm_check(users, experiment.weights)
-    notes = []
-    if srm.flagged:
-        notes.append(f"Sample-ratio mismatch (p={srm.p_value:.2g}): assignment or logging is broken; find why first.")
+    notes = []  # the SRM verdict has its own banner
     crossed = int(overall["users_in_several_arms"].sum())
     if crossed:
         notes.append(f"{crossed} user(s) appear in more than one arm; each is counted in one of them.")
@@ -155,14 +318,17 @@ def analyze(
                     )
                     | {"segment": segment}
                 )
-    results = pd.DataFrame(rows)
-    ok = (results["segment"] == "all") & (results["status"] == "ok")
-    results["p_holm"] = math.nan
-    if ok.any():
-        results.loc[ok, "p_holm"] = stats.holm(results.loc[ok, "p_value"].tolist())
-    columns = ["segment", "metric", "variant", "method", "status", "control", "treatment", "abs_lift", "abs_ci_low"]
-    columns += ["abs_ci_high", "rel_lift", "rel_ci_low", "rel_ci_high", "p_value", "p_holm", "n_control"]
-    columns += ["n_treatment", "note"]
+    columns = ["segment", "metric", "family", "better", "variant", "method", "status", "control", "treatment"]
+    columns += ["abs_lift", "abs_ci_low", "abs_ci_high", "rel_lift", "rel_ci_low", "rel_ci_high", "p_value"]
+    columns += ["p_holm", "p_harm", "verdict", "variance_reduction", "pre_coverage", "std_error", "n_control"]
+    columns += ["n_treatment", "note", "method_note"]
+    results = pd.DataFrame(rows).reindex(columns=columns)  # every column, even when no row has an interval
+    goals = (results["segment"] == "all") & (results["family"] == "goal") & (results["status"] == "ok")
+    if goals.any():  # guardrails are no part of the goal family: they would only dilute it
+        results.loc[goals, "p_holm"] = stats.holm(results.loc[goals, "p_value"].tolist())
+    results["verdict"] = [_verdict(r, alpha) for _, r in results.iterrows()]
+    for column in ("note", "method_note"):  # text columns, where a row without one has ""
+        results[column] = [v if isinstance(v, str) else "" for v in results[column]]
 
     over_time, sequential = _over_time(client, experiment, window, chosen, alpha, min_users_per_arm)
     return Analysis(
@@ -170,7 +336,7 @@ def analyze(
         start=lo,
         end=hi,
         metrics=names,
-        results=results.reindex(columns=columns),  # every column, even when no row has an interval
+        results=results,
         arms=arm_frame[["segment", "variant", "users"]],
         srm=srm,
         users_over_time=over_time,
@@ -178,6 +344,9 @@ def analyze(
         latency_values=latency_values,
         notes=notes,
         min_users_per_arm=min_users_per_arm,
+        alpha=alpha,
+        power=_power(results[goals], alpha / max(int(goals.sum()), 1), mde),
+        mde=mde,
     )
 
 
@@ -245,34 +414,42 @@ def _compare(
     c_row, t_row = by_arm.get(control), by_arm.get(variant)
     n_c = int(c_row[f"{metric.name}__n"]) if c_row is not None else 0
     n_t = int(t_row[f"{metric.name}__n"]) if t_row is not None else 0
-    base = {"metric": metric.name, "variant": variant, "n_control": n_c, "n_treatment": n_t, "note": ""}
+    cuped = pre_days > 0 and bool(metric.pre_value)
+    planned = {"mean": "CUPED" if cuped else "Welch", "ratio": "delta method", "quantile": "quantile (Deng et al.)"}
+    base = {
+        "metric": metric.name,
+        "family": "guardrail" if metric.guardrail else "goal",
+        "better": metric.better,
+        "variant": variant,
+        "method": planned[metric.kind],  # the one it would use, also where the sample is too small
+        "n_control": n_c,
+        "n_treatment": n_t,
+        "note": "",
+    }
     if min(n_c, n_t) < min_users:
         # An interval from a handful of users looks precise and is not; say what is needed instead.
         short = ", ".join(
             f"{arm} needs {min_users - n} more" for arm, n in ((control, n_c), (variant, n_t)) if n < min_users
         )
         return base | {"status": "too small", "note": f"too few users: need {min_users} per arm ({short})"}
+    method_note = ""
     try:
         if metric.kind == "mean":
-            method = "cuped" if pre_days > 0 else "welch"
-            c, t = (ss.mean_stats(r, metric.name, pre_days > 0) for r in (c_row, t_row))
-            try:
-                lift = stats.cuped_lift(c, t, alpha) if pre_days > 0 else stats.mean_lift(c, t, alpha)
-            except ValueError:  # constant pre-period covariate: nothing for CUPED to use
-                method = "welch"
-                lift = stats.mean_lift(
-                    ss.mean_stats(c_row, metric.name, False), ss.mean_stats(t_row, metric.name, False), alpha
-                )
+            lift, method_note = _mean_lift(metric, c_row, t_row, pre_days, alpha)
         elif metric.kind == "ratio":
-            method = "delta"
             lift = stats.ratio_lift(ss.ratio_stats(c_row, metric.name), ss.ratio_stats(t_row, metric.name), alpha)
         else:
-            method = "quantile (DKY)"
             lift = stats.quantile_lift(values[control], values[variant], metric.q, alpha)
     except ValueError as e:  # InsufficientSampleError included: zero denominators, constant values
         return base | {"status": "n/a", "note": str(e)}
+    harmful = 1 if metric.better == "lower" else -1
     return base | {
-        "method": method,
+        "method": lift.method,
+        "method_note": method_note,
+        "variance_reduction": lift.variance_reduction,
+        "pre_coverage": lift.pre_coverage,
+        "std_error": lift.std_error,
+        "p_harm": stats.one_sided_p(lift, harmful) if metric.guardrail else math.nan,
         "status": "ok",
         "control": lift.control_mean,
         "treatment": lift.treatment_mean,
@@ -294,7 +471,8 @@ def _over_time(
     alpha: float,
     min_users: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cumulative users per arm and the always-valid interval of the first mean metric, at up to MAX_LOOKS looks."""
+    """Cumulative users per arm, and the always-valid intervals of the first mean metric and of every quantile
+    metric, at up to MAX_LOOKS looks."""
     primary = next((m for m in metrics if m.kind == "mean"), ss.METRICS["latency_ms"])
     span = window.end_ms - window.start_ms
     step = max(86_400_000, math.ceil(span / MAX_LOOKS))  # daily looks, fewer for long experiments
@@ -322,11 +500,186 @@ def _over_time(
                     except ValueError:
                         pass  # zero variance at this look: no interval to draw
                 rows.append(row)
+    rows += _quantile_looks(client, experiment, window, metrics, cutoffs, alpha, min_users)
     sequential = pd.DataFrame(
         rows, columns=["time", "variant", "metric", "n_control", "n_treatment", "abs_lift", "ci_low", "ci_high"]
     )
     return users, sequential
 
 
-def _fmt(value: float) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+def _mean_lift(
+    metric: ss.Metric, c_row: pd.Series, t_row: pd.Series, pre_days: int, alpha: float
+) -> tuple[stats.LiftResult, str]:
+    """CUPED where there is a pre-period covariate to use, else Welch and why not CUPED ("" if by design)."""
+    plain = [ss.mean_stats(r, metric.name, False) for r in (c_row, t_row)]
+    if not metric.pre_value:
+        return stats.mean_lift(*plain, alpha), ""
+    if pre_days == 0:
+        return stats.mean_lift(*plain, alpha), "no pre-period (--pre-days 0)"
+    try:
+        return stats.cuped_lift(*(ss.mean_stats(r, metric.name, True) for r in (c_row, t_row)), alpha), ""
+    except ValueError as e:  # no user with a pre-period value, or a constant one: nothing to adjust with
+        # Welch's own errors (zero variance) propagate; the advice to call mean_lift is for library users.
+        return stats.mean_lift(*plain, alpha), str(e).split("; call mean_lift")[0]
+
+
+def _verdict(row: pd.Series, alpha: float) -> str:
+    """Win, loss or inconclusive for a goal; guardrail breached or ok for a guardrail; none for a segment."""
+    if row["status"] != "ok":
+        return "too few users" if row["status"] == "too small" else "n/a"
+    if row["segment"] != "all":
+        return ""  # exploratory: an unadjusted p-value over many segments is no basis for a verdict
+    if row["family"] == "guardrail":
+        return "guardrail breached" if row["p_harm"] < alpha else "ok"
+    if not row["p_holm"] < alpha:
+        return "inconclusive"
+    return "win" if (row["abs_lift"] < 0) == (row["better"] == "lower") else "loss"
+
+
+def _power(goals: pd.DataFrame, alpha: float, mde: float) -> pd.DataFrame:
+    """Per goal row: the relative lift its standard error detects now, and the users per arm for ``mde``."""
+    rows = []
+    for r in goals.itertuples():
+        sd = stats.per_user_sd(r.std_error, r.n_control, r.n_treatment)
+        try:
+            needed = stats.required_sample_size(r.control, sd, mde, alpha, POWER)
+        except ValueError:  # a zero control mean: no relative lift to size for
+            needed = math.nan
+        detectable = (
+            stats.minimum_detectable_lift(r.std_error, alpha, POWER) / abs(r.control) if r.control else math.nan
+        )
+        rows.append(
+            {
+                "metric": r.metric,
+                "variant": r.variant,
+                "n_control": r.n_control,
+                "n_treatment": r.n_treatment,
+                "mde_now": detectable,
+                "users_needed": needed,
+            }
+        )
+    return pd.DataFrame(rows, columns=["metric", "variant", "n_control", "n_treatment", "mde_now", "users_needed"])
+
+
+_RIGHT = frozenset({"control", "treatment", "rel. lift [95% CI]", "p", "p (Holm)", "p (harm)", "users c/t"})
+_OPTIONAL = ("users c/t", "p")  # left out, in this order, when a table is wider than the page
+_SHRINKABLE = ("segment", "variant", "metric", "method")  # then the longest of these is cut
+
+
+def _text_table(columns: Sequence[str], rows: Sequence[dict[str, str]], width: int) -> list[str]:
+    """Rows as aligned text no wider than ``width``: optional columns go first, then long names are cut."""
+    columns, rows = list(columns), [dict(r) for r in rows]
+    dropped = []
+    for column in _OPTIONAL:
+        if _table_width(columns, rows) <= width:
+            break
+        if column in columns:
+            columns.remove(column)
+            dropped.append(column)
+    while _table_width(columns, rows) > width:
+        shrinkable = [c for c in _SHRINKABLE if c in columns]
+        column = max(shrinkable, key=lambda c: max(len(r[c]) for r in rows), default=None)
+        longest = max(len(r[column]) for r in rows) if column else 0
+        if column is None or longest <= max(len(column), 8):
+            break
+        for r in rows:
+            if len(r[column]) == longest:
+                r[column] = r[column][: longest - 4] + "..."
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(cells[c].rjust(widths[c]) if c in _RIGHT else cells[c].ljust(widths[c]) for c in columns)
+
+    lines = [line({c: c for c in columns}), *(line(r) for r in rows)]
+    if dropped:
+        lines.append(f"({', '.join(dropped)} left out to fit {width} characters; see the HTML report)")
+    return [text.rstrip()[:width] for text in lines]  # the cut is a last resort that the steps above avoid
+
+
+def _table_width(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> int:
+    return sum(max(len(c), *(len(r[c]) for r in rows)) for c in columns) + 2 * (len(columns) - 1)
+
+
+def _wrap(text: str, width: int, indent: str = "") -> list[str]:
+    number = re.match(r"\d+\. ", text)  # a numbered note continues under its text
+    hang = indent + " " * (len(number.group()) if number else 2)
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=hang, break_on_hyphens=False)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _fmt_value(value: float, unit: str) -> str:
+    if value is None or value != value:
+        return ""
+    if unit == "share":
+        return f"{value:.2%}"
+    if 1000 <= abs(value) < 1e7:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _fmt_pct(value: float) -> str:
+    return f"{value:+.0%}" if abs(value) >= 10 else f"{value:+.1%}"
+
+
+def _fmt_lift(row: pd.Series, unit: str) -> str:
+    """Relative lift and interval; over a zero control (no relative lift) the absolute one, marked as such."""
+    if row["rel_lift"] == row["rel_lift"]:
+        return f"{_fmt_pct(row['rel_lift'])} [{_fmt_pct(row['rel_ci_low'])}, {_fmt_pct(row['rel_ci_high'])}]"
+    lift, low, high = row["abs_lift"], row["abs_ci_low"], row["abs_ci_high"]
+    if unit == "share":
+        return f"{100 * lift:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}] pp"
+    return f"{lift:+.4g} [{low:+.4g}, {high:+.4g}] abs."
+
+
+def _fmt_p(p: float) -> str:
+    if p != p:
+        return ""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+# --- Quantile metrics over time (issue 14): always-valid intervals from analytics/sequential.py ---
+# Not yet called: _over_time would add ``rows += _quantile_looks(client, experiment, window, metrics, cutoffs,
+# alpha, min_users)`` once report_html._plot_sequential draws one panel per metric (it draws every row of the
+# frame on one axis, so a second metric would be joined into the first one's line).
+
+
+def _quantile_looks(
+    client: ss.Client,
+    experiment: Experiment,
+    window: ss.Window,
+    metrics: Sequence[ss.Metric],
+    cutoffs: Sequence[int],
+    alpha: float,
+    min_users: int,
+) -> list[dict]:
+    """Rows of the sequential frame for each quantile metric: at each cutoff, the values of the users enrolled
+    before it over their events before it (what a look then would have seen), and the confidence sequence of
+    ``sequential.quantile_confidence_sequence``. Calibrated for continuous monitoring (max_looks=None), like the
+    mean metric's interval, since the report cannot know how often it is read; tightest at the last look's users.
+    Looks where an arm has more than QUANTILE_SAMPLE_CAP users use a capped sample, which the guarantee ignores."""
+    rows: list[dict] = []
+    dim = f"arrayJoin(arrayFilter(c -> c > event_time_ms, [{', '.join(str(int(c)) for c in cutoffs)}]))"
+    for metric in (m for m in metrics if m.kind == "quantile"):
+        aggregate = f"groupArray({ss.QUANTILE_SAMPLE_CAP})(toFloat64({metric.value})) AS values"
+        # ss has no public query for per-cutoff values yet; this is cumulative_sql's shape with values_sql's array.
+        query = ss._arm_query(
+            experiment.key, window, [metric], {"results": dim, "stage_metrics": dim}, [aggregate], metric.users
+        )
+        values = {(str(arm), int(cut)): np.asarray(v, dtype=float) for arm, cut, v in client.execute(query.sql)}
+        for variant in experiment.treatments:
+            planned = sum(values.get((arm, max(cutoffs)), np.empty(0)).size for arm in (experiment.control, variant))
+            for cutoff in cutoffs:
+                c, t = values.get((experiment.control, cutoff)), values.get((variant, cutoff))
+                if c is None or t is None:
+                    continue
+                row = {"time": pd.to_datetime(cutoff, unit="ms", utc=True), "variant": variant, "metric": metric.name}
+                row |= {"n_control": c.size, "n_treatment": t.size}
+                if min(c.size, t.size) >= min_users:
+                    cs = quantile_confidence_sequence(c, t, metric.q, alpha, planned_users=max(planned, 1))
+                    if math.isfinite(cs.ci_low):  # else too few users or tied values at this look: nothing to draw
+                        row |= {"abs_lift": cs.estimate, "ci_low": cs.ci_low, "ci_high": cs.ci_high}
+                rows.append(row)
+    return rows

@@ -15,6 +15,7 @@ metric first (for example subtract a round baseline), if that is a concern.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,11 @@ class InsufficientSampleError(ValueError):
 
 @dataclass(frozen=True)
 class MeanStats:
-    """Per-arm sufficient statistics of a per-user metric y, optionally with a pre-period covariate x."""
+    """Per-arm sufficient statistics of a per-user metric y, optionally with a pre-period covariate x.
+
+    The covariate sums run over the ``pre_n`` users that have a pre-period value (all ``n`` when ``pre_n`` is
+    None), and ``pre_y_sum`` is the sum of y over those users; ``cuped_lift`` imputes x for the others.
+    """
 
     n: int
     sum: float
@@ -40,6 +45,8 @@ class MeanStats:
     pre_sum: float | None = None
     pre_sum_sq: float | None = None
     cross_sum: float | None = None  # sum of x * y
+    pre_n: int | None = None
+    pre_y_sum: float | None = None
 
     @property
     def mean(self) -> float:
@@ -53,6 +60,11 @@ class MeanStats:
     @property
     def has_covariate(self) -> bool:
         return None not in (self.pre_sum, self.pre_sum_sq, self.cross_sum)
+
+    @property
+    def covered(self) -> int:
+        """Users with a pre-period value."""
+        return self.n if self.pre_n is None else self.pre_n
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,9 @@ class LiftResult:
     std_error: float  # of abs_lift
     n_control: int
     n_treatment: int
+    method: str = ""  # "Welch", "CUPED", "delta method" or "quantile (Deng et al.)"
+    variance_reduction: float | None = None  # CUPED: 1 - Var(adjusted lift) / Var(unadjusted lift)
+    pre_coverage: float | None = None  # CUPED: share of users with a pre-period value
 
 
 @dataclass(frozen=True)
@@ -111,12 +126,23 @@ class SequentialInterval:
 
 
 def sufficient_stats_from_values(values: ArrayLike, pre_values: ArrayLike | None = None) -> MeanStats:
-    """MeanStats of per-user values (and their pre-period values, for CUPED)."""
+    """MeanStats of per-user values (and their pre-period values, for CUPED; NaN: the user has none)."""
     y = np.asarray(values, dtype=float)
     if pre_values is None:
         return MeanStats(y.size, float(y.sum()), float(y @ y))
     x = np.asarray(pre_values, dtype=float)
-    return MeanStats(y.size, float(y.sum()), float(y @ y), float(x.sum()), float(x @ x), float(x @ y))
+    has = ~np.isnan(x)
+    x, y_cov = x[has], y[has]
+    return MeanStats(
+        y.size,
+        float(y.sum()),
+        float(y @ y),
+        float(x.sum()),
+        float(x @ x),
+        float(x @ y_cov),
+        int(has.sum()),
+        float(y_cov.sum()),
+    )
 
 
 def ratio_stats_from_values(numerators: ArrayLike, denominators: ArrayLike) -> RatioStats:
@@ -148,19 +174,33 @@ def mean_lift(control: MeanStats, treatment: MeanStats, alpha: float = 0.05) -> 
     _check_spread(var_c, var_t)
     # Welch-Satterthwaite: with unequal variances the t statistic's df lies between min(n) - 1 and sum(n) - 2.
     df = (var_c + var_t) ** 2 / (var_c**2 / (control.n - 1) + var_t**2 / (treatment.n - 1))
-    return _lift_result(control.mean, treatment.mean, var_c, var_t, df, control.n, treatment.n, alpha)
+    return _lift_result(control.mean, treatment.mean, var_c, var_t, df, control.n, treatment.n, alpha, "Welch")
 
 
 def cuped_lift(control: MeanStats, treatment: MeanStats, alpha: float = 0.05) -> LiftResult:
     """CUPED: ``mean_lift`` on y - theta * (x - mean(x)), with x the pre-period covariate in both arms' stats.
 
     The adjustment removes the part of y that the pre-period predicts, so the variance of the lift drops by
-    about (1 - rho^2), rho being corr(x, y); x predates the experiment, so the lift stays unbiased.
+    about (1 - rho^2), rho being corr(x, y); x predates the experiment, so the lift stays unbiased. The result's
+    ``variance_reduction`` is 1 - Var(adjusted lift) / Var(unadjusted lift), which is rho^2 for the pooled theta.
+
+    Users without a pre-period value (``pre_n`` < ``n``: new users, or no succeeded request to average) get the
+    mean x of the users that have one, pooled over both arms. Every user stays in the comparison, so the lift
+    estimates the same thing Welch's does, and it stays unbiased: the imputed value depends on pre-period data
+    only, never on the arm's outcome. An imputed user's centred x is about 0, so it is left nearly unadjusted and
+    theta is fitted on the covered users; the reduction shrinks towards coverage * rho^2 instead of being
+    distorted, as writing 0 for "no value" would distort both theta and the reduction. ``pre_coverage`` reports
+    the share of covered users.
     """
     for name, arm in (("control", control), ("treatment", treatment)):
         _check_users(name, arm.n)
         if not arm.has_covariate:
             raise ValueError(f"{name} stats lack pre_sum, pre_sum_sq or cross_sum; CUPED needs the covariate")
+    covered = control.covered + treatment.covered
+    if covered == 0:
+        raise ValueError("no user has a pre-period value, so CUPED has no covariate; call mean_lift")
+    fill = (control.pre_sum + treatment.pre_sum) / covered
+    control, treatment = _impute(control, fill), _impute(treatment, fill)
     # Within-arm pooled moments: a treatment effect moves the arm means of y but not these.
     sxy = sum(a.cross_sum - a.sum * a.pre_sum / a.n for a in (control, treatment))
     sxx = sum(a.pre_sum_sq - a.pre_sum**2 / a.n for a in (control, treatment))
@@ -169,7 +209,14 @@ def cuped_lift(control: MeanStats, treatment: MeanStats, alpha: float = 0.05) ->
     theta = sxy / sxx
     # Centring on the pooled pre-period mean keeps the adjusted means on y's scale (needed for relative lift).
     pre_mean = (control.pre_sum + treatment.pre_sum) / (control.n + treatment.n)
-    return mean_lift(_adjust(control, theta, pre_mean), _adjust(treatment, theta, pre_mean), alpha)
+    adjusted = mean_lift(_adjust(control, theta, pre_mean), _adjust(treatment, theta, pre_mean), alpha)
+    plain = mean_lift(control, treatment, alpha)
+    return dataclasses.replace(
+        adjusted,
+        method="CUPED",
+        variance_reduction=1 - (adjusted.std_error / plain.std_error) ** 2,
+        pre_coverage=covered / (control.n + treatment.n),
+    )
 
 
 def ratio_lift(control: RatioStats, treatment: RatioStats, alpha: float = 0.05) -> LiftResult:
@@ -181,7 +228,7 @@ def ratio_lift(control: RatioStats, treatment: RatioStats, alpha: float = 0.05) 
     c, var_c = _ratio_estimate("control", control)
     t, var_t = _ratio_estimate("treatment", treatment)
     _check_spread(var_c, var_t)
-    return _lift_result(c, t, var_c, var_t, math.inf, control.n, treatment.n, alpha)
+    return _lift_result(c, t, var_c, var_t, math.inf, control.n, treatment.n, alpha, "delta method")
 
 
 def quantile_lift(control_values: ArrayLike, treatment_values: ArrayLike, q: float, alpha: float = 0.05) -> LiftResult:
@@ -200,7 +247,7 @@ def quantile_lift(control_values: ArrayLike, treatment_values: ArrayLike, q: flo
     c, var_c = _quantile_estimate("control", c_values, q, z)
     t, var_t = _quantile_estimate("treatment", t_values, q, z)
     _check_spread(var_c, var_t)
-    return _lift_result(c, t, var_c, var_t, math.inf, c_values.size, t_values.size, alpha)
+    return _lift_result(c, t, var_c, var_t, math.inf, c_values.size, t_values.size, alpha, "quantile (Deng et al.)")
 
 
 def sequential_interval(
@@ -272,6 +319,32 @@ def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
     return _in_input_order(adjusted, order)
 
 
+def one_sided_p(lift: LiftResult, harmful_sign: int) -> float:
+    """P-value of the one-sided test that the lift goes the harmful way (``harmful_sign`` +1: up, -1: down).
+
+    Every interval here is symmetric (t or normal), so it is half the two-sided p when the estimate points the
+    harmful way and 1 - half otherwise.
+    """
+    half = lift.p_value / 2
+    if lift.abs_lift == 0:
+        return 0.5
+    return half if math.copysign(1, lift.abs_lift) == harmful_sign else 1 - half
+
+
+def per_user_sd(std_error: float, n_control: int, n_treatment: int) -> float:
+    """The per-user standard deviation implied by a lift's standard error, as if both arms shared it.
+
+    It carries whatever the method removed or added (CUPED's reduction, the delta method's ratio variance, a
+    quantile's order-statistic spread), so it sizes a future experiment measured the same way.
+    """
+    return std_error / math.sqrt(1 / n_control + 1 / n_treatment)
+
+
+def minimum_detectable_lift(std_error: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest absolute lift that a comparison with this standard error detects with ``power`` (two-sided)."""
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * std_error)
+
+
 def required_sample_size(
     baseline_mean: float, baseline_sd: float, mde_relative: float, alpha: float = 0.05, power: float = 0.8
 ) -> int:
@@ -304,6 +377,24 @@ def _check_users(arm: str, n: int) -> None:
 def _check_spread(var_c: float, var_t: float) -> None:
     if var_c + var_t <= 0:
         raise ValueError("both arms have zero variance (constant or fully tied values); nothing to test")
+
+
+def _impute(arm: MeanStats, fill: float) -> MeanStats:
+    """``arm`` with x = ``fill`` for its users without a pre-period value, expanded algebraically from the sums."""
+    missing = arm.n - arm.covered
+    if missing == 0:
+        return arm
+    if arm.pre_y_sum is None:
+        raise ValueError("pre_n < n needs pre_y_sum, the sum of y over the users with a pre-period value")
+    y_sum_missing = arm.sum - arm.pre_y_sum
+    return MeanStats(
+        n=arm.n,
+        sum=arm.sum,
+        sum_sq=arm.sum_sq,
+        pre_sum=arm.pre_sum + missing * fill,
+        pre_sum_sq=arm.pre_sum_sq + missing * fill**2,
+        cross_sum=arm.cross_sum + fill * y_sum_missing,
+    )
 
 
 def _adjust(arm: MeanStats, theta: float, pre_mean: float) -> MeanStats:
@@ -345,7 +436,7 @@ def _quantile_estimate(name: str, values: np.ndarray, q: float, z: float) -> tup
 
 
 def _lift_result(
-    c: float, t: float, var_c: float, var_t: float, df: float, n_c: int, n_t: int, alpha: float
+    c: float, t: float, var_c: float, var_t: float, df: float, n_c: int, n_t: int, alpha: float, method: str
 ) -> LiftResult:
     """Interval and p-value for t - c from the variances of the arm estimates; df=inf: normal interval."""
     se = math.sqrt(var_c + var_t)
@@ -372,6 +463,7 @@ def _lift_result(
         std_error=se,
         n_control=n_c,
         n_treatment=n_t,
+        method=method,
     )
 
 

@@ -9,6 +9,12 @@ Every query has the same three layers, so a reader can check one and trust the r
 3. arms: per arm (and dimension value) only counts, sums, sums of squares and cross products of the per-user
    values. Only this layer leaves ClickHouse, so no per-user row is ever transferred.
 
+CUPED's covariate is the same per-user value over the pre-period. A user without one (no pre-period request, or
+for latency no succeeded one) is not written as 0, which would look like a real, extreme value and weaken the
+adjustment: the covariate sums (``__pre_sum``, ``__pre_sum_sq``, ``__cross_sum``) run over the users that
+``Metric.pre_users`` says have a value, ``__pre_n`` counts them and ``__pre_y_sum`` sums their y. From these
+``stats.cuped_lift`` imputes the covered users' mean for the rest exactly, without a second pass over the data.
+
 The one exception is quantile metrics (``latency_p95``): a quantile has no sufficient statistic, so their query
 returns, per arm, an array of per-user values (no user ids), capped at ``QUANTILE_SAMPLE_CAP`` users per arm.
 
@@ -42,15 +48,20 @@ class Metric:
     """A metric defined over the per-user columns of ``_USER_COLUMNS``.
 
     ``users`` selects the users the metric is defined for (e.g. latency needs a succeeded request); ``value``
-    (mean and quantile metrics) or ``num`` / ``den`` (ratio metrics) are per-user SQL expressions.
+    (mean and quantile metrics) or ``num`` / ``den`` (ratio metrics) are per-user SQL expressions. ``better`` says
+    which way is a win (a loss, for a guardrail: a breach). ``pre_users`` selects the users that have a
+    pre-period value; the others get the covered users' mean (see the module's docstring).
     """
 
     name: str
     kind: Literal["mean", "ratio", "quantile"]
     description: str
+    better: Literal["higher", "lower"]
+    unit: Literal["", "ms", "USD", "share"] = ""  # "share" is shown as a percentage
     users: str = "1"
     value: str = ""
     pre_value: str = ""  # the same per-user value in the pre-period, for CUPED; mean metrics only
+    pre_users: str = "1"
     num: str = ""
     den: str = ""
     q: float = 0.5
@@ -65,14 +76,19 @@ METRICS: dict[str, Metric] = {
             "latency_ms",
             "mean",
             "mean end-to-end latency of a user's succeeded requests (result time - request created), ms",
+            "lower",
+            "ms",
             users="successes > 0",
             value="latency_sum / successes",
-            pre_value="if(pre_successes > 0, pre_latency_sum / pre_successes, 0)",
+            pre_value="pre_latency_sum / pre_successes",
+            pre_users="pre_successes > 0",  # no succeeded request before: no latency to average
         ),
         Metric(
             "latency_p95",
             "quantile",
             "95th percentile over users of their mean latency, ms",
+            "lower",
+            "ms",
             users="successes > 0",
             value="latency_sum / successes",
             q=0.95,
@@ -81,13 +97,18 @@ METRICS: dict[str, Metric] = {
             "requests_per_user",
             "mean",
             "requests (terminal results) per user",
+            "higher",
             value="requests",
             pre_value="pre_requests",
+            # A count: a user with no pre-period request made 0, a real value (new users send fewer), not a gap.
+            pre_users="1",
         ),
         Metric(
             "cost_per_image",
             "ratio",
             "cost in USD over all stages per successfully generated image",
+            "lower",
+            "USD",
             num="cost",
             den="images",
             needs_stage_metrics=True,
@@ -96,6 +117,8 @@ METRICS: dict[str, Metric] = {
             "rejection_rate",
             "ratio",
             "share of requests rejected by moderation",
+            "lower",
+            "share",
             users="requests > 0",
             num="rejected",
             den="requests",
@@ -105,6 +128,8 @@ METRICS: dict[str, Metric] = {
             "failure_rate",
             "ratio",
             "share of requests that failed",
+            "lower",
+            "share",
             users="requests > 0",
             num="failed",
             den="requests",
@@ -232,6 +257,8 @@ def mean_stats(row: Mapping[str, Any], metric: str, with_covariate: bool) -> Mea
         float(row[f"{metric}__pre_sum"]),
         float(row[f"{metric}__pre_sum_sq"]),
         float(row[f"{metric}__cross_sum"]),
+        int(row[f"{metric}__pre_n"]),
+        float(row[f"{metric}__pre_y_sum"]),
     )
 
 
@@ -311,13 +338,21 @@ def _metric_aggregates(m: Metric) -> list[str]:
     p, ok = m.name, m.users
     if m.kind == "mean":
         y, x = f"({m.value})", f"({m.pre_value})"
-        return [
+        moments = [
             f"countIf({ok}) AS {p}__n",
             f"sumIf({y}, {ok}) AS {p}__sum",
             f"sumIf({y} * {y}, {ok}) AS {p}__sum_sq",
-            f"sumIf({x}, {ok}) AS {p}__pre_sum",
-            f"sumIf({x} * {x}, {ok}) AS {p}__pre_sum_sq",
-            f"sumIf({x} * {y}, {ok}) AS {p}__cross_sum",
+        ]
+        if not m.pre_value:
+            return moments
+        cov = f"({ok}) AND ({m.pre_users})"  # the covariate's sums skip users without a pre-period value
+        return [
+            *moments,
+            f"countIf({cov}) AS {p}__pre_n",
+            f"sumIf({y}, {cov}) AS {p}__pre_y_sum",
+            f"sumIf({x}, {cov}) AS {p}__pre_sum",
+            f"sumIf({x} * {x}, {cov}) AS {p}__pre_sum_sq",
+            f"sumIf({x} * {y}, {cov}) AS {p}__cross_sum",
         ]
     if m.kind == "ratio":
         a, b = f"({m.num})", f"({m.den})"

@@ -143,13 +143,22 @@ def models_init_tiny(out_dir: Path) -> None:
 
 # -- demo ---------------------------------------------------------------------------------------------------
 @main.command("demo")
-@click.option("--requests", "count", default=60, show_default=True, type=click.IntRange(min=12))
+@click.option(
+    "--requests", "count", type=click.IntRange(min=12), help="Default: 60, or 640 with --experiment (from 336 users)."
+)
 @click.option("--keep-stack", is_flag=True, help="Leave the local stack running if the demo started it.")
-def demo_command(count: int, keep_stack: bool) -> None:
+@click.option(
+    "--experiment",
+    "experiment_only",
+    is_flag=True,
+    help="Publish many light requests from hundreds of users, enough for `pixelpipe analyze` to give intervals.",
+)
+def demo_command(count: int | None, keep_stack: bool, experiment_only: bool) -> None:
     """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""
-    from pixelpipe.tools.demo import run_demo
+    from pixelpipe.tools.demo import EXPERIMENT_REQUESTS, run_demo
 
-    if not run_demo(load_settings(), _stack_settings(), count, click.echo, keep_stack):
+    count = count or (EXPERIMENT_REQUESTS if experiment_only else 60)
+    if not run_demo(load_settings(), _stack_settings(), count, click.echo, keep_stack, experiment_only):
         sys.exit(1)
 
 
@@ -227,10 +236,11 @@ def publish_command(
 
 def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
-    from pixelpipe.analytics.cli import analyze
+    from pixelpipe.analytics.cli import analyze, dashboard
     from pixelpipe.sinks.cli import clickhouse
 
     main.add_command(analyze)
+    main.add_command(dashboard)
     main.add_command(clickhouse)
 
 

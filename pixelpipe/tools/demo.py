@@ -3,15 +3,18 @@
 It starts the local stack when no Kafka answers, builds the tiny models when the registry is missing, runs a
 worker with every stage, publishes a mix of requests (generate, edit, inpaint, prompts that must be rejected,
 an expired deadline), waits for every result, loads results and metrics into ClickHouse with the sink, and
-prints a summary read back from ClickHouse.
+prints a summary read back from ClickHouse. With ``experiment``, the requests are instead many light ones from
+hundreds of users, enough for ``pixelpipe analyze`` to give intervals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,12 +47,26 @@ PROMPTS = (
     "a bowl of ramen, studio lighting",
 )
 REJECTED_PROMPTS = ("a gory massacre in the street", "how to cook meth at home")
+# `demo --experiment`: enough users for intervals (analyze wants 100 per arm), each request as light as the tiny
+# model allows; output moderation (about 110 ms of CPU per image) bounds how many fit in a few minutes on 2 cores.
+EXPERIMENT_REQUESTS = 640
+EXPERIMENT_REQUESTS_PER_USER = 1.9  # 336 users: 165 in control and 171 in fast, by the experiment's hash
+EXPERIMENT_SIDE = 16
+EXPERIMENT_WORKERS = 2
+STAGES = ["moderation", "generate", "edit"]
 
 
 def run_demo(
-    settings: Settings, stack_settings: StackSettings, count: int, echo: Callable[[str], None], keep_stack: bool = False
+    settings: Settings,
+    stack_settings: StackSettings,
+    count: int,
+    echo: Callable[[str], None],
+    keep_stack: bool = False,
+    experiment_only: bool = False,
 ) -> bool:
-    """Run the demo; True when every request got exactly one terminal result."""
+    """Run the demo; True when every request got exactly one terminal result. ``experiment_only`` publishes
+    ``count`` light requests for the experiment instead of the mix."""
+    began = time.monotonic()
     stack = LocalStack(stack_settings)
     host, _, port = settings.kafka.bootstrap.split(",")[0].rpartition(":")
     started_stack = not port_open(int(port), host)
@@ -61,10 +78,19 @@ def run_demo(
     try:
         settings = _prepare(settings, logs, echo)
         experiment = load_experiments(settings.experiments.file)["steps-test"]
-        requests = _requests(settings, count, experiment)
-        with WorkerProcess(settings, ["moderation", "generate", "edit"], logs / "worker.log") as worker:
+        if experiment_only:
+            requests = _experiment_requests(count, experiment)
+        else:
+            requests = _requests(settings, count, experiment)
+        # The experiment runs one worker per core, each with one thread per operation: tiny tensors gain nothing
+        # from a second thread, whose spinning starves the other stages; the workers share the partitions.
+        names = [f"worker-{i}.log" for i in range(1, EXPERIMENT_WORKERS + 1)] if experiment_only else ["worker.log"]
+        worker_env = {"OMP_NUM_THREADS": "1"} if experiment_only else None
+        with contextlib.ExitStack() as running:
+            workers = [running.enter_context(WorkerProcess(settings, STAGES, logs / n, worker_env)) for n in names]
+            worker_logs = ", ".join(str(worker.log_path) for worker in workers)
             _publish(settings, requests)
-            echo(f"published {len(requests)} requests; the worker's log is {worker.log_path}")
+            echo(f"published {len(requests)} requests; worker logs: {worker_logs}")
             results = collect(
                 settings.kafka,
                 settings.topics.results,
@@ -74,7 +100,7 @@ def run_demo(
                 progress=True,
             )
         if results.missing:
-            echo(f"{len(results.missing)} requests got no result; see {worker.log_path}")
+            echo(f"{len(results.missing)} requests got no result; see {worker_logs}")
             return False
         echo("loading results and metrics into ClickHouse ...")
         sink = PixelpipeProcess(settings, ["clickhouse", "sink", "--max-idle", "3"], logs / "sink.log")
@@ -82,6 +108,7 @@ def run_demo(
             echo(f"the sink failed; see {sink.log_path}:\n{sink.log_tail()}")
             return False
         _summarise(settings, requests, echo)
+        echo(f"done in {time.monotonic() - began:.0f} s")
         return True
     finally:
         if started_stack and not keep_stack:
@@ -157,6 +184,33 @@ def _requests(settings: Settings, count: int, experiment: Experiment) -> list[Im
     for j, prompt in enumerate(REJECTED_PROMPTS):
         requests[3 + 10 * j].prompt = prompt
     requests[5].deadline = utc_now() - dt.timedelta(seconds=1)
+    return requests
+
+
+def _experiment_requests(count: int, experiment: Experiment) -> list[ImageRequest]:
+    """Light text-to-image requests from ``count`` / 1.9 users, each user at least once: 16x16 on one tiny
+    model, the model's steps (4) against the variant's (2). Every 50th request of each arm has a prompt that must
+    be rejected and every 100th an expired deadline: the guardrail rates have events, the same share in both arms
+    (drawn at random, chance alone would make one arm look worse now and then)."""
+    rng = random.Random(11)
+    users = [f"exp-user-{u:04d}" for u in range(max(1, int(count / EXPERIMENT_REQUESTS_PER_USER)))]
+    requests, per_arm = [], dict.fromkeys(experiment.weights, 0)
+    for i in range(count):
+        user_id = users[i] if i < len(users) else rng.choice(users)
+        variant = experiment.assign(user_id)
+        nth = per_arm[variant] = per_arm[variant] + 1
+        request = new_request(
+            prompt=REJECTED_PROMPTS[nth % 2] if nth % 50 == 25 else rng.choice(PROMPTS),
+            model="tiny-sd",
+            user_id=user_id,
+            width=EXPERIMENT_SIDE,
+            height=EXPERIMENT_SIDE,
+            seed=i,
+            experiments={experiment.key: variant},
+        )
+        if nth % 100 == 60:
+            request.deadline = utc_now() - dt.timedelta(seconds=1)
+        requests.append(request)
     return requests
 
 

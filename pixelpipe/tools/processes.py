@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -17,9 +17,11 @@ from pixelpipe.core.settings import Settings
 class PixelpipeProcess:
     """``pixelpipe ARGS`` as a subprocess with ``settings``; stops with SIGTERM (graceful) or ``kill`` (SIGKILL)."""
 
-    def __init__(self, settings: Settings, args: Sequence[str], log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
-        env = os.environ | settings.to_env() | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env = os.environ | settings.to_env() | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"} | dict(env or {})
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pixelpipe", *args],
@@ -57,5 +59,7 @@ class PixelpipeProcess:
 class WorkerProcess(PixelpipeProcess):
     """``pixelpipe worker --stages ...``."""
 
-    def __init__(self, settings: Settings, stages: Sequence[str], log_path: Path) -> None:
-        super().__init__(settings, ["worker", "--stages", ",".join(stages)], log_path)
+    def __init__(
+        self, settings: Settings, stages: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(settings, ["worker", "--stages", ",".join(stages)], log_path, env)

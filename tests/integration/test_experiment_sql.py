@@ -107,7 +107,8 @@ def _check_arm_stats(sql_row: pd.Series, users: pd.DataFrame) -> None:
     assert int(sql_row["users"]) == len(users)
     ok = users[users["successes"] > 0]
     latency = ok["latency_sum"] / ok["successes"]
-    pre_latency = np.where(ok["pre_successes"] > 0, ok["pre_latency_sum"] / ok["pre_successes"].clip(lower=1), 0.0)
+    # No succeeded pre-period request: no pre-period value (NaN), left out of the covariate's sums.
+    pre_latency = np.where(ok["pre_successes"] > 0, ok["pre_latency_sum"] / ok["pre_successes"].clip(lower=1), np.nan)
     expected_mean = {
         "latency_ms": sufficient_stats_from_values(latency, pre_latency),
         "requests_per_user": sufficient_stats_from_values(users["requests"], users["pre_requests"]),

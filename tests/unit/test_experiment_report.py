@@ -1,5 +1,5 @@
 """The experiments file, the analysis on chDB (in-process) with a planted effect, its error messages, the CLI,
-and the HTML report rendered by headless Chromium."""
+the report's families, methods, verdicts and layout, and the HTML report rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pixelpipe.analytics import report, report_html
+from pixelpipe.analytics import report, report_html, stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.cli import analyze as analyze_command
 from pixelpipe.core.clickhouse import ChdbClient, connect
@@ -107,14 +107,16 @@ def analysis(chdb: ChdbClient) -> report.Analysis:
 def test_analysis_finds_the_planted_latency_effect(analysis: report.Analysis):
     res = analysis.results.set_index(["segment", "metric"])
     latency = res.loc[("all", "latency_ms")]
-    assert latency["status"] == "ok" and latency["method"] == "cuped"
+    assert latency["status"] == "ok" and latency["method"] == "CUPED"
     assert latency["abs_ci_low"] < -200 < latency["abs_ci_high"] and latency["abs_ci_high"] < 0
     assert latency["p_holm"] < 0.001
-    assert res.loc[("all", "latency_p95"), "method"] == "quantile (DKY)"
+    assert res.loc[("all", "latency_p95"), "method"] == "quantile (Deng et al.)"
     assert {"EDIT", "GENERATE"} <= set(analysis.results["segment"])
     assert not analysis.srm.flagged
-    last = analysis.sequential.dropna().iloc[-1]
+    looks = analysis.sequential.dropna()
+    last = looks[looks["metric"] == "latency_ms"].iloc[-1]
     assert last["ci_low"] < -200 < last["ci_high"] < 0  # the always-valid interval covers the effect
+    assert (looks["metric"] == "latency_p95").any()  # and the quantile metric has its own
     assert analysis.users_over_time.groupby("variant")["users"].max().sum() == 600
     table = analysis.table()
     assert "latency_ms" in table and "SRM: ok" in table
@@ -122,7 +124,7 @@ def test_analysis_finds_the_planted_latency_effect(analysis: report.Analysis):
 
 def test_cost_per_image_finds_the_cheaper_arm(chdb: ChdbClient):
     (row,) = report.analyze(chdb, STEPS, metrics=["cost_per_image"]).results.itertuples()
-    assert row.method == "delta" and row.rel_ci_high < 0
+    assert row.method == "delta method" and row.rel_ci_high < 0
 
 
 @pytest.mark.parametrize(
@@ -226,3 +228,167 @@ def test_html_report_renders_in_headless_chromium(analysis: report.Analysis, tmp
     dom = subprocess.run([*flags, "--dump-dom", url], check=True, timeout=60, capture_output=True, text=True).stdout
     assert set(re.findall(r'<section id="(\w+)"', dom)) == set(report_html.SECTIONS)
     assert dom.count('<img alt="plot" src="data:image/png;base64,') == 4
+    # In a narrow window the page still fits: wide tables scroll inside their container.
+    probe = tmp_path / "probe.html"
+    script = "<script>document.body.dataset.fits = document.documentElement.scrollWidth <= innerWidth</script>"
+    probe.write_text(page.read_text().replace("</body>", script + "</body>"))
+    narrow = [*flags, "--dump-dom", "--window-size=700,900", probe.resolve().as_uri()]
+    dom = subprocess.run(narrow, check=True, timeout=60, capture_output=True, text=True).stdout
+    assert 'data-fits="true"' in dom
+
+
+@pytest.fixture(scope="module")
+def full(chdb: ChdbClient) -> report.Analysis:
+    """Every metric, no split: 4 goal metrics and 2 guardrails against one treatment."""
+    return report.analyze(chdb, STEPS)
+
+
+def test_holm_family_is_the_goal_metrics_only(full: report.Analysis):
+    res = full.results.set_index("metric")
+    goals = [m for m, metric in ss.METRICS.items() if not metric.guardrail]
+    guardrails = [m for m, metric in ss.METRICS.items() if metric.guardrail]
+    assert (len(goals), len(guardrails)) == (4, 2)
+    assert set(res.loc[goals, "family"]) == {"goal"} and set(res.loc[guardrails, "family"]) == {"guardrail"}
+    p = res.loc[goals, "p_value"].tolist()
+    assert res.loc[goals, "p_holm"].tolist() == pytest.approx(stats.holm(p), rel=1e-12)
+    # Over all six the smallest p would be multiplied by 6, not 4.
+    six = stats.holm(res["p_value"].tolist())[: len(goals)]
+    assert res.loc[goals, "p_holm"].tolist() != pytest.approx(six, rel=1e-6)
+    assert res.loc[guardrails, "p_holm"].isna().all()
+    # Guardrails: one-sided p for harm (an increase), half the two-sided p when the estimate points up.
+    for r in res.loc[guardrails].itertuples():
+        assert r.p_harm == pytest.approx(r.p_value / 2 if r.abs_lift > 0 else 1 - r.p_value / 2)
+        assert r.verdict == ("guardrail breached" if r.p_harm < 0.05 else "ok")
+    text = full.table()
+    assert text.index("Goal metrics:") < text.index("Guardrails:")
+    assert "Holm over 4 goal tests (4 metrics x 1 treatment)" in " ".join(text.split())
+
+
+def test_each_method_is_named_in_the_results_and_the_table(full: report.Analysis, chdb: ChdbClient):
+    welch = report.analyze(chdb, STEPS, metrics=["latency_ms"], pre_days=0)
+    assert welch.results["method"].tolist() == ["Welch"]
+    assert "no pre-period (--pre-days 0)" in welch.table()
+    expected = {
+        "latency_ms": "CUPED",
+        "requests_per_user": "CUPED",
+        "latency_p95": "quantile (Deng et al.)",
+        "cost_per_image": "delta method",
+        "rejection_rate": "delta method",
+        "failure_rate": "delta method",
+    }
+    assert dict(zip(full.results["metric"], full.results["method"], strict=True)) == expected
+    for analysis in (full, welch):
+        lines = analysis.table().splitlines()
+        for r in analysis.results.itertuples():
+            (row,) = [line for line in lines if line.startswith(f"{r.metric} ")]
+            assert f"  {r.method}  " in row
+
+
+def test_cuped_reports_its_variance_reduction_and_coverage(full: report.Analysis):
+    res = full.results.set_index("metric")
+    for metric in ("latency_ms", "requests_per_user"):
+        row = res.loc[metric]
+        assert 0 < row["variance_reduction"] < 1 and 0 < row["pre_coverage"] <= 1
+        line = next(n for n in full.method_notes() if n.startswith(metric))
+        assert f"CUPED removed {row['variance_reduction']:.0%} of the lift's variance" in line
+    # Every synthetic user sends a request before the start; a few have no succeeded one to average.
+    assert res.loc["requests_per_user", "pre_coverage"] == 1
+    assert 0.9 < res.loc["latency_ms", "pre_coverage"] < 1
+    assert "the others get the covered users' mean" in " ".join(full.table().split())
+    assert res.loc[["cost_per_image", "latency_p95"], "variance_reduction"].isna().all()
+
+
+def test_a_planted_win_on_a_lower_is_better_metric_is_a_win(full: report.Analysis):
+    res = full.results.set_index("metric")
+    # The synthetic treatment is 200 ms faster and 20 % cheaper: both lifts are negative, and negative is good.
+    for metric in ("latency_ms", "latency_p95", "cost_per_image"):
+        assert ss.METRICS[metric].better == "lower"
+        assert res.loc[metric, "abs_lift"] < 0 and res.loc[metric, "p_holm"] < 0.05
+        assert res.loc[metric, "verdict"] == "win"
+    assert res.loc["requests_per_user", "verdict"] == "inconclusive"  # nothing planted
+    (row,) = [line for line in full.table().splitlines() if line.startswith("latency_ms ")]
+    assert row.endswith("win") and "-8." in row  # a signed percentage
+
+
+@pytest.mark.parametrize(
+    ("metric", "lift", "p", "verdict"),
+    [
+        ("latency_ms", -10.0, 0.001, "win"),
+        ("latency_ms", 10.0, 0.001, "loss"),
+        ("requests_per_user", 0.5, 0.001, "win"),
+        ("requests_per_user", -0.5, 0.001, "loss"),
+        ("latency_ms", -10.0, 0.2, "inconclusive"),
+        ("failure_rate", 0.01, 0.001, "guardrail breached"),  # a guardrail worsens: higher failure rate
+        ("failure_rate", -0.01, 0.001, "ok"),  # it improves: no breach, however significant
+        ("failure_rate", 0.01, 0.3, "ok"),
+    ],
+)
+def test_verdicts_follow_each_metrics_direction(full: report.Analysis, metric, lift, p, verdict):
+    """Rows rewritten with a planted lift and p-value get the verdict their metric's direction implies."""
+    res = full.results.copy()
+    i = res.index[res["metric"] == metric][0]
+    res.loc[i, ["abs_lift", "p_value", "p_holm"]] = [lift, p, p]
+    if ss.METRICS[metric].guardrail:
+        res.loc[i, "p_harm"] = p / 2 if lift > 0 else 1 - p / 2
+    assert report._verdict(res.loc[i], 0.05) == verdict
+
+
+def test_cli_table_stays_within_120_characters_with_long_notes(analysis: report.Analysis):
+    res = analysis.results.copy()
+    guardrail = res.index[(res["metric"] == "failure_rate") & (res["segment"] == "all")][0]
+    long_note = "the treatment arm's denominator sums to 0 over 12345 users; " * 8
+    res.loc[guardrail, ["status", "note"]] = ["n/a", long_note]
+    res.loc[guardrail, ["p_value", "p_harm", "rel_lift"]] = float("nan")
+    res.loc[guardrail, "verdict"] = "n/a"
+    # A second treatment brings a variant column; its long name must be cut, not widen the table.
+    long_name = "fast-with-a-very-long-variant-name-that-nobody-should-use"
+    res["variant"] = long_name
+    two = dataclasses.replace(STEPS, variants=(*STEPS.variants, Variant(long_name)))
+    noisy = dataclasses.replace(analysis, experiment=two, results=res, notes=[*analysis.notes, "x" * 300, long_note])
+    text = noisy.table()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= report.TABLE_WIDTH
+    assert max(map(len, analysis.table().splitlines())) <= report.TABLE_WIDTH
+    # The note is below the tables, numbered, and the row points to it; it is not a column.
+    (row,) = [line for line in lines if line.startswith("failure_rate ")]
+    assert "n/a: see note 1" in row and "denominator" not in row
+    assert re.search(r"  fast-with-a-\S+\.\.\.  ", row) and long_name not in row
+    notes = text[text.index("\nNotes:") :]
+    assert " ".join(notes.split()).count(" ".join(long_note.split())) == 2
+
+
+def test_srm_banner_comes_first(analysis: report.Analysis):
+    assert analysis.table().splitlines()[0].startswith("SRM: ok (p=")
+    broken = dataclasses.replace(analysis, srm=stats.SrmResult(30.0, 1e-8, True, {"control": 300, "fast": 300}))
+    first = broken.table().splitlines()[0]
+    assert first.startswith("SRM: MISMATCH (p=1e-08)")
+    page = broken.to_html()
+    assert page.index('<section id="srm">') < page.index('<section id="goals">')
+    assert 'class="banner bad"' in page and "do not trust any result below" in page
+
+
+def test_power_note_sizes_each_goal_metric(full: report.Analysis):
+    power = full.power.set_index("metric")
+    goals = full.results[full.results["family"] == "goal"].set_index("metric")
+    assert set(power.index) == set(goals.index)
+    for metric, r in goals.iterrows():
+        sd = stats.per_user_sd(r["std_error"], r["n_control"], r["n_treatment"])
+        # Holm's strictest level over the 4 goal tests.
+        assert power.loc[metric, "users_needed"] == stats.required_sample_size(r["control"], sd, 0.05, 0.05 / 4)
+        assert power.loc[metric, "mde_now"] > 0
+    text = " ".join(full.table().split())
+    assert "users per arm to detect a 5% relative lift with 80% power, two-sided at 0.05/4" in text
+    assert f"latency_ms: {int(power.loc['latency_ms', 'users_needed']):,} per arm" in text
+
+
+def test_html_has_the_sections_verdicts_and_readable_numbers(full: report.Analysis):
+    page = full.to_html()
+    assert page.index('<section id="srm">') < page.index('<section id="goals">') < page.index('id="guardrails"')
+    for header in ("relative lift [95% CI]", "p (Holm-adjusted)", "p (one-sided, harm)"):
+        assert f"<th>{header}</th>" in page
+    tables = page.split('<section id="lift">')[0]
+    assert "rel_ci_low" not in tables and "p_holm" not in tables  # no column names
+    assert not re.search(r"\de[-+]\d", tables)  # no exponents
+    assert '<td class="verdict good">win</td>' in page
+    assert re.search(r"<td class=\"num\">-\d+\.\d%", page)  # signed percentages
+    assert "<div class=scroll>" in page

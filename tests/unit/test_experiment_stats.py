@@ -12,6 +12,9 @@ from pixelpipe.analytics.stats import (
     cuped_lift,
     holm,
     mean_lift,
+    minimum_detectable_lift,
+    one_sided_p,
+    per_user_sd,
     quantile_lift,
     ratio_lift,
     ratio_stats_from_values,
@@ -241,3 +244,107 @@ def test_constant_metric_is_a_clear_error():
     constant = MeanStats(5, 5.0, 5.0)
     with pytest.raises(ValueError, match="zero variance"):
         mean_lift(constant, constant)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.7, 0.9])
+def test_cuped_reports_a_variance_reduction_of_rho_squared(rho):
+    rng = np.random.default_rng(23)
+    y_c, x_c = cuped_data(rng, 20_000, rho, lift=0.0)
+    y_t, x_t = cuped_data(rng, 20_000, rho, lift=0.05)
+    result = cuped_lift(
+        sufficient_stats_from_values(y_c, pre_values=x_c), sufficient_stats_from_values(y_t, pre_values=x_t)
+    )
+    # 1 - Var(adjusted) / Var(unadjusted): rho^2 removed, 1 - rho^2 left (rho = 0.7: 0.49 removed).
+    assert result.variance_reduction == pytest.approx(rho**2, abs=0.02)
+    assert 1 - result.variance_reduction == pytest.approx(1 - rho**2, abs=0.02)
+    assert result.pre_coverage == 1.0 and result.method == "CUPED"
+
+
+def partly_covered(rng, n, rho, lift, coverage, lean=True, pre_mean=10.0):
+    """Users whose pre-period value (mean ``pre_mean``, like a latency) is missing (NaN) for about 1 - coverage
+    of them; with ``lean`` more often for low-y users (new users differ), but never depending on the arm."""
+    x = rng.normal(0.0, 1.0, size=n)
+    y = 5.0 + lift + rho * x + np.sqrt(1 - rho**2) * rng.normal(0.0, 1.0, size=n)
+    # Missingness depends on pre-treatment data only (x), so imputing stays unbiased.
+    missing = rng.random(n) < (1 - coverage) * (2 * stats.norm.cdf(-x) if lean else 1.0)
+    return y, np.where(missing, np.nan, x + pre_mean)
+
+
+def test_cuped_imputes_the_covered_mean_for_users_without_a_pre_period_value():
+    rng = np.random.default_rng(24)
+    y_c, x_c = partly_covered(rng, 3000, 0.6, 0.0, 0.7)
+    y_t, x_t = partly_covered(rng, 2500, 0.6, 0.2, 0.7)
+    c, t = sufficient_stats_from_values(y_c, x_c), sufficient_stats_from_values(y_t, x_t)
+    assert c.pre_n == np.isfinite(x_c).sum() < c.n
+    result = cuped_lift(c, t)
+
+    # The same by hand: fill with the pooled mean of covered users, then CUPED on complete data.
+    fill = np.nanmean(np.concatenate([x_c, x_t]))
+    filled_c, filled_t = np.nan_to_num(x_c, nan=fill), np.nan_to_num(x_t, nan=fill)
+    reference = cuped_lift(sufficient_stats_from_values(y_c, filled_c), sufficient_stats_from_values(y_t, filled_t))
+    assert result.p_value == pytest.approx(reference.p_value, rel=1e-9)
+    assert (result.abs_ci_low, result.abs_ci_high) == pytest.approx((reference.abs_ci_low, reference.abs_ci_high))
+    covered = np.isfinite(np.concatenate([x_c, x_t])).mean()
+    assert result.pre_coverage == pytest.approx(covered, rel=1e-12)
+
+
+def test_imputing_keeps_the_reduction_that_writing_zero_for_missing_loses():
+    rng = np.random.default_rng(25)
+    rho, coverage = 0.7, 0.7
+    y_c, x_c = partly_covered(rng, 20_000, rho, 0.0, coverage, lean=False)
+    y_t, x_t = partly_covered(rng, 20_000, rho, 0.0, coverage, lean=False)
+    imputed = cuped_lift(sufficient_stats_from_values(y_c, x_c), sufficient_stats_from_values(y_t, x_t))
+    zero = cuped_lift(
+        sufficient_stats_from_values(y_c, np.nan_to_num(x_c)), sufficient_stats_from_values(y_t, np.nan_to_num(x_t))
+    )
+    # Missing at random: coverage * rho^2 is kept; a 0 next to values near 10 mostly encodes "missing" instead.
+    assert imputed.variance_reduction == pytest.approx(coverage * rho**2, abs=0.03)
+    assert zero.variance_reduction < 0.05
+
+
+def test_cuped_with_imputed_users_keeps_its_coverage():
+    rng = np.random.default_rng(26)
+    covered = []
+    for _ in range(800):
+        y_c, x_c = partly_covered(rng, 400, 0.7, 0.0, 0.6)
+        y_t, x_t = partly_covered(rng, 400, 0.7, 0.0, 0.6)
+        r = cuped_lift(sufficient_stats_from_values(y_c, x_c), sufficient_stats_from_values(y_t, x_t))
+        covered.append(r.abs_ci_low <= 0 <= r.abs_ci_high)
+    assert 0.93 <= np.mean(covered) <= 0.97
+
+
+def test_cuped_without_any_pre_period_value_says_so():
+    s = sufficient_stats_from_values([1.0, 2.0, 4.0], [np.nan] * 3)
+    with pytest.raises(ValueError, match="no user has a pre-period value"):
+        cuped_lift(s, s)
+
+
+def test_each_lift_names_its_method():
+    rng = np.random.default_rng(27)
+    a, b = rng.normal(size=200), rng.normal(size=200)
+    means = sufficient_stats_from_values(a), sufficient_stats_from_values(b)
+    ratios = ratio_stats_from_values(a + 5, b * 0 + 1), ratio_stats_from_values(b + 5, a * 0 + 1)
+    assert mean_lift(*means).method == "Welch"
+    assert cuped_lift(sufficient_stats_from_values(a, b), sufficient_stats_from_values(b, a)).method == "CUPED"
+    assert ratio_lift(*ratios).method == "delta method"
+    assert quantile_lift(a, b, 0.5).method == "quantile (Deng et al.)"
+
+
+def test_one_sided_p_for_harm_equals_scipys_one_sided_welch():
+    rng = np.random.default_rng(28)
+    control, treatment = rng.normal(10.0, 3.0, size=500), rng.normal(10.3, 3.0, size=400)
+    lift = mean_lift(sufficient_stats_from_values(control), sufficient_stats_from_values(treatment))
+    up = stats.ttest_ind(treatment, control, equal_var=False, alternative="greater").pvalue
+    assert one_sided_p(lift, +1) == pytest.approx(up, rel=1e-9)
+    assert one_sided_p(lift, -1) == pytest.approx(1 - up, rel=1e-9)
+
+
+def test_power_helpers_agree_with_required_sample_size():
+    rng = np.random.default_rng(29)
+    control, treatment = rng.normal(10.0, 4.0, size=3000), rng.normal(10.0, 4.0, size=3000)
+    lift = mean_lift(sufficient_stats_from_values(control), sufficient_stats_from_values(treatment))
+    sd = per_user_sd(lift.std_error, lift.n_control, lift.n_treatment)
+    assert sd == pytest.approx(4.0, rel=0.05)
+    # The lift detectable now, fed back, asks for about the users there are now.
+    detectable = minimum_detectable_lift(lift.std_error) / lift.control_mean
+    assert required_sample_size(lift.control_mean, sd, detectable) == pytest.approx(3000, abs=2)
