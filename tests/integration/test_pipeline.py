@@ -3,10 +3,12 @@
 import datetime as dt
 import hashlib
 import io
+import time
 import uuid
 
 import numpy as np
 import pytest
+from confluent_kafka.admin import AdminClient
 from PIL import Image
 
 from pixelpipe.core.codec import codec_from_settings
@@ -225,6 +227,20 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(
     assert "matches no shipped schema" in letters.latest()["bad-0002"].error_reason
 
 
+def wait_for_members(settings, count, worker, timeout_s=180.0):
+    """Until the workers' consumer group has ``count`` members: a worker's start (models, moderation) takes a
+    while, and a stream that ends before it joins proves nothing about sharing."""
+    admin = AdminClient(settings.kafka.client_config())
+    group = f"{settings.stages.consumer_group}-" + "-".join(STAGES)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        (description,) = admin.describe_consumer_groups([group]).values()
+        if len(description.result().members) >= count:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"group {group} never had {count} members\n{worker.log_tail()}")
+
+
 def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, tmp_path):
     def batch(tag, count):
         return [
@@ -240,7 +256,8 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
         )
         assert not early.missing, a.log_tail()
         with WorkerProcess(pipeline, STAGES, tmp_path / "b.log") as b:  # joins midway: the group rebalances
-            # A steady stream for ~25 s, so the stream is still flowing when b has started and joined.
+            wait_for_members(pipeline, 2, b)
+            # A steady stream for ~25 s after b joined, so both workers take part of it.
             with Publisher(pipeline) as publisher:
                 assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
             ids = [r.request_id for r in first + second]
