@@ -3,12 +3,12 @@
 import datetime as dt
 import hashlib
 import io
+import re
 import time
 import uuid
 
 import numpy as np
 import pytest
-from confluent_kafka.admin import AdminClient
 from PIL import Image
 
 from pixelpipe.core.codec import codec_from_settings
@@ -227,18 +227,17 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(
     assert "matches no shipped schema" in letters.latest()["bad-0002"].error_reason
 
 
-def wait_for_members(settings, count, worker, timeout_s=180.0):
-    """Until the workers' consumer group has ``count`` members: a worker's start (models, moderation) takes a
-    while, and a stream that ends before it joins proves nothing about sharing."""
-    admin = AdminClient(settings.kafka.client_config())
-    group = f"{settings.stages.consumer_group}-" + "-".join(STAGES)
+def wait_for_partitions(worker, timeout_s=180.0):
+    """Until ``worker`` logs a non-empty partition assignment: its start (models, moderation) takes a while, and a
+    stream that ends before it joins proves nothing about sharing."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        (description,) = admin.describe_consumer_groups([group]).values()
-        if len(description.result().members) >= count:
+        log = worker.log_path.read_text(errors="replace")
+        if re.search(r"newly assigned partitions \{", log):
             return
+        assert worker.process.poll() is None, worker.log_tail()
         time.sleep(1.0)
-    raise AssertionError(f"group {group} never had {count} members\n{worker.log_tail()}")
+    raise AssertionError(f"the worker was assigned no partitions in {timeout_s:.0f}s\n{worker.log_tail()}")
 
 
 def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, tmp_path):
@@ -255,8 +254,9 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
             pipeline.kafka, pipeline.topics.results, ImageResult, [r.request_id for r in first][:4], timeout_s=240
         )
         assert not early.missing, a.log_tail()
-        with WorkerProcess(pipeline, STAGES, tmp_path / "b.log") as b:  # joins midway: the group rebalances
-            wait_for_members(pipeline, 2, b)
+        # b logs at INFO, so its partition assignment shows; it joins midway and the group rebalances.
+        with WorkerProcess(pipeline.updated(log_level="INFO"), STAGES, tmp_path / "b.log") as b:
+            wait_for_partitions(b)
             # A steady stream for ~25 s after b joined, so both workers take part of it.
             with Publisher(pipeline) as publisher:
                 assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
