@@ -119,10 +119,13 @@ def topics_command() -> None:
 def worker_command(stages: str) -> None:
     """Run pipeline stages until SIGTERM; workers with the same stages share the partitions."""
     from pixelpipe.processors.app import run_worker
+    from pixelpipe.processors.models import ModelError
 
     settings = load_settings()
     try:
         run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
+    except ModelError as e:  # a registry or model that cannot load: found before joining the group
+        raise click.ClickException(str(e)) from e
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--stages") from e
 

@@ -2,38 +2,50 @@
 
 Messages are raw bytes on every topic and are decoded by the foundation's codec inside the stages, so an
 undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer.
-Model and detector calls never run on the event loop: each stage runs in its own single-thread executor and
-the agent awaits it, so Kafka heartbeats and polls keep going while a batch renders. An agent's events are
-acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the
-broker, so a crash redelivers instead of losing; result and metric ids derive from the request id, so a
-redelivered request is deduplicated downstream.
+Model and detector calls never run on the event loop: each stage runs in its own single-thread executors and
+the agent awaits them, so Kafka heartbeats and polls keep going while a batch renders. Each agent overlaps
+processing take k+1 with finishing take k (``processors.overlap``). An agent's events are acknowledged (and
+their offsets become committable) only after everything they emit was acknowledged by the broker, so a crash
+redelivers instead of losing; result and metric ids derive from the request id, so a redelivered request is
+deduplicated downstream. Stages are built, models loaded and warmed, before the worker joins its group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import faust
 from faust.types import EventT
 
 from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.settings import KafkaSettings, Settings
+from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings
+from pixelpipe.processors.overlap import OverlappedTakes
 from pixelpipe.processors.stages import (
     EditStage,
     Emission,
     GenerateStage,
     Inbound,
     ModerationStage,
+    RenderedTake,
     RenderStage,
     StageContext,
 )
+
+if TYPE_CHECKING:
+    from pixelpipe.processors.models import DiffusionModels
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
 RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
@@ -69,11 +81,31 @@ def inbound(event: EventT) -> Inbound:
     return Inbound(message.value, message.key, message.topic, message.partition, message.offset, message.timestamp)
 
 
-def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
-    """A Faust app running ``stages``; workers with the same stages form one consumer group."""
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown or not stages:
+def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
+    """Build the named stages, models loaded and warmed: done before the worker joins its consumer group, so
+    partitions are never assigned to a worker that cannot serve them yet. The render stages share one
+    ``DiffusionModels``, so a model both use is loaded once."""
+    unknown = sorted(set(names) - set(STAGES))
+    if unknown or not names:
         raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    context = StageContext(
+        settings.topics, settings.limits, settings.stages, codec_from_settings(settings.kafka), worker_id(settings)
+    )
+    started_s = time.perf_counter()
+    built: dict[str, Stage] = {}
+    if "moderation" in names:
+        built["moderation"] = _moderation_stage(settings, context)
+    render_kinds = [kind for kind in RENDER_STAGES if kind in names]
+    if render_kinds:
+        models = _diffusion_models(settings)
+        for kind in render_kinds:
+            built[kind] = _render_stage(RENDER_STAGES[kind], settings, context, models)
+    log.info("stages ready", extra={"stages": list(built), "seconds": round(time.perf_counter() - started_s, 3)})
+    return built
+
+
+def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
+    """A Faust app running the built ``stages``; workers with the same stages form one consumer group."""
     app = faust.App(
         f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
         broker=broker_url(settings.kafka),
@@ -89,36 +121,39 @@ def create_app(settings: Settings, stages: Sequence[str]) -> faust.App:
         broker_heartbeat_interval=3.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        # Room for a few takes, so the next one is ready when a batch finishes.
-        stream_buffer_maxsize=max(64, settings.stages.take_events * 4),
+        # Room for a few takes, so the next one is ready when one is taken.
+        stream_buffer_maxsize=max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2),
     )
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw")
-
-    context = StageContext(
-        settings.topics, settings.limits, settings.stages, codec_from_settings(settings.kafka), worker_id(settings)
-    )
 
     async def send_all(emissions: list[Emission]) -> None:
         # Wait for the broker's acknowledgement of every emission before the input counts as processed.
         pending = [await topic(e.topic).send(key=e.key, value=e.value) for e in emissions]
         await asyncio.gather(*pending)
 
-    if "moderation" in stages:
+    stage_settings = settings.stages
+    moderation = stages.get("moderation")
+    if isinstance(moderation, ModerationStage):
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
-        stage_holder: list[ModerationStage] = []
 
         @app.agent(topic(settings.topics.requests), name="moderation")
-        async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
-            stage = await _build(executor, lambda: _moderation_stage(settings, context), stage_holder)
-            async for event in stream.events():
-                await send_all(await _run(executor, stage.handle, inbound(event)))
-                yield None
+        async def moderate(stream: faust.StreamT) -> None:
+            # Moderating take k+1 overlaps with sending take k's events and waiting for their acknowledgements.
+            takes = OverlappedTakes(
+                lambda events: _run(executor, moderation.handle_batch, [inbound(e) for e in events]),
+                send_all,
+                stream.ack,
+                stage_settings.overlap_takes,
+            )
+            within_s = stage_settings.moderation_max_wait_ms / 1000
+            await takes.run(stream.noack_take(stage_settings.moderation_take_events, within=within_s))
 
     for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
-        if kind in stages:
-            _add_render_agent(app, topic(topic_name), kind, settings, context, send_all)
+        stage = stages.get(kind)
+        if isinstance(stage, RenderStage):
+            _add_render_agent(app, topic(topic_name), kind, stage, stage_settings, send_all)
     return app
 
 
@@ -126,33 +161,33 @@ def _add_render_agent(
     app: faust.App,
     source: faust.TopicT,
     kind: str,
-    settings: Settings,
-    context: StageContext,
-    send_all: Callable[[list[Emission]], Any],
+    stage: RenderStage,
+    stage_settings: StageSettings,
+    send_all: Callable[[list[Emission]], Awaitable[None]],
 ) -> None:
-    executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
-    stage_holder: list[RenderStage] = []
+    # The model and the finishing (encoding, moderation, uploads) each have a thread, so they overlap.
+    model_executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
+    finish_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
+
+    async def finish(take: RenderedTake) -> None:
+        await send_all(await _run(finish_executor, stage.finish, take))
 
     @app.agent(source, name=kind)
-    async def render(stream: faust.StreamT) -> AsyncIterator[None]:
-        stage = await _build(executor, lambda: _render_stage(RENDER_STAGES[kind], settings, context), stage_holder)
+    async def render(stream: faust.StreamT) -> None:
+        takes = OverlappedTakes(
+            lambda events: _run(model_executor, stage.render, [inbound(e) for e in events]),
+            finish,
+            stream.ack,
+            stage_settings.overlap_takes,
+        )
         # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or what
-        # came in max_wait_ms.
-        take, within_s = settings.stages.take_events, settings.stages.max_wait_ms / 1000
-        async for events in stream.take_events(take, within=within_s):
-            await send_all(await _run(executor, stage.handle_batch, [inbound(e) for e in events]))
-            yield None
+        # came in max_wait_ms. Events are acknowledged by the overlap only once their take is finished.
+        within_s = stage_settings.max_wait_ms / 1000
+        await takes.run(stream.noack_take(stage_settings.take_events, within=within_s))
 
 
-async def _run(executor: ThreadPoolExecutor, function: Callable[..., Any], *args: Any) -> Any:
+async def _run(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
-
-
-async def _build(executor: ThreadPoolExecutor, factory: Callable[[], Any], holder: list[Any]) -> Any:
-    """Build a stage once per worker, off the event loop (models and detectors take seconds to load)."""
-    if not holder:
-        holder.append(await _run(executor, factory))
-    return holder[0]
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
@@ -169,24 +204,31 @@ def _moderation_stage(settings: Settings, context: StageContext) -> ModerationSt
     )
 
 
-def _render_stage(stage: type[RenderStage], settings: Settings, context: StageContext) -> RenderStage:
+def _diffusion_models(settings: Settings) -> DiffusionModels:
     import diffusers
     import transformers
 
-    from pixelpipe.core.experiments import load_experiments
-    from pixelpipe.core.objects import open_object_store
     from pixelpipe.processors.models import DiffusionModels
-    from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
 
     # Worker logs are structured lines: no progress bars, no advice about optional packages.
     for library in (diffusers, transformers):
         library.utils.logging.disable_progress_bar()
         library.utils.logging.set_verbosity_error()
+    return DiffusionModels.from_file(settings.models.registry)
+
+
+def _render_stage(
+    stage: type[RenderStage], settings: Settings, context: StageContext, models: DiffusionModels
+) -> RenderStage:
+    from pixelpipe.core.experiments import load_experiments
+    from pixelpipe.core.objects import open_object_store
+    from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
+
     policy = ModerationPolicy.from_file(settings.moderation.policy or None)
     experiments_file = Path(settings.experiments.file)
     return stage(
         context,
-        DiffusionModels.from_file(settings.models.registry),
+        models,
         ImageModerator(policy),
         open_object_store(settings.objects),
         load_experiments(experiments_file) if experiments_file.exists() else {},
@@ -198,8 +240,8 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> None:
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics
 
-    ensure_topics(settings.kafka, settings.topics)
-    app = create_app(settings, stages)
     level = settings.logs.level.upper()
+    ensure_topics(settings.kafka, settings.topics)
+    app = create_app(settings, build_stages(settings, stages))
     worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
     worker.execute_from_commandline()

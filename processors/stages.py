@@ -1,8 +1,10 @@
 """What each stage does with its messages, apart from Kafka: plain blocking code, run in an executor.
 
-``ModerationStage.handle`` takes one request; ``GenerateStage`` and ``EditStage`` (both ``RenderStage``) take a
-micro-batch in ``handle_batch``. They return the events to send (results, metrics, forwarded requests, dead
-letters); the Faust agents in ``processors.app`` send them and only then let the offsets be committed.
+``ModerationStage.handle_batch`` moderates a take of requests. ``GenerateStage`` and ``EditStage`` (both
+``RenderStage``) handle a take in two steps: ``render`` (the model calls) and ``finish`` (output moderation,
+encoding, storage), which the worker overlaps with the next take's ``render``. Both return the events to send
+(results, metrics, forwarded requests, dead letters); the Faust agents in ``processors.app`` send them and only
+then let the offsets be committed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSett
 from pixelpipe.core.validation import InvalidRequestError, check_guidance, check_steps, require, validate_request
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError
-from pixelpipe.processors.moderation import ImageModerator, PromptModerator
+from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
 from pixelpipe.processors.outcomes import (
     Outcome,
     Rendered,
@@ -212,7 +214,7 @@ class UserRateLimiter:
 
 
 class ModerationStage:
-    """Prompt and input-image checks; forwards what passes to the generate or edit topic."""
+    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic."""
 
     name: ClassVar[Stage] = "MODERATION"
 
@@ -229,21 +231,35 @@ class ModerationStage:
         self.prompts = prompts
         self.images = images
         self.store = store
-        self.emit = Emitter(context)
         self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute)
         self.next_topic = {"GENERATE": context.topics.generate, "EDIT": context.topics.edit}
 
-    def handle(self, message: Inbound) -> list[Emission]:
+    def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
+        """Moderate a take of requests: one profanity-model call for all their prompts, then each on its own."""
         started_s = time.time()
-        request = decode_request(message, self.context, self.emit, "moderation")
-        if request is not None:
+        emit = Emitter(self.context)
+        readable = [
+            (message, request)
+            for message in messages
+            if (request := decode_request(message, self.context, emit, "moderation")) is not None
+        ]
+        try:
+            verdicts: list[Verdict | None] = list(
+                self.prompts.check_many([r.prompt for _, r in readable], [r.negative_prompt for _, r in readable])
+            )
+        except Exception:  # each request then fails on its own below, with a dead letter
+            log.exception("prompt moderation failed", extra={"requests": len(readable)})
+            verdicts = [None] * len(readable)
+        shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
+        for (message, request), verdict in zip(readable, verdicts, strict=True):
+            own_started_s = time.time()
             try:
-                outcome = self._moderate(request, message.timestamp_s)
+                outcome = self._moderate(request, message.timestamp_s, verdict)
             except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
                 log.exception("moderation failed", extra={"request_id": request.request_id})
-                self.emit.dead_letter(message, f"internal error: {e!r}", "moderation", request.request_id)
+                emit.dead_letter(message, f"internal error: {e!r}", "moderation", request.request_id)
                 outcome = Outcome.failed("INTERNAL_ERROR", repr(e))
-            compute_ms = (time.time() - started_s) * 1000.0
+            compute_ms = shared_ms + (time.time() - own_started_s) * 1000.0
             work = StageWork(
                 self.name,
                 "OK" if outcome is None else outcome.stage_outcome,
@@ -251,23 +267,25 @@ class ModerationStage:
                 compute_ms,
                 "cpu",
                 compute_ms / 1000.0,
+                len(readable),
             )
-            self.emit.metric(request, work)
+            emit.metric(request, work)
             if outcome is None:
-                self.emit.forward(self.next_topic[request.kind], message)
+                emit.forward(self.next_topic[request.kind], message)
             else:
-                self.emit.result(request, outcome, {"moderation": compute_ms})
-        return self.emit.take()
+                emit.result(request, outcome, {"moderation": compute_ms})
+        return emit.take()
 
-    def _moderate(self, request: ImageRequest, produced_s: float) -> Outcome | None:
-        """None when the request may go on; otherwise its terminal outcome."""
+    def _moderate(self, request: ImageRequest, produced_s: float, verdict: Verdict | None) -> Outcome | None:
+        """None when the request may go on; otherwise its terminal outcome. ``verdict`` is its prompt's."""
         if deadline_passed(request, utc_now()):
             assert request.deadline is not None
             return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request.deadline.isoformat()} passed")
         if not self.limiter.allow(request.user_id, produced_s):
             limit = self.moderation.max_requests_per_user_per_minute
             return Outcome.failed("RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute")
-        verdict = self.prompts.check(request.prompt, request.negative_prompt)
+        if verdict is None:
+            raise RuntimeError("the prompt could not be moderated")
         if not verdict.allowed:
             return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
         if request.source_image_uri is None:
@@ -372,6 +390,27 @@ class _Pending:
         return request_seed(self.request)
 
 
+@dataclass
+class RenderedChunk:
+    """One model call's requests and images, waiting to be moderated, stored and reported."""
+
+    params: RenderParams
+    items: list[_Pending]
+    output: BatchOutput
+    device: str
+    started_s: float  # when the model call began: the end of the requests' queue time
+    model_ms: float
+
+
+@dataclass
+class RenderedTake:
+    """A take after ``RenderStage.render``: its emissions so far (early endings) and its rendered chunks."""
+
+    started_s: float
+    emit: Emitter
+    chunks: list[RenderedChunk]
+
+
 def service_order(pending: _Pending) -> tuple[bool, dt.datetime, float]:
     """INTERACTIVE before BATCH, then the earliest deadline, then the oldest."""
     request = pending.request
@@ -398,7 +437,6 @@ class RenderStage:
         self.images = images
         self.store = store
         self.experiments = experiments
-        self.emit = Emitter(context)
 
     # -- what subclasses define ------------------------------------------------------------------------------
     def params(self, request: ImageRequest) -> RenderParams:
@@ -410,28 +448,31 @@ class RenderStage:
     def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
         raise NotImplementedError
 
-    # -- one take of the stream ------------------------------------------------------------------------------
-    def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
-        started_s = time.time()
+    # -- one take of the stream, in two steps the worker overlaps ---------------------------------------------
+    def render(self, messages: Sequence[Inbound]) -> RenderedTake:
+        """The model's part of a take: read and check the requests, then one model call per chunk of requests
+        with equal parameters. What ended early is in the take's emissions; the images wait for ``finish``."""
+        take = RenderedTake(time.time(), Emitter(self.context), [])
+        emit, started_s = take.emit, take.started_s
         pending: list[_Pending] = []
         for message in messages:
-            request = decode_request(message, self.context, self.emit, self.name.lower())
+            request = decode_request(message, self.context, emit, self.name.lower())
             if request is None:
                 continue
             if deadline_passed(request, utc_now()):
-                self._fail(request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
+                self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
                 continue
             try:
                 item = _Pending(message, request, self.params(request))
                 self.prepare(item)
             except InvalidRequestError as e:
-                self._fail(request, message, started_s, "INVALID_REQUEST", str(e))
+                self._fail(emit, request, message, started_s, "INVALID_REQUEST", str(e))
                 continue
             except ModelError as e:
-                self._fail(request, message, started_s, "MODEL_ERROR", str(e))
+                self._fail(emit, request, message, started_s, "MODEL_ERROR", str(e))
                 continue
             except StageFailure as e:
-                self._fail(request, message, started_s, e.code, str(e))
+                self._fail(emit, request, message, started_s, e.code, str(e))
                 continue
             pending.append(item)
         pending.sort(key=service_order)
@@ -444,16 +485,27 @@ class RenderStage:
             for start in range(0, len(group), max_batch):
                 chunk = group[start : start + max_batch]
                 try:
-                    self._render(params, chunk)
-                except Exception as e:  # a bug or an unforeseen failure: fail these requests, keep the stream going
-                    log.exception("render failed", extra={"stage": self.name, "requests": len(chunk)})
-                    for item in chunk:
-                        self.emit.dead_letter(item.message, f"internal error: {e!r}", self.name.lower(), None)
-                        self._fail(item.request, item.message, started_s, "INTERNAL_ERROR", repr(e), params.model)
-        return self.emit.take()
+                    rendered = self._render(emit, params, chunk)
+                except Exception as e:
+                    self._fail_internally(emit, params, chunk, e, started_s)
+                    continue
+                if rendered is not None:
+                    take.chunks.append(rendered)
+        return take
+
+    def finish(self, take: RenderedTake) -> list[Emission]:
+        """The rest of a take, while the model renders the next: moderate, encode and store each chunk's images,
+        then the results and metrics. Returns everything the take emits, early endings included."""
+        for chunk in take.chunks:
+            try:
+                self._finish_chunk(take.emit, chunk)
+            except Exception as e:
+                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
+        return take.emit.take()
 
     def _fail(
         self,
+        emit: Emitter,
         request: ImageRequest,
         message: Inbound,
         started_s: float,
@@ -461,39 +513,51 @@ class RenderStage:
         reason: str,
         model: str | None = None,
     ) -> None:
-        self.emit.result(request, Outcome.failed(code, reason), {})
-        self.emit.metric(request, StageWork(self.name, "FAILED", queue_ms(message, started_s), 0.0, "none", 0.0), model)
+        emit.result(request, Outcome.failed(code, reason), {})
+        emit.metric(request, StageWork(self.name, "FAILED", queue_ms(message, started_s), 0.0, "none", 0.0), model)
 
-    def _render(self, params: RenderParams, chunk: list[_Pending]) -> None:
+    def _fail_internally(
+        self, emit: Emitter, params: RenderParams, chunk: list[_Pending], error: Exception, started_s: float
+    ) -> None:
+        """A bug or an unforeseen failure: dead-letter and fail these requests, keep the stream going."""
+        log.exception("render failed", extra={"stage": self.name, "requests": len(chunk)}, exc_info=error)
+        for item in chunk:
+            emit.dead_letter(item.message, f"internal error: {error!r}", self.name.lower(), None)
+            self._fail(emit, item.request, item.message, started_s, "INTERNAL_ERROR", repr(error), params.model)
+
+    def _render(self, emit: Emitter, params: RenderParams, chunk: list[_Pending]) -> RenderedChunk | None:
         device = str(self.models.load(params.model).device)
-        work_started_s = time.time()
+        started_s = time.time()
         try:
             output = self.run_model(params, chunk)
         except (ModelError, StageFailure) as e:
             code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"
             for item in chunk:
-                self._fail(item.request, item.message, work_started_s, code, str(e), params.model)
-            return
-        model_ms = (time.time() - work_started_s) * 1000.0
+                self._fail(emit, item.request, item.message, started_s, code, str(e), params.model)
+            return None
+        return RenderedChunk(params, chunk, output, device, started_s, (time.time() - started_s) * 1000.0)
+
+    def _finish_chunk(self, emit: Emitter, chunk: RenderedChunk) -> None:
+        params, output = chunk.params, chunk.output
         images_in_batch = sum(len(images) for images in output.images)
-        for item, images in zip(chunk, output.images, strict=True):
+        for item, images in zip(chunk.items, output.images, strict=True):
             outcome, moderation_ms = self._finish(item, images)
-            waited_ms = queue_ms(item.message, work_started_s)
+            waited_ms = queue_ms(item.message, chunk.started_s)
             share_s = output.device_seconds * len(images) / images_in_batch
-            self.emit.metric(
+            emit.metric(
                 item.request,
                 StageWork(
                     self.name,
                     "FAILED" if outcome.status == "FAILED" else "OK",  # a rejection is output moderation's
                     waited_ms,
-                    model_ms,
-                    device,
+                    chunk.model_ms,
+                    chunk.device,
                     share_s,
-                    len(chunk),
+                    len(chunk.items),
                 ),
                 params.model,
             )
-            self.emit.metric(
+            emit.metric(
                 item.request,
                 StageWork(
                     "OUTPUT_MODERATION",
@@ -509,11 +573,11 @@ class RenderStage:
             total_ms = (utc_now() - item.request.created_at).total_seconds() * 1000.0
             timings = {
                 "queue": waited_ms,
-                self.name.lower(): model_ms,
+                self.name.lower(): chunk.model_ms,
                 "output_moderation": moderation_ms,
                 "total": total_ms,
             }
-            self.emit.result(item.request, outcome, timings, Rendered(params, item.seed, len(chunk)))
+            emit.result(item.request, outcome, timings, Rendered(params, item.seed, len(chunk.items)))
 
     def _finish(self, item: _Pending, images: list[Image.Image]) -> tuple[Outcome, float]:
         """Moderate the outputs, then store them; returns the outcome and the moderation time."""
