@@ -229,12 +229,12 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(
 
 def wait_for_partitions(worker, timeout_s=180.0):
     """Until ``worker`` logs a non-empty partition assignment: its start (models, moderation) takes a while, and a
-    stream that ends before it joins proves nothing about sharing."""
+    stream that ends before it joins proves nothing about sharing. Returns its log."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         log = worker.log_path.read_text(errors="replace")
         if re.search(r"newly assigned partitions \{", log):
-            return
+            return log
         assert worker.process.poll() is None, worker.log_tail()
         time.sleep(1.0)
     raise AssertionError(f"the worker was assigned no partitions in {timeout_s:.0f}s\n{worker.log_tail()}")
@@ -256,7 +256,9 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
         assert not early.missing, a.log_tail()
         # b logs at INFO, so its partition assignment shows; it joins midway and the group rebalances.
         with WorkerProcess(pipeline.updated(log_level="INFO"), STAGES, tmp_path / "b.log") as b:
-            wait_for_partitions(b)
+            log = wait_for_partitions(b)
+            # Its stages were built (models loaded and warmed) before it joined: a rebalance never waits on them.
+            assert log.index('"msg": "stages ready"') < log.index("assigned partitions"), b.log_tail()
             # A steady stream for ~25 s after b joined, so both workers take part of it.
             with Publisher(pipeline) as publisher:
                 assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
