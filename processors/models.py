@@ -3,11 +3,14 @@
 The registry is a JSON file mapping a model name to where its weights are and how to run it::
 
     {"tiny-sd": {"path": "/models/tiny-sd", "kind": "stable-diffusion", "default_steps": 4,
-                 "default_guidance": 5.0, "dtype": "auto", "device": "auto"}}
+                 "default_guidance": 5.0, "dtype": "auto", "device": "auto"},
+     "null": {"kind": "null", "seconds_per_image": 0.05}}
 
 ``DiffusionModels`` loads each model once, on first use, with ``AutoPipelineForText2Image`` and derives the
 image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of the weights.
-Its methods block for seconds: call them from an executor thread, never on the event loop.
+A ``null`` model has no weights: it returns plain images after a simulated time, for capacity tests of the
+pipeline without diffusion. The methods block for seconds: call them from an executor thread, never on the
+event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from diffusers import (
@@ -38,7 +41,8 @@ from diffusers import (
 )
 from PIL import Image
 
-KINDS = ("stable-diffusion",)
+KINDS = ("stable-diffusion", "null")
+NULL_SCHEDULER = "none"  # what a null model reports as its scheduler: it runs none
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
     "float32": torch.float32,
@@ -80,21 +84,23 @@ class ModelEntry:
     default_guidance: float = 7.5
     dtype: str = "auto"
     device: str = "auto"
+    seconds_per_image: float = 0.0  # null models only: the simulated render time
 
     @classmethod
     def from_json(cls, name: str, raw: Any) -> ModelEntry:
         where = f"model {name!r}"
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: expected an object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - {"path", "kind", "default_steps", "default_guidance", "dtype", "device"})
+        known = {"path", "kind", "default_steps", "default_guidance", "dtype", "device", "seconds_per_image"}
+        unknown = sorted(set(raw) - known)
         if unknown:
             raise ModelError(f"{where}: unknown keys {unknown}")
-        path = raw.get("path")
-        if not isinstance(path, str) or not path:
-            raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
         kind = raw.get("kind", cls.kind)
         if kind not in KINDS:
             raise ModelError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+        path = raw.get("path", "" if kind == "null" else None)  # a null model has no weights to point at
+        if not isinstance(path, str) or (not path and kind != "null"):
+            raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
         steps = raw.get("default_steps", cls.default_steps)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ModelError(f"{where}: 'default_steps' must be a positive integer, got {steps!r}")
@@ -107,7 +113,12 @@ class ModelEntry:
         device = raw.get("device", cls.device)
         if device not in DEVICES:
             raise ModelError(f"{where}: 'device' must be one of {list(DEVICES)}, got {device!r}")
-        return cls(name, path, kind, steps, float(guidance), dtype, device)
+        seconds = raw.get("seconds_per_image", cls.seconds_per_image)
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+            raise ModelError(f"{where}: 'seconds_per_image' must be a number >= 0, got {seconds!r}")
+        if seconds and kind != "null":
+            raise ModelError(f"{where}: 'seconds_per_image' is for null models only")
+        return cls(name, path, kind, steps, float(guidance), dtype, device, float(seconds))
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class ModelRegistry:
         # Relative model paths are relative to the registry file, so a registry can travel with its models.
         for name, entry in entries.items():
             local = path.parent / entry.path
-            if not Path(entry.path).is_absolute() and local.is_dir():
+            if entry.path and not Path(entry.path).is_absolute() and local.is_dir():
                 entries[name] = dataclasses.replace(entry, path=str(local.resolve()))
         return cls(entries)
 
@@ -177,9 +188,78 @@ class BatchOutput:
     seeds: list[int]
 
 
+Task = Literal["text2image", "image2image", "inpaint"]
+
+
+@dataclass
+class _Batch:
+    """A batch flattened to one row per output image, prompt-major: image ``k`` of prompt ``i`` is row
+    ``i * n_per_prompt + k`` and starts from seed ``seeds[i] + k``. We repeat prompts and images ourselves and
+    call a pipeline with ``num_images_per_prompt=1``, so rows line up the same way in every pipeline and call."""
+
+    per_image: dict[str, list[Any]]  # pipeline arguments with one value per row: prompt, image, mask_image ...
+    seeds: list[int]
+    n_per_prompt: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    strength: float | None = None  # edits
+
+    @property
+    def size(self) -> int:
+        return len(self.per_image["prompt"])
+
+    @property
+    def row_seeds(self) -> list[int]:
+        return [seed + k for seed in self.seeds for k in range(self.n_per_prompt)]
+
+    def repeat(self, values: Sequence[Any]) -> list[Any]:
+        return [v for v in values for _ in range(self.n_per_prompt)]
+
+    def output(self, rows: list[Image.Image], device_seconds: float) -> BatchOutput:
+        n = self.n_per_prompt
+        return BatchOutput([rows[i : i + n] for i in range(0, len(rows), n)], device_seconds, self.seeds)
+
+    @classmethod
+    def of(
+        cls,
+        entry: ModelEntry,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None,
+        steps: int | None,
+        guidance: float | None,
+        seeds: Sequence[int] | None,
+        n_per_prompt: int,
+        width: int,
+        height: int,
+    ) -> _Batch:
+        if isinstance(prompts, str) or not prompts:
+            raise ModelError("prompts must be a non-empty list of strings")
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(seeds)} seeds (one per prompt)")
+        if n_per_prompt < 1:
+            raise ModelError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
+        steps = entry.default_steps if steps is None else steps
+        if steps < 1:
+            raise ModelError(f"steps must be at least 1, got {steps}")
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise ModelError(f"width and height must be positive multiples of 8, got {width}x{height}")
+        if seeds is None:
+            seeds = [secrets.randbelow(2**31) for _ in prompts]
+        guidance = entry.default_guidance if guidance is None else guidance
+        batch = cls({}, list(seeds), n_per_prompt, steps, guidance, width, height)
+        batch.per_image["prompt"] = batch.repeat(prompts)
+        if negative_prompts is not None:
+            batch.per_image["negative_prompt"] = batch.repeat(negative_prompts)
+        return batch
+
+
 @dataclass
 class LoadedModel:
-    """A model's three pipelines, which share one set of modules (weights, tokenizer, scheduler)."""
+    """A diffusion model's three pipelines, which share one set of modules (weights, tokenizer, scheduler)."""
 
     entry: ModelEntry
     device: torch.device
@@ -190,6 +270,62 @@ class LoadedModel:
     default_scheduler: str  # the configured one, by name; a call may swap in another for itself
     # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+        pipe = {"text2image": self.text2image, "image2image": self.image2image, "inpaint": self.inpaint}[task]
+        shared: dict[str, Any] = {
+            "num_inference_steps": batch.steps,
+            "guidance_scale": batch.guidance,
+            "num_images_per_prompt": 1,
+            "output_type": "pil",
+        }
+        if batch.strength is not None:
+            shared["strength"] = batch.strength
+        if task != "image2image":  # image-to-image renders at its source's size, which edit() resized to
+            shared |= {"width": batch.width, "height": batch.height}
+        # One generator per image, seeded seed + k: its noise is the same whatever else is in the batch.
+        rows = {**batch.per_image, "generator": [torch.Generator(self.device).manual_seed(s) for s in batch.row_seeds]}
+        # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
+        # one image per call makes every image independent of its batch, bit for bit.
+        calls = [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)] if batch_invariant else [rows]
+        images: list[Image.Image] = []
+        with self.run_lock, torch.inference_mode():
+            configured = pipe.scheduler
+            if scheduler not in (None, self.default_scheduler):  # for this call only; the run lock hides it
+                pipe.scheduler = SCHEDULERS[scheduler].from_config(configured.config)
+            try:
+                _synchronize(self.device)
+                start = time.perf_counter()
+                for call in calls:
+                    images += pipe(**call, **shared).images
+                _synchronize(self.device)
+                seconds = time.perf_counter() - start
+            finally:
+                pipe.scheduler = configured
+        return batch.output(images, seconds)
+
+
+@dataclass
+class NullModel:
+    """A model without weights for capacity tests of the pipeline: each image is a plain colour derived from its
+    seed, of the requested size, returned after ``seconds_per_image`` of simulated work (reported as device
+    time). No torch work is done."""
+
+    entry: ModelEntry
+    device: ClassVar[torch.device] = torch.device("cpu")
+    default_scheduler: ClassVar[str] = NULL_SCHEDULER
+
+    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+        seconds = self.entry.seconds_per_image * batch.size
+        time.sleep(seconds)
+        images = [Image.new("RGB", (batch.width, batch.height), seed_colour(seed)) for seed in batch.row_seeds]
+        return batch.output(images, seconds)
+
+
+def seed_colour(seed: int) -> tuple[int, int, int]:
+    """A null model's colour for ``seed``: spread over the RGB cube so nearby seeds look different."""
+    mixed = (seed * 2654435761) & 0xFFFFFF  # Knuth's multiplicative hash
+    return (mixed >> 16, (mixed >> 8) & 0xFF, mixed & 0xFF)
 
 
 class DiffusionModels:
@@ -205,20 +341,20 @@ class DiffusionModels:
     def __init__(self, registry: ModelRegistry, batch_invariant: bool = True) -> None:
         self.registry = registry
         self.batch_invariant = batch_invariant
-        self._loaded: dict[str, LoadedModel] = {}
+        self._loaded: dict[str, LoadedModel | NullModel] = {}
         self._load_lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: str | Path, batch_invariant: bool = True) -> DiffusionModels:
         return cls(ModelRegistry.load(path), batch_invariant)
 
-    def load(self, name: str) -> LoadedModel:
+    def load(self, name: str) -> LoadedModel | NullModel:
         """Load ``name`` now (or return it, when loaded); later calls reuse the same weights."""
         entry = self.registry.get(name)
         # One lock for all loads: two threads asking for the same model must not load it twice.
         with self._load_lock:
             if name not in self._loaded:
-                self._loaded[name] = self._load(entry)
+                self._loaded[name] = NullModel(entry) if entry.kind == "null" else self._load(entry)
             return self._loaded[name]
 
     def default_scheduler(self, name: str) -> str:
@@ -260,9 +396,8 @@ class DiffusionModels:
     ) -> BatchOutput:
         """Text-to-image for a batch of prompts; ``steps``, ``guidance`` and ``scheduler`` default to the model's."""
         m = self.load(model)
-        _check_size(width, height)
-        batch = _Batch.of(m, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt)
-        return self._run(m, m.text2image, batch, {"width": width, "height": height}, scheduler)
+        batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
+        return m.run("text2image", batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
 
     def edit(
         self,
@@ -285,124 +420,34 @@ class DiffusionModels:
         Each source image (and mask) is resized to ``width`` x ``height``, by default the first image's size.
         """
         m = self.load(model)
-        batch = _Batch.of(m, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt)
         if len(images) != len(prompts):
             raise ModelError(f"{len(prompts)} prompts but {len(images)} source images")
         if masks is not None and len(masks) != len(prompts):
             raise ModelError(f"{len(prompts)} prompts but {len(masks)} masks")
         if not 0.0 < strength <= 1.0:
             raise ModelError(f"strength must be in (0, 1], got {strength}")
-        width = width or images[0].width
-        height = height or images[0].height
-        _check_size(width, height)
+        width = width or (images[0].width if images else 0)
+        height = height or (images[0].height if images else 0)
+        batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
+        batch.strength = strength
         # Batched images must share one size; resizing here also sets the output size for image-to-image.
         batch.per_image["image"] = batch.repeat([_resized(im.convert("RGB"), width, height) for im in images])
-        if masks is None:
-            return self._run(m, m.image2image, batch, {"strength": strength}, scheduler)
-        batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
-        return self._run(m, m.inpaint, batch, {"strength": strength, "width": width, "height": height}, scheduler)
-
-    def _run(
-        self,
-        m: LoadedModel,
-        pipe: DiffusionPipeline,
-        batch: _Batch,
-        shared: dict[str, Any],
-        scheduler: str | None = None,
-    ) -> BatchOutput:
-        if scheduler == m.default_scheduler:
-            scheduler = None  # the model's own: nothing to swap
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
-        shared = {**shared, **batch.shared, "num_images_per_prompt": 1, "output_type": "pil"}
-        if self.batch_invariant:
-            # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
-            # one image per call makes every image independent of its batch, bit for bit.
-            calls = [{k: v[i : i + 1] for k, v in batch.per_image.items()} for i in range(batch.size)]
-        else:
-            calls = [batch.per_image]
-        flat: list[Image.Image] = []
-        with m.run_lock, torch.inference_mode():
-            configured = pipe.scheduler
-            if scheduler is not None:  # for this call only; the run lock keeps other calls from seeing it
-                pipe.scheduler = SCHEDULERS[scheduler].from_config(configured.config)
-            try:
-                _synchronize(m.device)
-                start = time.perf_counter()
-                for per_image in calls:
-                    flat += pipe(**per_image, **shared).images
-                _synchronize(m.device)
-                seconds = time.perf_counter() - start
-            finally:
-                pipe.scheduler = configured
-        n = batch.n_per_prompt
-        return BatchOutput([flat[i : i + n] for i in range(0, len(flat), n)], seconds, batch.seeds)
+        if masks is not None:
+            batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
+        task: Task = "image2image" if masks is None else "inpaint"
+        return m.run(task, batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
 
 
-def _check_size(width: int, height: int) -> None:
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise ModelError(f"width and height must be positive multiples of 8, got {width}x{height}")
+def _checked(scheduler: str | None, default: str) -> str | None:
+    if scheduler is not None and scheduler != default and scheduler not in SCHEDULERS:
+        raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
+    return scheduler
 
 
 def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size == (width, height):
         return image
     return image.resize((width, height), Image.Resampling.LANCZOS)
-
-
-@dataclass
-class _Batch:
-    """A batch flattened to one row per output image, prompt-major: image ``k`` of prompt ``i`` is row
-    ``i * n_per_prompt + k``. We repeat prompts and images ourselves and call the pipeline with
-    ``num_images_per_prompt=1``, so rows line up the same way in every pipeline and every call."""
-
-    per_image: dict[str, list[Any]]
-    shared: dict[str, Any]
-    seeds: list[int]
-    n_per_prompt: int
-
-    @property
-    def size(self) -> int:
-        return len(self.per_image["prompt"])
-
-    def repeat(self, values: Sequence[Any]) -> list[Any]:
-        return [v for v in values for _ in range(self.n_per_prompt)]
-
-    @classmethod
-    def of(
-        cls,
-        m: LoadedModel,
-        prompts: Sequence[str],
-        negative_prompts: Sequence[str] | None,
-        steps: int | None,
-        guidance: float | None,
-        seeds: Sequence[int] | None,
-        n_per_prompt: int,
-    ) -> _Batch:
-        if isinstance(prompts, str) or not prompts:
-            raise ModelError("prompts must be a non-empty list of strings")
-        if negative_prompts is not None and len(negative_prompts) != len(prompts):
-            raise ModelError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ModelError(f"{len(prompts)} prompts but {len(seeds)} seeds (one per prompt)")
-        if n_per_prompt < 1:
-            raise ModelError(f"n_per_prompt must be at least 1, got {n_per_prompt}")
-        steps = m.entry.default_steps if steps is None else steps
-        if steps < 1:
-            raise ModelError(f"steps must be at least 1, got {steps}")
-        if seeds is None:
-            seeds = [secrets.randbelow(2**31) for _ in prompts]
-        batch = cls({}, {}, list(seeds), n_per_prompt)
-        batch.per_image["prompt"] = batch.repeat(prompts)
-        if negative_prompts is not None:
-            batch.per_image["negative_prompt"] = batch.repeat(negative_prompts)
-        # One generator per image, seeded seed + k: its noise is the same whatever else is in the batch.
-        batch.per_image["generator"] = [
-            torch.Generator(m.device).manual_seed(seed + k) for seed in seeds for k in range(n_per_prompt)
-        ]
-        batch.shared["num_inference_steps"] = steps
-        batch.shared["guidance_scale"] = m.entry.default_guidance if guidance is None else guidance
-        return batch
 
 
 def _synchronize(device: torch.device) -> None:

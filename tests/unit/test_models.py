@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -19,7 +20,9 @@ from pixelpipe.processors.models import (
     ModelEntry,
     ModelError,
     ModelRegistry,
+    NullModel,
     resolve_device_dtype,
+    seed_colour,
 )
 from pixelpipe.tools.tiny_models import build_tiny_models, write_registry
 
@@ -167,6 +170,45 @@ def test_concurrent_loads_load_once(registry_path):
     assert fresh.loaded() == ["tiny-sd-b"]
 
 
+# -- the null model ------------------------------------------------------------------------------------------
+@pytest.fixture
+def null_models(tmp_path) -> DiffusionModels:
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"null": {"kind": "null"}, "slow-null": {"kind": "null", "seconds_per_image": 0.02}}))
+    return DiffusionModels.from_file(path)
+
+
+def test_null_model_returns_plain_images_of_the_requested_size_coloured_by_seed(null_models):
+    out = null_models.generate("null", ["a", "b"], width=48, height=32, seeds=[5, 9], n_per_prompt=2)
+    assert [[im.size for im in row] for row in out.images] == [[(48, 32)] * 2] * 2
+    colours = [[im.getpixel((0, 0)) for im in row] for row in out.images]
+    assert colours == [[seed_colour(5), seed_colour(6)], [seed_colour(9), seed_colour(10)]]
+    assert all(im.getextrema() == tuple((c, c) for c in im.getpixel((0, 0))) for row in out.images for im in row)
+    assert len({c for row in colours for c in row}) == 4
+    assert (out.device_seconds, out.seeds) == (0.0, [5, 9])
+    loaded = null_models.load("null")
+    assert isinstance(loaded, NullModel) and str(loaded.device) == "cpu"
+    assert null_models.default_scheduler("null") == "none"
+
+
+def test_null_model_edits_at_the_requested_or_source_size(null_models):
+    source = Image.new("RGB", (40, 24), "red")
+    same_size = null_models.edit("null", ["x"], [source], seeds=[1])
+    assert same_size.images[0][0].size == (40, 24) and same_size.images[0][0].getpixel((0, 0)) == seed_colour(1)
+    mask = Image.new("L", (40, 24), 255)
+    inpainted = null_models.edit("null", ["x"], [source], masks=[mask], width=16, height=16, seeds=[1])
+    assert inpainted.images[0][0].size == (16, 16)
+
+
+def test_null_model_takes_its_simulated_time_per_image_as_device_time(null_models):
+    started = time.perf_counter()
+    out = null_models.generate("slow-null", ["a", "b"], width=8, height=8, n_per_prompt=2, scheduler="euler")
+    assert out.device_seconds == pytest.approx(4 * 0.02)
+    assert time.perf_counter() - started >= 4 * 0.02
+    with pytest.raises(ModelError, match="unknown scheduler 'warp'"):
+        null_models.generate("null", ["a"], width=8, height=8, scheduler="warp")
+
+
 # -- registry ------------------------------------------------------------------------------------------------
 def test_registry_round_trip_and_unknown_name(registry_path):
     registry = ModelRegistry.load(registry_path)
@@ -196,6 +238,8 @@ def test_write_registry_with_relative_paths(tmp_path, registry_path):
         ({"path": "x", "default_steps": 0}, "'default_steps' must be a positive integer"),
         ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a number"),
         ({"path": "x", "stepz": 4}, r"unknown keys \['stepz'\]"),
+        ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a number >= 0"),
+        ({"path": "x", "seconds_per_image": 0.5}, "'seconds_per_image' is for null models only"),
         ("x", "expected an object"),
     ],
 )
