@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_EDIT_STRENGTH = 0.75
+MAX_RETRY_DELAY_S = 5.0  # a recovered store is noticed within seconds, however long it was down
+DEADLINE_MARGIN_S = 1.0  # retries stop this long before a request's deadline, leaving time to report it
 
 
 @dataclass(frozen=True)
@@ -95,17 +98,23 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (BotoCoreError, OSError, TimeoutError))
 
 
-def with_retries(action: Callable[[], T], stages: StageSettings, what: str) -> T:
-    """Run ``action``, retrying transient failures with exponential backoff, at most ``retry_attempts`` times."""
-    for attempt in range(1, stages.retry_attempts + 1):
+def with_retries(action: Callable[[], T], stages: StageSettings, what: str, deadline: dt.datetime | None = None) -> T:
+    """Run ``action``, retrying transient failures with exponential backoff (capped at ``MAX_RETRY_DELAY_S``) for
+    up to ``storage_retry_budget_s``, and never past ``deadline`` less ``DEADLINE_MARGIN_S``: long enough to
+    ride out a storage outage of a minute or two without failing requests whose images are already rendered."""
+    give_up_s = time.time() + stages.storage_retry_budget_s
+    if deadline is not None:
+        give_up_s = min(give_up_s, deadline.timestamp() - DEADLINE_MARGIN_S)
+    delay_s = stages.retry_backoff_ms / 1000
+    for attempt in itertools.count(1):
         try:
             return action()
         except Exception as e:
-            if not is_transient(e) or attempt == stages.retry_attempts:
+            if not is_transient(e) or time.time() + delay_s > give_up_s:
                 raise
-            delay_s = stages.retry_backoff_ms / 1000 * 2 ** (attempt - 1)
             log.warning("transient failure, retrying", extra={"what": what, "attempt": attempt, "error": str(e)})
             time.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
     raise AssertionError("unreachable")
 
 
@@ -309,12 +318,15 @@ def load_edit_inputs(
     max_pixels = context.limits.max_source_pixels
     try:
         source = decode_image(
-            with_retries(lambda: store.get(source_uri), context.stages, "read source"), max_pixels=max_pixels
+            with_retries(lambda: store.get(source_uri), context.stages, "read source", request.deadline),
+            max_pixels=max_pixels,
         )
         mask = None
         if mask_uri:
             mask = decode_mask(
-                with_retries(lambda: store.get(mask_uri), context.stages, "read mask"), source, max_pixels=max_pixels
+                with_retries(lambda: store.get(mask_uri), context.stages, "read mask", request.deadline),
+                source,
+                max_pixels=max_pixels,
             )
     except (ObjectStoreError, ImageError) as e:
         raise StageFailure("INVALID_SOURCE", str(e)) from e
@@ -599,7 +611,9 @@ class RenderStage:
         data = encode_png(image)
         key = self.store.image_key(request.request_id, index, "png", request.created_at)
         try:
-            stored = with_retries(lambda: self.store.put(key, data, "image/png"), self.context.stages, "store image")
+            stored = with_retries(
+                lambda: self.store.put(key, data, "image/png"), self.context.stages, "store image", request.deadline
+            )
         except Exception as e:
             if is_transient(e):
                 raise StageFailure("STORAGE_UNAVAILABLE", f"storing image {index} failed: {e}") from e

@@ -210,8 +210,12 @@ class StageSettings:
     device_hour_price_usd: float = setting(
         "DEVICE_HOUR_PRICE_USD", 1.0, "Price of one hour of this worker's device, for cost metrics."
     )
-    retry_attempts: int = setting("RETRY_ATTEMPTS", 4, "Attempts at a transient storage failure before giving up.")
-    retry_backoff_ms: int = setting("RETRY_BACKOFF_MS", 200, "First retry delay; doubles each attempt.")
+    storage_retry_budget_s: float = setting(
+        "STORAGE_RETRY_BUDGET_S",
+        120.0,
+        "Longest a storage read or write is retried, never past the request's deadline; the stage waits meanwhile.",
+    )
+    retry_backoff_ms: int = setting("RETRY_BACKOFF_MS", 200, "First retry delay; doubles each attempt, up to 5 s.")
     worker_id: str = setting("WORKER_ID", "", "This worker's name in metrics; empty uses host-pid.")
     consumer_group: str = setting(
         "CONSUMER_GROUP", "pixelpipe", "Prefix of the workers' consumer groups (one group per stage set)."

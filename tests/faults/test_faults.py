@@ -5,9 +5,8 @@ the pipeline flows; then a stream of small requests (64x64, 2 steps) is publishe
 injected while it runs. Afterwards ``Harness.verify`` checks N requests in, N terminal results out, no duplicate
 event in the deduplicated ClickHouse views, and every image a result names present in object storage.
 
-The S3 outage lasts 30 s; the worker's retries (4 attempts, 1.4 s of backoff by default) are far shorter, so what
-the outage tests is that requests hit by it end in a terminal result (FAILED, STORAGE_UNAVAILABLE) and the stream
-recovers, not that it is ridden out.
+The S3 outage lasts 30 s, well inside the worker's storage retry budget (PIXELPIPE_STORAGE_RETRY_BUDGET_S, 120 s by
+default): every request it hits waits with its rendered images and succeeds once the store answers again.
 """
 
 from __future__ import annotations
@@ -123,5 +122,4 @@ def test_object_storage_refusing_for_thirty_seconds(harness):
     harness.publish_now(after)
     recovery = harness.recovery_after(cleared)
     row = harness.verify(f"S3 refusing {S3_OUTAGE_S} s", ids + [r.request_id for r in after], recovery)
-    assert set(row["outcomes"]) <= {"SUCCEEDED:", "FAILED:STORAGE_UNAVAILABLE"}
-    assert all(row["status_of"][r.request_id] == "SUCCEEDED" for r in after)  # storage is used again
+    assert row["outcomes"] == ["SUCCEEDED:"]  # ridden out: no request failed for the outage

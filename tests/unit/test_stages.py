@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime as dt
+import time
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
@@ -140,23 +141,40 @@ def test_only_compatible_requests_share_a_batch():
     assert params() != params(experiments={"a-steps": "fast"})
 
 
-def test_transient_errors_are_retried_with_backoff_and_bad_input_is_not():
-    settings = StageSettings(retry_attempts=3, retry_backoff_ms=1)
+def test_transient_errors_are_retried_with_backoff_within_the_budget_and_bad_input_is_not():
+    settings = StageSettings(storage_retry_budget_s=5.0, retry_backoff_ms=1)
     calls = []
 
     def flaky():
-        calls.append(1)
+        calls.append(time.monotonic())
         if len(calls) < 3:
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
         return "ok"
 
     assert with_retries(flaky, settings, "test") == "ok" and len(calls) == 3
+
+    def down():
+        calls.append(time.monotonic())
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
     calls.clear()
+    with pytest.raises(EndpointConnectionError):  # the budget runs out
+        with_retries(down, StageSettings(storage_retry_budget_s=0.05, retry_backoff_ms=10), "t")
+    assert 2 <= len(calls) <= 4 and calls[-1] - calls[0] <= 0.05
+    calls.clear()
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.1)  # the deadline (less its margin) comes first
     with pytest.raises(EndpointConnectionError):
-        with_retries(
-            lambda: flaky() if len(calls) < 99 else None, StageSettings(retry_attempts=2, retry_backoff_ms=1), "t"
-        )
-    assert len(calls) == 2
+        with_retries(down, StageSettings(storage_retry_budget_s=60.0, retry_backoff_ms=20), "t", soon)
+    assert calls[-1] - calls[0] < 0.2
+    calls.clear()
+
+    def outside_the_store():
+        calls.append(time.monotonic())
+        raise ObjectStoreError("outside the store")
+
+    with pytest.raises(ObjectStoreError):  # bad input: never retried
+        with_retries(outside_the_store, settings, "t")
+    assert len(calls) == 1
     assert not is_transient(ObjectStoreError("outside the store"))
     assert is_transient(
         ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "Put")
