@@ -221,6 +221,36 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_rest_is_loaded(topic_set
     assert all(letter.stage == "clickhouse-sink" and letter.topic for letter in letters.values())
 
 
+def test_an_event_out_of_range_is_dead_lettered_and_the_forty_around_it_land(topic_settings, warehouse):
+    make_topics(topic_settings)
+    results, metrics = events(40, seed=7)
+    codec = Codec()
+    # Valid Avro that no decoder can turn into a datetime: it used to stop the sink on every restart.
+    poison_result = codec.encode_record("ImageResult", results[0].to_avro() | {"event_time": 2**62})
+    poison_metric = codec.encode_record("StageMetric", metrics[0].to_avro() | {"event_time": 2**62})
+    poison = [
+        (topic_settings.topics.results, poison_result, "req-poison"),
+        (topic_settings.topics.metrics, poison_metric, "req-poison-m"),
+    ]
+    publish(topic_settings, results[:20], metrics[:20], poison)
+    publish(topic_settings, results[20:], metrics[20:])
+
+    settings = topic_settings.updated(sink_group_id=f"sink-{uuid.uuid4().hex[:8]}")
+    stats = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+
+    assert (stats.rows, stats.dead_letters) == (80, 2)
+    assert dedup_counts(warehouse) == [(40, 40, 40, 40)]
+    letters = {letter.original_key: letter for letter in dead_letters(topic_settings, 2)}
+    assert letters[b"req-poison"].original_value == poison_result
+    assert letters[b"req-poison"].topic == topic_settings.topics.results
+    assert "ImageResult does not decode" in letters[b"req-poison"].error_reason
+    assert "OverflowError" in letters[b"req-poison"].error_reason
+    assert letters[b"req-poison-m"].original_value == poison_metric
+    # The offsets were committed past the poison once its dead letter was stored: a restart reads nothing again.
+    again = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+    assert (again.rows, again.dead_letters) == (0, 0)
+
+
 # -- dashboards ----------------------------------------------------------------------------------------------
 def normalised(rows):
     def value(v):
