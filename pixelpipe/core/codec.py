@@ -25,7 +25,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pixelpipe.core.events import EVENT_TYPES, Event, Record
-from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.core.settings import KafkaSettings, mask_secrets
 from pixelpipe.schemas import NAMESPACE, SCHEMA_DIR, SCHEMA_NAMES
 
 E = TypeVar("E", bound=Event)
@@ -145,7 +145,8 @@ class HttpSchemaRegistry:
             return str(self._call("GET", f"/schemas/ids/{schema_id}")["schema"])
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise UnknownSchemaError(f"schema id {schema_id} is not in the registry at {self._url}") from None
+                where = mask_secrets(self._url)
+                raise UnknownSchemaError(f"schema id {schema_id} is not in the registry at {where}") from None
             raise
 
 
