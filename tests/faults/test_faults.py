@@ -161,13 +161,19 @@ def test_poison_events_on_a_topic_are_dead_lettered_and_the_stream_flows_on(harn
     row = harness.verify(f"3 poison events on {topic}", ids, recovery)
     assert row["outcomes"] == ["SUCCEEDED:"]
 
-    letters = collect(harness.settings.kafka, harness.settings.topics.dead_letter, DeadLetter, poison, timeout_s=60)
+    ids_of_poison = list(poison)
+    letters = collect(
+        harness.settings.kafka, harness.settings.topics.dead_letter, DeadLetter, ids_of_poison, timeout_s=60
+    )
     assert not letters.missing, harness.logs()
     for request_id, value in poison.items():
         letter = letters.latest()[request_id]
         assert (letter.stage, letter.topic, letter.original_value) == (reader, topic_name, value)
         assert "OverflowError" in letter.error_reason
     if schema == "ImageRequest":  # the key names the request: it also ends FAILED, in ClickHouse like any other
-        failed = collect(harness.settings.kafka, harness.settings.topics.results, ImageResult, poison, timeout_s=60)
+        failed = collect(
+            harness.settings.kafka, harness.settings.topics.results, ImageResult, ids_of_poison, timeout_s=60
+        )
+        assert not failed.missing
         assert {(r.status, r.error_code) for r in failed.latest().values()} == {("FAILED", "UNDECODABLE")}
-        harness.wait_results_in_clickhouse(list(poison), timeout_s=60)
+        harness.wait_results_in_clickhouse(ids_of_poison, timeout_s=60)
