@@ -173,10 +173,25 @@ class ObjectStoreSettings:
 class RequestLimits:
     """Limits checked by the producer SDK on what is sent and by the render stages on what will run."""
 
-    max_prompt_chars: int = setting("MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters.")
+    max_prompt_chars: int = setting(
+        "MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters, before and after normalisation."
+    )
+    max_negative_prompt_chars: int = setting(
+        "MAX_NEGATIVE_PROMPT_CHARS", 2000, "Longest negative prompt accepted, in characters."
+    )
+    max_name_chars: int = setting(
+        "MAX_NAME_CHARS", 128, "Longest event id, user id, model name, experiment key or variant name accepted."
+    )
+    max_uri_chars: int = setting("MAX_URI_CHARS", 1024, "Longest edit source or mask URI accepted, in characters.")
+    max_experiments: int = setting("MAX_EXPERIMENTS", 32, "Most experiment assignments one request may carry.")
     max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "Largest width or height accepted, in pixels.")
     max_steps: int = setting("MAX_STEPS", 150, "Most denoising steps accepted.")
     max_source_pixels: int = setting("MAX_SOURCE_PIXELS", 4_194_304, "Largest edit source or mask accepted, in pixels.")
+    max_source_bytes: int = setting(
+        "MAX_SOURCE_BYTES",
+        33_554_432,
+        "Largest edit source or mask accepted, in bytes; reading stops past it.",
+    )
 
 
 @dataclass(frozen=True)
