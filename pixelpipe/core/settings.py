@@ -71,7 +71,7 @@ _SECRET_PARAMETER = re.compile(
 # The password of scheme://user:password@host (up to the host's @, so a password may hold an @ itself), and a query
 # parameter's value.
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]+@")
-_QUERY_PARAMETER = re.compile(r"([?&;]([^\s=&;#]+)=)([^\s&;#\"']+)")
+_QUERY_PARAMETER = re.compile(r"([?&;]([^\s=&;#]+)=)[^\s&;#\"']+")
 
 
 def mask_secrets(text: str) -> str:
@@ -171,7 +171,8 @@ class ObjectStoreSettings:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Limits checked by the producer SDK on what is sent and by the render stages on what will run."""
+    """Limits checked by the producer SDK on what is sent, by every stage on what it reads, and by the render stages
+    on what will run; edit sources are also read no further than ``max_source_bytes``."""
 
     max_prompt_chars: int = setting(
         "MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters, before and after normalisation."

@@ -8,6 +8,10 @@ event in the deduplicated ClickHouse views, and every image a result names prese
 The S3 outage lasts 30 s; the worker's retries (4 attempts, 1.4 s of backoff by default) are far shorter, so what
 the outage tests is that requests hit by it end in a terminal result (FAILED, STORAGE_UNAVAILABLE) and the stream
 recovers, not that it is ridden out.
+
+The poison tests publish, mid-stream, three events onto one topic whose event_time (2**62 ms) is valid Avro but no
+datetime: each must end as a dead letter with its original bytes (and a FAILED result, where its key names a
+request) while the stream's requests all succeed and the sink keeps running.
 """
 
 from __future__ import annotations
