@@ -114,6 +114,7 @@ def dashboard(out: Path, since: str, serve_page: bool, port: int, refresh: int, 
     from pixelpipe.analytics.dashboard import Dashboard, DashboardError, parse_since, render_dashboard, serve
     from pixelpipe.core.cli import load_settings
     from pixelpipe.core.clickhouse import connect
+    from pixelpipe.core.settings import mask_secrets
 
     url = clickhouse_url or load_settings().clickhouse.url
     try:
@@ -129,7 +130,7 @@ def dashboard(out: Path, since: str, serve_page: bool, port: int, refresh: int, 
             client = connect(url)
         except (RuntimeError, OSError, ValueError) as e:
             hint = " (another process, a sink or analyze, may hold the chDB directory)" if "chdb://" in url else ""
-            raise click.ClickException(f"cannot open ClickHouse {url}{hint}: {e}") from e
+            raise click.ClickException(mask_secrets(f"cannot open ClickHouse {url}{hint}: {e}")) from e
         try:
             return render_dashboard(client, parse_since(since, end), end, url, refresh_s)
         finally:

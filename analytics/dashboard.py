@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
 from pixelpipe.core.clickhouse import ClickHouseClient
+from pixelpipe.core.settings import mask_secrets
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
 EMPTY = "no data in the window"
@@ -313,7 +313,7 @@ def _page(panels: list[Panel], start: dt.datetime, end: dt.datetime, source: str
     return (
         f"<!doctype html><html><head><meta charset=utf-8>{refresh}<title>pixelpipe dashboard</title>"
         f"<style>{_CSS}</style></head><body><h1>pixelpipe dashboard</h1>"
-        f"<p class=window>{_e(window)}, from ClickHouse {_e(_masked(source))}; rendered "
+        f"<p class=window>{_e(window)}, from ClickHouse {_e(mask_secrets(source))}; rendered "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC</p><main>{figures}</main></body></html>"
     )
 
@@ -349,14 +349,6 @@ _CSS = (
     "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 5px}"
     "pre{font-size:11px;overflow-x:auto}summary{color:#555;font-size:12px;cursor:pointer}"
 )
-
-
-def _masked(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib is imported lazily, so there is no annotation to give

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from pixelpipe.core.validation import normalise_text
 
 PROMPT = "PROMPT"
 INPUT_IMAGE = "INPUT_IMAGE"
@@ -106,6 +109,40 @@ DEFAULT_IMAGE_LABELS: dict[str, str] = {
     "BUTTOCKS_EXPOSED": "sexual",
 }
 _POLICY_KEYS = frozenset({"thresholds", "profanity_threshold", "rules", "image_labels"})
+
+# Cyrillic and Greek letters drawn like Latin ones, folded into them before a prompt is scored, so "nazi" spelled
+# with a Cyrillic a is still "nazi" to the rules and the profanity model (NFKC, in normalise_text, already folds
+# fullwidth, circled and mathematical letters). Only for scoring: the prompt renders as it was written.
+_LOOKALIKE_NAMES = {
+    "CYRILLIC SMALL LETTER": {
+        "A": "a", "IE": "e", "BYELORUSSIAN-UKRAINIAN I": "i", "JE": "j", "O": "o", "DZE": "s", "ER": "p", "ES": "c",
+        "U": "y", "HA": "x", "KOMI DE": "d", "QA": "q", "WE": "w", "SHHA": "h", "PALOCHKA": "l",
+    },
+    "CYRILLIC CAPITAL LETTER": {
+        "A": "A", "VE": "B", "IE": "E", "DZE": "S", "BYELORUSSIAN-UKRAINIAN I": "I", "JE": "J", "KA": "K", "EM": "M",
+        "EN": "H", "O": "O", "ER": "P", "ES": "C", "TE": "T", "HA": "X", "U": "Y", "QA": "Q", "WE": "W",
+    },
+    "GREEK SMALL LETTER": {
+        "ALPHA": "a", "IOTA": "i", "KAPPA": "k", "NU": "v", "OMICRON": "o", "RHO": "p", "TAU": "t", "UPSILON": "u",
+        "CHI": "x",
+    },
+    "GREEK CAPITAL LETTER": {
+        "ALPHA": "A", "BETA": "B", "EPSILON": "E", "ZETA": "Z", "ETA": "H", "IOTA": "I", "KAPPA": "K", "MU": "M",
+        "NU": "N", "OMICRON": "O", "RHO": "P", "TAU": "T", "UPSILON": "Y", "CHI": "X",
+    },
+}  # fmt: skip
+_LOOKALIKES = str.maketrans(
+    {
+        unicodedata.lookup(f"{letters} {name}"): latin
+        for letters, names in _LOOKALIKE_NAMES.items()
+        for name, latin in names.items()
+    }
+)
+
+
+def text_for_scoring(text: str) -> str:
+    """``text`` as the prompt checks read it: normalised (``normalise_text``), look-alike letters folded to Latin."""
+    return normalise_text(text).translate(_LOOKALIKES)
 
 
 class PolicyError(ValueError):
@@ -242,6 +279,8 @@ class PromptModerator:
         negatives = list(negative_prompts) if negative_prompts is not None else [None] * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        prompts = [text_for_scoring(prompt) for prompt in prompts]
+        negatives = [None if negative is None else text_for_scoring(negative) for negative in negatives]
         texts = [*prompts, *(n for n in negatives if n)]
         probs = [float(p) for p in self._predict_prob(texts)] if texts else []
         negative_probs = iter(probs[len(prompts) :])

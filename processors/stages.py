@@ -28,7 +28,14 @@ from pixelpipe.core.events import DeadLetter, Event, ImageRequest, Stage, Stored
 from pixelpipe.core.experiments import Experiment
 from pixelpipe.core.objects import ObjectStore, ObjectStoreError
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
-from pixelpipe.core.validation import InvalidRequestError, check_guidance, check_steps, require, validate_request
+from pixelpipe.core.validation import (
+    InvalidRequestError,
+    check_guidance,
+    check_steps,
+    normalised_request,
+    require,
+    validate_request,
+)
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
@@ -171,7 +178,7 @@ class Emitter:
 def decode_request(message: Inbound, context: StageContext, emit: Emitter, stage: str) -> ImageRequest | None:
     """The request in ``message``, or None after dead-lettering it (and failing it, when its id is readable)."""
     try:
-        request = context.codec.decode_as(ImageRequest, message.value)
+        request = normalised_request(context.codec.decode_as(ImageRequest, message.value))
     except CodecError as e:
         request_id = _readable_request_id(message.key)
         emit.dead_letter(message, f"undecodable: {e}", stage, request_id)
@@ -315,16 +322,16 @@ def load_edit_inputs(
     """The edit's source image and mask, read from the configured store and decoded safely."""
     source_uri, mask_uri = request.source_image_uri, request.mask_uri
     assert source_uri is not None  # validated: an EDIT has a source
-    max_pixels = context.limits.max_source_pixels
+    max_pixels, max_bytes = context.limits.max_source_pixels, context.limits.max_source_bytes
     try:
         source = decode_image(
-            with_retries(lambda: store.get(source_uri), context.stages, "read source", request.deadline),
+            with_retries(lambda: store.get(source_uri, max_bytes), context.stages, "read source", request.deadline),
             max_pixels=max_pixels,
         )
         mask = None
         if mask_uri:
             mask = decode_mask(
-                with_retries(lambda: store.get(mask_uri), context.stages, "read mask", request.deadline),
+                with_retries(lambda: store.get(mask_uri, max_bytes), context.stages, "read mask", request.deadline),
                 source,
                 max_pixels=max_pixels,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -11,19 +12,22 @@ from typing import Generic, TypeVar
 from confluent_kafka import Consumer
 from tqdm import tqdm
 
-from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.codec import CodecError, codec_from_settings
 from pixelpipe.core.events import Event
 from pixelpipe.core.settings import KafkaSettings
 
+log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 
 
 @dataclass
 class Collected(Generic[E]):
-    """Every event read per request id; more than one event for a request means a redelivery."""
+    """Every event read per request id; more than one event for a request means a redelivery. Events that do not
+    decode are skipped, each listed in ``undecodable`` as ``topic/partition/offset: reason``."""
 
     events: dict[str, list[E]] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
+    undecodable: list[str] = field(default_factory=list)
 
     def latest(self) -> dict[str, E]:
         return {request_id: events[-1] for request_id, events in self.events.items()}
@@ -59,7 +63,13 @@ def collect(
                 for message in consumer.consume(500, timeout=0.5):
                     if message.error():
                         continue
-                    event = codec.decode_as(event_type, message.value())
+                    try:
+                        event = codec.decode_as(event_type, message.value())
+                    except CodecError as e:  # someone else's poison must not stop a reader waiting for its own
+                        where = f"{message.topic()}/{message.partition()}/{message.offset()}"
+                        log.warning("undecodable event skipped", extra={"at": where, "reason": str(e)})
+                        collected.undecodable.append(f"{where}: {e}")
+                        continue
                     if event.request_id not in wanted:
                         continue
                     events = collected.events.setdefault(event.request_id, [])

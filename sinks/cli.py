@@ -9,7 +9,7 @@ from types import FrameType
 import click
 
 from pixelpipe.core.cli import load_settings
-from pixelpipe.core.settings import Settings
+from pixelpipe.core.settings import Settings, mask_secrets
 
 
 def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
@@ -56,7 +56,7 @@ def sink_command(max_idle: float | None) -> None:
             pending = sorted({path.stem for path in migration_files()} - applied_migrations(client))
         except Exception as e:  # no schema_migrations table, or no server: both need the operator
             raise click.ClickException(
-                f"cannot read the schema version ({e}); run `pixelpipe clickhouse migrate`"
+                f"cannot read the schema version ({mask_secrets(str(e))}); run `pixelpipe clickhouse migrate`"
             ) from e
         if pending:
             raise click.ClickException(

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from pixelpipe.core.settings import mask_secrets
+
 # Server errors that say nothing about the rows: the insert may work when tried again, so no row is refused for them.
 # 159 TIMEOUT_EXCEEDED, 202 TOO_MANY_SIMULTANEOUS_QUERIES, 209 SOCKET_TIMEOUT, 210 NETWORK_ERROR,
 # 241 MEMORY_LIMIT_EXCEEDED, 252 TOO_MANY_PARTS.
@@ -131,4 +133,4 @@ def connect(url: str) -> ServerClient | ChdbClient:
         return ChdbClient(url.removeprefix("chdb://"))
     if url.startswith("clickhouse://"):
         return ServerClient(url)
-    raise ValueError(f"unsupported ClickHouse URL (want clickhouse:// or chdb://): {url}")
+    raise ValueError(f"unsupported ClickHouse URL (want clickhouse:// or chdb://): {mask_secrets(url)}")

@@ -25,7 +25,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from pixelpipe.core.events import EVENT_TYPES, Event, Record
-from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.core.settings import KafkaSettings, mask_secrets
 from pixelpipe.schemas import NAMESPACE, SCHEMA_DIR, SCHEMA_NAMES
 
 E = TypeVar("E", bound=Event)
@@ -145,7 +145,8 @@ class HttpSchemaRegistry:
             return str(self._call("GET", f"/schemas/ids/{schema_id}")["schema"])
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise UnknownSchemaError(f"schema id {schema_id} is not in the registry at {self._url}") from None
+                where = mask_secrets(self._url)
+                raise UnknownSchemaError(f"schema id {schema_id} is not in the registry at {where}") from None
             raise
 
 
@@ -201,10 +202,11 @@ class Codec:
 
     # -- decoding --------------------------------------------------------------------------------------------
     def decode(self, data: bytes) -> Event:
+        """The typed event in ``data``; every failure, whatever raised it, is a CodecError naming the reason."""
         name, record = self.decode_record(data)
         try:
             return EVENT_TYPES[name].from_avro(record)
-        except (KeyError, TypeError, ValueError) as e:
+        except Exception as e:
             raise CodecError(f"{name}: record does not fit the event: {e!r}") from e
 
     def decode_as(self, event_type: type[E], data: bytes) -> E:
@@ -215,7 +217,14 @@ class Codec:
         return event
 
     def decode_record(self, data: bytes) -> tuple[str, Record]:
-        """The schema name and the plain record, read into the current schema."""
+        """The schema name and the plain record, read into the current schema.
+
+        Raises CodecError for any bytes that do not decode. Only a schema registry that cannot be reached raises
+        something else: that says nothing about the bytes, which may decode once it answers.
+        """
+        if not isinstance(data, bytes | bytearray):
+            # A tombstone (null value) or a caller's mistake: either way there is no event to read.
+            raise UnknownEncodingError(f"not an Avro event: expected bytes, got {type(data).__name__}")
         writer, header_len = self._writer_schema(data)
         reader = self._current[writer.name]
         body = io.BytesIO(data)
@@ -225,7 +234,9 @@ class Codec:
             record = schemaless_reader(
                 body, writer.parsed, None if writer.fingerprint == reader.fingerprint else reader.parsed
             )
-        except (EOFError, ValueError, TypeError, IndexError, UnicodeDecodeError) as e:
+        except Exception as e:
+            # fastavro raises whatever its readers hit: EOFError, OverflowError (a timestamp of 2**62 ms is valid
+            # Avro but no datetime), SchemaResolutionError, UnicodeDecodeError, ValueError... All are about the bytes.
             raise CodecError(f"{writer.name}: body does not decode ({type(e).__name__}: {e})") from e
         if body.tell() != len(data):
             raise CodecError(f"{writer.name}: {len(data) - body.tell()} bytes left after the record")
@@ -253,7 +264,12 @@ class Codec:
             return self._registry_writers[schema_id]
         if self._registry is None:
             raise UnknownSchemaError(f"schema-registry framing with schema id {schema_id}, but no registry is set")
-        parsed = parse_schema(json.loads(self._registry.schema_text(schema_id)))
+        text = self._registry.schema_text(schema_id)
+        try:
+            parsed = parse_schema(json.loads(text))
+        except Exception as e:  # invalid JSON or not an Avro schema: nothing written with it can be read
+            reason = f"{type(e).__name__}: {e}"
+            raise UnknownSchemaError(f"schema id {schema_id} is not a valid Avro schema ({reason})") from e
         name = parsed["name"].rsplit(".", 1)[-1] if isinstance(parsed, dict) else ""
         if name not in self._current:
             raise UnknownSchemaError(f"schema id {schema_id} is {name or 'not a record'}, not a pixelpipe event")

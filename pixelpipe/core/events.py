@@ -211,7 +211,7 @@ class DeadLetter(AvroRecord):
     def of(
         cls,
         *,
-        value: bytes,
+        value: bytes | None,
         key: bytes | None,
         topic: str,
         partition: int,
@@ -223,12 +223,13 @@ class DeadLetter(AvroRecord):
         """The dead letter of the message at ``topic``/``partition``/``offset``, given up by ``stage``.
 
         Its id derives from where the message was and who gave up, so a replay dead-letters it under the same id.
+        A tombstone's null value is kept as empty bytes (the reason says what was wrong with it).
         """
         return cls(
             event_id=derived_event_id(f"{topic}/{partition}/{offset}", f"dead-letter/{stage}"),
             request_id=request_id,
             original_key=key,
-            original_value=value,
+            original_value=value or b"",
             topic=topic,
             partition=partition,
             offset=offset,

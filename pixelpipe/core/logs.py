@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from pixelpipe.core.settings import mask_secrets
+
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -22,7 +24,8 @@ class JsonFormatter(logging.Formatter):
         entry |= {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        # Whatever a line quotes (an exception naming a connection string, say), no URL password leaves the process.
+        return mask_secrets(json.dumps(entry, default=str))
 
 
 def configure(level: str = "WARNING") -> None:

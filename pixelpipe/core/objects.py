@@ -9,6 +9,7 @@ encoded (``processors/imaging.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -46,6 +47,23 @@ class ObjectStoreError(ValueError):
 
 class ObjectNotFoundError(ObjectStoreError):
     """The URI is valid for the store but no object is there."""
+
+
+class ObjectTooLargeError(ObjectStoreError):
+    """The object is larger than the reader accepts; it was not read beyond that."""
+
+
+def read_at_most(uri: str, stream: BinaryIO, announced_size: int, max_bytes: int | None) -> bytes:
+    """The whole of ``stream``, refused with ObjectTooLargeError when over ``max_bytes``: at once when the store
+    announces a larger size, and by reading no more than one byte past the limit otherwise (a file still growing)."""
+    if max_bytes is None:
+        return stream.read()
+    if announced_size > max_bytes:
+        raise ObjectTooLargeError(f"{uri} is {announced_size} bytes, over the {max_bytes} accepted")
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ObjectTooLargeError(f"{uri} is over the {max_bytes} bytes accepted")
+    return data
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,8 @@ class ObjectStore(ABC):
         """Store ``data`` under ``key``, replacing what was there."""
 
     @abstractmethod
-    def get(self, uri: str) -> bytes: ...
+    def get(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ObjectTooLargeError, having read at most ``max_bytes`` + 1, when it is larger."""
 
     @abstractmethod
     def head(self, uri: str) -> ObjectInfo: ...
@@ -175,10 +194,11 @@ class FileObjectStore(ObjectStore):
         _write_atomically(path.with_name(f".{path.name}.meta.json"), meta)
         return StoredObject(uri=path.as_uri(), sha256=digest, bytes=len(data))
 
-    def get(self, uri: str) -> bytes:
+    def get(self, uri: str, max_bytes: int | None = None) -> bytes:
         path, _ = self._paths(uri)
         try:
-            return path.read_bytes()
+            with path.open("rb") as file:
+                return read_at_most(uri, file, os.fstat(file.fileno()).st_size, max_bytes)
         except FileNotFoundError:
             raise ObjectNotFoundError(f"no object at {uri}") from None
 
@@ -281,14 +301,16 @@ class S3ObjectStore(ObjectStore):
     def _full_key(self, uri: str) -> str:
         return self._object_key(self.key_of(uri))
 
-    def get(self, uri: str) -> bytes:
+    def get(self, uri: str, max_bytes: int | None = None) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._full_key(uri))
         except ClientError as e:
             if _is_not_found(e):
                 raise ObjectNotFoundError(f"no object at {uri}") from None
             raise
-        return response["Body"].read()
+        # Closing the body unread drops the connection rather than downloading what is refused.
+        with contextlib.closing(response["Body"]) as body:
+            return read_at_most(uri, body, response["ContentLength"], max_bytes)
 
     def head(self, uri: str) -> ObjectInfo:
         try:

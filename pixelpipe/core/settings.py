@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 ENV_PREFIX = "PIXELPIPE_"
 
@@ -50,22 +50,38 @@ def section_env(section: Any) -> dict[str, str]:
 
 
 def section_redacted(section: Any) -> dict[str, Any]:
-    return {
-        f.name: (_masked(getattr(section, f.name)) if f.metadata["secret"] else getattr(section, f.name))
-        for f in dataclasses.fields(section)
-    }
+    """A section's values, safe to show: secrets masked whole, and every URL (a secret or not: a registry or an
+    endpoint may carry credentials too) with its password and secret query parameters masked."""
+    shown: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, str) and "://" in value:
+            value = mask_secrets(value)
+        elif f.metadata["secret"] and value:
+            value = MASK
+        shown[f.name] = value
+    return shown
 
 
-def _masked(value: Any) -> Any:
-    """A URL keeps everything but its password; any other secret is masked whole."""
-    if not value:
-        return value
-    parts = urlsplit(str(value))
-    if parts.scheme and parts.netloc:
-        if parts.password is None:
-            return value
-        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
-    return "***"
+MASK = "***"
+# Query parameters that carry credentials: clickhouse-driver takes ?password=, presigned URLs carry signatures.
+_SECRET_PARAMETER = re.compile(
+    r"(?i)(?:[\w-]*[-_.])?(?:pass(?:word|wd)?|pwd|secret|token|signature|sig|credential|(?:api|access|secret)[-_]?key)"
+)
+# The password of scheme://user:password@host (up to the host's @, so a password may hold an @ itself), and a query
+# parameter's value.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]+@")
+_QUERY_PARAMETER = re.compile(r"([?&;]([^\s=&;#]+)=)[^\s&;#\"']+")
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it and the values of secret query parameters masked: for a URL
+    shown to people, and for log lines and error messages, which may quote one (a connection string, say)."""
+    text = _URL_PASSWORD.sub(rf"\1{MASK}@", text)
+    return _QUERY_PARAMETER.sub(
+        lambda match: match[1] + MASK if _SECRET_PARAMETER.fullmatch(match[2]) else match[0],
+        text,
+    )
 
 
 def settings_table(sections: Iterable[type]) -> str:
@@ -155,12 +171,28 @@ class ObjectStoreSettings:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Limits checked by the producer SDK on what is sent and by the render stages on what will run."""
+    """Limits checked by the producer SDK on what is sent, by every stage on what it reads, and by the render stages
+    on what will run; edit sources are also read no further than ``max_source_bytes``."""
 
-    max_prompt_chars: int = setting("MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters.")
+    max_prompt_chars: int = setting(
+        "MAX_PROMPT_CHARS", 2000, "Longest prompt accepted, in characters, before and after normalisation."
+    )
+    max_negative_prompt_chars: int = setting(
+        "MAX_NEGATIVE_PROMPT_CHARS", 2000, "Longest negative prompt accepted, in characters."
+    )
+    max_name_chars: int = setting(
+        "MAX_NAME_CHARS", 128, "Longest event id, user id, model name, experiment key or variant name accepted."
+    )
+    max_uri_chars: int = setting("MAX_URI_CHARS", 1024, "Longest edit source or mask URI accepted, in characters.")
+    max_experiments: int = setting("MAX_EXPERIMENTS", 32, "Most experiment assignments one request may carry.")
     max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "Largest width or height accepted, in pixels.")
     max_steps: int = setting("MAX_STEPS", 150, "Most denoising steps accepted.")
     max_source_pixels: int = setting("MAX_SOURCE_PIXELS", 4_194_304, "Largest edit source or mask accepted, in pixels.")
+    max_source_bytes: int = setting(
+        "MAX_SOURCE_BYTES",
+        33_554_432,
+        "Largest edit source or mask accepted, in bytes; reading stops past it.",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
 """The rules a request must keep: checked by the producer SDK before sending, by every stage on what it reads,
-and by the render stages on the final parameters (after experiment overrides and model defaults)."""
+and by the render stages on the final parameters (after experiment overrides and model defaults).
+
+Prompts are normalised before they are checked, moderated or rendered (``normalised_request``): NFKC, which folds
+fullwidth and mathematical letters into plain ones, with the characters that render as nothing removed, so a prompt
+of zero-width spaces is empty and a blocked word laced with them is still the word.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import unicodedata
 from typing import Any
 
 from pixelpipe.core.clock import utc_now
@@ -16,6 +23,35 @@ PRIORITIES = ("INTERACTIVE", "BATCH")
 MAX_IMAGES = 10
 SIDE_MULTIPLE = 8
 MAX_GUIDANCE = 50.0
+MAX_TOPIC_CHARS = 249  # Kafka's own limit on a topic name
+
+# Default-ignorable characters that are not format characters (category Cf, removed as a class): the Hangul
+# fillers, the combining grapheme joiner and the variation selectors.
+_INVISIBLE = frozenset(
+    "\u034f\u115f\u1160\u3164\uffa0\u180b\u180c\u180d\u180f"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def normalise_text(text: str) -> str:
+    """NFKC with the characters that render as nothing removed: format characters (zero-width space, joiners, BOM,
+    bidi controls, tag characters) and the other default-ignorable ones (fillers, variation selectors)."""
+    if text.isascii():  # nothing to fold or remove: the common case stays cheap
+        return text
+    # Removed first, so that what they separated composes (e, ZWJ, U+0301 gives é, as e, U+0301 does).
+    visible = "".join(c for c in text if c not in _INVISIBLE and unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFKC", visible)
+
+
+def normalised_request(request: ImageRequest) -> ImageRequest:
+    """``request`` with its prompts normalised (``normalise_text``): what is moderated and rendered."""
+    negative = request.negative_prompt
+    return dataclasses.replace(
+        request,
+        prompt=normalise_text(request.prompt),
+        negative_prompt=None if negative is None else normalise_text(negative),
+    )
 
 
 class InvalidRequestError(ValueError):
@@ -48,6 +84,15 @@ def check_guidance(guidance: Any) -> None:
     )
 
 
+def check_length(field: str, value: str | None, limit: int, setting: str) -> None:
+    """A string (None passes) of at most ``limit`` characters; ``setting`` names the variable that sets it."""
+    require(
+        value is None or len(value) <= limit,
+        field,
+        f"must be at most {limit} characters ({setting}), got {len(value or '')}",
+    )
+
+
 def check_side(side: str, value: Any, limits: RequestLimits) -> None:
     require(
         _is_int(value) and value > 0 and value % SIDE_MULTIPLE == 0,
@@ -72,6 +117,8 @@ def validate_request(
     for field in ("event_id", "request_id", "user_id", "model"):
         value = getattr(request, field)
         require(isinstance(value, str) and bool(value.strip()), field, "must not be empty")
+        if field != "request_id":  # its pattern (the contract's) bounds it
+            check_length(field, value, limits.max_name_chars, "PIXELPIPE_MAX_NAME_CHARS")
     require(
         REQUEST_ID_PATTERN.fullmatch(request.request_id) is not None,
         "request_id",
@@ -83,13 +130,18 @@ def validate_request(
         "priority",
         f"must be one of {', '.join(PRIORITIES)}, got {request.priority!r}",
     )
-    prompt = request.prompt
-    require(isinstance(prompt, str) and bool(prompt.strip()), "prompt", "must not be empty")
-    require(
-        len(prompt) <= limits.max_prompt_chars,
-        "prompt",
-        f"must be at most {limits.max_prompt_chars} characters, got {len(prompt)}",
-    )
+    # The raw text bounds what was sent, the normalised one what is moderated and rendered (NFKC may lengthen it).
+    require(isinstance(request.prompt, str), "prompt", "must not be empty")
+    prompt = normalise_text(request.prompt)
+    require(bool(prompt.strip()), "prompt", "must not be empty (invisible characters do not count)")
+    check_length("prompt", max(request.prompt, prompt, key=len), limits.max_prompt_chars, "PIXELPIPE_MAX_PROMPT_CHARS")
+    negative = request.negative_prompt
+    if negative is not None:
+        require(isinstance(negative, str), "negative_prompt", "must be a string or None")
+        longest = max(negative, normalise_text(negative), key=len)
+        check_length(
+            "negative_prompt", longest, limits.max_negative_prompt_chars, "PIXELPIPE_MAX_NEGATIVE_PROMPT_CHARS"
+        )
     n = request.n
     require(_is_int(n) and 1 <= n <= MAX_IMAGES, "n", f"must be between 1 and {MAX_IMAGES}, got {n!r}")
     check_side("width", request.width, limits)
@@ -100,6 +152,8 @@ def validate_request(
     require(seed is None or (_is_int(seed) and 0 <= seed < 2**63), "seed", f"must be in 0..2^63-1, got {seed!r}")
     if request.kind == "EDIT":
         require(bool(request.source_image_uri), "source_image_uri", "is required for an EDIT request")
+        for field in ("source_image_uri", "mask_uri"):
+            check_length(field, getattr(request, field), limits.max_uri_chars, "PIXELPIPE_MAX_URI_CHARS")
         strength = request.strength
         require(strength is None or 0 < strength <= 1, "strength", f"must be in (0, 1], got {strength!r}")
     else:
@@ -112,6 +166,18 @@ def validate_request(
         "experiments",
         "must map non-empty experiment keys to non-empty variant names",
     )
+    require(
+        len(experiments) <= limits.max_experiments,
+        "experiments",
+        f"must name at most {limits.max_experiments} experiments (PIXELPIPE_MAX_EXPERIMENTS), got {len(experiments)}",
+    )
+    require(
+        all(len(name) <= limits.max_name_chars for name in [*experiments, *experiments.values()]),
+        "experiments",
+        f"experiment keys and variant names must be at most {limits.max_name_chars} characters "
+        "(PIXELPIPE_MAX_NAME_CHARS)",
+    )
+    check_length("reply_topic", request.reply_topic, MAX_TOPIC_CHARS, "Kafka's limit on topic names")
     deadline = request.deadline
     if deadline is not None:
         require(

@@ -24,7 +24,7 @@ from pixelpipe.core.clock import utc_now
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.experiments import Experiment, load_experiments
-from pixelpipe.core.settings import Settings
+from pixelpipe.core.settings import Settings, mask_secrets
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
@@ -256,7 +256,7 @@ def _summarise(settings: Settings, requests: list[ImageRequest], echo: Callable[
     finally:
         client.close()
     echo("")
-    echo(f"results ({len(requests)} requests, from ClickHouse {settings.clickhouse.url}):")
+    echo(f"results ({len(requests)} requests, from ClickHouse {mask_secrets(settings.clickhouse.url)}):")
     for status, code, n in by_status:
         echo(f"  {status:<10} {code or '':<22} {n}")
     echo("stages:       count   queue p50/p95 ms   compute p50/p95 ms   cost USD   max batch")
@@ -268,5 +268,5 @@ def _summarise(settings: Settings, requests: list[ImageRequest], echo: Callable[
     price = settings.stages.device_hour_price_usd
     echo(f"total cost: {sum(row[6] for row in stages):.6f} USD at {price} USD per device-hour")
     total_images, example = images[0]
-    echo(f"{total_images} images stored under {settings.objects.url}, e.g. {example}")
+    echo(f"{total_images} images stored under {mask_secrets(settings.objects.url)}, e.g. {example}")
     echo(f"analyse the experiment: pixelpipe analyze steps-test --experiments {settings.experiments.file}")

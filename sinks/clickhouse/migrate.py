@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import datetime
 import re
+import time
 from pathlib import Path
 
 from pixelpipe.core.clickhouse import ClickHouseClient, connect
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
-# Raw event tables: the ones TTL or partition drops age out. Rollups are small and kept.
+# Raw event tables: the ones TTL or delete_expired_events age out. Rollups are small and kept.
 RAW_TABLES = ("results", "stage_metrics")
 
 # Table TTL arrived in ClickHouse 19.6; 18.16 rejects the clause as a syntax error.
 _TTL_SINCE = (19, 6)
+# How a table's TTL reads back from system.tables: `TTL event_date + toIntervalDay(30)`.
+_TTL_DAYS = re.compile(r"TTL event_date \+ toIntervalDay\((\d+)\)")
+_MUTATION_WAIT_S = 60.0
 
 
 def split_statements(sql: str) -> list[str]:
@@ -33,10 +37,21 @@ def server_version(client: ClickHouseClient) -> tuple[int, ...]:
 
 
 def ttl_clause(client: ClickHouseClient, ttl_days: int | None) -> str:
-    """A TTL clause for the raw tables where the engine has table TTL; empty otherwise (see drop_expired_partitions)."""
-    if ttl_days is None or server_version(client) < _TTL_SINCE:
+    """A TTL clause for the raw tables where the engine has table TTL, of ttl_days or else of the TTL the raw tables
+    already have; empty without either, and on engines without table TTL (see delete_expired_events)."""
+    if server_version(client) < _TTL_SINCE:
         return ""
-    return f"TTL event_date + INTERVAL {int(ttl_days)} DAY"
+    days = ttl_days or ttl_days_in_force(client)
+    return f"TTL event_date + INTERVAL {int(days)} DAY" if days else ""
+
+
+def ttl_days_in_force(client: ClickHouseClient) -> int | None:
+    """The days of the raw tables' TTL, as an earlier migrate set it; None without one (or without the tables)."""
+    rows = client.execute(
+        "SELECT engine_full FROM system.tables WHERE database = currentDatabase() AND name = 'results'"
+    )
+    match = _TTL_DAYS.search(str(rows[0][0])) if rows else None
+    return int(match[1]) if match else None
 
 
 def migration_files() -> list[Path]:
@@ -47,18 +62,20 @@ def applied_migrations(client: ClickHouseClient) -> set[str]:
     return {name for (name,) in client.execute("SELECT name FROM schema_migrations")}
 
 
-def apply_migrations(client: ClickHouseClient, ttl_days: int | None = None) -> list[str]:
-    """Applies the migrations not yet recorded, in name order; returns their names.
+def apply_migrations(client: ClickHouseClient, ttl_days: int | None = None, until: str | None = None) -> list[str]:
+    """Applies the migrations not yet recorded, in name order, up to and including ``until`` when given (a name such
+    as ``0005_what_ran``); returns their names.
 
     Statements use IF NOT EXISTS, so a migration that failed halfway can be applied again. ttl_days only shapes
-    tables created now: changing it later needs a migration of its own.
+    tables created now: changing it later needs a migration of its own. Without it, a migration that rebuilds a raw
+    table keeps the TTL the table had.
     """
     client.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (name String, applied_at DateTime DEFAULT now())"
         " ENGINE = MergeTree ORDER BY name"
     )
     done = applied_migrations(client)
-    pending = [path for path in migration_files() if path.stem not in done]
+    pending = [path for path in migration_files() if path.stem not in done and (until is None or path.stem <= until)]
     ttl = ttl_clause(client, ttl_days) if pending else ""
     for path in pending:
         for statement in split_statements(path.read_text().replace("{ttl}", ttl)):
@@ -76,20 +93,35 @@ def migrate(url: str, ttl_days: int | None = None) -> list[str]:
         client.close()
 
 
-def drop_expired_partitions(
+def delete_expired_events(
     client: ClickHouseClient, ttl_days: int, today: datetime.date | None = None
-) -> list[tuple[str, str]]:
-    """Retention without table TTL (18.16): drops raw-table month partitions wholly older than ttl_days.
+) -> dict[str, int]:
+    """Retention without table TTL (18.16): deletes raw-table rows older than ttl_days; returns the rows deleted
+    per table.
 
-    Returns (table, partition id) pairs dropped. Month granularity keeps up to a month beyond ttl_days.
+    The raw tables are one partition each (0006), so that every replay of an event collapses; old rows go by an
+    ALTER ... DELETE mutation, waited for here.
     """
-    cutoff = (today or datetime.date.today()) - datetime.timedelta(days=ttl_days)
-    tables = ", ".join(f"'{table}'" for table in RAW_TABLES)
-    expired = client.execute(
-        "SELECT table, partition_id FROM system.parts"
-        f" WHERE active AND database = currentDatabase() AND table IN ({tables})"
-        f" GROUP BY table, partition_id HAVING max(max_date) < toDate('{cutoff.isoformat()}')"
+    oldest_kept = (today or datetime.date.today()) - datetime.timedelta(days=ttl_days)
+    cutoff = f"toDate('{oldest_kept.isoformat()}')"
+    deleted: dict[str, int] = {}
+    for table in RAW_TABLES:
+        ((expired,),) = client.execute(f"SELECT count() FROM {table} WHERE event_date < {cutoff}")
+        if expired:
+            client.execute(f"ALTER TABLE {table} DELETE WHERE event_date < {cutoff}")
+            _wait_for_mutations(client, table)
+        deleted[table] = int(expired)
+    return deleted
+
+
+def _wait_for_mutations(client: ClickHouseClient, table: str) -> None:
+    deadline = time.monotonic() + _MUTATION_WAIT_S
+    pending = (
+        f"SELECT count() FROM system.mutations WHERE database = currentDatabase() AND table = '{table}' AND NOT is_done"
     )
-    for table, partition_id in expired:
-        client.execute(f"ALTER TABLE {table} DROP PARTITION ID '{partition_id}'")
-    return [(str(table), str(partition_id)) for table, partition_id in expired]
+    while client.execute(pending)[0][0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the delete on {table} did not finish in {_MUTATION_WAIT_S:.0f} s (see system.mutations)"
+            )
+        time.sleep(0.1)

@@ -1,7 +1,8 @@
-"""Typed events to row tuples for the raw tables of migrations/ (0001_raw_tables.sql, 0005_what_ran.sql).
+"""Typed events to row tuples for the raw tables of migrations/ (as 0006_dedup_by_event_id.sql declares them).
 
 One pure function per table; the column tuples name the columns in row order. Columns with a DEFAULT
-(event_time, event_date, image_count) are left to ClickHouse, so both backends derive them the same way.
+(event_time, event_date, image_count) or MATERIALIZED (status_rank) are left to ClickHouse, so both backends derive
+them the same way.
 """
 
 from __future__ import annotations

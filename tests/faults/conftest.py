@@ -130,9 +130,9 @@ class Harness:
         self._stream_error: BaseException | None = None
 
     # -- processes -------------------------------------------------------------------------------------------
-    def start_worker(self, name: str, **overrides: object) -> WorkerProcess:
+    def start_worker(self, name: str, stages: tuple[str, ...] = STAGES, **overrides: object) -> WorkerProcess:
         settings = self.settings.updated(worker_id=name, **overrides)
-        worker = WorkerProcess(settings, STAGES, self.tmp_path / f"{name}.log")
+        worker = WorkerProcess(settings, stages, self.tmp_path / f"{name}.log")
         self.workers.append(worker)
         return worker
 
@@ -180,6 +180,11 @@ class Harness:
             )
             for i in range(count)
         ]
+
+    def publish_raw(self, topic: str, key: str, value: bytes) -> None:
+        """Bytes straight onto ``topic``, as a producer without the SDK could send them."""
+        with Publisher(self.settings) as publisher:
+            publisher.publish_encoded(key.encode(), value, topic).result(timeout=120)
 
     def publish_now(self, requests: list[ImageRequest]) -> None:
         with Publisher(self.settings) as publisher:

@@ -7,6 +7,10 @@ event in the deduplicated ClickHouse views, and every image a result names prese
 
 The S3 outage lasts 30 s, well inside the worker's storage retry budget (PIXELPIPE_STORAGE_RETRY_BUDGET_S, 120 s by
 default): every request it hits waits with its rendered images and succeeds once the store answers again.
+
+The poison tests publish, mid-stream, three events onto one topic whose event_time (2**62 ms) is valid Avro but no
+datetime: each must end as a dead letter with its original bytes (and a FAILED result, where its key names a
+request) while the stream's requests all succeed and the sink keeps running.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import time
 
 import pytest
 
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import DeadLetter, ImageResult
+from pixelpipe.producers.results import collect
+from tests.faults.conftest import STAGES
+from tests.samples import sample_records
+
 pytestmark = pytest.mark.faults
 
 WARM_UP = 2
@@ -22,10 +32,10 @@ STREAM = 16
 RATE_PER_S = 2.0
 
 
-def start(harness, tag: str):
+def start(harness, tag: str, stages: tuple[str, ...] = STAGES):
     """Sink and first worker up, flowing; then the steady stream begins. Returns the request ids and the worker."""
     harness.start_sink()
-    worker = harness.start_worker(f"{tag}-a")
+    worker = harness.start_worker(f"{tag}-a", stages)
     warm = harness.requests(WARM_UP, f"{tag}-warm")
     harness.publish_now(warm)
     harness.wait_results_in_clickhouse([r.request_id for r in warm], timeout_s=180)
@@ -123,3 +133,49 @@ def test_object_storage_refusing_for_thirty_seconds(harness):
     recovery = harness.recovery_after(cleared)
     row = harness.verify(f"S3 refusing {S3_OUTAGE_S} s", ids + [r.request_id for r in after], recovery)
     assert row["outcomes"] == ["SUCCEEDED:"]  # ridden out: no request failed for the outage
+
+
+# What each topic carries, and who reads it: the stage (or the sink) that must dead-letter a poison event there.
+POISON_TOPICS = {
+    "requests": ("ImageRequest", "moderation"),
+    "generate": ("ImageRequest", "generate"),
+    "edit": ("ImageRequest", "edit"),
+    "results": ("ImageResult", "clickhouse-sink"),
+    "metrics": ("StageMetric", "clickhouse-sink"),
+}
+
+
+@pytest.mark.parametrize("topic", list(POISON_TOPICS))
+def test_poison_events_on_a_topic_are_dead_lettered_and_the_stream_flows_on(harness, topic):
+    schema, reader = POISON_TOPICS[topic]
+    ids, _ = start(harness, f"poison-{topic}", (*STAGES, "edit") if topic == "edit" else STAGES)
+    wait_stream_midway(harness, ids)
+    topic_name = getattr(harness.settings.topics, topic)
+    poison = {}  # request id -> bytes: valid Avro whose event_time (2**62 ms) no decoder can turn into a datetime
+    for i in range(3):
+        request_id = f"poison-{topic}-{i}"
+        poison[request_id] = Codec().encode_record(
+            schema, sample_records()[schema] | {"request_id": request_id, "event_time": 2**62}
+        )
+        harness.publish_raw(topic_name, request_id, poison[request_id])
+    injected = time.time()
+    recovery = harness.recovery_after(injected)
+    row = harness.verify(f"3 poison events on {topic}", ids, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+    ids_of_poison = list(poison)
+    letters = collect(
+        harness.settings.kafka, harness.settings.topics.dead_letter, DeadLetter, ids_of_poison, timeout_s=60
+    )
+    assert not letters.missing, harness.logs()
+    for request_id, value in poison.items():
+        letter = letters.latest()[request_id]
+        assert (letter.stage, letter.topic, letter.original_value) == (reader, topic_name, value)
+        assert "OverflowError" in letter.error_reason
+    if schema == "ImageRequest":  # the key names the request: it also ends FAILED, in ClickHouse like any other
+        failed = collect(
+            harness.settings.kafka, harness.settings.topics.results, ImageResult, ids_of_poison, timeout_s=60
+        )
+        assert not failed.missing
+        assert {(r.status, r.error_code) for r in failed.latest().values()} == {("FAILED", "UNDECODABLE")}
+        harness.wait_results_in_clickhouse(ids_of_poison, timeout_s=60)

@@ -11,7 +11,7 @@ import pytest
 from pixelpipe.core.clickhouse import ChdbClient, ClickHouseClient, ServerClient
 from pixelpipe.sinks.clickhouse.migrate import (
     apply_migrations,
-    drop_expired_partitions,
+    delete_expired_events,
     migration_files,
     server_version,
 )
@@ -134,13 +134,14 @@ def _check_migrations(client: ClickHouseClient) -> None:
     )
     assert rejections == [("PROMPT", "nsfw", "sd-turbo", "", 1)]
 
-    # Table TTL only where the engine has it (not 18.16); partition drops work everywhere, here a year ahead.
+    # Table TTL only where the engine has it (not 18.16); deleting expired events works everywhere, a year ahead.
     (create,) = client.execute("SHOW CREATE TABLE results")[0]
     assert ("TTL event_date + toIntervalDay(30)" in create) == (server_version(client) >= (19, 6))
     next_year = datetime.date.today() + datetime.timedelta(days=365)
-    dropped = drop_expired_partitions(client, ttl_days=30, today=next_year)
-    assert sorted(table for table, _ in dropped) == ["results", "stage_metrics"]
+    deleted = delete_expired_events(client, ttl_days=30, today=next_year)
+    assert sorted(deleted) == ["results", "stage_metrics"] and all(deleted.values())
     assert client.execute("SELECT count() FROM results") == [(0,)]
+    assert client.execute("SELECT count() FROM stage_metrics") == [(0,)]
 
 
 def test_migrations_on_the_ci_server(server_client: ServerClient) -> None:
@@ -149,3 +150,67 @@ def test_migrations_on_the_ci_server(server_client: ServerClient) -> None:
 
 def test_migrations_on_chdb(chdb_client: ChdbClient) -> None:
     _check_migrations(chdb_client)
+
+
+_DAY_MS = 86_400_000
+
+
+def _replays(event_id: str, statuses: list[str], days_ago: list[int]) -> list[dict[str, str]]:
+    """One result per status, each written on another day: what redelivery and a looped reply topic produce."""
+    return [
+        _RESULT
+        | {
+            "event_id": f"'{event_id}'",
+            "status": f"'{status}'",
+            "event_time_ms": f"{_NOW_MS - days * _DAY_MS}",
+            # a FAILED replay names no image
+            **(
+                {f"image_{n}": "[]" for n in ("uris", "sha256", "widths", "heights", "formats", "bytes")}
+                if status == "FAILED"
+                else {}
+            ),
+        }
+        for status, days in zip(statuses, days_ago, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("backend", ["server", "chdb"])
+def test_replays_of_an_event_collapse_whatever_their_status_or_day(backend, request):
+    client = request.getfixturevalue(f"{backend}_client")
+    apply_migrations(client)
+    # Each in an insert of its own, as separate deliveries arrive; over 31 days apart, so in different months too.
+    for row in _replays("res-a", ["SUCCEEDED", "FAILED"], [0, 40]) + _replays("res-b", ["FAILED", "REJECTED"], [35, 1]):
+        _insert(client, "results", [row])
+    _insert(client, "stage_metrics", [_METRIC])
+    _insert(client, "stage_metrics", [_METRIC | {"outcome": "'FAILED'", "event_time_ms": f"{_NOW_MS - 40 * _DAY_MS}"}])
+    # The best status wins, whatever the order and the day: SUCCEEDED over REJECTED over FAILED.
+    assert client.execute("SELECT event_id, toString(status) FROM results_dedup ORDER BY event_id") == [
+        ("res-a", "SUCCEEDED"),
+        ("res-b", "REJECTED"),
+    ]
+    assert client.execute("SELECT count() FROM stage_metrics_dedup") == [(1,)]
+
+
+@pytest.mark.parametrize("backend", ["server", "chdb"])
+def test_rekeying_keeps_the_rows_the_views_and_the_ttl(backend, request):
+    client = request.getfixturevalue(f"{backend}_client")
+    assert apply_migrations(client, ttl_days=30, until="0005_what_ran")[-1] == "0005_what_ran"
+    for row in [*_replays("res-a", ["SUCCEEDED", "FAILED"], [0, 1]), _REJECTED]:
+        _insert(client, "results", [row])
+    _insert(client, "stage_metrics", [_METRIC])
+    assert client.execute("SELECT count() FROM results_dedup") == [(3,)]  # the old keys kept both replays of res-a
+
+    assert apply_migrations(client) == ["0006_dedup_by_event_id"]  # no ttl_days: the tables keep theirs
+    assert client.execute("SELECT event_id, toString(status) FROM results_dedup ORDER BY event_id") == [
+        ("res-2", "REJECTED"),
+        ("res-a", "SUCCEEDED"),
+    ]
+    assert client.execute("SELECT count() FROM stage_metrics_dedup") == [(1,)]
+    (create,) = client.execute("SHOW CREATE TABLE results")[0]
+    assert ("TTL event_date + toIntervalDay(30)" in create) == (server_version(client) >= (19, 6))
+    # The rollups are fed by the new tables: one more success with two images, one more metric.
+    images_before = client.execute("SELECT sum(images) FROM cost_1h")[0][0]
+    _insert(client, "results", [_RESULT | {"event_id": "'res-new'"}])
+    _insert(client, "stage_metrics", [_METRIC | {"event_id": "'met-new'"}])
+    assert client.execute("SELECT sum(images) FROM cost_1h")[0][0] == images_before + 2
+    assert client.execute("SELECT uniqExactMerge(events) FROM stage_latency_1m") == [(2,)]

@@ -22,7 +22,7 @@ from pixelpipe.core.clickhouse import ChdbClient, ServerClient, connect
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import CategoryScore, DeadLetter, ImageResult, StageMetric, StoredImage
 from pixelpipe.core.topics import ensure_topics
-from pixelpipe.sinks.clickhouse.migrate import apply_migrations, migrate
+from pixelpipe.sinks.clickhouse.migrate import apply_migrations, migrate, migration_files
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink
 
@@ -221,6 +221,36 @@ def test_bad_events_go_to_the_dead_letter_topic_and_the_rest_is_loaded(topic_set
     assert all(letter.stage == "clickhouse-sink" and letter.topic for letter in letters.values())
 
 
+def test_an_event_out_of_range_is_dead_lettered_and_the_forty_around_it_land(topic_settings, warehouse):
+    make_topics(topic_settings)
+    results, metrics = events(40, seed=7)
+    codec = Codec()
+    # Valid Avro that no decoder can turn into a datetime: it used to stop the sink on every restart.
+    poison_result = codec.encode_record("ImageResult", results[0].to_avro() | {"event_time": 2**62})
+    poison_metric = codec.encode_record("StageMetric", metrics[0].to_avro() | {"event_time": 2**62})
+    poison = [
+        (topic_settings.topics.results, poison_result, "req-poison"),
+        (topic_settings.topics.metrics, poison_metric, "req-poison-m"),
+    ]
+    publish(topic_settings, results[:20], metrics[:20], poison)
+    publish(topic_settings, results[20:], metrics[20:])
+
+    settings = topic_settings.updated(sink_group_id=f"sink-{uuid.uuid4().hex[:8]}")
+    stats = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+
+    assert (stats.rows, stats.dead_letters) == (80, 2)
+    assert dedup_counts(warehouse) == [(40, 40, 40, 40)]
+    letters = {letter.original_key: letter for letter in dead_letters(topic_settings, 2)}
+    assert letters[b"req-poison"].original_value == poison_result
+    assert letters[b"req-poison"].topic == topic_settings.topics.results
+    assert "ImageResult does not decode" in letters[b"req-poison"].error_reason
+    assert "OverflowError" in letters[b"req-poison"].error_reason
+    assert letters[b"req-poison-m"].original_value == poison_metric
+    # The offsets were committed past the poison once its dead letter was stored: a restart reads nothing again.
+    again = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+    assert (again.rows, again.dead_letters) == (0, 0)
+
+
 # -- dashboards ----------------------------------------------------------------------------------------------
 def normalised(rows):
     def value(v):
@@ -298,6 +328,6 @@ def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
         [sys.executable, "-m", "pixelpipe.sinks.cli", "migrate"], env=env, capture_output=True, text=True, timeout=60
     )
     assert migrated.returncode == 0, migrated.stderr
-    assert (
-        "applied: 0001_raw_tables, 0002_dedup_views, 0003_rollups, 0004_exposures, 0005_what_ran\n" in migrated.stdout
-    )
+    names = [path.stem for path in migration_files()]
+    assert names[-1] == "0006_dedup_by_event_id"
+    assert f"applied: {', '.join(names)}\n" in migrated.stdout

@@ -2,13 +2,20 @@
 
 import hashlib
 import os
+import tracemalloc
 import urllib.request
 import uuid
 from datetime import UTC, datetime
 
 import pytest
 
-from pixelpipe.core.objects import ObjectNotFoundError, ObjectStoreError, S3ObjectStore, open_object_store
+from pixelpipe.core.objects import (
+    ObjectNotFoundError,
+    ObjectStoreError,
+    ObjectTooLargeError,
+    S3ObjectStore,
+    open_object_store,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +60,20 @@ def test_missing_object(store):
     assert not store.exists(uri)
     with pytest.raises(ObjectNotFoundError):
         store.get(uri)
+
+
+def test_get_refuses_an_object_over_max_bytes_without_downloading_it(store):
+    data = os.urandom(8 * MB)
+    stored = store.put(key(store), data, "application/octet-stream")
+    assert store.get(stored.uri, max_bytes=len(data)) == data
+    tracemalloc.start()
+    try:
+        with pytest.raises(ObjectTooLargeError, match=f"is {8 * MB} bytes, over the {MB} accepted"):
+            store.get(stored.uri, max_bytes=MB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MB
 
 
 def test_presigned_get_over_http(store):

@@ -3,6 +3,7 @@
 import datetime as dt
 import hashlib
 import io
+import os
 import re
 import time
 import uuid
@@ -227,6 +228,52 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(
     assert "matches no shipped schema" in letters.latest()["bad-0002"].error_reason
 
 
+def test_poison_requests_on_every_input_topic_end_as_dead_letters_and_failures(pipeline, tmp_path):
+    store = open_object_store(pipeline.objects)
+    source = store.put("inputs/source.png", png(64, 64, 1), "image/png").uri
+    codec = codec_from_settings(pipeline.kafka)
+    base = {"model": "tiny-sd", "user_id": "u1", "width": 64, "height": 64, "steps": 2}
+    topics = {
+        "moderation": pipeline.topics.requests,
+        "generate": pipeline.topics.generate,
+        "edit": pipeline.topics.edit,
+    }
+    suffix = uuid.uuid4().hex[:8]
+    poison = {}  # request id -> (stage, topic, bytes): valid Avro whose event_time (2**62 ms) is no datetime
+    for stage, topic in topics.items():
+        request = new_request(prompt=f"poison for {stage}", request_id=f"poison-{stage}-{suffix}", **base)
+        poison[request.request_id] = (
+            stage,
+            topic,
+            codec.encode_record("ImageRequest", request.to_avro() | {"event_time": 2**62}),
+        )
+    tombstone = f"tombstone-{suffix}"
+    good = [
+        new_request(prompt="a fox after the poison", **base),
+        new_request(kind="EDIT", prompt="make it blue", source_image_uri=source, strength=0.6, **base),
+    ]
+    with WorkerProcess(pipeline, STAGES, tmp_path / "worker.log") as worker:
+        with Publisher(pipeline) as publisher:
+            for request_id, (_, topic, value) in poison.items():
+                publisher.publish_encoded(request_id.encode(), value, topic).result(timeout=30)
+            publisher.publish_encoded(tombstone.encode(), None).result(timeout=30)
+        publish(pipeline, good)
+        ids = [*poison, tombstone, *(r.request_id for r in good)]
+        results = collect(pipeline.kafka, pipeline.topics.results, ImageResult, ids, timeout_s=240)
+        assert not results.missing, worker.log_tail()
+        letters = collect(pipeline.kafka, pipeline.topics.dead_letter, DeadLetter, [*poison, tombstone], timeout_s=30)
+        assert not letters.missing, worker.log_tail()
+    latest = results.latest()
+    assert all(latest[r.request_id].status == "SUCCEEDED" for r in good)
+    for request_id, (stage, topic, value) in poison.items():
+        assert (latest[request_id].status, latest[request_id].error_code) == ("FAILED", "UNDECODABLE")
+        letter = letters.latest()[request_id]
+        assert (letter.stage, letter.topic, letter.original_value) == (stage, topic, value)
+        assert "body does not decode (OverflowError" in letter.error_reason
+    assert latest[tombstone].error_code == "UNDECODABLE"
+    assert "expected bytes, got NoneType" in letters.latest()[tombstone].error_reason
+
+
 def wait_for_partitions(worker, timeout_s=180.0):
     """Until ``worker`` logs a non-empty partition assignment: its start (models, moderation) takes a while, and a
     stream that ends before it joins proves nothing about sharing. Returns its log."""
@@ -293,6 +340,7 @@ def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipelin
 
 
 def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, tmp_path):
+    pipeline = pipeline.updated(max_source_bytes=1024 * 1024)
     store = open_object_store(pipeline.objects)
     bomb = io.BytesIO()
     Image.new("L", (4000, 4000)).save(bomb, format="PNG")  # 16 Mpx of zeros compress to a few KB
@@ -303,19 +351,22 @@ def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, 
         "text": store.put("inputs/not-an-image.png", b"%PDF-1.4 definitely not a PNG", "image/png").uri,
         "gif": store.put("inputs/anim.gif", gif.getvalue(), "image/gif").uri,
         "missing": store.uri_for("inputs/never-written.png"),
+        "huge": store.put("inputs/huge.png", os.urandom(3 * 1024 * 1024), "image/png").uri,
     }
     edits = {
         name: new_request(kind="EDIT", prompt=name, model="tiny-sd", user_id="u", source_image_uri=uri)
         for name, uri in sources.items()
     }
     oversized = new_request(prompt="x" * 5000, model="tiny-sd", user_id="u")
+    invisible = new_request(prompt="\u200b\u200d\ufeff", model="tiny-sd", user_id="u")
+    laced = new_request(prompt="a g\u200bory massa\u200dcre", model="tiny-sd", user_id="u")
     good = new_request(prompt="a fox after all that", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
     valid = codec_from_settings(pipeline.kafka).encode(good)
     with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
         with Publisher(pipeline) as publisher:
             publisher.publish_encoded(b"truncated-1", valid[: len(valid) // 2]).result(timeout=30)
-        publish(pipeline, [*edits.values(), oversized, good])
-        ids = ["truncated-1", *(r.request_id for r in [*edits.values(), oversized, good])]
+        publish(pipeline, [*edits.values(), oversized, invisible, laced, good])
+        ids = ["truncated-1", *(r.request_id for r in [*edits.values(), oversized, invisible, laced, good])]
         results = collect(pipeline.kafka, pipeline.topics.results, ImageResult, ids, timeout_s=240)
         assert not results.missing, worker.log_tail()
     latest = results.latest()
@@ -326,7 +377,10 @@ def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, 
     assert failures["text"][0] == "INVALID_SOURCE"
     assert failures["gif"][0] == "INVALID_SOURCE" and "GIF" in failures["gif"][1]
     assert failures["missing"][0] == "INVALID_SOURCE"
+    assert failures["huge"][0] == "INVALID_SOURCE" and "over the 1048576 accepted" in failures["huge"][1]
     assert latest[oversized.request_id].error_code == "INVALID_REQUEST"
     assert "prompt: must be at most 2000 characters" in latest[oversized.request_id].error_message
     assert latest["truncated-1"].error_code == "UNDECODABLE"
+    assert "prompt: must not be empty" in latest[invisible.request_id].error_message
+    assert (latest[laced.request_id].status, latest[laced.request_id].moderation_stage) == ("REJECTED", "PROMPT")
     assert latest[good.request_id].status == "SUCCEEDED"

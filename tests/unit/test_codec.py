@@ -144,3 +144,39 @@ def test_encode_refuses_records_that_break_the_schema():
         Codec().encode(EVENT_TYPES["ImageRequest"].from_avro(bad))
     with pytest.raises(UnknownSchemaError, match="unknown schema 'Nope'"):
         Codec().encode_record("Nope", {})
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_a_timestamp_out_of_range_is_a_codec_error(name):
+    # 2**62 ms is a valid Avro long but no datetime: fastavro raises OverflowError while converting it.
+    data = Codec().encode_record(name, sample_records()[name] | {"event_time": 2**62})
+    with pytest.raises(CodecError, match=f"{name}: body does not decode \\(OverflowError"):
+        Codec().decode(data)
+
+
+def test_a_writer_schema_that_does_not_resolve_is_a_codec_error():
+    # A registry schema named like ours whose `kind` is an int: it cannot be resolved into the current enum.
+    incompatible = json.loads((SCHEMA_DIR / "ImageRequest.avsc").read_text())
+    for field in incompatible["fields"]:
+        if field["name"] == "kind":
+            field["type"] = "int"
+    registry = InMemorySchemaRegistry()
+    schema_id = registry.register("pixelpipe.v1.ImageRequest", json.dumps(incompatible))
+    record = sample_records()["ImageRequest"] | {"kind": 1}
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(incompatible), record)
+    with pytest.raises(CodecError, match="ImageRequest: body does not decode \\(SchemaResolutionError"):
+        Codec(registry).decode(b"\x00" + struct.pack(">I", schema_id) + body.getvalue())
+
+
+def test_a_registry_schema_that_does_not_parse_is_a_codec_error():
+    registry = InMemorySchemaRegistry()
+    schema_id = registry.register("pixelpipe.v1.ImageRequest", "{not json")
+    with pytest.raises(UnknownSchemaError, match=f"schema id {schema_id} is not a valid Avro schema"):
+        Codec(registry).decode(b"\x00" + struct.pack(">I", schema_id) + b"\x00")
+
+
+@pytest.mark.parametrize("value", [None, "a string"])
+def test_a_value_that_is_not_bytes_is_a_codec_error(value):
+    with pytest.raises(UnknownEncodingError, match="expected bytes"):
+        Codec().decode(value)

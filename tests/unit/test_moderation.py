@@ -44,6 +44,34 @@ def test_rule_rejects_its_category_with_score(prompts: PromptModerator, prompt: 
     assert verdict.scores[category] == 1.0
 
 
+@pytest.mark.parametrize(
+    ("prompt", "category"),
+    [
+        ("a g\u200bory battlefield", "violence"),  # zero-width space inside the word
+        ("a na\u202dz\u202ci rally", "hate"),  # bidi controls inside the word
+        ("a lab cooking m\ufeffe\u200dth", "illicit"),  # BOM and zero-width joiner
+        ("a \uff47\uff4f\uff52\uff45 scene", "violence"),  # fullwidth letters
+        ("a \U0001d427\U0001d41a\U0001d433\U0001d422 flag", "hate"),  # mathematical bold
+        ("a n\u0430zi flag", "hate"),  # Cyrillic a
+        ("\u0421\u041e\u0421\u0410INE for sale", "illicit"),  # Cyrillic capitals
+        ("a m\u03b1ss\u03b1cre", "violence"),  # Greek alpha
+    ],
+)
+def test_invisible_and_look_alike_variants_of_blocked_words_are_caught(
+    prompts: PromptModerator, prompt: str, category: str
+) -> None:
+    verdict = prompts.check(prompt)
+    assert not verdict.allowed
+    assert category in verdict.rejected_categories
+
+
+def test_look_alike_folding_leaves_ordinary_text_of_other_scripts_alone(prompts: PromptModerator) -> None:
+    assert prompts.check("\u043a\u043e\u0442 \u043d\u0430 \u043a\u0440\u044b\u0448\u0435").allowed  # кот на крыше
+    assert prompts.check(
+        "\u03bf \u03ae\u03bb\u03b9\u03bf\u03c2 \u03c3\u03c4\u03b7 \u03b8\u03ac\u03bb\u03b1\u03c3\u03c3\u03b1"
+    ).allowed
+
+
 def test_minor_terms_alone_do_not_fire_sexual_minors(prompts: PromptModerator) -> None:
     verdict = prompts.check("children flying kites in a park")
     assert verdict.allowed

@@ -1,7 +1,9 @@
 """The filesystem object store: round trips, deterministic keys, atomic replacing writes, and URI validation."""
 
 import hashlib
+import io
 import re
+import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -10,8 +12,10 @@ from pixelpipe.core.objects import (
     FileObjectStore,
     ObjectNotFoundError,
     ObjectStoreError,
+    ObjectTooLargeError,
     S3ObjectStore,
     open_object_store,
+    read_at_most,
 )
 from pixelpipe.core.settings import ObjectStoreSettings
 
@@ -44,6 +48,43 @@ def test_missing_object(store):
         store.get(uri)
     with pytest.raises(ObjectNotFoundError):
         store.head(uri)
+
+
+def test_get_refuses_an_object_over_max_bytes_without_reading_it(store, tmp_path):
+    stored = store.put("inputs/exact.png", PNG, "image/png")
+    assert store.get(stored.uri, max_bytes=len(PNG)) == PNG
+    with pytest.raises(ObjectTooLargeError, match=f"is {len(PNG)} bytes, over the {len(PNG) - 1} accepted"):
+        store.get(stored.uri, max_bytes=len(PNG) - 1)
+    junk = store.root / "inputs" / "junk.png"
+    with junk.open("wb") as file:
+        file.truncate(64 * 1024 * 1024)  # 64 MB, sparse: costs no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(ObjectTooLargeError, match="over the 33554432 accepted"):
+            store.get(junk.as_uri(), max_bytes=32 * 1024 * 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+class GrowingFile(io.RawIOBase):
+    """A stream that never ends, whatever size was announced for it: counts what is read."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def read(self, size=-1):
+        assert size >= 0, "read everything of an endless stream"
+        self.read_bytes += size
+        return b"x" * size
+
+
+def test_reading_stops_one_byte_past_the_limit_whatever_size_was_announced():
+    stream = GrowingFile()
+    with pytest.raises(ObjectTooLargeError, match="s3://b/k is over the 1000 bytes accepted"):
+        read_at_most("s3://b/k", stream, announced_size=10, max_bytes=1000)
+    assert stream.read_bytes == 1001
 
 
 def test_image_key_is_deterministic_and_dated_in_utc(store):

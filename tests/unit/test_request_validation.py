@@ -5,6 +5,7 @@ import pytest
 
 from pixelpipe.core.experiments import assign_variant, parse_experiment_spec
 from pixelpipe.core.settings import RequestLimits
+from pixelpipe.core.validation import normalise_text, normalised_request
 from pixelpipe.producers import InvalidRequestError, new_request, validate_request
 
 SETTINGS = RequestLimits(max_prompt_chars=100, max_image_side=1024)
@@ -26,7 +27,24 @@ def test_a_good_request_passes():
     [
         ({"prompt": ""}, "prompt: must not be empty"),
         ({"prompt": "   "}, "prompt: must not be empty"),
-        ({"prompt": "x" * 101}, "prompt: must be at most 100 characters, got 101"),
+        ({"prompt": "x" * 101}, "prompt: must be at most 100 characters \\(PIXELPIPE_MAX_PROMPT_CHARS\\), got 101"),
+        ({"prompt": "\u200b\u200c\u200d\ufeff\u2060\u202e\u3164"}, "prompt: must not be empty"),  # invisible only
+        ({"prompt": "\ufdfa" * 10}, "prompt: must be at most 100 characters .*, got 180"),  # NFKC: 18 letters each
+        ({"negative_prompt": "blurry, " * 64_000}, "negative_prompt: must be at most 2000 characters"),
+        ({"user_id": "u" * 129}, "user_id: must be at most 128 characters \\(PIXELPIPE_MAX_NAME_CHARS\\), got 129"),
+        ({"model": "m" * 200}, "model: must be at most 128 characters"),
+        ({"event_id": "e" * 1000}, "event_id: must be at most 128 characters"),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/" + "k" * 2000},
+            "source_image_uri: must be at most 1024 characters \\(PIXELPIPE_MAX_URI_CHARS\\), got 2007",
+        ),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/k", "mask_uri": "s3://b/" + "m" * 1020},
+            "mask_uri: must be at most",
+        ),
+        ({"experiments": {f"exp-{i}": "a" for i in range(33)}}, "experiments: must name at most 32 experiments"),
+        ({"experiments": {"exp": "v" * 129}}, "experiments: experiment keys and variant names must be at most 128"),
+        ({"reply_topic": "t" * 250}, "reply_topic: must be at most 249 characters"),
         ({"n": 0}, "n: must be between 1 and 10, got 0"),
         ({"n": 11}, "n: must be between 1 and 10, got 11"),
         ({"width": 500}, "width: must be a positive multiple of 8, got 500"),
@@ -61,6 +79,30 @@ def test_a_good_request_passes():
 def test_bad_requests_are_refused_naming_field_and_rule(changes, message):
     with pytest.raises(InvalidRequestError, match=f"^{message}"):
         validate_request(request(**changes), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("a red fox", "a red fox"),
+        ("na\u200bzi", "nazi"),  # zero-width space
+        ("\ufeffgo\u200dre\u2060", "gore"),  # BOM, zero-width joiner, word joiner
+        ("\u202egore\u202c", "gore"),  # bidi override and pop
+        ("\uff47\uff4f\uff52\uff45", "gore"),  # fullwidth
+        ("\U0001d420\U0001d428\U0001d42b\U0001d41e", "gore"),  # mathematical bold
+        ("e\u200d\u0301", "\u00e9"),  # what a joiner separated composes once it is gone
+        ("caf\u00e9 \u2014 \u00fcn\u00efc\u00f6d\u00e9 \u2713", "caf\u00e9 \u2014 \u00fcn\u00efc\u00f6d\u00e9 \u2713"),
+    ],
+)
+def test_prompts_are_normalised(text, normalised):
+    assert normalise_text(text) == normalised
+    assert normalise_text(normalised) == normalised
+
+
+def test_a_normalised_request_carries_normalised_prompts():
+    original = request(prompt="\uff46\uff4f\uff58\u200b", negative_prompt="\u200bblur")
+    assert (normalised_request(original).prompt, normalised_request(original).negative_prompt) == ("fox", "blur")
+    assert normalised_request(request(negative_prompt=None)).negative_prompt is None
 
 
 def test_error_exposes_field_and_rule():

@@ -115,20 +115,13 @@ def test_experiment_maps_flatten_in_key_order():
     assert (row["experiment_keys"], row["experiment_variants"]) == (["a", "b", "c"], ["1", "2", "3"])
 
 
-def test_columns_exist_in_the_raw_tables_and_leave_only_defaults_out():
-    ddl = (MIGRATIONS_DIR / "0001_raw_tables.sql").read_text()
-    added = (MIGRATIONS_DIR / "0005_what_ran.sql").read_text()
+def test_columns_exist_in_the_raw_tables_and_leave_only_computed_ones_out():
+    # 0006 declares the raw tables whole, as they are now.
+    ddl = (MIGRATIONS_DIR / "0006_dedup_by_event_id.sql").read_text()
     for table, columns in (("results", RESULT_COLUMNS), ("stage_metrics", METRIC_COLUMNS)):
-        body = ddl.split(f"CREATE TABLE IF NOT EXISTS {table}\n(")[1].split("\n)")[0]
-        if table == "results":
-            body += "".join(
-                f"\n{line.split('ADD COLUMN ')[1]}"
-                for line in added.splitlines()
-                if line.lstrip().startswith("ADD COLUMN")
-            )
-        declared = [line.split()[0] for line in body.splitlines() if line.strip() and not line.strip().startswith("--")]
-        omitted = [name for name in declared if name not in columns]
+        body = ddl.split(f"CREATE TABLE IF NOT EXISTS {table}_0006\n(")[1].split("\n)")[0]
+        lines = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("--")]
+        declared = {line.split()[0]: line for line in lines}
         assert set(columns) <= set(declared)
-        assert all(
-            " DEFAULT " in next(line for line in body.splitlines() if line.split()[:1] == [name]) for name in omitted
-        )
+        omitted = [line for name, line in declared.items() if name not in columns]
+        assert all(" DEFAULT " in line or " MATERIALIZED " in line for line in omitted)
