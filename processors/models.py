@@ -50,6 +50,7 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
+BATCHING = ("auto", "batched", "per-image")  # see DiffusionModels
 
 
 # Schedulers a request (an experiment's variant) may pick by name; each is built from the model's own config.
@@ -75,7 +76,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the registry."""
+    """One model of the registry (README, "The model registry", says what each field means)."""
 
     name: str
     path: str
@@ -84,41 +85,69 @@ class ModelEntry:
     default_guidance: float = 7.5
     dtype: str = "auto"
     device: str = "auto"
+    batching: str = "auto"  # one pipeline call per batch ("batched") or per image ("per-image"); see DiffusionModels
+    max_batch: int | None = None  # most requests in one model call; None: the stage's PIXELPIPE_MAX_BATCH
     seconds_per_image: float = 0.0  # null models only: the simulated render time
+
+    def batch_limit(self, stage_max_batch: int) -> int:
+        """Most requests of this model one call may take: the smaller of its ``max_batch`` and the stage's."""
+        return min(self.max_batch or stage_max_batch, stage_max_batch)
 
     @classmethod
     def from_json(cls, name: str, raw: Any) -> ModelEntry:
         where = f"model {name!r}"
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: expected an object, got {type(raw).__name__}")
-        known = {"path", "kind", "default_steps", "default_guidance", "dtype", "device", "seconds_per_image"}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls) if f.name != "name"})
         if unknown:
             raise ModelError(f"{where}: unknown keys {unknown}")
-        kind = raw.get("kind", cls.kind)
-        if kind not in KINDS:
-            raise ModelError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+        read = _FieldReader(where, raw)
+        kind = read.choice("kind", KINDS, cls.kind)
         path = raw.get("path", "" if kind == "null" else None)  # a null model has no weights to point at
         if not isinstance(path, str) or (not path and kind != "null"):
             raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
-        steps = raw.get("default_steps", cls.default_steps)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ModelError(f"{where}: 'default_steps' must be a positive integer, got {steps!r}")
-        guidance = raw.get("default_guidance", cls.default_guidance)
-        if not isinstance(guidance, int | float) or isinstance(guidance, bool) or guidance < 0:
-            raise ModelError(f"{where}: 'default_guidance' must be a number >= 0, got {guidance!r}")
-        dtype = raw.get("dtype", cls.dtype)
-        if dtype not in DTYPES:
-            raise ModelError(f"{where}: 'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
-        device = raw.get("device", cls.device)
-        if device not in DEVICES:
-            raise ModelError(f"{where}: 'device' must be one of {list(DEVICES)}, got {device!r}")
-        seconds = raw.get("seconds_per_image", cls.seconds_per_image)
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-            raise ModelError(f"{where}: 'seconds_per_image' must be a number >= 0, got {seconds!r}")
-        if seconds and kind != "null":
+        seconds_per_image = read.number("seconds_per_image", cls.seconds_per_image)
+        if seconds_per_image and kind != "null":
             raise ModelError(f"{where}: 'seconds_per_image' is for null models only")
-        return cls(name, path, kind, steps, float(guidance), dtype, device, float(seconds))
+        max_batch = raw.get("max_batch")
+        return cls(
+            name,
+            path,
+            kind,
+            default_steps=read.positive_int("default_steps", cls.default_steps),
+            default_guidance=read.number("default_guidance", cls.default_guidance),
+            dtype=read.choice("dtype", tuple(DTYPES), cls.dtype),
+            device=read.choice("device", DEVICES, cls.device),
+            batching=read.choice("batching", BATCHING, cls.batching),
+            max_batch=None if max_batch is None else read.positive_int("max_batch", 1),
+            seconds_per_image=seconds_per_image,
+        )
+
+
+@dataclass(frozen=True)
+class _FieldReader:
+    """Reads one registry entry's fields with their defaults, and says which field is wrong, and how."""
+
+    where: str
+    raw: dict[str, Any]
+
+    def choice(self, key: str, choices: Sequence[str], default: str) -> str:
+        value = self.raw.get(key, default)
+        if value not in choices:
+            raise ModelError(f"{self.where}: {key!r} must be one of {list(choices)}, got {value!r}")
+        return value
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelError(f"{self.where}: {key!r} must be a positive integer, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ModelError(f"{self.where}: {key!r} must be a number >= 0, got {value!r}")
+        return float(value)
 
 
 @dataclass(frozen=True)
@@ -268,10 +297,11 @@ class LoadedModel:
     image2image: DiffusionPipeline
     inpaint: DiffusionPipeline
     default_scheduler: str  # the configured one, by name; a call may swap in another for itself
+    batched: bool  # one pipeline call per batch, else one per image
     # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+    def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
         pipe = {"text2image": self.text2image, "image2image": self.image2image, "inpaint": self.inpaint}[task]
         shared: dict[str, Any] = {
             "num_inference_steps": batch.steps,
@@ -287,7 +317,7 @@ class LoadedModel:
         rows = {**batch.per_image, "generator": [torch.Generator(self.device).manual_seed(s) for s in batch.row_seeds]}
         # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
         # one image per call makes every image independent of its batch, bit for bit.
-        calls = [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)] if batch_invariant else [rows]
+        calls = [rows] if self.batched else [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)]
         images: list[Image.Image] = []
         with self.run_lock, torch.inference_mode():
             configured = pipe.scheduler
@@ -315,7 +345,7 @@ class NullModel:
     device: ClassVar[torch.device] = torch.device("cpu")
     default_scheduler: ClassVar[str] = NULL_SCHEDULER
 
-    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+    def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
         seconds = self.entry.seconds_per_image * batch.size
         time.sleep(seconds)
         images = [Image.new("RGB", (batch.width, batch.height), seed_colour(seed)) for seed in batch.row_seeds]
@@ -332,21 +362,24 @@ class DiffusionModels:
     """Loads each registry model once and runs batches of text-to-image, image-to-image and inpainting on it.
 
     Seeds are per image: image ``k`` of prompt ``i`` starts from the noise of ``seeds[i] + k``, drawn by its
-    own ``torch.Generator`` on the model's device. With ``batch_invariant`` (the default) each image also runs
-    in its own pipeline call, so the same request gives the same bytes whatever batch it lands in. Without it
-    the batch runs in one call: faster on a GPU, but batched kernels round differently, which moves a few
-    pixel values by one level (the noise is still per seed, so images stay visually identical).
+    own ``torch.Generator`` on the model's device, in every batching mode (the registry's ``batching``):
+
+    - ``batched``: a batch runs as one pipeline call, which keeps a GPU busy. Batched kernels round differently
+      from single ones, which moves some pixel values by a level or two: same noise, same picture, not the
+      same bytes as the image rendered alone.
+    - ``per-image``: each image runs in its own call, so a seed gives the same bytes whatever batch it lands in.
+    - ``auto`` (the default): ``batched`` on CUDA; ``per-image`` on CPU, where tests and the demo want the same
+      bytes for a redelivered request in any batch (a tiny model renders about 20 % fewer images/s that way).
     """
 
-    def __init__(self, registry: ModelRegistry, batch_invariant: bool = True) -> None:
+    def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
-        self.batch_invariant = batch_invariant
         self._loaded: dict[str, LoadedModel | NullModel] = {}
         self._load_lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: str | Path, batch_invariant: bool = True) -> DiffusionModels:
-        return cls(ModelRegistry.load(path), batch_invariant)
+    def from_file(cls, path: str | Path) -> DiffusionModels:
+        return cls(ModelRegistry.load(path))
 
     def load(self, name: str) -> LoadedModel | NullModel:
         """Load ``name`` now (or return it, when loaded); later calls reuse the same weights."""
@@ -379,7 +412,8 @@ class DiffusionModels:
         for pipe in (text2image, image2image, inpaint):
             pipe.set_progress_bar_config(disable=True)
         default_scheduler = scheduler_name(text2image.scheduler)
-        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint, default_scheduler)
+        batched = entry.batching == "batched" or (entry.batching == "auto" and device.type == "cuda")
+        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint, default_scheduler, batched)
 
     def generate(
         self,
@@ -397,7 +431,7 @@ class DiffusionModels:
         """Text-to-image for a batch of prompts; ``steps``, ``guidance`` and ``scheduler`` default to the model's."""
         m = self.load(model)
         batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
-        return m.run("text2image", batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
+        return m.run("text2image", batch, _checked(scheduler, m.default_scheduler))
 
     def edit(
         self,
@@ -435,7 +469,7 @@ class DiffusionModels:
         if masks is not None:
             batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
         task: Task = "image2image" if masks is None else "inpaint"
-        return m.run(task, batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
+        return m.run(task, batch, _checked(scheduler, m.default_scheduler))
 
 
 def _checked(scheduler: str | None, default: str) -> str | None:

@@ -16,6 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import (
+    BatchOutput,
     DiffusionModels,
     ModelEntry,
     ModelError,
@@ -100,14 +101,71 @@ def test_batch_composition_does_not_change_an_image(models):
     assert np.array_equal(pixels(alone.images[0][0]), pixels(several.images[0][1]))
 
 
-def test_one_call_batches_keep_per_seed_noise(registry_path):
-    # One pipeline call for the whole batch: the noise is still per seed, only kernel rounding differs.
-    batched = DiffusionModels.from_file(registry_path, batch_invariant=False)
-    alone = batched.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[7])
-    batch = batched.generate("tiny-sd", ["a dog", "a cat"], width=64, height=64, steps=STEPS, seeds=[1, 7])
-    same_seed = np.abs(pixels(alone.images[0][0]) - pixels(batch.images[1][0])).mean()
-    other_seed = np.abs(pixels(batch.images[0][0]) - pixels(batch.images[1][0])).mean()
-    assert same_seed < other_seed / 10
+@pytest.fixture(scope="module")
+def batched(registry_path, tmp_path_factory) -> DiffusionModels:
+    """The tiny models in batched mode: one pipeline call per batch, even on a CPU."""
+    raw = json.loads(registry_path.read_text())
+    path = tmp_path_factory.mktemp("batched") / "registry.json"
+    path.write_text(json.dumps({name: entry | {"batching": "batched"} for name, entry in raw.items()}))
+    return DiffusionModels.from_file(path)
+
+
+class CountingPipeline:
+    """Wraps a pipeline and counts its calls."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.calls = pipe, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **arguments):
+        self.calls += 1
+        return self.pipe(**arguments)
+
+
+def count_calls(models: DiffusionModels, model: str, render) -> int:
+    loaded = models.load(model)
+    counting = CountingPipeline(loaded.text2image)
+    loaded.text2image = counting
+    try:
+        render()
+    finally:
+        loaded.text2image = counting.pipe
+    return counting.calls
+
+
+def test_batching_mode_decides_the_number_of_pipeline_calls(models, batched):
+    def render(m: DiffusionModels) -> BatchOutput:
+        return m.generate("tiny-sd", ["a", "b", "c"], width=64, height=64, steps=1, n_per_prompt=2)
+
+    assert models.load("tiny-sd").batched is False  # auto on a CPU
+    assert count_calls(models, "tiny-sd", lambda: render(models)) == 6
+    assert count_calls(batched, "tiny-sd", lambda: render(batched)) == 1
+
+
+# Measured on the tiny model, 48 images: at most 1 level apart, 0.0003 levels on average.
+BATCHED_MAX_LEVELS = 2
+BATCHED_MEAN_LEVELS = 0.05
+
+
+def test_batched_mode_keeps_an_images_pixels_to_its_seed_whatever_its_batch_position(models, batched):
+    def lone(seed: int) -> Image.Image:
+        return models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[seed]).images[0][0]
+
+    alone = {seed: lone(seed) for seed in (6, 7)}
+    for seeds in ([7, 1, 3], [1, 7, 3], [1, 3, 7]):
+        batch = batched.generate("tiny-sd", ["a cat"] * 3, width=64, height=64, steps=STEPS, seeds=seeds)
+        image = batch.images[seeds.index(7)][0]
+        diff = np.abs(pixels(alone[7]) - pixels(image))
+        assert diff.max() <= BATCHED_MAX_LEVELS and diff.mean() <= BATCHED_MEAN_LEVELS, seeds
+        other_seed = np.abs(pixels(batch.images[seeds.index(1)][0]) - pixels(image)).mean()
+        assert other_seed > 10
+    # Image k of a prompt is seeded seed + k in a batch too.
+    several = batched.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[6], n_per_prompt=2)
+    for k, seed in enumerate((6, 7)):
+        diff = np.abs(pixels(alone[seed]) - pixels(several.images[0][k]))
+        assert diff.max() <= BATCHED_MAX_LEVELS and diff.mean() <= BATCHED_MEAN_LEVELS
 
 
 # -- image to image and inpainting ---------------------------------------------------------------------------
@@ -219,6 +277,13 @@ def test_registry_round_trip_and_unknown_name(registry_path):
         registry.get("sd-xl")
 
 
+def test_a_models_max_batch_caps_the_stages(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"big": {"path": "x", "max_batch": 4}, "small": {"path": "y"}}))
+    registry = ModelRegistry.load(tmp_path / "r.json")
+    assert [registry.get("big").batch_limit(stage) for stage in (2, 8)] == [2, 4]
+    assert registry.get("small").max_batch is None and registry.get("small").batch_limit(8) == 8
+
+
 def test_write_registry_with_relative_paths(tmp_path, registry_path):
     write_registry(tmp_path / "r.json", {"m": registry_path.parent / "tiny-sd"})
     assert ModelRegistry.load(tmp_path / "r.json").get("m").path == str(registry_path.parent / "tiny-sd")
@@ -238,6 +303,8 @@ def test_write_registry_with_relative_paths(tmp_path, registry_path):
         ({"path": "x", "default_steps": 0}, "'default_steps' must be a positive integer"),
         ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a number"),
         ({"path": "x", "stepz": 4}, r"unknown keys \['stepz'\]"),
+        ({"path": "x", "batching": "sometimes"}, "'batching' must be one of \\['auto', 'batched', 'per-image'\\]"),
+        ({"path": "x", "max_batch": 0}, "'max_batch' must be a positive integer"),
         ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a number >= 0"),
         ({"path": "x", "seconds_per_image": 0.5}, "'seconds_per_image' is for null models only"),
         ("x", "expected an object"),
