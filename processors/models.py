@@ -643,11 +643,9 @@ class DiffusionModels:
 
 
 def _from_pretrained(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
-    # A local directory never touches the hub; a hub id is only read from the local cache when offline.
+    # Never the hub at run time: a local directory, or a hub id already in the local Hugging Face cache.
     try:
-        return AutoPipelineForText2Image.from_pretrained(
-            entry.path, torch_dtype=dtype, local_files_only=Path(entry.path).is_dir()
-        )
+        return AutoPipelineForText2Image.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {entry.name!r} from {entry.path!r}: {e}") from e
 
