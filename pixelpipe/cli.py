@@ -137,11 +137,21 @@ def models() -> None:
 
 @models.command("init-tiny")
 @click.option("--out", "out_dir", default="./data/models", show_default=True, type=click.Path(path_type=Path))
-def models_init_tiny(out_dir: Path) -> None:
+@click.option(
+    "--family",
+    "families",
+    multiple=True,
+    default=["stable-diffusion"],
+    show_default=True,
+    # model_builders.FAMILIES, written out: importing it here would load torch for every command.
+    type=click.Choice(["stable-diffusion", "stable-diffusion-xl", "flux"]),
+    help="Model families to build a tiny model of (repeat the option for several).",
+)
+def models_init_tiny(out_dir: Path, families: tuple[str, ...]) -> None:
     """Build tiny seeded random-weight pipelines and their registry (for tests and the CPU demo)."""
-    from pixelpipe.tools.tiny_models import build_tiny_models
+    from pixelpipe.tools.model_builders import build_tiny_models
 
-    click.echo(f"registry: {build_tiny_models(out_dir)}")
+    click.echo(f"registry: {build_tiny_models(out_dir, families)}")
 
 
 # -- demo ---------------------------------------------------------------------------------------------------

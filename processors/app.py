@@ -98,6 +98,7 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     render_kinds = [kind for kind in RENDER_STAGES if kind in names]
     if render_kinds:
         models = _diffusion_models(settings)
+        models.warm_up()  # every model loaded, compiled and warmed: a rebalance never meets a compile stall
         for kind in render_kinds:
             built[kind] = _render_stage(RENDER_STAGES[kind], settings, context, models)
     log.info("stages ready", extra={"stages": list(built), "seconds": round(time.perf_counter() - started_s, 3)})

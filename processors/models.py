@@ -1,26 +1,30 @@
 """The model registry and the diffusion models the generation and editing stages run.
 
-The registry is a JSON file mapping a model name to where its weights are and how to run it::
+The registry is a JSON file mapping a model name to where its weights are and how to run it (README, "The model
+registry", describes every field)::
 
-    {"tiny-sd": {"path": "/models/tiny-sd", "kind": "stable-diffusion", "default_steps": 4,
-                 "default_guidance": 5.0, "dtype": "auto", "device": "auto"},
+    {"sd15": {"path": "/models/sd15", "kind": "stable-diffusion", "default_steps": 25, "default_guidance": 7.5,
+              "max_batch": 8, "compile": "full", "channels_last": true, "fuse_qkv": true,
+              "warmup": {"batch_sizes": [1, 8], "sizes": ["512x512"]}},
      "null": {"kind": "null", "seconds_per_image": 0.05}}
 
-``DiffusionModels`` loads each model once, on first use, with ``AutoPipelineForText2Image`` and derives the
-image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of the weights.
-A ``null`` model has no weights: it returns plain images after a simulated time, for capacity tests of the
-pipeline without diffusion. The methods block for seconds: call them from an executor thread, never on the
-event loop.
+``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux) and
+derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of
+the weights. ``DiffusionModels.warm_up`` loads every model and renders its warm-up shapes, so compilation happens
+before a worker takes work. A ``null`` model has no weights: it returns plain images after a simulated time, for
+capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor
+thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,13 +39,26 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     LCMScheduler,
     PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from PIL import Image
 
-KINDS = ("stable-diffusion", "null")
+log = logging.getLogger(__name__)
+
+# The diffusion families and the text-to-image pipeline class each loads as; "null" renders without a model.
+FAMILIES: dict[str, type[DiffusionPipeline]] = {
+    "stable-diffusion": StableDiffusionPipeline,
+    "stable-diffusion-xl": StableDiffusionXLPipeline,
+    "flux": FluxPipeline,
+}
+KINDS = (*FAMILIES, "null")
+UNET_FAMILIES = ("stable-diffusion", "stable-diffusion-xl")  # the others have a transformer as denoiser
 NULL_SCHEDULER = "none"  # what a null model reports as its scheduler: it runs none
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -50,6 +67,16 @@ DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
 }
 DEVICES = ("auto", "cpu", "cuda")
+BATCHING = ("auto", "batched", "per-image")  # see DiffusionModels
+COMPILE = ("none", "full", "regional")  # torch.compile of the denoiser: all of it, or its repeated blocks
+# Attention backends by our name -> diffusers' name; all are torch's own SDPA kernels, nothing to install.
+# Only flux's attention goes through diffusers' dispatcher; the UNet families run SDPA (AttnProcessor2_0).
+ATTENTION = {
+    "sdpa": "native",
+    "sdpa-flash": "_native_flash",
+    "sdpa-efficient": "_native_efficient",
+    "sdpa-cudnn": "_native_cudnn",
+}
 
 
 # Schedulers a request (an experiment's variant) may pick by name; each is built from the model's own config.
@@ -58,10 +85,13 @@ SCHEDULERS: dict[str, Any] = {
     "dpm-solver++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
     "euler-ancestral": EulerAncestralDiscreteScheduler,
+    "flow-match-euler": FlowMatchEulerDiscreteScheduler,
     "lcm": LCMScheduler,
     "pndm": PNDMScheduler,
     "unipc": UniPCMultistepScheduler,
 }
+# A flow-matching model (flux) runs only flow-matching schedulers, and a noise-predicting one only the others.
+FLOW_MATCHING_SCHEDULERS = frozenset({"flow-match-euler"})
 
 
 def scheduler_name(scheduler: Any) -> str:
@@ -74,8 +104,46 @@ class ModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class WarmUp:
+    """The shapes a model renders once at load (``DiffusionModels.warm_up``), so that compiling them happens
+    before the worker takes work: each batch size at each size, ``steps`` steps."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    sizes: tuple[tuple[int, int], ...] = ((512, 512),)
+    steps: int = 2
+
+    @classmethod
+    def from_json(cls, where: str, raw: Any) -> WarmUp:
+        where = f"{where}: 'warmup'"
+        if not isinstance(raw, dict) or set(raw) - {"batch_sizes", "sizes", "steps"}:
+            raise ModelError(f"{where} must be an object of batch_sizes, sizes and steps, got {raw!r}")
+        batch_sizes = raw.get("batch_sizes", list(cls.batch_sizes))
+        if not isinstance(batch_sizes, list) or not batch_sizes or not all(map(_is_positive_int, batch_sizes)):
+            raise ModelError(
+                f"{where}: 'batch_sizes' must be a non-empty list of positive integers, got {batch_sizes!r}"
+            )
+        sizes = raw.get("sizes", [f"{w}x{h}" for w, h in cls.sizes])
+        if not isinstance(sizes, list) or not sizes:
+            raise ModelError(f"{where}: 'sizes' must be a non-empty list like [\"512x512\"], got {sizes!r}")
+        steps = _FieldReader(where, raw).positive_int("steps", cls.steps)
+        return cls(tuple(batch_sizes), tuple(_size(where, size) for size in sizes), steps)
+
+
+def _size(where: str, text: Any) -> tuple[int, int]:
+    width, _, height = str(text).partition("x")
+    sides = [int(side) for side in (width, height) if side.isdigit()]
+    if len(sides) != 2 or not all(side > 0 and side % 8 == 0 for side in sides):
+        raise ModelError(f"{where}: size {text!r} must be WIDTHxHEIGHT in positive multiples of 8")
+    return sides[0], sides[1]
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass(frozen=True)
 class ModelEntry:
-    """One model of the registry."""
+    """One model of the registry (README, "The model registry", says what each field means)."""
 
     name: str
     path: str
@@ -84,41 +152,92 @@ class ModelEntry:
     default_guidance: float = 7.5
     dtype: str = "auto"
     device: str = "auto"
+    batching: str = "auto"  # one pipeline call per batch ("batched") or per image ("per-image"); see DiffusionModels
+    max_batch: int | None = None  # most requests in one model call; None: the stage's PIXELPIPE_MAX_BATCH
+    compile: str = "none"  # torch.compile of the denoiser; see COMPILE
+    channels_last: bool = False  # UNet families: convolutions in channels-last memory layout
+    fuse_qkv: bool = False  # one projection for query, key and value in the denoiser's attention
+    attention: str = "sdpa"  # see ATTENTION
+    warmup: WarmUp | None = None  # shapes rendered at load; None: the model is only loaded
     seconds_per_image: float = 0.0  # null models only: the simulated render time
+
+    def batch_limit(self, stage_max_batch: int) -> int:
+        """Most requests of this model one call may take: the smaller of its ``max_batch`` and the stage's."""
+        return min(self.max_batch or stage_max_batch, stage_max_batch)
 
     @classmethod
     def from_json(cls, name: str, raw: Any) -> ModelEntry:
         where = f"model {name!r}"
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: expected an object, got {type(raw).__name__}")
-        known = {"path", "kind", "default_steps", "default_guidance", "dtype", "device", "seconds_per_image"}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls) if f.name != "name"})
         if unknown:
             raise ModelError(f"{where}: unknown keys {unknown}")
-        kind = raw.get("kind", cls.kind)
-        if kind not in KINDS:
-            raise ModelError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+        read = _FieldReader(where, raw)
+        kind = read.choice("kind", KINDS, cls.kind)
         path = raw.get("path", "" if kind == "null" else None)  # a null model has no weights to point at
         if not isinstance(path, str) or (not path and kind != "null"):
             raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
-        steps = raw.get("default_steps", cls.default_steps)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ModelError(f"{where}: 'default_steps' must be a positive integer, got {steps!r}")
-        guidance = raw.get("default_guidance", cls.default_guidance)
-        if not isinstance(guidance, int | float) or isinstance(guidance, bool) or guidance < 0:
-            raise ModelError(f"{where}: 'default_guidance' must be a number >= 0, got {guidance!r}")
-        dtype = raw.get("dtype", cls.dtype)
-        if dtype not in DTYPES:
-            raise ModelError(f"{where}: 'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
-        device = raw.get("device", cls.device)
-        if device not in DEVICES:
-            raise ModelError(f"{where}: 'device' must be one of {list(DEVICES)}, got {device!r}")
-        seconds = raw.get("seconds_per_image", cls.seconds_per_image)
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
-            raise ModelError(f"{where}: 'seconds_per_image' must be a number >= 0, got {seconds!r}")
-        if seconds and kind != "null":
+        diffusion_only = sorted({"batching", "compile", "channels_last", "fuse_qkv", "attention", "warmup"} & set(raw))
+        if kind == "null" and diffusion_only:
+            raise ModelError(f"{where}: {diffusion_only} do not apply to a null model")
+        if "seconds_per_image" in raw and kind != "null":
             raise ModelError(f"{where}: 'seconds_per_image' is for null models only")
-        return cls(name, path, kind, steps, float(guidance), dtype, device, float(seconds))
+        if raw.get("channels_last") and kind not in UNET_FAMILIES:
+            raise ModelError(f"{where}: 'channels_last' is for the UNet families {list(UNET_FAMILIES)}")
+        attention = read.choice("attention", tuple(ATTENTION), cls.attention)
+        if attention != "sdpa" and kind != "flux":
+            raise ModelError(f"{where}: 'attention' {attention!r} is for flux; the UNet families run 'sdpa'")
+        max_batch = raw.get("max_batch")
+        return cls(
+            name,
+            path,
+            kind,
+            default_steps=read.positive_int("default_steps", cls.default_steps),
+            default_guidance=read.number("default_guidance", cls.default_guidance),
+            dtype=read.choice("dtype", tuple(DTYPES), cls.dtype),
+            device=read.choice("device", DEVICES, cls.device),
+            batching=read.choice("batching", BATCHING, cls.batching),
+            max_batch=None if max_batch is None else read.positive_int("max_batch", 1),
+            compile=read.choice("compile", COMPILE, cls.compile),
+            channels_last=read.flag("channels_last"),
+            fuse_qkv=read.flag("fuse_qkv"),
+            attention=attention,
+            warmup=None if raw.get("warmup") is None else WarmUp.from_json(where, raw["warmup"]),
+            seconds_per_image=read.number("seconds_per_image", cls.seconds_per_image),
+        )
+
+
+@dataclass(frozen=True)
+class _FieldReader:
+    """Reads one registry entry's fields with their defaults, and says which field is wrong, and how."""
+
+    where: str
+    raw: dict[str, Any]
+
+    def choice(self, key: str, choices: Sequence[str], default: str) -> str:
+        value = self.raw.get(key, default)
+        if value not in choices:
+            raise ModelError(f"{self.where}: {key!r} must be one of {list(choices)}, got {value!r}")
+        return value
+
+    def positive_int(self, key: str, default: int) -> int:
+        value = self.raw.get(key, default)
+        if not _is_positive_int(value):
+            raise ModelError(f"{self.where}: {key!r} must be a positive integer, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+            raise ModelError(f"{self.where}: {key!r} must be a number >= 0, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw.get(key, False)
+        if not isinstance(value, bool):
+            raise ModelError(f"{self.where}: {key!r} must be true or false, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -259,7 +378,7 @@ class _Batch:
 
 @dataclass
 class LoadedModel:
-    """A diffusion model's three pipelines, which share one set of modules (weights, tokenizer, scheduler)."""
+    """A diffusion model's three pipelines, which share one set of modules (weights, tokenizers, scheduler)."""
 
     entry: ModelEntry
     device: torch.device
@@ -268,10 +387,28 @@ class LoadedModel:
     image2image: DiffusionPipeline
     inpaint: DiffusionPipeline
     default_scheduler: str  # the configured one, by name; a call may swap in another for itself
+    batched: bool  # one pipeline call per batch, else one per image
+    size_multiple: int  # width and height must be multiples of it (the latent grid, times flux's 2x2 patches)
     # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+    @property
+    def schedulers(self) -> frozenset[str]:
+        """The schedulers a call may pick for this model: those made for the objective it was trained on."""
+        flow_matching = self.default_scheduler in FLOW_MATCHING_SCHEDULERS
+        return frozenset(name for name in SCHEDULERS if (name in FLOW_MATCHING_SCHEDULERS) == flow_matching)
+
+    def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
+        if batch.width % self.size_multiple or batch.height % self.size_multiple:
+            raise ModelError(
+                f"model {self.entry.name!r} renders sizes in multiples of {self.size_multiple}, "
+                f"got {batch.width}x{batch.height}"
+            )
+        if scheduler not in (None, self.default_scheduler) and scheduler not in self.schedulers:
+            raise ModelError(
+                f"model {self.entry.name!r} ({self.entry.kind}) cannot run scheduler {scheduler!r}; "
+                f"it runs {', '.join(sorted(self.schedulers))}"
+            )
         pipe = {"text2image": self.text2image, "image2image": self.image2image, "inpaint": self.inpaint}[task]
         shared: dict[str, Any] = {
             "num_inference_steps": batch.steps,
@@ -281,13 +418,14 @@ class LoadedModel:
         }
         if batch.strength is not None:
             shared["strength"] = batch.strength
-        if task != "image2image":  # image-to-image renders at its source's size, which edit() resized to
+        # SD and SDXL image-to-image render at the source's size (edit() resized it) and take no size argument.
+        if task != "image2image" or self.entry.kind == "flux":
             shared |= {"width": batch.width, "height": batch.height}
         # One generator per image, seeded seed + k: its noise is the same whatever else is in the batch.
         rows = {**batch.per_image, "generator": [torch.Generator(self.device).manual_seed(s) for s in batch.row_seeds]}
         # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
         # one image per call makes every image independent of its batch, bit for bit.
-        calls = [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)] if batch_invariant else [rows]
+        calls = [rows] if self.batched else [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)]
         images: list[Image.Image] = []
         with self.run_lock, torch.inference_mode():
             configured = pipe.scheduler
@@ -314,8 +452,10 @@ class NullModel:
     entry: ModelEntry
     device: ClassVar[torch.device] = torch.device("cpu")
     default_scheduler: ClassVar[str] = NULL_SCHEDULER
+    batched: ClassVar[bool] = True
+    schedulers: ClassVar[frozenset[str]] = frozenset(SCHEDULERS)  # takes any, runs none
 
-    def run(self, task: Task, batch: _Batch, scheduler: str | None, batch_invariant: bool) -> BatchOutput:
+    def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
         seconds = self.entry.seconds_per_image * batch.size
         time.sleep(seconds)
         images = [Image.new("RGB", (batch.width, batch.height), seed_colour(seed)) for seed in batch.row_seeds]
@@ -328,25 +468,41 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
     return (mixed >> 16, (mixed >> 8) & 0xFF, mixed & 0xFF)
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """How long a model took to load and to render its warm-up shapes (``DiffusionModels.warm_up``)."""
+
+    load_seconds: float
+    warm_up_seconds: float
+    shapes: list[str]  # what was rendered, e.g. "8x512x512" (batch x width x height)
+
+
 class DiffusionModels:
     """Loads each registry model once and runs batches of text-to-image, image-to-image and inpainting on it.
 
     Seeds are per image: image ``k`` of prompt ``i`` starts from the noise of ``seeds[i] + k``, drawn by its
-    own ``torch.Generator`` on the model's device. With ``batch_invariant`` (the default) each image also runs
-    in its own pipeline call, so the same request gives the same bytes whatever batch it lands in. Without it
-    the batch runs in one call: faster on a GPU, but batched kernels round differently, which moves a few
-    pixel values by one level (the noise is still per seed, so images stay visually identical).
+    own ``torch.Generator`` on the model's device, in every batching mode (the registry's ``batching``):
+
+    - ``batched``: a batch runs as one pipeline call, which keeps a GPU busy. Batched kernels round differently
+      from single ones, which moves some pixel values by a level or two: same noise, same picture, not the
+      same bytes as the image rendered alone.
+    - ``per-image``: each image runs in its own call, so a seed gives the same bytes whatever batch it lands in.
+    - ``auto`` (the default): ``batched`` on CUDA; ``per-image`` on CPU, where tests and the demo want the same
+      bytes for a redelivered request in any batch (a tiny model renders about 20 % fewer images/s that way).
+
+    ``pipelines`` are text-to-image pipelines already built (benchmarks, tests), used instead of loading from
+    their registry entry's ``path``; everything else (device, dtype, compilation, batching) follows the entry.
     """
 
-    def __init__(self, registry: ModelRegistry, batch_invariant: bool = True) -> None:
+    def __init__(self, registry: ModelRegistry, pipelines: Mapping[str, DiffusionPipeline] | None = None) -> None:
         self.registry = registry
-        self.batch_invariant = batch_invariant
+        self._built = dict(pipelines or {})
         self._loaded: dict[str, LoadedModel | NullModel] = {}
         self._load_lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: str | Path, batch_invariant: bool = True) -> DiffusionModels:
-        return cls(ModelRegistry.load(path), batch_invariant)
+    def from_file(cls, path: str | Path) -> DiffusionModels:
+        return cls(ModelRegistry.load(path))
 
     def load(self, name: str) -> LoadedModel | NullModel:
         """Load ``name`` now (or return it, when loaded); later calls reuse the same weights."""
@@ -357,6 +513,35 @@ class DiffusionModels:
                 self._loaded[name] = NullModel(entry) if entry.kind == "null" else self._load(entry)
             return self._loaded[name]
 
+    def warm_up(self) -> dict[str, Readiness]:
+        """Load every registry model and render each of its warm-up shapes once (the entry's ``warmup``), so
+        that loading and compiling are done before the worker takes work; returns the seconds each model took.
+
+        In per-image mode every call renders one image, so a size is warmed once, whatever the batch sizes.
+        """
+        readiness: dict[str, Readiness] = {}
+        for name in self.registry.names():
+            started = time.perf_counter()
+            model = self.load(name)
+            loaded = time.perf_counter()
+            plan = model.entry.warmup
+            shapes: list[str] = []
+            for width, height in plan.sizes if plan else ():
+                for size in plan.batch_sizes if model.batched else (1,):
+                    self.generate(name, ["warm-up"] * size, width=width, height=height, steps=plan.steps)
+                    shapes.append(f"{size}x{width}x{height}")
+            readiness[name] = Readiness(loaded - started, time.perf_counter() - loaded, shapes)
+            log.info(
+                "model ready",
+                extra={
+                    "model": name,
+                    "load_s": round(readiness[name].load_seconds, 3),
+                    "warm_up_s": round(readiness[name].warm_up_seconds, 3),
+                    "shapes": shapes,
+                },
+            )
+        return readiness
+
     def default_scheduler(self, name: str) -> str:
         """The scheduler ``name`` runs with unless a request picks another (loads the model)."""
         return self.load(name).default_scheduler
@@ -366,20 +551,39 @@ class DiffusionModels:
 
     def _load(self, entry: ModelEntry) -> LoadedModel:
         device, dtype = resolve_device_dtype(entry)
-        try:
-            text2image = AutoPipelineForText2Image.from_pretrained(
-                entry.path, torch_dtype=dtype, local_files_only=Path(entry.path).is_dir()
+        if entry.name in self._built:
+            text2image = self._built[entry.name]
+            if text2image.dtype != dtype:
+                text2image = text2image.to(dtype=dtype)
+        else:
+            text2image = _from_pretrained(entry, dtype)
+        expected = FAMILIES[entry.kind]
+        if not isinstance(text2image, expected):
+            raise ModelError(
+                f"model {entry.name!r} is registered as {entry.kind!r} ({expected.__name__}), "
+                f"but {entry.path!r} holds a {type(text2image).__name__}"
             )
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load model {entry.name!r} from {entry.path!r}: {e}") from e
         text2image = text2image.to(device)
+        _speed_up(entry, text2image)
         # from_pipe builds new pipeline objects around the same modules: no second copy of the weights.
         image2image = AutoPipelineForImage2Image.from_pipe(text2image)
         inpaint = AutoPipelineForInpainting.from_pipe(text2image)
         for pipe in (text2image, image2image, inpaint):
             pipe.set_progress_bar_config(disable=True)
-        default_scheduler = scheduler_name(text2image.scheduler)
-        return LoadedModel(entry, device, dtype, text2image, image2image, inpaint, default_scheduler)
+        batched = entry.batching == "batched" or (entry.batching == "auto" and device.type == "cuda")
+        # Flux packs 2x2 latent patches into one token, so its sizes are multiples of twice the VAE's factor.
+        size_multiple = text2image.vae_scale_factor * (2 if entry.kind == "flux" else 1)
+        return LoadedModel(
+            entry,
+            device,
+            dtype,
+            text2image,
+            image2image,
+            inpaint,
+            default_scheduler=scheduler_name(text2image.scheduler),
+            batched=batched,
+            size_multiple=size_multiple,
+        )
 
     def generate(
         self,
@@ -397,7 +601,7 @@ class DiffusionModels:
         """Text-to-image for a batch of prompts; ``steps``, ``guidance`` and ``scheduler`` default to the model's."""
         m = self.load(model)
         batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
-        return m.run("text2image", batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
+        return m.run("text2image", batch, _checked(scheduler))
 
     def edit(
         self,
@@ -435,11 +639,37 @@ class DiffusionModels:
         if masks is not None:
             batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
         task: Task = "image2image" if masks is None else "inpaint"
-        return m.run(task, batch, _checked(scheduler, m.default_scheduler), self.batch_invariant)
+        return m.run(task, batch, _checked(scheduler))
 
 
-def _checked(scheduler: str | None, default: str) -> str | None:
-    if scheduler is not None and scheduler != default and scheduler not in SCHEDULERS:
+def _from_pretrained(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
+    # Never the hub at run time: a local directory, or a hub id already in the local Hugging Face cache.
+    try:
+        return AutoPipelineForText2Image.from_pretrained(entry.path, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {entry.name!r} from {entry.path!r}: {e}") from e
+
+
+def _speed_up(entry: ModelEntry, pipe: DiffusionPipeline) -> None:
+    """Apply the entry's attention backend, fused QKV projections, memory layout and compilation to the denoiser
+    (the UNet or the transformer: nearly all of a render's time), in place, so every pipeline sharing it gets
+    them."""
+    denoiser = pipe.unet if entry.kind in UNET_FAMILIES else pipe.transformer
+    if entry.attention != "sdpa":
+        denoiser.set_attention_backend(ATTENTION[entry.attention])
+    if entry.fuse_qkv:
+        denoiser.fuse_qkv_projections()
+    if entry.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    # Compiled lazily, at the first call of each new shape: warm_up() makes those calls before work arrives.
+    if entry.compile == "full":
+        denoiser.compile()
+    elif entry.compile == "regional":
+        denoiser.compile_repeated_blocks()
+
+
+def _checked(scheduler: str | None) -> str | None:
+    if scheduler is not None and scheduler not in SCHEDULERS and scheduler != NULL_SCHEDULER:
         raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
     return scheduler
 

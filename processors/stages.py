@@ -498,9 +498,9 @@ class RenderStage:
         groups: dict[RenderParams, list[_Pending]] = {}
         for item in pending:
             groups.setdefault(item.params, []).append(item)
-        # Groups in the order of their most urgent request; each group in chunks of max_batch.
-        max_batch = self.context.stages.max_batch
+        # Groups in the order of their most urgent request; each group in chunks of its model's batch limit.
         for params, group in groups.items():
+            max_batch = self.models.registry.get(params.model).batch_limit(self.context.stages.max_batch)
             for start in range(0, len(group), max_batch):
                 chunk = group[start : start + max_batch]
                 try:

@@ -119,7 +119,7 @@ def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Set
     """The tiny models when the registry is missing, the topics, the ClickHouse schema, and an experiments file
     with the demo's experiment when none is configured; returns the settings to run with."""
     from pixelpipe.sinks.clickhouse.migrate import migrate
-    from pixelpipe.tools.tiny_models import build_tiny_models
+    from pixelpipe.tools.model_builders import build_tiny_models
 
     if not Path(settings.models.registry).exists():
         echo("building the tiny models ...")

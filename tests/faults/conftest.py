@@ -33,9 +33,9 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.sinks.clickhouse.migrate import migrate
+from pixelpipe.tools.model_builders import build_tiny_models
 from pixelpipe.tools.processes import WorkerProcess
 from pixelpipe.tools.stack import LocalStack, StackSettings
-from pixelpipe.tools.tiny_models import build_tiny_models
 from tests.conftest import free_kafka_port, free_port, with_own_topics
 
 STAGES = ("moderation", "generate")

@@ -19,8 +19,8 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import publish_all
 from pixelpipe.producers.results import collect
+from pixelpipe.tools.model_builders import build_tiny_models
 from pixelpipe.tools.processes import WorkerProcess
-from pixelpipe.tools.tiny_models import build_tiny_models
 
 pytestmark = pytest.mark.integration
 STAGES = ("moderation", "generate", "edit")

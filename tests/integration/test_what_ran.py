@@ -15,8 +15,8 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.sinks.clickhouse.migrate import migrate
+from pixelpipe.tools.model_builders import build_tiny_models
 from pixelpipe.tools.processes import PixelpipeProcess, WorkerProcess
-from pixelpipe.tools.tiny_models import build_tiny_models
 from tests.schema_registry import schema_registry
 
 pytestmark = pytest.mark.integration

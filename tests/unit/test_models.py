@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import struct
 import threading
 import time
@@ -16,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import (
+    BatchOutput,
     DiffusionModels,
     ModelEntry,
     ModelError,
@@ -24,7 +26,13 @@ from pixelpipe.processors.models import (
     resolve_device_dtype,
     seed_colour,
 )
-from pixelpipe.tools.tiny_models import build_tiny_models, write_registry
+from pixelpipe.tools.model_builders import (
+    build_pipeline,
+    build_tiny_models,
+    full_size_pipeline,
+    registry_entry,
+    write_registry,
+)
 
 STEPS = 2
 
@@ -100,14 +108,71 @@ def test_batch_composition_does_not_change_an_image(models):
     assert np.array_equal(pixels(alone.images[0][0]), pixels(several.images[0][1]))
 
 
-def test_one_call_batches_keep_per_seed_noise(registry_path):
-    # One pipeline call for the whole batch: the noise is still per seed, only kernel rounding differs.
-    batched = DiffusionModels.from_file(registry_path, batch_invariant=False)
-    alone = batched.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[7])
-    batch = batched.generate("tiny-sd", ["a dog", "a cat"], width=64, height=64, steps=STEPS, seeds=[1, 7])
-    same_seed = np.abs(pixels(alone.images[0][0]) - pixels(batch.images[1][0])).mean()
-    other_seed = np.abs(pixels(batch.images[0][0]) - pixels(batch.images[1][0])).mean()
-    assert same_seed < other_seed / 10
+@pytest.fixture(scope="module")
+def batched(registry_path, tmp_path_factory) -> DiffusionModels:
+    """The tiny models in batched mode: one pipeline call per batch, even on a CPU."""
+    raw = json.loads(registry_path.read_text())
+    path = tmp_path_factory.mktemp("batched") / "registry.json"
+    path.write_text(json.dumps({name: entry | {"batching": "batched"} for name, entry in raw.items()}))
+    return DiffusionModels.from_file(path)
+
+
+class CountingPipeline:
+    """Wraps a pipeline and counts its calls."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.calls = pipe, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **arguments):
+        self.calls += 1
+        return self.pipe(**arguments)
+
+
+def count_calls(models: DiffusionModels, model: str, render) -> int:
+    loaded = models.load(model)
+    counting = CountingPipeline(loaded.text2image)
+    loaded.text2image = counting
+    try:
+        render()
+    finally:
+        loaded.text2image = counting.pipe
+    return counting.calls
+
+
+def test_batching_mode_decides_the_number_of_pipeline_calls(models, batched):
+    def render(m: DiffusionModels) -> BatchOutput:
+        return m.generate("tiny-sd", ["a", "b", "c"], width=64, height=64, steps=1, n_per_prompt=2)
+
+    assert models.load("tiny-sd").batched is False  # auto on a CPU
+    assert count_calls(models, "tiny-sd", lambda: render(models)) == 6
+    assert count_calls(batched, "tiny-sd", lambda: render(batched)) == 1
+
+
+# Measured on the tiny model, 48 images: at most 1 level apart, 0.0003 levels on average.
+BATCHED_MAX_LEVELS = 2
+BATCHED_MEAN_LEVELS = 0.05
+
+
+def test_batched_mode_keeps_an_images_pixels_to_its_seed_whatever_its_batch_position(models, batched):
+    def lone(seed: int) -> Image.Image:
+        return models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[seed]).images[0][0]
+
+    alone = {seed: lone(seed) for seed in (6, 7)}
+    for seeds in ([7, 1, 3], [1, 7, 3], [1, 3, 7]):
+        batch = batched.generate("tiny-sd", ["a cat"] * 3, width=64, height=64, steps=STEPS, seeds=seeds)
+        image = batch.images[seeds.index(7)][0]
+        diff = np.abs(pixels(alone[7]) - pixels(image))
+        assert diff.max() <= BATCHED_MAX_LEVELS and diff.mean() <= BATCHED_MEAN_LEVELS, seeds
+        other_seed = np.abs(pixels(batch.images[seeds.index(1)][0]) - pixels(image)).mean()
+        assert other_seed > 10
+    # Image k of a prompt is seeded seed + k in a batch too.
+    several = batched.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[6], n_per_prompt=2)
+    for k, seed in enumerate((6, 7)):
+        diff = np.abs(pixels(alone[seed]) - pixels(several.images[0][k]))
+        assert diff.max() <= BATCHED_MAX_LEVELS and diff.mean() <= BATCHED_MEAN_LEVELS
 
 
 # -- image to image and inpainting ---------------------------------------------------------------------------
@@ -209,6 +274,140 @@ def test_null_model_takes_its_simulated_time_per_image_as_device_time(null_model
         null_models.generate("null", ["a"], width=8, height=8, scheduler="warp")
 
 
+# -- speed-ups, compilation and warm-up ---------------------------------------------------------------------------
+def with_fields(registry_path, tmp_path, **fields) -> DiffusionModels:
+    """The tiny models with extra registry fields."""
+    raw = json.loads(registry_path.read_text())
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({name: entry | fields for name, entry in raw.items()}))
+    return DiffusionModels.from_file(path)
+
+
+def test_fused_qkv_and_channels_last_change_the_layout_not_the_pixels(registry_path, tmp_path, models):
+    fast = with_fields(registry_path, tmp_path, fuse_qkv=True, channels_last=True)
+    unet = fast.load("tiny-sd").text2image.unet
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FusedAttnProcessor2_0"}
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.load("tiny-sd").inpaint.unet is unet
+
+    def render(m: DiffusionModels) -> np.ndarray:
+        return pixels(m.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[4]).images[0][0])
+
+    assert np.abs(render(fast) - render(models)).max() <= BATCHED_MAX_LEVELS
+
+
+def test_full_compilation_compiles_the_shared_denoiser_in_place(registry_path, tmp_path):
+    # Compiling the whole tiny UNet takes minutes on two cores; this checks the wiring only, the next test renders.
+    compiled = with_fields(registry_path, tmp_path, compile="full").load("tiny-sd")
+    assert compiled.text2image.unet._compiled_call_impl is not None
+    assert compiled.image2image.unet is compiled.text2image.unet
+
+
+def test_warm_up_loads_every_model_and_compiles_its_shapes_before_work_arrives(registry_path, tmp_path, models, caplog):
+    warm_up = {"batch_sizes": [1, 4], "sizes": ["64x64"], "steps": 1}
+    registry = json.loads(registry_path.read_text())
+    registry["tiny-sd"] |= {"compile": "regional", "warmup": warm_up}
+    registry["null"] = {"kind": "null"}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    compiled = DiffusionModels.from_file(tmp_path / "registry.json")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    with caplog.at_level(logging.INFO, logger="pixelpipe.processors.models"):
+        ready = compiled.warm_up()
+
+    assert compiled.loaded() == ["null", "tiny-sd", "tiny-sd-b"]
+    # Per-image on a CPU: every call renders one image, so one shape per size is warmed.
+    assert ready["tiny-sd"].shapes == ["1x64x64"] and ready["tiny-sd"].warm_up_seconds > 0
+    assert ready["tiny-sd-b"].shapes == [] and ready["null"].shapes == []
+    assert all(r.load_seconds >= 0 for r in ready.values())
+    logged = {r.model: r for r in caplog.records if r.getMessage() == "model ready"}
+    assert sorted(logged) == ["null", "tiny-sd", "tiny-sd-b"] and logged["tiny-sd"].shapes == ["1x64x64"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
+
+    # A request of a warmed shape compiles nothing more, and renders what the eager model renders.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    out = compiled.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[4])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    eager = models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[4])
+    assert np.abs(pixels(out.images[0][0]) - pixels(eager.images[0][0])).max() <= BATCHED_MAX_LEVELS
+
+
+# -- other families: SDXL and Flux ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> DiffusionModels:
+    return DiffusionModels.from_file(
+        build_tiny_models(tmp_path_factory.mktemp("families"), ("stable-diffusion-xl", "flux"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "pipeline", "denoiser"),
+    [("tiny-sdxl", "StableDiffusionXL", "unet"), ("tiny-flux", "Flux", "transformer")],
+)
+def test_sdxl_and_flux_generate_and_edit_through_the_same_api(family_models, model, pipeline, denoiser):
+    loaded = family_models.load(model)
+    assert [type(p).__name__ for p in (loaded.text2image, loaded.image2image, loaded.inpaint)] == [
+        f"{pipeline}Pipeline",
+        f"{pipeline}Img2ImgPipeline",
+        f"{pipeline}InpaintPipeline",
+    ]
+    assert (
+        getattr(loaded.image2image, denoiser)
+        is getattr(loaded.inpaint, denoiser)
+        is getattr(loaded.text2image, denoiser)
+    )
+
+    out = family_models.generate(
+        model, ["a cat", "a dog"], width=64, height=48, steps=STEPS, seeds=[1, 2], n_per_prompt=2
+    )
+    assert [[im.size for im in row] for row in out.images] == [[(64, 48)] * 2] * 2
+    alone = family_models.generate(model, ["a dog"], width=64, height=48, steps=STEPS, seeds=[2])
+    assert encode_png(alone.images[0][0]) == encode_png(out.images[1][0])
+    assert encode_png(out.images[1][0]) != encode_png(out.images[1][1])  # seed 2 and seed 3
+
+    source, mask = Image.new("RGB", (80, 72), "red"), Image.new("L", (80, 72), 255)
+    edited = family_models.edit(model, ["blue"], [source], width=64, height=48, steps=STEPS, seeds=[3])
+    inpainted = family_models.edit(model, ["blue"], [source], masks=[mask], width=64, height=48, steps=STEPS, seeds=[3])
+    for result in (edited, inpainted):
+        image = result.images[0][0]
+        assert image.size == (64, 48) and pixels(image).std() > 1
+
+
+def test_a_model_runs_only_schedulers_made_for_its_objective(family_models, models):
+    assert family_models.default_scheduler("tiny-flux") == "flow-match-euler"
+    assert family_models.default_scheduler("tiny-sdxl") == "euler"
+    with pytest.raises(ModelError, match=r"'tiny-flux' \(flux\) cannot run scheduler 'ddim'; it runs flow-match-euler"):
+        family_models.generate("tiny-flux", ["a"], width=64, height=64, steps=1, scheduler="ddim")
+    with pytest.raises(ModelError, match=r"'tiny-sd' .* cannot run scheduler 'flow-match-euler'"):
+        models.generate("tiny-sd", ["a"], width=64, height=64, steps=1, scheduler="flow-match-euler")
+    out = family_models.generate("tiny-sdxl", ["a"], width=64, height=64, steps=1, scheduler="ddim")
+    assert out.images[0][0].size == (64, 64)
+
+
+def test_a_model_registered_under_another_family_is_refused(tmp_path, registry_path):
+    write_registry(tmp_path / "r.json", {"m": registry_entry(registry_path.parent / "tiny-sd", "flux")})
+    with pytest.raises(
+        ModelError, match=r"'m' is registered as 'flux' \(FluxPipeline\), but .* holds a StableDiffusionPipeline"
+    ):
+        DiffusionModels.from_file(tmp_path / "r.json").load("m")
+
+
+def test_full_size_builders_have_the_real_architectures():
+    # Built on the meta device: shapes without memory, so this checks SD-1.5, SDXL and FLUX.1 in a second.
+    def millions(module: torch.nn.Module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+
+    sd = full_size_pipeline("stable-diffusion", "meta")
+    assert (millions(sd.unet), millions(sd.text_encoder), millions(sd.vae)) == (859.5, 123.1, 83.7)
+    assert sd.unet.dtype == torch.bfloat16 and sd.scheduler.alphas_cumprod.dtype == torch.float32
+    sdxl = full_size_pipeline("stable-diffusion-xl", "meta")
+    assert (millions(sdxl.unet), millions(sdxl.text_encoder_2)) == (2567.5, 694.7)
+    flux = full_size_pipeline("flux", "meta")
+    assert (millions(flux.transformer), millions(flux.text_encoder_2)) == (11901.4, 4762.3)
+    with pytest.raises(ValueError, match="unknown family 'gan'"):
+        build_pipeline("gan")  # type: ignore[arg-type]
+
+
 # -- registry ------------------------------------------------------------------------------------------------
 def test_registry_round_trip_and_unknown_name(registry_path):
     registry = ModelRegistry.load(registry_path)
@@ -219,9 +418,17 @@ def test_registry_round_trip_and_unknown_name(registry_path):
         registry.get("sd-xl")
 
 
+def test_a_models_max_batch_caps_the_stages(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"big": {"path": "x", "max_batch": 4}, "small": {"path": "y"}}))
+    registry = ModelRegistry.load(tmp_path / "r.json")
+    assert [registry.get("big").batch_limit(stage) for stage in (2, 8)] == [2, 4]
+    assert registry.get("small").max_batch is None and registry.get("small").batch_limit(8) == 8
+
+
 def test_write_registry_with_relative_paths(tmp_path, registry_path):
-    write_registry(tmp_path / "r.json", {"m": registry_path.parent / "tiny-sd"})
-    assert ModelRegistry.load(tmp_path / "r.json").get("m").path == str(registry_path.parent / "tiny-sd")
+    write_registry(tmp_path / "r.json", {"m": registry_entry(registry_path.parent / "tiny-sd", max_batch=2)})
+    entry = ModelRegistry.load(tmp_path / "r.json").get("m")
+    assert (entry.path, entry.max_batch) == (str(registry_path.parent / "tiny-sd"), 2)
     # A relative path is relative to the registry file.
     (tmp_path / "rel.json").write_text(json.dumps({"m": {"path": "models/tiny-sd"}}))
     (tmp_path / "models" / "tiny-sd").mkdir(parents=True)
@@ -238,6 +445,8 @@ def test_write_registry_with_relative_paths(tmp_path, registry_path):
         ({"path": "x", "default_steps": 0}, "'default_steps' must be a positive integer"),
         ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a number"),
         ({"path": "x", "stepz": 4}, r"unknown keys \['stepz'\]"),
+        ({"path": "x", "batching": "sometimes"}, "'batching' must be one of \\['auto', 'batched', 'per-image'\\]"),
+        ({"path": "x", "max_batch": 0}, "'max_batch' must be a positive integer"),
         ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a number >= 0"),
         ({"path": "x", "seconds_per_image": 0.5}, "'seconds_per_image' is for null models only"),
         ("x", "expected an object"),

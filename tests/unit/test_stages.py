@@ -2,18 +2,22 @@
 
 import dataclasses
 import datetime as dt
+import json
 import time
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+from pixelpipe.core.codec import Codec
 from pixelpipe.core.experiments import parse_experiments
 from pixelpipe.core.objects import ObjectStoreError
-from pixelpipe.core.settings import RequestLimits, StageSettings
+from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import InvalidRequestError
-from pixelpipe.processors.models import ModelEntry, ModelError, ModelRegistry
+from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelError, ModelRegistry
 from pixelpipe.processors.stages import (
+    GenerateStage,
     Inbound,
+    StageContext,
     UserRateLimiter,
     _Pending,
     is_transient,
@@ -191,3 +195,27 @@ def test_a_flooding_user_is_cut_back_to_the_rate_and_others_are_not():
     assert all(limiter.allow("someone-else", 1001.0 + i) for i in range(10))
     assert limiter.allow("flooder", 1062.0)  # a minute later the bucket has refilled
     assert all(UserRateLimiter(per_minute=0).allow("u", 0.0) for _ in range(1000))  # 0 turns it off
+
+
+def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"small": {"kind": "null", "max_batch": 2}, "wide": {"kind": "null"}}))
+    context = StageContext(TopicSettings(), LIMITS, StageSettings(max_batch=3), Codec(), "worker")
+    stage = GenerateStage(context, DiffusionModels.from_file(registry), None, None, {})  # render needs no store
+    requests = [
+        new_request(prompt=f"p{i}", model=model, user_id="u", width=64, height=64, seed=i)
+        for model in ("small", "wide")
+        for i in range(5)
+    ]
+    messages = [
+        Inbound(context.codec.encode(r), r.request_id.encode(), "t", 0, offset, time.time())
+        for offset, r in enumerate(requests)
+    ]
+    take = stage.render(messages)
+    assert [(chunk.params.model, len(chunk.items)) for chunk in take.chunks] == [
+        ("small", 2),
+        ("small", 2),
+        ("small", 1),
+        ("wide", 3),
+        ("wide", 2),
+    ]

@@ -1,0 +1,297 @@
+"""Images/s of the worker's render path against raw diffusers, on the same weights, in one run.
+
+    python benchmarks/render.py                       # full size on a GPU; tiny on a CPU (no CUDA)
+    python benchmarks/render.py --tiny                # the tiny model, wherever
+    python benchmarks/render.py --family flux --compile full --json out/render.json
+
+The model is built from its family's config with random weights (``pixelpipe.tools.model_builders``): full size
+(SD-1.5, SDXL, FLUX.1-dev) directly on the GPU in bf16, or tiny on a CPU. Measured at batch 1 and 8, each over
+``--images`` images, after one untimed round:
+
+- **raw diffusers**: the pipeline called as its documentation shows, one call per batch with a generator per
+  image (the baseline, eager; with ``--compile`` also compiled);
+- **worker**: the stage code the worker runs, ``GenerateStage.render`` (decoding, validating, grouping, the
+  model calls through ``DiffusionModels``) overlapped with ``GenerateStage.finish`` (output moderation, PNG
+  encoding, object-store writes, results and metrics) as ``processors.app`` overlaps them, on a backlog: the
+  takes are all there from the start. Per batching mode (on a CPU both; on a GPU ``batched``, the default there).
+
+Printed: images/s, the ratios worker/raw (same batch, same compile setting) and batch 8/batch 1, and the device
+busy fraction of the worker path (model seconds over wall seconds under the backlog).
+
+On a GPU machine without the project's environment, carry wheels for diffusers, importlib_metadata, fastavro,
+boto3, botocore, s3transfer and jmespath (the stage code reads and writes through ``pixelpipe.core``; no Kafka
+library is imported), install them as ``../shared/GPU.md`` says, and pass ``--detector none`` where nudenet and
+OpenCV are not installed (output moderation then passes every image; the table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageRequest, ImageResult
+from pixelpipe.core.ids import new_event_id
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
+from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, Verdict
+from pixelpipe.processors.overlap import OverlappedTakes
+from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, RenderedTake, StageContext
+from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
+
+MODEL = "bench"
+PROMPT = "a lighthouse on a cliff at dusk, oil painting, dramatic light"
+# Per family at full size: the size and steps its checkpoints are usually run at.
+FULL_SIZE = {"stable-diffusion": (512, 20, 7.5), "stable-diffusion-xl": (1024, 20, 5.0), "flux": (1024, 28, 3.5)}
+
+
+@dataclass
+class Row:
+    """One path's figures, by batch size."""
+
+    path: str  # "raw diffusers" or "worker, <batching mode>"
+    setting: str  # "eager" or "compiled <mode>"
+    images_per_s: dict[int, float]
+    busy: dict[int, float] = dataclasses.field(default_factory=dict)  # device seconds / wall seconds
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} ({self.setting})"
+
+
+class PassingDetector:
+    """Output moderation that allows every image, for machines without nudenet and OpenCV."""
+
+    def check(self, images: Sequence[Image.Image], stage: str) -> list[Verdict]:
+        return [Verdict(stage, True, {}, []) for _ in images]
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = args.tiny or device.type == "cpu"
+    # Tiny: the demo's 64x64, 2 steps, so that a CPU run takes well under a minute.
+    side, steps, guidance = (64, 2, DEFAULT_GUIDANCE[args.family]) if tiny else FULL_SIZE[args.family]
+    side, steps = args.size or side, args.steps or steps
+    images = args.images or (16 if tiny else 32)
+    # On a GPU the default batching mode is "batched"; on a CPU both are shown.
+    default_modes = "batched" if device.type == "cuda" else "per-image,batched"
+    modes = (args.modes or default_modes).split(",")
+
+    started = time.perf_counter()
+    pipe = build_pipeline(args.family, "tiny", device=device) if tiny else full_size_pipeline(args.family, device)
+    pipe.set_progress_bar_config(disable=True)
+    built_s = time.perf_counter() - started
+    print(
+        f"render benchmark: {args.family} {'tiny' if tiny else 'full size'}, {device.type} ({_device_name(device)}), "
+        f"{pipe.dtype}, {side}x{side}, {steps} steps, guidance {guidance}, {images} images per figure, "
+        f"detector {args.detector}; built in {built_s:.1f} s"
+    )
+    render = Render(side, steps, guidance, images, device)
+    detector = ImageModerator(ModerationPolicy()) if args.detector == "nudenet" else PassingDetector()
+    batches = [int(b) for b in args.batches.split(",")]
+    entry = ModelEntry(MODEL, "(built in memory)", args.family, steps, guidance, dtype=_dtype_name(pipe.dtype))
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as objects:
+        for compile_mode in ["none"] if args.compile == "none" else ["none", args.compile]:
+            setting = "eager" if compile_mode == "none" else f"compiled {compile_mode}"
+            workers: dict[str, DiffusionModels] = {}
+            for mode in modes:
+                # The denoiser is shared and compiled in place: the raw pipeline runs compiled too.
+                warm_up = WarmUp(tuple(batches), ((side, side),)) if compile_mode != "none" else None
+                configured = dataclasses.replace(entry, batching=mode, compile=compile_mode, warmup=warm_up)
+                workers[mode] = DiffusionModels(ModelRegistry({MODEL: configured}), pipelines={MODEL: pipe})
+                ready = workers[mode].warm_up()[MODEL]
+                if warm_up:
+                    print(f"  warm-up ({setting}, {mode}): {ready.warm_up_seconds:.1f} s for {', '.join(ready.shapes)}")
+            raw = Row("raw diffusers", setting, {})
+            worker_rows = {mode: Row(f"worker, {mode}", setting, {}) for mode in modes}
+            # The paths take turns at each batch size, so load from other processes falls on all of them alike.
+            for b in batches:
+                raw.images_per_s[b] = render.raw(pipe, b)
+                for mode, models in workers.items():
+                    row = worker_rows[mode]
+                    row.images_per_s[b], row.busy[b] = render.worker(models, detector, Path(objects), b)
+            rows += [raw, *worker_rows.values()]
+    print_table(rows, batches)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="stable-diffusion", choices=list(FULL_SIZE))
+    parser.add_argument("--tiny", action="store_true", help="the tiny model (the default without CUDA)")
+    parser.add_argument("--compile", default="none", choices=["none", "full", "regional"])
+    parser.add_argument("--images", type=int, help="images per figure (default: 16 tiny, 32 full size)")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--modes", help="batching modes of the worker path, e.g. batched,per-image")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the family's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
+    parser.add_argument("--detector", default="nudenet", choices=["nudenet", "none"])
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+@dataclass
+class Render:
+    """The two measured paths, with the same requests: ``images`` images of side ``side``, seeds 0, 1, ..."""
+
+    side: int
+    steps: int
+    guidance: float
+    images: int
+    device: torch.device
+
+    def raw(self, pipe: Any, batch: int) -> float:
+        """Images/s of the pipeline called directly, ``batch`` images per call."""
+
+        def call(first_seed: int) -> None:
+            seeds = range(first_seed, first_seed + batch)
+            pipe(
+                prompt=[PROMPT] * batch,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance,
+                width=self.side,
+                height=self.side,
+                generator=[torch.Generator(self.device).manual_seed(seed) for seed in seeds],
+            )
+
+        call(0)  # untimed: first-call costs (allocations, kernel selection) are not throughput
+        started = time.perf_counter()
+        for first_seed in range(0, self.images, batch):
+            call(first_seed)
+        return self.images / (time.perf_counter() - started)
+
+    def worker(self, models: DiffusionModels, detector: Any, objects: Path, batch: int) -> tuple[float, float]:
+        """Images/s of the stage's render and finish, overlapped, on takes of ``batch`` requests, and the
+        fraction of the wall time the model was busy."""
+        codec = Codec()
+        context = StageContext(
+            TopicSettings(),
+            RequestLimits(),
+            dataclasses.replace(StageSettings(), max_batch=batch, take_events=batch),
+            codec,
+            "render-benchmark",
+        )
+        store = open_object_store(ObjectStoreSettings(url=f"file://{objects}"))
+        stage = GenerateStage(context, models, detector, store, {})
+        device_s = 0.0
+
+        def render(messages: Sequence[Inbound]) -> RenderedTake:
+            nonlocal device_s
+            take = stage.render(messages)
+            device_s += sum(chunk.output.device_seconds for chunk in take.chunks)
+            return take
+
+        self._takes(codec, stage, render, batch, batch)  # untimed, as for raw diffusers
+        device_s = 0.0
+        started = time.perf_counter()
+        results = self._takes(codec, stage, render, self.images, batch)
+        wall_s = time.perf_counter() - started
+        failed = [r for r in results if r.status == "FAILED"]
+        if failed or len(results) != self.images:
+            raise SystemExit(f"the worker path did not render every request: {failed[:1] or len(results)}")
+        return self.images / wall_s, device_s / wall_s
+
+    def _takes(
+        self,
+        codec: Codec,
+        stage: GenerateStage,
+        render: Callable[[Sequence[Inbound]], RenderedTake],
+        images: int,
+        batch: int,
+    ) -> list[ImageResult]:
+        messages = [self._message(codec, seed) for seed in range(images)]
+        emitted: list[Emission] = []
+        # As processors.app runs them: the model and the finishing each on its own thread, overlapped.
+        model_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
+        finish_thread = ThreadPoolExecutor(1, thread_name_prefix="finish")
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+
+            async def backlog() -> AsyncIterator[list[Inbound]]:
+                for start in range(0, len(messages), batch):
+                    yield messages[start : start + batch]
+
+            async def process(take: Sequence[Inbound]) -> RenderedTake:
+                return await loop.run_in_executor(model_thread, render, take)
+
+            async def finish(take: RenderedTake) -> None:
+                emitted.extend(await loop.run_in_executor(finish_thread, stage.finish, take))
+
+            async def ack(message: Inbound) -> None:
+                return None
+
+            overlap = stage.context.stages.overlap_takes
+            await OverlappedTakes(process, finish, ack, overlap).run(backlog())
+
+        try:
+            asyncio.run(run())
+        finally:
+            model_thread.shutdown()
+            finish_thread.shutdown()
+        results_topic = stage.context.topics.results
+        return [codec.decode_as(ImageResult, e.value) for e in emitted if e.topic == results_topic]
+
+    def _message(self, codec: Codec, seed: int) -> Inbound:
+        request = ImageRequest(
+            request_id=new_event_id(),
+            kind="GENERATE",
+            user_id="render-benchmark",
+            prompt=PROMPT,
+            model=MODEL,
+            width=self.side,
+            height=self.side,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=seed,
+        )
+        return Inbound(codec.encode(request), request.request_id.encode(), "pixelpipe.generate", 0, seed, time.time())
+
+
+def print_table(rows: list[Row], batches: list[int]) -> None:
+    first, last = batches[0], batches[-1]
+    header = "".join(f"{f'batch {b} img/s':>16}" for b in batches)
+    busy_header = "".join(f"{f'busy b{b}':>10}" for b in batches)
+    print(f"\n  {'path':<34}{header}{f'b{last}/b{first}':>9}{busy_header}")
+    for row in rows:
+        rates = "".join(f"{row.images_per_s[b]:>16.2f}" for b in batches)
+        busy = "".join(f"{row.busy[b]:>9.0%} " for b in batches) if row.busy else ""
+        print(f"  {row.label:<34}{rates}{row.images_per_s[last] / row.images_per_s[first]:>8.2f}x{busy}")
+    print()
+    for row in rows:
+        if row.busy:
+            raw = next(r for r in rows if r.path == "raw diffusers" and r.setting == row.setting)
+            ratios = ", ".join(f"batch {b} {row.images_per_s[b] / raw.images_per_s[b]:.2f}x" for b in batches)
+            print(f"  {row.label} / raw: {ratios}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} torch threads"
+
+
+if __name__ == "__main__":
+    main()
