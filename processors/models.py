@@ -452,8 +452,7 @@ class NullModel:
     entry: ModelEntry
     device: ClassVar[torch.device] = torch.device("cpu")
     default_scheduler: ClassVar[str] = NULL_SCHEDULER
-    batched: ClassVar[bool] = True
-    schedulers: ClassVar[frozenset[str]] = frozenset(SCHEDULERS)  # takes any, runs none
+    batched: ClassVar[bool] = True  # a whole batch at once
 
     def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
         seconds = self.entry.seconds_per_image * batch.size
@@ -601,7 +600,7 @@ class DiffusionModels:
         """Text-to-image for a batch of prompts; ``steps``, ``guidance`` and ``scheduler`` default to the model's."""
         m = self.load(model)
         batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
-        return m.run("text2image", batch, _checked(scheduler))
+        return m.run("text2image", batch, _checked(scheduler, m.default_scheduler))
 
     def edit(
         self,
@@ -639,7 +638,7 @@ class DiffusionModels:
         if masks is not None:
             batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
         task: Task = "image2image" if masks is None else "inpaint"
-        return m.run(task, batch, _checked(scheduler))
+        return m.run(task, batch, _checked(scheduler, m.default_scheduler))
 
 
 def _from_pretrained(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:
@@ -668,8 +667,9 @@ def _speed_up(entry: ModelEntry, pipe: DiffusionPipeline) -> None:
         denoiser.compile_repeated_blocks()
 
 
-def _checked(scheduler: str | None) -> str | None:
-    if scheduler is not None and scheduler not in SCHEDULERS and scheduler != NULL_SCHEDULER:
+def _checked(scheduler: str | None, default: str) -> str | None:
+    # The model's own scheduler may be one a request cannot pick by name (reported by its class name).
+    if scheduler is not None and scheduler != default and scheduler not in SCHEDULERS:
         raise ModelError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
     return scheduler
 
