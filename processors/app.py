@@ -122,6 +122,10 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
         broker_heartbeat_interval=3.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
+        # On a rebalance or a stop, do not wait for every event taken to be acknowledged: those still in a take
+        # or its overlap are acknowledged only once finished, so waiting could outlast the agents. Offsets commit
+        # only up to what was acknowledged, and the rest is redelivered.
+        stream_wait_empty=False,
         # Room for a few takes, so the next one is ready when one is taken.
         stream_buffer_maxsize=max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2),
     )
