@@ -11,8 +11,8 @@ The model is built from its family's config with random weights (``pixelpipe.too
 - **raw diffusers**: the pipeline called as its documentation shows, one call per batch with a generator per
   image (the baseline, eager; with ``--compile`` also compiled);
 - **worker**: the stage code the worker runs, ``GenerateStage.render`` (decoding, validating, grouping, the
-  model calls through ``DiffusionModels``) overlapped with ``GenerateStage.finish`` (output moderation, PNG
-  encoding, object-store writes, results and metrics) as ``processors.app`` overlaps them, on a backlog: the
+  model calls through ``DiffusionModels``) then ``GenerateStage.finish`` (output moderation, PNG
+  encoding, object-store writes, results and metrics) as ``processors.app`` runs them, on a backlog: the
   takes are all there from the start. Per batching mode (on a CPU both; on a GPU ``batched``, the default there).
 
 Printed: images/s, the ratios worker/raw (same batch, same compile setting) and batch 8/batch 1, and the device
@@ -28,13 +28,11 @@ OpenCV are not installed (output moderation then passes every image; the table s
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,6 @@ from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
 from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, Verdict
-from pixelpipe.processors.overlap import OverlappedTakes
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, RenderedTake, StageContext
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
@@ -94,7 +91,7 @@ def main() -> None:
     # Tiny: the demo's 64x64, 2 steps, so that a CPU run takes well under a minute.
     side, steps, guidance = (64, 2, DEFAULT_GUIDANCE[args.family]) if tiny else FULL_SIZE[args.family]
     side, steps = args.size or side, args.steps or steps
-    # Two takes or more at batch 8, so that finishing a take overlaps with rendering the next.
+    # Two takes or more at batch 8.
     images = args.images or (16 if tiny else 32)
     # On a GPU the default batching mode is "batched"; on a CPU both are shown.
     default_modes = "batched" if device.type == "cuda" else "per-image,batched"
@@ -189,7 +186,7 @@ class Render:
     def worker(
         self, models: DiffusionModels, detector: Any, objects: Path, batch: int, images: int
     ) -> tuple[float, float]:
-        """Images/s of the stage's render and finish, overlapped, on takes of ``batch`` requests, and the
+        """Images/s of the stage's render and finish on takes of ``batch`` requests, and the
         fraction of the wall time the model was busy."""
         codec = Codec()
         context = StageContext(
@@ -227,34 +224,9 @@ class Render:
     ) -> list[ImageResult]:
         messages = [self._message(codec, seed) for seed in range(images)]
         emitted: list[Emission] = []
-        # As processors.app runs them: the model and the finishing each on its own thread, overlapped.
-        model_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
-        finish_thread = ThreadPoolExecutor(1, thread_name_prefix="finish")
-
-        async def run() -> None:
-            loop = asyncio.get_running_loop()
-
-            async def backlog() -> AsyncIterator[list[Inbound]]:
-                for start in range(0, len(messages), batch):
-                    yield messages[start : start + batch]
-
-            async def process(take: Sequence[Inbound]) -> RenderedTake:
-                return await loop.run_in_executor(model_thread, render, take)
-
-            async def finish(take: RenderedTake) -> None:
-                emitted.extend(await loop.run_in_executor(finish_thread, stage.finish, take))
-
-            async def ack(message: Inbound) -> None:
-                return None
-
-            overlap = stage.context.stages.overlap_takes
-            await OverlappedTakes(process, finish, ack, overlap).run(backlog())
-
-        try:
-            asyncio.run(run())
-        finally:
-            model_thread.shutdown()
-            finish_thread.shutdown()
+        # As processors.app runs them: each take rendered, then finished.
+        for start in range(0, len(messages), batch):
+            emitted.extend(stage.finish(render(messages[start : start + batch])))
         results_topic = stage.context.topics.results
         return [codec.decode_as(ImageResult, e.value) for e in emitted if e.topic == results_topic]
 

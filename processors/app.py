@@ -2,10 +2,9 @@
 
 Messages are raw bytes on every topic and are decoded by the foundation's codec inside the stages, so an
 undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer.
-Model and detector calls never run on the event loop: each stage runs in its own single-thread executors and
-the agent awaits them, so Kafka heartbeats and polls keep going while a batch renders. Each agent overlaps
-processing take k+1 with finishing take k (``processors.overlap``). An agent's events are acknowledged (and
-their offsets become committable) only after everything they emit was acknowledged by the broker, so a crash
+Model and detector calls never run on the event loop: each stage runs in its own single-thread executor and
+the agent awaits it, so Kafka heartbeats and polls keep going while a batch renders. An agent's events are
+acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the broker, so a crash
 redelivers instead of losing; result and metric ids derive from the request id, so a redelivered request is
 deduplicated downstream. Stages are built, models loaded and warmed, before the worker joins its group.
 """
@@ -18,7 +17,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,14 +27,12 @@ from faust.types import EventT
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings
-from pixelpipe.processors.overlap import OverlappedTakes
 from pixelpipe.processors.stages import (
     EditStage,
     Emission,
     GenerateStage,
     Inbound,
     ModerationStage,
-    RenderedTake,
     RenderStage,
     StageContext,
 )
@@ -122,10 +119,6 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
         broker_heartbeat_interval=3.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        # On a rebalance or a stop, do not wait for every event taken to be acknowledged: those still in a take
-        # or its overlap are acknowledged only once finished, so waiting could outlast the agents. Offsets commit
-        # only up to what was acknowledged, and the rest is redelivered.
-        stream_wait_empty=False,
         # Room for a few takes, so the next one is ready when one is taken.
         stream_buffer_maxsize=max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2),
     )
@@ -144,16 +137,12 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
 
         @app.agent(topic(settings.topics.requests), name="moderation")
-        async def moderate(stream: faust.StreamT) -> None:
-            # Moderating take k+1 overlaps with sending take k's events and waiting for their acknowledgements.
-            takes = OverlappedTakes(
-                lambda events: _run(executor, moderation.handle_batch, [inbound(e) for e in events]),
-                send_all,
-                stream.ack,
-                stage_settings.overlap_takes,
-            )
-            within_s = stage_settings.moderation_max_wait_ms / 1000
-            await takes.run(stream.noack_take(stage_settings.moderation_take_events, within=within_s))
+        async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
+            # A take's events are acknowledged when the next take is asked for: after its emissions were.
+            take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
+            async for events in stream.take_events(take, within=within_s):
+                await send_all(await _run(executor, moderation.handle_batch, [inbound(e) for e in events]))
+                yield None
 
     for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
         stage = stages.get(kind)
@@ -170,25 +159,17 @@ def _add_render_agent(
     stage_settings: StageSettings,
     send_all: Callable[[list[Emission]], Awaitable[None]],
 ) -> None:
-    # The model and the finishing (encoding, moderation, uploads) each have a thread, so they overlap.
-    model_executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
-    finish_executor = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
-
-    async def finish(take: RenderedTake) -> None:
-        await send_all(await _run(finish_executor, stage.finish, take))
+    executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
 
     @app.agent(source, name=kind)
-    async def render(stream: faust.StreamT) -> None:
-        takes = OverlappedTakes(
-            lambda events: _run(model_executor, stage.render, [inbound(e) for e in events]),
-            finish,
-            stream.ack,
-            stage_settings.overlap_takes,
-        )
+    async def render(stream: faust.StreamT) -> AsyncIterator[None]:
         # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or what
-        # came in max_wait_ms. Events are acknowledged by the overlap only once their take is finished.
-        within_s = stage_settings.max_wait_ms / 1000
-        await takes.run(stream.noack_take(stage_settings.take_events, within=within_s))
+        # came in max_wait_ms. They are acknowledged when the next take is asked for: after their emissions were.
+        take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
+        async for events in stream.take_events(take, within=within_s):
+            rendered = await _run(executor, stage.render, [inbound(e) for e in events])
+            await send_all(await _run(executor, stage.finish, rendered))
+            yield None
 
 
 async def _run(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:

@@ -2,7 +2,7 @@
 
 ``ModerationStage.handle_batch`` moderates a take of requests. ``GenerateStage`` and ``EditStage`` (both
 ``RenderStage``) handle a take in two steps: ``render`` (the model calls) and ``finish`` (output moderation,
-encoding, storage), which the worker overlaps with the next take's ``render``. Both return the events to send
+encoding, storage), so the two can be timed and, later, overlapped. Both return the events to send
 (results, metrics, forwarded requests, dead letters); the Faust agents in ``processors.app`` send them and only
 then let the offsets be committed.
 """
@@ -467,7 +467,7 @@ class RenderStage:
     def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
         raise NotImplementedError
 
-    # -- one take of the stream, in two steps the worker overlaps ---------------------------------------------
+    # -- one take of the stream, in two steps ------------------------------------------------------------------
     def render(self, messages: Sequence[Inbound]) -> RenderedTake:
         """The model's part of a take: read and check the requests, then one model call per chunk of requests
         with equal parameters. What ended early is in the take's emissions; the images wait for ``finish``."""
@@ -513,7 +513,7 @@ class RenderStage:
         return take
 
     def finish(self, take: RenderedTake) -> list[Emission]:
-        """The rest of a take, while the model renders the next: moderate, encode and store each chunk's images,
+        """The rest of a take: moderate, encode and store each chunk's images,
         then the results and metrics. Returns everything the take emits, early endings included."""
         for chunk in take.chunks:
             try:

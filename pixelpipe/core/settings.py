@@ -230,9 +230,6 @@ class StageSettings:
         "TAKE_EVENTS", 32, "Most events a render stage takes from its stream at once, to group into batches."
     )
     max_wait_ms: int = setting("MAX_WAIT_MS", 50, "Longest a render stage waits for its events to fill a take.")
-    overlap_takes: int = setting(
-        "OVERLAP_TAKES", 1, "Processed takes that may wait to be finished (stored, sent) while the next is processed."
-    )
     moderation_take_events: int = setting(
         "MODERATION_TAKE_EVENTS", 256, "Most requests moderation takes at once (one profanity-model call for all)."
     )
