@@ -4,9 +4,10 @@ Messages are raw bytes on every topic and are decoded by the foundation's codec 
 undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer.
 Model and detector calls never run on the event loop: each stage runs in its own single-thread executor and
 the agent awaits it, so Kafka heartbeats and polls keep going while a batch renders. An agent's events are
-acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the broker, so a crash
-redelivers instead of losing; result and metric ids derive from the request id, so a redelivered request is
-deduplicated downstream. Stages are built, models loaded and warmed, before the worker joins its group.
+acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the
+broker, so a crash redelivers instead of losing; result and metric ids derive from the request id, so a
+redelivered request is deduplicated downstream. Stages are built, models loaded and warmed, before the worker
+joins its group.
 """
 
 from __future__ import annotations
