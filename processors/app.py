@@ -79,6 +79,33 @@ def inbound(event: EventT) -> Inbound:
     return Inbound(message.value, message.key, message.topic, message.partition, message.offset, message.timestamp)
 
 
+class ReplySender:
+    """Sends copies of results to their requests' reply topics in the background, each within ``timeout_s``; a
+    copy not acknowledged by then (a topic that does not exist, a broker that refuses) is logged and dropped: the
+    result itself is on the results topic, where an upstream service can always read it."""
+
+    def __init__(self, topic: Callable[[str], faust.TopicT], timeout_s: float) -> None:
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._sending: set[asyncio.Task[None]] = set()  # the event loop keeps only weak references to tasks
+
+    def send(self, replies: Sequence[Emission]) -> None:
+        for reply in replies:
+            task = asyncio.create_task(self._send(reply))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, reply: Emission) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await (await self.topic(reply.topic).send(key=reply.key, value=reply.value))
+        except Exception as e:  # a timeout, an authorisation error, a refusal: each only loses this copy
+            log.warning(
+                "reply dropped",
+                extra={"topic": reply.topic, "request_id": (reply.key or b"").decode(), "error": repr(e)},
+            )
+
+
 def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     """Build the named stages, models loaded and warmed: done before the worker joins its consumer group, so
     partitions are never assigned to a worker that cannot serve them yet. The render stages share one
@@ -127,10 +154,15 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw")
 
+    replies = ReplySender(topic, settings.stages.reply_timeout_ms / 1000)
+
     async def send_all(emissions: list[Emission]) -> None:
-        # Wait for the broker's acknowledgement of every emission before the input counts as processed.
-        pending = [await topic(e.topic).send(key=e.key, value=e.value) for e in emissions]
+        # Wait for the broker's acknowledgement of every emission before the input counts as processed. Replies
+        # copy results already acknowledged here, and nothing waits on them: a reply topic that does not answer
+        # never holds up the stream.
+        pending = [await topic(e.topic).send(key=e.key, value=e.value) for e in emissions if not e.reply]
         await asyncio.gather(*pending)
+        replies.send([e for e in emissions if e.reply])
 
     stage_settings = settings.stages
     moderation = stages.get("moderation")

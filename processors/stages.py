@@ -31,6 +31,7 @@ from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSett
 from pixelpipe.core.validation import (
     InvalidRequestError,
     check_guidance,
+    check_reply_topic,
     check_steps,
     normalised_request,
     require,
@@ -74,6 +75,7 @@ class Emission:
     topic: str
     key: bytes | None
     value: bytes
+    reply: bool = False  # a copy of a result for the request's reply topic: sent after the rest, never awaited
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,16 @@ class Emitter:
         value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered))
         key = request.request_id.encode()
         self.emissions.append(Emission(self.context.topics.results, key, value))
-        if request.reply_topic:
-            self.emissions.append(Emission(request.reply_topic, key, value))
+        if request.reply_topic is not None and self._may_reply_to(request.reply_topic):
+            self.emissions.append(Emission(request.reply_topic, key, value, reply=True))
+
+    def _may_reply_to(self, topic: str) -> bool:
+        # Checked again right before sending: an invalid request's own INVALID_REQUEST result goes here too.
+        try:
+            check_reply_topic(topic, self.context.topics)
+        except InvalidRequestError:
+            return False
+        return True
 
     def unreadable(self, request_id: str, outcome: Outcome) -> None:
         self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome))
@@ -187,6 +197,7 @@ def decode_request(message: Inbound, context: StageContext, emit: Emitter, stage
         return None
     try:
         validate_request(request, context.limits, check_deadline=False)
+        check_reply_topic(request.reply_topic, context.topics)
     except InvalidRequestError as e:
         emit.result(request, Outcome.failed("INVALID_REQUEST", str(e)), {})
         return None

@@ -15,7 +15,7 @@ from pixelpipe.core.codec import Codec, codec_from_settings
 from pixelpipe.core.events import ImageRequest
 from pixelpipe.core.experiments import Experiment, load_experiments, stamp_assignments
 from pixelpipe.core.settings import KafkaSettings, Settings
-from pixelpipe.core.validation import validate_request
+from pixelpipe.core.validation import check_reply_topic, validate_request
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class Publisher:
     def publish(self, request: ImageRequest, topic: str | None = None) -> PendingDelivery:
         stamp_assignments(request, self.experiments, request.created_at)
         validate_request(request, self.limits)
+        check_reply_topic(request.reply_topic, self.topics)
         return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic)
 
     def publish_encoded(self, key: bytes, value: bytes, topic: str | None = None) -> PendingDelivery:

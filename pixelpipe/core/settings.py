@@ -142,6 +142,11 @@ class TopicSettings:
         "TOPIC_DEAD_LETTER", "pixelpipe.dead-letter", "Topic of undecodable or exhausted events."
     )
     partitions: int = setting("TOPIC_PARTITIONS", 8, "Partitions for topics pixelpipe creates.")
+    reply_prefix: str = setting(
+        "REPLY_TOPIC_PREFIX",
+        "pixelpipe.replies.",
+        "Prefix every request's reply topic must start with; checked by the SDK and again by every stage.",
+    )
 
     def pipeline(self) -> list[str]:
         """Every topic of the pipeline."""
@@ -238,6 +243,11 @@ class StageSettings:
     )
     device_hour_price_usd: float = setting(
         "DEVICE_HOUR_PRICE_USD", 1.0, "Price of one hour of this worker's device, for cost metrics."
+    )
+    reply_timeout_ms: int = setting(
+        "REPLY_TIMEOUT_MS",
+        5000,
+        "Longest a worker tries to send a result's copy to its reply topic; then the copy is logged and dropped.",
     )
     storage_retry_budget_s: float = setting(
         "STORAGE_RETRY_BUDGET_S",

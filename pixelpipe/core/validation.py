@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import unicodedata
 from typing import Any
 
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest
 from pixelpipe.core.ids import REQUEST_ID_PATTERN
-from pixelpipe.core.settings import RequestLimits
+from pixelpipe.core.settings import RequestLimits, TopicSettings
 
 KINDS = ("GENERATE", "EDIT")
 PRIORITIES = ("INTERACTIVE", "BATCH")
@@ -24,6 +25,8 @@ MAX_IMAGES = 10
 SIDE_MULTIPLE = 8
 MAX_GUIDANCE = 50.0
 MAX_TOPIC_CHARS = 249  # Kafka's own limit on a topic name
+# Kafka's own rule for topic names ("." and ".." are refused besides).
+TOPIC_NAME_PATTERN = re.compile(rf"[a-zA-Z0-9._-]{{1,{MAX_TOPIC_CHARS}}}")
 
 # Default-ignorable characters that are not format characters (category Cf, removed as a class): the Hangul
 # fillers, the combining grapheme joiner and the variation selectors.
@@ -186,6 +189,30 @@ def validate_request(
             "must be an aware datetime",
         )
         require(not check_deadline or deadline > now, "deadline", f"is in the past ({deadline.isoformat()})")
+
+
+def check_reply_topic(reply_topic: str | None, topics: TopicSettings) -> None:
+    """A reply topic, when there is one, is a legal topic name under the configured prefix and none of the
+    pipeline's own: a producer must not make a worker send to a topic it cannot name, or write into the pipeline."""
+    if reply_topic is None:
+        return
+    require(
+        isinstance(reply_topic, str)
+        and TOPIC_NAME_PATTERN.fullmatch(reply_topic) is not None
+        and reply_topic not in (".", ".."),
+        "reply_topic",
+        f"must be a Kafka topic name (1 to {MAX_TOPIC_CHARS} of a-z A-Z 0-9 . _ -), got {reply_topic!r:.300}",
+    )
+    require(
+        reply_topic.startswith(topics.reply_prefix) and len(reply_topic) > len(topics.reply_prefix),
+        "reply_topic",
+        f"must start with {topics.reply_prefix!r} (PIXELPIPE_REPLY_TOPIC_PREFIX), got {reply_topic!r}",
+    )
+    require(
+        reply_topic not in topics.pipeline(),
+        "reply_topic",
+        f"must not be one of the pipeline's own topics, got {reply_topic!r}",
+    )
 
 
 def _is_int(value: Any) -> bool:

@@ -45,7 +45,7 @@ def test_thousand_requests_round_trip_through_the_broker(topic_settings):
     for i, request in enumerate(SyntheticLoad(count=1000, source_uris=("s3://pixelpipe/in/0.png",), seed=7)):
         request.deadline = deadline.replace(microsecond=0) if i % 3 == 0 else None
         request.negative_prompt = f"blurry {i}" if i % 2 else None
-        request.reply_topic = "svc.results" if i % 5 == 0 else None
+        request.reply_topic = "pixelpipe.replies.svc" if i % 5 == 0 else None
         sent.append(request)
     with Publisher(settings) as publisher:
         report = publish_all(publisher, sent, progress=False)
@@ -69,6 +69,10 @@ def test_bad_requests_are_refused_before_anything_is_sent(topic_settings):
     with Publisher(topic_settings) as publisher:
         with pytest.raises(InvalidRequestError, match="n: must be between 1 and 10"):
             publisher.publish(new_request(prompt="x", model="m", user_id="u", n=12))
+        with pytest.raises(InvalidRequestError, match=r"reply_topic: must start with 'pixelpipe\.replies\.'"):
+            publisher.publish(
+                new_request(prompt="x", model="m", user_id="u", reply_topic=topic_settings.topics.results)
+            )
         good = publisher.publish(new_request(prompt="x", model="m", user_id="u")).result(timeout=30)
     messages = consume_all(topic_settings, topic_settings.topics.requests, 2, timeout_s=5)
     assert [(m.partition(), m.offset()) for m in messages] == [(good.partition, good.offset)]

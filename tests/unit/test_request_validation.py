@@ -4,8 +4,8 @@ import datetime as dt
 import pytest
 
 from pixelpipe.core.experiments import assign_variant, parse_experiment_spec
-from pixelpipe.core.settings import RequestLimits
-from pixelpipe.core.validation import normalise_text, normalised_request
+from pixelpipe.core.settings import RequestLimits, TopicSettings
+from pixelpipe.core.validation import check_reply_topic, normalise_text, normalised_request
 from pixelpipe.producers import InvalidRequestError, new_request, validate_request
 
 SETTINGS = RequestLimits(max_prompt_chars=100, max_image_side=1024)
@@ -103,6 +103,38 @@ def test_a_normalised_request_carries_normalised_prompts():
     original = request(prompt="\uff46\uff4f\uff58\u200b", negative_prompt="\u200bblur")
     assert (normalised_request(original).prompt, normalised_request(original).negative_prompt) == ("fox", "blur")
     assert normalised_request(request(negative_prompt=None)).negative_prompt is None
+
+
+def test_a_reply_topic_is_a_legal_name_under_the_prefix():
+    topics = TopicSettings()
+    check_reply_topic(None, topics)
+    check_reply_topic("pixelpipe.replies.svc-a_1", topics)
+    check_reply_topic("pixelpipe.replies." + "x" * 231, topics)  # 249 characters, Kafka's longest
+
+
+@pytest.mark.parametrize(
+    ("reply_topic", "message"),
+    [
+        ("bad topic!", "must be a Kafka topic name"),
+        ("", "must be a Kafka topic name"),
+        ("pixelpipe.replies." + "x" * 232, "must be a Kafka topic name"),
+        ("..", "must be a Kafka topic name"),
+        ("svc.results", "must start with 'pixelpipe.replies.'"),
+        ("pixelpipe.replies.", "must start with 'pixelpipe.replies.'"),
+        ("pixelpipe.results", "must start with 'pixelpipe.replies.'"),
+    ],
+)
+def test_bad_reply_topics_are_refused(reply_topic, message):
+    with pytest.raises(InvalidRequestError, match=f"^reply_topic: {message}"):
+        check_reply_topic(reply_topic, TopicSettings())
+
+
+def test_a_reply_topic_is_never_one_of_the_pipelines_own():
+    topics = TopicSettings(reply_prefix="pixelpipe.")
+    check_reply_topic("pixelpipe.svc-a", topics)
+    for own in topics.pipeline():
+        with pytest.raises(InvalidRequestError, match="must not be one of the pipeline's own topics"):
+            check_reply_topic(own, topics)
 
 
 def test_error_exposes_field_and_rule():
