@@ -46,6 +46,7 @@ T = TypeVar("T")
 Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
+LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
 RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
 
 
@@ -76,7 +77,10 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
 
 def inbound(event: EventT) -> Inbound:
     message = event.message
-    return Inbound(message.value, message.key, message.topic, message.partition, message.offset, message.timestamp)
+    appended_s = message.timestamp if message.timestamp_type == LOG_APPEND_TIME else None
+    return Inbound(
+        message.value, message.key, message.topic, message.partition, message.offset, message.timestamp, appended_s
+    )
 
 
 class ReplySender:

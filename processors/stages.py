@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -68,6 +68,7 @@ class Inbound:
     partition: int
     offset: int
     timestamp_s: float  # when it was produced: the start of its queue time
+    appended_s: float | None = None  # when the broker appended it, on a topic with LogAppendTime; else None
 
 
 @dataclass(frozen=True)
@@ -219,20 +220,29 @@ def queue_ms(message: Inbound, started_s: float) -> float:
     return (started_s - message.timestamp_s) * 1000.0
 
 
-class UserRateLimiter:
-    """A token bucket per user, on the requests' own timestamps: a user who floods the topic is cut back to
-    ``per_minute`` at moderation, so the requests of everyone else behind the flood are not held up by it."""
+def arrival_s(message: Inbound, read_s: float) -> float:
+    """When ``message`` arrived, by a clock its producer cannot set: the broker's append time on a topic with
+    LogAppendTime (pixelpipe creates the requests topic so), else the worker's clock when it was read."""
+    return read_s if message.appended_s is None else message.appended_s
 
-    def __init__(self, per_minute: int) -> None:
+
+class UserRateLimiter:
+    """A token bucket per user: up to ``burst`` requests at once, then ``per_minute``. Time comes from
+    ``arrival_s``, never from the producer's own timestamp, so a producer cannot buy tokens by stamping its
+    requests apart. The burst is small on purpose: what a flood gets past moderation lands in the render topics'
+    partitions ahead of everyone else's requests, and the renderers must work through it first."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
         self.per_minute = per_minute
+        self.capacity = float(max(1, min(burst, per_minute)))
         self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
 
     def allow(self, user_id: str, at_s: float) -> bool:
         if self.per_minute <= 0:
             return True
         rate = self.per_minute / 60.0
-        tokens, last = self._buckets.get(user_id, (float(self.per_minute), at_s))
-        tokens = min(float(self.per_minute), tokens + max(0.0, at_s - last) * rate)
+        tokens, last = self._buckets.get(user_id, (self.capacity, at_s))
+        tokens = min(self.capacity, tokens + max(0.0, at_s - last) * rate)
         allowed = tokens >= 1.0
         self._buckets[user_id] = (tokens - 1.0 if allowed else tokens, max(last, at_s))
         if len(self._buckets) > 100_000:  # forget users idle long enough for their bucket to be full again
@@ -258,7 +268,7 @@ class ModerationStage:
         self.prompts = prompts
         self.images = images
         self.store = store
-        self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute)
+        self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute, moderation.rate_limit_burst)
         self.next_topic = {"GENERATE": context.topics.generate, "EDIT": context.topics.edit}
 
     def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
@@ -270,18 +280,22 @@ class ModerationStage:
             for message in messages
             if (request := decode_request(message, self.context, emit, "moderation")) is not None
         ]
+        # Expired and rate-limited requests end before the prompt model: a flood costs it nothing.
+        refusals = [self._refusal(request, arrival_s(message, started_s)) for message, request in readable]
+        admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
+        verdicts: Iterator[Verdict | None]
         try:
-            verdicts: list[Verdict | None] = list(
-                self.prompts.check_many([r.prompt for _, r in readable], [r.negative_prompt for _, r in readable])
+            verdicts = iter(
+                self.prompts.check_many([r.prompt for r in admitted], [r.negative_prompt for r in admitted])
             )
         except Exception:  # each request then fails on its own below, with a dead letter
-            log.exception("prompt moderation failed", extra={"requests": len(readable)})
-            verdicts = [None] * len(readable)
+            log.exception("prompt moderation failed", extra={"requests": len(admitted)})
+            verdicts = iter([None] * len(admitted))
         shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
-        for (message, request), verdict in zip(readable, verdicts, strict=True):
+        for (message, request), refusal in zip(readable, refusals, strict=True):
             own_started_s = time.time()
             try:
-                outcome = self._moderate(request, message.timestamp_s, verdict)
+                outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
             except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
                 log.exception("moderation failed", extra={"request_id": request.request_id})
                 emit.dead_letter(message, f"internal error: {e!r}", "moderation", request.request_id)
@@ -303,14 +317,21 @@ class ModerationStage:
                 emit.result(request, outcome, {"moderation": compute_ms})
         return emit.take()
 
-    def _moderate(self, request: ImageRequest, produced_s: float, verdict: Verdict | None) -> Outcome | None:
-        """None when the request may go on; otherwise its terminal outcome. ``verdict`` is its prompt's."""
+    def _refusal(self, request: ImageRequest, arrived_s: float) -> Outcome | None:
+        """The outcome of a request that ends before it is moderated (its deadline passed, or its user is over the
+        rate limit); None when it goes on to moderation."""
         if deadline_passed(request, utc_now()):
             assert request.deadline is not None
             return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request.deadline.isoformat()} passed")
-        if not self.limiter.allow(request.user_id, produced_s):
-            limit = self.moderation.max_requests_per_user_per_minute
-            return Outcome.failed("RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute")
+        if not self.limiter.allow(request.user_id, arrived_s):
+            limit, burst = self.moderation.max_requests_per_user_per_minute, self.limiter.capacity
+            return Outcome.failed(
+                "RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute (bursts of {burst:.0f})"
+            )
+        return None
+
+    def _moderate(self, request: ImageRequest, verdict: Verdict | None) -> Outcome | None:
+        """None when the request may go on; otherwise its terminal outcome. ``verdict`` is its prompt's."""
         if verdict is None:
             raise RuntimeError("the prompt could not be moderated")
         if not verdict.allowed:

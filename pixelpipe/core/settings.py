@@ -226,6 +226,11 @@ class ModerationSettings:
         600,
         "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off.",
     )
+    rate_limit_burst: int = setting(
+        "RATE_LIMIT_BURST",
+        10,
+        "Most requests of one user moderation lets through at once, before the per-minute rate paces them.",
+    )
 
 
 @dataclass(frozen=True)

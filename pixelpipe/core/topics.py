@@ -19,8 +19,15 @@ def ensure_topics(
     missing = [name for name in wanted if name not in existing]
     if not missing:
         return []
+    # The broker stamps each request with its own clock on arrival: the rate limiter's time, which a producer
+    # cannot set.
+    append_time = {"message.timestamp.type": "LogAppendTime"}
     futures = admin.create_topics(
-        [NewTopic(name, partitions or topics.partitions, 1) for name in missing], operation_timeout=30
+        [
+            NewTopic(name, partitions or topics.partitions, 1, config=append_time if name == topics.requests else {})
+            for name in missing
+        ],
+        operation_timeout=30,
     )
     for future in futures.values():
         try:

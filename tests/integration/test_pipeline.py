@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 from PIL import Image
 
 from pixelpipe.core.codec import codec_from_settings
@@ -18,6 +19,7 @@ from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import publish_all
+from pixelpipe.producers.publisher import producer_config
 from pixelpipe.producers.results import collect
 from pixelpipe.tools.model_builders import build_tiny_models
 from pixelpipe.tools.processes import WorkerProcess
@@ -205,6 +207,19 @@ def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
     assert all(m.device_seconds >= 0 and m.cost_usd >= 0 and m.compute_ms > 0 for m in generate)
 
 
+def publish_stamped(settings, requests, stamps_ms):
+    """Publish as a producer that sets each record's timestamp itself, which the SDK leaves to librdkafka."""
+    codec = codec_from_settings(settings.kafka)
+    producer = Producer(producer_config(settings.kafka))
+    errors = []
+    for request, stamp_ms in zip(requests, stamps_ms, strict=True):
+        value, key = codec.encode(request), request.request_id.encode()
+        producer.produce(
+            settings.topics.requests, value, key, timestamp=stamp_ms, on_delivery=lambda e, _: errors.append(e)
+        )
+    assert producer.flush(30) == 0 and errors == [None] * len(requests)
+
+
 def test_malformed_messages_go_to_the_dead_letter_topic_and_the_stream_flows_on(pipeline, tmp_path):
     good = new_request(prompt="a fox", model="tiny-sd", user_id="u1", width=64, height=64, steps=2)
     with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
@@ -327,8 +342,12 @@ def test_a_user_flooding_the_topic_is_rate_limited_and_others_are_served(pipelin
 
     flood = [request("flooder", i) for i in range(40)]
     others = [request(f"user-{i}", i) for i in range(3)]
+    # The flooder stamps its requests 6 s apart, its rate exactly, in the past: the broker's time counts instead.
+    stamps_ms = [int((time.time() - 240) * 1000) + 6000 * i for i in range(len(flood))]
     with WorkerProcess(settings, ["moderation", "generate"], tmp_path / "worker.log") as worker:
-        publish(settings, flood[:20] + others + flood[20:])
+        publish_stamped(settings, flood[:20], stamps_ms[:20])
+        publish(settings, others)
+        publish_stamped(settings, flood[20:], stamps_ms[20:])
         ids = [r.request_id for r in flood + others]
         results = collect(settings.kafka, settings.topics.results, ImageResult, ids, timeout_s=240)
         assert not results.missing, worker.log_tail()

@@ -20,6 +20,7 @@ from pixelpipe.processors.stages import (
     StageContext,
     UserRateLimiter,
     _Pending,
+    arrival_s,
     is_transient,
     request_seed,
     resolve_params,
@@ -188,13 +189,21 @@ def test_transient_errors_are_retried_with_backoff_within_the_budget_and_bad_inp
     )
 
 
-def test_a_flooding_user_is_cut_back_to_the_rate_and_others_are_not():
-    limiter = UserRateLimiter(per_minute=60)  # one a second, bursts of 60
+def test_a_flooding_user_gets_a_small_burst_then_the_rate_and_others_are_not_held():
+    limiter = UserRateLimiter(per_minute=60, burst=10)  # one a second, ten at once
     flood = [limiter.allow("flooder", 1000.0 + i * 0.01) for i in range(200)]  # 200 requests in 2 s
-    assert flood.count(True) == 61  # the burst, plus the one token the 2 s refilled
+    assert flood.count(True) == 11  # the burst, plus the one token the 2 s refilled
     assert all(limiter.allow("someone-else", 1001.0 + i) for i in range(10))
-    assert limiter.allow("flooder", 1062.0)  # a minute later the bucket has refilled
-    assert all(UserRateLimiter(per_minute=0).allow("u", 0.0) for _ in range(1000))  # 0 turns it off
+    assert limiter.allow("flooder", 1003.0)  # a second later, the next token
+    assert UserRateLimiter(per_minute=5, burst=10).capacity == 5  # never more than a minute's worth at once
+    assert all(UserRateLimiter(per_minute=0, burst=10).allow("u", 0.0) for _ in range(1000))  # 0 turns it off
+
+
+def test_the_limiters_clock_is_the_brokers_append_time_or_the_workers_never_the_producers():
+    produced_long_ago = Inbound(b"", None, "t", 0, 0, timestamp_s=1.0)
+    assert arrival_s(produced_long_ago, read_s=2000.0) == 2000.0
+    appended = Inbound(b"", None, "t", 0, 0, timestamp_s=1500.0, appended_s=1500.0)
+    assert arrival_s(appended, read_s=2000.0) == 1500.0
 
 
 def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
