@@ -48,12 +48,14 @@ from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSet
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
 from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, Verdict
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, RenderedTake, StageContext
+from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
 MODEL = "bench"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, dramatic light"
 # Per family at full size: the size and steps its checkpoints are usually run at.
 FULL_SIZE = {"stable-diffusion": (512, 20, 7.5), "stable-diffusion-xl": (1024, 20, 5.0), "flux": (1024, 28, 3.5)}
+STAMP = ModerationStamp("render-benchmark")
 
 
 @dataclass
@@ -195,6 +197,7 @@ class Render:
             dataclasses.replace(StageSettings(), max_batch=batch, take_events=batch),
             codec,
             "render-benchmark",
+            STAMP,
         )
         store = open_object_store(ObjectStoreSettings(url=f"file://{objects}"))
         stage = GenerateStage(context, models, detector, store, {})
@@ -243,7 +246,10 @@ class Render:
             guidance=self.guidance,
             seed=seed,
         )
-        return Inbound(codec.encode(request), request.request_id.encode(), "pixelpipe.generate", 0, seed, time.time())
+        value = codec.encode(request)  # stamped as moderation would: the stage renders nothing else
+        return Inbound(
+            value, request.request_id.encode(), "pixelpipe.generate", 0, seed, time.time(), headers=STAMP.headers(value)
+        )
 
 
 def print_table(rows: list[Row], batches: list[int]) -> None:

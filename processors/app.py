@@ -37,6 +37,7 @@ from pixelpipe.processors.stages import (
     RenderStage,
     StageContext,
 )
+from pixelpipe.processors.stamp import ModerationStamp
 
 if TYPE_CHECKING:
     from pixelpipe.processors.models import DiffusionModels
@@ -79,7 +80,14 @@ def inbound(event: EventT) -> Inbound:
     message = event.message
     appended_s = message.timestamp if message.timestamp_type == LOG_APPEND_TIME else None
     return Inbound(
-        message.value, message.key, message.topic, message.partition, message.offset, message.timestamp, appended_s
+        message.value,
+        message.key,
+        message.topic,
+        message.partition,
+        message.offset,
+        message.timestamp,
+        appended_s,
+        dict(message.headers or ()),
     )
 
 
@@ -118,7 +126,12 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     if unknown or not names:
         raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     context = StageContext(
-        settings.topics, settings.limits, settings.stages, codec_from_settings(settings.kafka), worker_id(settings)
+        settings.topics,
+        settings.limits,
+        settings.stages,
+        codec_from_settings(settings.kafka),
+        worker_id(settings),
+        ModerationStamp(settings.moderation.stamp_key),
     )
     started_s = time.perf_counter()
     built: dict[str, Stage] = {}
@@ -164,7 +177,9 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
         # Wait for the broker's acknowledgement of every emission before the input counts as processed. Replies
         # copy results already acknowledged here, and nothing waits on them: a reply topic that does not answer
         # never holds up the stream.
-        pending = [await topic(e.topic).send(key=e.key, value=e.value) for e in emissions if not e.reply]
+        pending = [
+            await topic(e.topic).send(key=e.key, value=e.value, headers=e.headers) for e in emissions if not e.reply
+        ]
         await asyncio.gather(*pending)
         replies.send([e for e in emissions if e.reply])
 

@@ -49,6 +49,7 @@ from pixelpipe.processors.outcomes import (
     stage_metric,
     unreadable_result,
 )
+from pixelpipe.processors.stamp import ModerationStamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,6 +70,7 @@ class Inbound:
     offset: int
     timestamp_s: float  # when it was produced: the start of its queue time
     appended_s: float | None = None  # when the broker appended it, on a topic with LogAppendTime; else None
+    headers: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,18 +79,20 @@ class Emission:
     key: bytes | None
     value: bytes
     reply: bool = False  # a copy of a result for the request's reply topic: sent after the rest, never awaited
+    headers: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StageContext:
-    """What every stage shares: where events go and how they are encoded, the request limits, the stage settings
-    and this worker's name."""
+    """What every stage shares: where events go and how they are encoded, the request limits, the stage settings,
+    this worker's name and the moderation stamp."""
 
     topics: TopicSettings
     limits: RequestLimits
     stages: StageSettings
     codec: Codec
     worker_id: str
+    stamp: ModerationStamp
 
 
 class StageFailure(Exception):
@@ -166,7 +170,8 @@ class Emitter:
         self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
 
     def forward(self, topic: str, message: Inbound) -> None:
-        self.emissions.append(Emission(topic, message.key, message.value))
+        headers = self.context.stamp.headers(message.value)
+        self.emissions.append(Emission(topic, message.key, message.value, headers=headers))
 
     def dead_letter(self, message: Inbound, reason: str, stage: str, request_id: str | None) -> None:
         letter = DeadLetter.of(
@@ -509,6 +514,11 @@ class RenderStage:
         for message in messages:
             request = decode_request(message, self.context, emit, self.name.lower())
             if request is None:
+                continue
+            if not self.context.stamp.verify(message.value, message.headers):
+                reason = "no valid moderation stamp: it did not come through moderation"
+                emit.dead_letter(message, f"unmoderated: {reason}", self.name.lower(), request.request_id)
+                self._fail(emit, request, message, started_s, "UNMODERATED", f"not rendered: {reason}")
                 continue
             if deadline_passed(request, utc_now()):
                 self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ def _containers() -> Iterator[Settings]:
             s3_endpoint_url=s3,
             s3_access_key_id="pixelpipe",
             s3_secret_access_key="pixelpipe-local-secret",
+            moderation_stamp_key=secrets.token_hex(32),
         )
         import boto3
 

@@ -226,6 +226,13 @@ class ModerationSettings:
         600,
         "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off.",
     )
+    stamp_key: str = setting(
+        "MODERATION_STAMP_KEY",
+        "",
+        "Secret key of the stamp (HMAC-SHA256) moderation puts on what it forwards; the render stages render only "
+        "stamped requests. Every worker needs it: none starts without one.",
+        secret=True,
+    )
     rate_limit_burst: int = setting(
         "RATE_LIMIT_BURST",
         10,

@@ -73,6 +73,8 @@ def run_demo(
     if started_stack:
         echo(f"starting the local stack in {stack_settings.dir} ...")
         stack.up()
+    if not settings.moderation.stamp_key:  # the worker the demo starts checks what its moderation stamped
+        settings = settings.updated(moderation_stamp_key=stack.moderation_stamp_key())
     logs = Path("data") / "demo"
     logs.mkdir(parents=True, exist_ok=True)
     try:

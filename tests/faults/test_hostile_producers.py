@@ -11,11 +11,14 @@ import time
 import uuid
 
 import pytest
+from confluent_kafka import Producer
 
 from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.events import ImageResult
+from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.topics import ensure_topics
+from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher
+from pixelpipe.producers.publisher import producer_config
 from pixelpipe.producers.results import collect
 from tests.faults.test_faults import start, wait_stream_midway
 
@@ -66,6 +69,34 @@ def test_a_bad_reply_topic_fails_its_request_and_never_blocks_the_stage(harness)
     began = time.monotonic()
     assert worker.stop(timeout_s=30) == 0, worker.log_tail()  # SIGTERM: nothing hangs on a reply
     print(f"\nSIGTERM to exit: {time.monotonic() - began:.1f} s")
+
+
+def test_a_request_written_straight_to_the_generate_topic_is_refused_and_never_rendered(harness):
+    ids, _ = start(harness, "direct")
+    wait_stream_midway(harness, ids)
+    unstamped, forged = harness.requests(2, "direct")
+    codec = codec_from_settings(harness.settings.kafka)
+    producer = Producer(producer_config(harness.settings.kafka))
+    for request, headers in ((unstamped, None), (forged, ModerationStamp("a guess").headers(codec.encode(forged)))):
+        producer.produce(
+            harness.settings.topics.generate, codec.encode(request), request.request_id.encode(), headers=headers
+        )
+    assert producer.flush(30) == 0
+    cleared = time.time()
+    direct = [unstamped.request_id, forged.request_id]
+    harness.published |= dict.fromkeys(direct, cleared)
+    recovery = harness.recovery_after(cleared, timeout_s=120)
+    row = harness.verify("a direct write to the generate topic", ids + direct, recovery)
+    assert {rid: status for rid, status in row["status_of"].items() if status != "SUCCEEDED"} == dict.fromkeys(
+        direct, "FAILED"
+    )
+    kafka, topics = harness.settings.kafka, harness.settings.topics
+    results = collect(kafka, topics.results, ImageResult, direct, timeout_s=30).latest()
+    assert {r.error_code for r in results.values()} == {"UNMODERATED"} and all(not r.images for r in results.values())
+    letters = collect(kafka, topics.dead_letter, DeadLetter, direct, timeout_s=30).latest()
+    assert all(letter.error_reason.startswith("unmoderated: ") for letter in letters.values()) and len(letters) == 2
+    metrics = collect(kafka, topics.metrics, StageMetric, direct, timeout_s=30, settle_s=2)
+    assert {(m.stage, m.outcome) for events in metrics.events.values() for m in events} == {("GENERATE", "FAILED")}
 
 
 FLOOD = 2000

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 import uuid
@@ -45,6 +46,7 @@ def sasl_settings(broker, password=LOCAL_KAFKA_PASSWORD):
         kafka_sasl_username=LOCAL_KAFKA_USER,
         kafka_sasl_password=password,
         consumer_group=f"sasl-{suffix}",
+        moderation_stamp_key=secrets.token_hex(32),
     )
     return with_own_topics(settings, suffix).updated(topic_partitions=2)
 

@@ -27,6 +27,7 @@ from pixelpipe.processors.stages import (
     service_order,
     with_retries,
 )
+from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import new_request
 
 EXPERIMENTS = parse_experiments(
@@ -209,7 +210,8 @@ def test_the_limiters_clock_is_the_brokers_append_time_or_the_workers_never_the_
 def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
     registry = tmp_path / "registry.json"
     registry.write_text(json.dumps({"small": {"kind": "null", "max_batch": 2}, "wide": {"kind": "null"}}))
-    context = StageContext(TopicSettings(), LIMITS, StageSettings(max_batch=3), Codec(), "worker")
+    stamp = ModerationStamp("key")
+    context = StageContext(TopicSettings(), LIMITS, StageSettings(max_batch=3), Codec(), "worker", stamp)
     stage = GenerateStage(context, DiffusionModels.from_file(registry), None, None, {})  # render needs no store
     requests = [
         new_request(prompt=f"p{i}", model=model, user_id="u", width=64, height=64, seed=i)
@@ -217,8 +219,8 @@ def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
         for i in range(5)
     ]
     messages = [
-        Inbound(context.codec.encode(r), r.request_id.encode(), "t", 0, offset, time.time())
-        for offset, r in enumerate(requests)
+        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+        for offset, (r, value) in enumerate((r, context.codec.encode(r)) for r in requests)
     ]
     take = stage.render(messages)
     assert [(chunk.params.model, len(chunk.items)) for chunk in take.chunks] == [

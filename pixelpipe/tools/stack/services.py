@@ -6,6 +6,7 @@ import base64
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -447,6 +448,16 @@ class LocalStack:
     def status(self) -> list[ServiceStatus]:
         return [service.status() for service in self.services]
 
+    def moderation_stamp_key(self) -> str:
+        """This stack's moderation stamp key, made on first use and kept in its directory, so the workers and the
+        demo it serves share one."""
+        path = Path(self.stack.dir).expanduser().resolve() / "moderation-stamp.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_hex(32))
+        return path.read_text().strip()
+
     def client_env(self) -> dict[str, str]:
         """The PIXELPIPE_* variables that point every pixelpipe client at this stack."""
         return {
@@ -457,4 +468,5 @@ class LocalStack:
             "PIXELPIPE_S3_REGION": LOCAL_S3_REGION,
             "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
+            "PIXELPIPE_MODERATION_STAMP_KEY": self.moderation_stamp_key(),
         }
