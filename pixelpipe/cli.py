@@ -62,10 +62,15 @@ def stack_up() -> None:
     """Start every service that is not running and wait until each answers."""
     from pixelpipe.tools.stack import LocalStack, StackError
 
+    stack_settings = _stack_settings()
+    local = LocalStack(stack_settings)
     try:
-        statuses = LocalStack(_stack_settings()).up()
+        statuses = local.up()
     except StackError as e:
         raise click.ClickException(str(e)) from e
+    if stack_settings.kafka_acls:  # each role's ACLs on the topics of the settings in force
+        settings = load_settings()
+        local.kafka.grant_roles(settings.topics, settings.stages.consumer_group, settings.sink.group_id)
     _print_status(statuses)
 
 

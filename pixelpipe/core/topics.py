@@ -1,9 +1,21 @@
-"""The pipeline's Kafka topics: names and partition counts come from the settings."""
+"""The pipeline's Kafka topics (names and partition counts come from the settings) and who may use them."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+)
 
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 
@@ -36,3 +48,64 @@ def ensure_topics(
             if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:
                 raise
     return missing
+
+
+# What each role may do, and nothing more: publishers only write requests; moderation reads them and writes the
+# render topics; renderers read those; only moderation and renderers write results, metrics and replies.
+READS, WRITES = (AclOperation.READ, AclOperation.DESCRIBE), (AclOperation.WRITE, AclOperation.DESCRIBE)
+
+
+def role_acls(
+    role: str, principal: str, topics: TopicSettings, consumer_group: str, sink_group: str
+) -> list[AclBinding]:
+    """The ACLs of one role (publisher, moderation, renderer or sink) for ``principal`` (``User:name``)."""
+    outputs = [topics.results, topics.metrics, topics.dead_letter]
+    literal: dict[str, list[tuple[str, tuple[AclOperation, ...]]]] = {
+        "publisher": [(topics.requests, WRITES)],
+        "moderation": [(topics.requests, READS), *((t, WRITES) for t in [topics.generate, topics.edit, *outputs])],
+        "renderer": [(topics.generate, READS), (topics.edit, READS), *((t, WRITES) for t in outputs)],
+        "sink": [(topics.results, READS), (topics.metrics, READS), (topics.dead_letter, WRITES)],
+    }
+    if role not in literal:
+        raise ValueError(f"unknown role {role!r}; choose from {', '.join(literal)}")
+    rules = [(ResourceType.TOPIC, name, ResourcePatternType.LITERAL, op) for name, ops in literal[role] for op in ops]
+    if role == "sink":
+        rules.append((ResourceType.GROUP, sink_group, ResourcePatternType.LITERAL, AclOperation.READ))
+    elif role != "publisher":  # the workers: replies, their consumer groups and Faust's own topics
+        workers = f"{consumer_group}-"
+        rules += [(ResourceType.TOPIC, topics.reply_prefix, ResourcePatternType.PREFIXED, op) for op in WRITES]
+        rules.append((ResourceType.GROUP, workers, ResourcePatternType.PREFIXED, AclOperation.READ))
+        rules.append((ResourceType.TOPIC, workers, ResourcePatternType.PREFIXED, AclOperation.ALL))
+    return [
+        AclBinding(kind, name, pattern, principal, "*", operation, AclPermissionType.ALLOW)
+        for kind, name, pattern, operation in rules
+    ]
+
+
+def grant_roles(
+    kafka: KafkaSettings,
+    topics: TopicSettings,
+    principals: Mapping[str, str],
+    consumer_group: str,
+    sink_group: str,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create the ACLs of each role for its principal (role -> ``User:name``); ``kafka`` must be allowed to."""
+    bindings = [
+        binding
+        for role, principal in principals.items()
+        for binding in role_acls(role, principal, topics, consumer_group, sink_group)
+    ]
+    admin = AdminClient(kafka.client_config())  # kept until the futures settle: they die with it
+    for future in admin.create_acls(bindings, request_timeout=30).values():
+        future.result()
+    # The brokers apply ACLs a moment after the controller accepted them; a client refused meanwhile would not ask
+    # again, so return only once they show them all.
+    everything = AclBindingFilter(
+        ResourceType.ANY, None, ResourcePatternType.ANY, None, None, AclOperation.ANY, AclPermissionType.ANY
+    )
+    deadline = time.monotonic() + timeout_s
+    while not set(bindings) <= set(admin.describe_acls(everything, request_timeout=10).result()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the brokers did not show the new ACLs within {timeout_s:.0f} s")
+        time.sleep(0.2)

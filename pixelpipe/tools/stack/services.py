@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pixelpipe.core.settings import KafkaSettings, TopicSettings, section_from_env
+from pixelpipe.core.topics import grant_roles
 from pixelpipe.tools.stack.settings import StackSettings
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,13 @@ MAVEN_DIR = Path(__file__).parent / "maven"
 LOCAL_S3_ACCESS_KEY = "pixelpipe"
 LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credentials, never real ones
 LOCAL_S3_REGION = "us-east-1"
-LOCAL_KAFKA_USER = "pixelpipe"
+LOCAL_KAFKA_USER = "pixelpipe"  # with PIXELPIPE_STACK_KAFKA_ACLS=1, the super user the tools connect as
 LOCAL_KAFKA_PASSWORD = "pixelpipe-local-kafka-secret"
+LOCAL_KAFKA_ROLES = ("publisher", "moderation", "renderer", "sink")  # a SASL user each, granted by ACLs
+
+
+def local_kafka_password(user: str) -> str:
+    return LOCAL_KAFKA_PASSWORD if user == LOCAL_KAFKA_USER else f"pixelpipe-local-{user}-secret"
 
 
 class StackError(RuntimeError):
@@ -222,10 +229,9 @@ class Kafka(LocalService):
 
     def prepare(self) -> None:
         controller = f"127.0.0.1:{self.port + 1}"
-        plain_login = (
-            "org.apache.kafka.common.security.plain.PlainLoginModule required "
-            f'user_{LOCAL_KAFKA_USER}="{LOCAL_KAFKA_PASSWORD}";'
-        )
+        users = [LOCAL_KAFKA_USER, *LOCAL_KAFKA_ROLES] if self.stack.kafka_acls else [LOCAL_KAFKA_USER]
+        accounts = " ".join(f'user_{user}="{local_kafka_password(user)}"' for user in users)
+        plain_login = f"org.apache.kafka.common.security.plain.PlainLoginModule required {accounts};"
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -247,6 +253,8 @@ class Kafka(LocalService):
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
         }
+        if self.stack.kafka_acls:
+            properties |= self._authorizer_properties(accounts)
         (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
         (self.dir / "log4j2.properties").write_text(
             "status = error\nappender.out.type = Console\nappender.out.name = out\n"
@@ -272,6 +280,42 @@ class Kafka(LocalService):
             )
             if formatted.returncode != 0:
                 raise StackError(f"kafka: formatting storage failed:\n{formatted.stdout}{formatted.stderr}")
+
+    def _authorizer_properties(self, accounts: str) -> dict[str, str]:
+        """Every request authorised by ACLs. The broker talks to its controller and to itself as the super user,
+        over SASL: were those PLAINTEXT, their principal (ANONYMOUS) would be the super user, and so would every
+        client of the PLAINTEXT listener, which instead is allowed nothing."""
+        admin = f'username="{LOCAL_KAFKA_USER}" password="{LOCAL_KAFKA_PASSWORD}"'
+        login = f"org.apache.kafka.common.security.plain.PlainLoginModule required {admin} {accounts};"
+        return {
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{LOCAL_KAFKA_USER}",
+            "listener.security.protocol.map": ",".join(
+                ("PLAINTEXT:PLAINTEXT", "CONTROLLER:SASL_PLAINTEXT", "SASL_PLAINTEXT:SASL_PLAINTEXT")
+            ),
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": login,
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config": login,
+        }
+
+    def sasl_env(self, user: str = LOCAL_KAFKA_USER) -> dict[str, str]:
+        """The PIXELPIPE_KAFKA_* variables of a client of the SASL listener: the super user, or one of the roles."""
+        return {
+            "PIXELPIPE_KAFKA_BOOTSTRAP": self.sasl_endpoint,
+            "PIXELPIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "PIXELPIPE_KAFKA_SASL_MECHANISM": "PLAIN",
+            "PIXELPIPE_KAFKA_SASL_USERNAME": user,
+            "PIXELPIPE_KAFKA_SASL_PASSWORD": local_kafka_password(user),
+        }
+
+    def grant_roles(self, topics: TopicSettings, consumer_group: str, sink_group: str) -> None:
+        """Each role's ACLs on these topics, for its own user (PIXELPIPE_STACK_KAFKA_ACLS=1)."""
+        admin = section_from_env(KafkaSettings, self.sasl_env())
+        principals = {role: f"User:{role}" for role in LOCAL_KAFKA_ROLES}
+        grant_roles(admin, topics, principals, consumer_group, sink_group)
 
     def _java_command(self) -> list[str]:
         return [
@@ -434,7 +478,8 @@ class LocalStack:
 
     def __init__(self, stack: StackSettings) -> None:
         self.stack = stack
-        self.services: list[LocalService] = [Kafka(stack), ClickHouse(stack), ObjectStorage(stack)]
+        self.kafka = Kafka(stack)
+        self.services: list[LocalService] = [self.kafka, ClickHouse(stack), ObjectStorage(stack)]
 
     def up(self) -> list[ServiceStatus]:
         for service in self.services:
@@ -459,9 +504,11 @@ class LocalStack:
         return path.read_text().strip()
 
     def client_env(self) -> dict[str, str]:
-        """The PIXELPIPE_* variables that point every pixelpipe client at this stack."""
+        """The PIXELPIPE_* variables that point every pixelpipe client at this stack (with ACLs, as the super
+        user: the tools create topics and grant roles)."""
         return {
-            "PIXELPIPE_KAFKA_BOOTSTRAP": self.services[0].endpoint,
+            "PIXELPIPE_KAFKA_BOOTSTRAP": self.kafka.endpoint,
+            **(self.kafka.sasl_env() if self.stack.kafka_acls else {}),
             "PIXELPIPE_CLICKHOUSE_URL": self.services[1].endpoint,
             "PIXELPIPE_OBJECT_STORE_URL": f"s3://{self.stack.s3_bucket}/images",
             "PIXELPIPE_S3_ENDPOINT_URL": self.services[2].endpoint,

@@ -18,6 +18,12 @@ class StackSettings:
     default_partitions: int = setting(
         "STACK_DEFAULT_PARTITIONS", 8, "Partitions of topics the local broker creates on first use."
     )
+    kafka_acls: int = setting(
+        "STACK_KAFKA_ACLS",
+        0,
+        "1: the local Kafka authorises every client by ACLs, a SASL user per role (publisher, moderation, renderer, "
+        "sink) and a super user for the tools; its PLAINTEXT listener is then allowed nothing.",
+    )
     cache_dir: str = setting(
         "CACHE_DIR", "~/.cache/pixelpipe", "Downloaded server jars and the cached virtual environment."
     )
