@@ -27,7 +27,7 @@ import faust
 from faust.types import EventT
 
 from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings
+from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
 from pixelpipe.processors.stages import (
     EditStage,
     Emission,
@@ -273,13 +273,20 @@ def _render_stage(
     )
 
 
+def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
+    """The topics these stages read or write: under Kafka ACLs a worker may not even see the others."""
+    used = [topics.requests, topics.generate, topics.edit] if "moderation" in stages else []
+    used += [getattr(topics, kind) for kind in RENDER_STAGES if kind in stages]
+    return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
+
+
 def run_worker(settings: Settings, stages: Sequence[str]) -> None:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed."""
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics
 
     level = settings.logs.level.upper()
-    ensure_topics(settings.kafka, settings.topics)
+    ensure_topics(settings.kafka, settings.topics, stage_topics(settings.topics, stages))
     app = create_app(settings, build_stages(settings, stages))
     worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
     worker.execute_from_commandline()
