@@ -186,7 +186,7 @@ def _moderation_stage(settings: Settings, context: StageContext) -> ModerationSt
         context,
         settings.moderation,
         PromptModerator(policy),
-        ImageModerator(policy),
+        ImageModerator(policy, detector=settings.moderation.image_detector),
         open_object_store(settings.objects),
     )
 
@@ -216,7 +216,7 @@ def _render_stage(
     return stage(
         context,
         models,
-        ImageModerator(policy),
+        ImageModerator(policy, detector=settings.moderation.image_detector),
         open_object_store(settings.objects),
         load_experiments(experiments_file) if experiments_file.exists() else {},
     )

@@ -4,6 +4,8 @@
   (``sexual``, ``sexual/minors``, ``violence``, ``self-harm``, ``hate``, ``illicit``) score 1.0 when they match.
 - Images (the source image of an edit, every generated or edited image): nudenet's bundled ONNX detector
   (``320n.onnx`` next to ``nudenet/nudenet.py``, run by onnxruntime on CPU); exposed-body labels map to ``sexual``.
+  The ``null`` detector finds nothing and costs nothing: it is for capacity tests of the pipeline only, so that
+  they measure the pipeline rather than nudenet; never use it where images must be moderated.
 
 A ``Verdict`` names its stage (``PROMPT``, ``INPUT_IMAGE`` or ``OUTPUT_IMAGE``), every category score and the
 categories at or above their threshold. Thresholds and rules come from a ``ModerationPolicy``, by default the
@@ -313,20 +315,46 @@ def _to_bgr(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
 
 
-class ImageModerator:
-    """Scores images with nudenet's shipped ONNX detector; loads it once, on construction."""
+Detections = list[dict[str, Any]]  # nudenet's form: {"class": label, "score": float, "box": [...]} per find
 
-    def __init__(self, policy: ModerationPolicy | None = None, batch_size: int = 8) -> None:
+
+class NudeNetDetector:
+    """nudenet's shipped ONNX detector, loaded once, on construction."""
+
+    def __init__(self) -> None:
         # Imported here: nudenet imports OpenCV and onnxruntime, which prompt-only workers do not need.
         from nudenet import NudeDetector
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.policy = policy or ModerationPolicy()
-        self.batch_size = batch_size
         # No model_path: nudenet 3.4.2 then opens the 320n.onnx in its own package directory; it has no
         # download code at all.
         self._detector = NudeDetector()
+
+    def detect(self, images: Sequence[Image.Image], batch_size: int) -> list[Detections]:
+        # Every image is resized to the detector's 320x320 input, so any sizes batch together.
+        return self._detector.detect_batch([_to_bgr(image) for image in images], batch_size=batch_size)
+
+
+class NullDetector:
+    """Finds nothing and costs nothing. For capacity tests only: it lets them measure the pipeline, not nudenet."""
+
+    def detect(self, images: Sequence[Image.Image], batch_size: int) -> list[Detections]:
+        return [[] for _ in images]
+
+
+IMAGE_DETECTORS = {"nudenet": NudeNetDetector, "null": NullDetector}
+
+
+class ImageModerator:
+    """Scores images with the named detector (``IMAGE_DETECTORS``: nudenet's by default)."""
+
+    def __init__(self, policy: ModerationPolicy | None = None, batch_size: int = 8, detector: str = "nudenet") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if detector not in IMAGE_DETECTORS:
+            raise ValueError(f"unknown image detector {detector!r}; choose from {', '.join(IMAGE_DETECTORS)}")
+        self.policy = policy or ModerationPolicy()
+        self.batch_size = batch_size
+        self._detector = IMAGE_DETECTORS[detector]()
 
     def check(self, images: Sequence[Image.Image], stage: str) -> list[Verdict]:
         """One verdict per image, in order; ``stage`` is ``INPUT_IMAGE`` or ``OUTPUT_IMAGE``."""
@@ -334,6 +362,5 @@ class ImageModerator:
             raise ValueError(f"stage must be one of {IMAGE_STAGES}, got {stage!r}")
         if not images:
             return []
-        # Every image is resized to the detector's 320x320 input, so any sizes batch together.
-        detections = self._detector.detect_batch([_to_bgr(image) for image in images], batch_size=self.batch_size)
+        detections = self._detector.detect(images, self.batch_size)
         return [verdict_from_detections(found, stage, self.policy) for found in detections]

@@ -221,6 +221,12 @@ class ModerationSettings:
         600,
         "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off.",
     )
+    image_detector: str = setting(
+        "IMAGE_DETECTOR",
+        "nudenet",
+        "Detector for edit sources and output images: nudenet, or null (finds nothing, costs nothing; for capacity "
+        "tests of the pipeline only, never where images must be moderated).",
+    )
 
 
 @dataclass(frozen=True)
