@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -458,3 +459,23 @@ class LocalStack:
             "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
         }
+
+
+@contextlib.contextmanager
+def stack_unless_kafka_answers(
+    bootstrap: str, stack: StackSettings, echo: Callable[[str], None], keep: bool = False
+) -> Iterator[None]:
+    """Start the local stack for the block when no Kafka answers at ``bootstrap`` (its first server), and stop it
+    afterwards unless ``keep``; a Kafka that already answers is used as it is and left running."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    if port_open(int(port), host):
+        yield
+        return
+    echo(f"starting the local stack in {stack.dir} ...")
+    local = LocalStack(stack)
+    local.up()
+    try:
+        yield
+    finally:
+        if not keep:
+            local.down()
