@@ -16,6 +16,7 @@ from pixelpipe.processors.moderation import (
     ModerationPolicy,
     NudeNetDetector,
     PolicyError,
+    ProfanityScorer,
     PromptModerator,
     verdict_from_detections,
 )
@@ -223,3 +224,10 @@ def test_an_unknown_detector_is_refused_with_the_choices() -> None:
 
 def _fail_if_called(*args: object) -> None:
     raise AssertionError("the null detector loaded nudenet")
+
+
+def test_profanity_scores_are_the_shipped_model_s() -> None:
+    from profanity_check import predict_prob
+
+    texts = ["a red fox in fresh snow", "what the hell", "fuck you", "", "nude, gore, blurry", "a portrait " * 40]
+    assert ProfanityScorer()(texts) == pytest.approx(predict_prob(texts), abs=1e-12)
