@@ -161,7 +161,9 @@ class FileObjectStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
-        self._root = str(self.root)  # for the write path, which joins strings rather than build Paths
+        # For the write path, which joins strings rather than build Paths.
+        self._root = str(self.root)
+        self._root_uri = self.root.as_uri()
 
     @property
     def root_uri(self) -> str:
@@ -211,7 +213,8 @@ class FileObjectStore(ObjectStore):
             # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
             _replace(path, data)
             _replace(_sidecar_path(path), meta)
-            stored.append(StoredObject(uri=Path(path).as_uri(), sha256=digest, bytes=len(data)))
+            # Keys hold only URI-safe characters, so the URI is the root's with the key appended.
+            stored.append(StoredObject(uri=f"{self._root_uri}/{key}", sha256=digest, bytes=len(data)))
         _sync_filesystem(self._root)
         return stored
 
