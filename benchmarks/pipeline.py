@@ -291,6 +291,13 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the half-rate phase publishes")
     parser.add_argument("--side", type=int, default=64, help="width and height of the requested images")
     parser.add_argument("--detectors", default="null,nudenet", help="comma separated: null, nudenet")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=5,
+        help="PIXELPIPE_MAX_WAIT_MS for the render stages (their default, 50, lets a diffusion model fill a batch; "
+        "the null model gains nothing from waiting)",
+    )
     parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
     parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the worker under saturation")
     args = parser.parse_args()
@@ -312,12 +319,14 @@ def main() -> None:
             model_registry=str(registry),
             object_store_url=f"file://{objects_dir or workdir / 'objects'}",
             experiments_file=str(workdir / "no-experiments.json"),
+            max_wait_ms=args.max_wait_ms,
         )
         # Faust keeps a data folder in its working directory: the workers inherit the temporary one.
         os.chdir(workdir)
         echo(
-            f"one worker process ({', '.join(STAGES)}), null model, {args.side}x{args.side} images, Kafka at "
-            f"{base.kafka.bootstrap}, {os.cpu_count()} cores, load average before {load_before[0]:.2f}"
+            f"one worker process ({', '.join(STAGES)}), null model, {args.side}x{args.side} images, render take window"
+            f" {args.max_wait_ms} ms, objects in {base.objects.url}, Kafka at {base.kafka.bootstrap},"
+            f" {os.cpu_count()} cores, load average before {load_before[0]:.2f}"
         )
         for detector in args.detectors.split(","):
             requests = args.requests if detector == "null" else args.nudenet_requests
