@@ -229,5 +229,14 @@ def _fail_if_called(*args: object) -> None:
 def test_profanity_scores_are_the_shipped_model_s() -> None:
     from profanity_check import predict_prob
 
-    texts = ["a red fox in fresh snow", "what the hell", "fuck you", "", "nude, gore, blurry", "a portrait " * 40]
+    texts = [
+        "a red fox in fresh snow",
+        "what the hell",
+        "Fuck YOU, fuck you!",
+        "",
+        "the and of it",  # stop words only: no feature at all
+        "qwxz zzyzx",  # no word the model knows
+        "nude, gore, blurry",
+        "a portrait " * 40,
+    ]
     assert ProfanityScorer()(texts) == pytest.approx(predict_prob(texts), abs=1e-12)
