@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageRequest, ImageResult
@@ -46,7 +45,7 @@ from pixelpipe.core.ids import new_event_id
 from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
-from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, Verdict
+from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, RenderedTake, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
@@ -79,13 +78,6 @@ class Row:
                 self.busy[batch] = busy
 
 
-class PassingDetector:
-    """Output moderation that allows every image, for machines without nudenet and OpenCV."""
-
-    def check(self, images: Sequence[Image.Image], stage: str) -> list[Verdict]:
-        return [Verdict(stage, True, {}, []) for _ in images]
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,7 +101,8 @@ def main() -> None:
         f"{images} images per figure, best of {args.rounds} rounds; built in {built_s:.1f} s"
     )
     render = Render(side, steps, guidance, device)
-    detector = ImageModerator(ModerationPolicy()) if args.detector == "nudenet" else PassingDetector()
+    # "none": the null detector, which allows every image and never imports nudenet or OpenCV.
+    detector = ImageModerator(ModerationPolicy(), detector="nudenet" if args.detector == "nudenet" else "null")
     batches = [int(b) for b in args.batches.split(",")]
     entry = ModelEntry(MODEL, "(built in memory)", args.family, steps, guidance, dtype=_dtype_name(pipe.dtype))
 

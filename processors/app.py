@@ -18,19 +18,21 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import faust
+from aiokafka import AIOKafkaConsumer
+from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import EventT
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
+from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.stages import (
     EditStage,
-    Emission,
     GenerateStage,
     Inbound,
     ModerationStage,
@@ -48,6 +50,9 @@ Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
 LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
+# Longest a fetch waits at the broker for records; an empty fetch costs the worker about 1 ms, so the hundred a
+# second of an idle worker take about a tenth of a core.
+FETCH_MAX_WAIT_MS = 10
 RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
 
 
@@ -76,6 +81,33 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
     return faust.SSLCredentials(context) if context else None
 
 
+class _PromptFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust fixes aiokafka's fetch wait at 1500 ms. aiokafka keeps one fetch in flight per broker, leaving out
+        # the partitions whose records are not all read yet, so a message that arrives on one of those waited for
+        # the fetch in flight to time out: up to 1.5 s at each stage at low rates. (Set before the consumer starts,
+        # which is when aiokafka reads it.)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class _PromptFetchConsumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _PromptFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _PromptFetchTransport(aiokafka_driver.Transport):
+    Consumer = _PromptFetchConsumer
+
+
+class PipelineApp(faust.App):
+    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS``."""
+
+    def _new_transport(self) -> faust.types.TransportT:
+        return _PromptFetchTransport(self.conf.broker_consumer, self)
+
+
 def inbound(event: EventT) -> Inbound:
     message = event.message
     appended_s = message.timestamp if message.timestamp_type == LOG_APPEND_TIME else None
@@ -89,33 +121,6 @@ def inbound(event: EventT) -> Inbound:
         appended_s,
         dict(message.headers or ()),
     )
-
-
-class ReplySender:
-    """Sends copies of results to their requests' reply topics in the background, each within ``timeout_s``; a
-    copy not acknowledged by then (a topic that does not exist, a broker that refuses) is logged and dropped: the
-    result itself is on the results topic, where an upstream service can always read it."""
-
-    def __init__(self, topic: Callable[[str], faust.TopicT], timeout_s: float) -> None:
-        self.topic = topic
-        self.timeout_s = timeout_s
-        self._sending: set[asyncio.Task[None]] = set()  # the event loop keeps only weak references to tasks
-
-    def send(self, replies: Sequence[Emission]) -> None:
-        for reply in replies:
-            task = asyncio.create_task(self._send(reply))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, reply: Emission) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await (await self.topic(reply.topic).send(key=reply.key, value=reply.value))
-        except Exception as e:  # a timeout, an authorisation error, a refusal: each only loses this copy
-            log.warning(
-                "reply dropped",
-                extra={"topic": reply.topic, "request_id": (reply.key or b"").decode(), "error": repr(e)},
-            )
 
 
 def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
@@ -147,9 +152,10 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     return built
 
 
-def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
-    """A Faust app running the built ``stages``; workers with the same stages form one consumer group."""
-    app = faust.App(
+def create_app(settings: Settings, stages: Mapping[str, Stage], sender: EmissionSender) -> faust.App:
+    """A Faust app running the built ``stages``, which send what they emit with ``sender``; workers with the same
+    stages form one consumer group."""
+    app = PipelineApp(
         f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
         broker=broker_url(settings.kafka),
         broker_credentials=broker_credentials(settings.kafka),
@@ -171,18 +177,6 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw")
 
-    replies = ReplySender(topic, settings.stages.reply_timeout_ms / 1000)
-
-    async def send_all(emissions: list[Emission]) -> None:
-        # Wait for the broker's acknowledgement of every emission before the input counts as processed. Replies
-        # copy results already acknowledged here, and nothing waits on them: a reply topic that does not answer
-        # never holds up the stream.
-        pending = [
-            await topic(e.topic).send(key=e.key, value=e.value, headers=e.headers) for e in emissions if not e.reply
-        ]
-        await asyncio.gather(*pending)
-        replies.send([e for e in emissions if e.reply])
-
     stage_settings = settings.stages
     moderation = stages.get("moderation")
     if isinstance(moderation, ModerationStage):
@@ -193,13 +187,13 @@ def create_app(settings: Settings, stages: Mapping[str, Stage]) -> faust.App:
             # A take's events are acknowledged when the next take is asked for: after its emissions were.
             take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
             async for events in stream.take_events(take, within=within_s):
-                await send_all(await _run(executor, moderation.handle_batch, [inbound(e) for e in events]))
+                await sender.send_all(await _run(executor, moderation.handle_batch, [inbound(e) for e in events]))
                 yield None
 
     for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
         stage = stages.get(kind)
         if isinstance(stage, RenderStage):
-            _add_render_agent(app, topic(topic_name), kind, stage, stage_settings, send_all)
+            _add_render_agent(app, topic(topic_name), kind, stage, stage_settings, sender)
     return app
 
 
@@ -209,7 +203,7 @@ def _add_render_agent(
     kind: str,
     stage: RenderStage,
     stage_settings: StageSettings,
-    send_all: Callable[[list[Emission]], Awaitable[None]],
+    sender: EmissionSender,
 ) -> None:
     executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
 
@@ -220,7 +214,7 @@ def _add_render_agent(
         take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
         async for events in stream.take_events(take, within=within_s):
             rendered = await _run(executor, stage.render, [inbound(e) for e in events])
-            await send_all(await _run(executor, stage.finish, rendered))
+            await sender.send_all(await _run(executor, stage.finish, rendered))
             yield None
 
 
@@ -237,7 +231,7 @@ def _moderation_stage(settings: Settings, context: StageContext) -> ModerationSt
         context,
         settings.moderation,
         PromptModerator(policy),
-        ImageModerator(policy),
+        ImageModerator(policy, detector=settings.moderation.image_detector),
         open_object_store(settings.objects),
     )
 
@@ -267,7 +261,7 @@ def _render_stage(
     return stage(
         context,
         models,
-        ImageModerator(policy),
+        ImageModerator(policy, detector=settings.moderation.image_detector),
         open_object_store(settings.objects),
         load_experiments(experiments_file) if experiments_file.exists() else {},
     )
@@ -287,6 +281,13 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> None:
 
     level = settings.logs.level.upper()
     ensure_topics(settings.kafka, settings.topics, stage_topics(settings.topics, stages))
-    app = create_app(settings, build_stages(settings, stages))
+    sender = EmissionSender(settings.kafka, settings.stages.reply_timeout_ms)
+    app = create_app(settings, build_stages(settings, stages), sender)
     worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
-    worker.execute_from_commandline()
+    # Faust's terminal spinner turns every log record into a spin, setting the root logger to DEBUG: each debug
+    # line of aiokafka, Faust and mode then builds a record, about a tenth of the consumer thread's time.
+    worker.spinner = None
+    try:
+        worker.execute_from_commandline()
+    finally:
+        sender.close()

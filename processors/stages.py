@@ -26,7 +26,7 @@ from pixelpipe.core.clock import utc_now
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import DeadLetter, Event, ImageRequest, Stage, StoredImage
 from pixelpipe.core.experiments import Experiment
-from pixelpipe.core.objects import ObjectStore, ObjectStoreError
+from pixelpipe.core.objects import ObjectStore, ObjectStoreError, StoredObject
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import (
     InvalidRequestError,
@@ -457,6 +457,20 @@ class RenderedChunk:
     started_s: float  # when the model call began: the end of the requests' queue time
     model_ms: float
 
+    def outputs(self) -> zip[tuple[_Pending, list[Image.Image]]]:
+        """Each request with its images."""
+        return zip(self.items, self.output.images, strict=True)
+
+
+@dataclass
+class _Reviewed:
+    """A request's images after output moderation, and its outcome: REJECTED, else None until they are stored."""
+
+    item: _Pending
+    images: list[Image.Image]
+    moderation_ms: float
+    outcome: Outcome | None = None
+
 
 @dataclass
 class RenderedTake:
@@ -555,11 +569,24 @@ class RenderStage:
         return take
 
     def finish(self, take: RenderedTake) -> list[Emission]:
-        """The rest of a take: moderate, encode and store each chunk's images,
-        then the results and metrics. Returns everything the take emits, early endings included."""
+        """The rest of a take: moderate each chunk's images, encode and store the allowed ones in one write
+        (durable together), then the results and metrics. Returns everything the take emits, early endings
+        included."""
+        reviewed: list[tuple[RenderedChunk, list[_Reviewed]]] = []
         for chunk in take.chunks:
             try:
-                self._finish_chunk(take.emit, chunk)
+                reviewed.append((chunk, [self._review(item, images) for item, images in chunk.outputs()]))
+            except Exception as e:
+                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
+        try:
+            self._store([review for _, reviews in reviewed for review in reviews if review.outcome is None])
+        except Exception as e:
+            for chunk, _ in reviewed:
+                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
+            return take.emit.take()
+        for chunk, reviews in reviewed:
+            try:
+                self._report(take.emit, chunk, reviews)
             except Exception as e:
                 self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
         return take.emit.take()
@@ -598,13 +625,58 @@ class RenderStage:
             return None
         return RenderedChunk(params, chunk, output, device, started_s, (time.time() - started_s) * 1000.0)
 
-    def _finish_chunk(self, emit: Emitter, chunk: RenderedChunk) -> None:
+    def _review(self, item: _Pending, images: list[Image.Image]) -> _Reviewed:
+        """Output moderation of one request's images: REJECTED, or no outcome yet while they wait to be stored."""
+        started_s = time.time()
+        verdicts = self.images.check(images, "OUTPUT_IMAGE")
+        moderation_ms = (time.time() - started_s) * 1000.0
+        rejected = [v for v in verdicts if not v.allowed]
+        if not rejected:
+            return _Reviewed(item, images, moderation_ms)
+        scores = {c: max(v.scores.get(c, 0.0) for v in verdicts) for v in rejected for c in v.scores}
+        categories = sorted({c for v in rejected for c in v.rejected_categories})
+        return _Reviewed(item, images, moderation_ms, Outcome.rejected("OUTPUT_IMAGE", scores, categories))
+
+    def _store(self, reviews: list[_Reviewed]) -> None:
+        """Encode and store the allowed images of a take in one write; each review gets its outcome: SUCCEEDED,
+        or FAILED when the store stayed unavailable through the retries."""
+        objects = [
+            (self.store.image_key(r.item.request.request_id, i, "png", r.item.request.created_at), encode_png(image))
+            for r in reviews
+            for i, image in enumerate(r.images)
+        ]
+        if not objects:
+            return
+        # Stored together, so retried until the earliest deadline among them.
+        deadlines = [r.item.request.deadline for r in reviews if r.item.request.deadline is not None]
+        try:
+            stored = iter(
+                with_retries(
+                    lambda: self.store.put_many([(key, data, "image/png") for key, data in objects]),
+                    self.context.stages,
+                    "store images",
+                    min(deadlines, default=None),
+                )
+            )
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            for review in reviews:
+                review.outcome = Outcome.failed("STORAGE_UNAVAILABLE", f"storing the images failed: {e}")
+            return
+        for review in reviews:
+            images = [_stored_image(next(stored), image) for image in review.images]
+            review.outcome = Outcome("SUCCEEDED", images=images)
+
+    def _report(self, emit: Emitter, chunk: RenderedChunk, reviews: list[_Reviewed]) -> None:
+        """The metrics and the result of each request of a chunk."""
         params, output = chunk.params, chunk.output
-        images_in_batch = sum(len(images) for images in output.images)
-        for item, images in zip(chunk.items, output.images, strict=True):
-            outcome, moderation_ms = self._finish(item, images)
+        images_in_batch = sum(len(review.images) for review in reviews)
+        for review in reviews:
+            item, outcome = review.item, review.outcome
+            assert outcome is not None  # every review was rejected or stored
             waited_ms = queue_ms(item.message, chunk.started_s)
-            share_s = output.device_seconds * len(images) / images_in_batch
+            share_s = output.device_seconds * len(review.images) / images_in_batch
             emit.metric(
                 item.request,
                 StageWork(
@@ -624,10 +696,10 @@ class RenderStage:
                     "OUTPUT_MODERATION",
                     outcome.stage_outcome,
                     0.0,
-                    moderation_ms,
+                    review.moderation_ms,
                     "cpu",
-                    moderation_ms / 1000.0,
-                    len(images),
+                    review.moderation_ms / 1000.0,
+                    len(review.images),
                 ),
                 params.model,
             )
@@ -635,46 +707,16 @@ class RenderStage:
             timings = {
                 "queue": waited_ms,
                 self.name.lower(): chunk.model_ms,
-                "output_moderation": moderation_ms,
+                "output_moderation": review.moderation_ms,
                 "total": total_ms,
             }
             emit.result(item.request, outcome, timings, Rendered(params, item.seed, len(chunk.items)))
 
-    def _finish(self, item: _Pending, images: list[Image.Image]) -> tuple[Outcome, float]:
-        """Moderate the outputs, then store them; returns the outcome and the moderation time."""
-        started_s = time.time()
-        verdicts = self.images.check(images, "OUTPUT_IMAGE")
-        moderation_ms = (time.time() - started_s) * 1000.0
-        rejected = [v for v in verdicts if not v.allowed]
-        if rejected:
-            scores = {c: max(v.scores.get(c, 0.0) for v in verdicts) for v in rejected for c in v.scores}
-            categories = sorted({c for v in rejected for c in v.rejected_categories})
-            return Outcome.rejected("OUTPUT_IMAGE", scores, categories), moderation_ms
-        try:
-            stored = [self._store(item.request, index, image) for index, image in enumerate(images)]
-        except StageFailure as e:
-            return Outcome.failed(e.code, str(e)), moderation_ms
-        return Outcome("SUCCEEDED", images=stored), moderation_ms
 
-    def _store(self, request: ImageRequest, index: int, image: Image.Image) -> StoredImage:
-        data = encode_png(image)
-        key = self.store.image_key(request.request_id, index, "png", request.created_at)
-        try:
-            stored = with_retries(
-                lambda: self.store.put(key, data, "image/png"), self.context.stages, "store image", request.deadline
-            )
-        except Exception as e:
-            if is_transient(e):
-                raise StageFailure("STORAGE_UNAVAILABLE", f"storing image {index} failed: {e}") from e
-            raise
-        return StoredImage(
-            uri=stored.uri,
-            sha256=stored.sha256,
-            width=image.width,
-            height=image.height,
-            format="PNG",
-            bytes=stored.bytes,
-        )
+def _stored_image(stored: StoredObject, image: Image.Image) -> StoredImage:
+    return StoredImage(
+        uri=stored.uri, sha256=stored.sha256, width=image.width, height=image.height, format="PNG", bytes=stored.bytes
+    )
 
 
 class GenerateStage(RenderStage):

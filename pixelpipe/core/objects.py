@@ -10,13 +10,15 @@ encoded (``processors/imaging.py``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
 import os
 import re
-import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +41,9 @@ _BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_KEY_CHARS = 900  # S3 allows 1024 bytes; leave room for the configured prefix
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # the SigV4 limit
+NewObject = tuple[str, bytes, str]  # key, data, content type
+# Linux's syncfs (one filesystem, unlike sync); Python has no binding for it.
+_SYNCFS = getattr(ctypes.CDLL(None), "syncfs", None)
 
 
 class ObjectStoreError(ValueError):
@@ -109,6 +114,11 @@ class ObjectStore(ABC):
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         """Store ``data`` under ``key``, replacing what was there."""
 
+    def put_many(self, objects: Sequence[NewObject]) -> list[StoredObject]:
+        """Store each ``(key, data, content_type)``; every one is durable when this returns. One by one here; a
+        store that can make many durable at once for less overrides it."""
+        return [self.put(key, data, content_type) for key, data, content_type in objects]
+
     @abstractmethod
     def get(self, uri: str, max_bytes: int | None = None) -> bytes:
         """The object's bytes; ObjectTooLargeError, having read at most ``max_bytes`` + 1, when it is larger."""
@@ -151,6 +161,9 @@ class FileObjectStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().resolve()
+        # For the write path, which joins strings rather than build Paths.
+        self._root = str(self.root)
+        self._root_uri = self.root.as_uri()
 
     @property
     def root_uri(self) -> str:
@@ -182,17 +195,28 @@ class FileObjectStore(ObjectStore):
 
     def _paths(self, uri: str) -> tuple[Path, Path]:
         path = self.root / self.key_of(uri)
-        return path, path.with_name(f".{path.name}.meta.json")
+        return path, Path(_sidecar_path(str(path)))
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        path = self.root / validate_key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        digest = _sha256(data)
-        meta = json.dumps({"content_type": content_type, "sha256": digest}).encode()
-        # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
-        _write_atomically(path, data)
-        _write_atomically(path.with_name(f".{path.name}.meta.json"), meta)
-        return StoredObject(uri=path.as_uri(), sha256=digest, bytes=len(data))
+        return self.put_many([(key, data, content_type)])[0]
+
+    def put_many(self, objects: Sequence[NewObject]) -> list[StoredObject]:
+        """Each object is written to a temporary file and renamed into place, so readers see the old object or
+        the new one, never part of one; then one sync of the store's filesystem makes all of them, names
+        included, durable: one journal commit for the lot rather than a flush per file. Should the machine stop
+        before that sync, the caller has not reported the objects yet and writes them again when it retries."""
+        stored = []
+        for key, data, content_type in objects:
+            path = os.path.join(self._root, validate_key(key))
+            digest = _sha256(data)
+            meta = json.dumps({"content_type": content_type, "sha256": digest}).encode()
+            # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
+            _replace(path, data)
+            _replace(_sidecar_path(path), meta)
+            # Keys hold only URI-safe characters, so the URI is the root's with the key appended.
+            stored.append(StoredObject(uri=f"{self._root_uri}/{key}", sha256=digest, bytes=len(data)))
+        _sync_filesystem(self._root)
+        return stored
 
     def get(self, uri: str, max_bytes: int | None = None) -> bytes:
         path, _ = self._paths(uri)
@@ -220,18 +244,46 @@ class FileObjectStore(ObjectStore):
         )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a partial write: temp file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _sidecar_path(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.meta.json")
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` (creating its folder when missing), then rename it over
+    ``path``. Not flushed to disk: ``_sync_filesystem`` does that for a whole batch. The temporary name is this
+    process's and thread's, so no other writer can hold it (one left by a crashed process is overwritten)."""
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fd = os.open(temporary, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(temporary, flags, 0o600)
+    try:
+        try:
+            unwritten = memoryview(data)
+            while unwritten:
+                unwritten = unwritten[os.write(fd, unwritten) :]
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
         raise
+
+
+def _sync_filesystem(folder: str) -> None:
+    """Flush the filesystem holding ``folder`` to disk, its files' data and its directories' entries (Linux's
+    syncfs); where that call is missing, every filesystem (sync)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS is None or _SYNCFS(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 class S3ObjectStore(ObjectStore):

@@ -238,6 +238,12 @@ class ModerationSettings:
         10,
         "Most requests of one user moderation lets through at once, before the per-minute rate paces them.",
     )
+    image_detector: str = setting(
+        "IMAGE_DETECTOR",
+        "nudenet",
+        "Detector for edit sources and output images: nudenet, or null (finds nothing, costs nothing; for capacity "
+        "tests of the pipeline only, never where images must be moderated).",
+    )
 
 
 @dataclass(frozen=True)

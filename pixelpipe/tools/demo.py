@@ -29,8 +29,7 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.tools.processes import PixelpipeProcess, WorkerProcess
-from pixelpipe.tools.stack import LocalStack, StackSettings
-from pixelpipe.tools.stack.services import port_open
+from pixelpipe.tools.stack import StackSettings, stack_unless_kafka_answers
 
 DEMO_EXPERIMENT = {
     "key": "steps-test",
@@ -67,17 +66,9 @@ def run_demo(
     """Run the demo; True when every request got exactly one terminal result. ``experiment_only`` publishes
     ``count`` light requests for the experiment instead of the mix."""
     began = time.monotonic()
-    stack = LocalStack(stack_settings)
-    host, _, port = settings.kafka.bootstrap.split(",")[0].rpartition(":")
-    started_stack = not port_open(int(port), host)
-    if started_stack:
-        echo(f"starting the local stack in {stack_settings.dir} ...")
-        stack.up()
-    if not settings.moderation.stamp_key:  # the worker the demo starts checks what its moderation stamped
-        settings = settings.updated(moderation_stamp_key=stack.moderation_stamp_key())
     logs = Path("data") / "demo"
     logs.mkdir(parents=True, exist_ok=True)
-    try:
+    with stack_unless_kafka_answers(settings, stack_settings, echo, keep=keep_stack) as settings:
         settings = _prepare(settings, logs, echo)
         experiment = load_experiments(settings.experiments.file)["steps-test"]
         if experiment_only:
@@ -112,9 +103,6 @@ def run_demo(
         _summarise(settings, requests, echo)
         echo(f"done in {time.monotonic() - began:.0f} s")
         return True
-    finally:
-        if started_stack and not keep_stack:
-            stack.down()
 
 
 def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:

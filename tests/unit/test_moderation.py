@@ -14,7 +14,9 @@ from pixelpipe.processors.moderation import (
     OUTPUT_IMAGE,
     ImageModerator,
     ModerationPolicy,
+    NudeNetDetector,
     PolicyError,
+    ProfanityScorer,
     PromptModerator,
     verdict_from_detections,
 )
@@ -203,3 +205,38 @@ def test_detector_loads_and_runs_offline(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_image_check_rejects_an_unknown_stage() -> None:
     with pytest.raises(ValueError, match="stage"):
         ImageModerator().check([], "PROMPT")
+
+
+def test_null_detector_passes_every_image_without_loading_nudenet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(NudeNetDetector, "__init__", _fail_if_called)
+    moderator = ImageModerator(detector="null")
+    images = [Image.new("RGB", (64, 32), (200, 150, 120)), Image.new("RGB", (8, 8))]
+    verdicts = moderator.check(images, OUTPUT_IMAGE)
+    assert [(v.stage, v.allowed, v.scores, v.rejected_categories) for v in verdicts] == [
+        (OUTPUT_IMAGE, True, {"sexual": 0.0}, [])
+    ] * 2
+
+
+def test_an_unknown_detector_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown image detector 'nudity-ai'; choose from nudenet, null"):
+        ImageModerator(detector="nudity-ai")
+
+
+def _fail_if_called(*args: object) -> None:
+    raise AssertionError("the null detector loaded nudenet")
+
+
+def test_profanity_scores_are_the_shipped_model_s() -> None:
+    from profanity_check import predict_prob
+
+    texts = [
+        "a red fox in fresh snow",
+        "what the hell",
+        "Fuck YOU, fuck you!",
+        "",
+        "the and of it",  # stop words only: no feature at all
+        "qwxz zzyzx",  # no word the model knows
+        "nude, gore, blurry",
+        "a portrait " * 40,
+    ]
+    assert ProfanityScorer()(texts) == pytest.approx(predict_prob(texts), abs=1e-12)

@@ -4,7 +4,7 @@ Each service has its own data directory under ``StackSettings.dir``, a log file,
 and a clean shutdown (SIGTERM to its process group, SIGKILL after a grace period).
 """
 
-from pixelpipe.tools.stack.services import LocalStack, ServiceStatus, StackError
+from pixelpipe.tools.stack.services import LocalStack, ServiceStatus, StackError, stack_unless_kafka_answers
 from pixelpipe.tools.stack.settings import StackSettings
 
-__all__ = ["LocalStack", "ServiceStatus", "StackError", "StackSettings"]
+__all__ = ["LocalStack", "ServiceStatus", "StackError", "StackSettings", "stack_unless_kafka_answers"]

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixelpipe.core.settings import KafkaSettings, TopicSettings, section_from_env
+from pixelpipe.core.settings import KafkaSettings, Settings, TopicSettings, section_from_env
 from pixelpipe.core.topics import grant_roles
 from pixelpipe.tools.stack.settings import StackSettings
 
@@ -517,3 +518,26 @@ class LocalStack:
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
             "PIXELPIPE_MODERATION_STAMP_KEY": self.moderation_stamp_key(),
         }
+
+
+@contextlib.contextmanager
+def stack_unless_kafka_answers(
+    settings: Settings, stack: StackSettings, echo: Callable[[str], None], keep: bool = False
+) -> Iterator[Settings]:
+    """Start the local stack for the block when no Kafka answers at the settings' bootstrap (its first server),
+    and stop it afterwards unless ``keep``; a Kafka that already answers is used as it is and left running. Yields
+    ``settings``, with the stack's moderation stamp key where they name none, for the workers the block starts."""
+    local = LocalStack(stack)
+    if not settings.moderation.stamp_key:
+        settings = settings.updated(moderation_stamp_key=local.moderation_stamp_key())
+    host, _, port = settings.kafka.bootstrap.split(",")[0].rpartition(":")
+    if port_open(int(port), host):
+        yield settings
+        return
+    echo(f"starting the local stack in {stack.dir} ...")
+    local.up()
+    try:
+        yield settings
+    finally:
+        if not keep:
+            local.down()

@@ -1,0 +1,371 @@
+"""Requests/s through every stage of one worker process, and the latency it adds at half that rate.
+
+    python benchmarks/pipeline.py [--requests 20000] [--nudenet-requests 300] [--latency-seconds 10] [--side 64]
+
+Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTSTRAP, stopped afterwards) with the
+null model (a registry written here; no simulated time) and objects on the local filesystem. One `pixelpipe worker`
+process runs every stage (moderation, generate, edit); each detector gets its own worker and fresh topics:
+
+  saturation  N text-to-image requests are published before the worker starts, so the backlog measures the worker
+              alone; the rate runs from the first terminal result on the results topic to the last.
+  latency     the same worker, idle again, gets requests published with the producer SDK at half the saturated
+              rate; added latency is a result's arrival at this process minus its request's publish time.
+
+Both run with nudenet's image detector and with the null detector (PIXELPIPE_IMAGE_DETECTOR=null, which finds
+nothing and costs nothing), so the null row measures the pipeline and the detector's time is printed apart: its
+milliseconds per request from the results' `output_moderation` timings, and their share of the saturated wall time.
+Kafka, this client and the worker share the machine's cores: the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from tqdm import tqdm
+
+from pixelpipe.core.codec import Codec, codec_from_settings
+from pixelpipe.core.events import ImageResult
+from pixelpipe.core.settings import Settings, section_from_env
+from pixelpipe.core.topics import ensure_topics
+from pixelpipe.producers import Publisher, new_request
+from pixelpipe.tools.processes import WorkerProcess
+from pixelpipe.tools.stack import StackSettings, stack_unless_kafka_answers
+
+STAGES = ["moderation", "generate", "edit"]
+PROMPTS = ("a lighthouse on a cliff at dusk", "a red fox in fresh snow", "a bowl of ramen, studio lighting")
+# Enough users that none reaches the per-user rate limit (600 a minute) in a run.
+USERS = 2000
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Arrivals:
+    """Results read off the results topic as they come: when each request's first result arrived, and its bytes."""
+
+    at_s: dict[str, float]
+    values: dict[str, bytes]
+    duplicates: int = 0
+
+
+class ResultWatcher:
+    """Reads the results topic from its start on a thread, noting each result's arrival by its key (the request
+    id), without decoding during the run, so the client takes as little CPU from the worker as it can."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._consumer = Consumer(
+            settings.kafka.client_config()
+            | {"group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 5}
+        )
+        topic = settings.topics.results
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        self.arrivals = Arrivals({}, {})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="results", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        arrivals = self.arrivals
+        while not self._stop.is_set():
+            # poll returns as soon as one result is there (a batch consume would wait to fill or time out, which
+            # the latencies would include), then whatever else came is taken at once.
+            first = self._consumer.poll(0.1)
+            now = time.time()
+            if first is None:
+                continue
+            for message in [first, *self._consumer.consume(1000, timeout=0)]:
+                if message.error():
+                    continue
+                key = message.key().decode()
+                if key in arrivals.at_s:
+                    arrivals.duplicates += 1
+                    continue
+                arrivals.at_s[key] = now
+                arrivals.values[key] = message.value()
+
+    def wait_for(self, request_ids: list[str], label: str, timeout_s: float, at_least: int | None = None) -> bool:
+        """Show a progress bar until every id (or ``at_least`` of them) has a result; False when time ran out."""
+        deadline = time.monotonic() + timeout_s
+        wanted = len(request_ids) if at_least is None else at_least
+        with tqdm(total=len(request_ids), unit="req", desc=label, leave=False, mininterval=1.0) as bar:
+            while time.monotonic() < deadline:
+                done = sum(1 for r in request_ids if r in self.arrivals.at_s)
+                bar.update(done - bar.n)
+                if done >= wanted:
+                    return True
+                time.sleep(0.25 if at_least is None else 0.01)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+class CpuMeter:
+    """CPU time the worker process used, and how busy the machine's cores were, since the meter was made: figures
+    that say more than a rate alone while other jobs share the cores (Linux /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._worker_s, self._busy, self._total = self._read()
+
+    def _read(self) -> tuple[float, int, int]:
+        # /proc/PID/stat: utime and stime are fields 14 and 15 (in clock ticks), counted after the ")" of the name.
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        worker_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # /proc/stat's first line: user nice system idle iowait irq softirq steal ...; idle and iowait are not busy.
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return worker_s, sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+    def reading(self) -> tuple[float, float]:
+        """The worker's CPU seconds and the share of all cores that were busy, since the start."""
+        worker_s, busy, total = self._read()
+        return worker_s - self._worker_s, (busy - self._busy) / max(1, total - self._total)
+
+
+@dataclass
+class Phase:
+    requests: int
+    rate: float  # requests/s: saturated, or as published
+    detector_ms: float  # the image detector's mean time per request
+    detector_share: float  # of the phase's wall time
+    worker_cpu_ms: float  # the worker process's CPU time per request
+    machine_busy: float  # share of all cores busy during the phase (worker, Kafka, this client, other jobs)
+    latencies_ms: list[float]
+    statuses: dict[str, int]
+
+
+def encoded_requests(codec: Codec, count: int, side: int) -> list[tuple[str, bytes]]:
+    """Text-to-image requests for the null model, encoded ahead so publishing costs the client little."""
+    encoded = []
+    for i in range(count):
+        request = new_request(
+            prompt=PROMPTS[i % len(PROMPTS)], model="null", user_id=f"user-{i % USERS:04d}", width=side, height=side
+        )
+        encoded.append((request.request_id, codec.encode(request)))
+    return encoded
+
+
+def publish(publisher: Publisher, requests: list[tuple[str, bytes]], rate: float | None, label: str) -> list[float]:
+    """Publish at ``rate`` requests/s (None: as fast as the SDK goes); returns each request's publish time."""
+    published_s = []
+    started = time.time()
+    for i, (request_id, value) in enumerate(tqdm(requests, unit="req", desc=label, leave=False, mininterval=1.0)):
+        if rate is not None:
+            pause = started + i / rate - time.time()
+            if pause > 0:
+                time.sleep(pause)
+        published_s.append(time.time())
+        publisher.publish_encoded(request_id.encode(), value)
+    publisher.flush()
+    return published_s
+
+
+def summarise(
+    codec: Codec,
+    arrivals: Arrivals,
+    request_ids: list[str],
+    meter: CpuMeter,
+    published_s: list[float] | None,
+    rate: float | None,
+) -> Phase:
+    """The phase's figures from its results: statuses, the detector's time and the rate or the latencies."""
+    worker_cpu_s, machine_busy = meter.reading()
+    results = [codec.decode_as(ImageResult, arrivals.values[r]) for r in request_ids]
+    statuses: dict[str, int] = {}
+    for result in results:
+        label = result.status if result.status == "SUCCEEDED" else f"{result.status}:{result.error_code}"
+        statuses[label] = statuses.get(label, 0) + 1
+    arrived = [arrivals.at_s[r] for r in request_ids]
+    wall_s = max(arrived) - min(arrived)
+    detector_ms = sum(r.timings_ms.get("output_moderation", 0.0) for r in results)
+    latencies = [] if published_s is None else [(a - p) * 1000 for a, p in zip(arrived, published_s, strict=True)]
+    return Phase(
+        requests=len(request_ids),
+        rate=rate if rate is not None else (len(request_ids) - 1) / wall_s,
+        detector_ms=detector_ms / len(results),
+        detector_share=detector_ms / 1000 / wall_s if wall_s else 0.0,
+        worker_cpu_ms=worker_cpu_s * 1000 / len(request_ids),
+        machine_busy=machine_busy,
+        latencies_ms=latencies,
+        statuses=statuses,
+    )
+
+
+def run_detector(
+    base: Settings,
+    workdir: Path,
+    detector: str,
+    requests: int,
+    latency_s: float,
+    side: int,
+    profile_dir: Path | None,
+    echo: Callable[..., None],
+) -> tuple[Phase, Phase] | None:
+    suffix = f"{detector}-{uuid.uuid4().hex[:8]}"
+    settings = base.updated(
+        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("requests", "generate", "edit", "results")},
+        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("metrics", "dead_letter")},
+        consumer_group=f"bench-{suffix}",
+        image_detector=detector,
+    )
+    ensure_topics(settings.kafka, settings.topics)
+    codec = codec_from_settings(settings.kafka)
+    watcher = ResultWatcher(settings)
+    log_path = workdir / f"worker-{detector}.log"
+    try:
+        with Publisher(settings, codec=codec) as publisher:
+            backlog = encoded_requests(codec, requests, side)
+            publish(publisher, backlog, None, f"{detector}: publishing the backlog")
+            with WorkerProcess(settings, STAGES, log_path) as worker:
+                ids = [r for r, _ in backlog]
+                label = f"{detector}: saturation"
+                started = watcher.wait_for(ids, label, STARTUP_TIMEOUT_S, at_least=1)
+                # Measured from the first result on: the steady state, not the worker's start.
+                meter = CpuMeter(worker.process.pid)
+                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{detector}.txt", echo):
+                    done = started and watcher.wait_for(ids, label, STARTUP_TIMEOUT_S + requests / 20)
+                if not done:
+                    echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
+                    return None
+                saturation = summarise(codec, watcher.arrivals, ids, meter, None, None)
+                rate = saturation.rate / 2
+                paced = encoded_requests(codec, max(1, int(rate * latency_s)), side)
+                meter = CpuMeter(worker.process.pid)
+                published_s = publish(publisher, paced, rate, f"{detector}: {rate:,.0f} req/s")
+                ids = [r for r, _ in paced]
+                if not watcher.wait_for(ids, f"{detector}: latency", 60 + latency_s):
+                    echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
+                    return None
+                latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate)
+    finally:
+        watcher.close()
+        AdminClient(settings.kafka.client_config()).delete_topics(settings.topics.pipeline())
+    if watcher.arrivals.duplicates:
+        echo(f"{detector}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
+    return saturation, latency
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path | None, echo: Callable[..., None]) -> Iterator[None]:
+    """Sample ``pid`` with py-spy (when ``out`` is given) for the block: collapsed stacks of every thread, on-CPU
+    only, without pausing the worker."""
+    if out is None:
+        yield
+        return
+    command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--threads", "--nonblocking"]
+    spy = subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        spy.wait(60)
+        echo(f"profile of the worker: {out}")
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20_000, help="backlog for the null detector")
+    parser.add_argument("--nudenet-requests", type=int, default=300, help="backlog for nudenet (about 30 ms each)")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the half-rate phase publishes")
+    parser.add_argument("--side", type=int, default=64, help="width and height of the requested images")
+    parser.add_argument("--detectors", default="null,nudenet", help="comma separated: null, nudenet")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=5,
+        help="PIXELPIPE_MAX_WAIT_MS for the render stages (their default, 50, lets a diffusion model fill a batch; "
+        "the null model gains nothing from waiting)",
+    )
+    parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
+    parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the worker under saturation")
+    args = parser.parse_args()
+    # Before changing folder:
+    profile_dir = args.profile.resolve() if args.profile else None
+    objects_dir = args.objects.resolve() if args.objects else None
+    base = Settings.from_env()
+    echo = print
+    rows: list[tuple[str, Phase, Phase]] = []
+    load_before = os.getloadavg()
+    with (
+        stack_unless_kafka_answers(base, section_from_env(StackSettings, os.environ), echo) as base,
+        tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
+    ):
+        workdir = Path(tmp)
+        registry = workdir / "registry.json"
+        registry.write_text(json.dumps({"null": {"kind": "null"}}))
+        base = base.updated(
+            model_registry=str(registry),
+            object_store_url=f"file://{objects_dir or workdir / 'objects'}",
+            experiments_file=str(workdir / "no-experiments.json"),
+            max_wait_ms=args.max_wait_ms,
+        )
+        # Faust keeps a data folder in its working directory: the workers inherit the temporary one.
+        os.chdir(workdir)
+        echo(
+            f"one worker process ({', '.join(STAGES)}), null model, {args.side}x{args.side} images, render take window"
+            f" {args.max_wait_ms} ms, objects in {base.objects.url}, Kafka at {base.kafka.bootstrap},"
+            f" {os.cpu_count()} cores, load average before {load_before[0]:.2f}"
+        )
+        for detector in args.detectors.split(","):
+            requests = args.requests if detector == "null" else args.nudenet_requests
+            phases = run_detector(base, workdir, detector, requests, args.latency_seconds, args.side, profile_dir, echo)
+            if phases is None:
+                raise SystemExit(1)
+            rows.append((detector, *phases))
+            p99 = quantile(phases[1].latencies_ms, 0.99)
+            echo(
+                f"{detector}: {phases[0].rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {phases[1].rate:,.0f} req/s"
+                f" (load average {os.getloadavg()[0]:.2f})"
+            )
+    print_table(rows, echo)
+
+
+def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None]) -> None:
+    echo("")
+    echo("saturation (backlog published before the worker started):")
+    echo("  detector  requests     req/s  detector ms/req  detector share  worker CPU ms/req  cores busy")
+    for detector, phase, _ in rows:
+        echo(
+            f"  {detector:<8} {phase.requests:>9} {phase.rate:>9,.0f} {phase.detector_ms:>16.2f}"
+            f" {phase.detector_share:>15.0%} {phase.worker_cpu_ms:>18.2f} {phase.machine_busy:>11.0%}"
+        )
+    echo("added latency at half the saturated rate (publish to the result's arrival here):")
+    echo("  detector  requests     req/s   p50 ms   p99 ms   max ms  detector ms/req  worker CPU ms/req  cores busy")
+    for detector, _, phase in rows:
+        lat = phase.latencies_ms
+        echo(
+            f"  {detector:<8} {phase.requests:>9} {phase.rate:>9,.0f} {quantile(lat, 0.5):>8.1f}"
+            f" {quantile(lat, 0.99):>8.1f} {max(lat):>8.1f} {phase.detector_ms:>16.2f} {phase.worker_cpu_ms:>18.2f}"
+            f" {phase.machine_busy:>11.0%}"
+        )
+    for detector, saturation, latency in rows:
+        statuses = Counter(saturation.statuses) + Counter(latency.statuses)
+        echo(f"{detector}: results {dict(statuses)}")
+    echo("target (null model, null detector): >= 2,000 req/s saturated; p99 <= 50 ms at half that rate")
+    echo(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
