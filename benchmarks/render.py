@@ -10,10 +10,11 @@ The model is built from its family's config with random weights (``pixelpipe.too
 
 - **raw diffusers**: the pipeline called as its documentation shows, one call per batch with a generator per
   image (the baseline, eager; with ``--compile`` also compiled);
-- **worker**: the stage code the worker runs, ``GenerateStage.render`` (decoding, validating, grouping, the
-  model calls through ``DiffusionModels``) then ``GenerateStage.finish`` (output moderation, PNG
-  encoding, object-store writes, results and metrics) as ``processors.app`` runs them, on a backlog: the
-  takes are all there from the start. Per batching mode (on a CPU both; on a GPU ``batched``, the default there).
+- **worker**: the stage code the worker runs, ``processors.takes.render_take`` on takes of
+  ``PIXELPIPE_TAKE_EVENTS`` requests: ``GenerateStage.plan`` (decoding, validating, grouping), then each chunk's
+  model call through ``DiffusionModels`` while the chunk before it is finished (output moderation, PNG encoding,
+  object-store writes, results and metrics), on a backlog: the takes are all there from the start. Per batching
+  mode (on a CPU both; on a GPU ``batched``, the default there).
 
 Printed: images/s, the ratios worker/raw (same batch, same compile setting) and batch 8/batch 1, and the device
 busy fraction of the worker path (model seconds over wall seconds under the backlog). The paths take turns; on a
@@ -28,11 +29,13 @@ OpenCV are not installed (output moderation then passes every image; the table s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +43,15 @@ from typing import Any
 import torch
 
 from pixelpipe.core.codec import Codec
-from pixelpipe.core.events import ImageRequest, ImageResult
+from pixelpipe.core.events import ImageRequest, ImageResult, StageMetric
 from pixelpipe.core.ids import new_event_id
 from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
 from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
-from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, RenderedTake, StageContext
+from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.takes import render_take
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
 MODEL = "bench"
@@ -181,50 +185,43 @@ class Render:
     def worker(
         self, models: DiffusionModels, detector: Any, objects: Path, batch: int, images: int
     ) -> tuple[float, float]:
-        """Images/s of the stage's render and finish on takes of ``batch`` requests, and the
-        fraction of the wall time the model was busy."""
+        """Images/s of the stage's takes (plan, then each chunk of ``batch`` requests rendered while the one
+        before is finished) under a backlog, and the fraction of the wall time the model was busy."""
         codec = Codec()
         context = StageContext(
             TopicSettings(),
             RequestLimits(),
-            dataclasses.replace(StageSettings(), max_batch=batch, take_events=batch),
+            dataclasses.replace(StageSettings(), max_batch=batch),
             codec,
             "render-benchmark",
             STAMP,
         )
         store = open_object_store(ObjectStoreSettings(url=f"file://{objects}"))
         stage = GenerateStage(context, models, detector, store, {})
-        device_s = 0.0
+        messages = [self._message(codec, seed) for seed in range(images)]
+        emitted: list[Emission] = []
 
-        def render(messages: Sequence[Inbound]) -> RenderedTake:
-            nonlocal device_s
-            take = stage.render(messages)
-            device_s += sum(chunk.output.device_seconds for chunk in take.chunks)
-            return take
+        async def send(emissions: Sequence[Emission]) -> None:
+            emitted.extend(emissions)
 
-        started = time.perf_counter()
-        results = self._takes(codec, stage, render, images, batch)
-        wall_s = time.perf_counter() - started
+        async def takes(model_thread: ThreadPoolExecutor, finishing_thread: ThreadPoolExecutor) -> None:
+            # As processors.app runs them, on takes of PIXELPIPE_TAKE_EVENTS requests.
+            size = context.stages.take_events
+            for start in range(0, len(messages), size):
+                await render_take(stage, messages[start : start + size], send, model_thread, finishing_thread)
+
+        with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
+            started = time.perf_counter()
+            asyncio.run(takes(model_thread, finishing_thread))
+            wall_s = time.perf_counter() - started
+        topics = context.topics
+        results = [codec.decode_as(ImageResult, e.value) for e in emitted if e.topic == topics.results]
         failed = [r for r in results if r.status == "FAILED"]
         if failed or len(results) != images:
             raise SystemExit(f"the worker path did not render every request: {failed[:1] or len(results)}")
+        metrics = [codec.decode_as(StageMetric, e.value) for e in emitted if e.topic == topics.metrics]
+        device_s = sum(m.device_seconds for m in metrics if m.stage == "GENERATE")
         return images / wall_s, device_s / wall_s
-
-    def _takes(
-        self,
-        codec: Codec,
-        stage: GenerateStage,
-        render: Callable[[Sequence[Inbound]], RenderedTake],
-        images: int,
-        batch: int,
-    ) -> list[ImageResult]:
-        messages = [self._message(codec, seed) for seed in range(images)]
-        emitted: list[Emission] = []
-        # As processors.app runs them: each take rendered, then finished.
-        for start in range(0, len(messages), batch):
-            emitted.extend(stage.finish(render(messages[start : start + batch])))
-        results_topic = stage.context.topics.results
-        return [codec.decode_as(ImageResult, e.value) for e in emitted if e.topic == results_topic]
 
     def _message(self, codec: Codec, seed: int) -> Inbound:
         request = ImageRequest(

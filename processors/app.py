@@ -12,16 +12,15 @@ joins its group.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import faust
 from aiokafka import AIOKafkaConsumer
@@ -40,12 +39,12 @@ from pixelpipe.processors.stages import (
     StageContext,
 )
 from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.takes import in_thread, render_take
 
 if TYPE_CHECKING:
     from pixelpipe.processors.models import DiffusionModels
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
@@ -187,7 +186,7 @@ def create_app(settings: Settings, stages: Mapping[str, Stage], sender: Emission
             # A take's events are acknowledged when the next take is asked for: after its emissions were.
             take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
             async for events in stream.take_events(take, within=within_s):
-                await sender.send_all(await _run(executor, moderation.handle_batch, [inbound(e) for e in events]))
+                await sender.send_all(await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events]))
                 yield None
 
     for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
@@ -205,7 +204,8 @@ def _add_render_agent(
     stage_settings: StageSettings,
     sender: EmissionSender,
 ) -> None:
-    executor = ThreadPoolExecutor(1, thread_name_prefix=kind)
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
+    finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
 
     @app.agent(source, name=kind)
     async def render(stream: faust.StreamT) -> AsyncIterator[None]:
@@ -213,13 +213,8 @@ def _add_render_agent(
         # came in max_wait_ms. They are acknowledged when the next take is asked for: after their emissions were.
         take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
         async for events in stream.take_events(take, within=within_s):
-            rendered = await _run(executor, stage.render, [inbound(e) for e in events])
-            await sender.send_all(await _run(executor, stage.finish, rendered))
+            await render_take(stage, [inbound(e) for e in events], sender.send_all, model_thread, finishing_thread)
             yield None
-
-
-async def _run(executor: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:

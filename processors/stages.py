@@ -446,19 +446,31 @@ class _Pending:
         return request_seed(self.request)
 
 
-@dataclass
-class RenderedChunk:
-    """One model call's requests and images, waiting to be moderated, stored and reported."""
+@dataclass(frozen=True)
+class PlannedChunk:
+    """Requests with equal parameters for one model call, within their model's batch limit."""
 
     params: RenderParams
     items: list[_Pending]
-    output: BatchOutput
+    take_started_s: float  # when the take began: the end of early endings' queue time
+
+
+@dataclass
+class RenderedChunk:
+    """A chunk after its model call: its images, waiting to be moderated, stored and reported, or (``output`` None)
+    the emissions that ended its requests when the call failed."""
+
+    params: RenderParams
+    items: list[_Pending]
+    output: BatchOutput | None
     device: str
     started_s: float  # when the model call began: the end of the requests' queue time
     model_ms: float
+    ended: list[Emission] = dataclasses.field(default_factory=list)
 
     def outputs(self) -> zip[tuple[_Pending, list[Image.Image]]]:
         """Each request with its images."""
+        assert self.output is not None
         return zip(self.items, self.output.images, strict=True)
 
 
@@ -473,12 +485,12 @@ class _Reviewed:
 
 
 @dataclass
-class RenderedTake:
-    """A take after ``RenderStage.render``: its emissions so far (early endings) and its rendered chunks."""
+class PlannedTake:
+    """A take after ``RenderStage.plan``: what ended early (invalid, unmoderated, expired requests) and the chunks
+    to render, most urgent first."""
 
-    started_s: float
-    emit: Emitter
-    chunks: list[RenderedChunk]
+    emissions: list[Emission]
+    chunks: list[PlannedChunk]
 
 
 def service_order(pending: _Pending) -> tuple[bool, dt.datetime, float]:
@@ -518,12 +530,12 @@ class RenderStage:
     def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
         raise NotImplementedError
 
-    # -- one take of the stream, in two steps ------------------------------------------------------------------
-    def render(self, messages: Sequence[Inbound]) -> RenderedTake:
-        """The model's part of a take: read and check the requests, then one model call per chunk of requests
-        with equal parameters. What ended early is in the take's emissions; the images wait for ``finish``."""
-        take = RenderedTake(time.time(), Emitter(self.context), [])
-        emit, started_s = take.emit, take.started_s
+    # -- one take of the stream: planned, then each chunk rendered and finished (see processors.takes) ----------
+    def plan(self, messages: Sequence[Inbound]) -> PlannedTake:
+        """Read and check a take's requests, and group them into chunks of equal parameters, one model call
+        each; what ended early is in the plan's emissions."""
+        started_s = time.time()
+        emit = Emitter(self.context)
         pending: list[_Pending] = []
         for message in messages:
             request = decode_request(message, self.context, emit, self.name.lower())
@@ -555,41 +567,46 @@ class RenderStage:
         for item in pending:
             groups.setdefault(item.params, []).append(item)
         # Groups in the order of their most urgent request; each group in chunks of its model's batch limit.
+        chunks: list[PlannedChunk] = []
         for params, group in groups.items():
             max_batch = self.models.registry.get(params.model).batch_limit(self.context.stages.max_batch)
             for start in range(0, len(group), max_batch):
-                chunk = group[start : start + max_batch]
-                try:
-                    rendered = self._render(emit, params, chunk)
-                except Exception as e:
-                    self._fail_internally(emit, params, chunk, e, started_s)
-                    continue
-                if rendered is not None:
-                    take.chunks.append(rendered)
-        return take
+                chunks.append(PlannedChunk(params, group[start : start + max_batch], started_s))
+        return PlannedTake(emit.take(), chunks)
 
-    def finish(self, take: RenderedTake) -> list[Emission]:
-        """The rest of a take: moderate each chunk's images, encode and store the allowed ones in one write
-        (durable together), then the results and metrics. Returns everything the take emits, early endings
-        included."""
-        reviewed: list[tuple[RenderedChunk, list[_Reviewed]]] = []
-        for chunk in take.chunks:
-            try:
-                reviewed.append((chunk, [self._review(item, images) for item, images in chunk.outputs()]))
-            except Exception as e:
-                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
+    def render(self, chunk: PlannedChunk) -> RenderedChunk:
+        """The chunk's model call. A failed call ends its requests: FAILED (and dead-lettered when unforeseen)."""
+        params, items = chunk.params, chunk.items
+        started_s = time.time()
         try:
-            self._store([review for _, reviews in reviewed for review in reviews if review.outcome is None])
+            device = str(self.models.load(params.model).device)
+            output = self.run_model(params, items)
+        except (ModelError, StageFailure) as e:
+            emit = Emitter(self.context)
+            code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"
+            for item in items:
+                self._fail(emit, item.request, item.message, started_s, code, str(e), params.model)
+            return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
         except Exception as e:
-            for chunk, _ in reviewed:
-                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
-            return take.emit.take()
-        for chunk, reviews in reviewed:
-            try:
-                self._report(take.emit, chunk, reviews)
-            except Exception as e:
-                self._fail_internally(take.emit, chunk.params, chunk.items, e, take.started_s)
-        return take.emit.take()
+            emit = Emitter(self.context)
+            self._fail_internally(emit, params, items, e, chunk.take_started_s)
+            return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
+        return RenderedChunk(params, items, output, device, started_s, (time.time() - started_s) * 1000.0)
+
+    def finish(self, chunk: RenderedChunk) -> list[Emission]:
+        """The rest of a chunk: moderate its images, encode and store the allowed ones in one write (durable
+        together), then the results and metrics. Returns everything the chunk emits."""
+        if chunk.output is None:
+            return chunk.ended
+        emit = Emitter(self.context)
+        try:
+            reviews = [self._review(item, images) for item, images in chunk.outputs()]
+            self._store([review for review in reviews if review.outcome is None])
+            self._report(emit, chunk, reviews)
+        except Exception as e:
+            emit = Emitter(self.context)  # nothing half-reported: every request of the chunk fails alike
+            self._fail_internally(emit, chunk.params, chunk.items, e, chunk.started_s)
+        return emit.take()
 
     def _fail(
         self,
@@ -613,18 +630,6 @@ class RenderStage:
             emit.dead_letter(item.message, f"internal error: {error!r}", self.name.lower(), None)
             self._fail(emit, item.request, item.message, started_s, "INTERNAL_ERROR", repr(error), params.model)
 
-    def _render(self, emit: Emitter, params: RenderParams, chunk: list[_Pending]) -> RenderedChunk | None:
-        device = str(self.models.load(params.model).device)
-        started_s = time.time()
-        try:
-            output = self.run_model(params, chunk)
-        except (ModelError, StageFailure) as e:
-            code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"
-            for item in chunk:
-                self._fail(emit, item.request, item.message, started_s, code, str(e), params.model)
-            return None
-        return RenderedChunk(params, chunk, output, device, started_s, (time.time() - started_s) * 1000.0)
-
     def _review(self, item: _Pending, images: list[Image.Image]) -> _Reviewed:
         """Output moderation of one request's images: REJECTED, or no outcome yet while they wait to be stored."""
         started_s = time.time()
@@ -638,7 +643,7 @@ class RenderStage:
         return _Reviewed(item, images, moderation_ms, Outcome.rejected("OUTPUT_IMAGE", scores, categories))
 
     def _store(self, reviews: list[_Reviewed]) -> None:
-        """Encode and store the allowed images of a take in one write; each review gets its outcome: SUCCEEDED,
+        """Encode and store the allowed images of a chunk in one write; each review gets its outcome: SUCCEEDED,
         or FAILED when the store stayed unavailable through the retries."""
         objects = [
             (self.store.image_key(r.item.request.request_id, i, "png", r.item.request.created_at), encode_png(image))

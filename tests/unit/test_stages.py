@@ -222,7 +222,7 @@ def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
         Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
         for offset, (r, value) in enumerate((r, context.codec.encode(r)) for r in requests)
     ]
-    take = stage.render(messages)
+    take = stage.plan(messages)
     assert [(chunk.params.model, len(chunk.items)) for chunk in take.chunks] == [
         ("small", 2),
         ("small", 2),

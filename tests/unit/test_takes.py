@@ -1,0 +1,77 @@
+"""A take's chunks rendered and finished overlapped (processors.takes), with the null model and a slow finish."""
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageResult
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.processors.models import DiffusionModels
+from pixelpipe.processors.moderation import Verdict
+from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
+from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.takes import render_take
+from pixelpipe.producers import new_request
+
+FINISH_S = 0.3  # a slow encoder, detector or store
+
+
+class SlowModerator:
+    """Allows everything after FINISH_S, and records when each finish began and ended."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    def check(self, images, stage):
+        began = time.monotonic()
+        time.sleep(FINISH_S)
+        self.spans.append((began, time.monotonic()))
+        return [Verdict(stage, True, {}, []) for _ in images]
+
+
+class TimedStage(GenerateStage):
+    model_calls: list[float]
+
+    def run_model(self, params, chunk):
+        self.model_calls.append(time.monotonic())
+        return super().run_model(params, chunk)
+
+
+def test_the_next_chunks_model_call_does_not_wait_for_the_last_chunks_finish_and_one_chunk_waits_at_most(tmp_path):
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"null": {"kind": "null", "max_batch": 1}}))
+    stamp = ModerationStamp("key")
+    context = StageContext(TopicSettings(), RequestLimits(), StageSettings(), Codec(), "worker", stamp)
+    moderator = SlowModerator()
+    store = open_object_store(ObjectStoreSettings(url=f"file://{tmp_path / 'objects'}"))
+    stage = TimedStage(context, DiffusionModels.from_file(registry), moderator, store, {})
+    stage.model_calls = []
+    requests = [new_request(prompt=f"p{i}", model="null", user_id="u", width=16, height=16) for i in range(3)]
+    messages = []
+    for offset, request in enumerate(requests):
+        value = context.codec.encode(request)
+        messages.append(
+            Inbound(value, request.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+        )
+    sent: list[Emission] = []
+    main_thread = threading.get_ident()
+
+    async def send(emissions):
+        assert threading.get_ident() == main_thread  # sent on the event loop, never from a worker thread
+        sent.extend(emissions)
+
+    with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
+        asyncio.run(render_take(stage, messages, send, model_thread, finishing_thread))
+
+    first_finish, second_finish, _ = moderator.spans
+    assert len(stage.model_calls) == 3
+    assert stage.model_calls[1] < first_finish[1]  # rendered while chunk 1 was being finished
+    assert stage.model_calls[2] >= first_finish[1]  # no more than one rendered chunk waits to be finished
+    assert second_finish[0] >= first_finish[1]  # finished in order, one at a time
+    results = [context.codec.decode_as(ImageResult, e.value) for e in sent if e.topic == context.topics.results]
+    assert sorted(r.request_id for r in results) == sorted(r.request_id for r in requests)
+    assert {r.status for r in results} == {"SUCCEEDED"}
