@@ -493,11 +493,22 @@ class PlannedTake:
     chunks: list[PlannedChunk]
 
 
-def service_order(pending: _Pending) -> tuple[bool, dt.datetime, float]:
+def urgency(pending: _Pending) -> tuple[bool, dt.datetime, float]:
     """INTERACTIVE before BATCH, then the earliest deadline, then the oldest."""
     request = pending.request
     far = dt.datetime.max.replace(tzinfo=dt.UTC)
     return (request.priority != "INTERACTIVE", request.deadline or far, pending.message.timestamp_s)
+
+
+def in_service_order(pending: Sequence[_Pending]) -> list[_Pending]:
+    """``pending`` taking turns across users: each user's requests in order of urgency, and a user's k-th request
+    behind every user's (k-1)-th of the same priority, so one user's many requests in a take do not hold another
+    user's few behind them; within a turn, by urgency."""
+    by_user: dict[tuple[str, str], list[_Pending]] = {}
+    for item in sorted(pending, key=urgency):
+        by_user.setdefault((item.request.user_id, item.request.priority), []).append(item)
+    turn = {id(item): k for items in by_user.values() for k, item in enumerate(items)}
+    return sorted(pending, key=lambda item: (urgency(item)[0], turn[id(item)], *urgency(item)[1:]))
 
 
 class RenderStage:
@@ -562,9 +573,8 @@ class RenderStage:
                 self._fail(emit, request, message, started_s, e.code, str(e))
                 continue
             pending.append(item)
-        pending.sort(key=service_order)
         groups: dict[RenderParams, list[_Pending]] = {}
-        for item in pending:
+        for item in in_service_order(pending):
             groups.setdefault(item.params, []).append(item)
         # Groups in the order of their most urgent request; each group in chunks of its model's batch limit.
         chunks: list[PlannedChunk] = []

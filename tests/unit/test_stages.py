@@ -21,10 +21,10 @@ from pixelpipe.processors.stages import (
     UserRateLimiter,
     _Pending,
     arrival_s,
+    in_service_order,
     is_transient,
     request_seed,
     resolve_params,
-    service_order,
     with_retries,
 )
 from pixelpipe.processors.stamp import ModerationStamp
@@ -125,8 +125,17 @@ def test_interactive_first_then_earliest_deadline_then_oldest():
         "interactive-late": pending(prompt="interactive-late", priority="INTERACTIVE", at=9.0),
         "interactive-deadline": pending(prompt="interactive-deadline", priority="INTERACTIVE", at=9.5, deadline=later),
     }
-    order = [p.request.prompt for p in sorted(items.values(), key=service_order)]
+    order = [p.request.prompt for p in in_service_order(list(items.values()))]
     assert order == ["interactive-deadline", "interactive-late", "batch-deadline", "batch-old"]
+
+
+def test_users_take_turns_so_a_flood_in_a_take_does_not_hold_anyone_else_behind_it():
+    flood = [pending(prompt=f"flood-{k}", user_id="flooder", at=float(k)) for k in range(6)]
+    others = [pending(prompt="other", user_id="u2", at=10.0), pending(prompt="urgent", user_id="u3", at=11.0)]
+    urgent = pending(prompt="urgent-flood", user_id="flooder", priority="INTERACTIVE", at=12.0)
+    order = [p.request.prompt for p in in_service_order([*flood, *others, urgent])]
+    # Priority first; then each user's first request, then each one's second, and so on.
+    assert order == ["urgent-flood", "flood-0", "other", "urgent", *(f"flood-{k}" for k in range(1, 6))]
 
 
 def test_seed_is_the_request_seed_or_stable_per_request_id():
