@@ -8,9 +8,10 @@ event in the deduplicated ClickHouse views, and every image a result names prese
 The S3 outage lasts 30 s, well inside the worker's storage retry budget (PIXELPIPE_STORAGE_RETRY_BUDGET_S, 120 s by
 default): every request it hits waits with its rendered images and succeeds once the store answers again.
 
-The poison tests publish, mid-stream, three events onto one topic whose event_time (2**62 ms) is valid Avro but no
-datetime: each must end as a dead letter with its original bytes (and a FAILED result, where its key names a
-request) while the stream's requests all succeed and the sink keeps running.
+The poison test publishes, mid-stream, three events onto each topic (requests, generate, edit, results, metrics)
+whose event_time (2**62 ms) is valid Avro but no datetime: each must end as a dead letter with its original bytes
+(and a FAILED result, where its key names a request) while the stream's requests all succeed and the sink keeps
+running.
 """
 
 from __future__ import annotations
@@ -145,37 +146,36 @@ POISON_TOPICS = {
 }
 
 
-@pytest.mark.parametrize("topic", list(POISON_TOPICS))
-def test_poison_events_on_a_topic_are_dead_lettered_and_the_stream_flows_on(harness, topic):
-    schema, reader = POISON_TOPICS[topic]
-    ids, _ = start(harness, f"poison-{topic}", (*STAGES, "edit") if topic == "edit" else STAGES)
+def test_poison_events_on_every_topic_are_dead_lettered_and_the_stream_flows_on(harness):
+    # All five topics in one stream: each reader meets its poison while the others meet theirs.
+    ids, _ = start(harness, "poison", (*STAGES, "edit"))
     wait_stream_midway(harness, ids)
-    topic_name = getattr(harness.settings.topics, topic)
-    poison = {}  # request id -> bytes: valid Avro whose event_time (2**62 ms) no decoder can turn into a datetime
-    for i in range(3):
-        request_id = f"poison-{topic}-{i}"
-        poison[request_id] = Codec().encode_record(
-            schema, sample_records()[schema] | {"request_id": request_id, "event_time": 2**62}
-        )
-        harness.publish_raw(topic_name, request_id, poison[request_id])
+    poison: dict[str, tuple[str, str, str, bytes]] = {}  # request id -> (schema, reader, topic, bytes)
+    for topic, (schema, reader) in POISON_TOPICS.items():
+        topic_name = getattr(harness.settings.topics, topic)
+        for i in range(3):
+            request_id = f"poison-{topic}-{i}"
+            # Valid Avro whose event_time (2**62 ms) no decoder can turn into a datetime.
+            value = Codec().encode_record(
+                schema, sample_records()[schema] | {"request_id": request_id, "event_time": 2**62}
+            )
+            poison[request_id] = (schema, reader, topic_name, value)
+            harness.publish_raw(topic_name, request_id, value)
     injected = time.time()
     recovery = harness.recovery_after(injected)
-    row = harness.verify(f"3 poison events on {topic}", ids, recovery)
+    row = harness.verify(f"3 poison events on each of {', '.join(POISON_TOPICS)}", ids, recovery)
     assert row["outcomes"] == ["SUCCEEDED:"]
 
-    ids_of_poison = list(poison)
-    letters = collect(
-        harness.settings.kafka, harness.settings.topics.dead_letter, DeadLetter, ids_of_poison, timeout_s=60
-    )
+    kafka, topics = harness.settings.kafka, harness.settings.topics
+    letters = collect(kafka, topics.dead_letter, DeadLetter, list(poison), timeout_s=60)
     assert not letters.missing, harness.logs()
-    for request_id, value in poison.items():
+    for request_id, (_, reader, topic_name, value) in poison.items():
         letter = letters.latest()[request_id]
         assert (letter.stage, letter.topic, letter.original_value) == (reader, topic_name, value)
         assert "OverflowError" in letter.error_reason
-    if schema == "ImageRequest":  # the key names the request: it also ends FAILED, in ClickHouse like any other
-        failed = collect(
-            harness.settings.kafka, harness.settings.topics.results, ImageResult, ids_of_poison, timeout_s=60
-        )
-        assert not failed.missing
-        assert {(r.status, r.error_code) for r in failed.latest().values()} == {("FAILED", "UNDECODABLE")}
-        harness.wait_results_in_clickhouse(ids_of_poison, timeout_s=60)
+    # A request's key names it: it also ends FAILED, in ClickHouse like any other.
+    requests = [request_id for request_id, (schema, *_) in poison.items() if schema == "ImageRequest"]
+    failed = collect(kafka, topics.results, ImageResult, requests, timeout_s=60)
+    assert not failed.missing
+    assert {(r.status, r.error_code) for r in failed.latest().values()} == {("FAILED", "UNDECODABLE")}
+    harness.wait_results_in_clickhouse(requests, timeout_s=60)
