@@ -7,7 +7,8 @@ the agent awaits it, so Kafka heartbeats and polls keep going while a batch rend
 acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the
 broker, so a crash redelivers instead of losing; result and metric ids derive from the request id, so a
 redelivered request is deduplicated downstream. Stages are built, models loaded and warmed, before the worker
-joins its group.
+joins its group. Each render stage has a long lane beside it: an agent on its kind's long topic, where moderation
+sends the requests over PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor and models that share the weights.
 """
 
 from __future__ import annotations
