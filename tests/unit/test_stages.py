@@ -363,3 +363,21 @@ def test_a_user_over_the_compute_budget_is_rate_limited_and_others_are_not():
         "user heavy is over the compute budget of 100 megapixel-steps per minute "
         "(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs 31.46"
     )
+
+
+def test_the_long_lanes_are_topics_of_the_pipeline_read_by_renderers_and_written_by_moderation():
+    from confluent_kafka.admin import AclOperation
+
+    from pixelpipe.core.topics import role_acls
+    from pixelpipe.processors.app import stage_topics
+
+    topics = TopicSettings()
+    assert {topics.generate_long, topics.edit_long} <= set(topics.pipeline())
+    assert stage_topics(topics, ["generate"])[:2] == [topics.generate, topics.generate_long]
+    assert set(topics.render()) <= set(stage_topics(topics, ["moderation"]))
+
+    def granted(role, operation):
+        return {b.name for b in role_acls(role, f"User:{role}", topics, "g", "s") if b.operation == operation}
+
+    assert set(topics.render()) <= granted("renderer", AclOperation.READ) - granted("renderer", AclOperation.WRITE)
+    assert set(topics.render()) <= granted("moderation", AclOperation.WRITE)
