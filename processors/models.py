@@ -11,9 +11,11 @@ registry", describes every field)::
 ``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux) and
 derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of
 the weights. ``DiffusionModels.warm_up`` loads every model and renders its warm-up shapes, so compilation happens
-before a worker takes work. A ``null`` model has no weights: it returns plain images after a simulated time, for
-capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor
-thread, never on the event loop.
+before a worker takes work. ``DiffusionModels.lane`` gives a second set of pipelines on the same weights, with their
+own scheduler and lock, for work that runs beside the first (the long lane). A registry entry's ``compute_weight``
+prices its megapixel-steps for the compute budgets (``ModelEntry.compute``). A ``null`` model has no weights: it
+returns plain images after a simulated time, for capacity tests of the pipeline without diffusion. The methods block
+for seconds: call them from an executor thread, never on the event loop.
 """
 
 from __future__ import annotations
