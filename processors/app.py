@@ -7,7 +7,8 @@ the agent awaits it, so Kafka heartbeats and polls keep going while a batch rend
 acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the
 broker, so a crash redelivers instead of losing; result and metric ids derive from the request id, so a
 redelivered request is deduplicated downstream. Stages are built, models loaded and warmed, before the worker
-joins its group.
+joins its group. Each render stage has a long lane beside it: an agent on its kind's long topic, where moderation
+sends the requests over PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor and models that share the weights.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
+LONG = "-long"  # a render stage's long lane is built and run as "<kind>-long", on the kind's long topic
 LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
 # Longest a fetch waits at the broker for records; an empty fetch costs the worker about 1 ms, so the hundred a
 # second of an idle worker take about a tenth of a core.
@@ -125,7 +127,9 @@ def inbound(event: EventT) -> Inbound:
 def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     """Build the named stages, models loaded and warmed: done before the worker joins its consumer group, so
     partitions are never assigned to a worker that cannot serve them yet. The render stages share one
-    ``DiffusionModels``, so a model both use is loaded once."""
+    ``DiffusionModels``, so a model both use is loaded once. Each render stage also gets its long lane
+    ("generate-long", "edit-long"): a stage of its own on a lane of those models (``DiffusionModels.lane``: the
+    same weights, its own pipelines and lock), so a long request renders beside the short ones."""
     unknown = sorted(set(names) - set(STAGES))
     if unknown or not names:
         raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
@@ -145,8 +149,10 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     if render_kinds:
         models = _diffusion_models(settings)
         models.warm_up()  # every model loaded, compiled and warmed: a rebalance never meets a compile stall
+        lane = models.lane()
         for kind in render_kinds:
             built[kind] = _render_stage(RENDER_STAGES[kind], settings, context, models)
+            built[kind + LONG] = _render_stage(RENDER_STAGES[kind], settings, context, lane)
     log.info("stages ready", extra={"stages": list(built), "seconds": round(time.perf_counter() - started_s, 3)})
     return built
 
@@ -189,7 +195,15 @@ def create_app(settings: Settings, stages: Mapping[str, Stage], sender: Emission
                 await sender.send_all(await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events]))
                 yield None
 
-    for kind, topic_name in (("generate", settings.topics.generate), ("edit", settings.topics.edit)):
+    # The long lanes are agents of the same app (so of its consumer group), each on its own topic, with an executor
+    # and models of its own, so a long request never holds the short ones behind it.
+    topics = settings.topics
+    for kind, topic_name in (
+        ("generate", topics.generate),
+        ("edit", topics.edit),
+        ("generate" + LONG, topics.generate_long),
+        ("edit" + LONG, topics.edit_long),
+    ):
         stage = stages.get(kind)
         if isinstance(stage, RenderStage):
             _add_render_agent(app, topic(topic_name), kind, stage, stage_settings, sender)
@@ -218,16 +232,30 @@ def _add_render_agent(
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
+    from pixelpipe.core.experiments import load_experiments
     from pixelpipe.core.objects import open_object_store
+    from pixelpipe.processors.models import ModelRegistry
     from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, PromptModerator
 
     policy = ModerationPolicy.from_file(settings.moderation.policy or None)
+    # The registry's entries (no weights) and the experiments give each request's compute, as the renderers will
+    # resolve it: for the per-request and per-user budgets and the long lane.
+    registry_file, experiments_file = Path(settings.models.registry), Path(settings.experiments.file)
+    registry = ModelRegistry.load(registry_file) if registry_file.exists() else None
+    if registry is None:
+        log.warning(
+            "no model registry: moderation counts no compute (no per-user compute budget, no long lane); the render "
+            "stages still check the per-request budget",
+            extra={"registry": str(registry_file)},
+        )
     return ModerationStage(
         context,
         settings.moderation,
         PromptModerator(policy),
         ImageModerator(policy, detector=settings.moderation.image_detector),
         open_object_store(settings.objects),
+        registry,
+        load_experiments(experiments_file) if experiments_file.exists() else {},
     )
 
 
@@ -264,8 +292,8 @@ def _render_stage(
 
 def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     """The topics these stages read or write: under Kafka ACLs a worker may not even see the others."""
-    used = [topics.requests, topics.generate, topics.edit] if "moderation" in stages else []
-    used += [getattr(topics, kind) for kind in RENDER_STAGES if kind in stages]
+    used = [topics.requests, *topics.render()] if "moderation" in stages else []
+    used += [getattr(topics, kind + suffix) for kind in RENDER_STAGES if kind in stages for suffix in ("", "_long")]
     return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
 
 

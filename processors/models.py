@@ -11,16 +11,20 @@ registry", describes every field)::
 ``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux) and
 derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of
 the weights. ``DiffusionModels.warm_up`` loads every model and renders its warm-up shapes, so compilation happens
-before a worker takes work. A ``null`` model has no weights: it returns plain images after a simulated time, for
-capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor
-thread, never on the event loop.
+before a worker takes work. ``DiffusionModels.lane`` gives a second set of pipelines on the same weights, with their
+own scheduler and lock, for work that runs beside the first (the long lane). A registry entry's ``compute_weight``
+prices its megapixel-steps for the compute budgets (``ModelEntry.compute``). A ``null`` model has no weights: it
+returns plain images after a simulated time, for capacity tests of the pipeline without diffusion. The methods block
+for seconds: call them from an executor thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -160,10 +164,18 @@ class ModelEntry:
     attention: str = "sdpa"  # see ATTENTION
     warmup: WarmUp | None = None  # shapes rendered at load; None: the model is only loaded
     seconds_per_image: float = 0.0  # null models only: the simulated render time
+    compute_weight: float = 1.0  # the cost of one megapixel-step of this model against the others; see compute()
 
     def batch_limit(self, stage_max_batch: int) -> int:
         """Most requests of this model one call may take: the smaller of its ``max_batch`` and the stage's."""
         return min(self.max_batch or stage_max_batch, stage_max_batch)
+
+    def compute(self, width: int, height: int, steps: int | None, images: int) -> float:
+        """The compute of rendering ``images`` images of ``width`` x ``height`` in ``steps`` denoising steps (the
+        model's default when None), in megapixel-steps weighted by the model's ``compute_weight``: what the
+        per-request and per-user budgets count (PIXELPIPE_MAX_REQUEST_COMPUTE and the others)."""
+        steps = self.default_steps if steps is None else steps
+        return self.compute_weight * width * height / 1e6 * steps * images
 
     @classmethod
     def from_json(cls, name: str, raw: Any) -> ModelEntry:
@@ -205,6 +217,7 @@ class ModelEntry:
             attention=attention,
             warmup=None if raw.get("warmup") is None else WarmUp.from_json(where, raw["warmup"]),
             seconds_per_image=read.number("seconds_per_image", cls.seconds_per_image),
+            compute_weight=read.positive_number("compute_weight", cls.compute_weight),
         )
 
 
@@ -231,6 +244,12 @@ class _FieldReader:
         value = self.raw.get(key, default)
         if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
             raise ModelError(f"{self.where}: {key!r} must be a number >= 0, got {value!r}")
+        return float(value)
+
+    def positive_number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ModelError(f"{self.where}: {key!r} must be a finite number > 0, got {value!r}")
         return float(value)
 
     def flag(self, key: str) -> bool:
@@ -392,6 +411,20 @@ class LoadedModel:
     # diffusers pipelines keep per-call state (the scheduler's timesteps): one call at a time per model.
     run_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def sibling(self) -> LoadedModel:
+        """The same modules (weights, tokenizers) in pipeline objects of its own, with a copy of the scheduler and
+        a run lock of its own: it may run while this one runs, with no second copy of the weights."""
+        text2image = AutoPipelineForText2Image.from_pipe(
+            self.text2image, scheduler=copy.deepcopy(self.text2image.scheduler)
+        )
+        image2image = AutoPipelineForImage2Image.from_pipe(text2image)
+        inpaint = AutoPipelineForInpainting.from_pipe(text2image)
+        for pipe in (text2image, image2image, inpaint):
+            pipe.set_progress_bar_config(disable=True)
+        return dataclasses.replace(
+            self, text2image=text2image, image2image=image2image, inpaint=inpaint, run_lock=threading.Lock()
+        )
+
     @property
     def schedulers(self) -> frozenset[str]:
         """The schedulers a call may pick for this model: those made for the objective it was trained on."""
@@ -498,6 +531,18 @@ class DiffusionModels:
         self._built = dict(pipelines or {})
         self._loaded: dict[str, LoadedModel | NullModel] = {}
         self._load_lock = threading.Lock()
+        self._weights_of: DiffusionModels | None = None  # a lane (see lane()) takes its weights from there
+
+    def lane(self) -> DiffusionModels:
+        """Models for a second lane of work (the long lane) that run beside these: the same weights, loaded once,
+        in pipeline objects of their own with their own schedulers and run locks (``LoadedModel.sibling``), so a
+        call on the lane never waits for a call here. The models loaded here are built for the lane at once; others
+        are loaded here, then built, on the lane's first use."""
+        lane = DiffusionModels(self.registry)
+        lane._weights_of = self
+        for name in self.loaded():
+            lane.load(name)
+        return lane
 
     @classmethod
     def from_file(cls, path: str | Path) -> DiffusionModels:
@@ -509,7 +554,12 @@ class DiffusionModels:
         # One lock for all loads: two threads asking for the same model must not load it twice.
         with self._load_lock:
             if name not in self._loaded:
-                self._loaded[name] = NullModel(entry) if entry.kind == "null" else self._load(entry)
+                if entry.kind == "null":
+                    self._loaded[name] = NullModel(entry)
+                elif self._weights_of is not None:
+                    self._loaded[name] = self._weights_of.load(name).sibling()  # type: ignore[union-attr]
+                else:
+                    self._loaded[name] = self._load(entry)
             return self._loaded[name]
 
     def warm_up(self) -> dict[str, Readiness]:

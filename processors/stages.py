@@ -30,6 +30,7 @@ from pixelpipe.core.objects import ObjectStore, ObjectStoreError, StoredObject
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import (
     InvalidRequestError,
+    check_compute,
     check_guidance,
     check_reply_topic,
     check_steps,
@@ -38,7 +39,7 @@ from pixelpipe.core.validation import (
     validate_request,
 )
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
-from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError
+from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError, ModelRegistry
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
 from pixelpipe.processors.outcomes import (
     Outcome,
@@ -232,31 +233,39 @@ def arrival_s(message: Inbound, read_s: float) -> float:
 
 
 class UserRateLimiter:
-    """A token bucket per user: up to ``burst`` requests at once, then ``per_minute``. Time comes from
+    """A token bucket per user: up to ``burst`` tokens at once (never more than a minute's), refilled at
+    ``per_minute``; a request takes ``cost`` tokens, or is refused and takes none. Counting requests, each costs
+    one; counting compute, each costs its megapixel-steps (``ModelEntry.compute``). Time comes from
     ``arrival_s``, never from the producer's own timestamp, so a producer cannot buy tokens by stamping its
     requests apart. The burst is small on purpose: what a flood gets past moderation lands in the render topics'
     partitions ahead of everyone else's requests, and the renderers must work through it first."""
 
-    def __init__(self, per_minute: int, burst: int) -> None:
+    def __init__(self, per_minute: float, burst: float) -> None:
         self.per_minute = per_minute
         self.capacity = float(max(1, min(burst, per_minute)))
         self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
 
-    def allow(self, user_id: str, at_s: float) -> bool:
+    def allow(self, user_id: str, at_s: float, cost: float = 1.0) -> bool:
         if self.per_minute <= 0:
             return True
         rate = self.per_minute / 60.0
         tokens, last = self._buckets.get(user_id, (self.capacity, at_s))
         tokens = min(self.capacity, tokens + max(0.0, at_s - last) * rate)
-        allowed = tokens >= 1.0
-        self._buckets[user_id] = (tokens - 1.0 if allowed else tokens, max(last, at_s))
+        allowed = tokens >= cost
+        self._buckets[user_id] = (tokens - cost if allowed else tokens, max(last, at_s))
         if len(self._buckets) > 100_000:  # forget users idle long enough for their bucket to be full again
             self._buckets = {u: b for u, b in self._buckets.items() if at_s - b[1] < 60.0}
         return allowed
 
 
 class ModerationStage:
-    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic."""
+    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic, or to
+    its long lane when its compute is over ``PIXELPIPE_LONG_REQUEST_COMPUTE``.
+
+    The compute of a request (``request_compute``) is read from the model ``registry`` (entries only, no weights)
+    and the ``experiments``, as the render stages will resolve it: moderation fails a request over the
+    per-request budget, and counts each user's compute against the per-user budget.
+    """
 
     name: ClassVar[Stage] = "MODERATION"
 
@@ -267,14 +276,30 @@ class ModerationStage:
         prompts: PromptModerator,
         images: ImageModerator,
         store: ObjectStore,
+        registry: ModelRegistry | None = None,
+        experiments: Mapping[str, Experiment] | None = None,
     ) -> None:
         self.context = context
         self.moderation = moderation
         self.prompts = prompts
         self.images = images
         self.store = store
+        self.registry = registry or ModelRegistry({})
+        self.experiments = experiments or {}
         self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute, moderation.rate_limit_burst)
-        self.next_topic = {"GENERATE": context.topics.generate, "EDIT": context.topics.edit}
+        per_minute = moderation.max_user_compute_per_minute
+        self.compute_limiter = UserRateLimiter(per_minute, per_minute)
+        topics = context.topics
+        self.next_topic = {"GENERATE": topics.generate, "EDIT": topics.edit}
+        self.long_topic = {"GENERATE": topics.generate_long, "EDIT": topics.edit_long}
+
+    def topic_for(self, request: ImageRequest, compute: float | None) -> str:
+        """Where a request that passed goes: its kind's long lane when its compute is over the threshold (and the
+        lane is on), else its kind's topic."""
+        threshold = self.moderation.long_request_compute
+        if threshold > 0 and compute is not None and compute > threshold:
+            return self.long_topic[request.kind]
+        return self.next_topic[request.kind]
 
     def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
         """Moderate a take of requests: one profanity-model call for all their prompts, then each on its own."""
@@ -285,8 +310,12 @@ class ModerationStage:
             for message in messages
             if (request := decode_request(message, self.context, emit, "moderation")) is not None
         ]
-        # Expired and rate-limited requests end before the prompt model: a flood costs it nothing.
-        refusals = [self._refusal(request, arrival_s(message, started_s)) for message, request in readable]
+        # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it nothing.
+        computes = [request_compute(request, self.experiments, self.registry) for _, request in readable]
+        refusals = [
+            self._refusal(request, arrival_s(message, started_s), compute)
+            for (message, request), compute in zip(readable, computes, strict=True)
+        ]
         admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
         verdicts: Iterator[Verdict | None]
         try:
@@ -297,7 +326,7 @@ class ModerationStage:
             log.exception("prompt moderation failed", extra={"requests": len(admitted)})
             verdicts = iter([None] * len(admitted))
         shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
-        for (message, request), refusal in zip(readable, refusals, strict=True):
+        for (message, request), refusal, compute in zip(readable, refusals, computes, strict=True):
             own_started_s = time.time()
             try:
                 outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
@@ -317,21 +346,34 @@ class ModerationStage:
             )
             emit.metric(request, work)
             if outcome is None:
-                emit.forward(self.next_topic[request.kind], message)
+                emit.forward(self.topic_for(request, compute), message)
             else:
                 emit.result(request, outcome, {"moderation": compute_ms})
         return emit.take()
 
-    def _refusal(self, request: ImageRequest, arrived_s: float) -> Outcome | None:
-        """The outcome of a request that ends before it is moderated (its deadline passed, or its user is over the
-        rate limit); None when it goes on to moderation."""
+    def _refusal(self, request: ImageRequest, arrived_s: float, compute: float | None) -> Outcome | None:
+        """The outcome of a request that ends before it is moderated (its deadline passed, its compute is over the
+        per-request budget, or its user is over the rate limit or the compute budget); None when it goes on to
+        moderation. ``compute`` is None for a model the registry does not hold: the render stage fails it."""
         if deadline_passed(request, utc_now()):
             assert request.deadline is not None
             return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request.deadline.isoformat()} passed")
+        if compute is not None:
+            try:
+                check_compute(compute, self.context.limits)
+            except InvalidRequestError as e:
+                return Outcome.failed("INVALID_REQUEST", str(e))
         if not self.limiter.allow(request.user_id, arrived_s):
             limit, burst = self.moderation.max_requests_per_user_per_minute, self.limiter.capacity
             return Outcome.failed(
                 "RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute (bursts of {burst:.0f})"
+            )
+        if compute is not None and not self.compute_limiter.allow(request.user_id, arrived_s, compute):
+            budget = self.moderation.max_user_compute_per_minute
+            return Outcome.failed(
+                "RATE_LIMITED",
+                f"user {request.user_id} is over the compute budget of {budget:g} megapixel-steps per minute "
+                f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {compute:.2f}",
             )
         return None
 
@@ -388,15 +430,11 @@ def request_seed(request: ImageRequest) -> int:
     return int.from_bytes(hashlib.sha256(request.request_id.encode()).digest()[:4], "big")
 
 
-def resolve_params(
-    request: ImageRequest, experiments: Mapping[str, Experiment], models: DiffusionModels, limits: RequestLimits
-) -> RenderParams:
-    """The parameters that will run: the request's, then the overrides of its assigned variants (in experiment key
-    order, so a later key wins), then the model's defaults; validated here, once, after every override.
-
-    Raises InvalidRequestError naming the parameter (and the variant that set it), or ModelError for a model
-    the registry does not hold.
-    """
+def variant_overrides(
+    request: ImageRequest, experiments: Mapping[str, Experiment]
+) -> tuple[dict[str, object], dict[str, str]]:
+    """The overrides of a request's assigned variants, in experiment key order (a later key wins), and which
+    variant set each."""
     overrides: dict[str, object] = {}
     set_by: dict[str, str] = {}
     for key, variant in sorted(request.experiments.items()):
@@ -404,6 +442,35 @@ def resolve_params(
             for name, value in experiments[key].overrides_for(variant).items():
                 overrides[name] = value
                 set_by[name] = f"experiment {key}, variant {variant}"
+    return overrides, set_by
+
+
+def request_compute(
+    request: ImageRequest, experiments: Mapping[str, Experiment], registry: ModelRegistry
+) -> float | None:
+    """The compute a request will ask of its model (``ModelEntry.compute``), with its variants' model and steps,
+    as ``resolve_params`` resolves them, read from the registry alone; None when the model is not in the registry
+    or the steps are invalid: the render stage then fails the request, naming the rule."""
+    overrides, _ = variant_overrides(request, experiments)
+    model, steps = overrides.get("model", request.model), overrides.get("steps", request.steps)
+    if model not in registry or not (steps is None or (isinstance(steps, int) and not isinstance(steps, bool))):
+        return None
+    return registry.get(str(model)).compute(request.width, request.height, steps, request.n)
+
+
+def resolve_params(
+    request: ImageRequest, experiments: Mapping[str, Experiment], models: DiffusionModels, limits: RequestLimits
+) -> RenderParams:
+    """The parameters that will run: the request's, then the overrides of its assigned variants (in experiment key
+    order, so a later key wins), then the model's defaults; validated here, once, after every override, and the
+    compute they ask for checked against the per-request budget.
+
+    Raises InvalidRequestError naming the parameter (and the variant that set it), or ModelError for a model
+    the registry does not hold.
+    """
+    overrides, set_by = variant_overrides(request, experiments)
+    if "steps" in set_by or "model" in set_by:  # what a variant set is named when the compute is over the budget
+        set_by["compute"] = set_by.get("steps") or set_by["model"]
     model = str(overrides.get("model", request.model))
     entry = models.registry.get(model)
     default_scheduler = models.default_scheduler(model)
@@ -418,6 +485,7 @@ def resolve_params(
             "scheduler",
             f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}",
         )
+        check_compute(entry.compute(request.width, request.height, steps, request.n), limits)  # type: ignore[arg-type]
     except InvalidRequestError as e:
         if e.field in set_by:
             raise InvalidRequestError(e.field, f"{e.rule} (set by {set_by[e.field]})") from None

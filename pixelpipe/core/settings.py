@@ -136,6 +136,16 @@ class TopicSettings:
     requests: str = setting("TOPIC_REQUESTS", "pixelpipe.requests", "Topic upstream services publish ImageRequests to.")
     generate: str = setting("TOPIC_GENERATE", "pixelpipe.generate", "Topic of moderated text-to-image requests.")
     edit: str = setting("TOPIC_EDIT", "pixelpipe.edit", "Topic of moderated image-to-image and inpaint requests.")
+    generate_long: str = setting(
+        "TOPIC_GENERATE_LONG",
+        "pixelpipe.generate.long",
+        "Topic of moderated text-to-image requests over PIXELPIPE_LONG_REQUEST_COMPUTE: the long lane.",
+    )
+    edit_long: str = setting(
+        "TOPIC_EDIT_LONG",
+        "pixelpipe.edit.long",
+        "Topic of moderated edits over PIXELPIPE_LONG_REQUEST_COMPUTE: the long lane.",
+    )
     results: str = setting("TOPIC_RESULTS", "pixelpipe.results", "Topic of terminal ImageResults.")
     metrics: str = setting("TOPIC_METRICS", "pixelpipe.metrics", "Topic of per-stage StageMetrics.")
     dead_letter: str = setting(
@@ -150,7 +160,11 @@ class TopicSettings:
 
     def pipeline(self) -> list[str]:
         """Every topic of the pipeline."""
-        return [self.requests, self.generate, self.edit, self.results, self.metrics, self.dead_letter]
+        return [self.requests, *self.render(), self.results, self.metrics, self.dead_letter]
+
+    def render(self) -> list[str]:
+        """The topics moderation forwards to and the render stages read: each kind's own and its long lane's."""
+        return [self.generate, self.edit, self.generate_long, self.edit_long]
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,12 @@ class RequestLimits:
         33_554_432,
         "Largest edit source or mask accepted, in bytes; reading stops past it.",
     )
+    max_request_compute: float = setting(
+        "MAX_REQUEST_COMPUTE",
+        250.0,
+        "Most compute one request may ask for, in megapixel-steps (width x height / 1e6 x steps x images, times the "
+        "model's compute_weight; 4 images of 1024x1024 at 50 steps are 210); beyond it, FAILED INVALID_REQUEST.",
+    )
 
 
 @dataclass(frozen=True)
@@ -237,6 +257,18 @@ class ModerationSettings:
         "RATE_LIMIT_BURST",
         10,
         "Most requests of one user moderation lets through at once, before the per-minute rate paces them.",
+    )
+    max_user_compute_per_minute: float = setting(
+        "MAX_USER_COMPUTE_PER_MINUTE",
+        2500.0,
+        "Per moderation worker: a user's compute (megapixel-steps, as PIXELPIPE_MAX_REQUEST_COMPUTE counts it) beyond "
+        "this rate ends FAILED (RATE_LIMITED); up to a minute's worth at once; 0 turns it off.",
+    )
+    long_request_compute: float = setting(
+        "LONG_REQUEST_COMPUTE",
+        20.0,
+        "Requests over this compute (megapixel-steps) go to the long lane (PIXELPIPE_TOPIC_GENERATE_LONG, "
+        "PIXELPIPE_TOPIC_EDIT_LONG), which renders beside the others; 0 turns the lane off.",
     )
     image_detector: str = setting(
         "IMAGE_DETECTOR",

@@ -51,7 +51,8 @@ def ensure_topics(
 
 
 # What each role may do, and nothing more: publishers only write requests; moderation reads them and writes the
-# render topics; renderers read those; only moderation and renderers write results, metrics and replies.
+# render topics (each kind's and its long lane's); renderers read those; only moderation and renderers write
+# results, metrics and replies.
 READS, WRITES = (AclOperation.READ, AclOperation.DESCRIBE), (AclOperation.WRITE, AclOperation.DESCRIBE)
 
 
@@ -62,8 +63,8 @@ def role_acls(
     outputs = [topics.results, topics.metrics, topics.dead_letter]
     literal: dict[str, list[tuple[str, tuple[AclOperation, ...]]]] = {
         "publisher": [(topics.requests, WRITES)],
-        "moderation": [(topics.requests, READS), *((t, WRITES) for t in [topics.generate, topics.edit, *outputs])],
-        "renderer": [(topics.generate, READS), (topics.edit, READS), *((t, WRITES) for t in outputs)],
+        "moderation": [(topics.requests, READS), *((t, WRITES) for t in [*topics.render(), *outputs])],
+        "renderer": [*((t, READS) for t in topics.render()), *((t, WRITES) for t in outputs)],
         "sink": [(topics.results, READS), (topics.metrics, READS), (topics.dead_letter, WRITES)],
     }
     if role not in literal:

@@ -71,6 +71,17 @@ def require(ok: bool, field: str, rule: str) -> None:
         raise InvalidRequestError(field, rule)
 
 
+def check_compute(compute: float, limits: RequestLimits) -> None:
+    """A request's compute (``ModelEntry.compute``: megapixel-steps, weighted by its model) within the per-request
+    budget."""
+    require(
+        compute <= limits.max_request_compute,
+        "compute",
+        f"{compute:.2f} megapixel-steps is over the per-request budget of {limits.max_request_compute:g} "
+        "(PIXELPIPE_MAX_REQUEST_COMPUTE)",
+    )
+
+
 def check_steps(steps: Any, limits: RequestLimits) -> None:
     require(
         steps is None or (_is_int(steps) and 1 <= steps <= limits.max_steps),

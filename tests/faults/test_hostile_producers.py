@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.topics import ensure_topics
+from pixelpipe.processors.models import ModelEntry
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher
 from pixelpipe.producers.publisher import producer_config
@@ -142,3 +143,61 @@ def test_a_flooding_user_is_cut_back_at_once_and_barely_delays_anyone_else(harne
     assert all(row["status_of"][r.request_id] == "SUCCEEDED" for r in others)
     assert let_through <= 40  # the burst (10) and 10/s while the flood arrives, not a minute's 600
     assert max(behind) <= max(unloaded) + FLOOD_MAY_ADD_S
+
+
+# The maximal request: the most one request may ask for, as the test sets PIXELPIPE_MAX_REQUEST_COMPUTE (1.97
+# megapixel-steps; the tiny model renders it in 30 to 60 s on the 2-core machine, depending on its load), among
+# small requests (64x64 at 2 steps: 0.008 megapixel-steps) that take a second or two each.
+MAXIMAL = {"width": 128, "height": 128, "steps": 40, "images": 3}
+LONG_REQUEST_COMPUTE = 0.5  # the small ones stay in the main lane, the maximal one goes to the long lane
+SMALL_AFTER = 12  # published one a second after the maximal one, while it renders
+
+
+def test_a_maximal_request_does_not_hold_small_ones_behind_it(harness, monkeypatch):
+    # One thread per model call (as the flood test): the two lanes then share the two cores, one each.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = ModelEntry("tiny-sd", "").compute(**MAXIMAL)  # the registry's tiny-sd has compute_weight 1
+    harness.settings = harness.settings.updated(max_request_compute=budget, long_request_compute=LONG_REQUEST_COMPUTE)
+    ids, _ = start(harness, "maximal")
+    harness.join_stream()
+    harness.wait_results_in_clickhouse(ids, timeout_s=240)  # the steady stream is done: the worker is idle
+    maximal, over = harness.requests(2, "maximal")
+    for request, steps in ((maximal, MAXIMAL["steps"]), (over, MAXIMAL["steps"] + 1)):  # at the budget, over it
+        request.width, request.height, request.n = MAXIMAL["width"], MAXIMAL["height"], MAXIMAL["images"]
+        request.steps, request.user_id = steps, "heavy"
+    harness.publish_now([maximal, over])
+    # Small requests made and published one at a time after it, so each one's creation is when it was sent.
+    small = []
+    with Publisher(harness.settings) as publisher:
+        for i in range(SMALL_AFTER):
+            (request,) = harness.requests(1, f"after-maximal-{i}")
+            publisher.publish(request).result(timeout=30)
+            harness.published[request.request_id] = time.time()
+            small.append(request)
+            time.sleep(1.0)
+    published = time.time()
+    kafka, topics = harness.settings.kafka, harness.settings.topics
+    after = [r.request_id for r in small]
+    results = collect(kafka, topics.results, ImageResult, [*after, maximal.request_id], timeout_s=300).latest()
+    assert len(results) == len(after) + 1, harness.logs()
+    waited = sorted((results[r.request_id].event_time - r.created_at).total_seconds() for r in small)
+    big = results[maximal.request_id]
+    render_s = big.timings_ms["generate"] / 1000
+    p50, p95 = waited[len(waited) // 2], waited[round(0.95 * (len(waited) - 1))]
+    print(
+        f"\nmaximal request ({budget:.2f} megapixel-steps): rendered in {render_s:.1f} s, result"
+        f" {(big.event_time - maximal.created_at).total_seconds():.1f} s after it was made; the {len(small)} small"
+        f" ones after it: seconds to a result p50 {p50:.1f}, p95 {p95:.1f}, max {waited[-1]:.1f}"
+    )
+    recovery = harness.recovery_after(published, timeout_s=300)  # until the maximal one is in ClickHouse too
+    row = harness.verify(
+        "a maximal request among small ones", [*ids, maximal.request_id, over.request_id, *after], recovery
+    )
+    assert row["status_of"][maximal.request_id] == "SUCCEEDED" and big.width == MAXIMAL["width"]
+    refused = collect(kafka, topics.results, ImageResult, [over.request_id], timeout_s=30).latest()[over.request_id]
+    assert (refused.status, refused.error_code) == ("FAILED", "INVALID_REQUEST")
+    assert refused.error_message.endswith(f"over the per-request budget of {budget:g} (PIXELPIPE_MAX_REQUEST_COMPUTE)")
+    assert all(row["status_of"][rid] == "SUCCEEDED" for rid in ids + after)
+    assert render_s >= 20, "the maximal request rendered too fast to hold anything behind it"
+    # Behind it in one lane, the small ones would wait for its render: up to all of it, half of it at the median.
+    assert waited[-1] <= render_s / 3 and p50 <= render_s / 6

@@ -71,7 +71,9 @@ def test_each_role_writes_only_its_own_topics(acl_kafka, admin):
     assert "TOPIC_AUTHORIZATION_FAILED" in send(publisher, topics.generate)
     assert "TOPIC_AUTHORIZATION_FAILED" in send(renderer, topics.requests)
     assert "TOPIC_AUTHORIZATION_FAILED" in send(renderer, topics.edit)
+    assert "TOPIC_AUTHORIZATION_FAILED" in send(renderer, topics.generate_long)
     assert send(as_user(acl_kafka, admin, "moderation"), topics.generate) is None
+    assert send(as_user(acl_kafka, admin, "moderation"), topics.edit_long) is None
     anonymous = admin.updated(  # the PLAINTEXT listener: no user, so no right at all
         kafka_bootstrap=acl_kafka.endpoint, kafka_security_protocol="PLAINTEXT", kafka_sasl_mechanism=""
     )
@@ -80,8 +82,10 @@ def test_each_role_writes_only_its_own_topics(acl_kafka, admin):
 
 def test_the_pipeline_runs_with_each_stage_as_its_own_principal(acl_kafka, admin, tmp_path):
     registry = build_tiny_models(tmp_path / "models")
-    settings = admin.updated(model_registry=str(registry), max_wait_ms=100)
+    # Over 0.01 megapixel-steps a request takes the long lane: the renderer reads that topic too.
+    settings = admin.updated(model_registry=str(registry), max_wait_ms=100, long_request_compute=0.01)
     good = new_request(prompt="a fox", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
+    long = new_request(prompt="a slow fox", model="tiny-sd", user_id="u", width=64, height=64, steps=3)
     rejected = new_request(prompt="a gory massacre", model="tiny-sd", user_id="u")
     moderation = as_user(acl_kafka, settings, "moderation")
     renderer = as_user(acl_kafka, settings, "renderer")
@@ -90,10 +94,10 @@ def test_the_pipeline_runs_with_each_stage_as_its_own_principal(acl_kafka, admin
         WorkerProcess(renderer, ["generate"], tmp_path / "generate.log") as rendering,
     ):
         with Publisher(as_user(acl_kafka, settings, "publisher")) as publisher:
-            for request in (good, rejected):
+            for request in (good, rejected, long):
                 publisher.publish(request).result(timeout=30)
-        ids = [good.request_id, rejected.request_id]
+        ids = [good.request_id, rejected.request_id, long.request_id]
         results = collect(settings.kafka, settings.topics.results, ImageResult, ids, timeout_s=300)
         assert not results.missing, moderating.log_tail() + "\n---\n" + rendering.log_tail()
     statuses = {rid: r.status for rid, r in results.latest().items()}
-    assert statuses == {good.request_id: "SUCCEEDED", rejected.request_id: "REJECTED"}
+    assert statuses == {good.request_id: "SUCCEEDED", rejected.request_id: "REJECTED", long.request_id: "SUCCEEDED"}

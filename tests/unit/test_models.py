@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from pixelpipe.processors.models import (
     ModelRegistry,
     NullModel,
     resolve_device_dtype,
+    scheduler_name,
     seed_colour,
 )
 from pixelpipe.tools.model_builders import (
@@ -425,6 +427,41 @@ def test_a_models_max_batch_caps_the_stages(tmp_path):
     assert registry.get("small").max_batch is None and registry.get("small").batch_limit(8) == 8
 
 
+def test_compute_is_weighted_megapixel_steps_times_images(tmp_path):
+    (tmp_path / "r.json").write_text(
+        json.dumps({"sd": {"path": "x", "default_steps": 25}, "flux": {"path": "y", "compute_weight": 4.5}})
+    )
+    registry = ModelRegistry.load(tmp_path / "r.json")
+    sd, flux = registry.get("sd"), registry.get("flux")
+    assert sd.compute_weight == 1.0 and flux.compute_weight == 4.5
+    assert sd.compute(1000, 1000, 10, 1) == pytest.approx(10.0)
+    assert sd.compute(1024, 1024, 50, 4) == pytest.approx(209.7, abs=0.05)  # fits the default budget of 250
+    assert sd.compute(2048, 2048, 150, 10) == pytest.approx(6291.5, abs=0.05)  # the largest request: far over it
+    assert sd.compute(512, 512, None, 1) == pytest.approx(0.262144 * 25)  # the model's default steps
+    assert flux.compute(1000, 1000, 10, 2) == pytest.approx(90.0)
+
+
+def test_a_lane_shares_the_weights_and_runs_beside_the_models(models):
+    lane = models.lane()
+    assert lane.loaded() == models.loaded()
+    ours, theirs = models.load("tiny-sd"), lane.load("tiny-sd")
+    assert theirs.text2image.unet is ours.text2image.unet and theirs.inpaint.vae is ours.text2image.vae  # one copy
+    assert theirs.text2image is not ours.text2image and theirs.image2image is not ours.image2image
+    assert theirs.text2image.scheduler is not ours.text2image.scheduler
+    assert theirs.image2image.scheduler is theirs.text2image.scheduler  # the lane's pipelines share its copy
+    assert theirs.run_lock is not ours.run_lock
+    # While a call holds the models' lock, the lane renders, and the same pixels as the models do.
+    with ours.run_lock, ThreadPoolExecutor(1) as other_thread:
+        call = other_thread.submit(lane.generate, "tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[5])
+        alone = call.result(timeout=120)
+    here = models.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[5])
+    assert np.array_equal(pixels(alone.images[0][0]), pixels(here.images[0][0]))
+    # A scheduler a call swaps in on the lane leaves the models' own alone.
+    lane.generate("tiny-sd", ["a cat"], width=64, height=64, steps=STEPS, seeds=[5], scheduler="euler")
+    assert ours.default_scheduler == lane.default_scheduler("tiny-sd")
+    assert scheduler_name(ours.text2image.scheduler) == ours.default_scheduler
+
+
 def test_write_registry_with_relative_paths(tmp_path, registry_path):
     write_registry(tmp_path / "r.json", {"m": registry_entry(registry_path.parent / "tiny-sd", max_batch=2)})
     entry = ModelRegistry.load(tmp_path / "r.json").get("m")
@@ -449,6 +486,8 @@ def test_write_registry_with_relative_paths(tmp_path, registry_path):
         ({"path": "x", "max_batch": 0}, "'max_batch' must be a positive integer"),
         ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a number >= 0"),
         ({"path": "x", "seconds_per_image": 0.5}, "'seconds_per_image' is for null models only"),
+        ({"path": "x", "compute_weight": 0}, "'compute_weight' must be a finite number > 0, got 0"),
+        ({"kind": "null", "compute_weight": "heavy"}, "'compute_weight' must be a finite number > 0"),
         ("x", "expected an object"),
     ],
 )

@@ -9,20 +9,24 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageResult
 from pixelpipe.core.experiments import parse_experiments
 from pixelpipe.core.objects import ObjectStoreError
-from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
+from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import InvalidRequestError
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelError, ModelRegistry
+from pixelpipe.processors.moderation import Verdict
 from pixelpipe.processors.stages import (
     GenerateStage,
     Inbound,
+    ModerationStage,
     StageContext,
     UserRateLimiter,
     _Pending,
     arrival_s,
     in_service_order,
     is_transient,
+    request_compute,
     request_seed,
     resolve_params,
     with_retries,
@@ -239,3 +243,150 @@ def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
         ("wide", 3),
         ("wide", 2),
     ]
+
+
+# -- compute budgets and the long lane ----------------------------------------------------------------------
+def test_a_request_over_the_per_request_compute_budget_is_invalid_naming_the_budget():
+    # tiny-sd runs 4 steps by default: 1024x1024 x 4 images x 50 steps is 209.7 megapixel-steps, within 250.
+    assert params(width=1024, height=1024, n=4, steps=50).steps == 50
+    with pytest.raises(InvalidRequestError) as caught:
+        params(width=2048, height=2048, n=10, steps=150)
+    assert str(caught.value) == (
+        "compute: 6291.46 megapixel-steps is over the per-request budget of 250 (PIXELPIPE_MAX_REQUEST_COMPUTE)"
+    )
+    # Counted after the overrides and the model's defaults, and naming the variant that made it so.
+    huge_default = RegistryOnlyModels()
+    huge_default.registry = ModelRegistry({"big": ModelEntry("big", "/m", default_steps=100, compute_weight=3.0)})
+    with pytest.raises(InvalidRequestError, match=r"^compute: 314.57 megapixel-steps is over"):
+        resolve_params(request(model="big", width=1024, height=1024), {}, huge_default, LIMITS)
+    steps_experiment = parse_experiments(
+        {
+            "experiments": [
+                {
+                    "key": "more",
+                    "start": "2026-01-01",
+                    "variants": [
+                        {"name": "control", "weight": 1},
+                        {"name": "x", "weight": 1, "overrides": {"steps": 150}},
+                    ],
+                }
+            ]
+        }
+    )
+    big = request(width=1024, height=1024, n=2, experiments={"more": "x"})
+    with pytest.raises(
+        InvalidRequestError, match=r"over the per-request budget .*\(set by experiment more, variant x\)$"
+    ):
+        resolve_params(big, steps_experiment, RegistryOnlyModels(), LIMITS)
+    assert request_compute(big, steps_experiment, RegistryOnlyModels.registry) == pytest.approx(314.57, abs=0.01)
+    assert request_compute(request(model="nope"), {}, RegistryOnlyModels.registry) is None  # the renderer fails it
+
+
+def test_a_token_bucket_charges_each_request_its_cost():
+    compute = UserRateLimiter(per_minute=600, burst=600)  # 600 megapixel-steps a minute, a minute's worth at once
+    assert compute.capacity == 600
+    assert compute.allow("u", 0.0, cost=500)
+    assert not compute.allow("u", 0.0, cost=200)  # 100 left: refused, and charged nothing
+    assert compute.allow("u", 0.0, cost=100)
+    assert not compute.allow("u", 5.0, cost=60)  # 5 s refill 50
+    assert compute.allow("u", 6.0, cost=60)
+    assert compute.allow("someone-else", 6.0, cost=600)
+    assert not compute.allow("v", 0.0, cost=601)  # more than a minute's worth never passes
+    assert all(UserRateLimiter(0, 0).allow("u", 0.0, cost=1e9) for _ in range(3))  # 0 turns it off
+
+
+class AllowEveryPrompt:
+    def check_many(self, prompts, negative_prompts=None):
+        return [Verdict("PROMPT", True, {}, []) for _ in prompts]
+
+
+def moderate(requests, **moderation):
+    """Moderation of ``requests`` in one take, with the registry's entries: where each went (its topic), and the
+    results of those that ended there."""
+    stamp = ModerationStamp("key")
+    topics = TopicSettings()
+    context = StageContext(topics, LIMITS, StageSettings(), Codec(), "worker", stamp)
+    stage = ModerationStage(
+        context,
+        ModerationSettings(**moderation),
+        AllowEveryPrompt(),
+        None,
+        None,
+        RegistryOnlyModels.registry,
+        EXPERIMENTS,
+    )
+    messages = [
+        Inbound(context.codec.encode(r), r.request_id.encode(), topics.requests, 0, i, 1000.0, appended_s=1000.0 + i)
+        for i, r in enumerate(requests)
+    ]
+    emissions = stage.handle_batch(messages)
+    went = {e.key.decode(): e.topic for e in emissions if e.topic in topics.render()}
+    results = {
+        e.key.decode(): context.codec.decode_as(ImageResult, e.value) for e in emissions if e.topic == topics.results
+    }
+    return went, results
+
+
+def test_moderation_sends_long_requests_to_the_long_lane_and_fails_those_over_the_budget():
+    topics = TopicSettings()
+    short = request(width=512, height=512, steps=20)  # 5.2 megapixel-steps
+    long = request(width=1024, height=1024, steps=30)  # 31.5: over the long lane's 20
+    fast_variant = request(width=1024, height=1024, steps=30, experiments={"a-steps": "fast"})  # 2 steps: 2.1
+    unknown = request(model="nope", width=2048, height=2048, n=10, steps=150)  # the renderer fails it
+    huge = request(width=2048, height=2048, n=10, steps=150)
+    went, results = moderate([short, long, fast_variant, unknown, huge])
+    assert went == {
+        short.request_id: topics.generate,
+        long.request_id: topics.generate_long,
+        fast_variant.request_id: topics.generate,
+        unknown.request_id: topics.generate,
+    }
+    assert (results[huge.request_id].status, results[huge.request_id].error_code) == ("FAILED", "INVALID_REQUEST")
+    assert results[huge.request_id].error_message == (
+        "compute: 6291.46 megapixel-steps is over the per-request budget of 250 (PIXELPIPE_MAX_REQUEST_COMPUTE)"
+    )
+    went, _ = moderate([long], long_request_compute=0)  # 0 turns the lane off
+    assert went == {long.request_id: topics.generate}
+    stage = ModerationStage(
+        StageContext(topics, LIMITS, StageSettings(), Codec(), "w", ModerationStamp("k")),
+        ModerationSettings(),
+        None,
+        None,
+        None,
+    )
+    edit = request(kind="EDIT", source_image_uri="file:///s.png")
+    assert [stage.topic_for(edit, compute) for compute in (None, 20.0, 20.5)] == [
+        topics.edit,
+        topics.edit,
+        topics.edit_long,
+    ]
+
+
+def test_a_user_over_the_compute_budget_is_rate_limited_and_others_are_not():
+    users = [request(width=1024, height=1024, steps=30, user_id=user) for user in ("heavy",) * 4 + ("light",)]
+    went, results = moderate(users, max_user_compute_per_minute=100.0)  # 31.5 each: three fit in a minute
+    assert len(went) == 4 and users[4].request_id in went
+    refused = results[users[3].request_id]
+    assert (refused.status, refused.error_code) == ("FAILED", "RATE_LIMITED")
+    assert refused.error_message == (
+        "user heavy is over the compute budget of 100 megapixel-steps per minute "
+        "(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs 31.46"
+    )
+
+
+def test_the_long_lanes_are_topics_of_the_pipeline_read_by_renderers_and_written_by_moderation():
+    from confluent_kafka.admin import AclOperation
+
+    from pixelpipe.core.topics import role_acls
+    from pixelpipe.processors.app import stage_topics
+
+    topics = TopicSettings()
+    assert {topics.generate_long, topics.edit_long} <= set(topics.pipeline())
+    assert stage_topics(topics, ["generate"])[:2] == [topics.generate, topics.generate_long]
+    assert set(topics.render()) <= set(stage_topics(topics, ["moderation"]))
+
+    def granted(role, operation):
+        return {b.name for b in role_acls(role, f"User:{role}", topics, "g", "s") if b.operation == operation}
+
+    assert set(topics.render()) <= granted("renderer", AclOperation.READ) - granted("renderer", AclOperation.WRITE)
+    assert set(topics.render()) <= granted("moderation", AclOperation.WRITE)
