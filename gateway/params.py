@@ -88,8 +88,10 @@ class ImageCall:
     partial_images: int
 
     def fingerprint(self, sources: list[str] = ()) -> str:  # type: ignore[assignment]
-        """A hash of everything that shapes the result: a retry with the same idempotency key must match it."""
-        body = json.dumps([asdict(self), list(sources)], sort_keys=True)
+        """A hash of what shapes the rendered images: a retry with the same idempotency key must match it (how the
+        images are answered, their format and encoding, may change between retries)."""
+        shaping = ("kind", "prompt", "model", "n", "width", "height", "steps", "user")
+        body = json.dumps([{k: v for k, v in asdict(self).items() if k in shaping}, list(sources)], sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()
 
 
