@@ -296,6 +296,7 @@ async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any]
 async def _images(request: Request, kind: str) -> Response:
     gateway = _gateway(request)
     request_id = None
+    started_s = time.perf_counter()
     try:
         key = gateway.authenticate(request)
         uploads = None
@@ -346,7 +347,9 @@ async def _images(request: Request, kind: str) -> Response:
         created = int(time.time())
         if call.stream:
             return _stream(gateway, call, submission, created, str(request.base_url), uploads is not None)
+        waited_s = time.perf_counter()
         result = await gateway.pipeline.submit(submission)
+        waited_s = time.perf_counter() - waited_s
         error = result_error(result)
         if error is not None:
             raise error
@@ -362,7 +365,10 @@ async def _images(request: Request, kind: str) -> Response:
         "size": f"{result.width or width}x{result.height or height}",
         "usage": usage(call, result, 1 if uploads is not None else 0),
     }
-    return JSONResponse(body, headers={"x-request-id": request_id})
+    # The gateway's own time (checks, uploads, publishing, answering) beside the wait for the pipeline's result.
+    total_s = time.perf_counter() - started_s
+    timing = f"gateway;dur={(total_s - waited_s) * 1000:.1f}, pipeline;dur={waited_s * 1000:.1f}"
+    return JSONResponse(body, headers={"x-request-id": request_id, "server-timing": timing})
 
 
 def _stream(

@@ -159,3 +159,48 @@ def test_an_openai_mask_becomes_the_pipelines():
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_transcoding_gives_the_asked_format(fmt):
     assert Image.open(io.BytesIO(transcode(png(), fmt, 80))).format == fmt.upper()
+
+
+class FixedLag:
+    def __init__(self, lag):
+        self.value = lag
+
+    def lag(self):
+        return self.value
+
+
+def test_a_backlog_past_the_bound_sheds_load_with_503(tmp_path):
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.core.settings import Settings
+    from pixelpipe.gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(Settings().updated(gateway_max_lag=100), FileObjectStore(tmp_path), "test")
+    pipeline.lag_monitor = FixedLag(100)
+    pipeline.check_capacity()  # at the bound: admitted
+    pipeline.lag_monitor = FixedLag(None)
+    pipeline.check_capacity()  # not measurable: admitted
+    pipeline.lag_monitor = FixedLag(101)
+    with pytest.raises(ApiError) as e:
+        pipeline.check_capacity()
+    assert (e.value.status, e.value.code, e.value.headers()["Retry-After"]) == (503, "overloaded", "5")
+    assert pipeline.reply_topic == "pixelpipe.replies.gateway.test"
+
+
+def test_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pixelpipe.cli import main
+
+    monkeypatch.setenv("PIXELPIPE_GATEWAY_KEYS_FILE", str(tmp_path / "keys.json"))
+    runner = CliRunner()
+    created = runner.invoke(main, ["keys", "create", "--user", "acme", "--model", "tiny-sd", "--rpm", "5"])
+    assert created.exit_code == 0, created.output
+    secret = created.stdout.strip().splitlines()[0]
+    store = KeyStore(tmp_path / "keys.json")
+    entry = store.authenticate(secret)
+    assert entry is not None and entry.models == ["tiny-sd"] and entry.requests_per_minute == 5
+    listed = runner.invoke(main, ["keys", "list"])
+    assert json.loads(listed.stdout)["key_id"] == entry.key_id and "key_hash" not in listed.stdout
+    assert runner.invoke(main, ["keys", "revoke", entry.key_id]).exit_code == 0
+    assert store.authenticate(secret) is None
+    assert runner.invoke(main, ["keys", "revoke", "knope"]).exit_code == 1
