@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -343,6 +344,7 @@ async def _images(request: Request, kind: str) -> Response:
             steps=call.steps,
             source_image_uri=source_uri,
             mask_uri=mask_uri,
+            partial_images=call.partial_images if call.stream else 0,
         )
         created = int(time.time())
         if call.stream:
@@ -374,18 +376,48 @@ async def _images(request: Request, kind: str) -> Response:
 def _stream(
     gateway: Gateway, call: ImageCall, submission: Submission, created: int, base_url: str, edit: bool
 ) -> StreamingResponse:
-    """Server-sent events: partial images as the pipeline sends previews, then the completed image."""
+    """Server-sent events: a partial image for each preview the render stage sends to the reply topic while the
+    image renders, then the completed image (or an error event)."""
     prefix = "image_edit" if edit else "image_generation"
     size = f"{submission.width}x{submission.height}"
     common = {"background": "opaque", "output_format": call.output_format, "quality": call.quality, "size": size}
+    listener = gateway.pipeline.listener
 
     async def events() -> AsyncIterator[bytes]:
+        previews = listener.previews(submission.request_id)
+        task = asyncio.ensure_future(gateway.pipeline.submit(submission))
+
+        async def partial(index: int, preview: bytes) -> bytes:
+            image = await asyncio.to_thread(_reencode, preview, call.output_format, call.output_compression)
+            return _event(
+                common
+                | {
+                    "type": f"{prefix}.partial_image",
+                    "b64_json": base64.b64encode(image).decode(),
+                    "created_at": created,
+                    "partial_image_index": index,
+                }
+            )
+
         try:
-            result = await gateway.pipeline.submit(submission)
+            while not task.done():
+                getting = asyncio.ensure_future(previews.get())
+                await asyncio.wait({task, getting}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                index, preview = getting.result()
+                if index < call.partial_images:
+                    yield await partial(index, preview)
+            while not previews.empty():  # sent before the result: the reply topic keeps their order
+                index, preview = previews.get_nowait()
+                if index < call.partial_images:
+                    yield await partial(index, preview)
+            result = await task
             error = result_error(result)
             if error is not None:
                 raise error
-            b64_call = ImageCall(**(call.__dict__ | {"response_format": "b64_json"}))
+            b64_call = dataclasses.replace(call, response_format="b64_json")
             data = await asyncio.to_thread(gateway.outputs, b64_call, result, base_url)
             completed = common | {
                 "type": f"{prefix}.completed",
@@ -396,9 +428,24 @@ def _stream(
             yield _event(completed)
         except ApiError as e:
             yield _event({"type": "error", **e.body()})
+        finally:
+            listener.forget_previews(submission.request_id)
+            if not task.done():
+                task.cancel()
 
     headers = {"x-request-id": submission.request_id, "Cache-Control": "no-cache"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _reencode(jpeg: bytes, output_format: str, compression: int) -> bytes:
+    """A preview (JPEG from the worker) in the call's output format."""
+    if output_format == "jpeg":
+        return jpeg
+    with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as image:
+        rgb = image.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, format=output_format.upper(), **({"quality": max(1, compression)} if output_format == "webp" else {}))
+    return out.getvalue()
 
 
 def _event(body: dict[str, Any]) -> bytes:

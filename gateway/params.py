@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelpipe.core.settings import RequestLimits
+from pixelpipe.core.topics import MAX_PARTIAL_IMAGES
 from pixelpipe.core.validation import MAX_IMAGES, SIDE_MULTIPLE
 from pixelpipe.gateway.errors import ApiError, invalid
 
@@ -23,7 +24,6 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("auto", "low", "medium", "high", "standard", "hd")
 BACKGROUNDS = ("auto", "opaque")
 MODERATIONS = ("auto",)
-MAX_PARTIAL_IMAGES = 3
 MAX_USER_CHARS = 63
 COMMON = {
     "prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression",

@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.objects import ObjectNotFoundError, ObjectStore
 from pixelpipe.core.settings import KafkaSettings, Settings
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.replies import ReplyListener, find_event
 from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
@@ -71,6 +70,7 @@ class Submission:
     steps: int | None
     source_image_uri: str | None = None
     mask_uri: str | None = None
+    partial_images: int = 0  # previews of the image in progress to send to the reply topic
 
 
 class LagMonitor:
@@ -201,7 +201,10 @@ class Pipeline:
         future = self.listener.expect(rid)
         try:
             request = self._request(submission)
-            await asyncio.to_thread(self._publish, request)
+            headers = (
+                {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
+            )
+            await asyncio.to_thread(self._publish, request, headers)
             return await self._wait(future, request.deadline)
         finally:
             self.listener.forget(rid, future)
@@ -233,10 +236,10 @@ class Pipeline:
             reply_topic=self.reply_topic,
         )
 
-    def _publish(self, request: ImageRequest) -> None:
+    def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
         assert self.publisher is not None
         try:
-            self.publisher.publish(request).result(timeout=PUBLISH_TIMEOUT_S)
+            self.publisher.publish(request, headers=headers).result(timeout=PUBLISH_TIMEOUT_S)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param=e.field) from None
         except (DeliveryError, TimeoutError) as e:
@@ -303,6 +306,3 @@ def deadline_error(timeout_s: float) -> ApiError:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-Clock = Callable[[], float]

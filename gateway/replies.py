@@ -20,6 +20,7 @@ from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.core.topics import PREVIEW_HEADER
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
@@ -47,6 +48,7 @@ class ReplyListener:
         self._codec = codec
         self._waiters: dict[str, list[asyncio.Future[ImageResult]]] = {}
         self._recent: OrderedDict[str, ImageResult] = OrderedDict()
+        self._previews: dict[str, asyncio.Queue[tuple[int, bytes]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +93,17 @@ class ReplyListener:
             if not waiters:
                 self._waiters.pop(request_id, None)
 
+    def previews(self, request_id: str) -> asyncio.Queue[tuple[int, bytes]]:
+        """A queue of (index, JPEG) previews of ``request_id``'s image in progress; ``forget_previews`` after."""
+        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        with self._lock:
+            self._previews[request_id] = queue
+        return queue
+
+    def forget_previews(self, request_id: str) -> None:
+        with self._lock:
+            self._previews.pop(request_id, None)
+
     def recent(self, request_id: str) -> ImageResult | None:
         with self._lock:
             return self._recent.get(request_id)
@@ -101,6 +114,10 @@ class ReplyListener:
                 for message in consumer.consume(100, timeout=0.2):
                     if message.error():
                         continue
+                    preview = dict(message.headers() or ()).get(PREVIEW_HEADER)
+                    if preview is not None:
+                        self._preview(message.key(), preview, message.value())
+                        continue
                     try:
                         result = self._codec.decode_as(ImageResult, message.value())
                     except CodecError as e:
@@ -109,6 +126,13 @@ class ReplyListener:
                     self._arrived(result)
         finally:
             consumer.close()
+
+    def _preview(self, key: bytes | None, index: bytes, value: bytes | None) -> None:
+        with self._lock:
+            queue = self._previews.get((key or b"").decode(errors="replace"))
+        if queue is not None and value and index.isdigit():
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(queue.put_nowait, (int(index), value))
 
     def _arrived(self, result: ImageResult) -> None:
         with self._lock:
