@@ -199,3 +199,30 @@ def test_a_retry_after_a_gateway_restart_gets_the_same_result(client, deployment
     assert len(results.events[request_id]) == 1  # rendered once
     requests = collect(settings.kafka, settings.topics.requests, ImageRequest, [request_id], timeout_s=30, settle_s=1)
     assert len(requests.events[request_id]) == 1
+
+
+def test_streaming_with_partial_images(client):
+    events = list(
+        client.images.generate(
+            model="tiny-sd", prompt="a lighthouse", size="64x64", quality="high", stream=True, partial_images=2
+        )
+    )
+    assert events[-1].type == "image_generation.completed", events
+    assert decoded(events[-1].b64_json).size == (64, 64)
+    partial = [e for e in events[:-1] if e.type == "image_generation.partial_image"]
+    assert [e.partial_image_index for e in partial] == [0, 1]
+    assert decoded(partial[0].b64_json).format == "PNG"
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(source, format="PNG")
+    edits = list(
+        client.images.edit(
+            model="tiny-sd",
+            image=("source.png", source.getvalue(), "image/png"),
+            prompt="make it blue",
+            stream=True,
+            partial_images=1,
+            output_format="jpeg",
+        )
+    )
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+    assert decoded(edits[-1].b64_json).format == "JPEG"
