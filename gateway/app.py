@@ -358,6 +358,9 @@ async def _images(request: Request, kind: str) -> Response:
         data = await asyncio.to_thread(gateway.outputs, call, result, str(request.base_url))
     except ApiError as e:
         return error_response(e, request_id)
+    except Exception as e:  # a bug or a service down: still OpenAI's envelope, and the request id when known
+        log.exception("call failed", extra={"request_id": request_id})
+        return error_response(ApiError(500, f"The gateway failed: {e!r}", type="server_error"), request_id)
     body = {
         "created": created,
         "data": data,
@@ -454,10 +457,15 @@ def _event(body: dict[str, Any]) -> bytes:
 
 def _store_uploads(store: ObjectStore, request_id: str, uploads: Uploads) -> tuple[str, str | None]:
     """The checked uploads in the object store, before the request is published (deterministic keys)."""
-    source = store.put(f"gateway/uploads/{request_id}/image.png", uploads.source, CONTENT_TYPES["PNG"]).uri
+
+    # Named by their hashes: a retry under the same idempotency key with other files never replaces the originals.
+    def key(data: bytes) -> str:
+        return f"gateway/uploads/{request_id}/{hashlib.sha256(data).hexdigest()[:32]}.png"
+
+    source = store.put(key(uploads.source), uploads.source, CONTENT_TYPES["PNG"]).uri
     mask = None
     if uploads.mask is not None:
-        mask = store.put(f"gateway/uploads/{request_id}/mask.png", uploads.mask, CONTENT_TYPES["PNG"]).uri
+        mask = store.put(key(uploads.mask), uploads.mask, CONTENT_TYPES["PNG"]).uri
     return source, mask
 
 

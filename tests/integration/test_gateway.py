@@ -226,3 +226,38 @@ def test_streaming_with_partial_images(client):
     )
     assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
     assert decoded(edits[-1].b64_json).format == "JPEG"
+
+
+def test_what_the_gateway_adds_to_a_call(client, capsys):
+    """The gateway's own time per call (Server-Timing: checks, backlog measure, answer) and what HTTP and the client
+    add, beside the pipeline's time (publish, render, result)."""
+    own, pipeline, outside = [], [], []
+    for i in range(6):
+        started = time.perf_counter()
+        raw = client.images.with_raw_response.generate(model="tiny-sd", prompt=f"a gull {i}", size="64x64")
+        total_ms = (time.perf_counter() - started) * 1000
+        timing = dict(part.strip().split(";dur=") for part in raw.headers["server-timing"].split(","))
+        own.append(float(timing["gateway"]))
+        pipeline.append(float(timing["pipeline"]))
+        outside.append(total_ms - own[-1] - pipeline[-1])
+    with capsys.disabled():
+        print(
+            f"\ngateway's own ms per call: median {sorted(own)[3]:.1f} (max {max(own):.1f}); HTTP and client: "
+            f"median {sorted(outside)[3]:.1f}; pipeline: median {sorted(pipeline)[3]:.0f}"
+        )
+    assert sorted(own)[3] < 500
+
+
+def test_the_backlog_is_measured_from_the_moderation_group(client, deployment):
+    from pixelpipe.gateway.pipeline import LagMonitor
+
+    settings = deployment["settings"]
+    client.images.generate(model="tiny-sd", prompt="a heron", size="64x64")
+    monitor = LagMonitor(settings.kafka, settings.topics.requests, f"{settings.stages.consumer_group}-moderation")
+    deadline = time.monotonic() + 30
+    lag = monitor.lag()
+    while lag != 0 and time.monotonic() < deadline:  # the worker commits about once a second
+        time.sleep(1.1)
+        lag = monitor.lag()
+    assert lag == 0
+    assert LagMonitor(settings.kafka, settings.topics.requests, "no-such-group").lag() is None
