@@ -204,3 +204,26 @@ def test_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch):
     assert runner.invoke(main, ["keys", "revoke", entry.key_id]).exit_code == 0
     assert store.authenticate(secret) is None
     assert runner.invoke(main, ["keys", "revoke", "knope"]).exit_code == 1
+
+
+def test_no_result_by_the_deadline_is_a_504(tmp_path):
+    import asyncio
+    import datetime as dt
+
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.core.settings import Settings
+    from pixelpipe.gateway import pipeline as module
+
+    pipeline = module.Pipeline(Settings().updated(gateway_timeout_s=0.1), FileObjectStore(tmp_path), "test")
+
+    async def wait():
+        never = asyncio.get_running_loop().create_future()
+        return await pipeline._wait(never, dt.datetime.now(dt.UTC))
+
+    grace, module.RESULT_GRACE_S = module.RESULT_GRACE_S, 0.0
+    try:
+        with pytest.raises(ApiError) as e:
+            asyncio.run(wait())
+    finally:
+        module.RESULT_GRACE_S = grace
+    assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")
