@@ -255,11 +255,14 @@ def publish_command(
 def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
     from pixelpipe.analytics.cli import analyze, dashboard
+    from pixelpipe.gateway.cli import gateway, keys
     from pixelpipe.sinks.cli import clickhouse
 
     main.add_command(analyze)
     main.add_command(dashboard)
     main.add_command(clickhouse)
+    main.add_command(gateway)
+    main.add_command(keys)
 
 
 _register_layer_commands()

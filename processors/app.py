@@ -218,6 +218,7 @@ def _add_render_agent(
     stage_settings: StageSettings,
     sender: EmissionSender,
 ) -> None:
+    stage.preview_sink = sender.send_preview  # previews of images in progress go to reply topics
     model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
     finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
 

@@ -53,6 +53,8 @@ from diffusers import (
 )
 from PIL import Image
 
+from pixelpipe.processors.previews import step_callback
+
 log = logging.getLogger(__name__)
 
 # The diffusion families and the text-to-image pipeline class each loads as; "null" renders without a model.
@@ -467,8 +469,10 @@ class LoadedModel:
             try:
                 _synchronize(self.device)
                 start = time.perf_counter()
-                for call in calls:
-                    images += pipe(**call, **shared).images
+                for index, call in enumerate(calls):
+                    # Previews of images in progress, when the stage asked for them (processors/previews.py).
+                    previews = step_callback(0 if self.batched else index) if self.entry.kind != "flux" else {}
+                    images += pipe(**call, **shared, **previews).images
                 _synchronize(self.device)
                 seconds = time.perf_counter() - start
             finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -92,6 +92,14 @@ class EmissionSender:
                 await self._produce(self._replies, reply, _log_dropped_reply)
             except KafkaException as e:  # refused at once, as an illegal topic name is
                 _log_dropped_reply(e.args[0], None, reply)
+
+    def send_preview(self, topic: str, key: bytes, value: bytes, headers: Mapping[str, bytes]) -> None:
+        """A preview of an image in progress to a reply topic, from the model thread: best effort like the reply
+        copies (same producer, so a request's previews come before its result's copy), never awaited."""
+        try:
+            self._replies.produce(topic, value, key, headers=list(headers.items()), on_delivery=_log_dropped_reply)
+        except (BufferError, KafkaException) as e:
+            log.warning("preview dropped", extra={"topic": topic, "error": str(e)})
 
     @staticmethod
     async def _produce(producer: Producer, emission: Emission, on_delivery: Any) -> None:

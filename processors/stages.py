@@ -50,6 +50,7 @@ from pixelpipe.processors.outcomes import (
     stage_metric,
     unreadable_result,
 )
+from pixelpipe.processors.previews import PreviewHook, PreviewSink, hook_for, passed_on, previewing
 from pixelpipe.processors.stamp import ModerationStamp
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Emitter:
         self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
 
     def forward(self, topic: str, message: Inbound) -> None:
-        headers = self.context.stamp.headers(message.value)
+        headers = passed_on(message.headers) | self.context.stamp.headers(message.value)
         self.emissions.append(Emission(topic, message.key, message.value, headers=headers))
 
     def dead_letter(self, message: Inbound, reason: str, stage: str, request_id: str | None) -> None:
@@ -584,6 +585,7 @@ class RenderStage:
     prepared and how a batch calls the model."""
 
     name: ClassVar[Stage]
+    preview_sink: PreviewSink | None = None  # where previews go (the worker's reply producer); None sends none
 
     def __init__(
         self,
@@ -598,6 +600,11 @@ class RenderStage:
         self.images = images
         self.store = store
         self.experiments = experiments
+
+    def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> PreviewHook | None:
+        """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
+        requests = [(i.request.request_id, i.request.reply_topic, i.request.n, i.message.headers) for i in items]
+        return hook_for(requests, params.width, params.height, self.preview_sink)
 
     # -- what subclasses define ------------------------------------------------------------------------------
     def params(self, request: ImageRequest) -> RenderParams:
@@ -658,7 +665,8 @@ class RenderStage:
         started_s = time.time()
         try:
             device = str(self.models.load(params.model).device)
-            output = self.run_model(params, items)
+            with previewing(self.preview_hook(params, items)):
+                output = self.run_model(params, items)
         except (ModelError, StageFailure) as e:
             emit = Emitter(self.context)
             code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"

@@ -129,20 +129,31 @@ class Publisher:
         self._poller = threading.Thread(target=self._serve_delivery_reports, name="pixelpipe-delivery", daemon=True)
         self._poller.start()
 
-    def publish(self, request: ImageRequest, topic: str | None = None) -> PendingDelivery:
+    def publish(
+        self, request: ImageRequest, topic: str | None = None, headers: Mapping[str, bytes] | None = None
+    ) -> PendingDelivery:
+        """``headers`` ride along as Kafka headers (e.g. ``pixelpipe.core.topics.PARTIAL_IMAGES_HEADER``)."""
         stamp_assignments(request, self.experiments, request.created_at)
         validate_request(request, self.limits)
         check_reply_topic(request.reply_topic, self.topics)
-        return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic)
+        return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic, headers)
 
-    def publish_encoded(self, key: bytes, value: bytes, topic: str | None = None) -> PendingDelivery:
+    def publish_encoded(
+        self, key: bytes, value: bytes, topic: str | None = None, headers: Mapping[str, bytes] | None = None
+    ) -> PendingDelivery:
         """Send bytes already encoded by the codec; waits while the local queue is full."""
         if self._closed.is_set():
             raise RuntimeError("publisher is closed")
         pending = PendingDelivery(self._settled)
         while True:
             try:
-                self._producer.produce(topic or self.topics.requests, value, key, on_delivery=pending)
+                self._producer.produce(
+                    topic or self.topics.requests,
+                    value,
+                    key,
+                    headers=list(headers.items()) if headers else None,
+                    on_delivery=pending,
+                )
                 return pending
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let deliveries drain, then retry

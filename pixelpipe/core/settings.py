@@ -322,6 +322,42 @@ class SinkSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    host: str = setting("GATEWAY_HOST", "127.0.0.1", "Address `pixelpipe gateway` listens on.")
+    port: int = setting("GATEWAY_PORT", 8080, "Port `pixelpipe gateway` listens on.")
+    instance_id: str = setting(
+        "GATEWAY_INSTANCE_ID",
+        "",
+        "This gateway's name: its reply topic is the reply prefix + `gateway.` + this; empty uses host-port. Keep "
+        "it stable across restarts and distinct per instance.",
+    )
+    keys_file: str = setting(
+        "GATEWAY_KEYS_FILE", "./data/gateway/keys.json", "API keys (hashes only), written by `pixelpipe keys`."
+    )
+    timeout_s: float = setting(
+        "GATEWAY_TIMEOUT_S", 120.0, "A call's deadline: the request's deadline in the pipeline; past it, 504."
+    )
+    max_lag: int = setting(
+        "GATEWAY_MAX_LAG",
+        1000,
+        "Requests waiting for moderation (consumer lag on the requests topic) past which calls get 503; 0 turns "
+        "it off.",
+    )
+    url_expiry_s: int = setting("GATEWAY_URL_EXPIRY_S", 3600, "Lifetime of the URLs of `response_format=url`.")
+    url_signing_key: str = setting(
+        "GATEWAY_URL_SIGNING_KEY",
+        "",
+        "Secret that signs the gateway's own `/v1/files/...` URLs (file:// object stores); empty: `url` is refused "
+        "there. S3 stores presign with their credentials.",
+        secret=True,
+    )
+    default_size: str = setting("GATEWAY_DEFAULT_SIZE", "512x512", "Size of generations with size=auto.")
+    default_model: str = setting(
+        "GATEWAY_DEFAULT_MODEL", "", "Model of calls that name none; empty uses the registry's first."
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting("LOG_LEVEL", "WARNING", "Log level; logs are JSON lines on stderr.")
 
@@ -340,6 +376,7 @@ class Settings:
     moderation: ModerationSettings = field(default_factory=ModerationSettings)
     stages: StageSettings = field(default_factory=StageSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     logs: LogSettings = field(default_factory=LogSettings)
 
     @classmethod

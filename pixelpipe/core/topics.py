@@ -19,6 +19,13 @@ from confluent_kafka.admin import (
 
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 
+# Previews of images in progress, for a caller streaming partial images (the gateway): a request's Kafka header
+# asks for up to that many (moderation passes it on with the request), and each preview goes to the request's reply
+# topic keyed by request id, its value a small JPEG of the latents' projection, with its index in the other header.
+PARTIAL_IMAGES_HEADER = "pixelpipe-partial-images"
+PREVIEW_HEADER = "pixelpipe-preview"
+MAX_PARTIAL_IMAGES = 3
+
 
 def ensure_topics(
     kafka: KafkaSettings, topics: TopicSettings, names: list[str] | None = None, partitions: int | None = None

@@ -92,6 +92,7 @@ def run_demo(
                 timeout_s=900,
                 progress=True,
             )
+            gateway_lines = [] if experiment_only else _gateway_calls(settings, logs, echo)
         if results.missing:
             echo(f"{len(results.missing)} requests got no result; see {worker_logs}")
             return False
@@ -101,8 +102,61 @@ def run_demo(
             echo(f"the sink failed; see {sink.log_path}:\n{sink.log_tail()}")
             return False
         _summarise(settings, requests, echo)
+        for line in gateway_lines:
+            echo(line)
         echo(f"done in {time.monotonic() - began:.0f} s")
         return True
+
+
+def _gateway_calls(settings: Settings, logs: Path, echo: Callable[[str], None]) -> list[str]:
+    """`pixelpipe gateway` beside the worker, with a demo key: one generation and one prompt that must be blocked,
+    called over HTTP as any OpenAI client would; returns the lines to print, with the curl command to try."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from pixelpipe.gateway.keys import KeyStore
+    from pixelpipe.tools.stack.services import port_open
+
+    port = settings.gateway.port
+    while port_open(port):
+        port += 1
+    keys = KeyStore(logs / "gateway-keys.json")
+    secret, _ = keys.create("demo", name="pixelpipe demo")
+    gateway_settings = settings.updated(gateway_port=port, gateway_keys_file=str(keys.path))
+    base = f"http://127.0.0.1:{port}"
+    echo(f"starting the gateway on {base} ...")
+    lines = ["gateway (OpenAI Images API):"]
+    with PixelpipeProcess(gateway_settings, ["gateway"], logs / "gateway.log") as gateway:
+        deadline = time.monotonic() + 60
+        while not port_open(port):
+            if gateway.process.poll() is not None or time.monotonic() > deadline:
+                return [f"the gateway did not start; see {gateway.log_path}:", gateway.log_tail()]
+            time.sleep(0.2)
+        for prompt in ("a lighthouse on a cliff at dusk", REJECTED_PROMPTS[0]):
+            body = json.dumps({"model": "tiny-sd", "prompt": prompt, "size": "64x64"}).encode()
+            call = urllib.request.Request(
+                f"{base}/v1/images/generations",
+                body,
+                {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(call, timeout=120) as answer:
+                    status, headers, reply = answer.status, answer.headers, json.loads(answer.read())
+            except urllib.error.HTTPError as e:
+                status, headers, reply = e.code, e.headers, json.loads(e.read())
+            if status == 200:
+                png = base64.b64decode(reply["data"][0]["b64_json"])
+                what = f"{len(png)} bytes of PNG, {headers.get('server-timing')}"
+            else:
+                what = f"{reply['error']['code']}: {reply['error']['message']}"
+            lines.append(f"  {status} {prompt!r}: {what}; x-request-id {headers.get('x-request-id')}")
+    lines.append(
+        f"  try it: pixelpipe gateway, then curl {base}/v1/images/generations -H 'Authorization: Bearer $KEY'"
+        ' -H \'Content-Type: application/json\' -d \'{"model": "tiny-sd", "prompt": "a red fox",'
+        ' "size": "64x64"}\' (a key: pixelpipe keys create --user you)'
+    )
+    return lines
 
 
 def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:

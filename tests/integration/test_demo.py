@@ -18,3 +18,6 @@ def test_demo_runs_end_to_end_and_summarises_from_clickhouse(demo_run):
     stored = list((demo_run.cwd / "data" / "objects").rglob("*.png"))
     assert len(stored) >= 17 + 2  # inputs plus at least one image per success
     assert (demo_run.cwd / "data" / "demo" / "experiments.json").exists()
+    # The gateway beside the worker: one generation over HTTP, and a prompt blocked by moderation.
+    assert re.search(r"^  200 'a lighthouse on a cliff at dusk': \d+ bytes of PNG", out, re.M), out
+    assert re.search(r"^  400 'a gory massacre in the street': moderation_blocked", out, re.M), out

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: an upstream service of the pipeline (``pixelpipe gateway``)."""

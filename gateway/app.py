@@ -1,0 +1,529 @@
+"""The gateway's HTTP API: OpenAI's Images API (``/v1/images/generations``, ``/v1/images/edits``) and
+``/v1/models``, on Starlette, over the pipeline (``pipeline.py``).
+
+A call is checked whole before anything is published: its key (401), its rate limit (429), the pipeline's backlog
+(503), its parameters (400). Then it is published once and waited for; its result becomes OpenAI's response, or
+its error envelope. Every answer to an authenticated call carries ``x-request-id``: the request id of the
+ImageRequest, its rows in ClickHouse and its objects in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pixelpipe.core.events import ImageResult
+from pixelpipe.core.objects import FileObjectStore, ObjectStore, ObjectStoreError, open_object_store, validate_key
+from pixelpipe.core.settings import Settings
+from pixelpipe.core.validation import normalise_text
+from pixelpipe.gateway.errors import ApiError, invalid
+from pixelpipe.gateway.keys import ApiKey, KeyStore
+from pixelpipe.gateway.params import ImageCall, ModelInfo, parse_call, parse_size, read_registry
+from pixelpipe.gateway.pipeline import Pipeline, Submission, request_id_for
+from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.uploads import CONTENT_TYPES, check_image, mask_png, source_png
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20  # a JSON body: a prompt and a few options
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+TILE = 16  # usage counts an image's 16x16 tiles as its tokens
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
+
+
+def instance_id(settings: Settings) -> str:
+    return settings.gateway.instance_id or f"{socket.gethostname()}-{settings.gateway.port}"
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs; one per process."""
+
+    settings: Settings
+    keys: KeyStore
+    models: dict[str, ModelInfo]
+    store: ObjectStore
+    pipeline: Pipeline
+    buckets: TokenBuckets
+
+    @property
+    def default_model(self) -> str:
+        return self.settings.gateway.default_model or next(iter(self.models))
+
+    # -- checks before any work ----------------------------------------------------------------------------
+    def authenticate(self, request: Request) -> ApiKey:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        key = self.keys.authenticate(token.strip())
+        if key is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return key
+
+    def admit(self, key: ApiKey) -> None:
+        wait_s = self.buckets.take(key.key_id, key.requests_per_minute, key.burst)
+        if wait_s > 0:
+            raise ApiError(
+                429,
+                f"Rate limit reached for key {key.key_id}: {key.requests_per_minute} requests per minute "
+                f"(bursts of {key.burst}). Retry after {wait_s:.1f} s.",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                retry_after_s=wait_s,
+            )
+
+    def allowed_models(self, key: ApiKey) -> set[str]:
+        return {name for name in self.models if key.allows(name)}
+
+    def check_url_possible(self, call: ImageCall) -> None:
+        if (
+            call.response_format == "url"
+            and isinstance(self.store, FileObjectStore)
+            and not self.settings.gateway.url_signing_key
+        ):
+            raise invalid(
+                "response_format",
+                "response_format 'url' needs an S3 object store or PIXELPIPE_GATEWAY_URL_SIGNING_KEY on this "
+                "gateway; use b64_json",
+            )
+
+    # -- answers -------------------------------------------------------------------------------------------
+    def sign(self, key: str, expires: int) -> str:
+        secret = self.settings.gateway.url_signing_key.encode()
+        return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url_for(self, uri: str, base_url: str) -> str:
+        expiry = self.settings.gateway.url_expiry_s
+        if isinstance(self.store, FileObjectStore):
+            key = self.store.key_of(uri)
+            expires = int(time.time()) + expiry
+            return f"{base_url}v1/files/{quote(key)}?expires={expires}&signature={self.sign(key, expires)}"
+        return self.store.presigned_url(uri, expiry)
+
+    def outputs(self, call: ImageCall, result: ImageResult, base_url: str) -> list[dict[str, Any]]:
+        """Each stored image as OpenAI's ``data`` entry: transcoded to the output format, inline or as a URL."""
+        revised = normalise_text(call.prompt)
+        data = []
+        for index, image in enumerate(result.images):
+            uri = image.uri
+            body = None
+            if call.output_format != "png" or call.response_format == "b64_json":
+                body = transcode(self.store.get(uri), call.output_format, call.output_compression)
+            entry: dict[str, Any] = {}
+            if call.response_format == "b64_json":
+                entry["b64_json"] = base64.b64encode(body or b"").decode()
+            else:
+                if call.output_format != "png":
+                    key = f"gateway/outputs/{result.request_id}/{index}.{call.output_format}"
+                    uri = self.store.put(key, body or b"", MEDIA_TYPES[call.output_format]).uri
+                entry["url"] = self.url_for(uri, base_url)
+            if revised != call.prompt:
+                entry["revised_prompt"] = revised
+            data.append(entry)
+        return data
+
+
+def transcode(png: bytes, output_format: str, compression: int) -> bytes:
+    """The stored PNG as ``output_format``; jpeg and webp at quality ``compression`` (0-100)."""
+    if output_format == "png":
+        return png
+    with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
+        rgb = image.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, format=output_format.upper(), quality=max(1, compression))
+    return out.getvalue()
+
+
+def result_error(result: ImageResult) -> ApiError | None:
+    """The error envelope of a result that did not succeed, by its status and code."""
+    if result.status == "SUCCEEDED":
+        return None
+    message = result.error_message or result.error_code or result.status
+    if result.status == "REJECTED":
+        stage = (result.moderation_stage or "PROMPT").lower().replace("_", " ")
+        flagged = message.split(": ", 1)[1] if ": " in message else message
+        param = {"PROMPT": "prompt", "INPUT_IMAGE": "image"}.get(result.moderation_stage or "")
+        return ApiError(
+            400,
+            f"Your request was rejected by the safety system at the {stage} check (stage "
+            f"{result.moderation_stage}); categories: {flagged}.",
+            param=param,
+            code="moderation_blocked",
+        )
+    code = result.error_code or "INTERNAL_ERROR"
+    if code == "RATE_LIMITED":
+        return ApiError(429, message, type="rate_limit_error", code="rate_limit_exceeded", retry_after_s=1)
+    if code == "DEADLINE_EXCEEDED":
+        return ApiError(504, f"The image was not ready by the deadline: {message}", type="server_error", code="timeout")
+    if code == "INVALID_REQUEST":
+        field = message.split(":", 1)[0] if ":" in message else None
+        return ApiError(400, message, param=field, code="invalid_value")
+    if code == "INVALID_SOURCE":
+        return ApiError(400, message, param="image", code="invalid_image")
+    return ApiError(500, f"The pipeline failed the request ({code}): {message}", type="server_error", code=code.lower())
+
+
+def usage(call: ImageCall, result: ImageResult, source_images: int) -> dict[str, Any]:
+    """Tokens as the API counts them: prompt words as text tokens, 16x16 tiles of each image as image tokens."""
+    text = len(call.prompt.split())
+    width, height = result.width or call.width or 0, result.height or call.height or 0
+    tiles = math.ceil(width / TILE) * math.ceil(height / TILE)
+    images_in = tiles * source_images
+    out = tiles * len(result.images)
+    return {
+        "input_tokens": text + images_in,
+        "input_tokens_details": {"text_tokens": text, "image_tokens": images_in},
+        "output_tokens": out,
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": out},
+        "total_tokens": text + images_in + out,
+    }
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
+    headers = error.headers() | ({"x-request-id": request_id} if request_id else {})
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def list_models(request: Request) -> Response:
+    gateway = _gateway(request)
+    try:
+        key = gateway.authenticate(request)
+    except ApiError as e:
+        return error_response(e)
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "pixelpipe"}
+        for name in gateway.models
+        if key.allows(name)
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def generations(request: Request) -> Response:
+    return await _images(request, "GENERATE")
+
+
+async def edits(request: Request) -> Response:
+    return await _images(request, "EDIT")
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise invalid(None, f"The request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        params = json.loads(body or b"null")
+    except ValueError:
+        raise invalid(None, "The body must be a JSON object (Content-Type: application/json)") from None
+    if not isinstance(params, dict):
+        raise invalid(None, "The body must be a JSON object")
+    return params
+
+
+@dataclass
+class Uploads:
+    source: bytes
+    mask: bytes | None
+    size: tuple[int, int]
+
+
+async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any], Uploads]:
+    """An edit's multipart form: its text fields, and its image (``image`` or ``image[]``) and mask, checked."""
+    limits = gateway.settings.limits
+    try:
+        form = await request.form(max_files=4, max_fields=64)
+    except Exception as e:  # starlette's MultiPartException and parser errors
+        raise invalid(None, f"The body must be multipart/form-data: {e}") from None
+    params: dict[str, Any] = {}
+    files: dict[str, list[UploadFile]] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault("image" if name == "image[]" else name, []).append(value)
+        else:
+            params[name] = value
+    for name in files:
+        if name not in ("image", "mask"):
+            raise invalid(name, f"Unrecognized file supplied: {name}")
+    images = files.get("image", [])
+    if not images:
+        raise invalid("image", "Missing required parameter: 'image'.")
+    if len(images) > 1:
+        raise invalid("image", f"This gateway edits one image per call; {len(images)} were sent")
+    if len(files.get("mask", [])) > 1:
+        raise invalid("mask", "Send at most one mask")
+
+    async def read(upload: UploadFile) -> bytes:
+        return await upload.read(limits.max_source_bytes + 1)
+
+    source = check_image("image", await read(images[0]), limits.max_source_bytes, limits.max_source_pixels)
+    source_bytes = source_png(source)
+    size = (source.width - source.width % 8, source.height - source.height % 8)
+    mask_bytes = None
+    if files.get("mask"):
+        mask = check_image("mask", await read(files["mask"][0]), limits.max_source_bytes, limits.max_source_pixels)
+        mask_bytes = mask_png(mask, size)
+    await form.close()
+    return params, Uploads(source_bytes, mask_bytes, size)
+
+
+async def _images(request: Request, kind: str) -> Response:
+    gateway = _gateway(request)
+    request_id = None
+    started_s = time.perf_counter()
+    try:
+        key = gateway.authenticate(request)
+        uploads = None
+        if kind == "EDIT":
+            params, uploads = await _read_form(request, gateway)
+        else:
+            params = await _read_json(request)
+        default_size = parse_size(gateway.settings.gateway.default_size, gateway.settings.limits) or (512, 512)
+        call = parse_call(
+            params,
+            kind,
+            gateway.models,
+            gateway.default_model,
+            gateway.allowed_models(key),
+            gateway.settings.limits,
+            default_size,
+        )
+        gateway.check_url_possible(call)
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise invalid(None, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        gateway.admit(key)
+        await asyncio.to_thread(gateway.pipeline.check_capacity)
+        request_id = request_id_for(key.key_id, idempotency_key)
+        sources: list[str] = []
+        source_uri = mask_uri = None
+        width, height = call.width, call.height
+        if uploads is not None:
+            sources = [hashlib.sha256(uploads.source).hexdigest(), hashlib.sha256(uploads.mask or b"").hexdigest()]
+            width, height = width or uploads.size[0], height or uploads.size[1]
+            source_uri, mask_uri = await asyncio.to_thread(_store_uploads, gateway.store, request_id, uploads)
+        assert width is not None and height is not None
+        submission = Submission(
+            request_id=request_id,
+            idempotent=idempotency_key is not None,
+            fingerprint=call.fingerprint(sources),
+            kind=kind,
+            user_id=f"{key.user_id}:{call.user}" if call.user else key.user_id,
+            prompt=call.prompt,
+            model=call.model,
+            n=call.n,
+            width=width,
+            height=height,
+            steps=call.steps,
+            source_image_uri=source_uri,
+            mask_uri=mask_uri,
+            partial_images=call.partial_images if call.stream else 0,
+        )
+        created = int(time.time())
+        if call.stream:
+            return _stream(gateway, call, submission, created, str(request.base_url), uploads is not None)
+        waited_s = time.perf_counter()
+        result = await gateway.pipeline.submit(submission)
+        waited_s = time.perf_counter() - waited_s
+        error = result_error(result)
+        if error is not None:
+            raise error
+        data = await asyncio.to_thread(gateway.outputs, call, result, str(request.base_url))
+    except ApiError as e:
+        return error_response(e, request_id)
+    except Exception as e:  # a bug or a service down: still OpenAI's envelope, and the request id when known
+        log.exception("call failed", extra={"request_id": request_id})
+        return error_response(ApiError(500, f"The gateway failed: {e!r}", type="server_error"), request_id)
+    body = {
+        "created": created,
+        "data": data,
+        "background": "opaque",
+        "output_format": call.output_format,
+        "quality": call.quality if call.quality in ("low", "medium", "high") else "medium",
+        "size": f"{result.width or width}x{result.height or height}",
+        "usage": usage(call, result, 1 if uploads is not None else 0),
+    }
+    # The gateway's own time (checks, uploads, publishing, answering) beside the wait for the pipeline's result.
+    total_s = time.perf_counter() - started_s
+    timing = f"gateway;dur={(total_s - waited_s) * 1000:.1f}, pipeline;dur={waited_s * 1000:.1f}"
+    return JSONResponse(body, headers={"x-request-id": request_id, "server-timing": timing})
+
+
+def _stream(
+    gateway: Gateway, call: ImageCall, submission: Submission, created: int, base_url: str, edit: bool
+) -> StreamingResponse:
+    """Server-sent events: a partial image for each preview the render stage sends to the reply topic while the
+    image renders, then the completed image (or an error event)."""
+    prefix = "image_edit" if edit else "image_generation"
+    size = f"{submission.width}x{submission.height}"
+    common = {"background": "opaque", "output_format": call.output_format, "quality": call.quality, "size": size}
+    listener = gateway.pipeline.listener
+
+    async def events() -> AsyncIterator[bytes]:
+        previews = listener.previews(submission.request_id)
+        task = asyncio.ensure_future(gateway.pipeline.submit(submission))
+
+        async def partial(index: int, preview: bytes) -> bytes:
+            image = await asyncio.to_thread(_reencode, preview, call.output_format, call.output_compression)
+            return _event(
+                common
+                | {
+                    "type": f"{prefix}.partial_image",
+                    "b64_json": base64.b64encode(image).decode(),
+                    "created_at": created,
+                    "partial_image_index": index,
+                }
+            )
+
+        try:
+            while not task.done():
+                getting = asyncio.ensure_future(previews.get())
+                await asyncio.wait({task, getting}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    break
+                index, preview = getting.result()
+                if index < call.partial_images:
+                    yield await partial(index, preview)
+            while not previews.empty():  # sent before the result: the reply topic keeps their order
+                index, preview = previews.get_nowait()
+                if index < call.partial_images:
+                    yield await partial(index, preview)
+            result = await task
+            error = result_error(result)
+            if error is not None:
+                raise error
+            b64_call = dataclasses.replace(call, response_format="b64_json")
+            data = await asyncio.to_thread(gateway.outputs, b64_call, result, base_url)
+            completed = common | {
+                "type": f"{prefix}.completed",
+                "b64_json": data[0]["b64_json"],
+                "created_at": created,
+                "usage": usage(call, result, 1 if edit else 0),
+            }
+            yield _event(completed)
+        except ApiError as e:
+            yield _event({"type": "error", **e.body()})
+        finally:
+            listener.forget_previews(submission.request_id)
+            if not task.done():
+                task.cancel()
+
+    headers = {"x-request-id": submission.request_id, "Cache-Control": "no-cache"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _reencode(jpeg: bytes, output_format: str, compression: int) -> bytes:
+    """A preview (JPEG from the worker) in the call's output format."""
+    if output_format == "jpeg":
+        return jpeg
+    with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as image:
+        rgb = image.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, format=output_format.upper(), **({"quality": max(1, compression)} if output_format == "webp" else {}))
+    return out.getvalue()
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode()
+
+
+def _store_uploads(store: ObjectStore, request_id: str, uploads: Uploads) -> tuple[str, str | None]:
+    """The checked uploads in the object store, before the request is published (deterministic keys)."""
+
+    # Named by their hashes: a retry under the same idempotency key with other files never replaces the originals.
+    def key(data: bytes) -> str:
+        return f"gateway/uploads/{request_id}/{hashlib.sha256(data).hexdigest()[:32]}.png"
+
+    source = store.put(key(uploads.source), uploads.source, CONTENT_TYPES["PNG"]).uri
+    mask = None
+    if uploads.mask is not None:
+        mask = store.put(key(uploads.mask), uploads.mask, CONTENT_TYPES["PNG"]).uri
+    return source, mask
+
+
+async def files(request: Request) -> Response:
+    """Objects of a file:// store, for ``response_format=url``: the link is signed and expires."""
+    gateway = _gateway(request)
+    key = request.path_params["key"]
+    try:
+        expires = int(request.query_params.get("expires", "0"))
+    except ValueError:
+        expires = 0
+    signature = request.query_params.get("signature", "")
+    store = gateway.store
+    if (
+        not isinstance(store, FileObjectStore)
+        or not gateway.settings.gateway.url_signing_key
+        or expires < time.time()
+        or not hmac.compare_digest(signature, gateway.sign(key, expires))
+    ):
+        return error_response(ApiError(403, "This link is invalid or has expired.", code="invalid_signature"))
+    try:
+        data = await asyncio.to_thread(store.get, store.uri_for(validate_key(key)))
+    except ObjectStoreError:
+        return error_response(ApiError(404, "No such file.", code="not_found"))
+    return Response(data, media_type=MEDIA_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "reply_topic": _gateway(request).pipeline.reply_topic})
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The ASGI app; the pipeline connects when it starts (the lifespan), and closes when it stops."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = open_object_store(settings.objects)
+        pipeline = Pipeline(settings, store, instance_id(settings))
+        await asyncio.to_thread(pipeline.start, asyncio.get_running_loop())
+        app.state.gateway = Gateway(
+            settings=settings,
+            keys=KeyStore(settings.gateway.keys_file),
+            models=read_registry(settings.models.registry),
+            store=store,
+            pipeline=pipeline,
+            buckets=TokenBuckets(),
+        )
+        log.info("gateway ready", extra={"reply_topic": pipeline.reply_topic})
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(pipeline.close)
+
+    routes = [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
+        Route("/v1/files/{key:path}", files, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,308 @@
+"""The gateway's side of the pipeline: publish a call's ImageRequest with the producer SDK, wait for its result on
+the reply topic, and make a retry with the same idempotency key return the same result rather than render again.
+
+Idempotency. A call with an ``Idempotency-Key`` header gets a request id derived from (key id, idempotency key);
+before publishing, the gateway writes a receipt (``gateway/receipts/<request id>.json``: when, and a fingerprint
+of the parameters) to the object store, which every instance shares. A call whose receipt exists publishes
+nothing new: it looks for the result on the results topic from the receipt's time on (keyed by request id, so a
+scan by key; ClickHouse holds the same rows); failing that, for the request on the requests topic (a gateway that
+stopped between the receipt and the publish never sent it: then it is published now, once); and otherwise waits
+for the result on the results topic until the deadline. Within one instance, concurrent calls with the same key
+share one wait. The window is the topics' retention: after it, a retry finds its receipt but neither event and
+renders again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
+from pixelpipe.core.events import ImageRequest, ImageResult
+from pixelpipe.core.objects import ObjectNotFoundError, ObjectStore
+from pixelpipe.core.settings import KafkaSettings, Settings
+from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics
+from pixelpipe.gateway.errors import ApiError
+from pixelpipe.gateway.replies import ReplyListener, find_event
+from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
+
+log = logging.getLogger(__name__)
+PUBLISH_TIMEOUT_S = 30.0
+RESULT_GRACE_S = 5.0  # past the deadline, for the pipeline's own DEADLINE_EXCEEDED result to arrive
+LAG_CACHE_S = 1.0
+RECEIPT_SLACK_MS = 10_000  # scans start this long before a receipt's time (clocks of broker and gateway differ)
+
+
+def request_id_for(key_id: str, idempotency_key: str | None) -> str:
+    """``<key id>-<32 hex>``: derived from the idempotency key when there is one, else random. The key id leads, so
+    ClickHouse rows of a key are ``startsWith(request_id, 'k...')``."""
+    if idempotency_key is None:
+        return f"{key_id}-{uuid.uuid4().hex}"
+    digest = hashlib.sha256(f"{key_id}\n{idempotency_key}".encode()).hexdigest()[:32]
+    return f"{key_id}-{digest}"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What to publish for one call."""
+
+    request_id: str
+    idempotent: bool
+    fingerprint: str
+    kind: str
+    user_id: str
+    prompt: str
+    model: str
+    n: int
+    width: int
+    height: int
+    steps: int | None
+    source_image_uri: str | None = None
+    mask_uri: str | None = None
+    partial_images: int = 0  # previews of the image in progress to send to the reply topic
+
+
+class LagMonitor:
+    """Requests waiting for moderation: the high watermarks of the requests topic minus the offsets committed by the
+    moderation consumer groups (``<PIXELPIPE_CONSUMER_GROUP>-moderation...``), the least among those groups;
+    measured at most once a second."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, group_prefix: str) -> None:
+        self._kafka = kafka
+        self._topic = topic
+        self._prefix = group_prefix
+        self._admin: AdminClient | None = None
+        self._consumer: Any = None
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._lag: int | None = None
+
+    def lag(self) -> int | None:
+        with self._lock:
+            if time.monotonic() - self._at > LAG_CACHE_S:
+                try:
+                    self._lag = self._measure()
+                except Exception as e:  # a lag we cannot measure sheds nothing
+                    log.warning("consumer lag not measured", extra={"error": str(e)})
+                    self._lag = None
+                self._at = time.monotonic()
+            return self._lag
+
+    def _measure(self) -> int | None:
+        from confluent_kafka import Consumer
+
+        if self._admin is None:
+            self._admin = AdminClient(self._kafka.client_config())
+            self._consumer = Consumer(
+                self._kafka.client_config() | {"group.id": f"pixelpipe-gateway-lag-{uuid.uuid4()}"}
+            )
+        groups = [
+            g.group_id
+            for g in self._admin.list_consumer_groups(request_timeout=5).result(timeout=5).valid
+            if g.group_id.startswith(self._prefix)
+        ]
+        if not groups:
+            return None
+        partitions = self._consumer.list_topics(self._topic, timeout=5).topics[self._topic].partitions
+        highs = {
+            p: self._consumer.get_watermark_offsets(TopicPartition(self._topic, p), timeout=5)[1] for p in partitions
+        }
+        lags = []
+        for group in groups:
+            request = ConsumerGroupTopicPartitions(group, [TopicPartition(self._topic, p) for p in partitions])
+            future = self._admin.list_consumer_group_offsets([request], request_timeout=5)[group]
+            committed = {tp.partition: tp.offset for tp in future.result(timeout=5).topic_partitions}
+            lags.append(sum(max(0, high - max(committed.get(p, 0), 0)) for p, high in highs.items()))
+        return min(lags)
+
+
+class Pipeline:
+    """Publishing and waiting for one gateway instance; ``start`` before use, ``close`` after."""
+
+    def __init__(self, settings: Settings, store: ObjectStore, instance_id: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.reply_topic = f"{settings.topics.reply_prefix}gateway.{instance_id}"
+        self.codec: Codec = codec_from_settings(settings.kafka)
+        self.timeout_s = settings.gateway.timeout_s
+        self.listener = ReplyListener(settings.kafka, self.reply_topic, self.codec)
+        self.lag_monitor = LagMonitor(
+            settings.kafka, settings.topics.requests, f"{settings.stages.consumer_group}-moderation"
+        )
+        self.publisher: Publisher | None = None
+        self._inflight: dict[str, asyncio.Future[ImageResult]] = {}
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        kafka, topics = self.settings.kafka, self.settings.topics
+        ensure_topics(kafka, topics, [topics.requests, topics.results])
+        ensure_topics(kafka, topics, [self.reply_topic], partitions=1)
+        self.publisher = Publisher(self.settings)
+        self.listener.start(loop)
+
+    def close(self) -> None:
+        self.listener.stop()
+        if self.publisher is not None:
+            self.publisher.close(5)
+
+    def check_capacity(self) -> None:
+        """503 with Retry-After while more requests wait for moderation than PIXELPIPE_GATEWAY_MAX_LAG."""
+        bound = self.settings.gateway.max_lag
+        if bound <= 0:
+            return
+        lag = self.lag_monitor.lag()
+        if lag is not None and lag > bound:
+            raise ApiError(
+                503,
+                f"The pipeline is overloaded: {lag} requests wait for moderation (bound {bound}). Retry later.",
+                type="server_error",
+                code="overloaded",
+                retry_after_s=5,
+            )
+
+    async def submit(self, submission: Submission) -> ImageResult:
+        """The terminal result of ``submission``: published once per request id, waited for until the deadline."""
+        rid = submission.request_id
+        shared = self._inflight.get(rid)
+        if shared is None:
+            shared = asyncio.ensure_future(self._run(submission))
+            self._inflight[rid] = shared
+            shared.add_done_callback(lambda _: self._inflight.pop(rid, None))
+        return await asyncio.shield(shared)
+
+    async def _run(self, submission: Submission) -> ImageResult:
+        rid = submission.request_id
+        if submission.idempotent:
+            receipt = await asyncio.to_thread(self._read_receipt, rid)
+            if receipt is not None:
+                if receipt.get("fingerprint") != submission.fingerprint:
+                    raise ApiError(
+                        400,
+                        "This Idempotency-Key was used with other parameters; use a new key for a new request.",
+                        param=None,
+                        code="idempotency_key_reused",
+                    )
+                return await self._recover(submission, int(receipt["created_ms"]))
+            await asyncio.to_thread(self._write_receipt, submission)
+        return await self._publish_and_wait(submission)
+
+    async def _publish_and_wait(self, submission: Submission) -> ImageResult:
+        rid = submission.request_id
+        future = self.listener.expect(rid)
+        try:
+            request = self._request(submission)
+            headers = (
+                {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
+            )
+            await asyncio.to_thread(self._publish, request, headers)
+            return await self._wait(future, request.deadline)
+        finally:
+            self.listener.forget(rid, future)
+
+    async def _wait(self, future: asyncio.Future[ImageResult], deadline: dt.datetime | None) -> ImageResult:
+        assert deadline is not None
+        remaining = (deadline - dt.datetime.now(dt.UTC)).total_seconds() + RESULT_GRACE_S
+        try:
+            return await asyncio.wait_for(future, max(0.1, remaining))
+        except TimeoutError:
+            raise deadline_error(self.timeout_s) from None
+
+    def _request(self, submission: Submission) -> ImageRequest:
+        now = dt.datetime.now(dt.UTC)
+        return new_request(
+            request_id=submission.request_id,
+            kind=submission.kind,
+            prompt=submission.prompt,
+            model=submission.model,
+            user_id=submission.user_id,
+            n=submission.n,
+            width=submission.width,
+            height=submission.height,
+            steps=submission.steps,
+            source_image_uri=submission.source_image_uri,
+            mask_uri=submission.mask_uri,
+            priority="INTERACTIVE",
+            deadline=now + dt.timedelta(seconds=self.timeout_s),
+            reply_topic=self.reply_topic,
+        )
+
+    def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
+        assert self.publisher is not None
+        try:
+            self.publisher.publish(request, headers=headers).result(timeout=PUBLISH_TIMEOUT_S)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), param=e.field) from None
+        except (DeliveryError, TimeoutError) as e:
+            raise ApiError(
+                503, f"The pipeline did not accept the request: {e}", type="server_error", retry_after_s=5
+            ) from None
+
+    # -- idempotency ---------------------------------------------------------------------------------------
+    def _receipt_uri(self, request_id: str) -> str:
+        return self.store.uri_for(f"gateway/receipts/{request_id}.json")
+
+    def _read_receipt(self, request_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.get(self._receipt_uri(request_id), max_bytes=65536))
+        except ObjectNotFoundError:
+            return None
+
+    def _write_receipt(self, submission: Submission) -> None:
+        body = {"request_id": submission.request_id, "fingerprint": submission.fingerprint, "created_ms": _now_ms()}
+        self.store.put(f"gateway/receipts/{submission.request_id}.json", json.dumps(body).encode(), "application/json")
+
+    async def _recover(self, submission: Submission, created_ms: int) -> ImageResult:
+        """A retried call: its result if it exists, else its request if it was published, else publish it now."""
+        rid = submission.request_id
+        recent = self.listener.recent(rid)
+        if recent is not None:
+            return recent
+        kafka, topics = self.settings.kafka, self.settings.topics
+        since = created_ms - RECEIPT_SLACK_MS
+        found = await asyncio.to_thread(find_event, kafka, self.codec, topics.results, rid, since, None)
+        if found is not None:
+            return self._decode(found)
+        published = await asyncio.to_thread(find_event, kafka, self.codec, topics.requests, rid, since, None)
+        if published is None:
+            log.info("receipt without request: publishing", extra={"request_id": rid})
+            return await self._publish_and_wait(submission)
+        request = self.codec.decode_as(ImageRequest, published)
+        deadline = request.deadline or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.timeout_s)
+        until = time.monotonic() + max(0.1, (deadline - dt.datetime.now(dt.UTC)).total_seconds() + RESULT_GRACE_S)
+        stop = threading.Event()
+        try:
+            found = await asyncio.to_thread(find_event, kafka, self.codec, topics.results, rid, since, until, stop)
+        finally:
+            stop.set()
+        if found is None:
+            raise deadline_error(self.timeout_s)
+        return self._decode(found)
+
+    def _decode(self, value: bytes) -> ImageResult:
+        try:
+            return self.codec.decode_as(ImageResult, value)
+        except CodecError as e:
+            raise ApiError(500, f"The result could not be read: {e}", type="server_error") from None
+
+
+def deadline_error(timeout_s: float) -> ApiError:
+    return ApiError(
+        504,
+        f"The image was not ready within the gateway's deadline of {timeout_s:g} s (PIXELPIPE_GATEWAY_TIMEOUT_S).",
+        type="server_error",
+        code="timeout",
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

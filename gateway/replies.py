@@ -1,0 +1,203 @@
+"""Results for this gateway's calls: its own reply topic, read from the end, and a scan of the results topic for a
+call whose reply went elsewhere (a retry after a restart, or through another instance).
+
+The workers send a copy of each result to the request's reply topic after the result itself is on the results
+topic (best effort: README, "reply topic"); each gateway instance has its own reply topic, so it reads only the
+results of its own calls and matches them to the waiting calls by request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+from pixelpipe.core.codec import Codec, CodecError
+from pixelpipe.core.events import ImageResult
+from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.core.topics import PREVIEW_HEADER
+
+log = logging.getLogger(__name__)
+SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
+RECENT_RESULTS = 4096  # results kept after they arrived, for a call retried while this instance still runs
+
+
+def _consumer(kafka: KafkaSettings) -> Consumer:
+    return Consumer(
+        kafka.client_config()
+        | {
+            "group.id": f"pixelpipe-gateway-{uuid.uuid4().hex}",  # assigned, never subscribed: nothing is committed
+            "enable.auto.commit": False,
+            "auto.offset.reset": "latest",
+            "fetch.wait.max.ms": 10,
+        }
+    )
+
+
+class ReplyListener:
+    """Reads the reply topic on a thread and settles each waiting call's future with its ImageResult."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str, codec: Codec) -> None:
+        self.topic = topic
+        self._kafka = kafka
+        self._codec = codec
+        self._waiters: dict[str, list[asyncio.Future[ImageResult]]] = {}
+        self._recent: OrderedDict[str, ImageResult] = OrderedDict()
+        self._previews: dict[str, asyncio.Queue[tuple[int, bytes]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Assign every partition of the reply topic at its current end (so nothing published after this returns
+        is missed), then read on a thread."""
+        self._loop = loop
+        consumer = _consumer(self._kafka)
+        partitions = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+        assignment = []
+        for partition in partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
+            assignment.append(TopicPartition(self.topic, partition, high if high >= 0 else OFFSET_END))
+        consumer.assign(assignment)
+        self._thread = threading.Thread(target=self._read, args=(consumer,), name="gateway-replies", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def expect(self, request_id: str) -> asyncio.Future[ImageResult]:
+        """A future for ``request_id``'s result; register it before publishing."""
+        assert self._loop is not None
+        future: asyncio.Future[ImageResult] = self._loop.create_future()
+        with self._lock:
+            recent = self._recent.get(request_id)
+            if recent is not None:
+                future.set_result(recent)
+            else:
+                self._waiters.setdefault(request_id, []).append(future)
+        return future
+
+    def forget(self, request_id: str, future: asyncio.Future[ImageResult]) -> None:
+        with self._lock:
+            waiters = self._waiters.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(request_id, None)
+
+    def previews(self, request_id: str) -> asyncio.Queue[tuple[int, bytes]]:
+        """A queue of (index, JPEG) previews of ``request_id``'s image in progress; ``forget_previews`` after."""
+        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+        with self._lock:
+            self._previews[request_id] = queue
+        return queue
+
+    def forget_previews(self, request_id: str) -> None:
+        with self._lock:
+            self._previews.pop(request_id, None)
+
+    def recent(self, request_id: str) -> ImageResult | None:
+        with self._lock:
+            return self._recent.get(request_id)
+
+    def _read(self, consumer: Consumer) -> None:
+        try:
+            while not self._stop.is_set():
+                for message in consumer.consume(100, timeout=0.2):
+                    if message.error():
+                        continue
+                    preview = dict(message.headers() or ()).get(PREVIEW_HEADER)
+                    if preview is not None:
+                        self._preview(message.key(), preview, message.value())
+                        continue
+                    try:
+                        result = self._codec.decode_as(ImageResult, message.value())
+                    except CodecError as e:
+                        log.warning("undecodable reply skipped", extra={"reason": str(e)})
+                        continue
+                    self._arrived(result)
+        finally:
+            consumer.close()
+
+    def _preview(self, key: bytes | None, index: bytes, value: bytes | None) -> None:
+        with self._lock:
+            queue = self._previews.get((key or b"").decode(errors="replace"))
+        if queue is not None and value and index.isdigit():
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(queue.put_nowait, (int(index), value))
+
+    def _arrived(self, result: ImageResult) -> None:
+        with self._lock:
+            self._recent[result.request_id] = result
+            self._recent.move_to_end(result.request_id)
+            while len(self._recent) > RECENT_RESULTS:
+                self._recent.popitem(last=False)
+            waiters = self._waiters.pop(result.request_id, [])
+        assert self._loop is not None
+        for future in waiters:
+            self._loop.call_soon_threadsafe(_settle, future, result)
+
+
+def _settle(future: asyncio.Future[ImageResult], result: ImageResult) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def find_event(
+    kafka: KafkaSettings,
+    codec: Codec,
+    topic: str,
+    request_id: str,
+    since_ms: int,
+    until_monotonic: float | None,
+    stop: threading.Event | None = None,
+) -> bytes | None:
+    """The value of the first message keyed ``request_id`` on ``topic`` since ``since_ms``: read to the current end
+    when ``until_monotonic`` is None, else tailed until then. Every partition is read (from the offset of that
+    time), so it does not matter which partitioner the producer used; the cost is the traffic since ``since_ms``."""
+    consumer = _consumer(kafka)
+    key = request_id.encode()
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        wanted = [TopicPartition(topic, p, since_ms) for p in partitions]
+        start = consumer.offsets_for_times(wanted, timeout=10)
+        ends = {}
+        assignment = []
+        for tp in start:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            offset = tp.offset if tp.offset >= 0 else high  # no message since then: start at the end
+            if until_monotonic is None and offset >= high:
+                continue
+            ends[tp.partition] = high
+            assignment.append(TopicPartition(topic, tp.partition, offset))
+        if not assignment:
+            return None
+        consumer.assign(assignment)
+        scan_until = time.monotonic() + SCAN_LIMIT_S
+        while True:
+            if until_monotonic is None and time.monotonic() > scan_until:
+                log.warning("scan stopped", extra={"topic": topic, "request_id": request_id})
+                return None
+            if stop is not None and stop.is_set():
+                return None
+            if until_monotonic is not None and time.monotonic() > until_monotonic:
+                return None
+            for message in consumer.consume(500, timeout=0.2):
+                if message.error():
+                    continue
+                if message.key() == key:
+                    return message.value()
+                if until_monotonic is None and message.offset() >= ends[message.partition()] - 1:
+                    ends.pop(message.partition(), None)
+            if until_monotonic is None and not ends:
+                return None
+    finally:
+        consumer.close()

@@ -1,0 +1,229 @@
+"""The gateway without servers: keys, rate limits, parameter mapping and errors, result mapping, upload checks."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from pixelpipe.core.events import CategoryScore, ImageResult
+from pixelpipe.core.settings import RequestLimits
+from pixelpipe.gateway.app import result_error, transcode
+from pixelpipe.gateway.errors import ApiError
+from pixelpipe.gateway.keys import KeyStore
+from pixelpipe.gateway.params import ModelInfo, parse_call
+from pixelpipe.gateway.pipeline import request_id_for
+from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.uploads import check_image, mask_png
+
+MODELS = {"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4), "tiny-sd-b": ModelInfo("tiny-sd-b", "x", 25)}
+LIMITS = RequestLimits()
+
+
+def call(kind="GENERATE", allowed=None, **params):
+    return parse_call({"prompt": "a fox"} | params, kind, MODELS, "tiny-sd", allowed, LIMITS, (64, 64))
+
+
+def refused(**params):
+    with pytest.raises(ApiError) as e:
+        call(**params)
+    return e.value
+
+
+def test_keys_are_stored_as_hashes_and_compared_whole(tmp_path):
+    store = KeyStore(tmp_path / "keys.json")
+    secret, entry = store.create("acme", ["tiny-sd"], requests_per_minute=30, burst=2)
+    text = (tmp_path / "keys.json").read_text()
+    assert secret not in text and secret.split("-")[-1] not in text
+    assert store.authenticate(secret) == entry
+    assert store.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+    assert store.authenticate("sk-anything") is None
+    assert store.authenticate("") is None
+    assert entry.allows("tiny-sd") and not entry.allows("tiny-sd-b")
+    store.revoke(entry.key_id)
+    assert KeyStore(tmp_path / "keys.json").authenticate(secret) is None
+    assert store.authenticate(secret) is None  # the same store rereads the changed file
+
+
+def test_token_bucket_gives_the_burst_then_paces():
+    now = [0.0]
+    buckets = TokenBuckets(clock=lambda: now[0])
+    assert [buckets.take("k", 60, 2) for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("k", 60, 2) == pytest.approx(1.0)
+    now[0] += 1.0
+    assert buckets.take("k", 60, 2) == 0.0
+    assert buckets.take("other", 60, 2) == 0.0
+
+
+def test_parameters_map_onto_the_request():
+    c = call(size="128x64", quality="high", n=2, output_format="webp", output_compression=50, user="alice")
+    assert (c.width, c.height, c.steps, c.n, c.output_format, c.output_compression) == (128, 64, 8, 2, "webp", 50)
+    assert call(quality="low").steps == 2 and call(quality="auto").steps is None
+    assert (call().width, call().height) == (64, 64)  # size auto: the configured default
+    assert call(kind="EDIT").width is None  # an edit's auto size is its source's
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"size": "100x100"}, "size"),
+        ({"size": "big"}, "size"),
+        ({"n": 11}, "n"),
+        ({"quality": "ultra"}, "quality"),
+        ({"response_format": "png"}, "response_format"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_compression": 50}, "output_compression"),
+        ({"background": "transparent"}, "background"),
+        ({"moderation": "low"}, "moderation"),
+        ({"prompt": ""}, "prompt"),
+        ({"colour": "red"}, "colour"),
+        ({"partial_images": 2}, "partial_images"),
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"user": "x" * 100}, "user"),
+    ],
+)
+def test_unsupported_values_are_a_400_naming_the_parameter(params, param):
+    error = refused(**params)
+    assert (error.status, error.param, error.body()["error"]["type"]) == (400, param, "invalid_request_error")
+
+
+def test_unknown_and_forbidden_models_are_404():
+    assert refused(model="dall-e-3").code == "model_not_found"
+    with pytest.raises(ApiError) as e:
+        call(model="tiny-sd-b", allowed={"tiny-sd"})
+    assert (e.value.status, e.value.param) == (404, "model")
+
+
+def test_request_ids_lead_with_the_key_and_derive_from_the_idempotency_key():
+    assert request_id_for("k0123456789ab", "x") == request_id_for("k0123456789ab", "x")
+    assert request_id_for("k0123456789ab", "x") != request_id_for("kffffffffffff", "x")
+    assert request_id_for("k0123456789ab", None) != request_id_for("k0123456789ab", None)
+    assert request_id_for("k0123456789ab", "x").startswith("k0123456789ab-")
+
+
+def result(**fields):
+    return ImageResult(event_id="e", request_id="r", user_id="u", model="tiny-sd", **fields)
+
+
+def test_results_map_to_openai_errors():
+    rejected = result(
+        status="REJECTED",
+        moderation_stage="PROMPT",
+        moderation_scores=[CategoryScore(category="violence", score=0.9)],
+        error_code="MODERATION_REJECTED",
+        error_message="prompt rejected: violence",
+    )
+    error = result_error(rejected)
+    assert (error.status, error.code, error.param) == (400, "moderation_blocked", "prompt")
+    assert "PROMPT" in error.message and "violence" in error.message
+    limited = result_error(result(status="FAILED", error_code="RATE_LIMITED", error_message="over"))
+    assert limited.status == 429 and limited.headers()["Retry-After"] == "1"
+    assert result_error(result(status="FAILED", error_code="DEADLINE_EXCEEDED")).status == 504
+    invalid = result(status="FAILED", error_code="INVALID_REQUEST", error_message="steps: x")
+    assert result_error(invalid).param == "steps"
+    assert result_error(result(status="FAILED", error_code="MODEL_ERROR")).status == 500
+    assert result_error(result(status="SUCCEEDED")) is None
+    assert json.loads(json.dumps(error.body()))["error"]["code"] == "moderation_blocked"
+
+
+def png(size=(16, 16), mode="RGB"):
+    out = io.BytesIO()
+    Image.new(mode, size, (10, 20, 30, 0)[: len(mode)] if mode != "L" else 0).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_uploads_are_checked_before_anything_is_stored():
+    assert check_image("image", png(), 1 << 20, 4096).size == (16, 16)
+    for data, words in [
+        (b"", "empty"),
+        (b"GIF89a" + b"\0" * 20, "PNG, JPEG or WEBP"),
+        (png((64, 128)), "pixels"),
+        (png((16, 16))[:-20], "corrupt"),
+        (png() + b"\0" * 2048, "bytes"),
+    ]:
+        with pytest.raises(ApiError) as e:
+            check_image("image", data, 1 << 10 if words == "bytes" else 1 << 20, 4096)
+        assert e.value.param == "image" and words in e.value.message, (words, e.value.message)
+
+
+def test_an_openai_mask_becomes_the_pipelines():
+    mask = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 8, 16))  # transparent: edit here
+    converted = Image.open(io.BytesIO(mask_png(mask, (16, 16))))
+    assert converted.getpixel((2, 2)) == 255 and converted.getpixel((12, 2)) == 0
+    with pytest.raises(ApiError) as e:
+        mask_png(mask, (32, 32))
+    assert e.value.param == "mask"
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_transcoding_gives_the_asked_format(fmt):
+    assert Image.open(io.BytesIO(transcode(png(), fmt, 80))).format == fmt.upper()
+
+
+class FixedLag:
+    def __init__(self, lag):
+        self.value = lag
+
+    def lag(self):
+        return self.value
+
+
+def test_a_backlog_past_the_bound_sheds_load_with_503(tmp_path):
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.core.settings import Settings
+    from pixelpipe.gateway.pipeline import Pipeline
+
+    pipeline = Pipeline(Settings().updated(gateway_max_lag=100), FileObjectStore(tmp_path), "test")
+    pipeline.lag_monitor = FixedLag(100)
+    pipeline.check_capacity()  # at the bound: admitted
+    pipeline.lag_monitor = FixedLag(None)
+    pipeline.check_capacity()  # not measurable: admitted
+    pipeline.lag_monitor = FixedLag(101)
+    with pytest.raises(ApiError) as e:
+        pipeline.check_capacity()
+    assert (e.value.status, e.value.code, e.value.headers()["Retry-After"]) == (503, "overloaded", "5")
+    assert pipeline.reply_topic == "pixelpipe.replies.gateway.test"
+
+
+def test_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pixelpipe.cli import main
+
+    monkeypatch.setenv("PIXELPIPE_GATEWAY_KEYS_FILE", str(tmp_path / "keys.json"))
+    runner = CliRunner()
+    created = runner.invoke(main, ["keys", "create", "--user", "acme", "--model", "tiny-sd", "--rpm", "5"])
+    assert created.exit_code == 0, created.output
+    secret = created.stdout.strip().splitlines()[0]
+    store = KeyStore(tmp_path / "keys.json")
+    entry = store.authenticate(secret)
+    assert entry is not None and entry.models == ["tiny-sd"] and entry.requests_per_minute == 5
+    listed = runner.invoke(main, ["keys", "list"])
+    assert json.loads(listed.stdout)["key_id"] == entry.key_id and "key_hash" not in listed.stdout
+    assert runner.invoke(main, ["keys", "revoke", entry.key_id]).exit_code == 0
+    assert store.authenticate(secret) is None
+    assert runner.invoke(main, ["keys", "revoke", "knope"]).exit_code == 1
+
+
+def test_no_result_by_the_deadline_is_a_504(tmp_path):
+    import asyncio
+    import datetime as dt
+
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.core.settings import Settings
+    from pixelpipe.gateway import pipeline as module
+
+    pipeline = module.Pipeline(Settings().updated(gateway_timeout_s=0.1), FileObjectStore(tmp_path), "test")
+
+    async def wait():
+        never = asyncio.get_running_loop().create_future()
+        return await pipeline._wait(never, dt.datetime.now(dt.UTC))
+
+    grace, module.RESULT_GRACE_S = module.RESULT_GRACE_S, 0.0
+    try:
+        with pytest.raises(ApiError) as e:
+            asyncio.run(wait())
+    finally:
+        module.RESULT_GRACE_S = grace
+    assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")

@@ -1,0 +1,107 @@
+"""The gateway's HTTP layer with a stand-in pipeline: envelopes, headers, signed file URLs, a full call's answer."""
+
+import base64
+import io
+import time
+
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from pixelpipe.core.events import ImageResult, StoredImage
+from pixelpipe.core.objects import FileObjectStore
+from pixelpipe.core.settings import Settings
+from pixelpipe.gateway.app import Gateway, create_app
+from pixelpipe.gateway.keys import KeyStore
+from pixelpipe.gateway.params import ModelInfo
+from pixelpipe.gateway.ratelimit import TokenBuckets
+
+
+class StandInPipeline:
+    """Answers every submission with one stored image, as the pipeline would."""
+
+    reply_topic = "pixelpipe.replies.gateway.test"
+
+    def __init__(self, store):
+        self.store = store
+        self.submissions = []
+
+    def check_capacity(self):
+        pass
+
+    async def submit(self, submission):
+        self.submissions.append(submission)
+        out = io.BytesIO()
+        Image.new("RGB", (submission.width, submission.height), (1, 2, 3)).save(out, format="PNG")
+        stored = self.store.put(f"2026/01/01/{submission.request_id}/0.png", out.getvalue(), "image/png")
+        image = StoredImage(uri=stored.uri, sha256=stored.sha256, width=64, height=64, format="PNG", bytes=stored.bytes)
+        return ImageResult(
+            event_id="e", request_id=submission.request_id, status="SUCCEEDED", user_id=submission.user_id,
+            model=submission.model, images=[image], width=submission.width, height=submission.height,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def served(tmp_path):
+    settings = Settings().updated(gateway_url_signing_key="s3cret", gateway_default_size="64x64")
+    store = FileObjectStore(tmp_path / "objects")
+    keys = KeyStore(tmp_path / "keys.json")
+    secret, entry = keys.create("acme", ["tiny-sd"])
+    app = create_app(settings)  # the lifespan (Kafka) is not run: the state is set here
+    pipeline = StandInPipeline(store)
+    app.state.gateway = Gateway(
+        settings=settings,
+        keys=keys,
+        models={"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4), "other": ModelInfo("other", "x", 4)},
+        store=store,
+        pipeline=pipeline,
+        buckets=TokenBuckets(),
+    )
+    client = TestClient(app)
+    client.headers["Authorization"] = f"Bearer {secret}"
+    return client, pipeline, entry
+
+
+def test_a_call_answers_like_openai_with_its_request_id(served):
+    client, pipeline, entry = served
+    answer = client.post("/v1/images/generations", json={"prompt": "a fox", "user": "alice", "output_format": "webp"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-request-id"].startswith(entry.key_id + "-")
+    assert "gateway;dur=" in answer.headers["server-timing"]
+    body = answer.json()
+    assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).format == "WEBP"
+    assert body["usage"]["output_tokens"] == 16 and body["size"] == "64x64"
+    assert pipeline.submissions[0].user_id == "acme:alice"
+
+
+def test_a_url_on_a_file_store_is_signed_and_expires(served):
+    client, _, _ = served
+    url = client.post("/v1/images/generations", json={"prompt": "a fox", "response_format": "url"}).json()["data"][0]
+    path = url["url"].removeprefix("http://testserver")
+    fetched = client.get(path)
+    assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
+    tampered = client.get(path.replace("signature=", "signature=0"))
+    assert tampered.status_code == 403 and tampered.json()["error"]["code"] == "invalid_signature"
+    expired = client.get(path.replace("expires=", f"expires={int(time.time()) - 10}&was="))
+    assert expired.status_code == 403
+
+
+def test_errors_are_openai_envelopes(served):
+    client, _, _ = served
+    missing = client.post("/v1/images/generations", json={"prompt": "x"}, headers={"Authorization": ""})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    wrong = client.get("/v1/models", headers={"Authorization": "Bearer pp-k000000000000-" + "x" * 43})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    bad = client.post("/v1/images/generations", json={"prompt": "x", "size": "7x7"})
+    assert bad.status_code == 400 and bad.json()["error"] == {
+        "message": bad.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "param": "size",
+        "code": None,
+    }
+    assert client.post("/v1/images/generations", json={"prompt": "x", "model": "other"}).status_code == 404
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-sd"]
+    not_json = client.post("/v1/images/generations", content=b"{", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
+    no_image = client.post("/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", b"x", "image/png")})
+    assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
