@@ -306,6 +306,9 @@ class OpsSettings:
     lag_interval_s: float = setting(
         "LAG_INTERVAL_S", 5.0, "How often a process measures its consumer groups' lag (a background thread)."
     )
+    prometheus_url: str = setting(
+        "PROMETHEUS_URL", "http://127.0.0.1:9090", "Prometheus that `pixelpipe top` reads (the local stack's)."
+    )
 
 
 @dataclass(frozen=True)
