@@ -23,6 +23,7 @@ import pytest
 from confluent_kafka import Producer
 
 from pixelpipe.core.clickhouse import ServerClient, create_database, drop_database
+from pixelpipe.core.events import ImageResult
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
@@ -193,7 +194,7 @@ def test_prometheus_holds_what_was_sent(ops):
         producer.produce(settings.topics.requests, b"\x00not avro at all", request_id.encode())
     assert producer.flush(30) == 0
     ids = [r.request_id for r in requests] + garbage_ids
-    collected = collect(settings.kafka, settings.topics.results, ids, timeout_s=180)
+    collected = collect(settings.kafka, settings.topics.results, ImageResult, ids, timeout_s=180)
     assert not collected.missing, collected.missing
     ops.requests_sent.extend(ids)
 
