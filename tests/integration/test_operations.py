@@ -255,15 +255,19 @@ def test_prometheus_holds_what_was_sent(ops):
     assert not labels & {"request_id", "event_id", "user_id"}
 
 
-def test_pixelpipe_top_renders_a_frame(ops):
+def top_frame(ops, width: int = 110) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "pixelpipe", "top", "--once", "--width", "140", "--prometheus", ops.prometheus],
+        [sys.executable, "-m", "pixelpipe", "top", "--once", "--width", str(width), "--prometheus", ops.prometheus],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    frame = done.stdout
+    return done.stdout
+
+
+def test_pixelpipe_top_renders_a_frame(ops):
+    frame = top_frame(ops)
     (ops.tmp / "top.txt").write_text(frame)
     assert "consumer lag" in frame and "stages" in frame
     assert f"{ops.prefix}-moderation-generate" in frame
@@ -315,6 +319,8 @@ def test_lag_alert_fires_while_the_worker_is_stopped_and_resolves_when_it_is_bac
         fired_after_s = time.monotonic() - started
         ops.start_worker()
         wait_until(lambda: _ready(ops.worker_port), 240, f"worker back:\n{ops.worker.log_tail()}")
+        time.sleep(3)  # a few scrapes of the worker catching up, for the README's frame of `pixelpipe top`
+        (ops.tmp / "top-catching-up.txt").write_text(top_frame(ops))
     finally:
         stop.set()
         publishing.join(60)
