@@ -155,7 +155,7 @@ def _defined_metrics() -> set[str]:
     names: set[str] = set()
     for path in [*ROOT.glob("processors/*.py"), *ROOT.glob("sinks/**/*.py"), ROOT / "pixelpipe/core/telemetry.py"]:
         for name in re.findall(r'"(pixelpipe_[a-z_]+)"', path.read_text()):
-            names |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            names |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count", f"{name}_total"}
     return names
 
 

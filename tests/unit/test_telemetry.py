@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 from rich.console import Console
 
 from pixelpipe.core.telemetry import Health, OpsServer, reason_label
@@ -78,12 +78,14 @@ def test_dead_letter_reasons_become_bounded_labels(reason, label):
     assert reason_label(reason) == label
 
 
-def sample(name: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def test_stage_telemetry_counts_only_when_enabled():
     telemetry = StageTelemetry()
+    registry = CollectorRegistry()
+    registry.register(telemetry)
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return (REGISTRY if name.startswith("pixelpipe_dead") else registry).get_sample_value(name, labels) or 0.0
+
     work = StageWork("GENERATE", "OK", 250.0, 1500.0, "cpu", 1.5, 4)
     before = sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"})
     telemetry.work(work, 0.001)
