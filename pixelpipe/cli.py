@@ -53,7 +53,7 @@ def stack() -> None:
 def _print_status(statuses: list) -> bool:
     for s in statuses:
         state = "healthy" if s.healthy else ("unhealthy" if s.pid else "stopped")
-        click.echo(f"{s.name:<11} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
+        click.echo(f"{s.name:<12} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
     return all(s.healthy for s in statuses)
 
 
