@@ -182,9 +182,20 @@ class LagMonitor:
         self.interval_s = interval_s
         self._admin = AdminClient(kafka.client_config())
         # Reads watermarks and the message at a committed offset; assigned only, never subscribed: joins no group.
+        # Small fetches: it wants one message from a partition that may hold a backlog of megabytes, on a machine
+        # whose cores belong to the worker (a larger first message still comes back whole).
         self._peek = Consumer(
             kafka.client_config()
-            | {"group.id": "pixelpipe-lag-monitor", "enable.auto.commit": False, "enable.partition.eof": False}
+            | {
+                "group.id": "pixelpipe-lag-monitor",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+                "fetch.max.bytes": 65536,
+                "max.partition.fetch.bytes": 16384,
+                "message.max.bytes": 65536,
+                "queued.max.messages.kbytes": 64,
+                "queued.min.messages": 1,
+            }
         )
         self._shown: set[tuple[str, str, str]] = set()
         self._stop = threading.Event()
