@@ -15,6 +15,11 @@ Both run with nudenet's image detector and with the null detector (PIXELPIPE_IMA
 nothing and costs nothing), so the null row measures the pipeline and the detector's time is printed apart: its
 milliseconds per request from the results' `output_moderation` timings, and their share of the saturated wall time.
 Kafka, this client and the worker share the machine's cores: the load average is printed with the figures.
+
+`--metrics off,on` (the default) runs each detector's worker twice in turn, without and with its metrics
+(PIXELPIPE_METRICS_PORT set, so the stages observe every event, the lag monitor runs, and this process scrapes
+/metrics every `--scrape-interval` seconds, 1 s by default: five times the local Prometheus' rate), and prints the
+throughput the metrics cost.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -209,6 +215,69 @@ def summarise(
     )
 
 
+class Scraper:
+    """GETs a worker's /metrics every ``interval_s`` on a thread, as Prometheus would, and counts the scrapes."""
+
+    def __init__(self, port: int, interval_s: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval_s = interval_s
+        self.scrapes = 0
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            # Not serving yet (the worker is starting): try again next time.
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=5) as answer:
+                self.bytes += len(answer.read())
+                self.scrapes += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def observation_cost_us(rounds: int = 20_000) -> float:
+    """Microseconds of metrics a text-to-image request costs a worker, measured in this process: what the stages
+    observe for it (the MODERATION, GENERATE and OUTPUT_MODERATION work, one result with an image, its share of a
+    take's events-in), folded into counts as a scrape does."""
+    from pixelpipe.core.events import StoredImage
+    from pixelpipe.processors.outcomes import Outcome, StageWork
+    from pixelpipe.processors.telemetry import TELEMETRY
+
+    image = StoredImage(uri="file:///x/0.png", sha256="0" * 64, width=64, height=64, format="PNG", bytes=100)
+    succeeded = Outcome("SUCCEEDED", images=[image])
+    works = [
+        StageWork("MODERATION", "OK", 12.0, 0.4, "cpu", 0.0004, 64),
+        StageWork("GENERATE", "OK", 30.0, 1.0, "cpu", 0.001, 8),
+        StageWork("OUTPUT_MODERATION", "OK", 0.0, 0.0, "cpu", 0.0, 1),
+    ]
+    was = TELEMETRY.enabled
+    TELEMETRY.enable()
+    started = time.perf_counter()
+    for i in range(rounds):
+        if i % 32 == 0:  # once a take (32 requests, the render stages' take; moderation takes up to 256)
+            TELEMETRY.events_in("moderation", 32)
+            TELEMETRY.events_in("generate", 32)
+        for work in works:
+            TELEMETRY.work(work, 1e-7)
+        TELEMETRY.result(succeeded, "GENERATE")
+    TELEMETRY.fold()
+    elapsed = time.perf_counter() - started
+    TELEMETRY.enable(was)
+    return elapsed / rounds * 1e6
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_detector(
     base: Settings,
     workdir: Path,
@@ -218,6 +287,8 @@ def run_detector(
     side: int,
     profile_dir: Path | None,
     echo: Callable[..., None],
+    metrics: bool = False,
+    scrape_interval_s: float = 1.0,
 ) -> tuple[Phase, Phase] | None:
     suffix = f"{detector}-{uuid.uuid4().hex[:8]}"
     settings = base.updated(
@@ -229,12 +300,15 @@ def run_detector(
     ensure_topics(settings.kafka, settings.topics)
     codec = codec_from_settings(settings.kafka)
     watcher = ResultWatcher(settings)
-    log_path = workdir / f"worker-{detector}.log"
+    log_path = workdir / f"worker-{detector}{'-metrics' if metrics else ''}.log"
+    port = free_port() if metrics else 0
+    env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
+    scraper = Scraper(port, scrape_interval_s) if metrics else None
     try:
         with Publisher(settings, codec=codec) as publisher:
             backlog = encoded_requests(codec, requests, side)
             publish(publisher, backlog, None, f"{detector}: publishing the backlog")
-            with WorkerProcess(settings, STAGES, log_path) as worker:
+            with WorkerProcess(settings, STAGES, log_path, env) as worker:
                 ids = [r for r, _ in backlog]
                 label = f"{detector}: saturation"
                 started = watcher.wait_for(ids, label, STARTUP_TIMEOUT_S, at_least=1)
@@ -257,6 +331,10 @@ def run_detector(
                 latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate)
     finally:
         watcher.close()
+        if scraper is not None:
+            scraper.close()
+            size = scraper.bytes / max(1, scraper.scrapes)
+            echo(f"{detector}: metrics scraped {scraper.scrapes} times ({size:,.0f} B each)")
         AdminClient(settings.kafka.client_config()).delete_topics(settings.topics.pipeline())
     if watcher.arrivals.duplicates:
         echo(f"{detector}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
@@ -298,6 +376,10 @@ def main() -> None:
         help="PIXELPIPE_MAX_WAIT_MS for the render stages (their default, 50, lets a diffusion model fill a batch; "
         "the null model gains nothing from waiting)",
     )
+    parser.add_argument(
+        "--metrics", default="off,on", help="comma separated, run in turn per detector: off (none served), on"
+    )
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes")
     parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
     parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the worker under saturation")
     args = parser.parse_args()
@@ -330,16 +412,44 @@ def main() -> None:
         )
         for detector in args.detectors.split(","):
             requests = args.requests if detector == "null" else args.nudenet_requests
-            phases = run_detector(base, workdir, detector, requests, args.latency_seconds, args.side, profile_dir, echo)
-            if phases is None:
-                raise SystemExit(1)
-            rows.append((detector, *phases))
-            p99 = quantile(phases[1].latencies_ms, 0.99)
-            echo(
-                f"{detector}: {phases[0].rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {phases[1].rate:,.0f} req/s"
-                f" (load average {os.getloadavg()[0]:.2f})"
-            )
+            for mode in args.metrics.split(","):
+                phases = run_detector(
+                    base,
+                    workdir,
+                    detector,
+                    requests,
+                    args.latency_seconds,
+                    args.side,
+                    profile_dir,
+                    echo,
+                    metrics=mode == "on",
+                    scrape_interval_s=args.scrape_interval,
+                )
+                if phases is None:
+                    raise SystemExit(1)
+                label = detector if mode == "off" else f"{detector}+m"
+                rows.append((label, *phases))
+                p99 = quantile(phases[1].latencies_ms, 0.99)
+                echo(
+                    f"{label}: {phases[0].rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {phases[1].rate:,.0f}"
+                    f" req/s (load average {os.getloadavg()[0]:.2f})"
+                )
     print_table(rows, echo)
+    cost_us = observation_cost_us()
+    cpu_ms = statistics.mean(saturation.worker_cpu_ms for label, saturation, _ in rows if not label.endswith("+m"))
+    echo(
+        f"metrics observed per request: {cost_us:.1f} us in this process, {cost_us / 10 / cpu_ms:.2f} % of the"
+        f" worker's {cpu_ms:.2f} ms of CPU per request without metrics"
+    )
+    rates = {label: saturation for label, saturation, _ in rows}
+    for label, saturation in rates.items():
+        if label.endswith("+m") and label[:-2] in rates:
+            off = rates[label[:-2]]
+            echo(
+                f"{label[:-2]}: metrics on {saturation.rate:,.0f} req/s vs off {off.rate:,.0f} req/s"
+                f" ({saturation.rate / off.rate - 1:+.1%}); worker CPU {saturation.worker_cpu_ms:.3f} vs"
+                f" {off.worker_cpu_ms:.3f} ms/req ({saturation.worker_cpu_ms / off.worker_cpu_ms - 1:+.1%})"
+            )
 
 
 def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None]) -> None:

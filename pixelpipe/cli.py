@@ -53,7 +53,7 @@ def stack() -> None:
 def _print_status(statuses: list) -> bool:
     for s in statuses:
         state = "healthy" if s.healthy else ("unhealthy" if s.pid else "stopped")
-        click.echo(f"{s.name:<11} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
+        click.echo(f"{s.name:<12} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
     return all(s.healthy for s in statuses)
 
 
@@ -111,6 +111,57 @@ def topics_command() -> None:
     settings = load_settings()
     created = ensure_topics(settings.kafka, settings.topics)
     click.echo(f"created: {', '.join(created) or 'none (all exist)'}")
+
+
+# -- operations ---------------------------------------------------------------------------------------------
+@main.command("lag-exporter")
+@click.option(
+    "--group-prefix",
+    "prefixes",
+    multiple=True,
+    help="Watch consumer groups whose id starts with this (repeatable). Default: PIXELPIPE_CONSUMER_GROUP and "
+    "PIXELPIPE_SINK_GROUP_ID.",
+)
+def lag_exporter_command(prefixes: tuple[str, ...]) -> None:
+    """Serve the consumer lag of every matching group on PIXELPIPE_METRICS_PORT until SIGTERM: it still reports a
+    group none of whose members runs, which their own metrics cannot."""
+    import signal
+    import threading
+
+    from pixelpipe.core.telemetry import Health, LagMonitor, serve
+
+    settings = load_settings()
+    health = Health(max(settings.ops.liveness_bound_s, 3 * settings.ops.lag_interval_s))
+    server = serve(settings.ops, health)
+    if server is None:
+        raise click.UsageError("set PIXELPIPE_METRICS_PORT: the lag exporter serves nothing else")
+    prefixes = prefixes or (settings.stages.consumer_group, settings.sink.group_id)
+    monitor = LagMonitor(settings.kafka, prefixes=prefixes, interval_s=settings.ops.lag_interval_s)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set():
+        try:
+            monitor.measure()
+            health.beat()
+        except Exception as e:  # the broker restarting: /healthz fails if it lasts, the next round tries again
+            click.echo(f"lag not measured: {e!r}", err=True)
+        stop.wait(settings.ops.lag_interval_s)
+    server.close()
+
+
+@main.command("top")
+@click.option("--prometheus", "url", help="Prometheus to read (default: PIXELPIPE_PROMETHEUS_URL).")
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and tests).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.2), help="Seconds a frame.")
+@click.option("--width", type=click.IntRange(min=60), help="Render this many columns wide (default: the terminal).")
+def top_command(url: str | None, once: bool, interval: float, width: int | None) -> None:
+    """A live view of lag, throughput, p95 latency per stage, batch sizes, GPU busy and error rates."""
+    from pixelpipe.tools.top import run_top
+
+    settings = load_settings()
+    if not run_top(url or settings.ops.prometheus_url, once=once, interval_s=interval, width=width):
+        sys.exit(1)
 
 
 # -- processors ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from faust.types import EventT
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
+from pixelpipe.core.telemetry import Health, LagMonitor, serve
 from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.stages import (
     EditStage,
@@ -41,6 +42,7 @@ from pixelpipe.processors.stages import (
 )
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.takes import in_thread, render_take
+from pixelpipe.processors.telemetry import TELEMETRY
 
 if TYPE_CHECKING:
     from pixelpipe.processors.models import DiffusionModels
@@ -148,7 +150,8 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     render_kinds = [kind for kind in RENDER_STAGES if kind in names]
     if render_kinds:
         models = _diffusion_models(settings)
-        models.warm_up()  # every model loaded, compiled and warmed: a rebalance never meets a compile stall
+        # Every model loaded, compiled and warmed: a rebalance never meets a compile stall.
+        TELEMETRY.models_ready(models.warm_up())
         lane = models.lane()
         for kind in render_kinds:
             built[kind] = _render_stage(RENDER_STAGES[kind], settings, context, models)
@@ -192,6 +195,7 @@ def create_app(settings: Settings, stages: Mapping[str, Stage], sender: Emission
             # A take's events are acknowledged when the next take is asked for: after its emissions were.
             take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
             async for events in stream.take_events(take, within=within_s):
+                TELEMETRY.events_in("moderation", len(events))
                 await sender.send_all(await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events]))
                 yield None
 
@@ -228,6 +232,7 @@ def _add_render_agent(
         # came in max_wait_ms. They are acknowledged when the next take is asked for: after their emissions were.
         take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
         async for events in stream.take_events(take, within=within_s):
+            TELEMETRY.events_in(kind, len(events))
             await render_take(stage, [inbound(e) for e in events], sender.send_all, model_thread, finishing_thread)
             yield None
 
@@ -298,15 +303,43 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
 
 
+def watch_health(app: faust.App, health: Health) -> None:
+    """A heartbeat on the event loop every second (``/healthz`` fails when it stops), and partitions assigned
+    for ``/readyz``."""
+
+    @app.timer(interval=1.0)
+    async def heartbeat() -> None:
+        health.beat()
+
+    @app.on_partitions_assigned.connect
+    async def assigned(_app: faust.App, _assigned: object, **_: object) -> None:
+        health.mark("partitions")
+
+    @app.on_partitions_revoked.connect
+    async def revoked(_app: faust.App, _revoked: object, **_: object) -> None:
+        health.mark("partitions", False)
+
+
 def run_worker(settings: Settings, stages: Sequence[str]) -> None:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed."""
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics
 
     level = settings.logs.level.upper()
+    # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
+    health = Health(settings.ops.liveness_bound_s, ["models", "partitions"])
+    server = serve(settings.ops, health)
+    TELEMETRY.enable(server is not None)
     ensure_topics(settings.kafka, settings.topics, stage_topics(settings.topics, stages))
     sender = EmissionSender(settings.kafka, settings.stages.reply_timeout_ms)
-    app = create_app(settings, build_stages(settings, stages), sender)
+    built = build_stages(settings, stages)
+    health.mark("models")
+    app = create_app(settings, built, sender)
+    watch_health(app, health)
+    lag = None
+    if server is not None:
+        groups = {app.conf.id: _sources(settings.topics, stages)}
+        lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
     worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
     # Faust's terminal spinner turns every log record into a spin, setting the root logger to DEBUG: each debug
     # line of aiokafka, Faust and mode then builds a record, about a tenth of the consumer thread's time.
@@ -315,3 +348,13 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> None:
         worker.execute_from_commandline()
     finally:
         sender.close()
+        if lag is not None:
+            lag.close()
+        if server is not None:
+            server.close()
+
+
+def _sources(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
+    """The topics these stages consume."""
+    names = {"moderation": topics.requests, "generate": topics.generate, "edit": topics.edit}
+    return [names[stage] for stage in STAGES if stage in stages]

@@ -34,6 +34,7 @@ class Outcome:
     moderation_scores: dict[str, float] = field(default_factory=dict)
     error_code: str | None = None
     error_message: str | None = None
+    rejected_categories: list[str] = field(default_factory=list)  # REJECTED: the categories over their threshold
 
     @classmethod
     def failed(cls, code: str, message: str) -> Outcome:
@@ -47,6 +48,7 @@ class Outcome:
             moderation_scores=scores,
             error_code="MODERATION_REJECTED",
             error_message=f"{stage.lower().replace('_', ' ')} rejected: {', '.join(categories)}",
+            rejected_categories=list(categories),
         )
 
     @property

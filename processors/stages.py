@@ -52,6 +52,7 @@ from pixelpipe.processors.outcomes import (
 )
 from pixelpipe.processors.previews import PreviewHook, PreviewSink, hook_for, passed_on, previewing
 from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +130,7 @@ def with_retries(action: Callable[[], T], stages: StageSettings, what: str, dead
             if not is_transient(e) or time.time() + delay_s > give_up_s:
                 raise
             log.warning("transient failure, retrying", extra={"what": what, "attempt": attempt, "error": str(e)})
+            TELEMETRY.retry(what)
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
     raise AssertionError("unreachable")
@@ -148,6 +150,7 @@ class Emitter:
         self, request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None = None
     ) -> None:
         value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered))
+        TELEMETRY.result(outcome, request.kind)
         key = request.request_id.encode()
         self.emissions.append(Emission(self.context.topics.results, key, value))
         if request.reply_topic is not None and self._may_reply_to(request.reply_topic):
@@ -163,6 +166,7 @@ class Emitter:
 
     def unreadable(self, request_id: str, outcome: Outcome) -> None:
         self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome))
+        TELEMETRY.result(outcome, "unknown")
 
     def metric(self, request: ImageRequest, work: StageWork, model: str | None = None) -> None:
         stages = self.context.stages
@@ -170,6 +174,7 @@ class Emitter:
             request, work, model or request.model, self.context.worker_id, stages.device_hour_price_usd
         )
         self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
+        TELEMETRY.work(work, metric.cost_usd)
 
     def forward(self, topic: str, message: Inbound) -> None:
         headers = passed_on(message.headers) | self.context.stamp.headers(message.value)
@@ -187,6 +192,7 @@ class Emitter:
             request_id=request_id,
         )
         self._emit(self.context.topics.dead_letter, message.key, letter)
+        TELEMETRY.dead_letter(stage, reason)
 
     def take(self) -> list[Emission]:
         emissions, self.emissions = self.emissions, []

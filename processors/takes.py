@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from pixelpipe.processors.stages import Emission, Inbound, RenderedChunk, RenderStage
+from pixelpipe.processors.telemetry import TELEMETRY
 
 T = TypeVar("T")
 Send = Callable[[Sequence[Emission]], Awaitable[None]]
@@ -36,6 +37,7 @@ async def render_take(
     try:
         for chunk in planned.chunks:
             rendered = await in_thread(model_thread, stage.render, chunk)
+            TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
             if finishing is not None:
                 await finishing
             finishing = asyncio.ensure_future(finish(rendered))

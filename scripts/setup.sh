@@ -16,11 +16,16 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v clickhouse-server >/dev/null || [ -x /usr/sbin/clickhouse-server ] || missing+=(clickhouse-server)
 command -v chromium >/dev/null || missing+=(chromium)  # renders experiment reports in the report test
+command -v prometheus >/dev/null || missing+=(prometheus)  # the local stack's Prometheus; promtool checks the rules
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >/dev/null
+  # Debian's prometheus package enables a system service; the stack runs its own Prometheus instead.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+    $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 pins_hash=$( (cat "$repo/requirements.lock"; python3 --version) | sha256sum | cut -c1-16)

@@ -10,6 +10,7 @@ import click
 
 from pixelpipe.core.cli import load_settings
 from pixelpipe.core.settings import Settings, mask_secrets
+from pixelpipe.core.telemetry import Health, LagMonitor, serve
 
 
 def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
@@ -69,8 +70,22 @@ def sink_command(max_idle: float | None) -> None:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        sink = ClickHouseSink(settings.kafka, settings.topics, settings.sink, client, max_idle_s=max_idle)
-        stats = sink.run(stop)
+        health = Health(settings.ops.liveness_bound_s, ["partitions"])
+        server = serve(settings.ops, health)
+        lag = None
+        if server is not None:
+            groups = {settings.sink.group_id: [settings.topics.results, settings.topics.metrics]}
+            lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
+        sink = ClickHouseSink(
+            settings.kafka, settings.topics, settings.sink, client, max_idle_s=max_idle, health=health
+        )
+        try:
+            stats = sink.run(stop)
+        finally:
+            if lag is not None:
+                lag.close()
+            if server is not None:
+                server.close()
     finally:
         client.close()
     click.echo(f"rows={stats.rows} batches={stats.batches} dead_letters={stats.dead_letters}")

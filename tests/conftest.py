@@ -119,6 +119,8 @@ def _local_stack(tmp_dir: str) -> Iterator[Settings]:
         clickhouse_port=free_port(),
         clickhouse_http_port=free_port(),
         s3_port=free_port(),
+        prometheus_port=free_port(),
+        lag_exporter_port=free_port(),
     )
     stack = LocalStack(stack_settings)
     try:

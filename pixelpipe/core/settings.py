@@ -1,7 +1,7 @@
 """Settings by concern, read from ``PIXELPIPE_*`` environment variables, with defaults for the embedded run.
 
 Each concern is a small frozen dataclass (Kafka, topics, ClickHouse, object store, request limits, models,
-experiments, moderation, stages, sink, logs); ``Settings`` gathers them and each component takes only the
+experiments, moderation, stages, sink, operations, logs); ``Settings`` gathers them and each component takes only the
 parts it needs. Every field names its environment variable, so the variables stay flat and stable while the code
 groups them. The local stack's settings belong to the tools (``pixelpipe.tools.stack.settings``).
 """
@@ -358,6 +358,28 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class OpsSettings:
+    metrics_port: int = setting(
+        "METRICS_PORT",
+        0,
+        "Port of this process's /metrics, /healthz and /readyz (0: none served). Processes on one host need "
+        "distinct ports: the local stack's Prometheus scrapes 9400-9403 (the demo's workers and sink).",
+    )
+    metrics_host: str = setting("METRICS_HOST", "0.0.0.0", "Address the metrics and health server listens on.")
+    liveness_bound_s: float = setting(
+        "LIVENESS_BOUND_S",
+        30.0,
+        "/healthz fails when the worker's event loop (the sink's poll loop) has not run for this long.",
+    )
+    lag_interval_s: float = setting(
+        "LAG_INTERVAL_S", 5.0, "How often a process measures its consumer groups' lag (a background thread)."
+    )
+    prometheus_url: str = setting(
+        "PROMETHEUS_URL", "http://127.0.0.1:9090", "Prometheus that `pixelpipe top` reads (the local stack's)."
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = setting("LOG_LEVEL", "WARNING", "Log level; logs are JSON lines on stderr.")
 
@@ -377,6 +399,7 @@ class Settings:
     stages: StageSettings = field(default_factory=StageSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     logs: LogSettings = field(default_factory=LogSettings)
 
     @classmethod

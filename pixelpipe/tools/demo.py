@@ -55,6 +55,30 @@ EXPERIMENT_WORKERS = 2
 STAGES = ["moderation", "generate", "edit"]
 
 
+def _metrics_ports(settings: Settings, stack: StackSettings, count: int) -> list[dict[str, str]]:
+    """The metrics port of each of ``count`` processes: the local Prometheus' scrape ports (the workers first,
+    the sink last) where free, so `pixelpipe top` shows the demo; none where a port is taken, or where
+    PIXELPIPE_METRICS_PORT is set (each process would then take the same)."""
+    if settings.ops.metrics_port:
+        return [{} for _ in range(count)]
+    wanted = [int(p) for p in stack.scrape_ports.split(",") if p.strip()]
+    ports = [wanted[i] if i < len(wanted) and _bindable(wanted[i]) else 0 for i in range(count)]
+    if len(wanted) > count:  # the sink's is the stack's third port (9402) however many workers run
+        ports[-1] = wanted[2] if len(wanted) > 2 and _bindable(wanted[2]) else ports[-1]
+    return [{"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"} for port in ports]
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_demo(
     settings: Settings,
     stack_settings: StackSettings,
@@ -78,9 +102,13 @@ def run_demo(
         # The experiment runs one worker per core, each with one thread per operation: tiny tensors gain nothing
         # from a second thread, whose spinning starves the other stages; the workers share the partitions.
         names = [f"worker-{i}.log" for i in range(1, EXPERIMENT_WORKERS + 1)] if experiment_only else ["worker.log"]
-        worker_env = {"OMP_NUM_THREADS": "1"} if experiment_only else None
+        worker_env = {"OMP_NUM_THREADS": "1"} if experiment_only else {}
+        ports = _metrics_ports(settings, stack_settings, len(names) + 1)
         with contextlib.ExitStack() as running:
-            workers = [running.enter_context(WorkerProcess(settings, STAGES, logs / n, worker_env)) for n in names]
+            workers = [
+                running.enter_context(WorkerProcess(settings, STAGES, logs / n, worker_env | ports[i]))
+                for i, n in enumerate(names)
+            ]
             worker_logs = ", ".join(str(worker.log_path) for worker in workers)
             _publish(settings, requests)
             echo(f"published {len(requests)} requests; worker logs: {worker_logs}")
@@ -97,7 +125,7 @@ def run_demo(
             echo(f"{len(results.missing)} requests got no result; see {worker_logs}")
             return False
         echo("loading results and metrics into ClickHouse ...")
-        sink = PixelpipeProcess(settings, ["clickhouse", "sink", "--max-idle", "3"], logs / "sink.log")
+        sink = PixelpipeProcess(settings, ["clickhouse", "sink", "--max-idle", "3"], logs / "sink.log", ports[-1])
         if sink.process.wait(300) != 0:
             echo(f"the sink failed; see {sink.log_path}:\n{sink.log_tail()}")
             return False

@@ -19,17 +19,34 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter, Histogram
 
 from pixelpipe.core.clickhouse import InsertRefused
 from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
 from pixelpipe.core.events import DeadLetter, Event, ImageResult, StageMetric
 from pixelpipe.core.settings import KafkaSettings, SinkSettings, TopicSettings
+from pixelpipe.core.telemetry import DEAD_LETTERS, RETRIES, Health
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, Row, metric_row, result_row
 
 log = logging.getLogger(__name__)
 
 STAGE = "clickhouse-sink"
 LOG_INTERVAL_S = 10.0
+
+EVENTS_IN = Counter("pixelpipe_sink_events_in_total", "Messages the sink consumed, by topic.", ["topic"])
+ROWS = Counter("pixelpipe_sink_rows_total", "Rows inserted into ClickHouse, by table.", ["table"])
+BATCH_ROWS = Histogram(
+    "pixelpipe_sink_batch_rows",
+    "Messages in each committed batch.",
+    buckets=(1, 10, 100, 1_000, 5_000, 10_000, 50_000, 100_000),
+)
+INSERT_SECONDS = Histogram(
+    "pixelpipe_sink_insert_seconds",
+    "Time of one insert into ClickHouse (retries included), by table.",
+    ["table"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+)
+COMMITS = Counter("pixelpipe_sink_commits_total", "Offset commits after an insert.")
 
 
 class Warehouse(Protocol):
@@ -95,8 +112,10 @@ class ClickHouseSink:
         *,
         max_idle_s: float | None = None,
         consumer_overrides: dict[str, Any] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.topics = topics
+        self.health = health or Health(float("inf"))
         self.sink = sink
         self.max_idle_s = max_idle_s
         self.stats = SinkStats()
@@ -122,10 +141,13 @@ class ClickHouseSink:
         log.info("sink started", extra={"topics": list(self._routes), "group_id": self.sink.group_id})
         try:
             while not stop.is_set():
+                self.health.beat()
                 messages = self._consumer.consume(10_000, timeout=0.2)
                 now = time.monotonic()
                 for message in messages:
                     self._take(message)
+                for topic in {m.topic() for m in messages}:
+                    EVENTS_IN.labels(topic).inc(sum(1 for m in messages if m.topic() == topic))
                 if messages:
                     self._last_event = now
                     self._batch_started = self._batch_started or now
@@ -153,6 +175,7 @@ class ClickHouseSink:
 
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._last_event = self._last_event or time.monotonic()
+        self.health.mark("partitions")
         log.info("partitions assigned", extra={"partitions": len(partitions)})
 
     def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -193,6 +216,7 @@ class ClickHouseSink:
             if pending.rows:
                 route = next(r for r in self._routes.values() if r.table == table)
                 inserted = self._insert(route, pending.rows, pending.sources)
+                ROWS.labels(table).inc(inserted)
                 self.stats.rows += inserted
                 self.stats.rows_by_table[table] = self.stats.rows_by_table.get(table, 0) + inserted
         self._send_dead_letters()
@@ -211,6 +235,8 @@ class ClickHouseSink:
             extra={"messages": self._uncommitted, "seconds": round(time.monotonic() - started, 3)},
         )
         self.stats.batches += 1
+        COMMITS.inc()
+        BATCH_ROWS.observe(self._uncommitted)
         self._pending = {table: _Pending() for table in self._pending}
         self._uncommitted = 0
         self._batch_started = None
@@ -227,7 +253,8 @@ class ClickHouseSink:
                     "row refused by ClickHouse",
                     extra={"event_id": event_id, "table": route.table, "reason": str(e), **_where(sources[0])},
                 )
-                self._dead_letter(sources[0], f"ClickHouse refused event {event_id} for {route.table}: {e}", request_id)
+                reason = f"ClickHouse refused event {event_id} for {route.table}: {e}"
+                self._dead_letter(sources[0], reason, request_id, "refused")
                 return 0
         half = len(rows) // 2
         return self._insert(route, rows[:half], sources[:half]) + self._insert(route, rows[half:], sources[half:])
@@ -238,8 +265,10 @@ class ClickHouseSink:
         deadline = time.monotonic() + self.sink.insert_retry_s
         delay_s = 0.5
         while True:
+            self.health.beat()  # waiting for ClickHouse is not a blocked loop
             try:
-                self._warehouse.insert(route.table, route.columns, rows)
+                with INSERT_SECONDS.labels(route.table).time():
+                    self._warehouse.insert(route.table, route.columns, rows)
                 return
             except InsertRefused:
                 raise
@@ -250,12 +279,14 @@ class ClickHouseSink:
                     "insert failed, retrying",
                     extra={"table": route.table, "rows": len(rows), "error": repr(e), "retry_in_s": delay_s},
                 )
+                RETRIES.labels("clickhouse insert").inc()
                 time.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
 
     # -- dead letters ----------------------------------------------------------------------------------------
-    def _dead_letter(self, message: Message, reason: str, request_id: str | None) -> None:
+    def _dead_letter(self, message: Message, reason: str, request_id: str | None, label: str = "undecodable") -> None:
         self._dead_letters.append((message, reason, request_id))
+        DEAD_LETTERS.labels(STAGE, label).inc()
 
     def _send_dead_letters(self) -> None:
         if not self._dead_letters:

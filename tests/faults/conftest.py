@@ -73,6 +73,8 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
             clickhouse_port=free_port(),
             clickhouse_http_port=free_port(),
             s3_port=free_port(),
+            prometheus_port=free_port(),
+            lag_exporter_port=free_port(),
             cache_dir=section_from_env(StackSettings, os.environ).cache_dir,
         )
     )

@@ -20,7 +20,9 @@ def pixelpipe(env, *args):
 
 
 def test_stack_up_status_down_leaves_nothing_running(tmp_path):
-    ports = {"KAFKA": free_kafka_port()} | {name: free_port() for name in ("CLICKHOUSE", "CLICKHOUSE_HTTP", "S3")}
+    ports = {"KAFKA": free_kafka_port()} | {
+        name: free_port() for name in ("CLICKHOUSE", "CLICKHOUSE_HTTP", "S3", "PROMETHEUS", "LAG_EXPORTER")
+    }
     env = os.environ | {f"PIXELPIPE_STACK_{name}_PORT": str(port) for name, port in ports.items()}
     env["PIXELPIPE_STACK_DIR"] = str(tmp_path / "stack")
     try:
@@ -33,9 +35,11 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
             ["kafka", "healthy"],
             ["clickhouse", "healthy"],
             ["s3", "healthy"],
+            ["lag-exporter", "healthy"],
+            ["prometheus", "healthy"],
         ]
         pids = [int(re.search(r"pid=(\d+)", line).group(1)) for line in lines]
-        for name in ("kafka", "clickhouse", "s3"):
+        for name in ("kafka", "clickhouse", "s3", "lag-exporter", "prometheus"):
             assert (tmp_path / "stack" / name / "service.log").exists()
         again = pixelpipe(env, "up")  # idempotent: finds them running
         assert again.returncode == 0 and [int(p) for p in re.findall(r"pid=(\d+)", again.stdout)] == pids
@@ -46,7 +50,7 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
     assert not any(port_open(port) for port in ports.values())
     after = pixelpipe(env, "status")
     assert after.returncode == 1
-    assert [line.split()[1] for line in after.stdout.splitlines()] == ["stopped"] * 3
+    assert [line.split()[1] for line in after.stdout.splitlines()] == ["stopped"] * 5
 
 
 def _zombie(pid):

@@ -1,9 +1,10 @@
-"""Kafka (KRaft), ClickHouse and an S3 endpoint as local processes."""
+"""Kafka (KRaft), ClickHouse, an S3 endpoint, Prometheus and the lag exporter as local processes."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -13,8 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from pixelpipe.tools.stack.settings import StackSettings
 log = logging.getLogger(__name__)
 
 MAVEN_DIR = Path(__file__).parent / "maven"
+# The alert rules shipped in the repository (deploy/ is not installed with the package: a stack run from an
+# installed wheel starts Prometheus without rules).
+ALERT_RULES = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "alerts.yml"
 LOCAL_S3_ACCESS_KEY = "pixelpipe"
 LOCAL_S3_SECRET_KEY = "pixelpipe-local-secret"  # the local stack's own credentials, never real ones
 LOCAL_S3_REGION = "us-east-1"
@@ -95,6 +100,10 @@ class LocalService:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The process's environment; None inherits this one's."""
+        return None
+
     @property
     def port(self) -> int:
         raise NotImplementedError
@@ -141,6 +150,7 @@ class LocalService:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env=self.environment(),
                 start_new_session=True,  # its own process group: `down` stops it and its children together
             )
         self.pid_file.write_text(str(process.pid))
@@ -474,13 +484,114 @@ class ObjectStorage(LocalService):
             client.create_bucket(Bucket=self.stack.s3_bucket)
 
 
+class LagExporter(LocalService):
+    """``pixelpipe lag-exporter``: the lag of every pixelpipe consumer group, for Prometheus, whether or not any
+    of a group's members is running."""
+
+    name = "lag-exporter"
+    start_timeout_s = 60.0
+
+    @property
+    def port(self) -> int:
+        return self.stack.lag_exporter_port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pixelpipe", "lag-exporter"]
+
+    def environment(self) -> dict[str, str]:
+        kafka = Kafka(self.stack)
+        env = {"PIXELPIPE_KAFKA_BOOTSTRAP": kafka.endpoint, **(kafka.sasl_env() if self.stack.kafka_acls else {})}
+        return os.environ | env | {"PIXELPIPE_METRICS_PORT": str(self.port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
+
+    def request(self) -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as answer:
+            answer.read()
+
+
+class Prometheus(LocalService):
+    """Debian's prometheus, scraping the targets listed in ``targets/*.json`` (file service discovery: a test or
+    a tool adds a file and Prometheus picks it up) with the repository's alert rules."""
+
+    name = "prometheus"
+
+    def __init__(self, stack: StackSettings, rules: Sequence[Path] | None = None) -> None:
+        super().__init__(stack)
+        self.rules = list(rules) if rules is not None else ([ALERT_RULES] if ALERT_RULES.exists() else [])
+        self.targets_dir = self.dir / "targets"
+
+    @property
+    def port(self) -> int:
+        return self.stack.prometheus_port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def prepare(self) -> None:
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        ports = [int(p) for p in self.stack.scrape_ports.split(",") if p.strip()]
+        self.add_targets("stack", [f"127.0.0.1:{port}" for port in [*ports, self.stack.lag_exporter_port]])
+        interval = f"{self.stack.prometheus_interval_s:g}s"
+        config = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
+            "rule_files": [str(path) for path in self.rules],
+            "scrape_configs": [
+                {
+                    "job_name": "pixelpipe",
+                    "file_sd_configs": [{"files": [str(self.targets_dir / "*.json")], "refresh_interval": "5s"}],
+                },
+                {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{self.port}"]}]},
+            ],
+        }
+        # JSON is YAML: no YAML writer needed.
+        (self.dir / "prometheus.yml").write_text(json.dumps(config, indent=2))
+
+    def add_targets(self, name: str, targets: Sequence[str], labels: dict[str, str] | None = None) -> Path:
+        """Scrape ``targets`` (host:port) from now on, as ``targets/<name>.json``; returns the file."""
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        path = self.targets_dir / f"{name}.json"
+        temporary = path.with_suffix(".tmp")  # written whole, then renamed: Prometheus never reads half a file
+        temporary.write_text(json.dumps([{"targets": list(targets), "labels": labels or {}}]))
+        temporary.replace(path)
+        return path
+
+    def command(self) -> list[str]:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise StackError("prometheus is not installed; run scripts/setup.sh (Debian package)")
+        return [
+            binary,
+            f"--config.file={self.dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ]
+
+    def request(self) -> None:
+        with urllib.request.urlopen(f"{self.endpoint}/-/ready", timeout=2) as answer:
+            answer.read()
+
+
 class LocalStack:
-    """The three services together, started in order and stopped in reverse."""
+    """The services together, started in order and stopped in reverse."""
 
     def __init__(self, stack: StackSettings) -> None:
         self.stack = stack
         self.kafka = Kafka(stack)
-        self.services: list[LocalService] = [self.kafka, ClickHouse(stack), ObjectStorage(stack)]
+        self.prometheus = Prometheus(stack)
+        self.services: list[LocalService] = [
+            self.kafka,
+            ClickHouse(stack),
+            ObjectStorage(stack),
+            LagExporter(stack),
+            self.prometheus,
+        ]
 
     def up(self) -> list[ServiceStatus]:
         for service in self.services:
@@ -517,6 +628,7 @@ class LocalStack:
             "PIXELPIPE_S3_ACCESS_KEY_ID": LOCAL_S3_ACCESS_KEY,
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
             "PIXELPIPE_MODERATION_STAMP_KEY": self.moderation_stamp_key(),
+            "PIXELPIPE_PROMETHEUS_URL": self.prometheus.endpoint,
         }
 
 

@@ -24,6 +24,19 @@ class StackSettings:
         "1: the local Kafka authorises every client by ACLs, a SASL user per role (publisher, moderation, renderer, "
         "sink) and a super user for the tools; its PLAINTEXT listener is then allowed nothing.",
     )
+    prometheus_port: int = setting("STACK_PROMETHEUS_PORT", 9090, "Local Prometheus port (web UI and HTTP API).")
+    prometheus_interval_s: float = setting(
+        "STACK_PROMETHEUS_INTERVAL_S", 5.0, "Local Prometheus' scrape and rule evaluation interval, in seconds."
+    )
+    scrape_ports: str = setting(
+        "STACK_SCRAPE_PORTS",
+        "9400,9401,9402,9403",
+        "Ports on 127.0.0.1 the local Prometheus scrapes besides the lag exporter: the demo's workers and sink "
+        "serve their metrics there.",
+    )
+    lag_exporter_port: int = setting(
+        "STACK_LAG_EXPORTER_PORT", 9409, "Port of the local stack's `pixelpipe lag-exporter` (every group's lag)."
+    )
     cache_dir: str = setting(
         "CACHE_DIR", "~/.cache/pixelpipe", "Downloaded server jars and the cached virtual environment."
     )

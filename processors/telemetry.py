@@ -1,0 +1,252 @@
+"""The stages' Prometheus metrics, observed where the stages build their events (``Emitter`` in ``stages.py``),
+never by decoding what is sent.
+
+Each label value comes from a bounded set (stage, outcome, status, error code, category, the first words of a
+dead letter's reason, model names from the registry): no request, user or event ids. A worker observes nothing
+until ``TELEMETRY.enable()`` (``run_worker`` calls it when ``PIXELPIPE_METRICS_PORT`` is set), so the benchmarks
+can measure the cost of the metrics against none in one run. The per-request observations are appended to a
+deque and folded into counts at scrape time (``StageTelemetry``): an observation costs the stage an append.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import itertools
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from pixelpipe.core.telemetry import DEAD_LETTERS, RETRIES, reason_label
+
+if TYPE_CHECKING:
+    from pixelpipe.processors.models import Readiness
+    from pixelpipe.processors.outcomes import Outcome, StageWork
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FOLD_EVERY = 4096  # observations kept before the observing thread folds them itself (when nothing scrapes)
+
+EVENTS_IN = Counter("pixelpipe_stage_events_in_total", "Messages a stage took from its topic.", ["stage"])
+MODEL_BUSY = Counter(
+    "pixelpipe_model_busy_seconds_total", "Wall time the model thread spent in model calls.", ["stage"]
+)
+MODEL_LOAD = Gauge("pixelpipe_model_load_seconds", "Time to load a model, at worker start.", ["model"])
+MODEL_WARMUP = Gauge(
+    "pixelpipe_model_warmup_seconds", "Time to compile and render a model's warm-up shapes, at start.", ["model"]
+)
+
+
+class _Histogram:
+    """Bucket counts (not cumulative), sum and count of one label set."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
+
+
+class StageTelemetry(Collector):
+    """What the stages observe; does nothing until enabled.
+
+    prometheus-client's metrics take a lock per update, about 30 us of Python for the six updates of one
+    StageMetric: several per cent of a worker's time per request at thousands of requests a second. Here an
+    observation is one append to a deque (atomic, no lock); the observations are folded into plain counts when
+    Prometheus scrapes (or when ``FOLD_EVERY`` are waiting), under a lock, and exposed by ``collect``.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._lock = threading.Lock()
+        self._out: dict[tuple[str, str], int] = {}
+        self._queue: dict[str, _Histogram] = {}
+        self._compute: dict[str, _Histogram] = {}
+        self._batch: dict[str, _Histogram] = {}
+        self._device: dict[tuple[str, str], float] = {}
+        self._cost: dict[str, float] = {}
+        self._results: dict[tuple[str, str], int] = {}
+        self._images: dict[str, int] = {}
+        self._rejections: dict[tuple[str, str], int] = {}
+
+    def enable(self, on: bool = True) -> None:
+        self.enabled = on
+
+    def events_in(self, stage: str, count: int) -> None:
+        if self.enabled:
+            EVENTS_IN.labels(stage).inc(count)
+
+    def work(self, work: StageWork, cost_usd: float) -> None:
+        """One StageMetric's worth: outcome, queue and compute time, batch size, device time and cost."""
+        if self.enabled:
+            self._pending.append((work, cost_usd))
+            if len(self._pending) > FOLD_EVERY:
+                self.fold()
+
+    def result(self, outcome: Outcome, kind: str) -> None:
+        if self.enabled:
+            self._pending.append((outcome, kind))
+            if len(self._pending) > FOLD_EVERY:
+                self.fold()
+
+    def dead_letter(self, stage: str, reason: str) -> None:
+        if self.enabled:
+            DEAD_LETTERS.labels(stage, reason_label(reason)).inc()
+
+    def retry(self, what: str) -> None:
+        if self.enabled:
+            RETRIES.labels(what).inc()
+
+    def model_busy(self, stage: str, seconds: float) -> None:
+        if self.enabled:
+            MODEL_BUSY.labels(stage.lower()).inc(seconds)
+
+    def models_ready(self, readiness: Mapping[str, Readiness]) -> None:
+        for model, ready in readiness.items():
+            MODEL_LOAD.labels(model).set(ready.load_seconds)
+            MODEL_WARMUP.labels(model).set(ready.warm_up_seconds)
+
+    def fold(self) -> None:
+        """Move the waiting observations into the counts."""
+        with self._lock:
+            pending = self._pending
+            while pending:
+                subject, detail = pending.popleft()
+                if isinstance(detail, float):
+                    self._fold_work(subject, detail)
+                else:
+                    self._fold_result(subject, detail)
+
+    def _fold_work(self, work: StageWork, cost_usd: float) -> None:
+        stage = work.stage.lower()
+        key = (stage, work.outcome)
+        self._out[key] = self._out.get(key, 0) + 1
+        if stage not in self._queue:
+            self._queue[stage] = _Histogram(LATENCY_BUCKETS_S)
+            self._compute[stage] = _Histogram(LATENCY_BUCKETS_S)
+            self._batch[stage] = _Histogram(BATCH_BUCKETS)
+        self._queue[stage].observe(max(0.0, work.queue_ms) / 1000.0)
+        self._compute[stage].observe(work.compute_ms / 1000.0)
+        self._batch[stage].observe(work.batch_size)
+        device = (stage, work.device)
+        self._device[device] = self._device.get(device, 0.0) + work.device_seconds
+        self._cost[stage] = self._cost.get(stage, 0.0) + cost_usd
+
+    def _fold_result(self, outcome: Outcome, kind: str) -> None:
+        key = (outcome.status, outcome.error_code or "")
+        self._results[key] = self._results.get(key, 0) + 1
+        if outcome.images:
+            self._images[kind.lower()] = self._images.get(kind.lower(), 0) + len(outcome.images)
+        if outcome.status == "REJECTED":
+            for category in outcome.rejected_categories or ["unknown"]:
+                rejection = ((outcome.moderation_stage or "").lower(), category)
+                self._rejections[rejection] = self._rejections.get(rejection, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        self.fold()
+        with self._lock:
+            yield _counter(
+                "pixelpipe_stage_events_out",
+                "Requests a stage finished, by outcome (its StageMetrics).",
+                ["stage", "outcome"],
+                self._out,
+            )
+            for name, doc, histograms in (
+                ("pixelpipe_stage_queue_seconds", "Time from produce to the start of a stage's work.", self._queue),
+                ("pixelpipe_stage_compute_seconds", "A stage's compute time per request.", self._compute),
+                (
+                    "pixelpipe_stage_batch_size",
+                    "Size of the batch each request ran in (one observation per request).",
+                    self._batch,
+                ),
+            ):
+                family = HistogramMetricFamily(name, doc, labels=["stage"])
+                for stage, histogram in sorted(histograms.items()):
+                    family.add_metric([stage], histogram.cumulative(), histogram.sum)
+                yield family
+            yield _counter(
+                "pixelpipe_stage_device_seconds",
+                "Device time spent, shared by a batch's images.",
+                ["stage", "device"],
+                self._device,
+            )
+            yield _counter(
+                "pixelpipe_stage_cost_usd",
+                "Cost of the device time at the configured price.",
+                ["stage"],
+                {(k,): v for k, v in self._cost.items()},
+            )
+            yield _counter(
+                "pixelpipe_results",
+                "Terminal results, by status and error code ('' when none).",
+                ["status", "error_code"],
+                self._results,
+            )
+            yield _counter(
+                "pixelpipe_images",
+                "Images stored for succeeded requests.",
+                ["kind"],
+                {(k,): v for k, v in self._images.items()},
+            )
+            yield _counter(
+                "pixelpipe_moderation_rejections",
+                "Requests rejected by moderation, by check and category (a request rejected for two categories counts "
+                "twice).",
+                ["check", "category"],
+                self._rejections,
+            )
+
+
+def _counter(name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation at scrape time, where torch is loaded and sees CUDA devices; nothing otherwise
+    (a moderation worker never imports torch for this)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        allocated = GaugeMetricFamily("pixelpipe_gpu_memory_allocated_bytes", "Memory held by tensors.", labels=["gpu"])
+        reserved = GaugeMetricFamily(
+            "pixelpipe_gpu_memory_reserved_bytes", "Memory reserved by torch's caching allocator.", labels=["gpu"]
+        )
+        total = GaugeMetricFamily("pixelpipe_gpu_memory_total_bytes", "The device's memory.", labels=["gpu"])
+        utilisation = GaugeMetricFamily(
+            "pixelpipe_gpu_utilization_ratio", "Share of the last sample period a kernel ran (NVML).", labels=["gpu"]
+        )
+        for index in range(torch.cuda.device_count()):
+            gpu = str(index)
+            allocated.add_metric([gpu], torch.cuda.memory_allocated(index))
+            reserved.add_metric([gpu], torch.cuda.memory_reserved(index))
+            total.add_metric([gpu], torch.cuda.get_device_properties(index).total_memory)
+            with contextlib.suppress(Exception):  # no NVML (pynvml) on this host: memory only
+                utilisation.add_metric([gpu], torch.cuda.utilization(index) / 100.0)
+        yield from (allocated, reserved, total, utilisation)
+
+
+TELEMETRY = StageTelemetry()
+REGISTRY.register(TELEMETRY)
+REGISTRY.register(GpuCollector())

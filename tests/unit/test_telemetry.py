@@ -1,0 +1,124 @@
+"""The ops server's endpoints, liveness and readiness, the stages' observations and a `pixelpipe top` frame, with
+no servers."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from rich.console import Console
+
+from pixelpipe.core.telemetry import Health, OpsServer, reason_label
+from pixelpipe.processors.outcomes import Outcome, StageWork
+from pixelpipe.processors.telemetry import StageTelemetry
+from pixelpipe.tools.top import Frame, render
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture
+def server():
+    health = Health(0.3, ["models", "partitions"])
+    served = OpsServer("127.0.0.1", 0, health)
+    yield served, health
+    served.close()
+
+
+def test_ready_only_once_every_check_is_done_and_not_live_once_the_loop_stops_beating(server):
+    served, health = server
+    assert get(served.port, "/healthz")[0] == 200  # models loading: no loop yet, live
+    status, body = get(served.port, "/readyz")
+    assert status == 503 and "models, partitions" in body
+    health.mark("models")
+    health.beat()
+    assert get(served.port, "/readyz") == (503, "waiting for: partitions\n")
+    health.mark("partitions")
+    assert get(served.port, "/readyz")[0] == 200
+    time.sleep(0.4)  # the loop blocked beyond the bound
+    status, body = get(served.port, "/healthz")
+    assert status == 503 and "loop blocked" in body
+    assert get(served.port, "/readyz")[0] == 503
+    health.beat()
+    assert get(served.port, "/healthz")[0] == 200
+
+
+def test_metrics_are_served_in_the_text_format(server):
+    served, _ = server
+    status, body = get(served.port, "/metrics")
+    assert status == 200
+    assert "# TYPE pixelpipe_consumer_lag_messages gauge" in body
+    assert get(served.port, "/nothing")[0] == 404
+
+
+def test_a_taken_port_is_a_sharp_error(server):
+    served, health = server
+    with pytest.raises(OSError, match="PIXELPIPE_METRICS_PORT"):
+        OpsServer("127.0.0.1", served.port, health)
+
+
+@pytest.mark.parametrize(
+    ("reason", "label"),
+    [
+        ("undecodable: not Avro (magic b'\\x00n')", "undecodable"),
+        ("unmoderated: no valid moderation stamp", "unmoderated"),
+        ("internal error: RuntimeError('x')", "internal_error"),
+        ("request abc-123 failed: x", "other"),  # ids or digits before the colon: never a label
+    ],
+)
+def test_dead_letter_reasons_become_bounded_labels(reason, label):
+    assert reason_label(reason) == label
+
+
+def test_stage_telemetry_counts_only_when_enabled():
+    telemetry = StageTelemetry()
+    registry = CollectorRegistry()
+    registry.register(telemetry)
+
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return (REGISTRY if name.startswith("pixelpipe_dead") else registry).get_sample_value(name, labels) or 0.0
+
+    work = StageWork("GENERATE", "OK", 250.0, 1500.0, "cpu", 1.5, 4)
+    before = sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"})
+    telemetry.work(work, 0.001)
+    assert sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"}) == before
+    telemetry.enable()
+    telemetry.work(work, 0.001)
+    telemetry.work(work, 0.001)
+    assert sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"}) == before + 2
+    assert sample("pixelpipe_stage_batch_size_bucket", {"stage": "generate", "le": "4.0"}) >= 2
+    rejected = Outcome.rejected("PROMPT", {"violence": 0.9}, ["violence"])
+    before = sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"})
+    telemetry.result(rejected, "GENERATE")
+    assert sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"}) == before + 1
+    before = sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"})
+    telemetry.dead_letter("moderation", "undecodable: bad bytes")
+    assert sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"}) == before + 1
+
+
+def test_a_top_frame_shows_lag_stages_and_dead_letters():
+    frame = Frame(
+        lag={("pixelpipe-moderation", "pixelpipe.requests"): {"messages": 12.0, "oldest_s": 3.5}},
+        stages={
+            "generate": {"in_per_s": 4.0, "out_per_s": 4.0, "queue_p95_s": 0.2, "batch_mean": 3.5, "busy": 0.93},
+            "moderation": {"in_per_s": 40.0, "out_per_s": 39.0, "failed_share": 0.025},
+        },
+        totals={"targets_up": 2.0, "targets": 2.0, "images_per_s": 4.0, "results_per_s": 4.0},
+        dead_letters={("moderation", "undecodable"): 0.5},
+        at=time.time(),
+    )
+    console = Console(width=120, record=True)
+    console.print(render(frame, "http://127.0.0.1:9090"))
+    text = console.export_text()
+    assert "targets up 2/2" in text
+    assert "pixelpipe.requests" in text and "3,500 ms" in text
+    assert text.index("moderation") < text.index("generate")  # stages in pipeline order
+    assert "93 %" in text and "2.5 %" in text and "undecodable" in text
