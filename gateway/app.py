@@ -29,6 +29,7 @@ from urllib.parse import quote
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -36,12 +37,14 @@ from starlette.routing import Route
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.objects import FileObjectStore, ObjectStore, ObjectStoreError, open_object_store, validate_key
 from pixelpipe.core.settings import Settings
+from pixelpipe.core.telemetry import Health
 from pixelpipe.core.validation import normalise_text
 from pixelpipe.gateway.errors import ApiError, invalid
 from pixelpipe.gateway.keys import ApiKey, KeyStore
 from pixelpipe.gateway.params import ImageCall, ModelInfo, parse_call, parse_size, read_registry
 from pixelpipe.gateway.pipeline import Pipeline, Submission, request_id_for
 from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.telemetry import WAITING, MetricsMiddleware
 from pixelpipe.gateway.uploads import CONTENT_TYPES, check_image, mask_png, source_png
 
 log = logging.getLogger(__name__)
@@ -350,7 +353,7 @@ async def _images(request: Request, kind: str) -> Response:
         if call.stream:
             return _stream(gateway, call, submission, created, str(request.base_url), uploads is not None)
         waited_s = time.perf_counter()
-        result = await gateway.pipeline.submit(submission)
+        result = await _wait_for(gateway, submission)
         waited_s = time.perf_counter() - waited_s
         error = result_error(result)
         if error is not None:
@@ -376,6 +379,15 @@ async def _images(request: Request, kind: str) -> Response:
     return JSONResponse(body, headers={"x-request-id": request_id, "server-timing": timing})
 
 
+async def _wait_for(gateway: Gateway, submission: Submission) -> ImageResult:
+    """The submission's result, counted in the calls waiting (``pixelpipe_gateway_calls_waiting``) meanwhile."""
+    WAITING.inc()
+    try:
+        return await gateway.pipeline.submit(submission)
+    finally:
+        WAITING.dec()
+
+
 def _stream(
     gateway: Gateway, call: ImageCall, submission: Submission, created: int, base_url: str, edit: bool
 ) -> StreamingResponse:
@@ -388,7 +400,7 @@ def _stream(
 
     async def events() -> AsyncIterator[bytes]:
         previews = listener.previews(submission.request_id)
-        task = asyncio.ensure_future(gateway.pipeline.submit(submission))
+        task = asyncio.ensure_future(_wait_for(gateway, submission))
 
         async def partial(index: int, preview: bytes) -> bytes:
             image = await asyncio.to_thread(_reencode, preview, call.output_format, call.output_compression)
@@ -497,11 +509,20 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "reply_topic": _gateway(request).pipeline.reply_topic})
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The ASGI app; the pipeline connects when it starts (the lifespan), and closes when it stops."""
+def create_app(settings: Settings, ops_health: Health | None = None) -> Starlette:
+    """The ASGI app; the pipeline connects when it starts (the lifespan), and closes when it stops. ``ops_health``
+    (the ops server's) gets a heartbeat from the event loop every second, and its ``pipeline`` check is done while the
+    pipeline is started (the publisher made, the reply topic's consumer assigned) until shutdown begins."""
+    ops_health = ops_health or Health(float("inf"), ["pipeline"])
+
+    async def heartbeat() -> None:
+        while True:
+            ops_health.beat()
+            await asyncio.sleep(1.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        beating = asyncio.ensure_future(heartbeat())
         store = open_object_store(settings.objects)
         pipeline = Pipeline(settings, store, instance_id(settings))
         await asyncio.to_thread(pipeline.start, asyncio.get_running_loop())
@@ -513,10 +534,13 @@ def create_app(settings: Settings) -> Starlette:
             pipeline=pipeline,
             buckets=TokenBuckets(),
         )
+        ops_health.mark("pipeline")
         log.info("gateway ready", extra={"reply_topic": pipeline.reply_topic})
         try:
             yield
         finally:
+            ops_health.mark("pipeline", False)
+            beating.cancel()
             await asyncio.to_thread(pipeline.close)
 
     routes = [
@@ -526,4 +550,4 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/files/{key:path}", files, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(MetricsMiddleware)])

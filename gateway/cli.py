@@ -17,6 +17,7 @@ def gateway(host: str | None, port: int | None) -> None:
     """Serve the OpenAI-compatible Images API over the pipeline until SIGTERM."""
     import uvicorn
 
+    from pixelpipe.core.telemetry import Health, serve
     from pixelpipe.gateway.app import create_app
 
     settings = load_settings()
@@ -24,14 +25,22 @@ def gateway(host: str | None, port: int | None) -> None:
         settings = settings.updated(
             gateway_host=host or settings.gateway.host, gateway_port=port or settings.gateway.port
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.gateway.host,
-        port=settings.gateway.port,
-        log_level=settings.logs.level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    # /metrics, /healthz and /readyz on PIXELPIPE_METRICS_PORT (0: none), like the worker's and the sink's: ready
+    # once the pipeline is started (its reply consumer assigned), live while the event loop beats.
+    health = Health(settings.ops.liveness_bound_s, ["pipeline"])
+    server = serve(settings.ops, health)
+    try:
+        uvicorn.run(
+            create_app(settings, health),
+            host=settings.gateway.host,
+            port=settings.gateway.port,
+            log_level=settings.logs.level.lower(),
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if server is not None:
+            server.close()
 
 
 @click.group("keys")

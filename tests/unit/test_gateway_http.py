@@ -105,3 +105,89 @@ def test_errors_are_openai_envelopes(served):
     assert not_json.status_code == 400
     no_image = client.post("/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", b"x", "image/png")})
     assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
+
+
+def sample(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_calls_are_counted_by_endpoint_and_code_and_timed_without_ids(served):
+    client, _, entry = served
+    gen, models = "/v1/images/generations", "/v1/models"
+    before = {
+        "ok": sample("pixelpipe_gateway_requests_total", endpoint=gen, code="200"),
+        "bad": sample("pixelpipe_gateway_requests_total", endpoint=gen, code="400"),
+        "denied": sample("pixelpipe_gateway_requests_total", endpoint=models, code="401"),
+        "other": sample("pixelpipe_gateway_requests_total", endpoint="other", code="404"),
+        "timed": sample("pixelpipe_gateway_request_seconds_count", endpoint=gen),
+    }
+    assert client.post(gen, json={"prompt": "a fox"}).status_code == 200
+    assert client.post(gen, json={"prompt": "a fox", "size": "7x7"}).status_code == 400
+    assert client.get(models, headers={"Authorization": ""}).status_code == 401
+    assert client.get("/v1/no/such/route/k123").status_code == 404
+    assert sample("pixelpipe_gateway_requests_total", endpoint=gen, code="200") == before["ok"] + 1
+    assert sample("pixelpipe_gateway_requests_total", endpoint=gen, code="400") == before["bad"] + 1
+    assert sample("pixelpipe_gateway_requests_total", endpoint=models, code="401") == before["denied"] + 1
+    assert sample("pixelpipe_gateway_requests_total", endpoint="other", code="404") == before["other"] + 1
+    assert sample("pixelpipe_gateway_request_seconds_count", endpoint=gen) == before["timed"] + 2
+    assert sample("pixelpipe_gateway_calls_waiting") == 0  # the call waited, and is done
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    assert 'pixelpipe_gateway_request_seconds_bucket{endpoint="/v1/images/generations",le="0.005"}' in text
+    gateway_lines = [line for line in text.splitlines() if line.startswith("pixelpipe_gateway_")]
+    assert gateway_lines and not any(entry.key_id in line or "/v1/no" in line for line in gateway_lines)
+
+
+def test_a_rate_limited_call_is_a_429_in_the_counts_and_a_waiting_call_is_counted(served):
+    client, pipeline, entry = served
+    gen = "/v1/images/generations"
+    seen = []
+    submit = pipeline.submit
+
+    async def watched(submission):
+        seen.append(sample("pixelpipe_gateway_calls_waiting"))
+        return await submit(submission)
+
+    pipeline.submit = watched
+    limited = sample("pixelpipe_gateway_requests_total", endpoint=gen, code="429")
+    codes = [client.post(gen, json={"prompt": "a fox"}).status_code for _ in range(entry.burst + 1)]
+    assert codes == [200] * entry.burst + [429]
+    assert sample("pixelpipe_gateway_requests_total", endpoint=gen, code="429") == limited + 1
+    assert seen and all(waiting >= 1 for waiting in seen)
+    assert sample("pixelpipe_gateway_calls_waiting") == 0
+
+
+def test_ready_while_the_pipeline_is_started_and_live_while_the_loop_beats(tmp_path, monkeypatch):
+    import pixelpipe.gateway.app as app_module
+    from pixelpipe.core.telemetry import Health
+
+    class StartedPipeline(StandInPipeline):
+        def __init__(self, settings, store, instance):
+            super().__init__(store)
+            self.started = self.closed = False
+
+        def start(self, loop):
+            self.started = True
+
+        def close(self):
+            self.closed = True
+
+    registry = tmp_path / "registry.json"
+    registry.write_text('{"tiny-sd": {"kind": "stable-diffusion", "default_steps": 4}}')
+    monkeypatch.setattr(app_module, "Pipeline", StartedPipeline)
+    settings = Settings().updated(
+        model_registry=str(registry),
+        gateway_keys_file=str(tmp_path / "keys.json"),
+        object_store_url=f"file://{tmp_path / 'objects'}",
+    )
+    health = Health(30.0, ["pipeline"])
+    app = create_app(settings, health)
+    assert health.ready() == (False, "waiting for: pipeline")
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        assert health.ready() == (True, "ok")
+        assert health.live()[1].startswith("ok: heartbeat")
+    assert health.ready() == (False, "waiting for: pipeline")  # shutting down: no longer ready
