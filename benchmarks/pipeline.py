@@ -51,7 +51,7 @@ from pixelpipe.core.settings import Settings, section_from_env
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.tools.processes import WorkerProcess
-from pixelpipe.tools.stack import StackSettings, stack_unless_kafka_answers
+from pixelpipe.tools.stack import StackSettings, free_port, stack_unless_kafka_answers
 
 STAGES = ["moderation", "generate", "edit"]
 PROMPTS = ("a lighthouse on a cliff at dusk", "a red fox in fresh snow", "a bowl of ramen, studio lighting")
@@ -268,14 +268,6 @@ def observation_cost_us(rounds: int = 20_000) -> float:
     elapsed = time.perf_counter() - started
     TELEMETRY.enable(was)
     return elapsed / rounds * 1e6
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_detector(

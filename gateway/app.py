@@ -151,14 +151,16 @@ class Gateway:
         return data
 
 
-def transcode(png: bytes, output_format: str, compression: int) -> bytes:
-    """The stored PNG as ``output_format``; jpeg and webp at quality ``compression`` (0-100)."""
-    if output_format == "png":
-        return png
-    with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
+def transcode(data: bytes, output_format: str, compression: int, source_format: str = "png") -> bytes:
+    """``data`` (a stored PNG, or a worker's JPEG preview) as ``output_format``; jpeg and webp at quality
+    ``compression`` (0-100)."""
+    if output_format == source_format:
+        return data
+    with Image.open(io.BytesIO(data), formats=[source_format.upper()]) as image:
         rgb = image.convert("RGB")
     out = io.BytesIO()
-    rgb.save(out, format=output_format.upper(), quality=max(1, compression))
+    lossy = {"quality": max(1, compression)} if output_format in ("jpeg", "webp") else {}
+    rgb.save(out, format=output_format.upper(), **lossy)
     return out.getvalue()
 
 
@@ -403,7 +405,7 @@ def _stream(
         task = asyncio.ensure_future(_wait_for(gateway, submission))
 
         async def partial(index: int, preview: bytes) -> bytes:
-            image = await asyncio.to_thread(_reencode, preview, call.output_format, call.output_compression)
+            image = await asyncio.to_thread(transcode, preview, call.output_format, call.output_compression, "jpeg")
             return _event(
                 common
                 | {
@@ -450,17 +452,6 @@ def _stream(
 
     headers = {"x-request-id": submission.request_id, "Cache-Control": "no-cache"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-def _reencode(jpeg: bytes, output_format: str, compression: int) -> bytes:
-    """A preview (JPEG from the worker) in the call's output format."""
-    if output_format == "jpeg":
-        return jpeg
-    with Image.open(io.BytesIO(jpeg), formats=["JPEG"]) as image:
-        rgb = image.convert("RGB")
-    out = io.BytesIO()
-    rgb.save(out, format=output_format.upper(), **({"quality": max(1, compression)} if output_format == "webp" else {}))
-    return out.getvalue()
 
 
 def _event(body: dict[str, Any]) -> bytes:

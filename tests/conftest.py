@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,29 +19,14 @@ import pytest
 
 from pixelpipe.core.clickhouse import ChdbClient, ServerClient, create_database, drop_database
 from pixelpipe.core.settings import Settings, section_from_env
-from pixelpipe.tools.stack import LocalStack, StackSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from pixelpipe.tools.stack import LocalStack, StackSettings, free_port, port_bindable
 
 
 def free_kafka_port() -> int:
     """A free port whose next two are free too: the local Kafka's controller and SASL listener take them."""
     while True:
         port = free_port()
-        if _bindable(port + 1) and _bindable(port + 2):
+        if port_bindable(port + 1) and port_bindable(port + 2):
             return port
 
 

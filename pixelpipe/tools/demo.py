@@ -29,7 +29,7 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.tools.processes import PixelpipeProcess, WorkerProcess
-from pixelpipe.tools.stack import StackSettings, stack_unless_kafka_answers
+from pixelpipe.tools.stack import StackSettings, port_bindable, stack_unless_kafka_answers
 
 DEMO_EXPERIMENT = {
     "key": "steps-test",
@@ -62,21 +62,10 @@ def _metrics_ports(settings: Settings, stack: StackSettings, count: int) -> list
     if settings.ops.metrics_port:
         return [{} for _ in range(count)]
     wanted = [int(p) for p in stack.scrape_ports.split(",") if p.strip()]
-    ports = [wanted[i] if i < len(wanted) and _bindable(wanted[i]) else 0 for i in range(count)]
+    ports = [wanted[i] if i < len(wanted) and port_bindable(wanted[i]) else 0 for i in range(count)]
     if len(wanted) > count:  # the sink's is the stack's third port (9402) however many workers run
-        ports[-1] = wanted[2] if len(wanted) > 2 and _bindable(wanted[2]) else ports[-1]
+        ports[-1] = wanted[2] if len(wanted) > 2 and port_bindable(wanted[2]) else ports[-1]
     return [{"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"} for port in ports]
-
-
-def _bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def run_demo(

@@ -4,7 +4,22 @@ Each service has its own data directory under ``StackSettings.dir``, a log file,
 and a clean shutdown (SIGTERM to its process group, SIGKILL after a grace period).
 """
 
-from pixelpipe.tools.stack.services import LocalStack, ServiceStatus, StackError, stack_unless_kafka_answers
+from pixelpipe.tools.stack.services import (
+    LocalStack,
+    ServiceStatus,
+    StackError,
+    free_port,
+    port_bindable,
+    stack_unless_kafka_answers,
+)
 from pixelpipe.tools.stack.settings import StackSettings
 
-__all__ = ["LocalStack", "ServiceStatus", "StackError", "StackSettings", "stack_unless_kafka_answers"]
+__all__ = [
+    "LocalStack",
+    "ServiceStatus",
+    "StackError",
+    "StackSettings",
+    "free_port",
+    "port_bindable",
+    "stack_unless_kafka_answers",
+]

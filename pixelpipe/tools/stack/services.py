@@ -62,6 +62,23 @@ def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> boo
         return False
 
 
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind ``port`` now."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the system reports free now (for a process about to listen on it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
