@@ -19,7 +19,9 @@ Kafka, this client and the worker share the machine's cores: the load average is
 `--metrics off,on` (the default) runs each detector's worker twice in turn, without and with its metrics
 (PIXELPIPE_METRICS_PORT set, so the stages observe every event, the lag monitor runs, and this process scrapes
 /metrics every `--scrape-interval` seconds, 1 s by default: five times the local Prometheus' rate), and prints the
-throughput the metrics cost.
+throughput the metrics cost (medians, when a mode is repeated: `--metrics off,on,off,on`). Rates move by more than
+1 % from run to run, so each worker with metrics is also scraped back to back once idle, and the CPU one scrape
+costs it is printed as a share of its CPU at saturation, at this run's and Prometheus' intervals.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ PROMPTS = ("a lighthouse on a cliff at dusk", "a red fox in fresh snow", "a bowl
 # Enough users that none reaches the per-user rate limit (600 a minute) in a run.
 USERS = 2000
 STARTUP_TIMEOUT_S = 180.0
+PROMETHEUS_INTERVAL_S = 5.0  # the local stack's and docker-compose's scrape interval
 
 
 @dataclass
@@ -239,6 +242,31 @@ class Scraper:
         self._thread.join()
 
 
+@dataclass
+class ScrapeCost:
+    cpu_ms: float  # the worker's CPU time per scrape, its idle CPU taken out
+    bytes: int  # one /metrics answer
+
+
+def scrape_cost(pid: int, port: int, scrapes: int = 300, idle_s: float = 3.0) -> ScrapeCost:
+    """What serving one scrape costs the worker, measured on the worker itself while it is idle: its CPU over
+    ``scrapes`` back-to-back GETs of /metrics, less what it spends over the same time with none (fetches, timers).
+    A rate compared on and off moves by more than 1 % from run to run; this is the scrape alone."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    meter = CpuMeter(pid)
+    time.sleep(idle_s)
+    idle_cpu_per_s = meter.reading()[0] / idle_s
+    meter = CpuMeter(pid)
+    started = time.perf_counter()
+    size = 0
+    for _ in tqdm(range(scrapes), unit="scrape", desc="scrape cost", leave=False, mininterval=1.0):
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            size = len(answer.read())
+    elapsed_s = time.perf_counter() - started
+    cpu_s = meter.reading()[0] - idle_cpu_per_s * elapsed_s
+    return ScrapeCost(cpu_ms=max(0.0, cpu_s) * 1000 / scrapes, bytes=size)
+
+
 def observation_cost_us(rounds: int = 20_000) -> float:
     """Microseconds of metrics a text-to-image request costs a worker, measured in this process: what the stages
     observe for it (the MODERATION, GENERATE and OUTPUT_MODERATION work, one result with an image, its share of a
@@ -281,7 +309,7 @@ def run_detector(
     echo: Callable[..., None],
     metrics: bool = False,
     scrape_interval_s: float = 1.0,
-) -> tuple[Phase, Phase] | None:
+) -> tuple[Phase, Phase, ScrapeCost | None] | None:
     suffix = f"{detector}-{uuid.uuid4().hex[:8]}"
     settings = base.updated(
         **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("requests", "generate", "edit", "results")},
@@ -315,12 +343,14 @@ def run_detector(
                 rate = saturation.rate / 2
                 paced = encoded_requests(codec, max(1, int(rate * latency_s)), side)
                 meter = CpuMeter(worker.process.pid)
-                published_s = publish(publisher, paced, rate, f"{detector}: {rate:,.0f} req/s")
+                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{detector}-paced.txt", echo):
+                    published_s = publish(publisher, paced, rate, f"{detector}: {rate:,.0f} req/s")
                 ids = [r for r, _ in paced]
                 if not watcher.wait_for(ids, f"{detector}: latency", 60 + latency_s):
                     echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
                     return None
                 latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate)
+                scraped = scrape_cost(worker.process.pid, port) if metrics else None
     finally:
         watcher.close()
         if scraper is not None:
@@ -330,7 +360,7 @@ def run_detector(
         AdminClient(settings.kafka.client_config()).delete_topics(settings.topics.pipeline())
     if watcher.arrivals.duplicates:
         echo(f"{detector}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
-    return saturation, latency
+    return saturation, latency, scraped
 
 
 @contextlib.contextmanager
@@ -373,7 +403,9 @@ def main() -> None:
     )
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes")
     parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
-    parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the worker under saturation")
+    parser.add_argument(
+        "--profile", type=Path, help="folder for py-spy profiles of the worker, saturated and at half that rate"
+    )
     args = parser.parse_args()
     # Before changing folder:
     profile_dir = args.profile.resolve() if args.profile else None
@@ -381,6 +413,7 @@ def main() -> None:
     base = Settings.from_env()
     echo = print
     rows: list[tuple[str, Phase, Phase]] = []
+    scrapes: list[ScrapeCost] = []
     load_before = os.getloadavg()
     with (
         stack_unless_kafka_answers(base, section_from_env(StackSettings, os.environ), echo) as base,
@@ -420,10 +453,13 @@ def main() -> None:
                 if phases is None:
                     raise SystemExit(1)
                 label = detector if mode == "off" else f"{detector}+m"
-                rows.append((label, *phases))
-                p99 = quantile(phases[1].latencies_ms, 0.99)
+                saturation, latency, scraped = phases
+                rows.append((label, saturation, latency))
+                if scraped is not None:
+                    scrapes.append(scraped)
+                p99 = quantile(latency.latencies_ms, 0.99)
                 echo(
-                    f"{label}: {phases[0].rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {phases[1].rate:,.0f}"
+                    f"{label}: {saturation.rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {latency.rate:,.0f}"
                     f" req/s (load average {os.getloadavg()[0]:.2f})"
                 )
     print_table(rows, echo)
@@ -433,15 +469,47 @@ def main() -> None:
         f"metrics observed per request: {cost_us:.1f} us in this process, {cost_us / 10 / cpu_ms:.2f} % of the"
         f" worker's {cpu_ms:.2f} ms of CPU per request without metrics"
     )
-    rates = {label: saturation for label, saturation, _ in rows}
-    for label, saturation in rates.items():
-        if label.endswith("+m") and label[:-2] in rates:
-            off = rates[label[:-2]]
-            echo(
-                f"{label[:-2]}: metrics on {saturation.rate:,.0f} req/s vs off {off.rate:,.0f} req/s"
-                f" ({saturation.rate / off.rate - 1:+.1%}); worker CPU {saturation.worker_cpu_ms:.3f} vs"
-                f" {off.worker_cpu_ms:.3f} ms/req ({saturation.worker_cpu_ms / off.worker_cpu_ms - 1:+.1%})"
-            )
+    report_metrics_cost(rows, scrapes, cpu_ms, args.scrape_interval, echo)
+
+
+def report_metrics_cost(
+    rows: list[tuple[str, Phase, Phase]],
+    scrapes: list[ScrapeCost],
+    cpu_ms: float,
+    scrape_interval_s: float,
+    echo: Callable[..., None],
+) -> None:
+    """Metrics on against off (the median of each detector's runs, which ``--metrics off,on,off,on`` repeats), and
+    the scrape's own cost as a share of the worker's CPU at saturation, at this run's and Prometheus' intervals."""
+    by_label: dict[str, list[Phase]] = {}
+    for label, saturation, _ in rows:
+        by_label.setdefault(label, []).append(saturation)
+    for label, on_runs in by_label.items():
+        off_runs = by_label.get(label.removesuffix("+m"))
+        if not label.endswith("+m") or off_runs is None:
+            continue
+        on_rate, off_rate = (statistics.median(p.rate for p in runs) for runs in (on_runs, off_runs))
+        on_cpu, off_cpu = (statistics.median(p.worker_cpu_ms for p in runs) for runs in (on_runs, off_runs))
+        echo(
+            f"{label[:-2]}: metrics on {on_rate:,.0f} req/s vs off {off_rate:,.0f} req/s"
+            f" ({on_rate / off_rate - 1:+.1%}, medians of {_rates(on_runs)} and {_rates(off_runs)}); worker CPU"
+            f" {on_cpu:.3f} vs {off_cpu:.3f} ms/req ({on_cpu / off_cpu - 1:+.1%})"
+        )
+    for scrape in scrapes:
+        # The worker's CPU per second at saturation: ``cpu_ms`` per request times the requests it makes a second.
+        busy_ms_per_s = cpu_ms * statistics.median(p.rate for label, p, _ in rows if not label.endswith("+m"))
+        shares = ", ".join(
+            f"{scrape.cpu_ms / interval / busy_ms_per_s:.3%} every {interval:g} s"
+            for interval in dict.fromkeys((scrape_interval_s, PROMETHEUS_INTERVAL_S))
+        )
+        echo(
+            f"one scrape ({scrape.bytes:,} B) costs the worker {scrape.cpu_ms:.2f} ms of CPU: of its CPU at saturation"
+            f" ({busy_ms_per_s:,.0f} ms a second) {shares}"
+        )
+
+
+def _rates(runs: list[Phase]) -> str:
+    return "/".join(f"{p.rate:,.0f}" for p in runs)
 
 
 def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None]) -> None:
