@@ -47,14 +47,16 @@ def config_command(markdown: bool) -> None:
 # -- local stack ---------------------------------------------------------------------------------------------
 @main.group()
 def stack() -> None:
-    """Run Kafka, ClickHouse and an S3 endpoint on 127.0.0.1 (no Docker needed)."""
+    """Run Kafka, ClickHouse, an S3 endpoint, Prometheus and the gateway on 127.0.0.1 (no Docker needed)."""
 
 
 def _print_status(statuses: list) -> bool:
+    """One line a service; True when every service that should run is healthy."""
     for s in statuses:
-        state = "healthy" if s.healthy else ("unhealthy" if s.pid else "stopped")
-        click.echo(f"{s.name:<12} {state:<10} pid={s.pid or '-':<8} {s.endpoint}")
-    return all(s.healthy for s in statuses)
+        state = "skipped" if s.skipped else "healthy" if s.healthy else ("unhealthy" if s.pid else "stopped")
+        where = f"{s.endpoint} ({s.skipped})" if s.skipped else s.endpoint
+        click.echo(f"{s.name:<12} {state:<10} pid={s.pid or '-':<8} {where}")
+    return all(s.healthy or s.skipped for s in statuses)
 
 
 @stack.command("up")

@@ -105,6 +105,7 @@ def _local_stack(tmp_dir: str) -> Iterator[Settings]:
         s3_port=free_port(),
         prometheus_port=free_port(),
         lag_exporter_port=free_port(),
+        gateway_port=0,  # the tests start gateways of their own
     )
     stack = LocalStack(stack_settings)
     try:

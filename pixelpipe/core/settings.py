@@ -363,7 +363,8 @@ class OpsSettings:
         "METRICS_PORT",
         0,
         "Port of this process's /metrics, /healthz and /readyz (0: none served). Processes on one host need "
-        "distinct ports: the local stack's Prometheus scrapes 9400-9403 (the demo's workers and sink).",
+        "distinct ports: the local stack's Prometheus scrapes 9400-9403 (the demo's workers and sink, the stack's "
+        "gateway).",
     )
     metrics_host: str = setting("METRICS_HOST", "0.0.0.0", "Address the metrics and health server listens on.")
     liveness_bound_s: float = setting(

@@ -75,6 +75,7 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
             s3_port=free_port(),
             prometheus_port=free_port(),
             lag_exporter_port=free_port(),
+            gateway_port=0,  # the tests start gateways of their own
             cache_dir=section_from_env(StackSettings, os.environ).cache_dir,
         )
     )

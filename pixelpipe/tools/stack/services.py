@@ -1,9 +1,10 @@
-"""Kafka (KRaft), ClickHouse, an S3 endpoint, Prometheus and the lag exporter as local processes."""
+"""Kafka (KRaft), ClickHouse, an S3 endpoint, Prometheus, the lag exporter and the gateway as local processes."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixelpipe.core.settings import KafkaSettings, Settings, TopicSettings, section_from_env
+from pixelpipe.core.settings import KafkaSettings, ModelSettings, Settings, TopicSettings, section_from_env
 from pixelpipe.core.topics import grant_roles
 from pixelpipe.tools.stack.settings import StackSettings
 
@@ -52,6 +53,7 @@ class ServiceStatus:
     pid: int | None
     healthy: bool
     endpoint: str
+    skipped: str = ""  # why an optional service does not run here; empty when it should
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
@@ -63,8 +65,10 @@ def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> boo
 
 
 def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a listener could bind ``port`` now."""
+    """Whether a listener could bind ``port`` now (as servers do, with SO_REUSEADDR: connections of an earlier one
+    still in TIME_WAIT do not hold the port)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -142,6 +146,10 @@ class LocalService:
     def after_ready(self) -> None:
         """One-time set-up that needs the running server."""
 
+    def skipped(self) -> str:
+        """Why this service does not run here (empty: it does); ``up`` leaves a skipped service stopped."""
+        return ""
+
     # -- lifecycle -------------------------------------------------------------------------------------------
     def pid(self) -> int | None:
         try:
@@ -152,7 +160,8 @@ class LocalService:
 
     def status(self) -> ServiceStatus:
         pid = self.pid()
-        return ServiceStatus(self.name, pid, pid is not None and self.probe(), self.endpoint)
+        skipped = self.skipped() if pid is None else ""
+        return ServiceStatus(self.name, pid, pid is not None and self.probe(), self.endpoint, skipped)
 
     def start(self) -> None:
         if self.pid() is not None:
@@ -595,24 +604,97 @@ class Prometheus(LocalService):
             answer.read()
 
 
+class Gateway(LocalService):
+    """``pixelpipe gateway`` on the stack's Kafka and object store, where a model registry exists (the gateway maps
+    calls onto the registry's models and refuses to start without one). Its keys file and one key, for user
+    ``local``, are made on first start and kept in its directory; ``pixelpipe stack env`` exports the key. Its
+    metrics are served on the last of the stack's scrape ports. Optional: skipped without a registry, with
+    PIXELPIPE_STACK_GATEWAY_PORT=0, or where its port is taken, so ``up`` never fails for it."""
+
+    name = "gateway"
+    start_timeout_s = 120.0
+
+    def __init__(self, stack: StackSettings, registry: Path, clients: Callable[[], dict[str, str]]) -> None:
+        super().__init__(stack)
+        self.registry = registry.expanduser().resolve()
+        self.clients = clients
+        self.keys_file = self.dir / "keys.json"
+        self.key_file = self.dir / "api-key"
+
+    @property
+    def port(self) -> int:
+        return self.stack.gateway_port
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def skipped(self) -> str:
+        if not self.port:
+            return "PIXELPIPE_STACK_GATEWAY_PORT is 0"
+        if not self.registry.is_file():
+            return f"no model registry at {self.registry} (PIXELPIPE_MODEL_REGISTRY; `pixelpipe models init-tiny`)"
+        if self.pid() is None and not port_bindable(self.port):
+            return f"port {self.port} is taken (PIXELPIPE_STACK_GATEWAY_PORT)"
+        return ""
+
+    def api_key(self) -> str | None:
+        """The stack's key for the gateway; None before its first start."""
+        return self.key_file.read_text().strip() if self.key_file.exists() else None
+
+    def prepare(self) -> None:
+        from pixelpipe.gateway.keys import KeyStore
+
+        if self.api_key() is None:
+            secret, _ = KeyStore(self.keys_file).create("local", name="pixelpipe stack")
+            self.key_file.touch(mode=0o600)
+            self.key_file.write_text(secret)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pixelpipe", "gateway"]
+
+    def environment(self) -> dict[str, str]:
+        ports = [p.strip() for p in self.stack.scrape_ports.split(",") if p.strip()]
+        return (
+            os.environ
+            | self.clients()
+            | {
+                "PIXELPIPE_MODEL_REGISTRY": str(self.registry),
+                "PIXELPIPE_GATEWAY_HOST": "127.0.0.1",
+                "PIXELPIPE_GATEWAY_PORT": str(self.port),
+                "PIXELPIPE_METRICS_PORT": ports[-1] if ports else "0",
+                "PIXELPIPE_METRICS_HOST": "127.0.0.1",
+            }
+        )
+
+    def request(self) -> None:
+        call = urllib.request.Request(f"{self.endpoint}/models", headers={"Authorization": f"Bearer {self.api_key()}"})
+        with urllib.request.urlopen(call, timeout=2) as answer:
+            answer.read()
+
+
 class LocalStack:
     """The services together, started in order and stopped in reverse."""
 
-    def __init__(self, stack: StackSettings) -> None:
+    def __init__(self, stack: StackSettings, registry: Path | None = None) -> None:
         self.stack = stack
         self.kafka = Kafka(stack)
         self.prometheus = Prometheus(stack)
+        models = section_from_env(ModelSettings, os.environ)
+        self.gateway = Gateway(stack, registry or Path(models.registry), self._gateway_clients)
         self.services: list[LocalService] = [
             self.kafka,
             ClickHouse(stack),
             ObjectStorage(stack),
             LagExporter(stack),
             self.prometheus,
+            self.gateway,
         ]
 
     def up(self) -> list[ServiceStatus]:
         for service in self.services:
-            service.start()
+            if not service.skipped():
+                service.start()
         return self.status()
 
     def down(self) -> None:
@@ -646,6 +728,24 @@ class LocalStack:
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
             "PIXELPIPE_MODERATION_STAMP_KEY": self.moderation_stamp_key(),
             "PIXELPIPE_PROMETHEUS_URL": self.prometheus.endpoint,
+            **self._gateway_client_env(),
+        }
+
+    def _gateway_clients(self) -> dict[str, str]:
+        """What the gateway needs of ``client_env``: its own keys file, not the one exported to the shell."""
+        return {k: v for k, v in self.client_env().items() if not k.startswith("PIXELPIPE_GATEWAY_")} | {
+            "PIXELPIPE_GATEWAY_KEYS_FILE": str(self.gateway.keys_file)
+        }
+
+    def _gateway_client_env(self) -> dict[str, str]:
+        """The gateway's URL and key (and its keys file, for `pixelpipe keys create`), once it was started."""
+        key = self.gateway.api_key()
+        if key is None:
+            return {}
+        return {
+            "PIXELPIPE_GATEWAY_URL": self.gateway.endpoint,
+            "PIXELPIPE_GATEWAY_API_KEY": key,
+            "PIXELPIPE_GATEWAY_KEYS_FILE": str(self.gateway.keys_file),
         }
 
 
@@ -655,8 +755,9 @@ def stack_unless_kafka_answers(
 ) -> Iterator[Settings]:
     """Start the local stack for the block when no Kafka answers at the settings' bootstrap (its first server),
     and stop it afterwards unless ``keep``; a Kafka that already answers is used as it is and left running. Yields
-    ``settings``, with the stack's moderation stamp key where they name none, for the workers the block starts."""
-    local = LocalStack(stack)
+    ``settings``, with the stack's moderation stamp key where they name none, for the workers the block starts.
+    The stack's gateway is left out: the tools that use this start their own."""
+    local = LocalStack(dataclasses.replace(stack, gateway_port=0))
     if not settings.moderation.stamp_key:
         settings = settings.updated(moderation_stamp_key=local.moderation_stamp_key())
     host, _, port = settings.kafka.bootstrap.split(",")[0].rpartition(":")

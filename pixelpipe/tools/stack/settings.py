@@ -32,10 +32,16 @@ class StackSettings:
         "STACK_SCRAPE_PORTS",
         "9400,9401,9402,9403",
         "Ports on 127.0.0.1 the local Prometheus scrapes besides the lag exporter: the demo's workers and sink "
-        "serve their metrics there.",
+        "serve their metrics on the first ones, the stack's gateway on the last.",
     )
     lag_exporter_port: int = setting(
         "STACK_LAG_EXPORTER_PORT", 9409, "Port of the local stack's `pixelpipe lag-exporter` (every group's lag)."
+    )
+    gateway_port: int = setting(
+        "STACK_GATEWAY_PORT",
+        8080,
+        "Port of the local stack's `pixelpipe gateway`, started where PIXELPIPE_MODEL_REGISTRY names a registry; "
+        "0: none.",
     )
     cache_dir: str = setting(
         "CACHE_DIR", "~/.cache/pixelpipe", "Downloaded server jars and the cached virtual environment."
