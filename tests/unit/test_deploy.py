@@ -1,6 +1,7 @@
 """What operations run, checked offline: the alert rules and Prometheus configurations with promtool, the
 Kubernetes manifests with kubernetes-validate's shipped schemas, the KEDA ScaledObjects against KEDA's CRD kept in
-deploy/keda, and the Grafana operations dashboard against the metrics the code defines."""
+deploy/keda, the Grafana operations dashboard against the metrics the code defines, and docker-compose.yml against
+the Compose Specification's schema (tests/fixtures/compose) and this repository."""
 
 from __future__ import annotations
 
@@ -189,3 +190,68 @@ def test_metric_names_follow_prometheus_conventions():
             assert metric.name.endswith(units), metric.name
         labels = {label for sample in metric.samples for label in sample.labels}
         assert not labels & {"request_id", "event_id", "user_id", "worker_id"}, metric.name
+
+
+# -- docker-compose.yml, checked without Docker ---------------------------------------------------------------
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+COMPOSE_SPEC = ROOT / "tests" / "fixtures" / "compose" / "compose-spec.json"
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    errors = [
+        f"{'/'.join(map(str, error.path))}: {error.message}"
+        for error in jsonschema.Draft7Validator(json.loads(COMPOSE_SPEC.read_text())).iter_errors(_compose())
+    ]
+    assert errors == []
+
+
+def test_the_compose_services_name_only_what_exists():
+    """What the specification cannot know: the services each depends on, the named volumes, the files and folders
+    of this repository it mounts, and the pixelpipe settings it sets."""
+    compose = _compose()
+    services = compose["services"]
+    known_settings = {
+        f.metadata["env"] for section in [*Settings.sections(), StackSettings] for f in dataclasses.fields(section)
+    }
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
+            else:
+                assert source in compose["volumes"], f"{name} mounts the undeclared volume {source}"
+        unknown = {k for k in service.get("environment", {}) if k.startswith("PIXELPIPE_")} - known_settings
+        assert unknown == set(), f"{name} sets what no setting reads: {unknown}"
+        if "build" in service:
+            assert (ROOT / service["build"] / "Dockerfile").is_file()
+
+
+def test_compose_prometheus_scrapes_every_service_that_serves_metrics():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-compose.yml").read_text())
+    scraped = {
+        (name, sd["port"])
+        for job in config["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+    }
+    services = _compose()["services"]
+    # A service others wait to complete runs once (topics, models, migrations): nothing to scrape.
+    once = {
+        name
+        for service in services.values()
+        for name, wait in service.get("depends_on", {}).items()
+        if wait.get("condition") == "service_completed_successfully"
+    }
+    serving = {
+        (name, int(service["environment"]["PIXELPIPE_METRICS_PORT"]))
+        for name, service in services.items()
+        if "PIXELPIPE_METRICS_PORT" in service.get("environment", {})
+        and name not in once
+        and "profiles" not in service  # tools, run by hand
+    }
+    assert serving == scraped
