@@ -51,7 +51,7 @@ from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegist
 from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
-from pixelpipe.processors.takes import render_take
+from pixelpipe.processors.takes import InOrderAcknowledgement, render_take
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
 MODEL = "bench"
@@ -205,10 +205,15 @@ class Render:
             emitted.extend(emissions)
 
         async def takes(model_thread: ThreadPoolExecutor, finishing_thread: ThreadPoolExecutor) -> None:
-            # As processors.app runs them, on takes of PIXELPIPE_TAKE_EVENTS requests.
+            # As processors.app runs them, on takes of PIXELPIPE_TAKE_EVENTS requests, each take's last finish
+            # beside the next take's rendering.
             size = context.stages.take_events
+            acknowledgement = InOrderAcknowledgement("generate")
             for start in range(0, len(messages), size):
-                await render_take(stage, messages[start : start + size], send, model_thread, finishing_thread)
+                take = messages[start : start + size]
+                finished = await render_take(stage, take, send, model_thread, finishing_thread)
+                await acknowledgement.after(finished, nothing)
+            await acknowledgement.close()
 
         with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
             started = time.perf_counter()
@@ -257,6 +262,10 @@ def print_table(rows: list[Row], batches: list[int]) -> None:
             raw = next(r for r in rows if r.path == "raw diffusers" and r.setting == row.setting)
             ratios = ", ".join(f"batch {b} {row.images_per_s[b] / raw.images_per_s[b]:.2f}x" for b in batches)
             print(f"  {row.label} / raw: {ratios}")
+
+
+async def nothing() -> None:
+    """No Kafka here: a take has nothing to acknowledge."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

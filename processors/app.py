@@ -13,12 +13,13 @@ sends the requests over PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from pixelpipe.processors.stages import (
     StageContext,
 )
 from pixelpipe.processors.stamp import ModerationStamp
-from pixelpipe.processors.takes import in_thread, render_take
+from pixelpipe.processors.takes import InOrderAcknowledgement, in_thread, render_take
 from pixelpipe.processors.telemetry import TELEMETRY
 
 if TYPE_CHECKING:
@@ -192,12 +193,16 @@ def create_app(settings: Settings, stages: Mapping[str, Stage], sender: Emission
 
         @app.agent(topic(settings.topics.requests), name="moderation")
         async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
-            # A take's events are acknowledged when the next take is asked for: after its emissions were.
+            # Taken without Faust's acknowledgement: a take is acknowledged once the broker acknowledged all it
+            # emits, while the next take is moderated.
             take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
-            async for events in stream.take_events(take, within=within_s):
+            acknowledgement = InOrderAcknowledgement("moderation")
+            async for events in stream.noack_take(take, within=within_s):
                 TELEMETRY.events_in("moderation", len(events))
-                await sender.send_all(await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events]))
+                emissions = await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events])
+                await acknowledgement.after(asyncio.ensure_future(sender.send_all(emissions)), acker(stream, events))
                 yield None
+            await acknowledgement.close()
 
     # The long lanes are agents of the same app (so of its consumer group), each on its own topic, with an executor
     # and models of its own, so a long request never holds the short ones behind it.
@@ -229,12 +234,27 @@ def _add_render_agent(
     @app.agent(source, name=kind)
     async def render(stream: faust.StreamT) -> AsyncIterator[None]:
         # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or what
-        # came in max_wait_ms. They are acknowledged when the next take is asked for: after their emissions were.
+        # came in max_wait_ms. Taken without Faust's acknowledgement: a take is acknowledged once its last chunk is
+        # finished (its emissions acknowledged by the broker), while the next take renders.
         take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
-        async for events in stream.take_events(take, within=within_s):
+        acknowledgement = InOrderAcknowledgement(kind)
+        async for events in stream.noack_take(take, within=within_s):
             TELEMETRY.events_in(kind, len(events))
-            await render_take(stage, [inbound(e) for e in events], sender.send_all, model_thread, finishing_thread)
+            messages = [inbound(e) for e in events]
+            finished = await render_take(stage, messages, sender.send_all, model_thread, finishing_thread)
+            await acknowledgement.after(finished, acker(stream, events))
             yield None
+        await acknowledgement.close()
+
+
+def acker(stream: faust.StreamT, events: Sequence[EventT]) -> Callable[[], Awaitable[None]]:
+    """Acknowledges ``events`` to Faust: their offsets may then be committed."""
+
+    async def acknowledge() -> None:
+        for event in events:
+            await stream.ack(event)
+
+    return acknowledge
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:

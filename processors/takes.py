@@ -1,17 +1,22 @@
-"""How a render stage works through one take of its stream, keeping the model busy.
+"""How the agents work through their streams, keeping the model busy and committing nothing unfinished.
 
-A take is planned (requests read, checked and grouped into chunks, one model call each), then each chunk is
+A render take is planned (requests read, checked and grouped into chunks, one model call each), then each chunk is
 rendered on the model thread and finished on the finishing thread (output moderation, encoding, one store write,
 results and metrics, sent and acknowledged by the broker). Chunk k+1's model call runs while chunk k is finished,
-with at most one chunk waiting between the two: the model waits for the CPU and the network only at the end of a
-take. The worker asks for the next take, which acknowledges this one's events, only after every chunk's emissions
-were acknowledged, so committed offsets never pass unfinished work and a crash or a stop loses nothing.
+with at most one chunk waiting between the two. Across takes too: ``render_take`` returns once a take's last chunk is
+rendered, and the agent takes the next one while that chunk is finished.
+
+So a take's messages are acknowledged to Faust by ``InOrderAcknowledgement``, not when the next take is asked for:
+once everything the take emits was acknowledged by the broker, take after take in order, with at most one take
+waiting. Faust commits a partition's offsets only up to its first unacknowledged message, so committed offsets never
+pass unfinished work, and a crash, a stop or a failed send loses nothing: the take is delivered again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -19,36 +24,75 @@ from typing import Any, TypeVar
 from pixelpipe.processors.stages import Emission, Inbound, RenderedChunk, RenderStage
 from pixelpipe.processors.telemetry import TELEMETRY
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Send = Callable[[Sequence[Emission]], Awaitable[None]]
 
 
 async def render_take(
     stage: RenderStage, messages: Sequence[Inbound], send: Send, model_thread: Executor, finishing_thread: Executor
-) -> None:
-    """Plan, render and finish ``messages``; returns once everything they emit was sent (``send`` returned)."""
+) -> asyncio.Future[None]:
+    """Plan and render ``messages``, finishing each chunk while the next renders; returns once the last chunk is
+    rendered, with the future of its finish: done when everything the take emits was sent (``send`` returned)."""
     planned = await in_thread(model_thread, stage.plan, messages)
     await send(planned.emissions)
 
     async def finish(chunk: RenderedChunk) -> None:
         await send(await in_thread(finishing_thread, stage.finish, chunk))
 
-    finishing: asyncio.Future[None] | None = None
+    finishing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    finishing.set_result(None)  # nothing to finish before the first chunk
     try:
         for chunk in planned.chunks:
             rendered = await in_thread(model_thread, stage.render, chunk)
             TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
-            if finishing is not None:
-                await finishing
-            finishing = asyncio.ensure_future(finish(rendered))
-        if finishing is not None:
             await finishing
-    finally:
+            finishing = asyncio.ensure_future(finish(rendered))
+    except BaseException:
         # Cancelled (a stop, a rebalance) or failed: the take stays unacknowledged and is delivered again.
-        if finishing is not None and not finishing.done():
-            finishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await finishing
+        await _cancelled(finishing)
+        raise
+    return finishing
+
+
+class InOrderAcknowledgement:
+    """Acknowledges each take's messages once the take's effects are done, take after take in order, while the agent
+    goes on with the next take; at most one take waits to be acknowledged."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self._waiting: asyncio.Future[None] | None = None
+
+    async def after(self, effects: Awaitable[None], acknowledge: Callable[[], Awaitable[None]]) -> None:
+        """Acknowledge a take (``acknowledge``) when ``effects`` are done, after the take before it; waits for that
+        take first, and raises what its effects raised (the agent then stops with its takes unacknowledged)."""
+        if self._waiting is not None:
+            await self._waiting
+        self._waiting = asyncio.ensure_future(self._acknowledge(effects, acknowledge))
+
+    async def close(self) -> None:
+        """Wait for the last take to be acknowledged; cancelled, its messages stay unacknowledged."""
+        if self._waiting is not None:
+            try:
+                await self._waiting
+            except asyncio.CancelledError:
+                await _cancelled(self._waiting)
+                raise
+
+    async def _acknowledge(self, effects: Awaitable[None], acknowledge: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await effects
+        except Exception:
+            log.exception("a take's effects failed; it stays unacknowledged", extra={"stage": self.stage})
+            raise
+        await acknowledge()
+
+
+async def _cancelled(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await future
 
 
 async def in_thread(executor: Executor, function: Callable[..., T], *args: Any) -> T:
