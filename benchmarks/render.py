@@ -212,6 +212,7 @@ class Render:
             for start in range(0, len(messages), size):
                 take = messages[start : start + size]
                 finished = await render_take(stage, take, send, model_thread, finishing_thread)
+                assert finished is not None  # nothing stops it here
                 await acknowledgement.after(finished, nothing)
             await acknowledgement.close()
 

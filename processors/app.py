@@ -241,7 +241,11 @@ def _add_render_agent(
         async for events in stream.noack_take(take, within=within_s):
             TELEMETRY.events_in(kind, len(events))
             messages = [inbound(e) for e in events]
-            finished = await render_take(stage, messages, sender.send_all, model_thread, finishing_thread)
+            finished = await render_take(
+                stage, messages, sender.send_all, model_thread, finishing_thread, lambda: app.should_stop
+            )
+            if finished is None:  # the worker stops: Faust waits for what is acknowledged, not for this take
+                break
             await acknowledgement.after(finished, acker(stream, events))
             yield None
         await acknowledgement.close()

@@ -30,10 +30,17 @@ Send = Callable[[Sequence[Emission]], Awaitable[None]]
 
 
 async def render_take(
-    stage: RenderStage, messages: Sequence[Inbound], send: Send, model_thread: Executor, finishing_thread: Executor
-) -> asyncio.Future[None]:
+    stage: RenderStage,
+    messages: Sequence[Inbound],
+    send: Send,
+    model_thread: Executor,
+    finishing_thread: Executor,
+    stopping: Callable[[], bool] = lambda: False,
+) -> asyncio.Future[None] | None:
     """Plan and render ``messages``, finishing each chunk while the next renders; returns once the last chunk is
-    rendered, with the future of its finish: done when everything the take emits was sent (``send`` returned)."""
+    rendered, with the future of its finish: done when everything the take emits was sent (``send`` returned).
+    Returns None, after the chunk in progress, once ``stopping``: the worker stops, and the take, never to be
+    acknowledged, is delivered again (what was finished of it is deduplicated downstream)."""
     planned = await in_thread(model_thread, stage.plan, messages)
     await send(planned.emissions)
 
@@ -44,6 +51,9 @@ async def render_take(
     finishing.set_result(None)  # nothing to finish before the first chunk
     try:
         for chunk in planned.chunks:
+            if stopping():
+                await finishing
+                return None
             rendered = await in_thread(model_thread, stage.render, chunk)
             TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
             await finishing

@@ -143,3 +143,23 @@ def test_a_take_whose_effects_failed_is_never_acknowledged_and_stops_the_agent()
 
     asyncio.run(run())
     assert acknowledged == []
+
+
+def test_a_stopping_worker_renders_no_further_chunk_and_hands_the_take_back(tmp_path):
+    stage, moderator, _, messages = _stage_and_messages(tmp_path, 3)
+    sent = []
+
+    async def send(emissions):
+        sent.extend(emissions)
+
+    async def run():
+        # Stopping once the first chunk was rendered: that chunk is finished, no other is rendered.
+        return await render_take(
+            stage, messages, send, model_thread, finishing_thread, lambda: len(stage.model_calls) >= 1
+        )
+
+    with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
+        assert asyncio.run(run()) is None
+
+    assert len(stage.model_calls) == 1
+    assert len(moderator.spans) == 1
