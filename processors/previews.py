@@ -3,11 +3,12 @@
 A request asks for up to ``MAX_PARTIAL_IMAGES`` previews in a Kafka header (``PARTIAL_IMAGES_HEADER``), which
 moderation passes on with it. While its batch renders, the render stage installs a hook for the model call on its
 thread (``previewing``); diffusers calls it after each denoising step (``callback_on_step_end``), and at evenly
-spaced steps the hook projects the request's latents to RGB with a fixed linear map (no VAE: about a millisecond
-for a 64x64 latent), encodes a small JPEG and sends it to the request's reply topic, keyed by request id, with its
-index in ``PREVIEW_HEADER``. Previews are best effort and never awaited; they are not output-moderated (the
-completed image is), so they are the latents' colours at 1/8 of the resolution, scaled up: a blur of the layout.
-Flux packs its latents into tokens; its calls get no previews.
+spaced steps the hook projects the request's latents to RGB with a fixed linear map per family (no VAE: about a
+millisecond for a 64x64 latent; Flux's latents, packed into 2x2 patches, are unpacked first), encodes a small
+JPEG and sends it to the request's reply topic, keyed by request id, with its index in ``PREVIEW_HEADER``.
+Previews are best effort and never awaited. Each first passes the output image check the completed image passes
+(the stage's ``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the
+request's later ones.
 """
 
 from __future__ import annotations
@@ -23,15 +24,34 @@ import torch
 from PIL import Image
 
 from pixelpipe.core.topics import MAX_PARTIAL_IMAGES, PARTIAL_IMAGES_HEADER, PREVIEW_HEADER
+from pixelpipe.processors.moderation import OUTPUT_IMAGE, ImageModerator
+from pixelpipe.processors.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 # (step, steps of the call, first batch row of the call, latents after the step: rows x channels x h x w)
 PreviewHook = Callable[[int, int, int, torch.Tensor], None]
+# A pipeline's latents in its own layout (Flux: rows x tokens x packed channels) to rows x channels x h x w
+Unpack = Callable[[torch.Tensor], torch.Tensor]
 # (reply topic, key, value, headers): sends without waiting
 PreviewSink = Callable[[str, bytes, bytes, Mapping[str, bytes]], None]
 # Stable Diffusion's four latent channels to RGB: the least-squares fit of the VAE decoder's mean colours that cheap
 # previewers (A1111's "Approx cheap", ComfyUI's latent2rgb) use.
 LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+# FLUX.1's sixteen channels to RGB, plus a bias: the same kind of map, a least-squares fit of what its VAE decodes
+# (ComfyUI's Flux latent_rgb_factors). Linear, so a preview costs as little as SD's; the alternatives cost more
+# for a preview shown for a second: the VAE's decoder (a full decode per preview, on the model's device) or a
+# distilled decoder (TAEF1, weights to ship). It reads the transformer's (scaled, shifted) latent space, which is
+# what the step callback gets.
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)  # fmt: skip
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+# A linear map per latent channel count: (channels x RGB weights, RGB bias). The tiny Flux model's VAE has four
+# channels and gets SD's map (random weights: any map shows them as well).
+LATENT_RGB_MAPS = {4: (LATENT_RGB, (0.0, 0.0, 0.0)), 16: (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)}
 PREVIEW_JPEG_QUALITY = 80
 _hooks = threading.local()
 
@@ -57,9 +77,10 @@ def preview_steps(steps: int, count: int) -> set[int]:
 def latent_preview(latent: torch.Tensor, width: int, height: int) -> Image.Image:
     """One row's latents (channels x h x w) as a ``width`` x ``height`` RGB image: a linear projection, no VAE."""
     latent = latent.detach().float().cpu()
-    if latent.shape[0] == len(LATENT_RGB):
-        rgb = torch.einsum("chw,cr->rhw", latent, torch.tensor(LATENT_RGB))
-    else:  # another family's channels: the first three, standardised
+    if latent.shape[0] in LATENT_RGB_MAPS:
+        weights, bias = LATENT_RGB_MAPS[latent.shape[0]]
+        rgb = torch.einsum("chw,cr->rhw", latent, torch.tensor(weights)) + torch.tensor(bias)[:, None, None]
+    else:  # channels no map fits: the first three, standardised
         rgb = latent[:3]
         rgb = (rgb - rgb.mean()) / (rgb.std() + 1e-6) * 0.5
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -82,16 +103,17 @@ def previewing(hook: PreviewHook | None) -> Iterator[None]:
         _hooks.hook = None
 
 
-def step_callback(row: int) -> dict[str, Any]:
-    """The pipeline arguments that call this thread's hook after each step of a call whose first row is ``row``;
-    none when no hook is installed."""
+def step_callback(row: int, unpack: Unpack | None = None) -> dict[str, Any]:
+    """The pipeline arguments that call this thread's hook after each step of a call whose first row is ``row``,
+    with the latents ``unpack`` made (rows x channels x h x w); none when no hook is installed."""
     hook: PreviewHook | None = getattr(_hooks, "hook", None)
     if hook is None:
         return {}
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
-            hook(step, int(getattr(pipe, "num_timesteps", 0) or 0), row, kwargs["latents"])
+            latents = kwargs["latents"] if unpack is None else unpack(kwargs["latents"])
+            hook(step, int(getattr(pipe, "num_timesteps", 0) or 0), row, latents)
         except Exception:  # a preview must never fail a render
             log.exception("preview failed")
         return kwargs
@@ -104,10 +126,11 @@ def hook_for(
     width: int,
     height: int,
     sink: PreviewSink | None,
+    moderator: ImageModerator,
 ) -> PreviewHook | None:
     """A hook sending the previews the batch's requests asked for, or None when none did. ``requests`` are, in
     batch order, (request id, reply topic, images per request, Kafka headers); only a request's first image is
-    previewed."""
+    previewed, and only the previews ``moderator`` allows are sent (numbered 0, 1, ... as sent)."""
     wanted = {
         index: (request_id, reply_topic, n, count)
         for index, (request_id, reply_topic, n, headers) in enumerate(requests)
@@ -117,18 +140,31 @@ def hook_for(
         return None
     rows = {sum(r[2] for r in requests[:index]): index for index in wanted}  # each request's first row
     sent: dict[int, int] = {}
+    withheld: set[int] = set()
 
     def hook(step: int, steps: int, first_row: int, latents: torch.Tensor) -> None:
         for b in range(latents.shape[0]):
             index = rows.get(first_row + b)
-            if index is None:
+            if index is None or index in withheld:
                 continue
             request_id, reply_topic, _, count = wanted[index]
             if step not in preview_steps(steps, count) or sent.get(index, 0) >= count:
                 continue
-            data = jpeg(latent_preview(latents[b], width, height))
+            preview = latent_preview(latents[b], width, height)
+            verdict = moderator.check([preview], OUTPUT_IMAGE)[0]
+            if not verdict.allowed:
+                # A preview must not show what output moderation would block in the completed image. The later
+                # ones are withheld too: a score just over the threshold at one step is likely just under it at
+                # the next, for the same content.
+                withheld.add(index)
+                log.warning(
+                    "preview withheld by output moderation",
+                    extra={"request_id": request_id, "categories": verdict.rejected_categories},
+                )
+                TELEMETRY.preview_withheld(verdict.rejected_categories)
+                continue
             assert reply_topic is not None
-            sink(reply_topic, request_id.encode(), data, {PREVIEW_HEADER: str(sent.get(index, 0)).encode()})
+            sink(reply_topic, request_id.encode(), jpeg(preview), {PREVIEW_HEADER: str(sent.get(index, 0)).encode()})
             sent[index] = sent.get(index, 0) + 1
 
     return hook

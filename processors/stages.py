@@ -610,7 +610,7 @@ class RenderStage:
     def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> PreviewHook | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
         requests = [(i.request.request_id, i.request.reply_topic, i.request.n, i.message.headers) for i in items]
-        return hook_for(requests, params.width, params.height, self.preview_sink)
+        return hook_for(requests, params.width, params.height, self.preview_sink, self.images)
 
     # -- what subclasses define ------------------------------------------------------------------------------
     def params(self, request: ImageRequest) -> RenderParams:
