@@ -4,11 +4,11 @@ A request asks for up to ``MAX_PARTIAL_IMAGES`` previews in a Kafka header (``PA
 moderation passes on with it. While its batch renders, the render stage installs a hook for the model call on its
 thread (``previewing``); diffusers calls it after each denoising step (``callback_on_step_end``), and at evenly
 spaced steps the hook projects the request's latents to RGB with a fixed linear map per family (no VAE: about a
-millisecond for a 64x64 latent; Flux's latents, packed into 2x2 patches, are unpacked first), encodes a small
-JPEG and sends it to the request's reply topic, keyed by request id, with its index in ``PREVIEW_HEADER``.
-Previews are best effort and never awaited. Each first passes the output image check the completed image passes
-(the stage's ``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the
-request's later ones.
+millisecond for a 64x64 latent; Flux's latents, packed into 2x2 patches, are unpacked first), and the preview,
+as a small JPEG, goes to the request's reply topic, keyed by request id, with its index in ``PREVIEW_HEADER``.
+Previews are best effort. Each first passes the output image check the completed image passes (the stage's
+``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the request's later ones.
+The check, the JPEG and the send run on a thread of their own while the next steps render (``Previews``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
@@ -121,50 +123,91 @@ def step_callback(row: int, unpack: Unpack | None = None) -> dict[str, Any]:
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
+class Previews:
+    """The previews of one model call's requests. Called after each denoising step on the model thread (a
+    ``PreviewHook``), it only picks the due rows and projects their latents (about a millisecond); the output image
+    check, the JPEG and the send run on ``executor`` while the next steps render, so the device never waits for
+    nudenet. ``executor`` must have one thread: a request's previews are then checked and sent in order. ``wait``
+    returns once every preview handed over is sent or withheld: the stage waits for it before a chunk's results
+    go out, so each result's copy still follows its previews on the reply producer."""
+
+    def __init__(
+        self,
+        wanted: Mapping[int, tuple[str, str, int]],
+        rows: Mapping[int, int],
+        size: tuple[int, int],
+        sink: PreviewSink,
+        moderator: ImageModerator,
+        executor: Executor,
+    ) -> None:
+        self._wanted = wanted  # request index: (request id, reply topic, previews asked for)
+        self._rows = rows  # a request's first batch row: its index
+        self._size = size
+        self._sink = sink
+        self._moderator = moderator
+        self._executor = executor
+        self._handed: dict[int, int] = {}  # model thread only
+        self._sent: dict[int, int] = {}  # executor thread only
+        self._withheld: set[int] = set()  # written by the executor thread; read by both
+        self._pending: list[Future[None]] = []
+
+    def __call__(self, step: int, steps: int, first_row: int, latents: torch.Tensor) -> None:
+        for b in range(latents.shape[0]):
+            index = self._rows.get(first_row + b)
+            if index is None or index in self._withheld:
+                continue
+            count = self._wanted[index][2]
+            if step not in preview_steps(steps, count) or self._handed.get(index, 0) >= count:
+                continue
+            self._handed[index] = self._handed.get(index, 0) + 1
+            preview = latent_preview(latents[b], *self._size)
+            self._pending.append(self._executor.submit(self._check_and_send, index, preview))
+
+    def _check_and_send(self, index: int, preview: Image.Image) -> None:
+        request_id, reply_topic, _ = self._wanted[index]
+        try:
+            if index in self._withheld:
+                return
+            verdict = self._moderator.check([preview], OUTPUT_IMAGE)[0]
+            if not verdict.allowed:
+                # A preview must not show what output moderation would block in the completed image. The later
+                # ones are withheld too: a score just over the threshold at one step is likely just under it at
+                # the next, for the same content.
+                self._withheld.add(index)
+                log.warning(
+                    "preview withheld by output moderation",
+                    extra={"request_id": request_id, "categories": verdict.rejected_categories},
+                )
+                TELEMETRY.preview_withheld(verdict.rejected_categories)
+                return
+            number = self._sent.get(index, 0)
+            self._sink(reply_topic, request_id.encode(), jpeg(preview), {PREVIEW_HEADER: str(number).encode()})
+            self._sent[index] = number + 1
+        except Exception:  # a preview must never fail a render; one that cannot be checked is not sent
+            log.exception("preview failed", extra={"request_id": request_id})
+
+    def wait(self) -> None:
+        """Until every preview handed over so far is sent or withheld."""
+        futures.wait(self._pending)
+
+
 def hook_for(
     requests: Sequence[tuple[str, str | None, int, Mapping[str, bytes]]],
     width: int,
     height: int,
     sink: PreviewSink | None,
     moderator: ImageModerator,
-) -> PreviewHook | None:
-    """A hook sending the previews the batch's requests asked for, or None when none did. ``requests`` are, in
-    batch order, (request id, reply topic, images per request, Kafka headers); only a request's first image is
-    previewed, and only the previews ``moderator`` allows are sent (numbered 0, 1, ... as sent)."""
+    executor: Executor,
+) -> Previews | None:
+    """The previews the batch's requests asked for, or None when none did. ``requests`` are, in batch order,
+    (request id, reply topic, images per request, Kafka headers); only a request's first image is previewed, and
+    only the previews ``moderator`` allows are sent (numbered 0, 1, ... as sent), from ``executor``."""
     wanted = {
-        index: (request_id, reply_topic, n, count)
-        for index, (request_id, reply_topic, n, headers) in enumerate(requests)
+        index: (request_id, reply_topic, count)
+        for index, (request_id, reply_topic, _, headers) in enumerate(requests)
         if reply_topic and (count := partial_images(headers))
     }
     if not wanted or sink is None:
         return None
     rows = {sum(r[2] for r in requests[:index]): index for index in wanted}  # each request's first row
-    sent: dict[int, int] = {}
-    withheld: set[int] = set()
-
-    def hook(step: int, steps: int, first_row: int, latents: torch.Tensor) -> None:
-        for b in range(latents.shape[0]):
-            index = rows.get(first_row + b)
-            if index is None or index in withheld:
-                continue
-            request_id, reply_topic, _, count = wanted[index]
-            if step not in preview_steps(steps, count) or sent.get(index, 0) >= count:
-                continue
-            preview = latent_preview(latents[b], width, height)
-            verdict = moderator.check([preview], OUTPUT_IMAGE)[0]
-            if not verdict.allowed:
-                # A preview must not show what output moderation would block in the completed image. The later
-                # ones are withheld too: a score just over the threshold at one step is likely just under it at
-                # the next, for the same content.
-                withheld.add(index)
-                log.warning(
-                    "preview withheld by output moderation",
-                    extra={"request_id": request_id, "categories": verdict.rejected_categories},
-                )
-                TELEMETRY.preview_withheld(verdict.rejected_categories)
-                continue
-            assert reply_topic is not None
-            sink(reply_topic, request_id.encode(), jpeg(preview), {PREVIEW_HEADER: str(sent.get(index, 0)).encode()})
-            sent[index] = sent.get(index, 0) + 1
-
-    return hook
+    return Previews(wanted, rows, (width, height), sink, moderator, executor)

@@ -2,7 +2,9 @@
 moderation passes on, and Flux's packed latents."""
 
 import io
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ from pixelpipe.tools.model_builders import build_tiny_models
 
 ALLOW_ALL = ImageModerator(detector="null")
 REPLIES = "pixelpipe.replies.x"
+PREVIEW_THREAD = ThreadPoolExecutor(1, thread_name_prefix="previews")
 
 
 class Recorder:
@@ -49,14 +52,16 @@ class Recorder:
 
 class ExposedBodyDetector:
     """nudenet's answer (the detector boundary) for the previews from the ``flag_from``-th call on (0-based): an
-    exposed breast, which the default policy maps to ``sexual``. Keeps the images it was shown."""
+    exposed breast, which the default policy maps to ``sexual``. Keeps the images it was shown, and the threads."""
 
     flag_from = 0
 
     def __init__(self) -> None:
         self.shown: list[Image.Image] = []
+        self.threads: set[str] = set()
 
     def detect(self, images, batch_size):
+        self.threads.add(threading.current_thread().name)
         found = []
         for image in images:
             flagged = len(self.shown) >= self.flag_from
@@ -99,16 +104,17 @@ def test_the_hook_sends_each_asking_requests_first_image_to_its_reply_topic():
         ("b", "pixelpipe.replies.x", 2, {PARTIAL_IMAGES_HEADER: b"2"}),
         ("c", None, 2, {PARTIAL_IMAGES_HEADER: b"2"}),  # nowhere to send them
     ]
-    hook = hook_for(requests, 64, 32, lambda *args: sent.append(args), ALLOW_ALL)
+    hook = hook_for(requests, 64, 32, lambda *args: sent.append(args), ALLOW_ALL, PREVIEW_THREAD)
     latents = torch.randn(6, 4, 4, 8)
     for step in range(8):
         hook(step, 8, 0, latents)
+    hook.wait()
     assert [(topic, key, headers[PREVIEW_HEADER]) for topic, key, _, headers in sent] == [
         ("pixelpipe.replies.x", b"b", b"0"),
         ("pixelpipe.replies.x", b"b", b"1"),
     ]
     assert Image.open(io.BytesIO(sent[0][2])).size == (64, 32)
-    assert hook_for(requests[:1], 64, 32, lambda *args: None, ALLOW_ALL) is None
+    assert hook_for(requests[:1], 64, 32, lambda *args: None, ALLOW_ALL, PREVIEW_THREAD) is None
 
 
 def test_the_step_callback_exists_only_inside_previewing():
@@ -137,10 +143,11 @@ def test_sixteen_channels_go_through_fluxs_map_with_its_bias():
 # -- output moderation of previews ----------------------------------------------------------------------------
 def test_a_preview_output_moderation_flags_is_never_sent(flagging):
     sent = Recorder()
-    hook = hook_for([("b", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"3"})], 64, 32, sent, flagging)
+    hook = hook_for([("b", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"3"})], 64, 32, sent, flagging, PREVIEW_THREAD)
     before = withheld_count("sexual")
     for step in range(8):
         hook(step, 8, 0, torch.randn(1, 4, 4, 8))
+    hook.wait()
     assert sent.sent == []
     assert withheld_count("sexual") == before + 1  # the request's later previews are not even checked
     assert [image.size for image in flagging._detector.shown] == [(64, 32)]  # the check saw the preview itself
@@ -149,13 +156,15 @@ def test_a_preview_output_moderation_flags_is_never_sent(flagging):
 def test_previews_are_sent_until_one_is_flagged_and_numbered_as_sent(flagging):
     flagging._detector.flag_from = 1  # the first preview is allowed, the second flagged
     sent = Recorder()
-    hook = hook_for([("b", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"3"})], 64, 32, sent, flagging)
+    hook = hook_for([("b", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"3"})], 64, 32, sent, flagging, PREVIEW_THREAD)
     for step in range(8):
         hook(step, 8, 0, torch.randn(1, 4, 4, 8))
+    hook.wait()
     assert [(topic, key) for topic, key, _, _ in sent.sent] == [(REPLIES, b"b")]
     assert sent.indices == [b"0"]
     assert Image.open(io.BytesIO(sent.sent[0][2])).size == (64, 32)
     assert len(flagging._detector.shown) == 2  # the third was withheld unchecked
+    assert flagging._detector.threads == {"previews_0"}  # not on the model thread: the device does not wait
 
 
 def test_the_render_stage_checks_previews_with_its_own_image_moderator(tmp_path, flagging):
@@ -175,6 +184,7 @@ def test_the_render_stage_checks_previews_with_its_own_image_moderator(tmp_path,
         hook = stage.preview_hook(chunk.params, chunk.items)
         for step in range(4):
             hook(step, 4, 0, torch.randn(1, 4, 8, 8))
+        hook.wait()
         assert sent.indices == expected
 
 
@@ -188,7 +198,7 @@ def flux_models(tmp_path_factory) -> DiffusionModels:
 def test_flux_previews_come_from_its_unpacked_latents(flux_models, monkeypatch, task):
     seen: list[tuple[int, ...]] = []
     sent = Recorder()
-    hook = hook_for([("f", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"2"})], 64, 48, sent, ALLOW_ALL)
+    hook = hook_for([("f", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"2"})], 64, 48, sent, ALLOW_ALL, PREVIEW_THREAD)
 
     def recording(step, steps, row, latents):
         seen.append(tuple(latents.shape))
@@ -201,6 +211,7 @@ def test_flux_previews_come_from_its_unpacked_latents(flux_models, monkeypatch, 
         else:
             masks = [Image.new("L", (64, 48), 255)] if task == "inpaint" else None
             flux_models.edit("tiny-flux", ["a fox"], [source], masks=masks, width=64, height=48, steps=6, seeds=[1])
+    hook.wait()
     scale = flux_models.load("tiny-flux").text2image.vae_scale_factor
     channels = flux_models.load("tiny-flux").text2image.vae.config.latent_channels
     assert seen and set(seen) == {(1, channels, 48 // scale, 64 // scale)}  # images' layout, not tokens
