@@ -1,12 +1,16 @@
-"""What streaming previews cost the render: the tiny model with and without a preview hook, in turns.
+"""What streaming previews cost the render: the tiny model with no previews, and with previews checked by the
+null detector and by nudenet, in turns.
 
     python benchmarks/previews.py [--images 12] [--size 64] [--steps 8]
 
 Measured path: ``DiffusionModels.generate`` on the tiny SD model (CPU, one image per call), with the hook the
 render stage installs for a request asking for 3 partial images (``processors/previews.py``: latents projected to
-RGB, resized, JPEG-encoded, handed to a sink that only counts them). Baseline in the same run: the same calls with
-no hook. Also the projection and encoding alone at SD-1.5's latent size (4x64x64 to 512x512), where the tiny
-model's latents are too small to show it.
+RGB and resized on the model thread; checked by output moderation, JPEG-encoded and handed to a sink that only
+counts them on the stage's preview thread, while the next steps render). A render's time runs until its previews
+are sent, as the stage waits for them before its results. The null detector finds nothing and costs nothing, so
+it measures previews without moderation; nudenet is what a worker runs. Baseline in the same run: the same calls
+with no hook. Also a preview alone at SD-1.5's latent size
+(4x64x64 to 512x512), where the tiny model's latents are too small to show it, with and without its check.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import argparse
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from pixelpipe.processors.models import DiffusionModels
+from pixelpipe.processors.moderation import OUTPUT_IMAGE, ImageModerator
 from pixelpipe.processors.previews import hook_for, jpeg, latent_preview, previewing
 from pixelpipe.tools.model_builders import build_tiny_models
+
+DETECTORS = ("null", "nudenet")
+PREVIEWS = 3
 
 
 def main() -> None:
@@ -32,46 +41,70 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core, so the other's load disturbs less
     models = DiffusionModels.from_file(build_tiny_models(Path(tempfile.mkdtemp())))
-    sent: list[int] = []
-    in_hook = [0.0]
+    moderators = {name: ImageModerator(detector=name) for name in DETECTORS}
+    preview_thread = ThreadPoolExecutor(1, thread_name_prefix="previews")
+    sent = dict.fromkeys(DETECTORS, 0)
+    in_hook = dict.fromkeys(DETECTORS, 0.0)
 
-    def render(previews: bool, seed: int) -> float:
-        headers = {"pixelpipe-partial-images": b"3"} if previews else {}
-        inner = hook_for([("r", "pixelpipe.replies.x", 1, headers)], args.size, args.size, lambda *a: sent.append(1))
+    def render(detector: str | None, seed: int) -> float:
+        """One image's wall time: with previews checked by ``detector``, or none when it is None."""
+        hook = None
+        if detector is not None:
 
-        def hook(*hook_args: object) -> None:  # the hook's own time on the model thread, every step included
-            started = time.perf_counter()
-            inner(*hook_args)  # type: ignore[misc]
-            in_hook[0] += time.perf_counter() - started
+            def count(*sent_args: object) -> None:
+                sent[detector] += 1
+
+            headers = {"pixelpipe-partial-images": str(PREVIEWS).encode()}
+            requests = [("r", "pixelpipe.replies.x", 1, headers)]
+            previews = hook_for(requests, args.size, args.size, count, moderators[detector], preview_thread)
+            assert previews is not None
+
+            def hook(*hook_args: object) -> None:  # the hook's own time on the model thread, every step included
+                started = time.perf_counter()
+                previews(*hook_args)  # type: ignore[arg-type]
+                in_hook[detector] += time.perf_counter() - started
 
         started = time.perf_counter()
-        with previewing(hook if inner else None):
+        with previewing(hook):
             models.generate("tiny-sd", ["a fox"], width=args.size, height=args.size, steps=args.steps, seeds=[seed])
+        if detector is not None:
+            previews.wait()
         return time.perf_counter() - started
 
-    render(False, 0)  # warm up
-    plain, previewed = [], []
-    for i in range(args.images):  # in turns, so load from other processes falls on both alike
-        plain.append(render(False, i))
-        previewed.append(render(True, i))
-    p50, q50 = statistics.median(plain) * 1000, statistics.median(previewed) * 1000
-    per_preview = in_hook[0] * 1000 / max(1, len(sent))
-    share = in_hook[0] / sum(previewed) * 100
-    print(f"tiny-sd {args.size}x{args.size}, {args.steps} steps, {args.images} images per figure")
-    print(f"  no previews (baseline): {p50:7.1f} ms per image (median)")
-    print(f"  3 previews:             {q50:7.1f} ms per image (median), {len(sent) / args.images:.1f} sent per image")
-    print(f"  wall difference: {q50 - p50:+.1f} ms per image ({(q50 / p50 - 1) * 100:+.1f} %; noisy under load)")
-    print(f"  the hook's own time: {per_preview:.2f} ms per preview, {share:.2f} % of the previewed renders' time")
+    for detector in (None, *DETECTORS):  # warm up, nudenet's session included
+        render(detector, 0)
+    sent.update(dict.fromkeys(DETECTORS, 0))
+    in_hook.update(dict.fromkeys(DETECTORS, 0.0))
+    walls: dict[str | None, list[float]] = {None: [], **{d: [] for d in DETECTORS}}
+    for i in range(args.images):  # in turns, so load from other processes falls on all alike
+        for detector in walls:
+            walls[detector].append(render(detector, i))
+    baseline = statistics.median(walls[None]) * 1000
+    print(f"tiny-sd {args.size}x{args.size}, {args.steps} steps, {args.images} images per figure, {PREVIEWS} previews")
+    print(f"  no previews (baseline):       {baseline:7.1f} ms per image (median)")
+    for detector in DETECTORS:
+        median = statistics.median(walls[detector]) * 1000
+        per_preview = in_hook[detector] * 1000 / max(1, sent[detector])
+        share = in_hook[detector] / sum(walls[detector]) * 100
+        print(
+            f"  previews, {detector + ' detector:':17s} {median:7.1f} ms per image (median; "
+            f"{median - baseline:+.1f} ms, {(median / baseline - 1) * 100:+.1f} %, noisy under load), "
+            f"{sent[detector] / args.images:.1f} sent per image; the hook's own time {per_preview:.2f} ms per "
+            f"preview on the model thread, {share:.2f} % of these renders' time"
+        )
     latent = torch.randn(4, 64, 64)
-    times = []
-    for _ in range(20):
-        started = time.perf_counter()
-        data = jpeg(latent_preview(latent, 512, 512))
-        times.append(time.perf_counter() - started)
-    print(
-        f"SD-1.5 size (4x64x64 latents to a 512x512 JPEG of {len(data)} bytes): "
-        f"{statistics.median(times) * 1000:.1f} ms per preview (median of 20)"
-    )
+    for detector in DETECTORS:
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            preview = latent_preview(latent, 512, 512)
+            moderators[detector].check([preview], OUTPUT_IMAGE)
+            data = jpeg(preview)
+            times.append(time.perf_counter() - started)
+        print(
+            f"SD-1.5 size (4x64x64 latents to a 512x512 JPEG of {len(data)} bytes), {detector} detector: "
+            f"{statistics.median(times) * 1000:.1f} ms per preview (median of 20)"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from pixelpipe.processors.previews import step_callback
+from pixelpipe.processors.previews import Unpack, step_callback
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +428,14 @@ class LoadedModel:
             self, text2image=text2image, image2image=image2image, inpaint=inpaint, run_lock=threading.Lock()
         )
 
+    def _unpack(self, pipe: DiffusionPipeline, batch: _Batch) -> Unpack | None:
+        """How the step callback gets latents in images' layout: Flux's are packed, 2x2 patches per token."""
+        if self.entry.kind != "flux":
+            return None
+        return functools.partial(
+            pipe._unpack_latents, height=batch.height, width=batch.width, vae_scale_factor=pipe.vae_scale_factor
+        )
+
     @property
     def schedulers(self) -> frozenset[str]:
         """The schedulers a call may pick for this model: those made for the objective it was trained on."""
@@ -471,7 +480,7 @@ class LoadedModel:
                 start = time.perf_counter()
                 for index, call in enumerate(calls):
                     # Previews of images in progress, when the stage asked for them (processors/previews.py).
-                    previews = step_callback(0 if self.batched else index) if self.entry.kind != "flux" else {}
+                    previews = step_callback(0 if self.batched else index, self._unpack(pipe, batch))
                     images += pipe(**call, **shared, **previews).images
                 _synchronize(self.device)
                 seconds = time.perf_counter() - start

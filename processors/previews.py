@@ -3,11 +3,12 @@
 A request asks for up to ``MAX_PARTIAL_IMAGES`` previews in a Kafka header (``PARTIAL_IMAGES_HEADER``), which
 moderation passes on with it. While its batch renders, the render stage installs a hook for the model call on its
 thread (``previewing``); diffusers calls it after each denoising step (``callback_on_step_end``), and at evenly
-spaced steps the hook projects the request's latents to RGB with a fixed linear map (no VAE: about a millisecond
-for a 64x64 latent), encodes a small JPEG and sends it to the request's reply topic, keyed by request id, with its
-index in ``PREVIEW_HEADER``. Previews are best effort and never awaited; they are not output-moderated (the
-completed image is), so they are the latents' colours at 1/8 of the resolution, scaled up: a blur of the layout.
-Flux packs its latents into tokens; its calls get no previews.
+spaced steps the hook projects the request's latents to RGB with a fixed linear map per family (no VAE: about a
+millisecond for a 64x64 latent; Flux's latents, packed into 2x2 patches, are unpacked first), and the preview,
+as a small JPEG, goes to the request's reply topic, keyed by request id, with its index in ``PREVIEW_HEADER``.
+Previews are best effort. Each first passes the output image check the completed image passes (the stage's
+``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the request's later ones.
+The check, the JPEG and the send run on a thread of their own while the next steps render (``Previews``).
 """
 
 from __future__ import annotations
@@ -17,21 +18,42 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
 from PIL import Image
 
 from pixelpipe.core.topics import MAX_PARTIAL_IMAGES, PARTIAL_IMAGES_HEADER, PREVIEW_HEADER
+from pixelpipe.processors.moderation import OUTPUT_IMAGE, ImageModerator
+from pixelpipe.processors.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 # (step, steps of the call, first batch row of the call, latents after the step: rows x channels x h x w)
 PreviewHook = Callable[[int, int, int, torch.Tensor], None]
+# A pipeline's latents in its own layout (Flux: rows x tokens x packed channels) to rows x channels x h x w
+Unpack = Callable[[torch.Tensor], torch.Tensor]
 # (reply topic, key, value, headers): sends without waiting
 PreviewSink = Callable[[str, bytes, bytes, Mapping[str, bytes]], None]
 # Stable Diffusion's four latent channels to RGB: the least-squares fit of the VAE decoder's mean colours that cheap
 # previewers (A1111's "Approx cheap", ComfyUI's latent2rgb) use.
 LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+# FLUX.1's sixteen channels to RGB, plus a bias: the same kind of map, a least-squares fit of what its VAE decodes
+# (ComfyUI's Flux latent_rgb_factors). Linear, so a preview costs as little as SD's; the alternatives cost more
+# for a preview shown for a second: the VAE's decoder (a full decode per preview, on the model's device) or a
+# distilled decoder (TAEF1, weights to ship). It reads the transformer's (scaled, shifted) latent space, which is
+# what the step callback gets.
+FLUX_LATENT_RGB = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)  # fmt: skip
+FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+# A linear map per latent channel count: (channels x RGB weights, RGB bias). The tiny Flux model's VAE has four
+# channels and gets SD's map (random weights: any map shows them as well).
+LATENT_RGB_MAPS = {4: (LATENT_RGB, (0.0, 0.0, 0.0)), 16: (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)}
 PREVIEW_JPEG_QUALITY = 80
 _hooks = threading.local()
 
@@ -57,9 +79,10 @@ def preview_steps(steps: int, count: int) -> set[int]:
 def latent_preview(latent: torch.Tensor, width: int, height: int) -> Image.Image:
     """One row's latents (channels x h x w) as a ``width`` x ``height`` RGB image: a linear projection, no VAE."""
     latent = latent.detach().float().cpu()
-    if latent.shape[0] == len(LATENT_RGB):
-        rgb = torch.einsum("chw,cr->rhw", latent, torch.tensor(LATENT_RGB))
-    else:  # another family's channels: the first three, standardised
+    if latent.shape[0] in LATENT_RGB_MAPS:
+        weights, bias = LATENT_RGB_MAPS[latent.shape[0]]
+        rgb = torch.einsum("chw,cr->rhw", latent, torch.tensor(weights)) + torch.tensor(bias)[:, None, None]
+    else:  # channels no map fits: the first three, standardised
         rgb = latent[:3]
         rgb = (rgb - rgb.mean()) / (rgb.std() + 1e-6) * 0.5
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -82,16 +105,17 @@ def previewing(hook: PreviewHook | None) -> Iterator[None]:
         _hooks.hook = None
 
 
-def step_callback(row: int) -> dict[str, Any]:
-    """The pipeline arguments that call this thread's hook after each step of a call whose first row is ``row``;
-    none when no hook is installed."""
+def step_callback(row: int, unpack: Unpack | None = None) -> dict[str, Any]:
+    """The pipeline arguments that call this thread's hook after each step of a call whose first row is ``row``,
+    with the latents ``unpack`` made (rows x channels x h x w); none when no hook is installed."""
     hook: PreviewHook | None = getattr(_hooks, "hook", None)
     if hook is None:
         return {}
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
-            hook(step, int(getattr(pipe, "num_timesteps", 0) or 0), row, kwargs["latents"])
+            latents = kwargs["latents"] if unpack is None else unpack(kwargs["latents"])
+            hook(step, int(getattr(pipe, "num_timesteps", 0) or 0), row, latents)
         except Exception:  # a preview must never fail a render
             log.exception("preview failed")
         return kwargs
@@ -99,36 +123,91 @@ def step_callback(row: int) -> dict[str, Any]:
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
+class Previews:
+    """The previews of one model call's requests. Called after each denoising step on the model thread (a
+    ``PreviewHook``), it only picks the due rows and projects their latents (about a millisecond); the output image
+    check, the JPEG and the send run on ``executor`` while the next steps render, so the device never waits for
+    nudenet. ``executor`` must have one thread: a request's previews are then checked and sent in order. ``wait``
+    returns once every preview handed over is sent or withheld: the stage waits for it before a chunk's results
+    go out, so each result's copy still follows its previews on the reply producer."""
+
+    def __init__(
+        self,
+        wanted: Mapping[int, tuple[str, str, int]],
+        rows: Mapping[int, int],
+        size: tuple[int, int],
+        sink: PreviewSink,
+        moderator: ImageModerator,
+        executor: Executor,
+    ) -> None:
+        self._wanted = wanted  # request index: (request id, reply topic, previews asked for)
+        self._rows = rows  # a request's first batch row: its index
+        self._size = size
+        self._sink = sink
+        self._moderator = moderator
+        self._executor = executor
+        self._handed: dict[int, int] = {}  # model thread only
+        self._sent: dict[int, int] = {}  # executor thread only
+        self._withheld: set[int] = set()  # written by the executor thread; read by both
+        self._pending: list[Future[None]] = []
+
+    def __call__(self, step: int, steps: int, first_row: int, latents: torch.Tensor) -> None:
+        for b in range(latents.shape[0]):
+            index = self._rows.get(first_row + b)
+            if index is None or index in self._withheld:
+                continue
+            count = self._wanted[index][2]
+            if step not in preview_steps(steps, count) or self._handed.get(index, 0) >= count:
+                continue
+            self._handed[index] = self._handed.get(index, 0) + 1
+            preview = latent_preview(latents[b], *self._size)
+            self._pending.append(self._executor.submit(self._check_and_send, index, preview))
+
+    def _check_and_send(self, index: int, preview: Image.Image) -> None:
+        request_id, reply_topic, _ = self._wanted[index]
+        try:
+            if index in self._withheld:
+                return
+            verdict = self._moderator.check([preview], OUTPUT_IMAGE)[0]
+            if not verdict.allowed:
+                # A preview must not show what output moderation would block in the completed image. The later
+                # ones are withheld too: a score just over the threshold at one step is likely just under it at
+                # the next, for the same content.
+                self._withheld.add(index)
+                log.warning(
+                    "preview withheld by output moderation",
+                    extra={"request_id": request_id, "categories": verdict.rejected_categories},
+                )
+                TELEMETRY.preview_withheld(verdict.rejected_categories)
+                return
+            number = self._sent.get(index, 0)
+            self._sink(reply_topic, request_id.encode(), jpeg(preview), {PREVIEW_HEADER: str(number).encode()})
+            self._sent[index] = number + 1
+        except Exception:  # a preview must never fail a render; one that cannot be checked is not sent
+            log.exception("preview failed", extra={"request_id": request_id})
+
+    def wait(self) -> None:
+        """Until every preview handed over so far is sent or withheld."""
+        futures.wait(self._pending)
+
+
 def hook_for(
     requests: Sequence[tuple[str, str | None, int, Mapping[str, bytes]]],
     width: int,
     height: int,
     sink: PreviewSink | None,
-) -> PreviewHook | None:
-    """A hook sending the previews the batch's requests asked for, or None when none did. ``requests`` are, in
-    batch order, (request id, reply topic, images per request, Kafka headers); only a request's first image is
-    previewed."""
+    moderator: ImageModerator,
+    executor: Executor,
+) -> Previews | None:
+    """The previews the batch's requests asked for, or None when none did. ``requests`` are, in batch order,
+    (request id, reply topic, images per request, Kafka headers); only a request's first image is previewed, and
+    only the previews ``moderator`` allows are sent (numbered 0, 1, ... as sent), from ``executor``."""
     wanted = {
-        index: (request_id, reply_topic, n, count)
-        for index, (request_id, reply_topic, n, headers) in enumerate(requests)
+        index: (request_id, reply_topic, count)
+        for index, (request_id, reply_topic, _, headers) in enumerate(requests)
         if reply_topic and (count := partial_images(headers))
     }
     if not wanted or sink is None:
         return None
     rows = {sum(r[2] for r in requests[:index]): index for index in wanted}  # each request's first row
-    sent: dict[int, int] = {}
-
-    def hook(step: int, steps: int, first_row: int, latents: torch.Tensor) -> None:
-        for b in range(latents.shape[0]):
-            index = rows.get(first_row + b)
-            if index is None:
-                continue
-            request_id, reply_topic, _, count = wanted[index]
-            if step not in preview_steps(steps, count) or sent.get(index, 0) >= count:
-                continue
-            data = jpeg(latent_preview(latents[b], width, height))
-            assert reply_topic is not None
-            sink(reply_topic, request_id.encode(), data, {PREVIEW_HEADER: str(sent.get(index, 0)).encode()})
-            sent[index] = sent.get(index, 0) + 1
-
-    return hook
+    return Previews(wanted, rows, (width, height), sink, moderator, executor)

@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -50,7 +51,7 @@ from pixelpipe.processors.outcomes import (
     stage_metric,
     unreadable_result,
 )
-from pixelpipe.processors.previews import PreviewHook, PreviewSink, hook_for, passed_on, previewing
+from pixelpipe.processors.previews import Previews, PreviewSink, hook_for, passed_on, previewing
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.telemetry import TELEMETRY
 
@@ -542,6 +543,7 @@ class RenderedChunk:
     started_s: float  # when the model call began: the end of the requests' queue time
     model_ms: float
     ended: list[Emission] = dataclasses.field(default_factory=list)
+    previews: Previews | None = None  # still being checked and sent when the model call returns
 
     def outputs(self) -> zip[tuple[_Pending, list[Image.Image]]]:
         """Each request with its images."""
@@ -606,11 +608,13 @@ class RenderStage:
         self.images = images
         self.store = store
         self.experiments = experiments
+        # Checks and sends previews while the model renders; one thread keeps each request's previews in order.
+        self.preview_executor = ThreadPoolExecutor(1, thread_name_prefix="previews")
 
-    def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> PreviewHook | None:
+    def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> Previews | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
         requests = [(i.request.request_id, i.request.reply_topic, i.request.n, i.message.headers) for i in items]
-        return hook_for(requests, params.width, params.height, self.preview_sink)
+        return hook_for(requests, params.width, params.height, self.preview_sink, self.images, self.preview_executor)
 
     # -- what subclasses define ------------------------------------------------------------------------------
     def params(self, request: ImageRequest) -> RenderParams:
@@ -671,7 +675,8 @@ class RenderStage:
         started_s = time.time()
         try:
             device = str(self.models.load(params.model).device)
-            with previewing(self.preview_hook(params, items)):
+            previews = self.preview_hook(params, items)
+            with previewing(previews):
                 output = self.run_model(params, items)
         except (ModelError, StageFailure) as e:
             emit = Emitter(self.context)
@@ -683,13 +688,16 @@ class RenderStage:
             emit = Emitter(self.context)
             self._fail_internally(emit, params, items, e, chunk.take_started_s)
             return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
-        return RenderedChunk(params, items, output, device, started_s, (time.time() - started_s) * 1000.0)
+        model_ms = (time.time() - started_s) * 1000.0
+        return RenderedChunk(params, items, output, device, started_s, model_ms, previews=previews)
 
     def finish(self, chunk: RenderedChunk) -> list[Emission]:
         """The rest of a chunk: moderate its images, encode and store the allowed ones in one write (durable
         together), then the results and metrics. Returns everything the chunk emits."""
         if chunk.output is None:
             return chunk.ended
+        if chunk.previews is not None:  # previews first: the results' reply copies must follow them
+            chunk.previews.wait()
         emit = Emitter(self.context)
         try:
             reviews = [self._review(item, images) for item, images in chunk.outputs()]

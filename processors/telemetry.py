@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -37,6 +37,11 @@ FOLD_EVERY = 4096  # observations kept before the observing thread folds them it
 EVENTS_IN = Counter("pixelpipe_stage_events_in_total", "Messages a stage took from its topic.", ["stage"])
 MODEL_BUSY = Counter(
     "pixelpipe_model_busy_seconds_total", "Wall time the model thread spent in model calls.", ["stage"]
+)
+PREVIEWS_WITHHELD = Counter(
+    "pixelpipe_previews_withheld_total",
+    "Previews of images in progress that output moderation withheld, by category.",
+    ["category"],
 )
 MODEL_LOAD = Gauge("pixelpipe_model_load_seconds", "Time to load a model, at worker start.", ["model"])
 MODEL_WARMUP = Gauge(
@@ -113,6 +118,11 @@ class StageTelemetry(Collector):
     def retry(self, what: str) -> None:
         if self.enabled:
             RETRIES.labels(what).inc()
+
+    def preview_withheld(self, categories: Sequence[str]) -> None:
+        if self.enabled:
+            for category in categories:
+                PREVIEWS_WITHHELD.labels(category).inc()
 
     def model_busy(self, stage: str, seconds: float) -> None:
         if self.enabled:

@@ -3,11 +3,12 @@ with given settings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,6 +44,17 @@ class PixelpipeProcess:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP for the block, SIGCONT after: the process reads, commits and answers nothing meanwhile, like a
+        hung one, and carries on after without a restart (a model load) if the block is shorter than its Kafka
+        session timeout."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

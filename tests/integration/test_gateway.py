@@ -69,7 +69,14 @@ def deployment(servers, tmp_path_factory):
     worker = WorkerProcess(settings, STAGES, tmp / "worker.log")
     gateway = Gateway(settings, tmp / "gateway.log").start()
     try:
-        yield {"settings": settings, "gateway": gateway, "key": main, "key_id": main_entry.key_id, "slow_key": slow}
+        yield {
+            "settings": settings,
+            "gateway": gateway,
+            "worker": worker,
+            "key": main,
+            "key_id": main_entry.key_id,
+            "slow_key": slow,
+        }
     finally:
         gateway.process.stop()
         worker.stop()
@@ -261,3 +268,47 @@ def test_the_backlog_is_measured_from_the_moderation_group(client, deployment):
         lag = monitor.lag()
     assert lag == 0
     assert LagMonitor(settings.kafka, settings.topics.requests, "no-such-group").lag() is None
+
+
+def test_a_stalled_pipeline_answers_504_at_the_deadline_then_503_past_the_backlog_bound(deployment, tmp_path):
+    """The worker paused (SIGSTOP: it neither consumes nor commits) behind a second gateway on the same topics with a
+    1 s deadline and a backlog bound of 1: each accepted call waits out its deadline (504) and leaves its request
+    queued, until the moderation group's lag passes the bound and calls are refused before publishing (503). The
+    pause is shorter than the worker's 10 s session timeout, so it carries on after without a rebalance, failing
+    the requests it missed as past their deadlines."""
+    from pixelpipe.gateway.pipeline import LagMonitor
+
+    settings = deployment["settings"].updated(
+        gateway_port=free_port(),
+        gateway_instance_id=f"test-{uuid.uuid4().hex[:8]}",
+        gateway_timeout_s=1.0,
+        gateway_max_lag=1,
+    )
+    # The worker up (its group exists once its models are loaded: a lag, not None) and caught up (0) before it
+    # is paused; it commits about once a second.
+    monitor = LagMonitor(settings.kafka, settings.topics.requests, f"{settings.stages.consumer_group}-moderation")
+    deadline = time.monotonic() + 180
+    while monitor.lag() != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    gateway = Gateway(settings, tmp_path / "gateway.log")
+    try:
+        impatient = openai.OpenAI(base_url=gateway.start().url, api_key=deployment["key"], timeout=30, max_retries=0)
+        with deployment["worker"].paused():
+            errors = []
+            for i in range(6):  # two calls fill the bound; the lag is measured at most once a second
+                with pytest.raises(openai.InternalServerError) as e:
+                    impatient.images.generate(model="tiny-sd", prompt=f"a stalled heron {i}", size="64x64")
+                errors.append(e.value)
+                if e.value.status_code == 503:
+                    break
+    finally:
+        if gateway.process is not None:
+            gateway.process.stop()
+    timeouts, refused = errors[:-1], errors[-1]
+    assert len(timeouts) >= 2 and {e.status_code for e in timeouts} == {504}, [e.message for e in errors]
+    envelope = timeouts[0].response.json()["error"]
+    assert (envelope["type"], envelope["code"]) == ("server_error", "timeout")
+    assert "deadline of 1 s" in envelope["message"]
+    assert refused.status_code == 503 and refused.code == "overloaded"
+    assert refused.response.json()["error"]["type"] == "server_error"
+    assert int(refused.response.headers["retry-after"]) > 0
