@@ -35,7 +35,7 @@ from pixelpipe.core.settings import KafkaSettings, Settings
 from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.replies import ReplyListener, find_event
-from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
+from pixelpipe.producers import DeliveryError, InvalidRequestError, PendingDelivery, Publisher, new_request
 
 log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 30.0
@@ -76,7 +76,7 @@ class Submission:
 class LagMonitor:
     """Requests waiting for moderation: the high watermarks of the requests topic minus the offsets committed by the
     moderation consumer groups (``<PIXELPIPE_CONSUMER_GROUP>-moderation...``), the least among those groups;
-    measured at most once a second."""
+    measured at most once a second, on a thread of its own, so no call waits for the AdminClient."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, group_prefix: str) -> None:
         self._kafka = kafka
@@ -85,21 +85,30 @@ class LagMonitor:
         self._admin: AdminClient | None = None
         self._consumer: Any = None
         self._lock = threading.Lock()
-        self._at = 0.0
+        self._at = float("-inf")
+        self._measuring = False
         self._lag: int | None = None
 
     def lag(self) -> int | None:
+        """The latest measure (None before the first, or when it failed); one older than a second starts the next
+        measure, which later calls see."""
         with self._lock:
-            if time.monotonic() - self._at > LAG_CACHE_S:
-                try:
-                    self._lag = self._measure()
-                except Exception as e:  # a lag we cannot measure sheds nothing
-                    log.warning("consumer lag not measured", extra={"error": str(e)})
-                    self._lag = None
-                self._at = time.monotonic()
+            if not self._measuring and time.monotonic() - self._at > LAG_CACHE_S:
+                self._measuring = True
+                threading.Thread(target=self._refresh, name="gateway-lag", daemon=True).start()
             return self._lag
 
-    def _measure(self) -> int | None:
+    def _refresh(self) -> None:
+        try:
+            lag = self.measure()
+        except Exception as e:  # a lag we cannot measure sheds nothing
+            log.warning("consumer lag not measured", extra={"error": str(e)})
+            lag = None
+        with self._lock:
+            self._lag, self._at, self._measuring = lag, time.monotonic(), False
+
+    def measure(self) -> int | None:
+        """The lag now, measured on the calling thread; None when no moderation group exists."""
         from confluent_kafka import Consumer
 
         if self._admin is None:
@@ -204,7 +213,7 @@ class Pipeline:
             headers = (
                 {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
             )
-            await asyncio.to_thread(self._publish, request, headers)
+            await self._publish(request, headers)
             return await self._wait(future, request.deadline)
         finally:
             self.listener.forget(rid, future)
@@ -236,12 +245,19 @@ class Pipeline:
             reply_topic=self.reply_topic,
         )
 
-    def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
+    async def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
+        """Returns once the broker acknowledged ``request``: the delivery report settles a future on this loop, so
+        a call waiting for its acknowledgement holds no thread."""
         assert self.publisher is not None
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[None] = loop.create_future()
         try:
-            self.publisher.publish(request, headers=headers).result(timeout=PUBLISH_TIMEOUT_S)
+            pending = self.publisher.publish(request, headers=headers)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param=e.field) from None
+        pending.add_done_callback(lambda settled: loop.call_soon_threadsafe(_settle_delivery, acknowledged, settled))
+        try:
+            await asyncio.wait_for(acknowledged, PUBLISH_TIMEOUT_S)
         except (DeliveryError, TimeoutError) as e:
             raise ApiError(
                 503, f"The pipeline did not accept the request: {e}", type="server_error", retry_after_s=5
@@ -293,6 +309,16 @@ class Pipeline:
             return self.codec.decode_as(ImageResult, value)
         except CodecError as e:
             raise ApiError(500, f"The result could not be read: {e}", type="server_error") from None
+
+
+def _settle_delivery(acknowledged: asyncio.Future[None], settled: PendingDelivery) -> None:
+    if acknowledged.done():  # the call gave up waiting
+        return
+    error = settled.exception(0)
+    if error is None:
+        acknowledged.set_result(None)
+    else:
+        acknowledged.set_exception(error)
 
 
 def deadline_error(timeout_s: float) -> ApiError:
