@@ -73,16 +73,21 @@ class Arrivals:
 
 
 class ResultWatcher:
-    """Reads the results topic from its start on a thread, noting each result's arrival by its key (the request
-    id), without decoding during the run, so the client takes as little CPU from the worker as it can."""
+    """Reads the results topic (or ``topic``, a reply topic) from its start on a thread, noting each result's
+    arrival by its key (the request id), without decoding during the run, so the client takes as little CPU from
+    the worker as it can."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, topic: str | None = None) -> None:
         self._consumer = Consumer(
             settings.kafka.client_config()
             | {"group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 5}
         )
-        topic = settings.topics.results
+        topic = topic or settings.topics.results
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        deadline = time.monotonic() + 10
+        while not partitions and time.monotonic() < deadline:  # a topic just made may not be in the metadata yet
+            time.sleep(0.1)
+            partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.arrivals = Arrivals({}, {})
         self._stop = threading.Event()

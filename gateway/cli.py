@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import resource
 
 import click
 
 from pixelpipe.core.cli import load_settings
 from pixelpipe.gateway.keys import KeyStore
+
+# Connections the kernel queues for uvicorn to accept (capped by net.core.somaxconn): a burst of thousands of calls
+# opened at once is queued rather than refused or left to the client's SYN retries.
+ACCEPT_BACKLOG = 8192
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit and return it: each waiting call holds a
+    socket, and the usual soft limit (1024) would refuse connections past a thousand calls."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 @click.command("gateway")
@@ -21,6 +35,7 @@ def gateway(host: str | None, port: int | None) -> None:
     from pixelpipe.gateway.app import create_app
 
     settings = load_settings()
+    raise_open_files_limit()
     if host or port:
         settings = settings.updated(
             gateway_host=host or settings.gateway.host, gateway_port=port or settings.gateway.port
@@ -36,6 +51,7 @@ def gateway(host: str | None, port: int | None) -> None:
             port=settings.gateway.port,
             log_level=settings.logs.level.lower(),
             access_log=False,
+            backlog=ACCEPT_BACKLOG,
             timeout_graceful_shutdown=10,
         )
     finally:

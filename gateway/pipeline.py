@@ -35,7 +35,7 @@ from pixelpipe.core.settings import KafkaSettings, Settings
 from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.replies import ReplyListener, find_event
-from pixelpipe.producers import DeliveryError, InvalidRequestError, Publisher, new_request
+from pixelpipe.producers import DeliveryError, InvalidRequestError, PendingDelivery, Publisher, new_request
 
 log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT_S = 30.0
@@ -76,7 +76,7 @@ class Submission:
 class LagMonitor:
     """Requests waiting for moderation: the high watermarks of the requests topic minus the offsets committed by the
     moderation consumer groups (``<PIXELPIPE_CONSUMER_GROUP>-moderation...``), the least among those groups;
-    measured at most once a second."""
+    measured at most once a second, on a thread of its own, so no call waits for the AdminClient."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, group_prefix: str) -> None:
         self._kafka = kafka
@@ -85,21 +85,30 @@ class LagMonitor:
         self._admin: AdminClient | None = None
         self._consumer: Any = None
         self._lock = threading.Lock()
-        self._at = 0.0
+        self._at = float("-inf")
+        self._measuring = False
         self._lag: int | None = None
 
     def lag(self) -> int | None:
+        """The latest measure (None before the first, or when it failed); one older than a second starts the next
+        measure, which later calls see."""
         with self._lock:
-            if time.monotonic() - self._at > LAG_CACHE_S:
-                try:
-                    self._lag = self._measure()
-                except Exception as e:  # a lag we cannot measure sheds nothing
-                    log.warning("consumer lag not measured", extra={"error": str(e)})
-                    self._lag = None
-                self._at = time.monotonic()
+            if not self._measuring and time.monotonic() - self._at > LAG_CACHE_S:
+                self._measuring = True
+                threading.Thread(target=self._refresh, name="gateway-lag", daemon=True).start()
             return self._lag
 
-    def _measure(self) -> int | None:
+    def _refresh(self) -> None:
+        try:
+            lag = self.measure()
+        except Exception as e:  # a lag we cannot measure sheds nothing
+            log.warning("consumer lag not measured", extra={"error": str(e)})
+            lag = None
+        with self._lock:
+            self._lag, self._at, self._measuring = lag, time.monotonic(), False
+
+    def measure(self) -> int | None:
+        """The lag now, measured on the calling thread; None when no moderation group exists."""
         from confluent_kafka import Consumer
 
         if self._admin is None:
@@ -127,6 +136,44 @@ class LagMonitor:
         return min(lags)
 
 
+class GroupCommit:
+    """Receipts made durable together: the receipts of calls that arrive while a write is in progress go in the
+    next write, one ``put_many``, so a file:// store syncs its filesystem once for all of them rather than once per
+    call (a sync flushes every file written since, the workers' images too, and took most of an idempotent call's
+    time under load). Each call still waits until its receipt is durable. A store whose ``put_many`` writes one by
+    one (S3) gains nothing from a batch and would serialise the writes, so each receipt is written alone there."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.batches = type(store).put_many is not ObjectStore.put_many
+        self._queued: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, key: str, data: bytes) -> None:
+        if not self.batches:
+            await asyncio.to_thread(self.store.put, key, data, "application/json")
+            return
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((key, data, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._drain())
+        await written
+
+    async def _drain(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                await asyncio.to_thread(self.store.put_many, [(k, d, "application/json") for k, d, _ in batch])
+            except Exception as e:
+                for _, _, written in batch:
+                    if not written.done():
+                        written.set_exception(e)
+            else:
+                for _, _, written in batch:
+                    if not written.done():
+                        written.set_result(None)
+
+
 class Pipeline:
     """Publishing and waiting for one gateway instance; ``start`` before use, ``close`` after."""
 
@@ -140,6 +187,7 @@ class Pipeline:
         self.lag_monitor = LagMonitor(
             settings.kafka, settings.topics.requests, f"{settings.stages.consumer_group}-moderation"
         )
+        self.receipts = GroupCommit(store)
         self.publisher: Publisher | None = None
         self._inflight: dict[str, asyncio.Future[ImageResult]] = {}
 
@@ -193,7 +241,7 @@ class Pipeline:
                         code="idempotency_key_reused",
                     )
                 return await self._recover(submission, int(receipt["created_ms"]))
-            await asyncio.to_thread(self._write_receipt, submission)
+            await self.receipts.write(self._receipt_key(rid), self._receipt(submission))
         return await self._publish_and_wait(submission)
 
     async def _publish_and_wait(self, submission: Submission) -> ImageResult:
@@ -204,7 +252,7 @@ class Pipeline:
             headers = (
                 {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
             )
-            await asyncio.to_thread(self._publish, request, headers)
+            await self._publish(request, headers)
             return await self._wait(future, request.deadline)
         finally:
             self.listener.forget(rid, future)
@@ -236,30 +284,37 @@ class Pipeline:
             reply_topic=self.reply_topic,
         )
 
-    def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
+    async def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
+        """Returns once the broker acknowledged ``request``: the delivery report settles a future on this loop, so
+        a call waiting for its acknowledgement holds no thread."""
         assert self.publisher is not None
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[None] = loop.create_future()
         try:
-            self.publisher.publish(request, headers=headers).result(timeout=PUBLISH_TIMEOUT_S)
+            pending = self.publisher.publish(request, headers=headers)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param=e.field) from None
+        pending.add_done_callback(lambda settled: loop.call_soon_threadsafe(_settle_delivery, acknowledged, settled))
+        try:
+            await asyncio.wait_for(acknowledged, PUBLISH_TIMEOUT_S)
         except (DeliveryError, TimeoutError) as e:
             raise ApiError(
                 503, f"The pipeline did not accept the request: {e}", type="server_error", retry_after_s=5
             ) from None
 
     # -- idempotency ---------------------------------------------------------------------------------------
-    def _receipt_uri(self, request_id: str) -> str:
-        return self.store.uri_for(f"gateway/receipts/{request_id}.json")
+    def _receipt_key(self, request_id: str) -> str:
+        return f"gateway/receipts/{request_id}.json"
 
     def _read_receipt(self, request_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.get(self._receipt_uri(request_id), max_bytes=65536))
+            return json.loads(self.store.get(self.store.uri_for(self._receipt_key(request_id)), max_bytes=65536))
         except ObjectNotFoundError:
             return None
 
-    def _write_receipt(self, submission: Submission) -> None:
+    def _receipt(self, submission: Submission) -> bytes:
         body = {"request_id": submission.request_id, "fingerprint": submission.fingerprint, "created_ms": _now_ms()}
-        self.store.put(f"gateway/receipts/{submission.request_id}.json", json.dumps(body).encode(), "application/json")
+        return json.dumps(body).encode()
 
     async def _recover(self, submission: Submission, created_ms: int) -> ImageResult:
         """A retried call: its result if it exists, else its request if it was published, else publish it now."""
@@ -293,6 +348,16 @@ class Pipeline:
             return self.codec.decode_as(ImageResult, value)
         except CodecError as e:
             raise ApiError(500, f"The result could not be read: {e}", type="server_error") from None
+
+
+def _settle_delivery(acknowledged: asyncio.Future[None], settled: PendingDelivery) -> None:
+    if acknowledged.done():  # the call gave up waiting
+        return
+    error = settled.exception(0)
+    if error is None:
+        acknowledged.set_result(None)
+    else:
+        acknowledged.set_exception(error)
 
 
 def deadline_error(timeout_s: float) -> ApiError:

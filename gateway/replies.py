@@ -111,7 +111,12 @@ class ReplyListener:
     def _read(self, consumer: Consumer) -> None:
         try:
             while not self._stop.is_set():
-                for message in consumer.consume(100, timeout=0.2):
+                # poll returns as soon as one reply is there (a batch consume waits to fill or time out, and each
+                # call would wait with it), then whatever else came is taken at once.
+                first = consumer.poll(0.2)
+                if first is None:
+                    continue
+                for message in [first, *consumer.consume(1000, timeout=0)]:
                     if message.error():
                         continue
                     preview = dict(message.headers() or ()).get(PREVIEW_HEADER)

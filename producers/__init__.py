@@ -9,13 +9,14 @@ with Publisher(Settings.from_env()) as publisher:
 
 from pixelpipe.core.experiments import assign_variant
 from pixelpipe.core.validation import InvalidRequestError, validate_request
-from pixelpipe.producers.publisher import Delivery, DeliveryError, Publisher
+from pixelpipe.producers.publisher import Delivery, DeliveryError, PendingDelivery, Publisher
 from pixelpipe.producers.requests import new_request
 
 __all__ = [
     "Delivery",
     "DeliveryError",
     "InvalidRequestError",
+    "PendingDelivery",
     "Publisher",
     "assign_variant",
     "new_request",

@@ -71,8 +71,11 @@ class PendingDelivery:
             self._error = DeliveryError(error)
         else:
             self._delivery = Delivery(message.topic(), message.partition(), message.offset())
-        self._done = True
-        for callback in self._callbacks:
+        # Under the lock, so a callback added meanwhile on another thread is either run here or sees done.
+        with self._settled:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
             callback(self)
 
     def done(self) -> bool:
@@ -80,10 +83,11 @@ class PendingDelivery:
 
     def add_done_callback(self, callback: Callable[[PendingDelivery], None]) -> None:
         """Call ``callback(self)`` once settled (at once if it already is), on the delivery-report thread."""
-        if self._done:
-            callback(self)
-        else:
-            self._callbacks.append(callback)
+        with self._settled:
+            if not self._done:
+                self._callbacks.append(callback)
+                return
+        callback(self)
 
     def exception(self, timeout: float | None = None) -> DeliveryError | None:
         with self._settled:

@@ -227,3 +227,27 @@ def test_no_result_by_the_deadline_is_a_504(tmp_path):
     finally:
         module.RESULT_GRACE_S = grace
     assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")
+
+
+def test_receipts_written_together_are_all_durable_with_one_sync_per_batch(tmp_path):
+    import asyncio
+
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.gateway.pipeline import GroupCommit
+
+    batches = []
+
+    class CountingStore(FileObjectStore):
+        def put_many(self, objects):
+            batches.append(len(objects))
+            return super().put_many(objects)
+
+    store = CountingStore(tmp_path)
+    receipts = GroupCommit(store)
+
+    async def write_all():
+        await asyncio.gather(*(receipts.write(f"gateway/receipts/r{i}.json", b"{}") for i in range(20)))
+
+    asyncio.run(write_all())
+    assert all(store.get(store.uri_for(f"gateway/receipts/r{i}.json")) == b"{}" for i in range(20))
+    assert batches == [20]  # one write, one sync, for the calls that came together
