@@ -8,14 +8,16 @@ registry", describes every field)::
               "warmup": {"batch_sizes": [1, 8], "sizes": ["512x512"]}},
      "null": {"kind": "null", "seconds_per_image": 0.05}}
 
-``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux) and
-derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of
-the weights. ``DiffusionModels.warm_up`` loads every model and renders its warm-up shapes, so compilation happens
-before a worker takes work. ``DiffusionModels.lane`` gives a second set of pipelines on the same weights, with their
-own scheduler and lock, for work that runs beside the first (the long lane). A registry entry's ``compute_weight``
-prices its megapixel-steps for the compute budgets (``ModelEntry.compute``). A ``null`` model has no weights: it
-returns plain images after a simulated time, for capacity tests of the pipeline without diffusion. The methods block
-for seconds: call them from an executor thread, never on the event loop.
+``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux, FLUX.2
+klein) and derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one
+copy of the weights; klein edits with its own pipeline, conditioned on the source and the request's reference images
+(up to the entry's ``max_source_images``), and has no inpainting. ``DiffusionModels.warm_up`` loads every model and
+renders its warm-up shapes, so compilation happens before a worker takes work. ``DiffusionModels.lane`` gives a
+second set of pipelines on the same weights, with their own scheduler and lock, for work that runs beside the first
+(the long lane). A registry entry's ``compute_weight`` prices its megapixel-steps for the compute budgets
+(``ModelEntry.compute``). A ``null`` model has no weights: it returns plain images after a simulated time, for
+capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor thread,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from pixelpipe.core.families import REFERENCE_FAMILIES, default_max_source_images
 from pixelpipe.processors.previews import step_callback
 
 log = logging.getLogger(__name__)
@@ -69,10 +72,8 @@ KINDS = (*FAMILIES, "null")
 UNET_FAMILIES = ("stable-diffusion", "stable-diffusion-xl")  # the others have a transformer as denoiser
 # Families that pack 2x2 latent patches into one token: sizes in multiples of twice the VAE's factor, no previews.
 PACKED_FAMILIES = ("flux", "flux2-klein")
-# Families that edit by conditioning on reference images (a list, one for the whole call: one call per request)
-# rather than by noising a source: no mask, no strength, no negative prompt. The number is how many images they
-# take per edit by default (the registry's max_source_images); every other family takes one.
-REFERENCE_FAMILIES = {"flux2-klein": 4}
+# REFERENCE_FAMILIES (pixelpipe.core.families) edit by conditioning on reference images (a list, one for the whole
+# call: one call per request) rather than by noising a source: no mask, no strength, no negative prompt.
 MIN_REFERENCE_SIDE = 64  # pixels: FLUX.2's image processor refuses smaller images
 NULL_SCHEDULER = "none"  # what a null model reports as its scheduler: it runs none
 DTYPES: dict[str, torch.dtype | None] = {
@@ -215,11 +216,11 @@ class ModelEntry:
         if raw.get("channels_last") and kind not in UNET_FAMILIES:
             raise ModelError(f"{where}: 'channels_last' is for the UNet families {list(UNET_FAMILIES)}")
         attention = read.choice("attention", tuple(ATTENTION), cls.attention)
-        if attention != "sdpa" and kind not in PACKED_FAMILIES:
+        if attention != "sdpa" and kind != "flux":
             raise ModelError(f"{where}: 'attention' {attention!r} is for flux; the UNet families run 'sdpa'")
         max_batch = raw.get("max_batch")
         # The null model ignores its inputs, so it may be registered to take as many as a family it stands in for.
-        max_source_images = read.positive_int("max_source_images", REFERENCE_FAMILIES.get(kind, 1))
+        max_source_images = read.positive_int("max_source_images", default_max_source_images(kind))
         if max_source_images > 1 and kind not in (*REFERENCE_FAMILIES, "null"):
             raise ModelError(
                 f"{where}: 'max_source_images' {max_source_images} is for the families that take several images "

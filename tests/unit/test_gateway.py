@@ -11,7 +11,7 @@ from pixelpipe.core.settings import RequestLimits
 from pixelpipe.gateway.app import result_error, transcode
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.keys import KeyStore
-from pixelpipe.gateway.params import ModelInfo, parse_call
+from pixelpipe.gateway.params import ModelInfo, parse_call, read_registry
 from pixelpipe.gateway.pipeline import request_id_for
 from pixelpipe.gateway.ratelimit import TokenBuckets
 from pixelpipe.gateway.uploads import check_image, mask_png
@@ -227,3 +227,21 @@ def test_no_result_by_the_deadline_is_a_504(tmp_path):
     finally:
         module.RESULT_GRACE_S = grace
     assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")
+
+
+def test_the_registry_says_how_many_images_an_edit_may_give_each_model(tmp_path):
+    registry = tmp_path / "registry.json"
+    registry.write_text(
+        json.dumps(
+            {
+                "sd": {"path": "/m/sd"},
+                "klein": {"path": "/m/k", "kind": "flux2-klein"},
+                "klein-2": {"path": "/m/k", "kind": "flux2-klein", "max_source_images": 2},
+            }
+        )
+    )
+    assert {name: model.max_source_images for name, model in read_registry(registry).items()} == {
+        "sd": 1,
+        "klein": 4,
+        "klein-2": 2,
+    }
