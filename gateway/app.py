@@ -55,6 +55,7 @@ TILE = 16  # usage counts an image's 16x16 tiles as its tokens
 # Threads for the calls' blocking work (object store reads and writes, a retry's topic scans, transcoding): the
 # loop's default (CPU count + 4) would queue calls behind a few slow reads while the cores sit idle.
 IO_THREADS = 64
+MAX_EDIT_IMAGES = 16  # OpenAI's limit on an edit's images; each model takes at most its max_source_images
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
 
 
@@ -260,15 +261,21 @@ async def _read_json(request: Request) -> dict[str, Any]:
 @dataclass
 class Uploads:
     source: bytes
+    references: list[bytes]  # the images after the first, for models that take several
     mask: bytes | None
     size: tuple[int, int]
 
+    @property
+    def images(self) -> list[bytes]:
+        return [self.source, *self.references]
+
 
 async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any], Uploads]:
-    """An edit's multipart form: its text fields, and its image (``image`` or ``image[]``) and mask, checked."""
+    """An edit's multipart form: its text fields, and its images (``image`` or ``image[]``, the first the source)
+    and mask, each checked."""
     limits = gateway.settings.limits
     try:
-        form = await request.form(max_files=4, max_fields=64)
+        form = await request.form(max_files=MAX_EDIT_IMAGES + 1, max_fields=64)
     except Exception as e:  # starlette's MultiPartException and parser errors
         raise invalid(None, f"The body must be multipart/form-data: {e}") from None
     params: dict[str, Any] = {}
@@ -284,23 +291,35 @@ async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any]
     images = files.get("image", [])
     if not images:
         raise invalid("image", "Missing required parameter: 'image'.")
-    if len(images) > 1:
-        raise invalid("image", f"This gateway edits one image per call; {len(images)} were sent")
+    if len(images) > MAX_EDIT_IMAGES:
+        raise invalid("image", f"Send at most {MAX_EDIT_IMAGES} images; {len(images)} were sent")
     if len(files.get("mask", [])) > 1:
         raise invalid("mask", "Send at most one mask")
 
     async def read(upload: UploadFile) -> bytes:
         return await upload.read(limits.max_source_bytes + 1)
 
-    source = check_image("image", await read(images[0]), limits.max_source_bytes, limits.max_source_pixels)
-    source_bytes = source_png(source)
+    checked = [
+        check_image("image", await read(image), limits.max_source_bytes, limits.max_source_pixels) for image in images
+    ]
+    source = checked[0]
     size = (source.width - source.width % 8, source.height - source.height % 8)
     mask_bytes = None
     if files.get("mask"):
         mask = check_image("mask", await read(files["mask"][0]), limits.max_source_bytes, limits.max_source_pixels)
         mask_bytes = mask_png(mask, size)
     await form.close()
-    return params, Uploads(source_bytes, mask_bytes, size)
+    return params, Uploads(source_png(source), [source_png(image) for image in checked[1:]], mask_bytes, size)
+
+
+def check_image_count(uploads: Uploads, model: ModelInfo) -> None:
+    """A 400 naming ``image`` when the call sends more images than its model takes in one edit."""
+    if len(uploads.images) > model.max_source_images:
+        raise invalid(
+            "image",
+            f"The model '{model.name}' takes at most {model.max_source_images} image(s) per edit; "
+            f"{len(uploads.images)} were sent",
+        )
 
 
 async def _images(request: Request, kind: str) -> Response:
@@ -325,6 +344,8 @@ async def _images(request: Request, kind: str) -> Response:
             default_size,
         )
         gateway.check_url_possible(call)
+        if uploads is not None:
+            check_image_count(uploads, gateway.models[call.model])
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise invalid(None, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
@@ -333,11 +354,14 @@ async def _images(request: Request, kind: str) -> Response:
         request_id = request_id_for(key.key_id, idempotency_key)
         sources: list[str] = []
         source_uri = mask_uri = None
+        reference_uris: list[str] = []
         width, height = call.width, call.height
         if uploads is not None:
-            sources = [hashlib.sha256(uploads.source).hexdigest(), hashlib.sha256(uploads.mask or b"").hexdigest()]
+            sources = [hashlib.sha256(data).hexdigest() for data in (*uploads.images, uploads.mask or b"")]
             width, height = width or uploads.size[0], height or uploads.size[1]
-            source_uri, mask_uri = await asyncio.to_thread(_store_uploads, gateway.store, request_id, uploads)
+            source_uri, reference_uris, mask_uri = await asyncio.to_thread(
+                _store_uploads, gateway.store, request_id, uploads
+            )
         assert width is not None and height is not None
         submission = Submission(
             request_id=request_id,
@@ -352,6 +376,7 @@ async def _images(request: Request, kind: str) -> Response:
             height=height,
             steps=call.steps,
             source_image_uri=source_uri,
+            reference_image_uris=tuple(reference_uris),
             mask_uri=mask_uri,
             partial_images=call.partial_images if call.stream else 0,
         )
@@ -377,7 +402,7 @@ async def _images(request: Request, kind: str) -> Response:
         "output_format": call.output_format,
         "quality": call.quality if call.quality in ("low", "medium", "high") else "medium",
         "size": f"{result.width or width}x{result.height or height}",
-        "usage": usage(call, result, 1 if uploads is not None else 0),
+        "usage": usage(call, result, len(uploads.images) if uploads is not None else 0),
     }
     # The gateway's own time (checks, uploads, publishing, answering) beside the wait for the pipeline's result.
     total_s = time.perf_counter() - started_s
@@ -462,18 +487,17 @@ def _event(body: dict[str, Any]) -> bytes:
     return f"event: {body['type']}\ndata: {json.dumps(body)}\n\n".encode()
 
 
-def _store_uploads(store: ObjectStore, request_id: str, uploads: Uploads) -> tuple[str, str | None]:
-    """The checked uploads in the object store, before the request is published (deterministic keys)."""
+def _store_uploads(store: ObjectStore, request_id: str, uploads: Uploads) -> tuple[str, list[str], str | None]:
+    """The checked uploads in the object store, before the request is published (deterministic keys): the source's
+    URI, the references' and the mask's."""
 
     # Named by their hashes: a retry under the same idempotency key with other files never replaces the originals.
-    def key(data: bytes) -> str:
-        return f"gateway/uploads/{request_id}/{hashlib.sha256(data).hexdigest()[:32]}.png"
+    def put(data: bytes) -> str:
+        key = f"gateway/uploads/{request_id}/{hashlib.sha256(data).hexdigest()[:32]}.png"
+        return store.put(key, data, CONTENT_TYPES["PNG"]).uri
 
-    source = store.put(key(uploads.source), uploads.source, CONTENT_TYPES["PNG"]).uri
-    mask = None
-    if uploads.mask is not None:
-        mask = store.put(key(uploads.mask), uploads.mask, CONTENT_TYPES["PNG"]).uri
-    return source, mask
+    mask = None if uploads.mask is None else put(uploads.mask)
+    return put(uploads.source), [put(reference) for reference in uploads.references], mask
 
 
 async def files(request: Request) -> Response:

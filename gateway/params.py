@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pixelpipe.core.families import default_max_source_images
 from pixelpipe.core.settings import RequestLimits
 from pixelpipe.core.topics import MAX_PARTIAL_IMAGES
 from pixelpipe.core.validation import MAX_IMAGES, SIDE_MULTIPLE
@@ -37,11 +38,13 @@ _NEUTRAL = {"style": (None, "vivid", "natural"), "input_fidelity": (None, "low",
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the gateway needs of a registry entry: its name and how many steps each quality takes."""
+    """What the gateway needs of a registry entry: its name, how many steps each quality takes and how many images
+    one edit may give it."""
 
     name: str
     kind: str
     default_steps: int
+    max_source_images: int = 1
 
     def steps_for(self, quality: str) -> int | None:
         """``low`` half the model's default steps, ``medium`` (and ``standard``) the default, ``high`` (and
@@ -61,10 +64,12 @@ def read_registry(path: str | Path) -> dict[str, ModelInfo]:
         raise ValueError(f"model registry {path} cannot be read (PIXELPIPE_MODEL_REGISTRY): {e}") from None
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"model registry {path}: expected a non-empty object of name -> model")
-    return {
-        name: ModelInfo(name, str(entry.get("kind", "stable-diffusion")), int(entry.get("default_steps", 25)))
-        for name, entry in raw.items()
-    }
+    models = {}
+    for name, entry in raw.items():
+        kind = str(entry.get("kind", "stable-diffusion"))
+        images = int(entry.get("max_source_images", default_max_source_images(kind)))
+        models[name] = ModelInfo(name, kind, int(entry.get("default_steps", 25)), images)
+    return models
 
 
 @dataclass(frozen=True)

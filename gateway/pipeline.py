@@ -69,6 +69,7 @@ class Submission:
     height: int
     steps: int | None
     source_image_uri: str | None = None
+    reference_image_uris: tuple[str, ...] = ()
     mask_uri: str | None = None
     partial_images: int = 0  # previews of the image in progress to send to the reply topic
 
@@ -278,6 +279,7 @@ class Pipeline:
             height=submission.height,
             steps=submission.steps,
             source_image_uri=submission.source_image_uri,
+            reference_image_uris=submission.reference_image_uris,
             mask_uri=submission.mask_uri,
             priority="INTERACTIVE",
             deadline=now + dt.timedelta(seconds=self.timeout_s),

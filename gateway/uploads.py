@@ -1,7 +1,7 @@
-"""Uploaded edit sources and masks, checked before anything is stored: like every other source, a bounded number of
-bytes, an allowed format (PNG, JPEG, WEBP), a pixel count read from the header before any pixel is decoded (a
-decompression bomb is refused unopened), and a structure that verifies. The pipeline checks the stored copy again
-when it moderates and edits it."""
+"""Uploaded edit images (the source and its references) and masks, checked before anything is stored: like every
+other source, a bounded number of bytes, an allowed format (PNG, JPEG, WEBP), a pixel count read from the header
+before any pixel is decoded (a decompression bomb is refused unopened), and a structure that verifies. The pipeline
+checks the stored copies again when it moderates and edits them."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def source_png(image: Image.Image) -> bytes:
-    """An edit's source as RGB PNG, sides cut down to multiples of 8 (what the models take)."""
+    """An edit's source (or reference) as RGB PNG, sides cut down to multiples of 8 (what the models take)."""
     rgb = image.convert("RGB")
     width, height = rgb.width - rgb.width % 8, rgb.height - rgb.height % 8
     if (width, height) != rgb.size:

@@ -202,7 +202,7 @@ def models() -> None:
     default=["stable-diffusion"],
     show_default=True,
     # model_builders.FAMILIES, written out: importing it here would load torch for every command.
-    type=click.Choice(["stable-diffusion", "stable-diffusion-xl", "flux"]),
+    type=click.Choice(["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]),
     help="Model families to build a tiny model of (repeat the option for several).",
 )
 def models_init_tiny(out_dir: Path, families: tuple[str, ...]) -> None:

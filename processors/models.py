@@ -8,14 +8,16 @@ registry", describes every field)::
               "warmup": {"batch_sizes": [1, 8], "sizes": ["512x512"]}},
      "null": {"kind": "null", "seconds_per_image": 0.05}}
 
-``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux) and
-derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one copy of
-the weights. ``DiffusionModels.warm_up`` loads every model and renders its warm-up shapes, so compilation happens
-before a worker takes work. ``DiffusionModels.lane`` gives a second set of pipelines on the same weights, with their
-own scheduler and lock, for work that runs beside the first (the long lane). A registry entry's ``compute_weight``
-prices its megapixel-steps for the compute budgets (``ModelEntry.compute``). A ``null`` model has no weights: it
-returns plain images after a simulated time, for capacity tests of the pipeline without diffusion. The methods block
-for seconds: call them from an executor thread, never on the event loop.
+``DiffusionModels`` loads each model once with ``AutoPipelineForText2Image`` (Stable Diffusion, SDXL, Flux, FLUX.2
+klein) and derives the image-to-image and inpainting pipelines from it with ``from_pipe``, so the three share one
+copy of the weights; klein edits with its own pipeline, conditioned on the source and the request's reference images
+(up to the entry's ``max_source_images``), and has no inpainting. ``DiffusionModels.warm_up`` loads every model and
+renders its warm-up shapes, so compilation happens before a worker takes work. ``DiffusionModels.lane`` gives a
+second set of pipelines on the same weights, with their own scheduler and lock, for work that runs beside the first
+(the long lane). A registry entry's ``compute_weight`` prices its megapixel-steps for the compute budgets
+(``ModelEntry.compute``). A ``null`` model has no weights: it returns plain images after a simulated time, for
+capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor thread,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     FluxPipeline,
     LCMScheduler,
     PNDMScheduler,
@@ -54,6 +57,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from pixelpipe.core.families import REFERENCE_FAMILIES, default_max_source_images
 from pixelpipe.processors.previews import Unpack, step_callback
 
 log = logging.getLogger(__name__)
@@ -63,9 +67,17 @@ FAMILIES: dict[str, type[DiffusionPipeline]] = {
     "stable-diffusion": StableDiffusionPipeline,
     "stable-diffusion-xl": StableDiffusionXLPipeline,
     "flux": FluxPipeline,
+    "flux2-klein": Flux2KleinPipeline,
 }
 KINDS = (*FAMILIES, "null")
 UNET_FAMILIES = ("stable-diffusion", "stable-diffusion-xl")  # the others have a transformer as denoiser
+# Families that pack 2x2 latent patches into one token: sizes in multiples of twice the VAE's factor. Flux's are
+# unpacked for previews; FLUX.2 klein's, packed with position ids, get none.
+PACKED_FAMILIES = ("flux", "flux2-klein")
+UNPREVIEWED_FAMILIES = ("flux2-klein",)
+# REFERENCE_FAMILIES (pixelpipe.core.families) edit by conditioning on reference images (a list, one for the whole
+# call: one call per request) rather than by noising a source: no mask, no strength, no negative prompt.
+MIN_REFERENCE_SIDE = 64  # pixels: FLUX.2's image processor refuses smaller images
 NULL_SCHEDULER = "none"  # what a null model reports as its scheduler: it runs none
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -168,6 +180,12 @@ class ModelEntry:
     warmup: WarmUp | None = None  # shapes rendered at load; None: the model is only loaded
     seconds_per_image: float = 0.0  # null models only: the simulated render time
     compute_weight: float = 1.0  # the cost of one megapixel-step of this model against the others; see compute()
+    max_source_images: int = 1  # most images one edit may give it: the source and its references
+
+    @property
+    def edits_by_reference(self) -> bool:
+        """Edits condition on the source and reference images (REFERENCE_FAMILIES) instead of noising the source."""
+        return self.kind in REFERENCE_FAMILIES
 
     def batch_limit(self, stage_max_batch: int) -> int:
         """Most requests of this model one call may take: the smaller of its ``max_batch`` and the stage's."""
@@ -204,6 +222,13 @@ class ModelEntry:
         if attention != "sdpa" and kind != "flux":
             raise ModelError(f"{where}: 'attention' {attention!r} is for flux; the UNet families run 'sdpa'")
         max_batch = raw.get("max_batch")
+        # The null model ignores its inputs, so it may be registered to take as many as a family it stands in for.
+        max_source_images = read.positive_int("max_source_images", default_max_source_images(kind))
+        if max_source_images > 1 and kind not in (*REFERENCE_FAMILIES, "null"):
+            raise ModelError(
+                f"{where}: 'max_source_images' {max_source_images} is for the families that take several images "
+                f"{list(REFERENCE_FAMILIES)}; {kind!r} takes one"
+            )
         return cls(
             name,
             path,
@@ -221,6 +246,7 @@ class ModelEntry:
             warmup=None if raw.get("warmup") is None else WarmUp.from_json(where, raw["warmup"]),
             seconds_per_image=read.number("seconds_per_image", cls.seconds_per_image),
             compute_weight=read.positive_number("compute_weight", cls.compute_weight),
+            max_source_images=max_source_images,
         )
 
 
@@ -328,6 +354,15 @@ class BatchOutput:
     device_seconds: float
     seeds: list[int]
 
+    @classmethod
+    def joined(cls, outputs: Sequence[BatchOutput]) -> BatchOutput:
+        """The outputs of consecutive calls as one batch's: images and seeds in order, device time summed."""
+        return cls(
+            [images for output in outputs for images in output.images],
+            sum(output.device_seconds for output in outputs),
+            [seed for output in outputs for seed in output.seeds],
+        )
+
 
 Task = Literal["text2image", "image2image", "inpaint"]
 
@@ -345,7 +380,8 @@ class _Batch:
     guidance: float
     width: int
     height: int
-    strength: float | None = None  # edits
+    strength: float | None = None  # edits that noise their source
+    condition_images: list[Image.Image] | None = None  # edits by reference: the images every row is conditioned on
 
     @property
     def size(self) -> int:
@@ -357,6 +393,16 @@ class _Batch:
 
     def repeat(self, values: Sequence[Any]) -> list[Any]:
         return [v for v in values for _ in range(self.n_per_prompt)]
+
+    def per_prompt(self) -> list[_Batch]:
+        """One batch per prompt, with its rows and seed."""
+        n = self.n_per_prompt
+        return [
+            dataclasses.replace(
+                self, per_image={k: v[i * n : (i + 1) * n] for k, v in self.per_image.items()}, seeds=[seed]
+            )
+            for i, seed in enumerate(self.seeds)
+        ]
 
     def output(self, rows: list[Image.Image], device_seconds: float) -> BatchOutput:
         n = self.n_per_prompt
@@ -407,7 +453,7 @@ class LoadedModel:
     dtype: torch.dtype
     text2image: DiffusionPipeline
     image2image: DiffusionPipeline
-    inpaint: DiffusionPipeline
+    inpaint: DiffusionPipeline | None  # None for the REFERENCE_FAMILIES, which take no mask
     default_scheduler: str  # the configured one, by name; a call may swap in another for itself
     batched: bool  # one pipeline call per batch, else one per image
     size_multiple: int  # width and height must be multiples of it (the latent grid, times flux's 2x2 patches)
@@ -420,10 +466,7 @@ class LoadedModel:
         text2image = AutoPipelineForText2Image.from_pipe(
             self.text2image, scheduler=copy.deepcopy(self.text2image.scheduler)
         )
-        image2image = AutoPipelineForImage2Image.from_pipe(text2image)
-        inpaint = AutoPipelineForInpainting.from_pipe(text2image)
-        for pipe in (text2image, image2image, inpaint):
-            pipe.set_progress_bar_config(disable=True)
+        image2image, inpaint = _editing_pipelines(self.entry, text2image)
         return dataclasses.replace(
             self, text2image=text2image, image2image=image2image, inpaint=inpaint, run_lock=threading.Lock()
         )
@@ -454,6 +497,8 @@ class LoadedModel:
                 f"it runs {', '.join(sorted(self.schedulers))}"
             )
         pipe = {"text2image": self.text2image, "image2image": self.image2image, "inpaint": self.inpaint}[task]
+        if pipe is None:
+            raise ModelError(f"model {self.entry.name!r} ({self.entry.kind}) cannot {task}")
         shared: dict[str, Any] = {
             "num_inference_steps": batch.steps,
             "guidance_scale": batch.guidance,
@@ -462,11 +507,17 @@ class LoadedModel:
         }
         if batch.strength is not None:
             shared["strength"] = batch.strength
+        if batch.condition_images is not None:
+            shared["image"] = batch.condition_images
         # SD and SDXL image-to-image render at the source's size (edit() resized it) and take no size argument.
-        if task != "image2image" or self.entry.kind == "flux":
+        if task != "image2image" or self.entry.kind in PACKED_FAMILIES:
             shared |= {"width": batch.width, "height": batch.height}
         # One generator per image, seeded seed + k: its noise is the same whatever else is in the batch.
         rows = {**batch.per_image, "generator": [torch.Generator(self.device).manual_seed(s) for s in batch.row_seeds]}
+        # The reference families' pipelines take no negative prompt: one is refused, never silently dropped.
+        negatives = rows.pop("negative_prompt", []) if self.entry.edits_by_reference else []
+        if any(negatives):
+            raise ModelError(f"model {self.entry.name!r} ({self.entry.kind}) takes no negative prompt")
         # Batched kernels round differently from single ones (about 1e-6), which can flip a pixel value;
         # one image per call makes every image independent of its batch, bit for bit.
         calls = [rows] if self.batched else [{k: v[i : i + 1] for k, v in rows.items()} for i in range(batch.size)]
@@ -480,7 +531,11 @@ class LoadedModel:
                 start = time.perf_counter()
                 for index, call in enumerate(calls):
                     # Previews of images in progress, when the stage asked for them (processors/previews.py).
-                    previews = step_callback(0 if self.batched else index, self._unpack(pipe, batch))
+                    previews = (
+                        step_callback(0 if self.batched else index, self._unpack(pipe, batch))
+                        if self.entry.kind not in UNPREVIEWED_FAMILIES
+                        else {}
+                    )
                     images += pipe(**call, **shared, **previews).images
                 _synchronize(self.device)
                 seconds = time.perf_counter() - start
@@ -627,14 +682,9 @@ class DiffusionModels:
             )
         text2image = text2image.to(device)
         _speed_up(entry, text2image)
-        # from_pipe builds new pipeline objects around the same modules: no second copy of the weights.
-        image2image = AutoPipelineForImage2Image.from_pipe(text2image)
-        inpaint = AutoPipelineForInpainting.from_pipe(text2image)
-        for pipe in (text2image, image2image, inpaint):
-            pipe.set_progress_bar_config(disable=True)
+        image2image, inpaint = _editing_pipelines(entry, text2image)
         batched = entry.batching == "batched" or (entry.batching == "auto" and device.type == "cuda")
-        # Flux packs 2x2 latent patches into one token, so its sizes are multiples of twice the VAE's factor.
-        size_multiple = text2image.vae_scale_factor * (2 if entry.kind == "flux" else 1)
+        size_multiple = text2image.vae_scale_factor * (2 if entry.kind in PACKED_FAMILIES else 1)
         return LoadedModel(
             entry,
             device,
@@ -671,7 +721,7 @@ class DiffusionModels:
         prompts: Sequence[str],
         images: Sequence[Image.Image],
         masks: Sequence[Image.Image] | None = None,
-        strength: float = 0.75,
+        strength: float | None = 0.75,
         negative_prompts: Sequence[str] | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -680,28 +730,74 @@ class DiffusionModels:
         seeds: Sequence[int] | None = None,
         n_per_prompt: int = 1,
         scheduler: str | None = None,
+        references: Sequence[Sequence[Image.Image]] | None = None,
     ) -> BatchOutput:
-        """Image-to-image (``masks`` None) or inpainting (white mask pixels are repainted) for a batch.
+        """Image-to-image (``masks`` None) or inpainting (white mask pixels are repainted) for a batch; for a model
+        of the REFERENCE_FAMILIES, an edit conditioned on each prompt's source and ``references`` (no mask and no
+        strength: ``strength`` must be None), one pipeline call per prompt.
 
-        Each source image (and mask) is resized to ``width`` x ``height``, by default the first image's size.
+        Each source image (and mask) is resized to ``width`` x ``height``, by default the first image's size; a
+        reference family's pipeline sizes its images itself.
         """
         m = self.load(model)
         if len(images) != len(prompts):
             raise ModelError(f"{len(prompts)} prompts but {len(images)} source images")
         if masks is not None and len(masks) != len(prompts):
             raise ModelError(f"{len(prompts)} prompts but {len(masks)} masks")
-        if not 0.0 < strength <= 1.0:
-            raise ModelError(f"strength must be in (0, 1], got {strength}")
+        references = references if references is not None else [[] for _ in prompts]
+        if len(references) != len(prompts):
+            raise ModelError(f"{len(prompts)} prompts but {len(references)} lists of reference images")
+        most = 1 + max((len(r) for r in references), default=0)
+        if most > m.entry.max_source_images:
+            raise ModelError(
+                f"model {model!r} takes at most {m.entry.max_source_images} source image(s) per edit, got {most}"
+            )
         width = width or (images[0].width if images else 0)
         height = height or (images[0].height if images else 0)
         batch = _Batch.of(m.entry, prompts, negative_prompts, steps, guidance, seeds, n_per_prompt, width, height)
+        scheduler = _checked(scheduler, m.default_scheduler)
+        if m.entry.edits_by_reference:
+            if masks is not None or strength is not None:
+                raise ModelError(f"model {model!r} ({m.entry.kind}) edits from reference images: no mask, no strength")
+            # The images condition the whole pipeline call, so each prompt gets a call of its own; the pipeline
+            # fits each image to its latent grid itself, so they keep their sizes.
+            outputs = []
+            for prompt_batch, source, refs in zip(batch.per_prompt(), images, references, strict=True):
+                prompt_batch.condition_images = [im.convert("RGB") for im in (source, *refs)]
+                if small := [
+                    f"{im.width}x{im.height}"
+                    for im in prompt_batch.condition_images
+                    if min(im.size) < MIN_REFERENCE_SIDE
+                ]:
+                    raise ModelError(
+                        f"model {model!r} ({m.entry.kind}) takes images of at least {MIN_REFERENCE_SIDE}x"
+                        f"{MIN_REFERENCE_SIDE} pixels, got {', '.join(small)}"
+                    )
+                outputs.append(m.run("image2image", prompt_batch, scheduler))
+            return BatchOutput.joined(outputs)
+        if strength is None or not 0.0 < strength <= 1.0:
+            raise ModelError(f"strength must be in (0, 1], got {strength}")
         batch.strength = strength
         # Batched images must share one size; resizing here also sets the output size for image-to-image.
         batch.per_image["image"] = batch.repeat([_resized(im.convert("RGB"), width, height) for im in images])
         if masks is not None:
             batch.per_image["mask_image"] = batch.repeat([_resized(mk.convert("L"), width, height) for mk in masks])
         task: Task = "image2image" if masks is None else "inpaint"
-        return m.run(task, batch, _checked(scheduler, m.default_scheduler))
+        return m.run(task, batch, scheduler)
+
+
+def _editing_pipelines(
+    entry: ModelEntry, text2image: DiffusionPipeline
+) -> tuple[DiffusionPipeline, DiffusionPipeline | None]:
+    """The image-to-image and inpainting pipelines of a loaded model. from_pipe builds new pipeline objects around
+    the same modules: no second copy of the weights. A reference family edits with its own pipeline class (the
+    images are an argument of it) and has no inpainting."""
+    image2image = AutoPipelineForImage2Image.from_pipe(text2image)
+    inpaint = None if entry.edits_by_reference else AutoPipelineForInpainting.from_pipe(text2image)
+    for pipe in (text2image, image2image, inpaint):
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    return image2image, inpaint
 
 
 def _from_pretrained(entry: ModelEntry, dtype: torch.dtype) -> DiffusionPipeline:

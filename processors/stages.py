@@ -394,41 +394,56 @@ class ModerationStage:
         if request.source_image_uri is None:
             return None
         try:
-            source, _ = load_edit_inputs(request, self.store, self.context)
+            inputs = load_edit_inputs(request, self.store, self.context)
         except StageFailure as e:
             return Outcome.failed(e.code, str(e))
-        (verdict,) = self.images.check([source], "INPUT_IMAGE")
-        if not verdict.allowed:
-            return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
+        # Every image the model will see is moderated: the references as much as the source.
+        for verdict in self.images.check(inputs.images, "INPUT_IMAGE"):
+            if not verdict.allowed:
+                return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
         return None
 
 
-def load_edit_inputs(
-    request: ImageRequest, store: ObjectStore, context: StageContext
-) -> tuple[Image.Image, Image.Image | None]:
-    """The edit's source image and mask, read from the configured store and decoded safely."""
+@dataclass(frozen=True)
+class EditInputs:
+    """An edit's images, decoded: the source, the references some models take beside it, and the mask."""
+
+    source: Image.Image
+    references: list[Image.Image]
+    mask: Image.Image | None
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The source, then the references: every picture the model is given."""
+        return [self.source, *self.references]
+
+
+def load_edit_inputs(request: ImageRequest, store: ObjectStore, context: StageContext) -> EditInputs:
+    """The edit's source image, references and mask, read from the configured store and decoded safely."""
     source_uri, mask_uri = request.source_image_uri, request.mask_uri
     assert source_uri is not None  # validated: an EDIT has a source
     max_pixels, max_bytes = context.limits.max_source_pixels, context.limits.max_source_bytes
+
+    def read(uri: str, what: str) -> bytes:
+        return with_retries(lambda: store.get(uri, max_bytes), context.stages, f"read {what}", request.deadline)
+
+    def reference(index: int, uri: str) -> Image.Image:
+        try:
+            return decode_image(read(uri, "reference image"), max_pixels=max_pixels)
+        except (ObjectStoreError, ImageError) as e:  # named, as the source is by being the only other one
+            raise StageFailure("INVALID_SOURCE", f"reference image {index} ({uri}): {e}") from e
+
     try:
-        source = decode_image(
-            with_retries(lambda: store.get(source_uri, max_bytes), context.stages, "read source", request.deadline),
-            max_pixels=max_pixels,
-        )
-        mask = None
-        if mask_uri:
-            mask = decode_mask(
-                with_retries(lambda: store.get(mask_uri, max_bytes), context.stages, "read mask", request.deadline),
-                source,
-                max_pixels=max_pixels,
-            )
+        source = decode_image(read(source_uri, "source"), max_pixels=max_pixels)
+        references = [reference(index, uri) for index, uri in enumerate(request.reference_image_uris, 1)]
+        mask = decode_mask(read(mask_uri, "mask"), source, max_pixels=max_pixels) if mask_uri else None
     except (ObjectStoreError, ImageError) as e:
         raise StageFailure("INVALID_SOURCE", str(e)) from e
     except Exception as e:
         if is_transient(e):
             raise StageFailure("STORAGE_UNAVAILABLE", f"reading the edit inputs failed: {e}") from e
         raise
-    return source, mask
+    return EditInputs(source, references, mask)
 
 
 def request_seed(request: ImageRequest) -> int:
@@ -479,6 +494,8 @@ def resolve_params(
     overrides, set_by = variant_overrides(request, experiments)
     if "steps" in set_by or "model" in set_by:  # what a variant set is named when the compute is over the budget
         set_by["compute"] = set_by.get("steps") or set_by["model"]
+    if "model" in set_by:  # so is a variant's model that cannot take the request's images or negative prompt
+        set_by["reference_image_uris"] = set_by["negative_prompt"] = set_by["model"]
     model = str(overrides.get("model", request.model))
     entry = models.registry.get(model)
     default_scheduler = models.default_scheduler(model)
@@ -494,6 +511,19 @@ def resolve_params(
             f"must be one of {', '.join(sorted(SCHEDULERS))}, got {scheduler!r}",
         )
         check_compute(entry.compute(request.width, request.height, steps, request.n), limits)  # type: ignore[arg-type]
+        if request.kind == "EDIT":
+            images = 1 + len(request.reference_image_uris)
+            require(
+                images <= entry.max_source_images,
+                "reference_image_uris",
+                f"model {model!r} takes at most {entry.max_source_images} source image(s) per edit, got {images} "
+                f"(the source and {images - 1} references)",
+            )
+        require(
+            not (entry.edits_by_reference and request.negative_prompt),
+            "negative_prompt",
+            f"model {model!r} ({entry.kind}) takes no negative prompt",
+        )
     except InvalidRequestError as e:
         if e.field in set_by:
             raise InvalidRequestError(e.field, f"{e.rule} (set by {set_by[e.field]})") from None
@@ -515,6 +545,7 @@ class _Pending:
     request: ImageRequest
     params: RenderParams
     source: Image.Image | None = None  # EDIT: the decoded source image
+    references: list[Image.Image] = dataclasses.field(default_factory=list)  # EDIT: images beside the source
     mask: Image.Image | None = None  # EDIT with a mask: inpainting
 
     @property
@@ -623,6 +654,10 @@ class RenderStage:
     def prepare(self, item: _Pending) -> None:
         """Get what the model call needs beyond the request (raises StageFailure)."""
 
+    def batch_limit(self, params: RenderParams) -> int:
+        """Most requests of ``params`` one model call may take."""
+        return self.models.registry.get(params.model).batch_limit(self.context.stages.max_batch)
+
     def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
         raise NotImplementedError
 
@@ -664,7 +699,7 @@ class RenderStage:
         # Groups in the order of their most urgent request; each group in chunks of its model's batch limit.
         chunks: list[PlannedChunk] = []
         for params, group in groups.items():
-            max_batch = self.models.registry.get(params.model).batch_limit(self.context.stages.max_batch)
+            max_batch = self.batch_limit(params)
             for start in range(0, len(group), max_batch):
                 chunks.append(PlannedChunk(params, group[start : start + max_batch], started_s))
         return PlannedTake(emit.take(), chunks)
@@ -839,19 +874,32 @@ class EditStage(RenderStage):
     name: ClassVar[Stage] = "EDIT"
 
     def params(self, request: ImageRequest) -> RenderParams:
+        params = super().params(request)
+        entry = self.models.registry.get(params.model)
+        if entry.edits_by_reference:
+            # Conditioned on its images, not noised from the source: a mask or a strength would mean nothing.
+            for field in ("mask_uri", "strength"):
+                rule = f"is not taken by model {params.model!r} ({entry.kind}), which edits from reference images"
+                require(getattr(request, field) is None, field, rule)
+            return params
         strength = DEFAULT_EDIT_STRENGTH if request.strength is None else request.strength
-        return dataclasses.replace(super().params(request), strength=strength, inpaint=request.mask_uri is not None)
+        return dataclasses.replace(params, strength=strength, inpaint=request.mask_uri is not None)
+
+    def batch_limit(self, params: RenderParams) -> int:
+        # A reference family's images condition a whole pipeline call: one request per call.
+        return 1 if self.models.registry.get(params.model).edits_by_reference else super().batch_limit(params)
 
     def prepare(self, item: _Pending) -> None:
-        item.source, item.mask = load_edit_inputs(item.request, self.store, self.context)
+        inputs = load_edit_inputs(item.request, self.store, self.context)
+        item.source, item.references, item.mask = inputs.source, inputs.references, inputs.mask
 
     def run_model(self, params: RenderParams, chunk: list[_Pending]) -> BatchOutput:
-        assert params.strength is not None
         return self.models.edit(
             params.model,
             images=[item.source for item in chunk if item.source is not None],
             masks=[item.mask for item in chunk if item.mask is not None] if params.inpaint else None,
             strength=params.strength,
+            references=[item.references for item in chunk],
             **_common_arguments(params, chunk),
         )
 

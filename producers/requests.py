@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest
@@ -25,6 +25,7 @@ def new_request(
     guidance: float | None = None,
     seed: int | None = None,
     source_image_uri: str | None = None,
+    reference_image_uris: Sequence[str] = (),
     mask_uri: str | None = None,
     strength: float | None = None,
     experiments: Mapping[str, str] | None = None,
@@ -50,6 +51,7 @@ def new_request(
         seed=seed,
         model=model,
         source_image_uri=source_image_uri,
+        reference_image_uris=list(reference_image_uris),
         mask_uri=mask_uri,
         strength=strength,
         experiments=dict(experiments or {}),

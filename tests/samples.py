@@ -1,7 +1,7 @@
 """One realistic record of every schema, with every optional field set, for round-trip and fixture tests.
 
 tests/fixtures/v1 holds these records as the v1 schemas wrote them: never change the value of a v1 field here
-(fields added later, such as ImageResult's steps, are not in the v1 fixtures).
+(fields added later, such as ImageResult's steps or ImageRequest's reference_image_uris, are not in the v1 fixtures).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "seed": 2**40 + 7,
             "model": "sd-1.5",
             "source_image_uri": "s3://pixelpipe/inputs/fox.png",
+            "reference_image_uris": ["s3://pixelpipe/inputs/hat.png", "s3://pixelpipe/inputs/scarf.png"],
             "mask_uri": "s3://pixelpipe/inputs/fox-mask.png",
             "strength": 0.75,
             "experiments": {"steps-test": "fast", "model-test": "control"},

@@ -69,7 +69,7 @@ class ImageRequest(AvroRecord):
 
     event_id: str = field(default_factory=new_event_id)
     request_id: str
-    schema_version: int = 1
+    schema_version: int = 2  # 2 added reference_image_uris
     event_time: dt.datetime = field(default_factory=utc_now)
     kind: RequestKind
     user_id: str
@@ -83,6 +83,7 @@ class ImageRequest(AvroRecord):
     seed: int | None = None
     model: str
     source_image_uri: str | None = None
+    reference_image_uris: list[str] = field(default_factory=list)  # EDIT: images besides the source (some models)
     mask_uri: str | None = None
     strength: float | None = None
     experiments: dict[str, str] = field(default_factory=dict)

@@ -203,6 +203,11 @@ class RequestLimits:
         "MAX_NAME_CHARS", 128, "Longest event id, user id, model name, experiment key or variant name accepted."
     )
     max_uri_chars: int = setting("MAX_URI_CHARS", 1024, "Longest edit source or mask URI accepted, in characters.")
+    max_reference_images: int = setting(
+        "MAX_REFERENCE_IMAGES",
+        4,
+        "Most reference images one edit may carry besides its source (for models that take several images).",
+    )
     max_experiments: int = setting("MAX_EXPERIMENTS", 32, "Most experiment assignments one request may carry.")
     max_image_side: int = setting("MAX_IMAGE_SIDE", 2048, "Largest width or height accepted, in pixels.")
     max_steps: int = setting("MAX_STEPS", 150, "Most denoising steps accepted.")

@@ -120,6 +120,23 @@ def check_side(side: str, value: Any, limits: RequestLimits) -> None:
     )
 
 
+def check_reference_image_uris(uris: Any, limits: RequestLimits) -> None:
+    """An edit's reference images: a list of at most ``max_reference_images`` URIs, each checked like the source."""
+    field = "reference_image_uris"
+    require(
+        isinstance(uris, list) and all(isinstance(uri, str) and uri.strip() for uri in uris),
+        field,
+        "must be a list of non-empty URIs",
+    )
+    require(
+        len(uris) <= limits.max_reference_images,
+        field,
+        f"must name at most {limits.max_reference_images} images (PIXELPIPE_MAX_REFERENCE_IMAGES), got {len(uris)}",
+    )
+    for uri in uris:
+        check_length(field, uri, limits.max_uri_chars, "PIXELPIPE_MAX_URI_CHARS")
+
+
 def validate_request(
     request: ImageRequest, limits: RequestLimits, now: dt.datetime | None = None, check_deadline: bool = True
 ) -> None:
@@ -168,11 +185,13 @@ def validate_request(
         require(bool(request.source_image_uri), "source_image_uri", "is required for an EDIT request")
         for field in ("source_image_uri", "mask_uri"):
             check_length(field, getattr(request, field), limits.max_uri_chars, "PIXELPIPE_MAX_URI_CHARS")
+        check_reference_image_uris(request.reference_image_uris, limits)
         strength = request.strength
         require(strength is None or 0 < strength <= 1, "strength", f"must be in (0, 1], got {strength!r}")
     else:
         for field in ("source_image_uri", "mask_uri", "strength"):
             require(getattr(request, field) is None, field, "is only allowed on an EDIT request")
+        require(not request.reference_image_uris, "reference_image_uris", "is only allowed on an EDIT request")
     experiments = request.experiments
     require(
         isinstance(experiments, dict)

@@ -1,11 +1,12 @@
 """Diffusion pipelines built from configs with seeded random weights: every family, tiny or full size.
 
 No model hub is needed. Tiny pipelines (a few megabytes, built in about a second on a CPU) let tests, the embedded
-demo and CI run the real diffusers code paths (text-to-image, image-to-image, inpainting); their images are noise,
-not pictures, and only the plumbing is real. Full-size pipelines have the real architectures (SD-1.5, SDXL,
-FLUX.1-dev) with random weights, for benchmarks on a GPU: ``full_size_pipeline`` builds them on the device in the
-target dtype, in seconds. Tokenizers are written locally: a byte-level CLIP vocabulary and a character-level T5
-(Unigram) vocabulary, so every prompt tokenizes without downloading anything.
+demo and CI run the real diffusers code paths (text-to-image, image-to-image, inpainting, edits from several
+reference images); their images are noise, not pictures, and only the plumbing is real. Full-size pipelines have the
+real architectures (SD-1.5, SDXL, FLUX.1-dev) with random weights, for benchmarks on a GPU: ``full_size_pipeline``
+builds them on the device in the target dtype, in seconds (FLUX.2 klein is built tiny only). Tokenizers are written
+locally: a byte-level CLIP vocabulary, a character-level T5 (Unigram) vocabulary and a byte-level Qwen vocabulary
+with its chat template, so every prompt tokenizes without downloading anything.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Any, Literal, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     StableDiffusionPipeline,
@@ -36,22 +40,35 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
 
 T = TypeVar("T")
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "flux"]
+Family = Literal["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]
 Size = Literal["tiny", "full"]
-FAMILIES: tuple[Family, ...] = ("stable-diffusion", "stable-diffusion-xl", "flux")
+FAMILIES: tuple[Family, ...] = ("stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein")
 
 # The two tiny models A/B experiments compare; same architecture, different random weights.
 TINY_MODELS: dict[str, int] = {"tiny-sd": 0, "tiny-sd-b": 1}
 # The tiny model of each other family, built on request (`pixelpipe models init-tiny --family ...`).
-TINY_FAMILY_MODELS: dict[Family, str] = {"stable-diffusion-xl": "tiny-sdxl", "flux": "tiny-flux"}
-# Registry defaults per family: the guidance each family's real checkpoints are run with.
-DEFAULT_GUIDANCE: dict[Family, float] = {"stable-diffusion": 5.0, "stable-diffusion-xl": 5.0, "flux": 3.5}
+TINY_FAMILY_MODELS: dict[Family, str] = {
+    "stable-diffusion-xl": "tiny-sdxl",
+    "flux": "tiny-flux",
+    "flux2-klein": "tiny-flux2-klein",
+}
+# Registry defaults per family: the guidance each family's real checkpoints are run with (klein's distilled
+# checkpoints run without classifier-free guidance).
+DEFAULT_GUIDANCE: dict[Family, float] = {
+    "stable-diffusion": 5.0,
+    "stable-diffusion-xl": 5.0,
+    "flux": 3.5,
+    "flux2-klein": 1.0,
+}
 
 # -- component configs: tiny (tests, demo) and full size (SD-1.5, SDXL base, FLUX.1-dev) ------------------------
 _TINY_VAE: dict[str, Any] = {
@@ -171,6 +188,40 @@ FLUX_TRANSFORMERS: dict[Size, dict[str, Any]] = {
     "full": {"guidance_embeds": True},
 }
 
+# FLUX.2 klein: a transformer on 2x2-patchified latents of a VAE with batch-normed latents, conditioned on three
+# hidden layers of a Qwen3 text encoder (the pipeline reads layers 9, 18 and 27, so the tiny encoder has 27).
+TINY_KLEIN_VAE: dict[str, Any] = {
+    "block_out_channels": (16, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+TINY_QWEN3: dict[str, Any] = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 512,
+}
+TINY_KLEIN_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 4 * TINY_KLEIN_VAE["latent_channels"],  # one 2x2 patch of latents per token
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 3 * TINY_QWEN3["hidden_size"],  # the three text-encoder layers, side by side
+    "timestep_guidance_channels": 32,
+    "axes_dims_rope": (4, 4, 4, 4),  # sums to attention_head_dim
+    "guidance_embeds": False,
+}
+
 # -- tokenizers -------------------------------------------------------------------------------------------------
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -212,6 +263,21 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+# Qwen's chat format, which the klein pipeline wraps each prompt in (apply_chat_template) before encoding it.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen tokenizer (no merges: one token per byte) with Qwen's chat markers and template."""
+    vocab = {char: index for index, char in enumerate(_bytes_to_unicode())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512, chat_template=_QWEN_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
 def _clip_text_config(tokenizer: CLIPTokenizer, dims: Mapping[str, Any]) -> CLIPTextConfig:
     return CLIPTextConfig(
         **({"vocab_size": len(tokenizer)} | dict(dims)),
@@ -238,6 +304,7 @@ def build_pipeline(
         "stable-diffusion": _stable_diffusion,
         "stable-diffusion-xl": _stable_diffusion_xl,
         "flux": _flux,
+        "flux2-klein": _flux2_klein,
     }
     return builders[family](size, _Networks(seed, torch.device(device), dtype))
 
@@ -346,6 +413,21 @@ def _flux(size: Size, networks: _Networks) -> FluxPipeline:
             base_image_seq_len=256,
             max_image_seq_len=4096,
         ),
+    )
+
+
+def _flux2_klein(size: Size, networks: _Networks) -> Flux2KleinPipeline:
+    if size != "tiny":
+        raise ValueError("flux2-klein is built tiny only; load a real FLUX.2 klein checkpoint for full size")
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3Config(**TINY_QWEN3, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return Flux2KleinPipeline(
+        transformer=networks.build(Flux2Transformer2DModel, **TINY_KLEIN_TRANSFORMER),
+        vae=networks.build(AutoencoderKLFlux2, **TINY_KLEIN_VAE),
+        text_encoder=networks.build(Qwen3ForCausalLM, text_encoder),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        is_distilled=True,
     )
 
 

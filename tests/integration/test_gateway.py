@@ -48,7 +48,7 @@ def deployment(servers, tmp_path_factory):
     """One worker and one gateway on topics of this module's own, and three keys."""
     tmp = tmp_path_factory.mktemp("gateway")
     settings = with_own_topics(servers).updated(
-        model_registry=str(build_tiny_models(tmp / "models")),
+        model_registry=str(build_tiny_models(tmp / "models", ("stable-diffusion", "flux2-klein"))),
         consumer_group=f"gw-{uuid.uuid4().hex[:8]}",
         object_store_url=f"{servers.objects.url.rstrip('/')}/{uuid.uuid4().hex[:8]}",
         experiments_file=str(tmp / "experiments.json"),
@@ -92,7 +92,7 @@ def decoded(b64):
 
 
 def test_models_lists_the_registry(client):
-    assert sorted(m.id for m in client.models.list()) == ["tiny-sd", "tiny-sd-b"]
+    assert sorted(m.id for m in client.models.list()) == ["tiny-flux2-klein", "tiny-sd", "tiny-sd-b"]
 
 
 def test_generation_b64_json_then_url_of_the_same_request(client, deployment):
@@ -149,6 +149,25 @@ def test_an_edit_with_a_mask(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.edit(model="tiny-sd", image=("x.png", b"not an image", "image/png"), prompt="x")
     assert e.value.body["param"] == "image"
+
+
+def test_an_edit_of_several_images_for_a_model_that_takes_them(client, deployment):
+    images = []
+    for seed in (2, 3):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, "PNG")
+        images.append((f"image-{seed}.png", out.getvalue(), "image/png"))
+    raw = client.images.with_raw_response.edit(
+        model="tiny-flux2-klein", image=images, prompt="the two of them together", size="64x64", quality="low"
+    )
+    assert decoded(raw.parse().data[0].b64_json).size == (64, 64)
+    settings, request_id = deployment["settings"], raw.headers["x-request-id"]
+    requests = collect(settings.kafka, settings.topics.requests, ImageRequest, [request_id], timeout_s=30)
+    (request,) = requests.events[request_id]
+    assert request.source_image_uri and len(request.reference_image_uris) == 1
+    with pytest.raises(openai.BadRequestError) as e:  # a model that takes one image: refused before publishing
+        client.images.edit(model="tiny-sd", image=images, prompt="x")
+    assert e.value.param == "image" and "takes at most 1 image(s) per edit; 2 were sent" in e.value.message
 
 
 def test_a_blocked_prompt_is_a_moderation_error(client):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pixelpipe.core.events import EVENT_TYPES, CategoryScore, DeadLetter, ImageResult, StoredImage
+from pixelpipe.core.events import EVENT_TYPES, CategoryScore, DeadLetter, ImageRequest, ImageResult, StoredImage
 from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 from tests.samples import sample_records
 
@@ -42,6 +42,10 @@ def test_each_event_class_has_its_schemas_fields_and_defaults(name):
 
 def test_results_are_written_as_schema_version_2_the_version_that_added_what_ran():
     assert ImageResult(event_id="e", request_id="r", status="FAILED", user_id="", model="").schema_version == 2
+
+
+def test_requests_are_written_as_schema_version_2_the_version_that_added_reference_images():
+    assert ImageRequest(request_id="r", kind="EDIT", user_id="u", prompt="p", model="m").schema_version == 2
 
 
 def test_events_convert_to_and_from_avro_records():

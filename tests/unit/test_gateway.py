@@ -11,7 +11,7 @@ from pixelpipe.core.settings import RequestLimits
 from pixelpipe.gateway.app import result_error, transcode
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.keys import KeyStore
-from pixelpipe.gateway.params import ModelInfo, parse_call
+from pixelpipe.gateway.params import ModelInfo, parse_call, read_registry
 from pixelpipe.gateway.pipeline import request_id_for
 from pixelpipe.gateway.ratelimit import TokenBuckets
 from pixelpipe.gateway.uploads import check_image, mask_png
@@ -251,3 +251,21 @@ def test_receipts_written_together_are_all_durable_with_one_sync_per_batch(tmp_p
     asyncio.run(write_all())
     assert all(store.get(store.uri_for(f"gateway/receipts/r{i}.json")) == b"{}" for i in range(20))
     assert batches == [20]  # one write, one sync, for the calls that came together
+
+
+def test_the_registry_says_how_many_images_an_edit_may_give_each_model(tmp_path):
+    registry = tmp_path / "registry.json"
+    registry.write_text(
+        json.dumps(
+            {
+                "sd": {"path": "/m/sd"},
+                "klein": {"path": "/m/k", "kind": "flux2-klein"},
+                "klein-2": {"path": "/m/k", "kind": "flux2-klein", "max_source_images": 2},
+            }
+        )
+    )
+    assert {name: model.max_source_images for name, model in read_registry(registry).items()} == {
+        "sd": 1,
+        "klein": 4,
+        "klein-2": 2,
+    }

@@ -46,13 +46,17 @@ def served(tmp_path):
     settings = Settings().updated(gateway_url_signing_key="s3cret", gateway_default_size="64x64")
     store = FileObjectStore(tmp_path / "objects")
     keys = KeyStore(tmp_path / "keys.json")
-    secret, entry = keys.create("acme", ["tiny-sd"])
+    secret, entry = keys.create("acme", ["tiny-sd", "tiny-klein"])
     app = create_app(settings)  # the lifespan (Kafka) is not run: the state is set here
     pipeline = StandInPipeline(store)
     app.state.gateway = Gateway(
         settings=settings,
         keys=keys,
-        models={"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4), "other": ModelInfo("other", "x", 4)},
+        models={
+            "tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4),
+            "tiny-klein": ModelInfo("tiny-klein", "flux2-klein", 4, max_source_images=4),
+            "other": ModelInfo("other", "x", 4),
+        },
         store=store,
         pipeline=pipeline,
         buckets=TokenBuckets(),
@@ -100,11 +104,42 @@ def test_errors_are_openai_envelopes(served):
         "code": None,
     }
     assert client.post("/v1/images/generations", json={"prompt": "x", "model": "other"}).status_code == 404
-    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-sd"]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-sd", "tiny-klein"]
     not_json = client.post("/v1/images/generations", content=b"{", headers={"Content-Type": "application/json"})
     assert not_json.status_code == 400
     no_image = client.post("/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", b"x", "image/png")})
     assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "image"
+
+
+def png(colour, size=(64, 64)):
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_an_edit_sends_as_many_images_as_its_model_takes_the_first_as_the_source(served, tmp_path):
+    client, pipeline, _ = served
+    images = [("image[]", (f"{colour}.png", png(colour), "image/png")) for colour in ("red", "green", "blue")]
+    answer = client.post("/v1/images/edits", data={"prompt": "a hat", "model": "tiny-klein"}, files=images)
+    assert answer.status_code == 200, answer.text
+    (submission,) = pipeline.submissions
+    stored = [submission.source_image_uri, *submission.reference_image_uris]
+    assert len(stored) == 3
+    assert [FileObjectStore(tmp_path / "objects").get(uri) for uri in stored] == [image[1][1] for image in images]
+    assert answer.json()["usage"]["input_tokens_details"]["image_tokens"] == 3 * 16  # three 64x64 images
+
+    def refused(model, files):
+        answer = client.post("/v1/images/edits", data={"prompt": "a hat", "model": model}, files=files)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "image"
+        return answer.json()["error"]["message"]
+
+    assert refused("tiny-sd", images) == "The model 'tiny-sd' takes at most 1 image(s) per edit; 3 were sent"
+    assert "at most 4 image(s) per edit; 5 were sent" in refused("tiny-klein", images + images[:2])
+    assert "at most 16 images; 17 were sent" in refused("tiny-klein", images * 5 + images[:2])
+    assert refused("tiny-klein", [*images, ("image[]", ("x.png", b"GIF89a", "image/png"))]) == (
+        "'image' is not a PNG, JPEG or WEBP image"
+    )
+    assert len(pipeline.submissions) == 1  # nothing refused was published
 
 
 def sample(name, **labels):

@@ -386,6 +386,56 @@ def test_a_model_runs_only_schedulers_made_for_its_objective(family_models, mode
     assert out.images[0][0].size == (64, 64)
 
 
+# -- several images: FLUX.2 klein --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def klein_models(tmp_path_factory) -> DiffusionModels:
+    return DiffusionModels.from_file(build_tiny_models(tmp_path_factory.mktemp("klein"), ("flux2-klein",)))
+
+
+def test_klein_edits_from_a_source_and_references(klein_models):
+    loaded = klein_models.load("tiny-flux2-klein")
+    assert loaded.entry.max_source_images == 4 and loaded.inpaint is None
+    assert loaded.size_multiple == 4  # its VAE halves the size, and 2x2 latent patches make one token
+    source, reference = Image.new("RGB", (80, 72), "red"), Image.new("RGB", (64, 96), "blue")
+    edited = klein_models.edit(
+        "tiny-flux2-klein", ["a"], [source], strength=None, width=64, height=48, steps=1, seeds=[3],
+        references=[[reference]],
+    )  # fmt: skip
+    assert edited.images[0][0].size == (64, 48) and pixels(edited.images[0][0]).std() > 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            {"references": [[Image.new("RGB", (64, 64))] * 4]},
+            r"'tiny-flux2-klein' takes at most 4 source image\(s\) per edit, got 5",
+        ),
+        ({"masks": [Image.new("L", (64, 64))]}, r"\(flux2-klein\) edits from reference images: no mask, no strength"),
+        ({"strength": 0.5}, r"\(flux2-klein\) edits from reference images: no mask, no strength"),
+        ({"negative_prompts": ["blurry"]}, r"'tiny-flux2-klein' \(flux2-klein\) takes no negative prompt"),
+        ({"references": [[Image.new("RGB", (64, 32))]]}, r"takes images of at least 64x64 pixels, got 64x32"),
+    ],
+)
+def test_klein_refuses_what_it_cannot_take_before_rendering(klein_models, arguments, message):
+    edit = {"strength": None, "width": 64, "height": 64, "steps": STEPS} | arguments
+    with pytest.raises(ModelError, match=message):
+        klein_models.edit("tiny-flux2-klein", ["a"], [Image.new("RGB", (64, 64))], **edit)
+
+
+def test_families_that_take_one_source_image_refuse_more(tmp_path, models):
+    with pytest.raises(ModelError, match=r"'tiny-sd' takes at most 1 source image\(s\) per edit, got 2"):
+        models.edit("tiny-sd", ["a"], [Image.new("RGB", (64, 64))], references=[[Image.new("RGB", (64, 64))]])
+    entry = {"path": "/models/sd", "max_source_images": 2}
+    with pytest.raises(ModelError, match=r"'max_source_images' 2 is for the families that take several images"):
+        ModelEntry.from_json("sd", entry)
+    assert (
+        ModelEntry.from_json("klein", {"path": "/m", "kind": "flux2-klein", "max_source_images": 2}).max_source_images
+        == 2
+    )
+    assert ModelEntry.from_json("null", {"kind": "null", "max_source_images": 16}).max_source_images == 16
+
+
 def test_a_model_registered_under_another_family_is_refused(tmp_path, registry_path):
     write_registry(tmp_path / "r.json", {"m": registry_entry(registry_path.parent / "tiny-sd", "flux")})
     with pytest.raises(

@@ -20,6 +20,8 @@ def test_a_good_request_passes():
     validate_request(
         request(kind="EDIT", source_image_uri="s3://b/k.png", mask_uri="s3://b/m.png", strength=0.5), SETTINGS
     )
+    references = [f"s3://b/ref-{i}.png" for i in range(4)]  # PIXELPIPE_MAX_REFERENCE_IMAGES
+    validate_request(request(kind="EDIT", source_image_uri="s3://b/k.png", reference_image_uris=references), SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +75,19 @@ def test_a_good_request_passes():
             "strength: must be in \\(0, 1\\]",
         ),
         ({"experiments": {"exp": ""}}, "experiments: must map non-empty experiment keys"),
+        ({"reference_image_uris": ["s3://b/r.png"]}, "reference_image_uris: is only allowed on an EDIT request"),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/k", "reference_image_uris": [f"s3://b/{i}" for i in range(5)]},
+            "reference_image_uris: must name at most 4 images \\(PIXELPIPE_MAX_REFERENCE_IMAGES\\), got 5",
+        ),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/k", "reference_image_uris": ["s3://b/r", " "]},
+            "reference_image_uris: must be a list of non-empty URIs",
+        ),
+        (
+            {"kind": "EDIT", "source_image_uri": "s3://b/k", "reference_image_uris": ["s3://b/" + "r" * 1020]},
+            "reference_image_uris: must be at most 1024 characters \\(PIXELPIPE_MAX_URI_CHARS\\), got 1027",
+        ),
         ({"n": True}, "n: must be between 1 and 10, got True"),
     ],
 )

@@ -390,3 +390,78 @@ def test_the_long_lanes_are_topics_of_the_pipeline_read_by_renderers_and_written
 
     assert set(topics.render()) <= granted("renderer", AclOperation.READ) - granted("renderer", AclOperation.WRITE)
     assert set(topics.render()) <= granted("moderation", AclOperation.WRITE)
+
+
+class RejectRedImages:
+    """An input-image moderator that rejects pure red images and records what it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def check(self, images, stage):
+        self.seen += [image.getpixel((0, 0)) for image in images]
+        return [Verdict(stage, image.getpixel((0, 0)) != (255, 0, 0), {}, []) for image in images]
+
+
+def test_moderation_checks_every_input_image_of_an_edit_and_names_a_bad_reference(tmp_path):
+    from PIL import Image
+
+    from pixelpipe.core.objects import FileObjectStore
+    from pixelpipe.processors.imaging import encode_png
+
+    store = FileObjectStore(tmp_path)
+    uri = {
+        colour: store.put(f"in/{colour}.png", encode_png(Image.new("RGB", (8, 8), colour)), "image/png").uri
+        for colour in ("blue", "green", "red")
+    }
+    topics = TopicSettings()
+    context = StageContext(topics, LIMITS, StageSettings(), Codec(), "worker", ModerationStamp("key"))
+    images = RejectRedImages()
+    stage = ModerationStage(context, ModerationSettings(), AllowEveryPrompt(), images, store)
+
+    def moderated(references):
+        edit = request(kind="EDIT", source_image_uri=uri["blue"], reference_image_uris=references)
+        message = Inbound(context.codec.encode(edit), edit.request_id.encode(), topics.requests, 0, 0, 1000.0)
+        emissions = stage.handle_batch([message])
+        results = [context.codec.decode_as(ImageResult, e.value) for e in emissions if e.topic == topics.results]
+        return (results[0].status, results[0].error_message) if results else "forwarded"
+
+    assert moderated([uri["green"]]) == "forwarded"
+    assert images.seen == [(0, 0, 255), (0, 128, 0)]  # the source and the reference
+    assert moderated([uri["green"], uri["red"]])[0] == "REJECTED"
+    missing = store.uri_for("in/missing.png")
+    assert moderated([uri["green"], missing]) == ("FAILED", f"reference image 2 ({missing}): no object at {missing}")
+
+
+class WithKlein(RegistryOnlyModels):
+    registry = ModelRegistry(
+        RegistryOnlyModels.registry.entries
+        | {"tiny-klein": ModelEntry("tiny-klein", "/models/k", "flux2-klein", max_source_images=3)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"model": "tiny-sd", "reference_image_uris": ["file:///r.png"]},
+            r"^reference_image_uris: model 'tiny-sd' takes at most 1 source image\(s\) per edit, got 2 "
+            r"\(the source and 1 references\)$",
+        ),
+        (
+            {"reference_image_uris": ["file:///r.png"], "experiments": {"b-model": "big"}},
+            r"^reference_image_uris: model 'tiny-sd-b' takes at most 1 .* \(set by experiment b-model, variant big\)$",
+        ),
+        (
+            {"reference_image_uris": ["file:///r.png"] * 3},
+            r"^reference_image_uris: model 'tiny-klein' takes at most 3 source image\(s\) per edit, got 4",
+        ),
+        ({"negative_prompt": "blurry"}, r"^negative_prompt: model 'tiny-klein' \(flux2-klein\) takes no negative"),
+    ],
+)
+def test_an_edit_with_more_images_than_its_model_takes_is_invalid_naming_the_model_and_its_limit(changes, message):
+    edit = request(**({"kind": "EDIT", "model": "tiny-klein", "source_image_uri": "file:///s.png"} | changes))
+    with pytest.raises(InvalidRequestError, match=message):
+        resolve_params(edit, EXPERIMENTS, WithKlein(), LIMITS)
+    two = request(kind="EDIT", model="tiny-klein", source_image_uri="file:///s.png", reference_image_uris=["r"] * 2)
+    assert resolve_params(two, EXPERIMENTS, WithKlein(), LIMITS).model == "tiny-klein"
