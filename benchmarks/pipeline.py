@@ -500,9 +500,9 @@ def report_metrics_cost(
             f" ({on_rate / off_rate - 1:+.1%}, medians of {_rates(on_runs)} and {_rates(off_runs)}); worker CPU"
             f" {on_cpu:.3f} vs {off_cpu:.3f} ms/req ({on_cpu / off_cpu - 1:+.1%})"
         )
+    # The worker's CPU per second at saturation: ``cpu_ms`` per request times the requests it makes a second.
+    busy_ms_per_s = cpu_ms * statistics.median(p.rate for label, p, _ in rows if not label.endswith("+m"))
     for scrape in scrapes:
-        # The worker's CPU per second at saturation: ``cpu_ms`` per request times the requests it makes a second.
-        busy_ms_per_s = cpu_ms * statistics.median(p.rate for label, p, _ in rows if not label.endswith("+m"))
         shares = ", ".join(
             f"{scrape.cpu_ms / interval / busy_ms_per_s:.3%} every {interval:g} s"
             for interval in dict.fromkeys((scrape_interval_s, PROMETHEUS_INTERVAL_S))

@@ -29,7 +29,8 @@ from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.producers.results import collect
 from pixelpipe.tools.processes import PixelpipeProcess, WorkerProcess
-from pixelpipe.tools.stack import StackSettings, port_bindable, stack_unless_kafka_answers
+from pixelpipe.tools.stack.services import port_bindable, scrape_ports, stack_unless_kafka_answers
+from pixelpipe.tools.stack.settings import StackSettings
 
 DEMO_EXPERIMENT = {
     "key": "steps-test",
@@ -61,7 +62,7 @@ def _metrics_ports(settings: Settings, stack: StackSettings, count: int) -> list
     PIXELPIPE_METRICS_PORT is set (each process would then take the same)."""
     if settings.ops.metrics_port:
         return [{} for _ in range(count)]
-    wanted = [int(p) for p in stack.scrape_ports.split(",") if p.strip()]
+    wanted = scrape_ports(stack)
     ports = [wanted[i] if i < len(wanted) and port_bindable(wanted[i]) else 0 for i in range(count)]
     if len(wanted) > count:  # the sink's is the stack's third port (9402) however many workers run
         ports[-1] = wanted[2] if len(wanted) > 2 and port_bindable(wanted[2]) else ports[-1]

@@ -83,6 +83,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def scrape_ports(stack: StackSettings) -> list[int]:
+    """The ports the local Prometheus scrapes besides the lag exporter (PIXELPIPE_STACK_SCRAPE_PORTS), in order."""
+    return [int(port) for port in stack.scrape_ports.split(",") if port.strip()]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -559,8 +564,8 @@ class Prometheus(LocalService):
 
     def prepare(self) -> None:
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        ports = [int(p) for p in self.stack.scrape_ports.split(",") if p.strip()]
-        self.add_targets("stack", [f"127.0.0.1:{port}" for port in [*ports, self.stack.lag_exporter_port]])
+        ports = [*scrape_ports(self.stack), self.stack.lag_exporter_port]
+        self.add_targets("stack", [f"127.0.0.1:{port}" for port in ports])
         interval = f"{self.stack.prometheus_interval_s:g}s"
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
@@ -654,15 +659,16 @@ class Gateway(LocalService):
         return [sys.executable, "-m", "pixelpipe", "gateway"]
 
     def environment(self) -> dict[str, str]:
-        ports = [p.strip() for p in self.stack.scrape_ports.split(",") if p.strip()]
+        ports = scrape_ports(self.stack)
         return (
             os.environ
             | self.clients()
             | {
                 "PIXELPIPE_MODEL_REGISTRY": str(self.registry),
+                "PIXELPIPE_GATEWAY_KEYS_FILE": str(self.keys_file),
                 "PIXELPIPE_GATEWAY_HOST": "127.0.0.1",
                 "PIXELPIPE_GATEWAY_PORT": str(self.port),
-                "PIXELPIPE_METRICS_PORT": ports[-1] if ports else "0",
+                "PIXELPIPE_METRICS_PORT": str(ports[-1] if ports else 0),
                 "PIXELPIPE_METRICS_HOST": "127.0.0.1",
             }
         )
@@ -681,7 +687,7 @@ class LocalStack:
         self.kafka = Kafka(stack)
         self.prometheus = Prometheus(stack)
         models = section_from_env(ModelSettings, os.environ)
-        self.gateway = Gateway(stack, registry or Path(models.registry), self._gateway_clients)
+        self.gateway = Gateway(stack, registry or Path(models.registry), self._servers_env)
         self.services: list[LocalService] = [
             self.kafka,
             ClickHouse(stack),
@@ -716,7 +722,11 @@ class LocalStack:
 
     def client_env(self) -> dict[str, str]:
         """The PIXELPIPE_* variables that point every pixelpipe client at this stack (with ACLs, as the super
-        user: the tools create topics and grant roles)."""
+        user: the tools create topics and grant roles), and at its gateway once that was started."""
+        return self._servers_env() | self._gateway_client_env()
+
+    def _servers_env(self) -> dict[str, str]:
+        """The variables that point a process at the stack's servers (the gateway's own environment starts here)."""
         return {
             "PIXELPIPE_KAFKA_BOOTSTRAP": self.kafka.endpoint,
             **(self.kafka.sasl_env() if self.stack.kafka_acls else {}),
@@ -728,13 +738,6 @@ class LocalStack:
             "PIXELPIPE_S3_SECRET_ACCESS_KEY": LOCAL_S3_SECRET_KEY,
             "PIXELPIPE_MODERATION_STAMP_KEY": self.moderation_stamp_key(),
             "PIXELPIPE_PROMETHEUS_URL": self.prometheus.endpoint,
-            **self._gateway_client_env(),
-        }
-
-    def _gateway_clients(self) -> dict[str, str]:
-        """What the gateway needs of ``client_env``: its own keys file, not the one exported to the shell."""
-        return {k: v for k, v in self.client_env().items() if not k.startswith("PIXELPIPE_GATEWAY_")} | {
-            "PIXELPIPE_GATEWAY_KEYS_FILE": str(self.gateway.keys_file)
         }
 
     def _gateway_client_env(self) -> dict[str, str]:
