@@ -69,6 +69,7 @@ class Arrivals:
 
     at_s: dict[str, float]
     values: dict[str, bytes]
+    timestamps_ms: dict[str, int]  # the record's Kafka timestamp: when its stage produced it (or the broker appended)
     duplicates: int = 0
 
 
@@ -89,7 +90,7 @@ class ResultWatcher:
             time.sleep(0.1)
             partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        self.arrivals = Arrivals({}, {})
+        self.arrivals = Arrivals({}, {}, {})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="results", daemon=True)
         self._thread.start()
@@ -112,6 +113,7 @@ class ResultWatcher:
                     continue
                 arrivals.at_s[key] = now
                 arrivals.values[key] = message.value()
+                arrivals.timestamps_ms[key] = message.timestamp()[1]
 
     def wait_for(self, request_ids: list[str], label: str, timeout_s: float, at_least: int | None = None) -> bool:
         """Show a progress bar until every id (or ``at_least`` of them) has a result; False when time ran out."""
@@ -164,6 +166,17 @@ class Phase:
     machine_busy: float  # share of all cores busy during the phase (worker, Kafka, this client, other jobs)
     latencies_ms: list[float]
     statuses: dict[str, int]
+    hops_ms: dict[str, list[float]]  # where each request's latency went, hop by hop (see HOPS)
+
+
+# The hops of a text-to-image request's latency, told apart by the Kafka timestamps of its generate event and its
+# result and by the result's own timings (the render stage's queue wait).
+HOPS = (
+    "moderation",  # publish to the generate event: the moderation stage's fetch, take window, checks and send
+    "render queue",  # the generate event to its render starting: fetch, take window, waiting for the model
+    "render+store",  # the render's start to the result: model, encoding, output moderation, store, send
+    "delivery",  # the result's timestamp to its arrival at this process
+)
 
 
 def encoded_requests(codec: Codec, count: int, side: int) -> list[tuple[str, bytes]]:
@@ -199,6 +212,7 @@ def summarise(
     meter: CpuMeter,
     published_s: list[float] | None,
     rate: float | None,
+    forwarded: Arrivals | None = None,
 ) -> Phase:
     """The phase's figures from its results: statuses, the detector's time and the rate or the latencies."""
     worker_cpu_s, machine_busy = meter.reading()
@@ -211,6 +225,16 @@ def summarise(
     wall_s = max(arrived) - min(arrived)
     detector_ms = sum(r.timings_ms.get("output_moderation", 0.0) for r in results)
     latencies = [] if published_s is None else [(a - p) * 1000 for a, p in zip(arrived, published_s, strict=True)]
+    hops: dict[str, list[float]] = {hop: [] for hop in HOPS}
+    if published_s is not None and forwarded is not None:
+        for request_id, result, sent_s in zip(request_ids, results, published_s, strict=True):
+            generate_ms, result_ms = forwarded.timestamps_ms.get(request_id), arrivals.timestamps_ms[request_id]
+            if generate_ms is None:  # refused by moderation: no generate event
+                continue
+            queue_ms = result.timings_ms.get("queue", 0.0)
+            spans = (generate_ms - sent_s * 1000, queue_ms, result_ms - generate_ms - queue_ms)
+            for hop, span in zip(HOPS, (*spans, arrivals.at_s[request_id] * 1000 - result_ms), strict=True):
+                hops[hop].append(span)
     return Phase(
         requests=len(request_ids),
         rate=rate if rate is not None else (len(request_ids) - 1) / wall_s,
@@ -220,6 +244,7 @@ def summarise(
         machine_busy=machine_busy,
         latencies_ms=latencies,
         statuses=statuses,
+        hops_ms=hops,
     )
 
 
@@ -325,6 +350,7 @@ def run_detector(
     ensure_topics(settings.kafka, settings.topics)
     codec = codec_from_settings(settings.kafka)
     watcher = ResultWatcher(settings)
+    forwarded = ResultWatcher(settings, settings.topics.generate)
     log_path = workdir / f"worker-{detector}{'-metrics' if metrics else ''}.log"
     port = free_port() if metrics else 0
     env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
@@ -354,10 +380,11 @@ def run_detector(
                 if not watcher.wait_for(ids, f"{detector}: latency", 60 + latency_s):
                     echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
                     return None
-                latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate)
+                latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate, forwarded.arrivals)
                 scraped = scrape_cost(worker.process.pid, port) if metrics else None
     finally:
         watcher.close()
+        forwarded.close()
         if scraper is not None:
             scraper.close()
             size = scraper.bytes / max(1, scraper.scrapes)
@@ -534,6 +561,17 @@ def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None])
             f"  {detector:<8} {phase.requests:>9} {phase.rate:>9,.0f} {quantile(lat, 0.5):>8.1f}"
             f" {quantile(lat, 0.99):>8.1f} {max(lat):>8.1f} {phase.detector_ms:>16.2f} {phase.worker_cpu_ms:>18.2f}"
             f" {phase.machine_busy:>11.0%}"
+        )
+    echo("where the latency goes at half the saturated rate, p50 / p99 ms (Kafka timestamps have 1 ms steps):")
+    echo("  detector " + "".join(f"{hop:>18}" for hop in HOPS))
+    for detector, _, phase in rows:
+        spans = (phase.hops_ms[hop] for hop in HOPS)
+        echo(
+            f"  {detector:<8} "
+            + "".join(
+                f"{f'{quantile(s, 0.5):.1f} / {quantile(s, 0.99):.1f}':>18}" if len(s) > 1 else f"{'-':>18}"
+                for s in spans
+            )
         )
     for detector, saturation, latency in rows:
         statuses = Counter(saturation.statuses) + Counter(latency.statuses)
