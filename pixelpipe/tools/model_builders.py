@@ -454,7 +454,9 @@ def _flux2_klein(size: Size, networks: _Networks) -> Flux2KleinPipeline:
         vae=networks.build(AutoencoderKLFlux2, **VAES["flux2-klein", size]),
         text_encoder=networks.build(Qwen3ForCausalLM, text_encoder),
         tokenizer=tokenizer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        # FLUX.2's schedule: the pipeline computes its shift (mu) from the image's token count and the steps, which
+        # the scheduler applies only with dynamic shifting on (else the shift stays 1: sigmas unshifted).
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
         is_distilled=True,
     )
 
