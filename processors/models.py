@@ -543,7 +543,7 @@ class LoadedModel:
 
 
 def unpack_klein_latents(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
-    """FLUX.2 klein's latents during denoising (rows x tokens x 4·channels: a 2x2 patch of batch-normed VAE latents
+    """FLUX.2 klein's latents during denoising (rows x tokens x 4 x channels: a 2x2 patch of batch-normed VAE latents
     per token) in images' layout, rows x channels x height/f x width/f, as ``Flux2KleinPipeline`` unpacks them before
     decoding: position ids scatter the tokens to their places, then each patch is spread back over 2x2 positions.
     The batch norm is not undone: the preview map reads the normalised latents, the space the transformer works in
