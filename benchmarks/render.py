@@ -5,8 +5,8 @@
     python benchmarks/render.py --family flux --compile full --json out/render.json
 
 The model is built from its family's config with random weights (``pixelpipe.tools.model_builders``): full size
-(SD-1.5, SDXL, FLUX.1-dev) directly on the GPU in bf16, or tiny on a CPU. Measured at batch 1 and 8, each over
-``--images`` images, after one untimed round:
+(SD-1.5, SDXL, FLUX.1-dev, FLUX.2 klein 4B) directly on the GPU in bf16, or tiny on a CPU. Measured at batch 1
+and 8, each over ``--images`` images, after one untimed round:
 
 - **raw diffusers**: the pipeline called as its documentation shows, one call per batch with a generator per
   image (the baseline, eager; with ``--compile`` also compiled);
@@ -57,7 +57,12 @@ from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, ful
 MODEL = "bench"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, dramatic light"
 # Per family at full size: the size and steps its checkpoints are usually run at.
-FULL_SIZE = {"stable-diffusion": (512, 20, 7.5), "stable-diffusion-xl": (1024, 20, 5.0), "flux": (1024, 28, 3.5)}
+FULL_SIZE = {
+    "stable-diffusion": (512, 20, 7.5),
+    "stable-diffusion-xl": (1024, 20, 5.0),
+    "flux": (1024, 28, 3.5),
+    "flux2-klein": (1024, 4, 1.0),  # the distilled 4B: four steps, no guidance
+}
 STAMP = ModerationStamp("render-benchmark")
 
 

@@ -71,10 +71,9 @@ FAMILIES: dict[str, type[DiffusionPipeline]] = {
 }
 KINDS = (*FAMILIES, "null")
 UNET_FAMILIES = ("stable-diffusion", "stable-diffusion-xl")  # the others have a transformer as denoiser
-# Families that pack 2x2 latent patches into one token: sizes in multiples of twice the VAE's factor. Flux's are
-# unpacked for previews; FLUX.2 klein's, packed with position ids, get none.
+# Families that pack 2x2 latent patches into one token: sizes in multiples of twice the VAE's factor. Both are
+# unpacked for previews (LoadedModel._unpack).
 PACKED_FAMILIES = ("flux", "flux2-klein")
-UNPREVIEWED_FAMILIES = ("flux2-klein",)
 # REFERENCE_FAMILIES (pixelpipe.core.families) edit by conditioning on reference images (a list, one for the whole
 # call: one call per request) rather than by noising a source: no mask, no strength, no negative prompt.
 MIN_REFERENCE_SIDE = 64  # pixels: FLUX.2's image processor refuses smaller images
@@ -472,12 +471,15 @@ class LoadedModel:
         )
 
     def _unpack(self, pipe: DiffusionPipeline, batch: _Batch) -> Unpack | None:
-        """How the step callback gets latents in images' layout: Flux's are packed, 2x2 patches per token."""
-        if self.entry.kind != "flux":
+        """How the step callback gets latents in images' layout: Flux's and klein's are packed, 2x2 patches per
+        token."""
+        if self.entry.kind == "flux":
+            unpack = pipe._unpack_latents
+        elif self.entry.kind == "flux2-klein":
+            unpack = unpack_klein_latents
+        else:
             return None
-        return functools.partial(
-            pipe._unpack_latents, height=batch.height, width=batch.width, vae_scale_factor=pipe.vae_scale_factor
-        )
+        return functools.partial(unpack, height=batch.height, width=batch.width, vae_scale_factor=pipe.vae_scale_factor)
 
     @property
     def schedulers(self) -> frozenset[str]:
@@ -531,17 +533,27 @@ class LoadedModel:
                 start = time.perf_counter()
                 for index, call in enumerate(calls):
                     # Previews of images in progress, when the stage asked for them (processors/previews.py).
-                    previews = (
-                        step_callback(0 if self.batched else index, self._unpack(pipe, batch))
-                        if self.entry.kind not in UNPREVIEWED_FAMILIES
-                        else {}
-                    )
+                    previews = step_callback(0 if self.batched else index, self._unpack(pipe, batch))
                     images += pipe(**call, **shared, **previews).images
                 _synchronize(self.device)
                 seconds = time.perf_counter() - start
             finally:
                 pipe.scheduler = configured
         return batch.output(images, seconds)
+
+
+def unpack_klein_latents(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """FLUX.2 klein's latents during denoising (rows x tokens x 4 x channels: a 2x2 patch of batch-normed VAE latents
+    per token) in images' layout, rows x channels x height/f x width/f, as ``Flux2KleinPipeline`` unpacks them before
+    decoding: position ids scatter the tokens to their places, then each patch is spread back over 2x2 positions.
+    The batch norm is not undone: the preview map reads the normalised latents, the space the transformer works in
+    (as Flux's map reads its scaled and shifted ones)."""
+    rows, side = latents.shape[0], vae_scale_factor * 2
+    # The ids the pipeline made for these latents (prepare_latents): only the patch grid's shape matters.
+    grid = torch.empty(rows, 0, height // side, width // side, device="meta")
+    ids = Flux2KleinPipeline._prepare_latent_ids(grid).to(latents.device)
+    patches = Flux2KleinPipeline._unpack_latents_with_ids(latents, ids, height // side, width // side)
+    return Flux2KleinPipeline._unpatchify_latents(patches)
 
 
 @dataclass

@@ -4,7 +4,8 @@ A request asks for up to ``MAX_PARTIAL_IMAGES`` previews in a Kafka header (``PA
 moderation passes on with it. While its batch renders, the render stage installs a hook for the model call on its
 thread (``previewing``); diffusers calls it after each denoising step (``callback_on_step_end``), and at evenly
 spaced steps the hook projects the request's latents to RGB with a fixed linear map per family (no VAE: about a
-millisecond for a 64x64 latent; Flux's latents, packed into 2x2 patches, are unpacked first), and the preview,
+millisecond for a 64x64 latent; Flux's and FLUX.2 klein's latents, packed into 2x2 patches, are unpacked first),
+and the preview,
 as a small JPEG, goes to the request's reply topic, keyed by request id, with its index in ``PREVIEW_HEADER``.
 Previews are best effort. Each first passes the output image check the completed image passes (the stage's
 ``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the request's later ones.
@@ -32,7 +33,7 @@ from pixelpipe.processors.telemetry import TELEMETRY
 log = logging.getLogger(__name__)
 # (step, steps of the call, first batch row of the call, latents after the step: rows x channels x h x w)
 PreviewHook = Callable[[int, int, int, torch.Tensor], None]
-# A pipeline's latents in its own layout (Flux: rows x tokens x packed channels) to rows x channels x h x w
+# A pipeline's latents in its own layout (Flux, klein: rows x tokens x packed channels) to rows x channels x h x w
 Unpack = Callable[[torch.Tensor], torch.Tensor]
 # (reply topic, key, value, headers): sends without waiting
 PreviewSink = Callable[[str, bytes, bytes, Mapping[str, bytes]], None]
@@ -51,9 +52,28 @@ FLUX_LATENT_RGB = (
     (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
 )  # fmt: skip
 FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
-# A linear map per latent channel count: (channels x RGB weights, RGB bias). The tiny Flux model's VAE has four
-# channels and gets SD's map (random weights: any map shows them as well).
-LATENT_RGB_MAPS = {4: (LATENT_RGB, (0.0, 0.0, 0.0)), 16: (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS)}
+# FLUX.2's thirty-two channels (klein's VAE is FLUX.2's) to RGB, plus a bias: the same kind of fit of what the real
+# VAE decodes (ComfyUI's Flux2 latent_rgb_factors, whose bias is FLUX.1's). It reads the batch-normed latents the
+# transformer works in, each token's 128 channels spread back over its 2x2 patch (unpack_klein_latents in
+# processors/models.py), as ComfyUI's previewer does; undoing the batch norm first would put them off this map.
+KLEIN_LATENT_RGB = (
+    (0.0058, 0.0113, 0.0073), (0.0495, 0.0443, 0.0836), (-0.0099, 0.0096, 0.0644), (0.2144, 0.3009, 0.3652),
+    (0.0166, -0.0039, -0.0054), (0.0157, 0.0103, -0.0160), (-0.0398, 0.0902, -0.0235), (-0.0052, 0.0095, 0.0109),
+    (-0.3527, -0.2712, -0.1666), (-0.0301, -0.0356, -0.0180), (-0.0107, 0.0078, 0.0013), (0.0746, 0.0090, -0.0941),
+    (0.0156, 0.0169, 0.0070), (-0.0034, -0.0040, -0.0114), (0.0032, 0.0181, 0.0080), (-0.0939, -0.0008, 0.0186),
+    (0.0018, 0.0043, 0.0104), (0.0284, 0.0056, -0.0127), (-0.0024, -0.0022, -0.0030), (0.1207, -0.0026, 0.0065),
+    (0.0128, 0.0101, 0.0142), (0.0137, -0.0072, -0.0007), (0.0095, 0.0092, -0.0059), (0.0000, -0.0077, -0.0049),
+    (-0.0465, -0.0204, -0.0312), (0.0095, 0.0012, -0.0066), (0.0290, -0.0034, 0.0025), (0.0220, 0.0169, -0.0048),
+    (-0.0332, -0.0457, -0.0468), (-0.0085, 0.0389, 0.0609), (-0.0076, 0.0003, -0.0043), (-0.0111, -0.0460, -0.0614),
+)  # fmt: skip
+KLEIN_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+# A linear map per latent channel count: (channels x RGB weights, RGB bias). The tiny Flux and klein models' VAEs
+# have four channels and get SD's map (random weights: any map shows them as well).
+LATENT_RGB_MAPS = {
+    4: (LATENT_RGB, (0.0, 0.0, 0.0)),
+    16: (FLUX_LATENT_RGB, FLUX_LATENT_RGB_BIAS),
+    32: (KLEIN_LATENT_RGB, KLEIN_LATENT_RGB_BIAS),
+}
 PREVIEW_JPEG_QUALITY = 80
 _hooks = threading.local()
 

@@ -3,8 +3,8 @@
 No model hub is needed. Tiny pipelines (a few megabytes, built in about a second on a CPU) let tests, the embedded
 demo and CI run the real diffusers code paths (text-to-image, image-to-image, inpainting, edits from several
 reference images); their images are noise, not pictures, and only the plumbing is real. Full-size pipelines have the
-real architectures (SD-1.5, SDXL, FLUX.1-dev) with random weights, for benchmarks on a GPU: ``full_size_pipeline``
-builds them on the device in the target dtype, in seconds (FLUX.2 klein is built tiny only). Tokenizers are written
+real architectures (SD-1.5, SDXL, FLUX.1-dev, FLUX.2 klein 4B) with random weights, for benchmarks on a GPU:
+``full_size_pipeline`` builds them on the device in the target dtype, in seconds. Tokenizers are written
 locally: a byte-level CLIP vocabulary, a character-level T5 (Unigram) vocabulary and a byte-level Qwen vocabulary
 with its chat template, so every prompt tokenizes without downloading anything.
 """
@@ -70,7 +70,7 @@ DEFAULT_GUIDANCE: dict[Family, float] = {
     "flux2-klein": 1.0,
 }
 
-# -- component configs: tiny (tests, demo) and full size (SD-1.5, SDXL base, FLUX.1-dev) ------------------------
+# -- component configs: tiny (tests, demo) and full size (SD-1.5, SDXL base, FLUX.1-dev, FLUX.2 klein 4B) -------
 _TINY_VAE: dict[str, Any] = {
     "sample_size": 64,
     "block_out_channels": (32, 64),
@@ -99,6 +99,20 @@ VAES: dict[tuple[Family, Size], dict[str, Any]] = {
     ("flux", "full"): _SD_VAE
     | _FLUX_VAE_EXTRA
     | {"sample_size": 1024, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    # AutoencoderKLFlux2: FLUX.2's VAE (dev's and klein's alike) has SD's blocks, quant convolutions and 32 latent
+    # channels, batch-normed (running statistics in the VAE) and patchified 2x2 by the pipeline.
+    ("flux2-klein", "tiny"): {
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+    ("flux2-klein", "full"): _SD_VAE | {"sample_size": 1024, "latent_channels": 32},
 }
 
 _TINY_CLIP: dict[str, Any] = {
@@ -189,37 +203,52 @@ FLUX_TRANSFORMERS: dict[Size, dict[str, Any]] = {
 }
 
 # FLUX.2 klein: a transformer on 2x2-patchified latents of a VAE with batch-normed latents, conditioned on three
-# hidden layers of a Qwen3 text encoder (the pipeline reads layers 9, 18 and 27, so the tiny encoder has 27).
-TINY_KLEIN_VAE: dict[str, Any] = {
-    "block_out_channels": (16, 32),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
+# hidden layers of a Qwen3 text encoder (the pipeline reads layers 9, 18 and 27, so the tiny encoder has 27). Full
+# size is klein 4B: Qwen3-4B (tied embeddings: 4.02 B parameters) and a 3.88 B-parameter transformer.
+QWEN3_TEXT: dict[Size, dict[str, Any]] = {
+    "tiny": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 512,
+    },
+    "full": {
+        "vocab_size": 151936,
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "tie_word_embeddings": True,
+    },
 }
-TINY_QWEN3: dict[str, Any] = {
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 512,
-}
-TINY_KLEIN_TRANSFORMER: dict[str, Any] = {
-    "in_channels": 4 * TINY_KLEIN_VAE["latent_channels"],  # one 2x2 patch of latents per token
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 3 * TINY_QWEN3["hidden_size"],  # the three text-encoder layers, side by side
-    "timestep_guidance_channels": 32,
-    "axes_dims_rope": (4, 4, 4, 4),  # sums to attention_head_dim
-    "guidance_embeds": False,
+KLEIN_TRANSFORMERS: dict[Size, dict[str, Any]] = {
+    "tiny": {
+        "in_channels": 4 * VAES["flux2-klein", "tiny"]["latent_channels"],  # one 2x2 patch of latents per token
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 3 * QWEN3_TEXT["tiny"]["hidden_size"],  # the three text-encoder layers, side by side
+        "timestep_guidance_channels": 32,
+        "axes_dims_rope": (4, 4, 4, 4),  # sums to attention_head_dim
+        "guidance_embeds": False,
+    },
+    # Flux2Transformer2DModel's defaults are FLUX.2-dev's (128 channels in, heads of 128, RoPE on four axes of 32);
+    # klein 4B has fewer and narrower blocks and no guidance embedding (its distilled checkpoint runs without).
+    "full": {
+        "num_layers": 5,
+        "num_single_layers": 20,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 3 * QWEN3_TEXT["full"]["hidden_size"],
+        "guidance_embeds": False,
+    },
 }
 
 # -- tokenizers -------------------------------------------------------------------------------------------------
@@ -417,16 +446,17 @@ def _flux(size: Size, networks: _Networks) -> FluxPipeline:
 
 
 def _flux2_klein(size: Size, networks: _Networks) -> Flux2KleinPipeline:
-    if size != "tiny":
-        raise ValueError("flux2-klein is built tiny only; load a real FLUX.2 klein checkpoint for full size")
     tokenizer = qwen_tokenizer()
-    text_encoder = Qwen3Config(**TINY_QWEN3, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    dims = {"vocab_size": len(tokenizer)} | QWEN3_TEXT[size]  # full size: Qwen's own vocabulary (embedding rows)
+    text_encoder = Qwen3Config(**dims, pad_token_id=tokenizer.pad_token_id)
     return Flux2KleinPipeline(
-        transformer=networks.build(Flux2Transformer2DModel, **TINY_KLEIN_TRANSFORMER),
-        vae=networks.build(AutoencoderKLFlux2, **TINY_KLEIN_VAE),
+        transformer=networks.build(Flux2Transformer2DModel, **KLEIN_TRANSFORMERS[size]),
+        vae=networks.build(AutoencoderKLFlux2, **VAES["flux2-klein", size]),
         text_encoder=networks.build(Qwen3ForCausalLM, text_encoder),
         tokenizer=tokenizer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        # FLUX.2's schedule: the pipeline computes its shift (mu) from the image's token count and the steps, which
+        # the scheduler applies only with dynamic shifting on (else the shift stays 1: sigmas unshifted).
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
         is_distilled=True,
     )
 

@@ -456,6 +456,12 @@ def test_full_size_builders_have_the_real_architectures():
     assert (millions(sdxl.unet), millions(sdxl.text_encoder_2)) == (2567.5, 694.7)
     flux = full_size_pipeline("flux", "meta")
     assert (millions(flux.transformer), millions(flux.text_encoder_2)) == (11901.4, 4762.3)
+    # FLUX.2 klein 4B: the published checkpoint's counts, to the parameter (transformer 3,875,544,576; Qwen3-4B
+    # 4,022,468,096 with its embeddings tied to its head; the VAE 84,046,115 besides its batch norm's statistics).
+    klein = full_size_pipeline("flux2-klein", "meta")
+    counts = [sum(p.numel() for p in m.parameters()) for m in (klein.transformer, klein.text_encoder, klein.vae)]
+    assert counts == [3_875_544_576, 4_022_468_096, 84_046_115]
+    assert klein.transformer.dtype == torch.bfloat16 and klein.vae.config.latent_channels == 32
     with pytest.raises(ValueError, match="unknown family 'gan'"):
         build_pipeline("gan")  # type: ignore[arg-type]
 

@@ -1,5 +1,5 @@
 """Previews of images in progress: which steps, which rows, what is sent, what output moderation withholds, what
-moderation passes on, and Flux's packed latents."""
+moderation passes on, and the packed latents of Flux and FLUX.2 klein."""
 
 import io
 import threading
@@ -8,13 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from diffusers import Flux2KleinPipeline
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, PREVIEW_HEADER
-from pixelpipe.processors.models import DiffusionModels
+from pixelpipe.processors.models import DiffusionModels, unpack_klein_latents
 from pixelpipe.processors.moderation import IMAGE_DETECTORS, ImageModerator
 from pixelpipe.processors.previews import (
     hook_for,
@@ -134,10 +135,14 @@ def test_a_latent_preview_is_an_rgb_image_of_the_output_size():
     assert latent_preview(torch.randn(8, 8, 8), 16, 16).mode == "RGB"  # no map for 8 channels: still an image
 
 
-def test_sixteen_channels_go_through_fluxs_map_with_its_bias():
-    # A zero latent is the map's bias: mid-grey for SD's (no bias), Flux's bias colour for 16 channels.
+def test_sixteen_and_thirty_two_channels_go_through_fluxs_and_kleins_maps_with_their_bias():
+    # A zero latent is the map's bias: mid-grey for SD's (no bias), the bias colour FLUX.1 and FLUX.2 share for 16
+    # and 32 channels.
     assert latent_preview(torch.zeros(4, 2, 2), 2, 2).getpixel((0, 0)) == (127, 127, 127)
     assert latent_preview(torch.zeros(16, 2, 2), 2, 2).getpixel((0, 0)) == (123, 118, 116)
+    assert latent_preview(torch.zeros(32, 2, 2), 2, 2).getpixel((0, 0)) == (123, 118, 116)
+    # FLUX.2's fourth channel is its brightest: (0.2144, 0.3009, 0.3652) plus the bias.
+    assert latent_preview(torch.eye(32)[3][:, None, None].expand(32, 2, 2), 2, 2).getpixel((0, 0)) == (150, 156, 163)
 
 
 # -- output moderation of previews ----------------------------------------------------------------------------
@@ -188,14 +193,33 @@ def test_the_render_stage_checks_previews_with_its_own_image_moderator(tmp_path,
         assert sent.indices == expected
 
 
-# -- Flux: packed latents ---------------------------------------------------------------------------------------
+# -- Flux and FLUX.2 klein: packed latents ---------------------------------------------------------------------
+def test_kleins_tokens_unpack_to_the_latents_they_were_packed_from():
+    # klein 4B's layout for a 512x384 image: 32 VAE channels at 1/8 size, packed as prepare_latents packs them
+    # (2x2 patches of 128 channels, one token per patch, in rows).
+    latents = torch.randn(2, 32, 48, 64)
+    tokens = Flux2KleinPipeline._pack_latents(Flux2KleinPipeline._patchify_latents(latents))
+    assert tokens.shape == (2, 24 * 32, 128)
+    assert torch.equal(unpack_klein_latents(tokens, height=384, width=512, vae_scale_factor=8), latents)
+
+
 @pytest.fixture(scope="module")
-def flux_models(tmp_path_factory) -> DiffusionModels:
-    return DiffusionModels.from_file(build_tiny_models(tmp_path_factory.mktemp("flux"), ("flux",)))
+def packed_models(tmp_path_factory) -> DiffusionModels:
+    """The tiny models of the families whose latents are packed into tokens: Flux and FLUX.2 klein."""
+    return DiffusionModels.from_file(build_tiny_models(tmp_path_factory.mktemp("packed"), ("flux", "flux2-klein")))
 
 
-@pytest.mark.parametrize("task", ["generate", "image2image", "inpaint"])
-def test_flux_previews_come_from_its_unpacked_latents(flux_models, monkeypatch, task):
+@pytest.mark.parametrize(
+    ("model", "task"),
+    [
+        ("tiny-flux", "generate"),
+        ("tiny-flux", "image2image"),
+        ("tiny-flux", "inpaint"),
+        ("tiny-flux2-klein", "generate"),
+        ("tiny-flux2-klein", "references"),
+    ],
+)
+def test_packed_families_previews_come_from_their_unpacked_latents(packed_models, model, task):
     seen: list[tuple[int, ...]] = []
     sent = Recorder()
     hook = hook_for([("f", REPLIES, 1, {PARTIAL_IMAGES_HEADER: b"2"})], 64, 48, sent, ALLOW_ALL, PREVIEW_THREAD)
@@ -204,16 +228,19 @@ def test_flux_previews_come_from_its_unpacked_latents(flux_models, monkeypatch, 
         seen.append(tuple(latents.shape))
         hook(step, steps, row, latents)
 
-    source = Image.new("RGB", (64, 48), "red")
+    source, call = Image.new("RGB", (64, 48), "red"), {"width": 64, "height": 48, "steps": 6, "seeds": [1]}
     with previewing(recording):
         if task == "generate":
-            flux_models.generate("tiny-flux", ["a fox"], width=64, height=48, steps=6, seeds=[1])
+            packed_models.generate(model, ["a fox"], **call)
+        elif task == "references":  # klein conditions on its source and references: no mask, no strength
+            source, references = Image.new("RGB", (80, 64), "red"), [[Image.new("RGB", (64, 64), "blue")]]
+            packed_models.edit(model, ["a fox"], [source], strength=None, references=references, **call)
         else:
             masks = [Image.new("L", (64, 48), 255)] if task == "inpaint" else None
-            flux_models.edit("tiny-flux", ["a fox"], [source], masks=masks, width=64, height=48, steps=6, seeds=[1])
+            packed_models.edit(model, ["a fox"], [source], masks=masks, **call)
     hook.wait()
-    scale = flux_models.load("tiny-flux").text2image.vae_scale_factor
-    channels = flux_models.load("tiny-flux").text2image.vae.config.latent_channels
+    pipe = packed_models.load(model).text2image
+    scale, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
     assert seen and set(seen) == {(1, channels, 48 // scale, 64 // scale)}  # images' layout, not tokens
     assert sent.indices == [b"0", b"1"]
     assert all(Image.open(io.BytesIO(jpeg)).size == (64, 48) for _, _, jpeg, _ in sent.sent)
