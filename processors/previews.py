@@ -66,7 +66,7 @@ KLEIN_LATENT_RGB = (
     (-0.0465, -0.0204, -0.0312), (0.0095, 0.0012, -0.0066), (0.0290, -0.0034, 0.0025), (0.0220, 0.0169, -0.0048),
     (-0.0332, -0.0457, -0.0468), (-0.0085, 0.0389, 0.0609), (-0.0076, 0.0003, -0.0043), (-0.0111, -0.0460, -0.0614),
 )  # fmt: skip
-KLEIN_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
+KLEIN_LATENT_RGB_BIAS = FLUX_LATENT_RGB_BIAS  # ComfyUI fitted FLUX.2 with FLUX.1's bias
 # A linear map per latent channel count: (channels x RGB weights, RGB bias). The tiny Flux and klein models' VAEs
 # have four channels and get SD's map (random weights: any map shows them as well).
 LATENT_RGB_MAPS = {
