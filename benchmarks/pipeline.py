@@ -43,14 +43,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 from tqdm import tqdm
 
 from pixelpipe.core.codec import Codec, codec_from_settings
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.settings import Settings, section_from_env
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.core.topics import assign_from_start, ensure_topics
 from pixelpipe.producers import Publisher, new_request
 from pixelpipe.tools.processes import WorkerProcess
 from pixelpipe.tools.stack import StackSettings, free_port, stack_unless_kafka_answers
@@ -84,12 +84,7 @@ class ResultWatcher:
             | {"group.id": f"bench-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False, "fetch.wait.max.ms": 5}
         )
         topic = topic or settings.topics.results
-        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        deadline = time.monotonic() + 10
-        while not partitions and time.monotonic() < deadline:  # a topic just made may not be in the metadata yet
-            time.sleep(0.1)
-            partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        assign_from_start(self._consumer, topic)
         self.arrivals = Arrivals({}, {}, {})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="results", daemon=True)

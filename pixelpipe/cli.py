@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -182,6 +183,13 @@ def worker_command(stages: str) -> None:
     settings = load_settings()
     try:
         run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
+    except SystemExit as stopped:
+        # Faust has stopped the agents, committed their offsets and closed its clients: exit now. The interpreter's
+        # teardown (the model libraries' thread pools and tensors) and mode's shutdown sleeps add seconds per stop.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None))
     except ModelError as e:  # a registry or model that cannot load: found before joining the group
         raise click.ClickException(str(e)) from e
     except ValueError as e:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pixelpipe.core.codec import CodecError, codec_from_settings
 from pixelpipe.core.events import Event
 from pixelpipe.core.settings import KafkaSettings
+from pixelpipe.core.topics import assign_from_start
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
@@ -48,10 +49,9 @@ def collect(
     expected = dict(request_ids) if isinstance(request_ids, Mapping) else dict.fromkeys(request_ids, 1)
     wanted = set(expected)
     consumer = Consumer(
-        kafka.client_config()
-        | {"group.id": f"pixelpipe-reader-{uuid.uuid4()}", "auto.offset.reset": "earliest", "enable.auto.commit": False}
+        kafka.client_config() | {"group.id": f"pixelpipe-reader-{uuid.uuid4()}", "enable.auto.commit": False}
     )
-    consumer.subscribe([topic])
+    assign_from_start(consumer, topic, wait_s=timeout_s)
     codec = codec_from_settings(kafka)
     collected: Collected[E] = Collected()
     done: set[str] = set()

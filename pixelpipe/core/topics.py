@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from confluent_kafka import KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -55,6 +55,20 @@ def ensure_topics(
             if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:
                 raise
     return missing
+
+
+def assign_from_start(consumer: Consumer, topic: str, wait_s: float = 10.0) -> None:
+    """Assign every partition of ``topic`` to ``consumer`` from its first offset, without joining a group (a group
+    join costs the broker's rebalance delay, seconds per reader). A topic not made yet is waited for ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        if partitions or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not partitions:
+        raise TimeoutError(f"topic {topic} has no partitions after {wait_s:.0f} s")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
 
 # What each role may do, and nothing more: publishers only write requests; moderation reads them and writes the
