@@ -2,14 +2,16 @@
 the reply topic, and make a retry with the same idempotency key return the same result rather than render again.
 
 Idempotency. A call with an ``Idempotency-Key`` header gets a request id derived from (key id, idempotency key);
-before publishing, the gateway writes a receipt (``gateway/receipts/<request id>.json``: when, and a fingerprint
-of the parameters) to the object store, which every instance shares. A call whose receipt exists publishes
-nothing new: it looks for the result on the results topic from the receipt's time on (keyed by request id, so a
-scan by key; ClickHouse holds the same rows); failing that, for the request on the requests topic (a gateway that
-stopped between the receipt and the publish never sent it: then it is published now, once); and otherwise waits
-for the result on the results topic until the deadline. Within one instance, concurrent calls with the same key
-share one wait. The window is the topics' retention: after it, a retry finds its receipt but neither event and
-renders again.
+before publishing, the gateway creates a receipt (``gateway/receipts/<request id>.json``: when, and a fingerprint of
+the parameters) in the object store, which every instance shares, only if none exists: the store's atomic
+conditional create (a conditional PUT on S3, a hard link on a filesystem) is the lock, so of calls racing on several
+instances exactly one publishes. A store that ignores the condition (s3proxy) is reported at start; there the lock
+holds within one instance only. A call whose receipt exists publishes nothing new: it looks for the result on the
+results topic from the receipt's time on (keyed by request id, so a scan by key; ClickHouse holds the same rows);
+failing that, for the request on the requests topic (a gateway that stopped between the receipt and the publish
+never sent it: then it is published now, once); and otherwise waits for the result on the results topic until the
+deadline. Within one instance, concurrent calls with the same key share one wait. The window is the topics'
+retention: after it, a retry finds its receipt but neither event and renders again.
 """
 
 from __future__ import annotations
@@ -138,41 +140,43 @@ class LagMonitor:
 
 
 class GroupCommit:
-    """Receipts made durable together: the receipts of calls that arrive while a write is in progress go in the
-    next write, one ``put_many``, so a file:// store syncs its filesystem once for all of them rather than once per
+    """Receipts created together: the receipts of calls that arrive while a create is in progress go in the next
+    one, one ``create_many``, so a file:// store syncs its filesystem once for all of them rather than once per
     call (a sync flushes every file written since, the workers' images too, and took most of an idempotent call's
-    time under load). Each call still waits until its receipt is durable. A store whose ``put_many`` writes one by
-    one (S3) gains nothing from a batch and would serialise the writes, so each receipt is written alone there."""
+    time under load). Each call still waits until its receipt is durable. A store whose ``create_many`` creates one
+    by one (S3) gains nothing from a batch and would serialise the writes, so each receipt is created alone there."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.batches = type(store).put_many is not ObjectStore.put_many
-        self._queued: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self.batches = type(store).create_many is not ObjectStore.create_many
+        self._queued: list[tuple[str, bytes, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def create(self, key: str, data: bytes) -> bool:
+        """True when this call created the receipt, False when one existed."""
         if not self.batches:
-            await asyncio.to_thread(self.store.put, key, data, "application/json")
-            return
-        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append((key, data, written))
+            return await asyncio.to_thread(self.store.create, key, data, "application/json")
+        created: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queued.append((key, data, created))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._drain())
-        await written
+        return await created
 
     async def _drain(self) -> None:
         while self._queued:
             batch, self._queued = self._queued, []
             try:
-                await asyncio.to_thread(self.store.put_many, [(k, d, "application/json") for k, d, _ in batch])
+                outcomes = await asyncio.to_thread(
+                    self.store.create_many, [(k, d, "application/json") for k, d, _ in batch]
+                )
             except Exception as e:
-                for _, _, written in batch:
-                    if not written.done():
-                        written.set_exception(e)
+                for _, _, created in batch:
+                    if not created.done():
+                        created.set_exception(e)
             else:
-                for _, _, written in batch:
-                    if not written.done():
-                        written.set_result(None)
+                for (_, _, created), outcome in zip(batch, outcomes, strict=True):
+                    if not created.done():
+                        created.set_result(outcome)
 
 
 class Pipeline:
@@ -196,6 +200,12 @@ class Pipeline:
         kafka, topics = self.settings.kafka, self.settings.topics
         ensure_topics(kafka, topics, [topics.requests, topics.results])
         ensure_topics(kafka, topics, [self.reply_topic], partitions=1)
+        if not self.store.creates_exclusively():
+            log.warning(
+                "the object store ignores conditional writes: a retry racing its original call on another gateway "
+                "instance may publish twice",
+                extra={"store": self.store.root_uri},
+            )
         self.publisher = Publisher(self.settings)
         self.listener.start(loop)
 
@@ -232,7 +242,10 @@ class Pipeline:
     async def _run(self, submission: Submission) -> ImageResult:
         rid = submission.request_id
         if submission.idempotent:
+            # Read first, so a sequential retry is caught even where the store ignores conditional creates.
             receipt = await asyncio.to_thread(self._read_receipt, rid)
+            if receipt is None and not await self.receipts.create(self._receipt_key(rid), self._receipt(submission)):
+                receipt = await asyncio.to_thread(self._read_receipt, rid)  # a racing call on another instance won
             if receipt is not None:
                 if receipt.get("fingerprint") != submission.fingerprint:
                     raise ApiError(
@@ -242,7 +255,6 @@ class Pipeline:
                         code="idempotency_key_reused",
                     )
                 return await self._recover(submission, int(receipt["created_ms"]))
-            await self.receipts.write(self._receipt_key(rid), self._receipt(submission))
         return await self._publish_and_wait(submission)
 
     async def _publish_and_wait(self, submission: Submission) -> ImageResult:
@@ -329,21 +341,33 @@ class Pipeline:
         found = await asyncio.to_thread(find_event, kafka, self.codec, topics.results, rid, since, None)
         if found is not None:
             return self._decode(found)
-        published = await asyncio.to_thread(find_event, kafka, self.codec, topics.requests, rid, since, None)
+        # The receipt's maker may be publishing right now (a call racing on another instance): its request is
+        # awaited until that publish would have timed out. Only a request missing past then is published here.
+        publishing_s = created_ms / 1000 + PUBLISH_TIMEOUT_S - time.time()
+        published = await self._tail(
+            topics.requests, rid, since, time.monotonic() + publishing_s if publishing_s > 0 else None
+        )
         if published is None:
             log.info("receipt without request: publishing", extra={"request_id": rid})
             return await self._publish_and_wait(submission)
         request = self.codec.decode_as(ImageRequest, published)
         deadline = request.deadline or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.timeout_s)
         until = time.monotonic() + max(0.1, (deadline - dt.datetime.now(dt.UTC)).total_seconds() + RESULT_GRACE_S)
-        stop = threading.Event()
-        try:
-            found = await asyncio.to_thread(find_event, kafka, self.codec, topics.results, rid, since, until, stop)
-        finally:
-            stop.set()
+        found = await self._tail(topics.results, rid, since, until)
         if found is None:
             raise deadline_error(self.timeout_s)
         return self._decode(found)
+
+    async def _tail(self, topic: str, request_id: str, since_ms: int, until_monotonic: float | None) -> bytes | None:
+        """``find_event`` in a thread (to the topic's end when ``until_monotonic`` is None), told to stop should the
+        call be cancelled."""
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                find_event, self.settings.kafka, self.codec, topic, request_id, since_ms, until_monotonic, stop
+            )
+        finally:
+            stop.set()
 
     def _decode(self, value: bytes) -> ImageResult:
         try:

@@ -17,6 +17,8 @@ import json
 import os
 import re
 import threading
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ _BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_KEY_CHARS = 900  # S3 allows 1024 bytes; leave room for the configured prefix
 DEFAULT_MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # the SigV4 limit
+CONFLICT_RETRIES = 5  # of a conditional PUT that met another in progress (HTTP 409)
 NewObject = tuple[str, bytes, str]  # key, data, content type
 # Linux's syncfs (one filesystem, unlike sync); Python has no binding for it.
 _SYNCFS = getattr(ctypes.CDLL(None), "syncfs", None)
@@ -118,6 +121,22 @@ class ObjectStore(ABC):
         """Store each ``(key, data, content_type)``; every one is durable when this returns. One by one here; a
         store that can make many durable at once for less overrides it."""
         return [self.put(key, data, content_type) for key, data, content_type in objects]
+
+    @abstractmethod
+    def create(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store ``data`` under ``key`` only where no object is yet: True when this call made it (durable), False
+        when one was there. Atomic: of writers racing for a key, one wins, as long as the store honours the
+        condition (``creates_exclusively`` checks)."""
+
+    def create_many(self, objects: Sequence[NewObject]) -> list[bool]:
+        """``create`` for each ``(key, data, content_type)``: one by one here, like ``put_many``."""
+        return [self.create(key, data, content_type) for key, data, content_type in objects]
+
+    def creates_exclusively(self) -> bool:
+        """Whether ``create`` refuses a key that exists: some S3 servers (s3proxy 2.7) ignore the condition and
+        replace the object. Leaves a small probe object under ``probes/``."""
+        probe = f"probes/{uuid.uuid4().hex}"
+        return self.create(probe, b"first", "text/plain") and not self.create(probe, b"second", "text/plain")
 
     @abstractmethod
     def get(self, uri: str, max_bytes: int | None = None) -> bytes:
@@ -208,15 +227,36 @@ class FileObjectStore(ObjectStore):
         stored = []
         for key, data, content_type in objects:
             path = os.path.join(self._root, validate_key(key))
-            digest = _sha256(data)
-            meta = json.dumps({"content_type": content_type, "sha256": digest}).encode()
             # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
             _replace(path, data)
-            _replace(_sidecar_path(path), meta)
+            _replace(_sidecar_path(path), _sidecar(data, content_type))
             # Keys hold only URI-safe characters, so the URI is the root's with the key appended.
-            stored.append(StoredObject(uri=f"{self._root_uri}/{key}", sha256=digest, bytes=len(data)))
+            stored.append(StoredObject(uri=f"{self._root_uri}/{key}", sha256=_sha256(data), bytes=len(data)))
         _sync_filesystem(self._root)
         return stored
+
+    def create(self, key: str, data: bytes, content_type: str) -> bool:
+        return self.create_many([(key, data, content_type)])[0]
+
+    def create_many(self, objects: Sequence[NewObject]) -> list[bool]:
+        """Each object is written to a temporary file and hard-linked into place: a link fails where the name
+        exists, atomically, so one racing writer wins and every reader sees a whole file. One sync for the lot."""
+        created = []
+        for key, data, content_type in objects:
+            path = os.path.join(self._root, validate_key(key))
+            temporary = _write_temporary(path, data)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                created.append(False)
+                continue
+            finally:
+                os.unlink(temporary)
+            _replace(_sidecar_path(path), _sidecar(data, content_type))
+            created.append(True)
+        if any(created):
+            _sync_filesystem(self._root)
+        return created
 
     def get(self, uri: str, max_bytes: int | None = None) -> bytes:
         path, _ = self._paths(uri)
@@ -249,10 +289,26 @@ def _sidecar_path(path: str) -> str:
     return os.path.join(folder, f".{name}.meta.json")
 
 
+def _sidecar(data: bytes, content_type: str) -> bytes:
+    return json.dumps({"content_type": content_type, "sha256": _sha256(data)}).encode()
+
+
 def _replace(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` (creating its folder when missing), then rename it over
-    ``path``. Not flushed to disk: ``_sync_filesystem`` does that for a whole batch. The temporary name is this
-    process's and thread's, so no other writer can hold it (one left by a crashed process is overwritten)."""
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``. Not flushed to disk:
+    ``_sync_filesystem`` does that for a whole batch."""
+    temporary = _write_temporary(path, data)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _write_temporary(path: str, data: bytes) -> str:
+    """A temporary file beside ``path`` (its folder made when missing) holding ``data``; returns its path. The
+    name is this process's and thread's, so no other writer can hold it (one left by a crashed process is
+    overwritten)."""
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -268,11 +324,11 @@ def _replace(path: str, data: bytes) -> None:
                 unwritten = unwritten[os.write(fd, unwritten) :]
         finally:
             os.close(fd)
-        os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    return temporary
 
 
 def _sync_filesystem(folder: str) -> None:
@@ -349,6 +405,30 @@ class S3ObjectStore(ObjectStore):
             Config=self.transfer_config,
         )
         return StoredObject(uri=f"s3://{self.bucket}/{object_key}", sha256=digest, bytes=len(data))
+
+    def create(self, key: str, data: bytes, content_type: str) -> bool:
+        """A conditional PUT (``If-None-Match: *``), one request, so for small objects (up to S3's 5 GB)."""
+        conflicts = 0
+        while True:
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._object_key(key),
+                    Body=data,
+                    ContentType=content_type,
+                    Metadata={"sha256": _sha256(data)},
+                    IfNoneMatch="*",
+                )
+                return True
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code == "PreconditionFailed":
+                    return False
+                # Another conditional write to the key is in progress: S3 asks for a retry.
+                conflicts += 1
+                if code != "ConditionalRequestConflict" or conflicts == CONFLICT_RETRIES:
+                    raise
+                time.sleep(0.05 * conflicts)
 
     def _full_key(self, uri: str) -> str:
         return self._object_key(self.key_of(uri))

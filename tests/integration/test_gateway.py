@@ -6,6 +6,7 @@ import time
 import urllib.request
 import uuid
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -194,11 +195,23 @@ def test_a_wrong_key_is_refused(deployment):
 
 
 def test_a_rate_limited_key_gets_429_and_a_retry_succeeds(deployment):
+    from concurrent.futures import ThreadPoolExecutor
+
     slow = openai.OpenAI(base_url=deployment["gateway"].url, api_key=deployment["slow_key"], max_retries=0)
-    slow.images.generate(model="tiny-sd", prompt="one", size="64x64")
-    with pytest.raises(openai.RateLimitError) as e:
-        slow.images.generate(model="tiny-sd", prompt="two", size="64x64")
-    retry_after = float(e.value.response.headers["retry-after"])
+
+    def call(prompt: str) -> object:
+        try:
+            return slow.images.generate(model="tiny-sd", prompt=prompt, size="64x64")
+        except openai.RateLimitError as e:
+            return e
+
+    # Two calls at once against a burst of 1: sent one after the other, a render slower than the bucket's 2 s
+    # refill (a loaded machine) would let the second through.
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(call, ["one", "two"]))
+    refused = [a for a in answers if isinstance(a, openai.RateLimitError)]
+    assert len(refused) == 1, answers
+    retry_after = float(refused[0].response.headers["retry-after"])
     assert 0 < retry_after <= 2
     time.sleep(retry_after)
     assert len(slow.images.generate(model="tiny-sd", prompt="two", size="64x64").data) == 1
@@ -336,3 +349,47 @@ def test_a_stalled_pipeline_answers_504_at_the_deadline_then_503_past_the_backlo
     assert refused.status_code == 503 and refused.code == "overloaded"
     assert refused.response.json()["error"]["type"] == "server_error"
     assert int(refused.response.headers["retry-after"]) > 0
+
+
+def test_a_key_retried_on_two_instances_at_once_publishes_one_request(deployment, tmp_path):
+    """Two instances sharing a file:// store (its hard links are atomic creates), on topics of their own with no
+    worker: eight calls with one idempotency key, sent at once and alternated between the instances, race for the
+    receipt; one publishes, the others wait for that request's result (here a 504 at the 3 s deadline)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = with_own_topics(deployment["settings"]).updated(
+        object_store_url=(tmp_path / "objects").as_uri(), gateway_timeout_s=3.0, gateway_max_lag=0
+    )
+    ensure_topics(base.kafka, base.topics)
+    gateways = [
+        Gateway(
+            base.updated(gateway_port=free_port(), gateway_instance_id=f"race-{n}-{uuid.uuid4().hex[:6]}"),
+            tmp_path / f"gateway-{n}.log",
+        )
+        for n in range(2)
+    ]
+    idempotency_key = f"race-{uuid.uuid4().hex}"
+
+    def call(n: int) -> tuple[int, str]:
+        response = httpx.post(
+            f"{gateways[n % 2].url}/images/generations",
+            headers={"Authorization": f"Bearer {deployment['key']}", "Idempotency-Key": idempotency_key},
+            json={"model": "tiny-sd", "prompt": "two doors, one key", "size": "64x64"},
+            timeout=30,
+        )
+        return response.status_code, response.headers["x-request-id"]
+
+    try:
+        for gateway in gateways:
+            gateway.start()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, range(8)))
+    finally:
+        for gateway in gateways:
+            if gateway.process is not None:
+                gateway.process.stop()
+    assert {status for status, _ in answers} == {504}, answers
+    request_ids = {request_id for _, request_id in answers}
+    assert len(request_ids) == 1
+    published = collect(base.kafka, base.topics.requests, ImageRequest, request_ids, timeout_s=10, settle_s=2)
+    assert [len(events) for events in published.events.values()] == [1]

@@ -1,13 +1,19 @@
-"""The S3 object store against a real S3 endpoint: metadata, presigned GETs, multipart uploads and URI refusal."""
+"""The S3 object store against a real S3 endpoint: metadata, presigned GETs, multipart uploads, URI refusal and
+conditional creates."""
 
 import hashlib
+import logging
 import os
+import threading
 import tracemalloc
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 from pixelpipe.core.objects import (
     ObjectNotFoundError,
@@ -113,3 +119,49 @@ def test_objects_outside_the_store_are_refused(store):
             store.get(uri)
         with pytest.raises(ObjectStoreError):
             store.presigned_url(uri, 60)
+
+
+@pytest.fixture(scope="module")
+def conditional_store():
+    """A store on moto's S3 server, which honours ``If-None-Match: *`` as S3 does (s3proxy 2.7 ignores it)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://{host}:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="pixelpipe",
+        aws_secret_access_key="pixelpipe",
+    )
+    client.create_bucket(Bucket="pixelpipe")
+    try:
+        yield S3ObjectStore("pixelpipe", "images", client)
+    finally:
+        server.stop()
+
+
+def test_create_is_a_conditional_put_that_keeps_the_first_object(conditional_store):
+    store = conditional_store
+    k = key(store, ext="json")
+    assert store.create(k, b"first", "application/json")
+    assert not store.create(k, b"second", "text/plain")
+    assert store.get(store.uri_for(k)) == b"first"
+    assert store.head(store.uri_for(k)).content_type == "application/json"
+    assert store.creates_exclusively()
+
+
+def test_of_writers_racing_to_create_one_key_on_s3_exactly_one_wins(conditional_store):
+    store = conditional_store
+    for _ in range(5):
+        k, barrier = key(store, ext="json"), threading.Barrier(8)
+
+        def race(n: int, k: str = k, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return store.create(k, str(n).encode(), "text/plain")
+
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(race, range(8)))
+        assert outcomes.count(True) == 1
+        assert store.get(store.uri_for(k)) == str(outcomes.index(True)).encode()

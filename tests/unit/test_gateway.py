@@ -229,7 +229,7 @@ def test_no_result_by_the_deadline_is_a_504(tmp_path):
     assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")
 
 
-def test_receipts_written_together_are_all_durable_with_one_sync_per_batch(tmp_path):
+def test_receipts_created_together_are_all_durable_with_one_sync_per_batch(tmp_path):
     import asyncio
 
     from pixelpipe.core.objects import FileObjectStore
@@ -238,19 +238,21 @@ def test_receipts_written_together_are_all_durable_with_one_sync_per_batch(tmp_p
     batches = []
 
     class CountingStore(FileObjectStore):
-        def put_many(self, objects):
+        def create_many(self, objects):
             batches.append(len(objects))
-            return super().put_many(objects)
+            return super().create_many(objects)
 
     store = CountingStore(tmp_path)
     receipts = GroupCommit(store)
 
-    async def write_all():
-        await asyncio.gather(*(receipts.write(f"gateway/receipts/r{i}.json", b"{}") for i in range(20)))
+    async def create_all():
+        # r0 twice: the second call of the batch finds the first's receipt
+        keys = [f"gateway/receipts/r{i}.json" for i in [*range(20), 0]]
+        return await asyncio.gather(*(receipts.create(key, f"{n}".encode()) for n, key in enumerate(keys)))
 
-    asyncio.run(write_all())
-    assert all(store.get(store.uri_for(f"gateway/receipts/r{i}.json")) == b"{}" for i in range(20))
-    assert batches == [20]  # one write, one sync, for the calls that came together
+    assert asyncio.run(create_all()) == [True] * 20 + [False]
+    assert all(store.get(store.uri_for(f"gateway/receipts/r{i}.json")) == f"{i}".encode() for i in range(20))
+    assert batches == [21]  # one create, one sync, for the calls that came together
 
 
 def test_the_registry_says_how_many_images_an_edit_may_give_each_model(tmp_path):

@@ -3,7 +3,9 @@
 import hashlib
 import io
 import re
+import threading
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -122,6 +124,39 @@ def test_retried_write_replaces_and_leaves_no_temp_files(store):
     assert store.head(stored.uri).sha256 == hashlib.sha256(PNG).hexdigest()
     files = sorted(p.name for p in (store.root / "2025/03/07/req-1").iterdir())
     assert files == [".0.png.meta.json", "0.png"]
+
+
+def test_create_keeps_the_first_object_and_says_who_made_it(store):
+    key = "gateway/receipts/r1.json"
+    assert store.create(key, b"first", "application/json")
+    assert not store.create(key, b"second", "text/plain")
+    uri = store.uri_for(key)
+    assert store.get(uri) == b"first"
+    assert store.head(uri).content_type == "application/json"
+    assert store.create_many([(key, b"third", "text/plain"), ("gateway/receipts/r2.json", b"x", "text/plain")]) == [
+        False,
+        True,
+    ]
+    assert sorted(p.name for p in (store.root / "gateway/receipts").iterdir()) == [
+        ".r1.json.meta.json",
+        ".r2.json.meta.json",
+        "r1.json",
+        "r2.json",
+    ]  # no temporary files left
+    assert store.creates_exclusively()
+
+
+def test_of_writers_racing_to_create_one_key_exactly_one_wins(store):
+    barrier = threading.Barrier(8)
+
+    def race(n: int) -> bool:
+        barrier.wait()
+        return store.create("gateway/receipts/race.json", str(n).encode(), "text/plain")
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(race, range(8)))
+    assert outcomes.count(True) == 1
+    assert store.get(store.uri_for("gateway/receipts/race.json")) == str(outcomes.index(True)).encode()
 
 
 @pytest.mark.parametrize(
