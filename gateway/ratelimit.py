@@ -27,6 +27,7 @@ from pixelpipe.gateway.keys import KeyStore
 
 log = logging.getLogger(__name__)
 WARNING_INTERVAL_S = 60.0  # a broker that is down fails every sync: one warning a minute says so
+POLL_S = 0.2  # longest the thread waits for a report before it looks at the clock and the stop flag again
 REPORT_TIMEOUT_MS = 10_000  # a report older than this would charge calls whose tokens have long refilled: dropped
 
 
@@ -131,7 +132,7 @@ class UsageSync:
         try:
             while not self._stop.is_set():
                 try:
-                    first = consumer.poll(max(0.0, next_report - time.monotonic()))
+                    first = consumer.poll(min(POLL_S, max(0.0, next_report - time.monotonic())))
                     if first is not None:
                         for message in [first, *consumer.consume(1000, timeout=0)]:
                             self._charge(message)
