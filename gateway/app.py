@@ -44,7 +44,7 @@ from pixelpipe.gateway.errors import ApiError, invalid
 from pixelpipe.gateway.keys import ApiKey, KeyStore
 from pixelpipe.gateway.params import ImageCall, ModelInfo, parse_call, parse_size, read_registry
 from pixelpipe.gateway.pipeline import Pipeline, Submission, request_id_for
-from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.ratelimit import TokenBuckets, UsageSync
 from pixelpipe.gateway.telemetry import WAITING, MetricsMiddleware
 from pixelpipe.gateway.uploads import CONTENT_TYPES, check_image, mask_png, source_png
 
@@ -548,13 +548,20 @@ def create_app(settings: Settings, ops_health: Health | None = None) -> Starlett
         store = open_object_store(settings.objects)
         pipeline = Pipeline(settings, store, instance_id(settings))
         await asyncio.to_thread(pipeline.start, asyncio.get_running_loop())
+        keys, buckets = KeyStore(settings.gateway.keys_file), TokenBuckets()
+        usage = None
+        if settings.gateway.usage_sync_s > 0:
+            usage = UsageSync(
+                settings.kafka, settings.topics, instance_id(settings), buckets, keys, settings.gateway.usage_sync_s
+            )
+            await asyncio.to_thread(usage.start)
         app.state.gateway = Gateway(
             settings=settings,
-            keys=KeyStore(settings.gateway.keys_file),
+            keys=keys,
             models=read_registry(settings.models.registry),
             store=store,
             pipeline=pipeline,
-            buckets=TokenBuckets(),
+            buckets=buckets,
         )
         ops_health.mark("pipeline")
         log.info("gateway ready", extra={"reply_topic": pipeline.reply_topic})
@@ -563,6 +570,8 @@ def create_app(settings: Settings, ops_health: Health | None = None) -> Starlett
         finally:
             ops_health.mark("pipeline", False)
             beating.cancel()
+            if usage is not None:
+                await asyncio.to_thread(usage.close)
             await asyncio.to_thread(pipeline.close)
 
     routes = [

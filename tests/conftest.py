@@ -34,7 +34,17 @@ def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
     """``settings`` with every pipeline topic renamed with a suffix, so concurrent tests never share events."""
     suffix = suffix or uuid.uuid4().hex[:8]
     topics = settings.topics
-    names = ("requests", "generate", "edit", "generate_long", "edit_long", "results", "metrics", "dead_letter")
+    names = (
+        "requests",
+        "generate",
+        "edit",
+        "generate_long",
+        "edit_long",
+        "results",
+        "metrics",
+        "dead_letter",
+        "gateway_usage",
+    )
     renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in names}
     return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))
 

@@ -151,6 +151,11 @@ class TopicSettings:
     dead_letter: str = setting(
         "TOPIC_DEAD_LETTER", "pixelpipe.dead-letter", "Topic of undecodable or exhausted events."
     )
+    gateway_usage: str = setting(
+        "TOPIC_GATEWAY_USAGE",
+        "pixelpipe.gateway.usage",
+        "Topic where gateway instances report the calls they admitted per key, so rate limits hold across instances.",
+    )
     partitions: int = setting("TOPIC_PARTITIONS", 8, "Partitions for topics pixelpipe creates.")
     reply_prefix: str = setting(
         "REPLY_TOPIC_PREFIX",
@@ -359,6 +364,12 @@ class GatewaySettings:
     default_size: str = setting("GATEWAY_DEFAULT_SIZE", "512x512", "Size of generations with size=auto.")
     default_model: str = setting(
         "GATEWAY_DEFAULT_MODEL", "", "Model of calls that name none; empty uses the registry's first."
+    )
+    usage_sync_s: float = setting(
+        "GATEWAY_USAGE_SYNC_S",
+        0.25,
+        "How often a gateway reports the calls it admitted per key to PIXELPIPE_TOPIC_GATEWAY_USAGE and charges "
+        "the other instances' reports to its rate limits; 0 turns sharing off (each instance limits alone).",
     )
 
 

@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 from pixelpipe.core.events import CategoryScore, ImageResult
-from pixelpipe.core.settings import RequestLimits
+from pixelpipe.core.settings import KafkaSettings, RequestLimits, TopicSettings
 from pixelpipe.gateway.app import result_error, transcode
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo, parse_call, read_registry
 from pixelpipe.gateway.pipeline import request_id_for
-from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.ratelimit import TokenBuckets, UsageSync
 from pixelpipe.gateway.uploads import check_image, mask_png
 
 MODELS = {"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4), "tiny-sd-b": ModelInfo("tiny-sd-b", "x", 25)}
@@ -53,6 +53,56 @@ def test_token_bucket_gives_the_burst_then_paces():
     now[0] += 1.0
     assert buckets.take("k", 60, 2) == 0.0
     assert buckets.take("other", 60, 2) == 0.0
+
+
+def test_calls_charged_from_another_instance_are_refused_here_and_refill_from_below_zero():
+    now = [0.0]
+    buckets = TokenBuckets(clock=lambda: now[0])
+    buckets.charge("k", 5, 60, 2)  # another instance spent the burst and 3 more: 3 tokens below zero
+    assert buckets.take("k", 60, 2) == pytest.approx(4.0)
+    now[0] += 3.9
+    assert buckets.take("k", 60, 2) == pytest.approx(0.1)
+    now[0] += 0.1
+    assert buckets.take("k", 60, 2) == 0.0
+    assert buckets.take("other", 60, 2) == 0.0
+
+
+def test_only_the_calls_admitted_here_are_reported_once():
+    buckets = TokenBuckets(clock=lambda: 0.0)
+    for _ in range(3):
+        buckets.take("k", 60, 2)  # the third is refused
+    buckets.charge("j", 4, 60, 2)
+    assert buckets.admitted() == {"k": 2}
+    assert buckets.admitted() == {}
+
+
+def usage_sync(tmp_path, buckets):
+    keys = KeyStore(tmp_path / "keys.json")
+    _, entry = keys.create("acme", requests_per_minute=60, burst=2)
+    sync = UsageSync(KafkaSettings(), TopicSettings(), "gw-a", buckets, keys, 0.25)  # not started: no broker
+    return sync, entry.key_id
+
+
+def report(sender, calls):
+    return json.dumps({"instance": sender, "calls": calls}).encode()
+
+
+def test_other_instances_reports_are_charged_with_the_local_keys_limits(tmp_path):
+    buckets = TokenBuckets(clock=lambda: 0.0)
+    sync, key_id = usage_sync(tmp_path, buckets)
+    sync.charge_report(report("gw-b-1234", {key_id: 2}))
+    assert buckets.take(key_id, 60, 2) == pytest.approx(1.0)
+
+
+def test_own_reports_unknown_keys_and_malformed_reports_charge_nothing(tmp_path):
+    buckets = TokenBuckets(clock=lambda: 0.0)
+    sync, key_id = usage_sync(tmp_path, buckets)
+    sync.charge_report(report(sync.sender, {key_id: 2}))
+    sync.charge_report(report("gw-b-1234", {"k000000000000": 2, key_id: "2"}))
+    sync.charge_report(b"not json")
+    sync.charge_report(report("gw-b-1234", [key_id]))
+    assert [buckets.take(key_id, 60, 2) for _ in range(2)] == [0.0, 0.0]
+    assert buckets.take("k000000000000", 60, 2) == 0.0
 
 
 def test_parameters_map_onto_the_request():
