@@ -397,6 +397,7 @@ def profiled(pid: int, out: Path | None, echo: Callable[..., None]) -> Iterator[
     if out is None:
         yield
         return
+    out.parent.mkdir(parents=True, exist_ok=True)
     command = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--threads", "--nonblocking"]
     spy = subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
