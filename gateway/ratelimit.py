@@ -19,10 +19,10 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.core.topics import assign_from_end, ensure_topics
 from pixelpipe.gateway.keys import KeyStore
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,7 @@ class UsageSync:
                 "fetch.wait.max.ms": 10,
             }
         )
-        partitions = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
-        assignment = []
-        for partition in partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-            assignment.append(TopicPartition(self.topic, partition, high if high >= 0 else OFFSET_END))
-        consumer.assign(assignment)
+        assign_from_end(consumer, self.topic)
         producer = Producer(self._kafka.client_config() | {"linger.ms": 0, "message.timeout.ms": REPORT_TIMEOUT_MS})
         self._thread = threading.Thread(target=self._run, args=(consumer, producer), name="gateway-usage", daemon=True)
         self._thread.start()

@@ -15,12 +15,12 @@ import time
 import uuid
 from collections import OrderedDict
 
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.settings import KafkaSettings
-from pixelpipe.core.topics import PREVIEW_HEADER
+from pixelpipe.core.topics import PREVIEW_HEADER, assign_from_end
 
 log = logging.getLogger(__name__)
 SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
@@ -59,12 +59,7 @@ class ReplyListener:
         is missed), then read on a thread."""
         self._loop = loop
         consumer = _consumer(self._kafka)
-        partitions = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
-        assignment = []
-        for partition in partitions:
-            _, high = consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=10)
-            assignment.append(TopicPartition(self.topic, partition, high if high >= 0 else OFFSET_END))
-        consumer.assign(assignment)
+        assign_from_end(consumer, self.topic)
         self._thread = threading.Thread(target=self._read, args=(consumer,), name="gateway-replies", daemon=True)
         self._thread.start()
 

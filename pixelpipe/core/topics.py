@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -69,6 +69,17 @@ def assign_from_start(consumer: Consumer, topic: str, wait_s: float = 10.0) -> N
     if not partitions:
         raise TimeoutError(f"topic {topic} has no partitions after {wait_s:.0f} s")
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+
+
+def assign_from_end(consumer: Consumer, topic: str) -> None:
+    """Assign every partition of ``topic`` (which exists) to ``consumer`` at its current end, the high watermark
+    read now, so nothing published after this returns is missed; no group is joined."""
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    assignment = []
+    for partition in partitions:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+        assignment.append(TopicPartition(topic, partition, high if high >= 0 else OFFSET_END))
+    consumer.assign(assignment)
 
 
 # What each role may do, and nothing more: publishers only write requests; moderation reads them and writes the
