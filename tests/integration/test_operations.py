@@ -255,6 +255,13 @@ def test_prometheus_holds_what_was_sent(ops):
     assert not labels & {"request_id", "event_id", "user_id"}
 
 
+def wait_for_rates(ops) -> None:
+    """A rate over [1m] needs two scrapes of a series, and the first test can end within a scrape or two of the
+    counters' first appearance."""
+    stages = "sum by (stage) (rate(pixelpipe_stage_events_in_total[1m]))"
+    wait_until(lambda: len(prom(ops.prometheus, stages)) >= 2, 30, "stage rates in Prometheus")
+
+
 def top_frame(ops, width: int = 110) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "pixelpipe", "top", "--once", "--width", str(width), "--prometheus", ops.prometheus],
@@ -267,6 +274,7 @@ def top_frame(ops, width: int = 110) -> str:
 
 
 def test_pixelpipe_top_renders_a_frame(ops):
+    wait_for_rates(ops)
     frame = top_frame(ops)
     (ops.tmp / "top.txt").write_text(frame)
     assert "consumer lag" in frame and "stages" in frame
@@ -286,6 +294,7 @@ def test_grafana_operations_dashboard_queries_return_data(ops):
     assert len(exprs) >= 8
     # GPU panels have data only where a worker sees a GPU; every other expression must return data here.
     exprs = [expr for expr in exprs if "pixelpipe_gpu_" not in expr]
+    wait_for_rates(ops)
     empty = [expr for expr in exprs if not prom(ops.prometheus, expr)]
     assert not empty, f"expressions without data: {empty}"
 
