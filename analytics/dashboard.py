@@ -415,7 +415,9 @@ def serve(
             pass  # one line per page load would bury the render errors
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop ends it as cleanly as Ctrl-C
+    # Ctrl-C and a service manager's stop end it alike, also where SIGINT came in ignored (a script's background job).
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _interrupt)
     thread = threading.Thread(target=rerender, name="dashboard-render", daemon=True)
     thread.start()
     if ready:
