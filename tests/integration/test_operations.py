@@ -259,7 +259,10 @@ def wait_for_rates(ops) -> None:
     """A rate over [1m] needs two scrapes of a series, and the first test can end within a scrape or two of the
     counters' first appearance."""
     stages = "sum by (stage) (rate(pixelpipe_stage_events_in_total[1m]))"
-    wait_until(lambda: len(prom(ops.prometheus, stages)) >= 2, 30, "stage rates in Prometheus")
+    sink = "sum by (table) (rate(pixelpipe_sink_rows_total[1m]))"
+    wait_until(
+        lambda: len(prom(ops.prometheus, stages)) >= 2 and prom(ops.prometheus, sink), 30, "stage and sink rates"
+    )
 
 
 def top_frame(ops, width: int = 110) -> str:
