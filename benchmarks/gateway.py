@@ -21,7 +21,7 @@ phases, in this order and at the same rate, so their ratios are measured in one 
               descriptors it held open.
 
 Added latency is the gateway's p50 (p99) minus the direct phase's p50 (p99). The issue's goal is <= 10 ms p99 added
-at 500 calls/s on 2 cores; with the null model one worker saturates at 300 to 400 requests/s here, and the worker,
+at 500 calls/s on 2 cores; with the null model one worker saturates at 600 to 950 requests/s here, and the worker,
 Kafka, the gateway and this client share the 2 cores, so 500/s exceeds what the pipeline behind the gateway
 sustains on this machine (requests would queue, and the added latency would measure the queue). The default rate,
 150/s, is what the whole arrangement sustains with room to spare; --rate 500 runs the goal's rate where more cores
