@@ -182,6 +182,11 @@ def test_served_dashboard_is_rendered_again_every_refresh(demo_clickhouse, tmp_p
             urllib.request.urlopen(f"http://127.0.0.1:{port}/elsewhere", timeout=30)
     finally:
         server.send_signal(signal.SIGINT)
-        output = server.communicate(timeout=60)[0]
+        try:
+            output = server.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            server.kill()  # a server that ignored Ctrl-C must not outlive the test
+            output = server.communicate()[0]
+            pytest.fail(f"the server did not stop within 60 s of SIGINT:\n{output}")
     assert server.returncode == 0, output
     assert f"serving http://127.0.0.1:{port}/" in output
