@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 from pixelpipe.core.topics import assign_from_end, ensure_topics
 from pixelpipe.gateway.keys import KeyStore
+from pixelpipe.gateway.replies import assigned_consumer
 
 log = logging.getLogger(__name__)
 WARNING_INTERVAL_S = 60.0  # a broker that is down fails every sync: one warning a minute says so
@@ -103,14 +104,7 @@ class UsageSync:
         """Make the topic if need be and assign it at its end (a new instance charges no old history), then sync
         on a thread."""
         ensure_topics(self._kafka, self._topics, [self.topic], partitions=1)
-        consumer = Consumer(
-            self._kafka.client_config()
-            | {
-                "group.id": f"pixelpipe-gateway-usage-{uuid.uuid4().hex}",  # assigned, never subscribed
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
-            }
-        )
+        consumer = assigned_consumer(self._kafka)
         assign_from_end(consumer, self.topic)
         producer = Producer(self._kafka.client_config() | {"linger.ms": 0, "message.timeout.ms": REPORT_TIMEOUT_MS})
         self._thread = threading.Thread(target=self._run, args=(consumer, producer), name="gateway-usage", daemon=True)

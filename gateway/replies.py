@@ -27,7 +27,9 @@ SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
 RECENT_RESULTS = 4096  # results kept after they arrived, for a call retried while this instance still runs
 
 
-def _consumer(kafka: KafkaSettings) -> Consumer:
+def assigned_consumer(kafka: KafkaSettings) -> Consumer:
+    """A consumer for the gateway's own reads (replies, scans, usage reports): its partitions are assigned, so it
+    joins no group and commits nothing; fetches return within 10 ms."""
     return Consumer(
         kafka.client_config()
         | {
@@ -58,7 +60,7 @@ class ReplyListener:
         """Assign every partition of the reply topic at its current end (so nothing published after this returns
         is missed), then read on a thread."""
         self._loop = loop
-        consumer = _consumer(self._kafka)
+        consumer = assigned_consumer(self._kafka)
         assign_from_end(consumer, self.topic)
         self._thread = threading.Thread(target=self._read, args=(consumer,), name="gateway-replies", daemon=True)
         self._thread.start()
@@ -163,7 +165,7 @@ def find_event(
     """The value of the first message keyed ``request_id`` on ``topic`` since ``since_ms``: read to the current end
     when ``until_monotonic`` is None, else tailed until then. Every partition is read (from the offset of that
     time), so it does not matter which partitioner the producer used; the cost is the traffic since ``since_ms``."""
-    consumer = _consumer(kafka)
+    consumer = assigned_consumer(kafka)
     key = request_id.encode()
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions

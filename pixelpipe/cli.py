@@ -185,7 +185,7 @@ def worker_command(stages: str) -> None:
         run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
     except SystemExit as stopped:
         # Faust has stopped the agents, committed their offsets and closed its clients: exit now. The interpreter's
-        # teardown (the model libraries' thread pools and tensors) and mode's shutdown sleeps add seconds per stop.
+        # teardown (the model libraries' thread pools and tensors) would add seconds to every stop.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
