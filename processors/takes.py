@@ -3,8 +3,9 @@
 A render take is planned (requests read, checked and grouped into chunks, one model call each), then each chunk is
 rendered on the model thread and finished on the finishing thread (output moderation, encoding, one store write,
 results and metrics, sent and acknowledged by the broker). Chunk k+1's model call runs while chunk k is finished,
-with at most one chunk waiting between the two. Across takes too: ``render_take`` returns once a take's last chunk is
-rendered, and the agent takes the next one while that chunk is finished.
+with at most one chunk waiting between the two, and chunk k's events wait for the broker while chunk k+1 is finished
+(the finishing thread never waits for a round trip). Across takes too: ``render_take`` returns once a take's last
+chunk is rendered, and the agent takes the next one while that chunk is finished.
 
 So a take's messages are acknowledged to Faust by ``InOrderAcknowledgement``, not when the next take is asked for:
 once everything the take emits was acknowledged by the broker, take after take in order, with at most one take
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from pixelpipe.processors.stages import Emission, Inbound, RenderedChunk, RenderStage
+from pixelpipe.processors.stages import Emission, Inbound, RenderStage
 from pixelpipe.processors.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
@@ -37,32 +38,45 @@ async def render_take(
     finishing_thread: Executor,
     stopping: Callable[[], bool] = lambda: False,
 ) -> asyncio.Future[None] | None:
-    """Plan and render ``messages``, finishing each chunk while the next renders; returns once the last chunk is
-    rendered, with the future of its finish: done when everything the take emits was sent (``send`` returned).
+    """Plan and render ``messages``, finishing each chunk while the next renders and sending what a chunk emits
+    while the next is finished; returns once the last chunk is rendered, with a future done when everything the
+    take emits was sent (every ``send`` returned).
     Returns None, after the chunk in progress, once ``stopping``: the worker stops, and the take, never to be
     acknowledged, is delivered again (what was finished of it is deduplicated downstream)."""
     planned = await in_thread(model_thread, stage.plan, messages)
     await send(planned.emissions)
-
-    async def finish(chunk: RenderedChunk) -> None:
-        await send(await in_thread(finishing_thread, stage.finish, chunk))
-
-    finishing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    finishing.set_result(None)  # nothing to finish before the first chunk
+    loop = asyncio.get_running_loop()
+    finishing: asyncio.Future[list[Emission]] = loop.create_future()
+    finishing.set_result([])  # nothing to finish before the first chunk
+    sending: list[asyncio.Future[None]] = []
     try:
         for chunk in planned.chunks:
             if stopping():
-                await finishing
+                await _all_of(sending)
                 return None
             rendered = await in_thread(model_thread, stage.render, chunk)
             TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
+            # At most one rendered chunk waits for the finishing thread; its sends do not hold the next finish.
             await finishing
-            finishing = asyncio.ensure_future(finish(rendered))
+            finishing = asyncio.ensure_future(in_thread(finishing_thread, stage.finish, rendered))
+            sending.append(asyncio.ensure_future(_send_when_finished(finishing, send)))
     except BaseException:
         # Cancelled (a stop, a rebalance) or failed: the take stays unacknowledged and is delivered again.
-        await _cancelled(finishing)
+        for future in sending:
+            await _cancelled(future)
         raise
-    return finishing
+    return asyncio.ensure_future(_all_of(sending))
+
+
+async def _send_when_finished(finishing: Awaitable[list[Emission]], send: Send) -> None:
+    await send(await finishing)
+
+
+async def _all_of(futures: Sequence[asyncio.Future[None]]) -> None:
+    """Wait for every one of ``futures``, then raise the first failure among them."""
+    await asyncio.gather(*futures, return_exceptions=True)
+    for future in futures:
+        future.result()
 
 
 class InOrderAcknowledgement:

@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,10 @@ CONFLICT_RETRIES = 5  # of a conditional PUT that met another in progress (HTTP 
 NewObject = tuple[str, bytes, str]  # key, data, content type
 # Linux's syncfs (one filesystem, unlike sync); Python has no binding for it.
 _SYNCFS = getattr(ctypes.CDLL(None), "syncfs", None)
+# Objects ``put_many`` writes at once: each write waits on a disk or the network, not on the CPU. One by one, a
+# chunk's 8 images on the local disk took 2.6 ms each (mostly making each request's folder and its two files).
+WRITES_AT_ONCE = 8
+_writers = ThreadPoolExecutor(WRITES_AT_ONCE, thread_name_prefix="object-writes")
 
 
 class ObjectStoreError(ValueError):
@@ -118,9 +123,9 @@ class ObjectStore(ABC):
         """Store ``data`` under ``key``, replacing what was there."""
 
     def put_many(self, objects: Sequence[NewObject]) -> list[StoredObject]:
-        """Store each ``(key, data, content_type)``; every one is durable when this returns. One by one here; a
-        store that can make many durable at once for less overrides it."""
-        return [self.put(key, data, content_type) for key, data, content_type in objects]
+        """Store each ``(key, data, content_type)``, up to ``WRITES_AT_ONCE`` at a time; every one is durable when
+        this returns. A store that can make many durable at once for less overrides it."""
+        return _all_at_once(self.put, objects)
 
     @abstractmethod
     def create(self, key: str, data: bytes, content_type: str) -> bool:
@@ -223,17 +228,20 @@ class FileObjectStore(ObjectStore):
         """Each object is written to a temporary file and renamed into place, so readers see the old object or
         the new one, never part of one; then one sync of the store's filesystem makes all of them, names
         included, durable: one journal commit for the lot rather than a flush per file. Should the machine stop
-        before that sync, the caller has not reported the objects yet and writes them again when it retries."""
-        stored = []
-        for key, data, content_type in objects:
-            path = os.path.join(self._root, validate_key(key))
-            # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
-            _replace(path, data)
-            _replace(_sidecar_path(path), _sidecar(data, content_type))
-            # Keys hold only URI-safe characters, so the URI is the root's with the key appended.
-            stored.append(StoredObject(uri=f"{self._root_uri}/{key}", sha256=_sha256(data), bytes=len(data)))
+        before that sync, the caller has not reported the objects yet and writes them again when it retries.
+        Up to ``WRITES_AT_ONCE`` objects are written at a time."""
+        stored = _all_at_once(self._write, objects)
         _sync_filesystem(self._root)
         return stored
+
+    def _write(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """``key``'s file and its sidecar, not yet flushed to disk."""
+        path = os.path.join(self._root, validate_key(key))
+        # Data first, sidecar second: a crash in between leaves a complete file whose sidecar is at worst stale.
+        _replace(path, data)
+        _replace(_sidecar_path(path), _sidecar(data, content_type))
+        # Keys hold only URI-safe characters, so the URI is the root's with the key appended.
+        return StoredObject(uri=f"{self._root_uri}/{key}", sha256=_sha256(data), bytes=len(data))
 
     def create(self, key: str, data: bytes, content_type: str) -> bool:
         return self.create_many([(key, data, content_type)])[0]
@@ -282,6 +290,16 @@ class FileObjectStore(ObjectStore):
         raise ObjectStoreError(
             f"presigned URLs need an S3 object store; {self.root_uri} is a local directory and has none"
         )
+
+
+def _all_at_once(write: Callable[[str, bytes, str], StoredObject], objects: Sequence[NewObject]) -> list[StoredObject]:
+    """``write`` each object, up to ``WRITES_AT_ONCE`` at a time; once all are done, their results in order, or
+    the first failure (no write is still running then, so a retry never races the one it repeats)."""
+    if len(objects) <= 1:
+        return [write(*new) for new in objects]
+    writes = [_writers.submit(write, *new) for new in objects]
+    wait(writes)
+    return [done.result() for done in writes]
 
 
 def _sidecar_path(path: str) -> str:
