@@ -182,18 +182,17 @@ def worker_command(stages: str) -> None:
 
     settings = load_settings()
     try:
-        run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
-    except SystemExit as stopped:
-        # Faust has stopped the agents, committed their offsets and closed its clients: exit now. The interpreter's
-        # teardown (the model libraries' thread pools and tensors) would add seconds to every stop.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None))
+        status = run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
     except ModelError as e:  # a registry or model that cannot load: found before joining the group
         raise click.ClickException(str(e)) from e
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--stages") from e
+    # The agents have stopped, their offsets are committed and the clients closed: exit now. The interpreter's
+    # teardown (the model libraries' thread pools and tensors) would add seconds to every stop.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @main.group()

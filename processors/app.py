@@ -1,14 +1,17 @@
-"""The Faust app: the pipeline's topics and agents, in one place.
+"""The worker: the pipeline's agents over their topics, in one place.
 
 Messages are raw bytes on every topic and are decoded by the foundation's codec inside the stages, so an
 undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer.
 Model and detector calls never run on the event loop: each stage runs in its own single-thread executor and
-the agent awaits it, so Kafka heartbeats and polls keep going while a batch renders. An agent's events are
-acknowledged (and their offsets become committable) only after everything they emit was acknowledged by the
-broker, so a crash redelivers instead of losing; result and metric ids derive from the request id, so a
-redelivered request is deduplicated downstream. Stages are built, models loaded and warmed, before the worker
-joins its group. Each render stage has a long lane beside it: an agent on its kind's long topic, where moderation
-sends the requests over PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor and models that share the weights.
+the agent awaits it, so polls keep going while a batch renders. An agent's takes are acknowledged (and their offsets
+become committable) only after everything they emit was acknowledged by the broker, so a crash redelivers instead of
+losing; result and metric ids derive from the request id, so a redelivered request is deduplicated downstream.
+Stages are built, models loaded and warmed, before the worker joins its group. Each render stage has a long lane
+beside it: an agent on its kind's long topic, where moderation sends the requests over
+PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor and models that share the weights.
+
+Kafka is consumed with librdkafka (``processors/streams.py``) and written with it (``processors/sender.py``); the
+agents were Faust's until Faust's consumer path took over half the worker's Python time (see the README).
 """
 
 from __future__ import annotations
@@ -16,32 +19,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
-import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import faust
-from aiokafka import AIOKafkaConsumer
-from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import EventT
+from typing import TYPE_CHECKING
 
 from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
+from pixelpipe.core.settings import Settings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
 from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.stages import (
     EditStage,
     GenerateStage,
-    Inbound,
     ModerationStage,
     RenderStage,
     StageContext,
 )
 from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.streams import Take, WorkerConsumer
 from pixelpipe.processors.takes import InOrderAcknowledgement, in_thread, render_take
 from pixelpipe.processors.telemetry import TELEMETRY
 
@@ -53,83 +51,17 @@ Stage = ModerationStage | RenderStage
 
 STAGES = ("moderation", "generate", "edit")
 LONG = "-long"  # a render stage's long lane is built and run as "<kind>-long", on the kind's long topic
-LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
-# Longest a fetch waits at the broker for records; an empty fetch costs the worker about 1 ms, so the hundred a
-# second of an idle worker take about a tenth of a core.
-FETCH_MAX_WAIT_MS = 10
-# What a fetch waits for, up to FETCH_MAX_WAIT_MS. With aiokafka's 1 byte, at a steady few hundred requests/s every
-# fetch came back with a record or two: the fetches alone kept the worker busy and its queues grew (p50 468 ms at
-# 450 requests/s); gathering up to 64 KB cut that to 73-96 ms (benchmarks/pipeline.py), for at most 10 ms a hop.
-FETCH_MIN_BYTES = 64 * 1024
 RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
+HEARTBEAT_S = 1.0
 
 
 def worker_id(settings: Settings) -> str:
     return settings.stages.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def broker_url(kafka: KafkaSettings) -> str:
-    return ";".join(f"kafka://{server.strip()}" for server in kafka.bootstrap.split(","))
-
-
-def broker_credentials(kafka: KafkaSettings) -> Any:
-    """The SASL and TLS settings of ``KafkaSettings.client_config`` in the form Faust (aiokafka) takes; None for
-    PLAINTEXT."""
-    protocol = kafka.security_protocol.upper()
-    context = None
-    if protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
-    if protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password,
-            mechanism=kafka.sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    return faust.SSLCredentials(context) if context else None
-
-
-class _PromptFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> AIOKafkaConsumer:
-        consumer = super()._create_worker_consumer(transport)
-        # Faust fixes aiokafka's fetch wait at 1500 ms. aiokafka keeps one fetch in flight per broker, leaving out
-        # the partitions whose records are not all read yet, so a message that arrives on one of those waited for
-        # the fetch in flight to time out: up to 1.5 s at each stage at low rates. (Both set before the consumer
-        # starts, which is when aiokafka reads them.)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        consumer._fetch_min_bytes = FETCH_MIN_BYTES
-        return consumer
-
-
-class _PromptFetchConsumer(aiokafka_driver.Consumer):
-    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
-        return _PromptFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _PromptFetchTransport(aiokafka_driver.Transport):
-    Consumer = _PromptFetchConsumer
-
-
-class PipelineApp(faust.App):
-    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS``."""
-
-    def _new_transport(self) -> faust.types.TransportT:
-        return _PromptFetchTransport(self.conf.broker_consumer, self)
-
-
-def inbound(event: EventT) -> Inbound:
-    message = event.message
-    appended_s = message.timestamp if message.timestamp_type == LOG_APPEND_TIME else None
-    return Inbound(
-        message.value,
-        message.key,
-        message.topic,
-        message.partition,
-        message.offset,
-        message.timestamp,
-        appended_s,
-        dict(message.headers or ()),
-    )
+def group_id(settings: Settings, stages: Sequence[str]) -> str:
+    """Workers running the same stages form one consumer group."""
+    return f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages)
 
 
 def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
@@ -166,104 +98,120 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     return built
 
 
-def create_app(settings: Settings, stages: Mapping[str, Stage], sender: EmissionSender) -> faust.App:
-    """A Faust app running the built ``stages``, which send what they emit with ``sender``; workers with the same
-    stages form one consumer group."""
-    app = PipelineApp(
-        f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages),
-        broker=broker_url(settings.kafka),
-        broker_credentials=broker_credentials(settings.kafka),
-        web_enabled=False,
-        store="memory://",
-        topic_partitions=settings.topics.partitions,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        # Model calls never block the loop, so heartbeats flow during a batch and a dead worker can be noticed
-        # in 10 s rather than Faust's default 60 s.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=3.0,
-        broker_commit_every=100,
-        broker_commit_interval=1.0,
-        # Room for a few takes, so the next one is ready when one is taken.
-        stream_buffer_maxsize=max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2),
-    )
+class Worker:
+    """The built ``stages`` as agents over their topics, consumed by one ``WorkerConsumer``; what they emit goes out
+    through ``sender``. ``run`` returns once a stop was asked (``stop``) and every agent has finished its take."""
 
-    def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_serializer="raw", value_serializer="raw")
-
-    stage_settings = settings.stages
-    moderation = stages.get("moderation")
-    if isinstance(moderation, ModerationStage):
-        executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
-
-        @app.agent(topic(settings.topics.requests), name="moderation")
-        async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
-            # Taken without Faust's acknowledgement: a take is acknowledged once the broker acknowledged all it
-            # emits, while the next take is moderated.
-            take, within_s = stage_settings.moderation_take_events, stage_settings.moderation_max_wait_ms / 1000
-            acknowledgement = InOrderAcknowledgement("moderation")
-            async for events in stream.noack_take(take, within=within_s):
-                TELEMETRY.events_in("moderation", len(events))
-                emissions = await in_thread(executor, moderation.handle_batch, [inbound(e) for e in events])
-                await acknowledgement.after(asyncio.ensure_future(sender.send_all(emissions)), acker(stream, events))
-                yield None
-            await acknowledgement.close()
-
-    # The long lanes are agents of the same app (so of its consumer group), each on its own topic, with an executor
-    # and models of its own, so a long request never holds the short ones behind it.
-    topics = settings.topics
-    for kind, topic_name in (
-        ("generate", topics.generate),
-        ("edit", topics.edit),
-        ("generate" + LONG, topics.generate_long),
-        ("edit" + LONG, topics.edit_long),
-    ):
-        stage = stages.get(kind)
-        if isinstance(stage, RenderStage):
-            _add_render_agent(app, topic(topic_name), kind, stage, stage_settings, sender)
-    return app
-
-
-def _add_render_agent(
-    app: faust.App,
-    source: faust.TopicT,
-    kind: str,
-    stage: RenderStage,
-    stage_settings: StageSettings,
-    sender: EmissionSender,
-) -> None:
-    stage.preview_sink = sender.send_preview  # previews of images in progress go to reply topics
-    model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
-    finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
-
-    @app.agent(source, name=kind)
-    async def render(stream: faust.StreamT) -> AsyncIterator[None]:
-        # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or what
-        # came in max_wait_ms. Taken without Faust's acknowledgement: a take is acknowledged once its last chunk is
-        # finished (its emissions acknowledged by the broker), while the next take renders.
-        take, within_s = stage_settings.take_events, stage_settings.max_wait_ms / 1000
-        acknowledgement = InOrderAcknowledgement(kind)
-        async for events in stream.noack_take(take, within=within_s):
-            TELEMETRY.events_in(kind, len(events))
-            messages = [inbound(e) for e in events]
-            finished = await render_take(
-                stage, messages, sender.send_all, model_thread, finishing_thread, lambda: app.should_stop
+    def __init__(
+        self, settings: Settings, stages: Mapping[str, Stage], sender: EmissionSender, health: Health | None = None
+    ) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.sender = sender
+        self.health = health
+        topics = settings.topics
+        self.sources = {
+            kind: topic
+            for kind, topic in (
+                ("moderation", topics.requests),
+                ("generate", topics.generate),
+                ("edit", topics.edit),
+                ("generate" + LONG, topics.generate_long),
+                ("edit" + LONG, topics.edit_long),
             )
-            if finished is None:  # the worker stops: Faust waits for what is acknowledged, not for this take
-                break
-            await acknowledgement.after(finished, acker(stream, events))
-            yield None
+            if kind in stages
+        }
+        stage_settings = settings.stages
+        # Room for a few takes, so the next one is ready when one is taken.
+        capacity = max(64, stage_settings.take_events * 4, stage_settings.moderation_take_events * 2)
+        self.consumer = WorkerConsumer(
+            settings.kafka,
+            group_id(settings, list(stages)),
+            worker_id(settings),
+            dict.fromkeys(self.sources.values(), capacity),
+            self._assignment,
+        )
+        self.failed = False
+
+    def _assignment(self, assigned: bool) -> None:
+        if self.health is not None:
+            self.health.mark("partitions", assigned)
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+    async def run(self) -> None:
+        agents = [asyncio.ensure_future(self._agent(kind, topic)) for kind, topic in self.sources.items()]
+        polling = asyncio.ensure_future(self.consumer.run())
+        beating = asyncio.ensure_future(self._heartbeat())
+        await asyncio.gather(*agents, return_exceptions=True)  # each agent logs its own failure
+        self.consumer.stop()
+        await polling
+        beating.cancel()
+
+    async def _agent(self, kind: str, topic: str) -> None:
+        stage = self.stages[kind]
+        try:
+            if isinstance(stage, ModerationStage):
+                await self._moderate(stage, topic)
+            else:
+                await self._render(kind, stage, topic)
+        except Exception:
+            # A take's effects failed (the broker refused them after librdkafka's retries): stop the worker with
+            # the take unacknowledged, to be delivered again.
+            log.exception("agent failed; the worker stops", extra={"stage": kind})
+            self.failed = True
+            self.consumer.stop()
+            raise
+
+    async def _moderate(self, stage: ModerationStage, topic: str) -> None:
+        # A take is acknowledged once the broker acknowledged all it emits, while the next take is moderated.
+        stage_settings = self.settings.stages
+        executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
+        acknowledgement = InOrderAcknowledgement("moderation")
+        within_s = stage_settings.moderation_max_wait_ms / 1000
+        async for take in self.consumer.takes(topic, stage_settings.moderation_take_events, within_s):
+            TELEMETRY.events_in("moderation", len(take.messages))
+            emissions = await in_thread(executor, stage.handle_batch, take.messages)
+            await acknowledgement.after(asyncio.ensure_future(self.sender.send_all(emissions)), self._acker(take))
         await acknowledgement.close()
 
+    async def _render(self, kind: str, stage: RenderStage, topic: str) -> None:
+        # Takes of up to take_events, or what came in max_wait_ms, which the stage groups into batches. A take is
+        # acknowledged once its last chunk is finished (its emissions acknowledged by the broker), while the next
+        # take renders.
+        stage_settings = self.settings.stages
+        stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
+        model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
+        finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
+        acknowledgement = InOrderAcknowledgement(kind)
+        within_s = stage_settings.max_wait_ms / 1000
+        async for take in self.consumer.takes(topic, stage_settings.take_events, within_s):
+            TELEMETRY.events_in(kind, len(take.messages))
+            finished = await render_take(
+                stage,
+                take.messages,
+                self.sender.send_all,
+                model_thread,
+                finishing_thread,
+                lambda: self.consumer.stopping,
+            )
+            if finished is None:  # the worker stops: the take, never acknowledged, is delivered again
+                break
+            await acknowledgement.after(finished, self._acker(take))
+        await acknowledgement.close()
 
-def acker(stream: faust.StreamT, events: Sequence[EventT]) -> Callable[[], Awaitable[None]]:
-    """Acknowledges ``events`` to Faust: their offsets may then be committed."""
+    def _acker(self, take: Take) -> Callable[[], Awaitable[None]]:
+        async def acknowledge() -> None:
+            self.consumer.acknowledge(take)
 
-    async def acknowledge() -> None:
-        for event in events:
-            await stream.ack(event)
+        return acknowledge
 
-    return acknowledge
+    async def _heartbeat(self) -> None:
+        """A beat on the event loop every second: ``/healthz`` fails when it stops."""
+        while self.health is not None:
+            self.health.beat()
+            await asyncio.sleep(HEARTBEAT_S)
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
@@ -332,55 +280,44 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
 
 
-def watch_health(app: faust.App, health: Health) -> None:
-    """A heartbeat on the event loop every second (``/healthz`` fails when it stops), and partitions assigned
-    for ``/readyz``."""
-
-    @app.timer(interval=1.0)
-    async def heartbeat() -> None:
-        health.beat()
-
-    @app.on_partitions_assigned.connect
-    async def assigned(_app: faust.App, _assigned: object, **_: object) -> None:
-        health.mark("partitions")
-
-    @app.on_partitions_revoked.connect
-    async def revoked(_app: faust.App, _revoked: object, **_: object) -> None:
-        health.mark("partitions", False)
-
-
-def run_worker(settings: Settings, stages: Sequence[str]) -> None:
-    """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed."""
+def run_worker(settings: Settings, stages: Sequence[str]) -> int:
+    """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed; returns the exit
+    status: 1 when an agent failed."""
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics
 
-    level = settings.logs.level.upper()
+    logs.configure(settings.logs.level)
     # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
     health = Health(settings.ops.liveness_bound_s, ["models", "partitions"])
     server = serve(settings.ops, health)
     TELEMETRY.enable(server is not None)
     ensure_topics(settings.kafka, settings.topics, stage_topics(settings.topics, stages))
     sender = EmissionSender(settings.kafka, settings.stages.reply_timeout_ms)
-    built = build_stages(settings, stages)
-    health.mark("models")
-    app = create_app(settings, built, sender)
-    watch_health(app, health)
     lag = None
-    if server is not None:
-        groups = {app.conf.id: _sources(settings.topics, stages)}
-        lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
-    worker = faust.Worker(app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
-    # Faust's terminal spinner turns every log record into a spin, setting the root logger to DEBUG: each debug
-    # line of aiokafka, Faust and mode then builds a record, about a tenth of the consumer thread's time.
-    worker.spinner = None
     try:
-        worker.execute_from_commandline()
+        built = build_stages(settings, stages)
+        health.mark("models")
+        worker = Worker(settings, built, sender, health)
+        if server is not None:
+            groups = {worker.consumer.group_id: _sources(settings.topics, stages)}
+            lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
+        asyncio.run(_until_signalled(worker))
+        return 1 if worker.failed else 0
     finally:
         sender.close()
         if lag is not None:
             lag.close()
         if server is not None:
             server.close()
+
+
+async def _until_signalled(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    log.info("worker started", extra={"group": worker.consumer.group_id, "topics": list(worker.sources.values())})
+    await worker.run()
+    log.info("worker stopped", extra={"group": worker.consumer.group_id})
 
 
 def _sources(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
