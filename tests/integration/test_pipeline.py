@@ -295,7 +295,7 @@ def wait_for_partitions(worker, timeout_s=180.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         log = worker.log_path.read_text(errors="replace")
-        if re.search(r"newly assigned partitions \{", log):
+        if re.search(r'"msg": "partitions assigned".*"partitions": \["', log):
             return log
         assert worker.process.poll() is None, worker.log_tail()
         time.sleep(1.0)
@@ -320,7 +320,7 @@ def test_two_workers_share_partitions_and_give_one_result_per_request(pipeline, 
         with WorkerProcess(pipeline.updated(log_level="INFO"), STAGES, tmp_path / "b.log") as b:
             log = wait_for_partitions(b)
             # Its stages were built (models loaded and warmed) before it joined: a rebalance never waits on them.
-            assert log.index('"msg": "stages ready"') < log.index("assigned partitions"), b.log_tail()
+            assert log.index('"msg": "stages ready"') < log.index('"msg": "partitions assigned"'), b.log_tail()
             # A steady stream for ~25 s after b joined, so both workers take part of it.
             with Publisher(pipeline) as publisher:
                 assert publish_all(publisher, second, rate=1.6, progress=False).acknowledged == len(second)
