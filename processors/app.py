@@ -121,9 +121,8 @@ class Worker:
             )
             if kind in stages
         }
-        stage_settings = settings.stages
         # Room for a few takes, so the next one is ready when one is taken.
-        capacity = max(64, stage_settings.take_events * 4, stage_settings.moderation_take_events * 2)
+        capacity = max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2)
         self.consumer = WorkerConsumer(
             settings.kafka,
             group_id(settings, list(stages)),
@@ -166,11 +165,10 @@ class Worker:
 
     async def _moderate(self, stage: ModerationStage, topic: str) -> None:
         # A take is acknowledged once the broker acknowledged all it emits, while the next take is moderated.
-        stage_settings = self.settings.stages
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
         acknowledgement = InOrderAcknowledgement("moderation")
-        within_s = stage_settings.moderation_max_wait_ms / 1000
-        async for take in self.consumer.takes(topic, stage_settings.moderation_take_events, within_s):
+        within_s = self.settings.stages.moderation_max_wait_ms / 1000
+        async for take in self.consumer.takes(topic, self.settings.stages.moderation_take_events, within_s):
             TELEMETRY.events_in("moderation", len(take.messages))
             emissions = await in_thread(executor, stage.handle_batch, take.messages)
             await acknowledgement.after(asyncio.ensure_future(self.sender.send_all(emissions)), self._acker(take))
@@ -180,13 +178,12 @@ class Worker:
         # Takes of up to take_events, or what came in max_wait_ms, which the stage groups into batches. A take is
         # acknowledged once its last chunk is finished (its emissions acknowledged by the broker), while the next
         # take renders.
-        stage_settings = self.settings.stages
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
         finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
         acknowledgement = InOrderAcknowledgement(kind)
-        within_s = stage_settings.max_wait_ms / 1000
-        async for take in self.consumer.takes(topic, stage_settings.take_events, within_s):
+        within_s = self.settings.stages.max_wait_ms / 1000
+        async for take in self.consumer.takes(topic, self.settings.stages.take_events, within_s):
             TELEMETRY.events_in(kind, len(take.messages))
             finished = await render_take(
                 stage,

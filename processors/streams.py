@@ -174,6 +174,10 @@ class WorkerConsumer:
             self._in_flight.subtract(take.counts)
             self._lock.notify_all()
 
+    def paused(self, topic: str) -> bool:
+        """Whether ``topic``'s partitions are paused: its agent has ``capacity`` messages waiting."""
+        return self._sources[topic].paused
+
     def stop(self) -> None:
         """Stop handing out takes; ``run`` returns once it has committed what was acknowledged and left the group."""
         self.stopping = True

@@ -104,11 +104,9 @@ def role_acls(
     rules = [(ResourceType.TOPIC, name, ResourcePatternType.LITERAL, op) for name, ops in literal[role] for op in ops]
     if role == "sink":
         rules.append((ResourceType.GROUP, sink_group, ResourcePatternType.LITERAL, AclOperation.READ))
-    elif role != "publisher":  # the workers: replies, their consumer groups and Faust's own topics
-        workers = f"{consumer_group}-"
+    elif role != "publisher":  # the workers: reply topics and their consumer groups
         rules += [(ResourceType.TOPIC, topics.reply_prefix, ResourcePatternType.PREFIXED, op) for op in WRITES]
-        rules.append((ResourceType.GROUP, workers, ResourcePatternType.PREFIXED, AclOperation.READ))
-        rules.append((ResourceType.TOPIC, workers, ResourcePatternType.PREFIXED, AclOperation.ALL))
+        rules.append((ResourceType.GROUP, f"{consumer_group}-", ResourcePatternType.PREFIXED, AclOperation.READ))
     return [
         AclBinding(kind, name, pattern, principal, "*", operation, AclPermissionType.ALLOW)
         for kind, name, pattern, operation in rules

@@ -123,9 +123,19 @@ def test_the_readme_configuration_table_is_the_settings():
 
 def _settings_reads() -> set[tuple[str, str]]:
     """(section class, field) pairs read anywhere outside the settings modules: ``x.<section>.<field>``, or
-    ``p.<field>`` where ``p`` is a parameter annotated with the section's class."""
+    ``p.<field>`` where ``p`` is a parameter annotated with the section's class; and ``self.<field>`` in a section's
+    public methods (``KafkaSettings.client_config``, which every Kafka client is built from)."""
     sections = {f.name: f.default_factory.__name__ for f in dataclasses.fields(Settings)} | {"stack": "StackSettings"}
     reads: set[tuple[str, str]] = set()
+    for section in ast.parse((ROOT / "pixelpipe" / "core" / "settings.py").read_text()).body:
+        if isinstance(section, ast.ClassDef) and section.name in sections.values():
+            for method in section.body:
+                if isinstance(method, ast.FunctionDef) and not method.name.startswith("_"):
+                    reads |= {
+                        (section.name, node.attr)
+                        for node in ast.walk(method)
+                        if isinstance(node, ast.Attribute) and getattr(node.value, "id", None) == "self"
+                    }
     sources = [p for layer in LAYER_DIRS for p in _files(layer)] + [ROOT / "pixelpipe" / "cli.py"]
     for path in sources:
         if path.name == "settings.py":
