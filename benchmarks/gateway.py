@@ -327,7 +327,7 @@ def main() -> None:
         reply_topic = f"{settings.topics.reply_prefix}bench.{suffix}"
         ensure_topics(settings.kafka, settings.topics, [reply_topic], partitions=1)
         key, _ = KeyStore(settings.gateway.keys_file).create("bench", requests_per_minute=10**7, burst=10**6)
-        # Faust keeps a data folder in its working directory: the worker inherits the temporary one.
+        # The worker inherits the temporary folder as its working directory, for the relative defaults (./data).
         os.chdir(workdir)
         echo(
             f"one worker process ({', '.join(STAGES)}) and one gateway, null model, {args.side}x{args.side} images,"

@@ -456,7 +456,7 @@ def main() -> None:
             experiments_file=str(workdir / "no-experiments.json"),
             max_wait_ms=args.max_wait_ms,
         )
-        # Faust keeps a data folder in its working directory: the workers inherit the temporary one.
+        # The workers inherit the temporary folder as their working directory, for the relative defaults (./data).
         os.chdir(workdir)
         echo(
             f"one worker process ({', '.join(STAGES)}), null model, {args.side}x{args.side} images, render take window"

@@ -1,1 +1,1 @@
-"""Processors: the Faust stages that moderate, generate and edit, and the diffusers model code they run."""
+"""Processors: the worker's stages that moderate, generate and edit, and the diffusers model code they run."""

@@ -142,10 +142,15 @@ class Worker:
     async def run(self) -> None:
         agents = [asyncio.ensure_future(self._agent(kind, topic)) for kind, topic in self.sources.items()]
         polling = asyncio.ensure_future(self.consumer.run())
+        polling.add_done_callback(lambda _: self.consumer.stop())  # a consumer that failed stops the agents
         beating = asyncio.ensure_future(self._heartbeat())
         await asyncio.gather(*agents, return_exceptions=True)  # each agent logs its own failure
         self.consumer.stop()
-        await polling
+        try:
+            await polling
+        except Exception:
+            log.exception("the consumer failed; the worker stops")
+            self.failed = True
         beating.cancel()
 
     async def _agent(self, kind: str, topic: str) -> None:

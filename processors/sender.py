@@ -1,10 +1,9 @@
 """Sending a take's emissions with librdkafka (confluent-kafka), and awaiting the broker's acknowledgement of all.
 
-Faust's own ``topic.send`` costs tens of microseconds of Python per event on the event loop (a Topic, a
-FutureMessage, aiokafka's record building and one produce request per await), and a request emits five events.
-librdkafka batches, encodes and sends on its own threads, outside the GIL; here each event costs one ``produce``
-call and one delivery report. The agents still consume with Faust, and still acknowledge a take's inputs only after
-``send_all`` returned, that is after the broker acknowledged every event the take emits.
+librdkafka batches, encodes and sends on its own threads, outside the GIL; each event costs one ``produce`` call
+and one delivery report (Faust's ``topic.send``, used before, cost tens of microseconds of Python per event on the
+event loop, and a request emits five events). The agents acknowledge a take's inputs only after ``send_all``
+returned, that is after the broker acknowledged every event the take emits.
 
 Copies of results for requests' reply topics go through a second producer whose messages expire after the reply
 timeout, and nothing waits for them: a reply topic that does not exist or refuses loses only its copy, never holds
@@ -27,7 +26,7 @@ from pixelpipe.processors.stages import Emission
 log = logging.getLogger(__name__)
 
 # Idempotent with acks from every in-sync replica: no loss, no duplicates or reordering on retries. Java's murmur2
-# partitioner, as Faust's producer used, so keys keep their partitions. A short linger: the events of a take are
+# partitioner, as Faust's producer used before, so keys keep their partitions. A short linger: the events of a take are
 # produced together anyway, and each millisecond here is added to every request's latency.
 PRODUCER_CONFIG: dict[str, Any] = {
     "enable.idempotence": True,

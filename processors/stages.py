@@ -3,7 +3,7 @@
 ``ModerationStage.handle_batch`` moderates a take of requests. ``GenerateStage`` and ``EditStage`` (both
 ``RenderStage``) handle a take in two steps: ``render`` (the model calls) and ``finish`` (output moderation,
 encoding, storage), so the two can be timed and, later, overlapped. Both return the events to send
-(results, metrics, forwarded requests, dead letters); the Faust agents in ``processors.app`` send them and only
+(results, metrics, forwarded requests, dead letters); the agents in ``processors.app`` send them and only
 then let the offsets be committed.
 """
 

@@ -7,10 +7,10 @@ with at most one chunk waiting between the two, and chunk k's events wait for th
 (the finishing thread never waits for a round trip). Across takes too: ``render_take`` returns once a take's last
 chunk is rendered, and the agent takes the next one while that chunk is finished.
 
-So a take's messages are acknowledged to Faust by ``InOrderAcknowledgement``, not when the next take is asked for:
-once everything the take emits was acknowledged by the broker, take after take in order, with at most one take
-waiting. Faust commits a partition's offsets only up to its first unacknowledged message, so committed offsets never
-pass unfinished work, and a crash, a stop or a failed send loses nothing: the take is delivered again.
+So a take's messages are acknowledged (``InOrderAcknowledgement``; ``processors.streams`` commits acknowledged
+offsets only) once everything the take emits was acknowledged by the broker, not when the next take is asked for,
+take after take in order, with at most one take waiting. Committed offsets never pass unfinished work, and a crash,
+a stop or a failed send loses nothing: the take is delivered again.
 """
 
 from __future__ import annotations
