@@ -200,7 +200,7 @@ class WorkerConsumer:
                     source.waiting.append((message, epoch))
                     source.arrived.set()
                 for source in self._sources.values():
-                    if not source.paused and len(source.waiting) >= source.capacity:
+                    if len(source.waiting) >= source.capacity:  # again each round: partitions assigned since
                         source.paused = True
                         self._consumer.pause(self._assigned_of(source.topic))
                 if time.monotonic() - committed_s >= COMMIT_INTERVAL_S:
