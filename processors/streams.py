@@ -94,6 +94,7 @@ class Source:
         self.waiting: collections.deque[tuple[Inbound, int]] = collections.deque()
         self.arrived = asyncio.Event()
         self.paused = False
+        self.assigned_since = False  # partitions were assigned since it paused
 
 
 class WorkerConsumer:
@@ -200,8 +201,8 @@ class WorkerConsumer:
                     source.waiting.append((message, epoch))
                     source.arrived.set()
                 for source in self._sources.values():
-                    if len(source.waiting) >= source.capacity:  # again each round: partitions assigned since
-                        source.paused = True
+                    if len(source.waiting) >= source.capacity and (not source.paused or source.assigned_since):
+                        source.paused, source.assigned_since = True, False
                         self._consumer.pause(self._assigned_of(source.topic))
                 if time.monotonic() - committed_s >= COMMIT_INTERVAL_S:
                     self._commit(asynchronous=True)
@@ -246,6 +247,8 @@ class WorkerConsumer:
             for p in partitions:
                 self._next_epoch += 1
                 self._epochs[(p.topic, p.partition)] = self._next_epoch
+                # Assigned unpaused: a full source pauses them too at the next round.
+                self._sources[p.topic].assigned_since = True
         log.info("partitions assigned", extra={"group": self.group_id, "partitions": _names(partitions)})
         self._on_assignment(True)
 
