@@ -175,6 +175,11 @@ class WorkerConsumer:
             self._in_flight.subtract(take.counts)
             self._lock.notify_all()
 
+    def assigned(self) -> list[Partition]:
+        """The partitions this worker holds now."""
+        with self._lock:
+            return sorted(self._epochs)
+
     def paused(self, topic: str) -> bool:
         """Whether ``topic``'s partitions are paused: its agent has ``capacity`` messages waiting."""
         return self._sources[topic].paused

@@ -117,3 +117,51 @@ def test_a_full_source_pauses_its_partitions_and_resumes_without_losing_or_repea
     positions = _positions(taken)
     assert len(positions) == count == len(set(positions))
     assert any(paused) and not all(paused)  # paused while full, resumed once drained
+
+
+def test_a_partition_given_up_in_a_rebalance_is_committed_once_its_takes_in_flight_are_done(topic_settings):
+    settings = topic_settings
+    topic = _publish(settings, 40)
+    group = f"streams-{uuid.uuid4().hex[:8]}"
+    first = WorkerConsumer(settings.kafka, group, "first", {topic: 64})
+    second = WorkerConsumer(settings.kafka, group, "second", {topic: 64})
+    seen = {"first": [], "second": []}
+
+    async def collect(consumer, name, held):
+        async for take in consumer.takes(topic, 8, 0.05):
+            seen[name] += [(m.partition, m.offset) for m in take.messages]
+            if held is None:
+                consumer.acknowledge(take)
+            else:
+                held.append(take)
+
+    async def run():
+        held = []
+        polling = [asyncio.ensure_future(first.run())]
+        taking = [asyncio.ensure_future(collect(first, "first", held))]
+        async with asyncio.timeout(WAIT_S):
+            while len(seen["first"]) < 40:
+                await asyncio.sleep(0.05)
+            # The second member joins while all 40 are in flight: the first gives up a partition only once its
+            # takes are done (within REVOKE_WAIT_S), then commits them, so the second starts after them.
+            polling.append(asyncio.ensure_future(second.run()))
+            taking.append(asyncio.ensure_future(collect(second, "second", None)))
+            await asyncio.sleep(5.0)  # the first learns of the rebalance at its next heartbeat (3 s)
+            assert not second.assigned(), "a partition moved with its takes still in flight"
+            for take in held:
+                first.acknowledge(take)
+            held.clear()
+            while not second.assigned():
+                await asyncio.sleep(0.05)
+            _publish(settings, 20)
+            while len(seen["first"]) + len(seen["second"]) < 60:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # anything repeated would come now
+        for consumer in (first, second):
+            consumer.stop()
+        await asyncio.gather(*polling, *taking)
+
+    asyncio.run(run())
+    assert seen["second"], "the second member was given no partition"
+    everything = seen["first"] + seen["second"]
+    assert len(everything) == len(set(everything)) == 60
