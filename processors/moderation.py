@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy.sparse import csr_matrix
 from scipy.special import expit
 
 from pixelpipe.core.validation import normalise_text
@@ -263,8 +262,8 @@ class ProfanityScorer:
     """alt-profanity-check's shipped model, scored the way its ``predict_prob`` does: TF-IDF features (l2-normalised
     counts of the vectoriser's tokens, times their idf), then the mean of its sigmoid-calibrated linear SVMs'
     probabilities. Here the features are built straight from the vectoriser's own analyser and vocabulary, and the
-    SVMs are one sparse product for the whole batch: scikit-learn's transform and predict_proba spent milliseconds
-    a call on input checks, whatever the batch size."""
+    SVMs are scored for the whole batch at once: scikit-learn's transform and predict_proba spent milliseconds a
+    call on input checks, whatever the batch size."""
 
     def __init__(self) -> None:
         # Imported here: importing profanity_check unpickles its model (about a second).
@@ -284,25 +283,27 @@ class ProfanityScorer:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """The probability that each text is profane."""
-        decisions = self._features(texts) @ self._weights + self._intercepts
+        decisions = self._decisions(texts) + self._intercepts
         probabilities = expit(-(self._slopes * decisions + self._offsets))
         return probabilities.sum(axis=1) / len(self._intercepts)
 
-    def _features(self, texts: Sequence[str]) -> csr_matrix:
+    def _decisions(self, texts: Sequence[str]) -> np.ndarray:
+        """Each text's TF-IDF features times the SVMs' weights (texts x classifiers), summed row by row with numpy:
+        building and checking a sparse matrix made a take of 2 prompts cost 72 us rather than 30."""
         columns: list[int] = []
         counts: list[int] = []
-        row_starts = [0]
-        for text in texts:
+        rows: list[int] = []
+        for row, text in enumerate(texts):
             found = Counter(self._vocabulary[t] for t in self._analyse(text) if t in self._vocabulary)
-            for column in sorted(found):
-                columns.append(column)
-                counts.append(found[column])
-            row_starts.append(len(columns))
+            columns += found
+            counts += found.values()
+            rows += [row] * len(found)
         values = np.array(counts, dtype=np.float64) * self._idf[columns]
-        rows = np.repeat(np.arange(len(texts)), np.diff(row_starts))
         norms = np.sqrt(np.bincount(rows, weights=values * values, minlength=len(texts)))
         values /= norms[rows]  # a text without a known token has no values, so no zero norm is divided by
-        return csr_matrix((values, columns, row_starts), shape=(len(texts), len(self._idf)))
+        decisions = np.zeros((len(texts), self._weights.shape[1]))
+        np.add.at(decisions, rows, values[:, None] * self._weights[columns])
+        return decisions
 
 
 class PromptModerator:
