@@ -285,10 +285,8 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
 def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed; returns the exit
     status: 1 when an agent failed."""
-    from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics
 
-    logs.configure(settings.logs.level)
     # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
     health = Health(settings.ops.liveness_bound_s, ["models", "partitions"])
     server = serve(settings.ops, health)

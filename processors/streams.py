@@ -222,13 +222,12 @@ class WorkerConsumer:
         if first is None:
             return []
         fetched = [first, *self._consumer.consume(POLL_BATCH - 1, 0)]
-        with self._lock:
-            epochs = self._epochs
-            return [
-                (inbound(m), epochs.get((m.topic(), m.partition()), -1))  # type: ignore[arg-type]
-                for m in fetched
-                if not _failed(m)
-            ]
+        # No lock: only this thread (here and in the rebalance callbacks) changes the epochs.
+        return [
+            (inbound(m), self._epochs.get((m.topic(), m.partition()), -1))  # type: ignore[arg-type]
+            for m in fetched
+            if not _failed(m)
+        ]
 
     def _commit(self, asynchronous: bool, partitions: set[Partition] | None = None) -> None:
         with self._lock:
