@@ -1,9 +1,10 @@
-"""Write one event per schema with a historical schema version, for the compatibility tests.
+"""Write one event per schema of a historical version folder (schemas/v1/, v2/, ...), for the compatibility tests.
 
-    python scripts/write_schema_fixtures.py v1 [OUT_DIR]
+    python scripts/write_schema_fixtures.py v2 [OUT_DIR]
 
-Run once when a version is frozen; the files under tests/fixtures/<version>/ never change after that. OUT_DIR
-(default tests/fixtures/<version>) lets a check write them elsewhere and compare them with the frozen ones.
+Run once when a version is frozen (or a schema first appears in a folder); the files under
+tests/fixtures/<version>/ never change after that. OUT_DIR (default tests/fixtures/<version>) lets a check write
+them elsewhere and compare them with the frozen ones. Each record carries the folder's number as its schema_version.
 
 The events are written with fastavro and the historical schema directly: the codec encodes only the current
 schemas, and these bytes must be what that older pixelpipe version put on the wire.
@@ -19,7 +20,7 @@ from pathlib import Path
 from fastavro import parse_schema, schemaless_writer
 
 from pixelpipe.core.codec import SINGLE_OBJECT_MAGIC, schema_fingerprint
-from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
+from pixelpipe.schemas import SCHEMA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,10 +31,11 @@ def main(version: str, out_dir: Path | None = None) -> None:
     out_dir = out_dir or ROOT / "tests" / "fixtures" / version
     out_dir.mkdir(parents=True, exist_ok=True)
     records = sample_records()
-    for name in SCHEMA_NAMES:
-        schema = parse_schema(json.loads((SCHEMA_DIR / version / f"{name}.avsc").read_text()))
+    for path in sorted((SCHEMA_DIR / version).glob("*.avsc")):
+        name = path.stem
+        schema = parse_schema(json.loads(path.read_text()))
         body = io.BytesIO()
-        schemaless_writer(body, schema, records[name])
+        schemaless_writer(body, schema, records[name] | {"schema_version": int(version.removeprefix("v"))})
         (out_dir / f"{name}.bin").write_bytes(SINGLE_OBJECT_MAGIC + schema_fingerprint(schema) + body.getvalue())
         print(f"wrote {out_dir / f'{name}.bin'}")
 

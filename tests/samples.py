@@ -1,7 +1,8 @@
 """One realistic record of every schema, with every optional field set, for round-trip and fixture tests.
 
-tests/fixtures/v1 holds these records as the v1 schemas wrote them: never change the value of a v1 field here
-(fields added later, such as ImageResult's steps or ImageRequest's reference_image_uris, are not in the v1 fixtures).
+tests/fixtures/v1, v2, ... hold these records as each version's schemas wrote them (with that schema_version):
+never change the value of a field a frozen version has here (fields added later, such as ImageResult's steps or
+ImageRequest's reference_image_uris, are not in the v1 fixtures).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "model": "sd-1.5",
             "experiments": {"steps-test": "fast"},
             "variant": "steps-test:fast",
+            "device_seconds_saved": None,  # set when the outcome is CANCELLED
         },
         "DeadLetter": common
         | {
@@ -103,5 +105,11 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "offset": 123456789,
             "error_reason": "single-object encoding with fingerprint 6761726261676500 matches no shipped schema",
             "stage": "moderation",
+        },
+        "Cancellation": common
+        | {
+            "event_id": "7c1d2e3f-4a5b-4c6d-8e9f-a0b1c2d3e4f5",
+            "reason": "the caller closed the connection",
+            "requested_by": "gateway:gw-1",
         },
     }

@@ -19,10 +19,10 @@ Record = dict[str, Any]
 
 RequestKind = Literal["GENERATE", "EDIT"]
 Priority = Literal["INTERACTIVE", "BATCH"]
-ResultStatus = Literal["SUCCEEDED", "REJECTED", "FAILED"]
+ResultStatus = Literal["SUCCEEDED", "REJECTED", "FAILED", "CANCELLED"]
 ModerationStage = Literal["PROMPT", "INPUT_IMAGE", "OUTPUT_IMAGE"]
 Stage = Literal["MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION"]
-StageOutcome = Literal["OK", "REJECTED", "FAILED"]
+StageOutcome = Literal["OK", "REJECTED", "FAILED", "CANCELLED"]
 
 MAX_DEAD_LETTER_REASON_CHARS = 4000
 R = TypeVar("R", bound="AvroRecord")
@@ -122,7 +122,7 @@ class ImageResult(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 2
+    schema_version: int = 3  # 2 added what ran, 3 the status CANCELLED
     event_time: dt.datetime = field(default_factory=utc_now)
     status: ResultStatus
     kind: RequestKind | None = None
@@ -173,7 +173,7 @@ class StageMetric(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 1
+    schema_version: int = 2  # 2 added the outcome CANCELLED and device_seconds_saved
     event_time: dt.datetime = field(default_factory=utc_now)
     stage: Stage
     outcome: StageOutcome
@@ -188,6 +188,7 @@ class StageMetric(AvroRecord):
     model: str
     experiments: dict[str, str] = field(default_factory=dict)
     variant: str | None = None
+    device_seconds_saved: float | None = None  # CANCELLED: what the cancellation spared; None where unknown
 
 
 @dataclass(kw_only=True, slots=True)
@@ -239,7 +240,21 @@ class DeadLetter(AvroRecord):
         )
 
 
-Event = ImageRequest | ImageResult | StageMetric | DeadLetter
+@dataclass(kw_only=True, slots=True)
+class Cancellation(AvroRecord):
+    """A caller gave up on a request; keyed by its request id on the compacted cancellations topic."""
+
+    schema_name: ClassVar[str] = "Cancellation"
+
+    event_id: str = field(default_factory=new_event_id)
+    request_id: str
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter)
+    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation)
 }

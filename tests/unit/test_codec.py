@@ -60,16 +60,25 @@ def test_registry_framing_decodes_without_registry_only_single_object():
         Codec().decode(framed)
 
 
-@pytest.mark.parametrize("name", SCHEMA_NAMES)
-def test_current_schema_reads_what_v1_wrote(name):
-    v1_schema = parse_schema(json.loads((SCHEMA_DIR / "v1" / f"{name}.avsc").read_text()))
-    data = (FIXTURES / "v1" / f"{name}.bin").read_bytes()
-    assert data[2:10] == schema_fingerprint(v1_schema)
+FROZEN = sorted((path.parent.name, path.stem) for path in SCHEMA_DIR.glob("v*/*.avsc"))
+
+
+def test_every_schema_has_a_frozen_first_version_and_each_frozen_schema_a_fixture():
+    assert {name for version, name in FROZEN if version == "v1"} == set(SCHEMA_NAMES)
+    assert ("v2", "ImageResult") in FROZEN  # ImageResult 3 added CANCELLED
+    assert sorted((p.parent.name, p.stem) for p in FIXTURES.glob("v*/*.bin")) == FROZEN
+
+
+@pytest.mark.parametrize(("version", "name"), FROZEN)
+def test_current_schema_reads_what_each_earlier_version_wrote(version, name):
+    old_schema = parse_schema(json.loads((SCHEMA_DIR / version / f"{name}.avsc").read_text()))
+    data = (FIXTURES / version / f"{name}.bin").read_bytes()
+    assert data[2:10] == schema_fingerprint(old_schema)
     decoded_name, record = Codec().decode_record(data)
     assert decoded_name == name
     assert type(Codec().decode(data)) is EVENT_TYPES[name]
-    expected = sample_records()[name]
-    for field in v1_schema["fields"]:
+    expected = sample_records()[name] | {"schema_version": int(version.removeprefix("v"))}
+    for field in old_schema["fields"]:
         assert record[field["name"]] == expected[field["name"]], field["name"]
     current_fields = {f["name"] for f in current_schemas()[name].parsed["fields"]}
     assert set(record) == current_fields

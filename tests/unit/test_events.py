@@ -5,7 +5,15 @@ import json
 
 import pytest
 
-from pixelpipe.core.events import EVENT_TYPES, CategoryScore, DeadLetter, ImageRequest, ImageResult, StoredImage
+from pixelpipe.core.events import (
+    EVENT_TYPES,
+    CategoryScore,
+    DeadLetter,
+    ImageRequest,
+    ImageResult,
+    StageMetric,
+    StoredImage,
+)
 from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 from tests.samples import sample_records
 
@@ -40,8 +48,26 @@ def test_each_event_class_has_its_schemas_fields_and_defaults(name):
             assert default == avro_field["default"], (record_name, avro_field["name"])
 
 
-def test_results_are_written_as_schema_version_2_the_version_that_added_what_ran():
-    assert ImageResult(event_id="e", request_id="r", status="FAILED", user_id="", model="").schema_version == 2
+def test_results_are_written_as_schema_version_3_the_version_that_added_cancelled():
+    assert ImageResult(event_id="e", request_id="r", status="CANCELLED", user_id="", model="").schema_version == 3
+
+
+def test_metrics_are_written_as_schema_version_2_the_version_that_added_cancelled_and_the_time_saved():
+    metric = StageMetric(
+        event_id="e",
+        request_id="r",
+        stage="GENERATE",
+        outcome="CANCELLED",
+        queue_ms=0.0,
+        compute_ms=0.0,
+        device="none",
+        device_seconds=0.0,
+        cost_usd=0.0,
+        worker_id="w",
+        user_id="u",
+        model="m",
+    )
+    assert (metric.schema_version, metric.device_seconds_saved) == (2, None)
 
 
 def test_requests_are_written_as_schema_version_2_the_version_that_added_reference_images():
