@@ -4,7 +4,7 @@
 
 Run once when a version is frozen (or a schema first appears in a folder); the files under
 tests/fixtures/<version>/ never change after that. OUT_DIR (default tests/fixtures/<version>) lets a check write
-them elsewhere and compare them with the frozen ones. Each record carries the folder's number as its schema_version.
+them elsewhere and compare them with the frozen ones.
 
 The events are written with fastavro and the historical schema directly: the codec encodes only the current
 schemas, and these bytes must be what that older pixelpipe version put on the wire.
@@ -35,7 +35,7 @@ def main(version: str, out_dir: Path | None = None) -> None:
         name = path.stem
         schema = parse_schema(json.loads(path.read_text()))
         body = io.BytesIO()
-        schemaless_writer(body, schema, records[name] | {"schema_version": int(version.removeprefix("v"))})
+        schemaless_writer(body, schema, records[name])
         (out_dir / f"{name}.bin").write_bytes(SINGLE_OBJECT_MAGIC + schema_fingerprint(schema) + body.getvalue())
         print(f"wrote {out_dir / f'{name}.bin'}")
 

@@ -1,7 +1,7 @@
 """One realistic record of every schema, with every optional field set, for round-trip and fixture tests.
 
-tests/fixtures/v1, v2, ... hold these records as each version's schemas wrote them (with that schema_version):
-never change the value of a field a frozen version has here (fields added later, such as ImageResult's steps or
+tests/fixtures/v1, v2, ... hold these records as each version's schemas wrote them: never change the value of a
+field a frozen version has here (fields added later, such as ImageResult's steps or
 ImageRequest's reference_image_uris, are not in the v1 fixtures).
 """
 

@@ -233,29 +233,31 @@ def resolved_by_hand(version: str, name: str, record: dict[str, Any]) -> dict[st
     }
 
 
+def shipped(versions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(version, name) of each schema these versions hold: a history folder holds the schemas that had that
+    version."""
+    return [(v, n) for v in versions for n in SCHEMA_NAMES if schema_path(v, n).exists()]
+
+
 def registry_with_every_schema() -> InMemorySchemaRegistry:
     """A registry holding every shipped schema under its record-name subject, so ids are not all 1."""
     registry = InMemorySchemaRegistry()
-    for version in reversed(VERSIONS):
-        for name in SCHEMA_NAMES:
-            registry.register(f"{NAMESPACE}.{name}", schema_text(version, name))
+    for version, name in reversed(shipped(VERSIONS)):
+        registry.register(f"{NAMESPACE}.{name}", schema_text(version, name))
     return registry
 
 
 def _params(versions: tuple[str, ...], framings: tuple[str, ...] = FRAMINGS, kinds: tuple[str, ...] = RECORD_KINDS):
     return [
         pytest.param(version, name, framing, kind, id=f"{version}-{name}-{framing}-{kind}")
-        for version in versions
-        for name in SCHEMA_NAMES
+        for version, name in shipped(versions)
         for framing in framings
         for kind in kinds
     ]
 
 
 # -- fingerprints -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("version", "name"), [pytest.param(v, n, id=f"{v}-{n}") for v in VERSIONS for n in SCHEMA_NAMES]
-)
+@pytest.mark.parametrize(("version", "name"), [pytest.param(v, n, id=f"{v}-{n}") for v, n in shipped(VERSIONS)])
 def test_fingerprint_is_the_references(version, name):
     expected = reference_fingerprint(reference_schema(version, name))
     assert schema_fingerprint(parse_schema(schema_json(version, name))) == expected
@@ -343,7 +345,7 @@ def test_the_reference_reads_what_the_codec_writes(version, name, framing, kind)
 # -- the frozen fixtures of older versions ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("version", "name"),
-    [pytest.param(v, n, id=f"{v}-{n}") for v in HISTORY for n in SCHEMA_NAMES if (FIXTURES / v / f"{n}.bin").exists()],
+    [pytest.param(v, n, id=f"{v}-{n}") for v, n in shipped(HISTORY) if (FIXTURES / v / f"{n}.bin").exists()],
 )
 def test_a_frozen_fixture_is_what_the_reference_writes_and_reads(version, name):
     data = (FIXTURES / version / f"{name}.bin").read_bytes()
@@ -359,6 +361,6 @@ def test_a_frozen_fixture_is_what_the_reference_writes_and_reads(version, name):
 
 def test_every_schema_version_is_covered():
     # The parametrization finds the versions itself; a history folder the codec reads but these tests missed fails.
-    covered = {reference_fingerprint(reference_schema(v, n)) for v in VERSIONS for n in SCHEMA_NAMES}
+    covered = {reference_fingerprint(reference_schema(v, n)) for v, n in shipped(VERSIONS)}
     assert set(shipped_schemas()) <= covered
     assert HISTORY, "no frozen schema version found under schemas/"
