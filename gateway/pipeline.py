@@ -34,9 +34,9 @@ from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.objects import ObjectNotFoundError, ObjectStore
 from pixelpipe.core.settings import KafkaSettings, Settings
-from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics
+from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics, find_event
 from pixelpipe.gateway.errors import ApiError
-from pixelpipe.gateway.replies import ReplyListener, find_event
+from pixelpipe.gateway.replies import ReplyListener
 from pixelpipe.producers import DeliveryError, InvalidRequestError, PendingDelivery, Publisher, new_request
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ class Pipeline:
             return recent
         kafka, topics = self.settings.kafka, self.settings.topics
         since = created_ms - RECEIPT_SLACK_MS
-        found = await asyncio.to_thread(find_event, kafka, self.codec, topics.results, rid, since, None)
+        found = await asyncio.to_thread(find_event, kafka, topics.results, rid, since, None)
         if found is not None:
             return self._decode(found)
         # The receipt's maker may be publishing right now (a call racing on another instance): its request is
@@ -364,7 +364,7 @@ class Pipeline:
         stop = threading.Event()
         try:
             return await asyncio.to_thread(
-                find_event, self.settings.kafka, self.codec, topic, request_id, since_ms, until_monotonic, stop
+                find_event, self.settings.kafka, topic, request_id, since_ms, until_monotonic, stop
             )
         finally:
             stop.set()

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
-from pixelpipe.core.topics import assign_from_end, ensure_topics
+from pixelpipe.core.topics import assign_from_end, assigned_consumer, ensure_topics
 from pixelpipe.gateway.keys import KeyStore
-from pixelpipe.gateway.replies import assigned_consumer
 
 log = logging.getLogger(__name__)
 WARNING_INTERVAL_S = 60.0  # a broker that is down fails every sync: one warning a minute says so

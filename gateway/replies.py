@@ -1,5 +1,6 @@
-"""Results for this gateway's calls: its own reply topic, read from the end, and a scan of the results topic for a
-call whose reply went elsewhere (a retry after a restart, or through another instance).
+"""Results for this gateway's calls: its own reply topic, read from the end. A call whose reply went elsewhere (a
+retry after a restart, or through another instance) scans the results topic instead
+(``pixelpipe.core.topics.find_event``).
 
 The workers send a copy of each result to the request's reply topic after the result itself is on the results
 topic (best effort: README, "reply topic"); each gateway instance has its own reply topic, so it reads only the
@@ -11,34 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-import uuid
 from collections import OrderedDict
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.settings import KafkaSettings
-from pixelpipe.core.topics import PREVIEW_HEADER, assign_from_end
+from pixelpipe.core.topics import PREVIEW_HEADER, assign_from_end, assigned_consumer
 
 log = logging.getLogger(__name__)
-SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
 RECENT_RESULTS = 4096  # results kept after they arrived, for a call retried while this instance still runs
-
-
-def assigned_consumer(kafka: KafkaSettings) -> Consumer:
-    """A consumer for the gateway's own reads (replies, scans, usage reports): its partitions are assigned, so it
-    joins no group and commits nothing; fetches return within 10 ms."""
-    return Consumer(
-        kafka.client_config()
-        | {
-            "group.id": f"pixelpipe-gateway-{uuid.uuid4().hex}",  # assigned, never subscribed: nothing is committed
-            "enable.auto.commit": False,
-            "auto.offset.reset": "latest",
-            "fetch.wait.max.ms": 10,
-        }
-    )
 
 
 class ReplyListener:
@@ -151,55 +135,3 @@ class ReplyListener:
 def _settle(future: asyncio.Future[ImageResult], result: ImageResult) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def find_event(
-    kafka: KafkaSettings,
-    codec: Codec,
-    topic: str,
-    request_id: str,
-    since_ms: int,
-    until_monotonic: float | None,
-    stop: threading.Event | None = None,
-) -> bytes | None:
-    """The value of the first message keyed ``request_id`` on ``topic`` since ``since_ms``: read to the current end
-    when ``until_monotonic`` is None, else tailed until then. Every partition is read (from the offset of that
-    time), so it does not matter which partitioner the producer used; the cost is the traffic since ``since_ms``."""
-    consumer = assigned_consumer(kafka)
-    key = request_id.encode()
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        wanted = [TopicPartition(topic, p, since_ms) for p in partitions]
-        start = consumer.offsets_for_times(wanted, timeout=10)
-        ends = {}
-        assignment = []
-        for tp in start:
-            _, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
-            offset = tp.offset if tp.offset >= 0 else high  # no message since then: start at the end
-            if until_monotonic is None and offset >= high:
-                continue
-            ends[tp.partition] = high
-            assignment.append(TopicPartition(topic, tp.partition, offset))
-        if not assignment:
-            return None
-        consumer.assign(assignment)
-        scan_until = time.monotonic() + SCAN_LIMIT_S
-        while True:
-            if until_monotonic is None and time.monotonic() > scan_until:
-                log.warning("scan stopped", extra={"topic": topic, "request_id": request_id})
-                return None
-            if stop is not None and stop.is_set():
-                return None
-            if until_monotonic is not None and time.monotonic() > until_monotonic:
-                return None
-            for message in consumer.consume(500, timeout=0.2):
-                if message.error():
-                    continue
-                if message.key() == key:
-                    return message.value()
-                if until_monotonic is None and message.offset() >= ends[message.partition()] - 1:
-                    ends.pop(message.partition(), None)
-            if until_monotonic is None and not ends:
-                return None
-    finally:
-        consumer.close()

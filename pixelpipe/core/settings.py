@@ -151,6 +151,11 @@ class TopicSettings:
     dead_letter: str = setting(
         "TOPIC_DEAD_LETTER", "pixelpipe.dead-letter", "Topic of undecodable or exhausted events."
     )
+    cancellations: str = setting(
+        "TOPIC_CANCELLATIONS",
+        "pixelpipe.cancellations",
+        "Compacted topic of Cancellations keyed by request id; every render worker reads it whole.",
+    )
     gateway_usage: str = setting(
         "TOPIC_GATEWAY_USAGE",
         "pixelpipe.gateway.usage",
@@ -165,7 +170,7 @@ class TopicSettings:
 
     def pipeline(self) -> list[str]:
         """Every topic of the pipeline."""
-        return [self.requests, *self.render(), self.results, self.metrics, self.dead_letter]
+        return [self.requests, *self.render(), self.results, self.metrics, self.dead_letter, self.cancellations]
 
     def render(self) -> list[str]:
         """The topics moderation forwards to and the render stages read: each kind's own and its long lane's."""

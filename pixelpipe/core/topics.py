@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+import uuid
 from collections.abc import Mapping
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
@@ -25,6 +28,7 @@ from pixelpipe.core.settings import KafkaSettings, TopicSettings
 PARTIAL_IMAGES_HEADER = "pixelpipe-partial-images"
 PREVIEW_HEADER = "pixelpipe-preview"
 MAX_PARTIAL_IMAGES = 3
+log = logging.getLogger(__name__)
 
 
 def ensure_topics(
@@ -39,13 +43,14 @@ def ensure_topics(
     if not missing:
         return []
     # The broker stamps each request with its own clock on arrival: the rate limiter's time, which a producer
-    # cannot set.
-    append_time = {"message.timestamp.type": "LogAppendTime"}
+    # cannot set. Cancellations are state every render worker reads whole: compacted to the latest per request id,
+    # and deleted after the broker's retention like the requests they could still meet, so the state stays bounded.
+    config = {
+        topics.requests: {"message.timestamp.type": "LogAppendTime"},
+        topics.cancellations: {"cleanup.policy": "compact,delete"},
+    }
     futures = admin.create_topics(
-        [
-            NewTopic(name, partitions or topics.partitions, 1, config=append_time if name == topics.requests else {})
-            for name in missing
-        ],
+        [NewTopic(name, partitions or topics.partitions, 1, config=config.get(name, {})) for name in missing],
         operation_timeout=30,
     )
     for future in futures.values():
@@ -82,9 +87,9 @@ def assign_from_end(consumer: Consumer, topic: str) -> None:
     consumer.assign(assignment)
 
 
-# What each role may do, and nothing more: publishers only write requests; moderation reads them and writes the
-# render topics (each kind's and its long lane's); renderers read those; only moderation and renderers write
-# results, metrics and replies.
+# What each role may do, and nothing more: publishers write requests and cancellations; moderation reads requests and
+# writes the render topics (each kind's and its long lane's); renderers read those and the cancellations; only
+# moderation and renderers write results, metrics and replies.
 READS, WRITES = (AclOperation.READ, AclOperation.DESCRIBE), (AclOperation.WRITE, AclOperation.DESCRIBE)
 
 
@@ -94,9 +99,9 @@ def role_acls(
     """The ACLs of one role (publisher, moderation, renderer or sink) for ``principal`` (``User:name``)."""
     outputs = [topics.results, topics.metrics, topics.dead_letter]
     literal: dict[str, list[tuple[str, tuple[AclOperation, ...]]]] = {
-        "publisher": [(topics.requests, WRITES)],
+        "publisher": [(topics.requests, WRITES), (topics.cancellations, WRITES)],
         "moderation": [(topics.requests, READS), *((t, WRITES) for t in [*topics.render(), *outputs])],
-        "renderer": [*((t, READS) for t in topics.render()), *((t, WRITES) for t in outputs)],
+        "renderer": [*((t, READS) for t in [*topics.render(), topics.cancellations]), *((t, WRITES) for t in outputs)],
         "sink": [(topics.results, READS), (topics.metrics, READS), (topics.dead_letter, WRITES)],
     }
     if role not in literal:
@@ -140,3 +145,72 @@ def grant_roles(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the brokers did not show the new ACLs within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads
+
+
+def assigned_consumer(kafka: KafkaSettings) -> Consumer:
+    """A consumer for reads of one's own (replies, scans, usage reports): its partitions are assigned, so it joins no
+    group and commits nothing; fetches return within 10 ms."""
+    return Consumer(
+        kafka.client_config()
+        | {
+            "group.id": f"pixelpipe-reader-{uuid.uuid4().hex}",  # assigned, never subscribed: nothing is committed
+            "enable.auto.commit": False,
+            "auto.offset.reset": "latest",
+            "fetch.wait.max.ms": 10,
+        }
+    )
+
+
+def find_event(
+    kafka: KafkaSettings,
+    topic: str,
+    key: str,
+    since_ms: int,
+    until_monotonic: float | None,
+    stop: threading.Event | None = None,
+) -> bytes | None:
+    """The value of the first message keyed ``key`` (a request id) on ``topic`` since ``since_ms``: read to the
+    current end when ``until_monotonic`` is None, else tailed until then. Every partition is read (from the offset of
+    that time), so it does not matter which partitioner the producer used; the cost is the traffic since
+    ``since_ms``, and only keys are compared."""
+    consumer = assigned_consumer(kafka)
+    wanted_key = key.encode()
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        wanted = [TopicPartition(topic, p, since_ms) for p in partitions]
+        start = consumer.offsets_for_times(wanted, timeout=10)
+        ends = {}
+        assignment = []
+        for tp in start:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+            offset = tp.offset if tp.offset >= 0 else high  # no message since then: start at the end
+            if until_monotonic is None and offset >= high:
+                continue
+            ends[tp.partition] = high
+            assignment.append(TopicPartition(topic, tp.partition, offset))
+        if not assignment:
+            return None
+        consumer.assign(assignment)
+        scan_until = time.monotonic() + SCAN_LIMIT_S
+        while True:
+            if until_monotonic is None and time.monotonic() > scan_until:
+                log.warning("scan stopped", extra={"topic": topic, "key": key})
+                return None
+            if stop is not None and stop.is_set():
+                return None
+            if until_monotonic is not None and time.monotonic() > until_monotonic:
+                return None
+            for message in consumer.consume(500, timeout=0.2):
+                if message.error():
+                    continue
+                if message.key() == wanted_key:
+                    return message.value()
+                if until_monotonic is None and message.offset() >= ends[message.partition()] - 1:
+                    ends.pop(message.partition(), None)
+            if until_monotonic is None and not ends:
+                return None
+    finally:
+        consumer.close()
