@@ -44,6 +44,7 @@ def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
         "metrics",
         "dead_letter",
         "gateway_usage",
+        "cancellations",
     )
     renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in names}
     return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))
