@@ -532,9 +532,11 @@ class LoadedModel:
                 _synchronize(self.device)
                 start = time.perf_counter()
                 for index, call in enumerate(calls):
-                    # Previews of images in progress, when the stage asked for them (processors/previews.py).
+                    # Previews of images in progress and the stage's stop check (processors/previews.py).
                     previews = step_callback(0 if self.batched else index, self._unpack(pipe, batch))
                     images += pipe(**call, **shared, **previews).images
+                    if pipe.interrupt:  # stopped: every request of the batch was cancelled, nobody wants the rest
+                        break
                 _synchronize(self.device)
                 seconds = time.perf_counter() - start
             finally:

@@ -41,6 +41,11 @@ class Outcome:
         return cls("FAILED", error_code=code, error_message=message[:MAX_ERROR_MESSAGE_CHARS])
 
     @classmethod
+    def cancelled(cls, how: str) -> Outcome:
+        """Its caller cancelled it (a Cancellation on the cancellations topic); ``how`` says when and what was done."""
+        return cls("CANCELLED", error_message=how)
+
+    @classmethod
     def rejected(cls, stage: ModerationStage, scores: dict[str, float], categories: list[str]) -> Outcome:
         return cls(
             "REJECTED",
@@ -53,7 +58,8 @@ class Outcome:
 
     @property
     def stage_outcome(self) -> StageOutcome:
-        return {"SUCCEEDED": "OK", "REJECTED": "REJECTED"}.get(self.status, "FAILED")  # type: ignore[return-value]
+        outcomes = {"SUCCEEDED": "OK", "REJECTED": "REJECTED", "CANCELLED": "CANCELLED"}
+        return outcomes.get(self.status, "FAILED")  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class StageWork:
     device: str
     device_seconds: float
     batch_size: int = 1
+    device_seconds_saved: float | None = None  # CANCELLED: what the cancellation spared; None where unknown
 
 
 def stage_metric(
@@ -159,4 +166,5 @@ def stage_metric(
         model=model,
         experiments=dict(request.experiments),
         variant=request.variant,
+        device_seconds_saved=work.device_seconds_saved,
     )

@@ -10,6 +10,10 @@ as a small JPEG, goes to the request's reply topic, keyed by request id, with it
 Previews are best effort. Each first passes the output image check the completed image passes (the stage's
 ``ImageModerator``, ``OUTPUT_IMAGE``): one that the check flags is withheld, and so are the request's later ones.
 The check, the JPEG and the send run on a thread of their own while the next steps render (``Previews``).
+
+The same step callback asks the render stage's stop check, when one is installed, after each step: once it says
+stop (every request of the call was cancelled), the callback sets the pipeline's ``_interrupt``, which diffusers'
+denoising loops honour by skipping the remaining steps (the VAE still decodes what there is, which is thrown away).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ PreviewHook = Callable[[int, int, int, torch.Tensor], None]
 Unpack = Callable[[torch.Tensor], torch.Tensor]
 # (reply topic, key, value, headers): sends without waiting
 PreviewSink = Callable[[str, bytes, bytes, Mapping[str, bytes]], None]
+# (steps of the call) -> whether to stop the call after the step just done
+StopCheck = Callable[[int], bool]
 # Stable Diffusion's four latent channels to RGB: the least-squares fit of the VAE decoder's mean colours that cheap
 # previewers (A1111's "Approx cheap", ComfyUI's latent2rgb) use.
 LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
@@ -116,28 +122,35 @@ def jpeg(image: Image.Image) -> bytes:
 
 
 @contextlib.contextmanager
-def previewing(hook: PreviewHook | None) -> Iterator[None]:
-    """Install ``hook`` for the model calls made on this thread inside the block."""
-    _hooks.hook = hook
+def previewing(hook: PreviewHook | None, stop: StopCheck | None = None) -> Iterator[None]:
+    """Install ``hook`` (previews) and ``stop`` (cancellation) for the model calls made on this thread inside the
+    block."""
+    _hooks.hook, _hooks.stop = hook, stop
     try:
         yield
     finally:
-        _hooks.hook = None
+        _hooks.hook = _hooks.stop = None
 
 
 def step_callback(row: int, unpack: Unpack | None = None) -> dict[str, Any]:
     """The pipeline arguments that call this thread's hook after each step of a call whose first row is ``row``,
-    with the latents ``unpack`` made (rows x channels x h x w); none when no hook is installed."""
+    with the latents ``unpack`` made (rows x channels x h x w), then its stop check; none when neither is
+    installed."""
     hook: PreviewHook | None = getattr(_hooks, "hook", None)
-    if hook is None:
+    stop: StopCheck | None = getattr(_hooks, "stop", None)
+    if hook is None and stop is None:
         return {}
 
     def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        try:
-            latents = kwargs["latents"] if unpack is None else unpack(kwargs["latents"])
-            hook(step, int(getattr(pipe, "num_timesteps", 0) or 0), row, latents)
-        except Exception:  # a preview must never fail a render
-            log.exception("preview failed")
+        steps = int(getattr(pipe, "num_timesteps", 0) or 0)
+        if hook is not None:
+            try:
+                latents = kwargs["latents"] if unpack is None else unpack(kwargs["latents"])
+                hook(step, steps, row, latents)
+            except Exception:  # a preview must never fail a render
+                log.exception("preview failed")
+        if stop is not None and stop(steps):
+            pipe._interrupt = True  # diffusers skips the remaining steps of this call
         return kwargs
 
     return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}

@@ -25,7 +25,7 @@ from PIL import Image
 
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.codec import Codec, CodecError
-from pixelpipe.core.events import DeadLetter, Event, ImageRequest, Stage, StoredImage
+from pixelpipe.core.events import DeadLetter, Event, ImageRequest, Stage, StageOutcome, StoredImage
 from pixelpipe.core.experiments import Experiment
 from pixelpipe.core.objects import ObjectStore, ObjectStoreError, StoredObject
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
@@ -565,7 +565,8 @@ class PlannedChunk:
 @dataclass
 class RenderedChunk:
     """A chunk after its model call: its images, waiting to be moderated, stored and reported, or (``output`` None)
-    the emissions that ended its requests when the call failed."""
+    the emissions that ended its requests when the call failed or was stopped. ``ended`` also holds those of the
+    requests cancelled before the call, which ``items`` no longer lists."""
 
     params: RenderParams
     items: list[_Pending]
@@ -599,6 +600,33 @@ class PlannedTake:
 
     emissions: list[Emission]
     chunks: list[PlannedChunk]
+
+
+def never_cancelled(request_id: str) -> bool:
+    return False
+
+
+class _Interruption:
+    """The stop check of one chunk's model call (``previews.StopCheck``): stop once every request of the chunk is
+    cancelled. It counts the denoising steps done, for the device time the stop saved."""
+
+    def __init__(self, request_ids: list[str], cancelled: Callable[[str], bool], calls: int) -> None:
+        self.request_ids = request_ids
+        self.cancelled = cancelled
+        self.calls = calls  # pipeline calls the chunk takes: one, or one per image (per-image batching)
+        self.steps_done = 0
+        self.steps_planned = 0
+        self.stopped = False
+
+    def __call__(self, steps: int) -> bool:
+        self.steps_done += 1
+        self.steps_planned = self.calls * steps
+        self.stopped = all(self.cancelled(request_id) for request_id in self.request_ids)
+        return self.stopped
+
+    def saved_per_spent(self) -> float:
+        """Device time saved per second spent: the steps left undone over the steps done."""
+        return max(0, self.steps_planned - self.steps_done) / max(1, self.steps_done)
 
 
 def urgency(pending: _Pending) -> tuple[bool, dt.datetime, float]:
@@ -641,6 +669,10 @@ class RenderStage:
         self.experiments = experiments
         # Checks and sends previews while the model renders; one thread keeps each request's previews in order.
         self.preview_executor = ThreadPoolExecutor(1, thread_name_prefix="previews")
+        # Whether a request was cancelled: the worker sets its lookup in the cancellations topic's global table.
+        # Asked at planning, before the model call, after each denoising step and before output moderation, on the
+        # model and finishing threads: it must be quick and safe from any thread.
+        self.cancelled: Callable[[str], bool] = never_cancelled
 
     def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> Previews | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
@@ -677,6 +709,9 @@ class RenderStage:
                 emit.dead_letter(message, f"unmoderated: {reason}", self.name.lower(), request.request_id)
                 self._fail(emit, request, message, started_s, "UNMODERATED", f"not rendered: {reason}")
                 continue
+            if self.cancelled(request.request_id):
+                self._cancel(emit, request, message, started_s)
+                continue
             if deadline_passed(request, utc_now()):
                 self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
                 continue
@@ -705,34 +740,52 @@ class RenderStage:
         return PlannedTake(emit.take(), chunks)
 
     def render(self, chunk: PlannedChunk) -> RenderedChunk:
-        """The chunk's model call. A failed call ends its requests: FAILED (and dead-lettered when unforeseen)."""
-        params, items = chunk.params, chunk.items
+        """The chunk's model call, for its requests not cancelled by now. A failed call ends them FAILED (and
+        dead-lettered when unforeseen); a call stopped because all of them were cancelled meanwhile ends them
+        CANCELLED."""
+        params = chunk.params
         started_s = time.time()
+        emit = Emitter(self.context)
+        items = []
+        for item in chunk.items:
+            if self.cancelled(item.request.request_id):  # since the take was planned: still no device time spent
+                self._cancel(emit, item.request, item.message, started_s, params.model)
+            else:
+                items.append(item)
+        if not items:
+            return RenderedChunk(params, [], None, "none", started_s, 0.0, emit.take())
         try:
-            device = str(self.models.load(params.model).device)
+            model = self.models.load(params.model)
+            device = str(model.device)
+            stop = _Interruption(
+                [item.request.request_id for item in items],
+                self.cancelled,
+                calls=1 if model.batched else len(items) * params.n,
+            )
             previews = self.preview_hook(params, items)
-            with previewing(previews):
+            with previewing(previews, stop):
                 output = self.run_model(params, items)
         except (ModelError, StageFailure) as e:
-            emit = Emitter(self.context)
             code = e.code if isinstance(e, StageFailure) else "MODEL_ERROR"
             for item in items:
                 self._fail(emit, item.request, item.message, started_s, code, str(e), params.model)
             return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
         except Exception as e:
-            emit = Emitter(self.context)
             self._fail_internally(emit, params, items, e, chunk.take_started_s)
             return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
         model_ms = (time.time() - started_s) * 1000.0
-        return RenderedChunk(params, items, output, device, started_s, model_ms, previews=previews)
+        if stop.stopped:
+            self._report_stopped(emit, params, items, output, stop, device, started_s, model_ms)
+            return RenderedChunk(params, items, None, device, started_s, model_ms, emit.take(), previews)
+        return RenderedChunk(params, items, output, device, started_s, model_ms, emit.take(), previews)
 
     def finish(self, chunk: RenderedChunk) -> list[Emission]:
         """The rest of a chunk: moderate its images, encode and store the allowed ones in one write (durable
         together), then the results and metrics. Returns everything the chunk emits."""
-        if chunk.output is None:
-            return chunk.ended
         if chunk.previews is not None:  # previews first: the results' reply copies must follow them
             chunk.previews.wait()
+        if chunk.output is None:
+            return chunk.ended
         emit = Emitter(self.context)
         try:
             reviews = [self._review(item, images) for item, images in chunk.outputs()]
@@ -741,7 +794,54 @@ class RenderStage:
         except Exception as e:
             emit = Emitter(self.context)  # nothing half-reported: every request of the chunk fails alike
             self._fail_internally(emit, chunk.params, chunk.items, e, chunk.started_s)
-        return emit.take()
+        return [*chunk.ended, *emit.take()]
+
+    def _cancel(
+        self, emit: Emitter, request: ImageRequest, message: Inbound, started_s: float, model: str | None = None
+    ) -> None:
+        """A request cancelled before its model call: CANCELLED, no device time spent, none known to be saved."""
+        emit.result(request, Outcome.cancelled("cancelled before its render: nothing rendered"), {})
+        work = StageWork(self.name, "CANCELLED", queue_ms(message, started_s), 0.0, "none", 0.0)
+        emit.metric(request, work, model)
+
+    def _report_stopped(
+        self,
+        emit: Emitter,
+        params: RenderParams,
+        items: list[_Pending],
+        output: BatchOutput,
+        stop: _Interruption,
+        device: str,
+        started_s: float,
+        model_ms: float,
+    ) -> None:
+        """A model call stopped once all its requests were cancelled: each CANCELLED, with its share of the device
+        time spent and of the remaining steps' share of the time the whole call would have taken."""
+        spent_s = output.device_seconds / len(items)
+        how = f"cancelled while rendering: stopped after {stop.steps_done} of {stop.steps_planned} denoising steps"
+        for item in items:
+            work = StageWork(
+                self.name,
+                "CANCELLED",
+                queue_ms(item.message, started_s),
+                model_ms,
+                device,
+                spent_s,
+                len(items),
+                spent_s * stop.saved_per_spent(),
+            )
+            emit.metric(item.request, work, params.model)
+            timings = self._timings(item, started_s, model_ms)
+            emit.result(item.request, Outcome.cancelled(how), timings, Rendered(params, item.seed, len(items)))
+
+    def _timings(
+        self, item: _Pending, started_s: float, model_ms: float, moderation_ms: float | None = None
+    ) -> dict[str, float]:
+        """A rendered request's result timings: its queue, its model call, its output moderation, its whole life."""
+        timings = {"queue": queue_ms(item.message, started_s), self.name.lower(): model_ms}
+        if moderation_ms is not None:
+            timings["output_moderation"] = moderation_ms
+        return timings | {"total": (utc_now() - item.request.created_at).total_seconds() * 1000.0}
 
     def _fail(
         self,
@@ -766,7 +866,12 @@ class RenderStage:
             self._fail(emit, item.request, item.message, started_s, "INTERNAL_ERROR", repr(error), params.model)
 
     def _review(self, item: _Pending, images: list[Image.Image]) -> _Reviewed:
-        """Output moderation of one request's images: REJECTED, or no outcome yet while they wait to be stored."""
+        """Output moderation of one request's images: REJECTED, or no outcome yet while they wait to be stored. A
+        request cancelled while its batch rendered is CANCELLED instead: its images are neither moderated nor
+        stored."""
+        if self.cancelled(item.request.request_id):
+            how = "cancelled while its batch rendered: its images were discarded"
+            return _Reviewed(item, images, 0.0, Outcome.cancelled(how))
         started_s = time.time()
         verdicts = self.images.check(images, "OUTPUT_IMAGE")
         moderation_ms = (time.time() - started_s) * 1000.0
@@ -814,42 +919,40 @@ class RenderStage:
         images_in_batch = sum(len(review.images) for review in reviews)
         for review in reviews:
             item, outcome = review.item, review.outcome
-            assert outcome is not None  # every review was rejected or stored
-            waited_ms = queue_ms(item.message, chunk.started_s)
+            assert outcome is not None  # every review was rejected, cancelled or stored
+            cancelled = outcome.status == "CANCELLED"
+            # A rejection is output moderation's: the render itself went well.
+            rendering: StageOutcome = "FAILED" if outcome.status == "FAILED" else "CANCELLED" if cancelled else "OK"
             share_s = output.device_seconds * len(review.images) / images_in_batch
             emit.metric(
                 item.request,
                 StageWork(
                     self.name,
-                    "FAILED" if outcome.status == "FAILED" else "OK",  # a rejection is output moderation's
-                    waited_ms,
+                    rendering,
+                    queue_ms(item.message, chunk.started_s),
                     chunk.model_ms,
                     chunk.device,
                     share_s,
                     len(chunk.items),
+                    0.0 if cancelled else None,  # the batch rendered its images all the same
                 ),
                 params.model,
             )
-            emit.metric(
-                item.request,
-                StageWork(
-                    "OUTPUT_MODERATION",
-                    outcome.stage_outcome,
-                    0.0,
-                    review.moderation_ms,
-                    "cpu",
-                    review.moderation_ms / 1000.0,
-                    len(review.images),
-                ),
-                params.model,
-            )
-            total_ms = (utc_now() - item.request.created_at).total_seconds() * 1000.0
-            timings = {
-                "queue": waited_ms,
-                self.name.lower(): chunk.model_ms,
-                "output_moderation": review.moderation_ms,
-                "total": total_ms,
-            }
+            if not cancelled:  # a cancelled request's images were never moderated
+                emit.metric(
+                    item.request,
+                    StageWork(
+                        "OUTPUT_MODERATION",
+                        outcome.stage_outcome,
+                        0.0,
+                        review.moderation_ms,
+                        "cpu",
+                        review.moderation_ms / 1000.0,
+                        len(review.images),
+                    ),
+                    params.model,
+                )
+            timings = self._timings(item, chunk.started_s, chunk.model_ms, None if cancelled else review.moderation_ms)
             emit.result(item.request, outcome, timings, Rendered(params, item.seed, len(chunk.items)))
 
 

@@ -1,0 +1,198 @@
+"""Cancellation in the render stages, with a fake lookup in place of the worker's global table: a request cancelled
+before its render spends no device time, a lone request cancelled while it renders stops the denoising at the next
+step, and one cancelled in a shared batch has its images discarded; all end CANCELLED with metrics that say so."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+from confluent_kafka.admin import AclOperation
+
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageResult, StageMetric
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.core.topics import role_acls
+from pixelpipe.core.validation import InvalidRequestError, check_reply_topic
+from pixelpipe.processors.models import DiffusionModels
+from pixelpipe.processors.moderation import Verdict
+from pixelpipe.processors.outcomes import Outcome
+from pixelpipe.processors.stages import GenerateStage, Inbound, StageContext
+from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.producers import new_request
+from pixelpipe.tools.model_builders import build_tiny_models
+
+STEPS = 10
+
+
+class CancelledFrom:
+    """The fake global table: a request counts as cancelled from its ``k``-th lookup on (1-based), and every lookup
+    is counted. The stage asks once at planning, once before the model call, after each denoising step (while
+    the whole chunk might stop) and once before output moderation."""
+
+    def __init__(self, **from_lookup: int) -> None:
+        self.from_lookup = from_lookup
+        self.lookups: Counter[str] = Counter()
+
+    def __call__(self, request_id: str) -> bool:
+        self.lookups[request_id] += 1
+        return self.lookups[request_id] >= self.from_lookup.get(request_id, 10**9)
+
+
+class AllowingModerator:
+    """Allows every image and keeps how many it was shown."""
+
+    def __init__(self) -> None:
+        self.shown = 0
+
+    def check(self, images, stage):
+        self.shown += len(images)
+        return [Verdict(stage, True, {}, []) for _ in images]
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tmp_path_factory):
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def stage_for(registry, tmp_path):
+    stamp = ModerationStamp("key")
+    context = StageContext(TopicSettings(), RequestLimits(), StageSettings(), Codec(), "worker", stamp)
+    store = open_object_store(ObjectStoreSettings(url=f"file://{tmp_path / 'objects'}"))
+    return GenerateStage(context, DiffusionModels.from_file(registry), AllowingModerator(), store, {})
+
+
+def null_registry(tmp_path):
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"null": {"kind": "null", "seconds_per_image": 0.01}}))
+    return path
+
+
+def messages_of(stage, requests):
+    stamp, codec = stage.context.stamp, stage.context.codec
+    values = [codec.encode(request) for request in requests]
+    return [
+        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+        for offset, (r, value) in enumerate(zip(requests, values, strict=True))
+    ]
+
+
+def run(stage, requests):
+    """Plan, render and finish one take; the results and the metrics (by request id and stage) it emitted."""
+    take = stage.plan(messages_of(stage, requests))
+    emissions = list(take.emissions)
+    for chunk in take.chunks:
+        emissions += stage.finish(stage.render(chunk))
+    events = [stage.context.codec.decode(e.value) for e in emissions if not e.reply]
+    results = {e.request_id: e for e in events if isinstance(e, ImageResult)}
+    metrics = {(e.request_id, e.stage): e for e in events if isinstance(e, StageMetric)}
+    return results, metrics
+
+
+def stored_files(tmp_path):
+    return list((tmp_path / "objects").rglob("*.png"))
+
+
+def test_a_request_cancelled_in_the_queue_ends_cancelled_without_device_time(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    calls = []
+    stage.run_model = lambda params, chunk: calls.append(chunk)  # never reached
+    request = new_request(prompt="a fox", model="null", user_id="u", width=16, height=16)
+    stage.cancelled = CancelledFrom(**{request.request_id: 1})
+    results, metrics = run(stage, [request])
+    result, metric = results[request.request_id], metrics[(request.request_id, "GENERATE")]
+    assert (result.status, result.error_code, result.images) == ("CANCELLED", None, [])
+    assert result.error_message == "cancelled before its render: nothing rendered"
+    assert (metric.outcome, metric.device_seconds, metric.cost_usd, metric.device) == ("CANCELLED", 0.0, 0.0, "none")
+    assert metric.device_seconds_saved is None  # unknown: nothing measured what it would have taken
+    assert calls == [] and stored_files(tmp_path) == []
+    assert result.schema_version == 3 and metric.schema_version == 2
+
+
+def test_a_request_cancelled_after_planning_is_dropped_from_its_chunk_before_the_model_call(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    late = new_request(prompt="late", model="null", user_id="u", width=16, height=16)
+    kept = new_request(prompt="kept", model="null", user_id="u", width=16, height=16)
+    stage.cancelled = CancelledFrom(**{late.request_id: 2})  # not at planning, at the check before the call
+    take = stage.plan(messages_of(stage, [late, kept]))
+    assert [len(chunk.items) for chunk in take.chunks] == [2]
+    rendered = stage.render(take.chunks[0])
+    assert [item.request.request_id for item in rendered.items] == [kept.request_id]
+    assert rendered.output is not None and len(rendered.output.images) == 1  # the model saw one request
+    events = [stage.context.codec.decode(e.value) for e in stage.finish(rendered) if not e.reply]
+    statuses = {e.request_id: e.status for e in events if isinstance(e, ImageResult)}
+    assert statuses == {late.request_id: "CANCELLED", kept.request_id: "SUCCEEDED"}
+    (late_metric,) = [e for e in events if isinstance(e, StageMetric) and e.request_id == late.request_id]
+    assert (late_metric.outcome, late_metric.device_seconds) == ("CANCELLED", 0.0)
+
+
+def test_a_lone_request_cancelled_while_it_renders_stops_at_the_next_step(tiny_registry, tmp_path):
+    stage = stage_for(tiny_registry, tmp_path)
+    request = new_request(prompt="a fox", model="tiny-sd", user_id="u", width=64, height=64, steps=STEPS, n=2)
+    # Lookups: planning, before the call, after step 1, after step 2 (cancelled: the denoising stops there).
+    stage.cancelled = CancelledFrom(**{request.request_id: 4})
+    unet_calls = []
+    pipe = stage.models.load("tiny-sd").text2image
+    hook = pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    try:
+        results, metrics = run(stage, [request])
+    finally:
+        hook.remove()
+    result, metric = results[request.request_id], metrics[(request.request_id, "GENERATE")]
+    assert stage.models.load("tiny-sd").batched is False  # on CPU: one pipeline call per image, two here
+    # Two steps of the first image's call, none of the second's: 2 of 2 x 10 steps planned.
+    assert len(unet_calls) == 2
+    assert result.status == "CANCELLED" and result.images == []
+    assert result.error_message == "cancelled while rendering: stopped after 2 of 20 denoising steps"
+    assert (result.steps, result.batch_size) == (STEPS, 1)  # what it was rendering
+    assert metric.outcome == "CANCELLED" and metric.device != "none" and metric.device_seconds > 0
+    assert metric.device_seconds_saved == pytest.approx(metric.device_seconds * 18 / 2)
+    assert (request.request_id, "OUTPUT_MODERATION") not in metrics
+    assert stage.images.shown == 0 and stored_files(tmp_path) == []
+
+
+def test_a_request_cancelled_in_a_shared_batch_is_discarded_and_the_others_succeed(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    gone, stays = (new_request(prompt=p, model="null", user_id="u", width=16, height=16) for p in ("gone", "stays"))
+    # Cancelled after the model call began (the null model has no steps): found out before output moderation.
+    stage.cancelled = CancelledFrom(**{gone.request_id: 3})
+    results, metrics = run(stage, [gone, stays])
+    statuses = {rid: r.status for rid, r in results.items()}
+    assert statuses == {gone.request_id: "CANCELLED", stays.request_id: "SUCCEEDED"}
+    assert results[gone.request_id].images == [] and len(results[stays.request_id].images) == 1
+    assert results[gone.request_id].error_message == "cancelled while its batch rendered: its images were discarded"
+    assert results[gone.request_id].batch_size == 2
+    render = metrics[(gone.request_id, "GENERATE")]
+    assert (render.outcome, render.batch_size, render.device_seconds_saved) == ("CANCELLED", 2, 0.0)
+    assert render.device_seconds == pytest.approx(metrics[(stays.request_id, "GENERATE")].device_seconds)
+    assert (gone.request_id, "OUTPUT_MODERATION") not in metrics  # never moderated
+    assert stage.images.shown == 1 and len(stored_files(tmp_path)) == 1  # never stored
+
+
+def test_by_default_nothing_is_cancelled(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    request = new_request(prompt="a fox", model="null", user_id="u", width=16, height=16)
+    results, _ = run(stage, [request])
+    assert results[request.request_id].status == "SUCCEEDED"
+
+
+def test_a_cancelled_outcome_is_its_own_stage_outcome():
+    outcome = Outcome.cancelled("cancelled before its render: nothing rendered")
+    assert (outcome.status, outcome.stage_outcome, outcome.error_code) == ("CANCELLED", "CANCELLED", None)
+
+
+def test_publishers_write_cancellations_renderers_read_them_and_no_request_replies_there():
+    topics = TopicSettings()
+
+    def granted(role, operation):
+        return {b.name for b in role_acls(role, f"User:{role}", topics, "g", "s") if b.operation == operation}
+
+    assert topics.cancellations == "pixelpipe.cancellations" and topics.cancellations in topics.pipeline()
+    assert topics.cancellations in granted("publisher", AclOperation.WRITE)
+    assert topics.cancellations in granted("renderer", AclOperation.READ) - granted("renderer", AclOperation.WRITE)
+    assert topics.cancellations not in granted("moderation", AclOperation.READ) | granted("sink", AclOperation.READ)
+    with pytest.raises(InvalidRequestError):
+        check_reply_topic(topics.cancellations, topics)
