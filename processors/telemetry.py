@@ -86,6 +86,7 @@ class StageTelemetry(Collector):
         self._compute: dict[str, _Histogram] = {}
         self._batch: dict[str, _Histogram] = {}
         self._device: dict[tuple[str, str], float] = {}
+        self._saved: dict[str, float] = {}
         self._cost: dict[str, float] = {}
         self._results: dict[tuple[str, str], int] = {}
         self._images: dict[str, int] = {}
@@ -157,6 +158,8 @@ class StageTelemetry(Collector):
         self._batch[stage].observe(work.batch_size)
         device = (stage, work.device)
         self._device[device] = self._device.get(device, 0.0) + work.device_seconds
+        if work.device_seconds_saved is not None:
+            self._saved[stage] = self._saved.get(stage, 0.0) + work.device_seconds_saved
         self._cost[stage] = self._cost.get(stage, 0.0) + cost_usd
 
     def _fold_result(self, outcome: Outcome, kind: str) -> None:
@@ -196,6 +199,12 @@ class StageTelemetry(Collector):
                 "Device time spent, shared by a batch's images.",
                 ["stage", "device"],
                 self._device,
+            )
+            yield _counter(
+                "pixelpipe_stage_device_seconds_saved",
+                "Device time cancellations spared where it is known (a render stopped part way).",
+                ["stage"],
+                {(k,): v for k, v in self._saved.items()},
             )
             yield _counter(
                 "pixelpipe_stage_cost_usd",

@@ -1,8 +1,9 @@
 """``pixelpipe top``: a live terminal view of the pipeline, read from Prometheus' HTTP API.
 
 One frame is a handful of instant PromQL queries over the last minute: lag per consumer group and topic, and per
-stage the rates in and out, p95 queue and compute time, mean batch size, model busy share and failure share, with
-images/s, dead letters by reason and GPU utilisation where a GPU reports. Rendered with rich.
+stage the rates in and out, p95 queue and compute time, mean batch size, model busy share, failure and cancellation
+shares and the device time cancellations saved, with images/s, dead letters by reason and GPU utilisation where a
+GPU reports. Rendered with rich.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ STAGE = {
         f'sum by (stage) (rate(pixelpipe_stage_events_out_total{{outcome="FAILED"}}[{WINDOW}]))'
         f" / sum by (stage) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
     ),
+    "cancelled_share": (
+        f'sum by (stage) (rate(pixelpipe_stage_events_out_total{{outcome="CANCELLED"}}[{WINDOW}]))'
+        f" / sum by (stage) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
+    ),
+    "saved_per_s": f"sum by (stage) (rate(pixelpipe_stage_device_seconds_saved_total[{WINDOW}]))",
 }
 TOTALS = {
     "images_per_s": f"sum(rate(pixelpipe_images_total[{WINDOW}]))",
@@ -133,12 +139,12 @@ def render(frame: Frame, url: str) -> Group:
         )
     stages = Table(title=f"stages (last {WINDOW})", title_justify="left", expand=True)
     stages.add_column("stage")
-    for column in ("in/s", "out/s", "queue p95", "compute p95", "batch", "busy", "failed"):
+    for column in ("in/s", "out/s", "queue p95", "compute p95", "batch", "busy", "failed", "cancelled", "saved"):
         stages.add_column(column, justify="right")
     order = sorted(frame.stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s))
     for stage in order:
         row = frame.stages[stage]
-        busy, failed = row.get("busy"), row.get("failed_share")
+        busy, failed, cancelled = row.get("busy"), row.get("failed_share"), row.get("cancelled_share")
         stages.add_row(
             stage,
             _number(row.get("in_per_s")),
@@ -148,6 +154,8 @@ def render(frame: Frame, url: str) -> Group:
             _number(row.get("batch_mean")),
             _number(busy * 100 if busy is not None else None, " %", 0),
             Text(_number(failed * 100 if failed is not None else None, " %"), style="red" if failed else ""),
+            _number(cancelled * 100 if cancelled is not None else None, " %"),
+            _number(row.get("saved_per_s"), " s/s", 2),  # device seconds saved per second
         )
     parts: list = [header, lag, stages]
     if frame.dead_letters:

@@ -99,6 +99,11 @@ def test_stage_telemetry_counts_only_when_enabled():
     before = sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"})
     telemetry.result(rejected, "GENERATE")
     assert sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"}) == before + 1
+    stopped = StageWork("GENERATE", "CANCELLED", 10.0, 400.0, "cpu", 0.4, 1, 1.6)
+    telemetry.work(stopped, 0.0)
+    telemetry.work(StageWork("GENERATE", "CANCELLED", 10.0, 0.0, "none", 0.0), 0.0)  # in the queue: unknown
+    assert sample("pixelpipe_stage_device_seconds_saved_total", {"stage": "generate"}) == 1.6
+    assert sample("pixelpipe_stage_events_out_total", {"stage": "generate", "outcome": "CANCELLED"}) == 2
     before = sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"})
     telemetry.dead_letter("moderation", "undecodable: bad bytes")
     assert sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"}) == before + 1
@@ -110,6 +115,7 @@ def test_a_top_frame_shows_lag_stages_and_dead_letters():
         stages={
             "generate": {"in_per_s": 4.0, "out_per_s": 4.0, "queue_p95_s": 0.2, "batch_mean": 3.5, "busy": 0.93},
             "moderation": {"in_per_s": 40.0, "out_per_s": 39.0, "failed_share": 0.025},
+            "edit": {"out_per_s": 2.0, "cancelled_share": 0.125, "saved_per_s": 0.75},
         },
         totals={"targets_up": 2.0, "targets": 2.0, "images_per_s": 4.0, "results_per_s": 4.0},
         dead_letters={("moderation", "undecodable"): 0.5},
@@ -122,3 +128,4 @@ def test_a_top_frame_shows_lag_stages_and_dead_letters():
     assert "pixelpipe.requests" in text and "3,500 ms" in text
     assert text.index("moderation") < text.index("generate")  # stages in pipeline order
     assert "93 %" in text and "2.5 %" in text and "undecodable" in text
+    assert "12.5 %" in text and "0.75 s/s" in text  # cancelled share, device seconds saved per second
