@@ -1,45 +1,59 @@
-"""The worker: the pipeline's agents over their topics, in one place.
+"""The Faust app: the pipeline's topics, tables and agents, in one place.
+
+Agents: ``moderation`` on the requests topic; ``generate`` and ``edit`` on their topics, each with a long lane
+beside it (``generate-long``, ``edit-long``: an agent on its kind's long topic, with its own executor and models that
+share the weights). One app per worker; workers running the same stages form one consumer group.
+
+Tables: ``user-limits`` (moderation), each user's token buckets, keyed by user on the partition publishers put that
+user's requests on (``pixelpipe.core.topics.user_partition``), with a changelog, so a user's limit is the configured
+one whatever the number of workers and survives restarts and rebalances; ``cancellations`` (render stages), a
+global table over the compacted cancellations topic, which every render worker reads whole.
 
 Messages are raw bytes on every topic and are decoded by the foundation's codec inside the stages, so an
-undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer.
-Model and detector calls never run on the event loop: each stage runs in its own single-thread executor and
-the agent awaits it, so polls keep going while a batch renders. An agent's takes are acknowledged (and their offsets
-become committable) only after everything they emit was acknowledged by the broker, so a crash redelivers instead of
-losing; result and metric ids derive from the request id, so a redelivered request is deduplicated downstream.
-Stages are built, models loaded and warmed, before the worker joins its group. Each render stage has a long lane
-beside it: an agent on its kind's long topic, where moderation sends the requests over
-PIXELPIPE_LONG_REQUEST_COMPUTE, with its own executor and models that share the weights.
-
-Kafka is consumed with librdkafka (``processors/streams.py``) and written with it (``processors/sender.py``); the
-agents were Faust's until Faust's consumer path took over half the worker's Python time (see the README).
+undecodable message is dead-lettered with its original bytes instead of being dropped by a deserializer. Model and
+detector calls never run on the event loop: each stage runs in its own single-thread executor and the agent awaits
+it, so heartbeats and fetches go on while a batch renders. A take's events are acknowledged to Faust (and their
+offsets become committable) only after everything they emit, table changes included, was acknowledged by the
+broker (``processors.sender``, librdkafka), so a crash redelivers instead of losing; result and metric ids derive
+from the request id, so a redelivered request is deduplicated downstream. Stages are built, models loaded and
+warmed, before the worker joins its group.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import faust
+from aiokafka import AIOKafkaConsumer
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP, EventT
 
 from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.settings import Settings, TopicSettings
+from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
+from pixelpipe.processors.limits import UserLimits
 from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.stages import (
     EditStage,
+    Emission,
     GenerateStage,
+    Inbound,
     ModerationStage,
     RenderStage,
     StageContext,
 )
 from pixelpipe.processors.stamp import ModerationStamp
-from pixelpipe.processors.streams import Take, WorkerConsumer
 from pixelpipe.processors.takes import InOrderAcknowledgement, in_thread, render_take
 from pixelpipe.processors.telemetry import TELEMETRY
 
@@ -52,7 +66,16 @@ Stage = ModerationStage | RenderStage
 STAGES = ("moderation", "generate", "edit")
 LONG = "-long"  # a render stage's long lane is built and run as "<kind>-long", on the kind's long topic
 RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
-HEARTBEAT_S = 1.0
+LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
+# Longest a fetch waits at the broker for records; an empty fetch costs the worker about 1 ms, so the hundred a
+# second of an idle worker take about a tenth of a core.
+FETCH_MAX_WAIT_MS = 10
+# What a fetch waits for, up to FETCH_MAX_WAIT_MS. With aiokafka's 1 byte, at a steady few hundred requests/s every
+# fetch came back with a record or two: the fetches alone kept the worker busy and its queues grew (p50 468 ms at
+# 450 requests/s); gathering up to 64 KB cut that to 73-96 ms (benchmarks/pipeline.py), for at most 10 ms a hop.
+FETCH_MIN_BYTES = 64 * 1024
+USER_LIMITS_TABLE = "user-limits"
+IDLE_SWEEP_S = 30.0  # how often moderation forgets the users whose buckets are full again
 
 
 def worker_id(settings: Settings) -> str:
@@ -60,8 +83,81 @@ def worker_id(settings: Settings) -> str:
 
 
 def group_id(settings: Settings, stages: Sequence[str]) -> str:
-    """Workers running the same stages form one consumer group."""
+    """Workers running the same stages form one consumer group (Faust's app id)."""
     return f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages)
+
+
+def broker_url(kafka: KafkaSettings) -> str:
+    return ";".join(f"kafka://{server.strip()}" for server in kafka.bootstrap.split(","))
+
+
+def broker_credentials(kafka: KafkaSettings) -> Any:
+    """The SASL and TLS settings of ``KafkaSettings.client_config`` in the form Faust (aiokafka) takes; None for
+    PLAINTEXT."""
+    protocol = kafka.security_protocol.upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=kafka.sasl_password,
+            mechanism=kafka.sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context else None
+
+
+class _PromptFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust fixes aiokafka's fetch wait at 1500 ms. aiokafka keeps one fetch in flight per broker, leaving out
+        # the partitions whose records are not all read yet, so a message that arrives on one of those waited for
+        # the fetch in flight to time out: up to 1.5 s at each stage at low rates. (Both set before the consumer
+        # starts, which is when aiokafka reads them.)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_min_bytes = FETCH_MIN_BYTES
+        return consumer
+
+
+class _PromptFetchConsumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _PromptFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _PromptFetchTransport(aiokafka_driver.Transport):
+    Consumer = _PromptFetchConsumer
+
+
+class SharedGlobalTable(faust.GlobalTable):
+    """A global table over a topic of its own name, which apps of every consumer group read (the cancellations).
+    Faust's assignor looks a global table's changelog up under the app's default name, whatever topic the table was
+    given, and fails the assignment (silently: the worker then waits for partitions forever)."""
+
+    def _changelog_topic_name(self) -> str:
+        return self.changelog_topic.get_topic_name()
+
+
+class PipelineApp(faust.App):
+    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS``."""
+
+    def _new_transport(self) -> faust.types.TransportT:
+        return _PromptFetchTransport(self.conf.broker_consumer, self)
+
+
+def inbound(event: EventT) -> Inbound:
+    message = event.message
+    appended_s = message.timestamp if message.timestamp_type == LOG_APPEND_TIME else None
+    return Inbound(
+        message.value,
+        message.key,
+        message.topic,
+        message.partition,
+        message.offset,
+        message.timestamp,
+        appended_s,
+        dict(message.headers or ()),
+    )
 
 
 def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
@@ -98,17 +194,51 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     return built
 
 
-class Worker:
-    """The built ``stages`` as agents over their topics, consumed by one ``WorkerConsumer``; what they emit goes out
-    through ``sender``. ``run`` returns once a stop was asked (``stop``) and every agent has finished its take."""
+class Pipeline:
+    """The Faust app running the built ``stages``; what they emit goes out through ``sender``. ``partitions`` is the
+    requests topic's partition count, which the user-limits table is partitioned like.
+
+    Stopping (SIGTERM, SIGINT): Faust stops taking, and waits for the events in flight to be acknowledged before
+    it commits and leaves the group; each render agent finishes the take in hand for up to ``stop_grace_s`` (what it
+    leaves unfinished is delivered again), so a stop renders nothing twice."""
 
     def __init__(
-        self, settings: Settings, stages: Mapping[str, Stage], sender: EmissionSender, health: Health | None = None
+        self,
+        settings: Settings,
+        stages: Mapping[str, Stage],
+        sender: EmissionSender,
+        partitions: int,
+        health: Health | None = None,
+        cancellation_partitions: int = 1,
     ) -> None:
         self.settings = settings
+        self.cancellation_partitions = cancellation_partitions
         self.stages = stages
         self.sender = sender
         self.health = health
+        self.failed = False
+        self.stopping_since: float | None = None
+        self.app = PipelineApp(
+            group_id(settings, list(stages)),
+            broker=broker_url(settings.kafka),
+            broker_credentials=broker_credentials(settings.kafka),
+            web_enabled=False,
+            GlobalTable=SharedGlobalTable,
+            store="memory://",
+            topic_partitions=partitions,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            # Model calls never block the loop, so heartbeats flow during a batch and a dead worker can be noticed
+            # in 10 s rather than Faust's default 60 s.
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=3.0,
+            broker_commit_every=100,
+            broker_commit_interval=1.0,
+            # Room for a few takes, so the next one is ready when one is taken; a full buffer pauses its partition.
+            stream_buffer_maxsize=max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2),
+            # A rebalance or a stop waits for the takes in flight: a partition moves once its work is committed.
+            stream_wait_empty=True,
+        )
         topics = settings.topics
         self.sources = {
             kind: topic
@@ -121,99 +251,210 @@ class Worker:
             )
             if kind in stages
         }
-        # Room for a few takes, so the next one is ready when one is taken.
-        capacity = max(64, settings.stages.take_events * 4, settings.stages.moderation_take_events * 2)
-        self.consumer = WorkerConsumer(
-            settings.kafka,
-            group_id(settings, list(stages)),
-            worker_id(settings),
-            dict.fromkeys(self.sources.values(), capacity),
-            self._assignment,
-        )
-        self.failed = False
-
-    def _assignment(self, assigned: bool) -> None:
-        if self.health is not None:
-            self.health.mark("partitions", assigned)
-
-    def stop(self) -> None:
-        self.consumer.stop()
-
-    async def run(self) -> None:
-        agents = [asyncio.ensure_future(self._agent(kind, topic)) for kind, topic in self.sources.items()]
-        polling = asyncio.ensure_future(self.consumer.run())
-        polling.add_done_callback(lambda _: self.consumer.stop())  # a consumer that failed stops the agents
-        beating = asyncio.ensure_future(self._heartbeat())
-        await asyncio.gather(*agents, return_exceptions=True)  # each agent logs its own failure
-        self.consumer.stop()
-        try:
-            await polling
-        except Exception:
-            log.exception("the consumer failed; the worker stops")
-            self.failed = True
-        beating.cancel()
-
-    async def _agent(self, kind: str, topic: str) -> None:
-        stage = self.stages[kind]
-        try:
+        self._taken_s = dict.fromkeys(self.sources, time.monotonic())  # each agent's last take, or start
+        self._busy: set[str] = set()  # agents inside a take
+        self.cancellations: faust.GlobalTable | None = None
+        self.user_limits: faust.Table | None = None
+        for kind, topic in self.sources.items():
+            stage = stages[kind]
             if isinstance(stage, ModerationStage):
-                await self._moderate(stage, topic)
-            else:
-                await self._render(kind, stage, topic)
-        except Exception:
-            # A take's effects failed (the broker refused them after librdkafka's retries): stop the worker with
-            # the take unacknowledged, to be delivered again.
-            log.exception("agent failed; the worker stops", extra={"stage": kind})
-            self.failed = True
-            self.consumer.stop()
-            raise
+                self._add_moderation_agent(stage, topic, partitions)
+            elif isinstance(stage, RenderStage):
+                self._add_render_agent(kind, stage, topic)
+        self._watch()
 
-    async def _moderate(self, stage: ModerationStage, topic: str) -> None:
-        # A take is acknowledged once the broker acknowledged all it emits, while the next take is moderated.
+    def stop_requested(self) -> bool:
+        """Whether a render agent should leave its take: the worker stops, and the grace has passed since the first
+        agent saw it."""
+        if not self.app.should_stop:
+            return False
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        return time.monotonic() - self.stopping_since >= self.settings.stages.stop_grace_s
+
+    def _topic(self, name: str) -> faust.TopicT:
+        return self.app.topic(name, key_serializer="raw", value_serializer="raw")
+
+    # -- moderation ---------------------------------------------------------------------------------------------
+    def _add_moderation_agent(self, stage: ModerationStage, topic: str, partitions: int) -> None:
+        table = self.app.Table(USER_LIMITS_TABLE, partitions=partitions)  # keys and values in JSON
+        self.user_limits = table
+        # The stage reads and charges the buckets in the table's own store, on its thread; the changes go to the
+        # changelog with the take's events (below), not through Faust's producer one by one.
+        moderation = self.settings.moderation
+        stage.limits = UserLimits(
+            moderation.max_requests_per_user_per_minute,
+            moderation.rate_limit_burst,
+            moderation.max_user_compute_per_minute,
+            table.data,
+            partitions,
+        )
+        stage.placed = True
+        changelog = table.changelog_topic.get_topic_name()
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
-        acknowledgement = InOrderAcknowledgement("moderation")
-        within_s = self.settings.stages.moderation_max_wait_ms / 1000
-        async for take in self.consumer.takes(topic, self.settings.stages.moderation_take_events, within_s):
-            TELEMETRY.events_in("moderation", len(take.messages))
-            emissions = await in_thread(executor, stage.handle_batch, take.messages)
-            await acknowledgement.after(asyncio.ensure_future(self.sender.send_all(emissions)), self._acker(take))
-        await acknowledgement.close()
+        stage_settings = self.settings.stages
 
-    async def _render(self, kind: str, stage: RenderStage, topic: str) -> None:
-        # Takes of up to take_events, or what came in max_wait_ms, which the stage groups into batches. A take is
-        # acknowledged once its last chunk is finished (its emissions acknowledged by the broker), while the next
-        # take renders.
+        @self.app.agent(self._topic(topic), name="moderation")
+        async def moderate(stream: faust.StreamT) -> AsyncIterator[None]:
+            # Taken without Faust's acknowledgement: a take is acknowledged once the broker acknowledged all it
+            # emits, its table changes included, while the next take is moderated.
+            acknowledgement = InOrderAcknowledgement("moderation")
+            within_s = stage_settings.moderation_max_wait_ms / 1000
+            async for events in stream.noack_take(stage_settings.moderation_take_events, within=within_s):
+                self._began("moderation")
+                TELEMETRY.events_in("moderation", len(events))
+                emissions = await in_thread(executor, stage.handle_batch, [inbound(e) for e in events])
+                emissions += _table_changes(changelog, stage.limits.changes().items())
+                await acknowledgement.after(self._guarded(self.sender.send_all(emissions)), _acker(stream, events))
+                self._ended("moderation")
+                yield None
+            await acknowledgement.close()
+
+        @self.app.timer(IDLE_SWEEP_S)
+        async def forget_idle_users() -> None:
+            # A full bucket is the same as none: idle users leave the table, and their changelog entries are
+            # deleted, so the table holds the users of the last minute, not every user ever seen.
+            idle = await in_thread(executor, stage.limits.forget_idle, time.time())
+            await self._guarded(self.sender.send_all(_table_changes(changelog, idle.items())))
+
+        @self.app.on_partitions_revoked.connect
+        async def drop_users(_app: faust.App, revoked: Set[TP], **_: object) -> None:
+            # Faust's memory store drops the keys it recovered; these the stage wrote itself.
+            given_up = {tp.partition for tp in revoked if tp.topic == topic}
+            await in_thread(executor, stage.limits.drop, given_up)
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+    def _add_render_agent(self, kind: str, stage: RenderStage, topic: str) -> None:
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
+        cancellations = self._cancellations()
+        stage.cancelled = lambda request_id: request_id.encode() in cancellations.data
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
         finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
-        acknowledgement = InOrderAcknowledgement(kind)
-        within_s = self.settings.stages.max_wait_ms / 1000
-        async for take in self.consumer.takes(topic, self.settings.stages.take_events, within_s):
-            TELEMETRY.events_in(kind, len(take.messages))
-            finished = await render_take(
-                stage,
-                take.messages,
-                self.sender.send_all,
-                model_thread,
-                finishing_thread,
-                lambda: self.consumer.stopping,
+        stage_settings: StageSettings = self.settings.stages
+
+        @self.app.agent(self._topic(topic), name=kind)
+        async def render(stream: faust.StreamT) -> AsyncIterator[None]:
+            # Faust's time-bounded take gathers the events the stage groups into batches: up to take_events, or
+            # what came in max_wait_ms. Taken without Faust's acknowledgement: a take is acknowledged once its last
+            # chunk is finished (its emissions acknowledged by the broker), while the next take renders.
+            acknowledgement = InOrderAcknowledgement(kind)
+            within_s = stage_settings.max_wait_ms / 1000
+            async for events in stream.noack_take(stage_settings.take_events, within=within_s):
+                self._began(kind)
+                TELEMETRY.events_in(kind, len(events))
+                finished = await render_take(
+                    stage,
+                    [inbound(e) for e in events],
+                    self.sender.send_all,
+                    model_thread,
+                    finishing_thread,
+                    self.stop_requested,
+                )
+                self._ended(kind)
+                if finished is None:  # past the stop's grace: the take, never acknowledged, is delivered again
+                    break
+                await acknowledgement.after(self._guarded(finished), _acker(stream, events))
+                yield None
+            await acknowledgement.close()
+
+    def _cancellations(self) -> faust.GlobalTable:
+        if self.cancellations is None:
+            # Every render worker reads the whole compacted topic: cancellations are few and small.
+            self.cancellations = self.app.GlobalTable(
+                "cancellations",
+                key_type=bytes,  # raw: keys are request ids as the publishers wrote them
+                value_type=bytes,
+                changelog_topic=self._topic(self.settings.topics.cancellations),
+                partitions=self.cancellation_partitions,
+                # faust-streaming's advice for a global table read by several instances: without it a worker can
+                # loop in recovery.
+                recovery_buffer_size=1,
             )
-            if finished is None:  # the worker stops: the take, never acknowledged, is delivered again
-                break
-            await acknowledgement.after(finished, self._acker(take))
-        await acknowledgement.close()
+        return self.cancellations
 
-    def _acker(self, take: Take) -> Callable[[], Awaitable[None]]:
-        async def acknowledge() -> None:
-            self.consumer.acknowledge(take)
+    # -- health and failure -------------------------------------------------------------------------------------
+    def _began(self, kind: str) -> None:
+        self._busy.add(kind)
+        self._taken_s[kind] = time.monotonic()
 
-        return acknowledge
+    def _ended(self, kind: str) -> None:
+        self._busy.discard(kind)
+        self._taken_s[kind] = time.monotonic()
 
-    async def _heartbeat(self) -> None:
-        """A beat on the event loop every second: ``/healthz`` fails when it stops."""
-        while self.health is not None:
-            self.health.beat()
-            await asyncio.sleep(HEARTBEAT_S)
+    async def _guarded(self, effects: Any) -> None:
+        """A take's effects; their failure (the broker refused them after librdkafka's retries) stops the worker with
+        the take unacknowledged, to be delivered again."""
+        try:
+            await effects
+        except Exception:
+            log.exception("a take's effects failed; the worker stops")
+            self.failed = True
+            os.kill(os.getpid(), signal.SIGTERM)  # Faust's worker stops as for any SIGTERM
+            raise
+
+    def stalled(self) -> list[str]:
+        """The agents that have events waiting on their partitions but took none for the liveness bound while idle:
+        a consumer that stopped handing them over."""
+        bound_s = self.settings.ops.liveness_bound_s
+        now_s = time.monotonic()
+        consumer = self.app.consumer
+        waiting: set[str] = set()
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            position = consumer._committed_offset.get(tp)  # committed: what the agents finished
+            if highwater is not None and highwater > (position or 0) + 1:
+                waiting.add(tp.topic)
+        return [
+            kind
+            for kind, topic in self.sources.items()
+            if topic in waiting and kind not in self._busy and now_s - self._taken_s[kind] > bound_s
+        ]
+
+    def _watch(self) -> None:
+        """A beat on the event loop every second while no agent is stalled (``/healthz`` fails when beats stop), and
+        partitions assigned for ``/readyz``."""
+        app, health = self.app, self.health
+        if health is None:
+            return
+
+        @app.timer(interval=1.0)
+        async def heartbeat() -> None:
+            stalled = self.stalled()
+            if stalled:
+                log.warning("agents stalled: events wait and none is taken", extra={"agents": stalled})
+                return
+            health.beat()
+
+        @app.on_partitions_assigned.connect
+        async def assigned(_app: faust.App, assigned: object, **_: object) -> None:
+            health.mark("partitions", bool(assigned))
+
+        @app.on_partitions_revoked.connect
+        async def revoked(_app: faust.App, _revoked: object, **_: object) -> None:
+            health.mark("partitions", False)
+
+
+def _acker(stream: faust.StreamT, events: Sequence[EventT]) -> Any:
+    """Acknowledges ``events`` to Faust: their offsets may then be committed."""
+
+    async def acknowledge() -> None:
+        for event in events:
+            await stream.ack(event)
+
+    return acknowledge
+
+
+def _table_changes(changelog: str, changes: Any) -> list[Emission]:
+    """Table changes (user: (partition, value or None to delete)) as changelog records in Faust's JSON encoding."""
+    return [
+        Emission(
+            changelog,
+            json.dumps(user).encode(),
+            None if value is None else json.dumps(value).encode(),  # type: ignore[arg-type]  # a tombstone
+            partition=partition,
+        )
+        for user, (partition, value) in changes
+    ]
 
 
 def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
@@ -279,13 +520,15 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     """The topics these stages read or write: under Kafka ACLs a worker may not even see the others."""
     used = [topics.requests, *topics.render()] if "moderation" in stages else []
     used += [getattr(topics, kind + suffix) for kind in RENDER_STAGES if kind in stages for suffix in ("", "_long")]
+    if any(kind in stages for kind in RENDER_STAGES):
+        used.append(topics.cancellations)
     return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
 
 
 def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed; returns the exit
-    status: 1 when an agent failed."""
-    from pixelpipe.core.topics import ensure_topics
+    status: 1 when a take's effects failed."""
+    from pixelpipe.core.topics import ensure_topics, partition_count
 
     # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
     health = Health(settings.ops.liveness_bound_s, ["models", "partitions"])
@@ -297,27 +540,33 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     try:
         built = build_stages(settings, stages)
         health.mark("models")
-        worker = Worker(settings, built, sender, health)
+        topics = settings.topics
+        pipeline = Pipeline(
+            settings,
+            built,
+            sender,
+            partition_count(settings.kafka, topics.requests),
+            health,
+            partition_count(settings.kafka, topics.cancellations),
+        )
         if server is not None:
-            groups = {worker.consumer.group_id: _sources(settings.topics, stages)}
+            groups = {pipeline.app.conf.id: _sources(settings.topics, stages)}
             lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
-        asyncio.run(_until_signalled(worker))
-        return 1 if worker.failed else 0
+        worker = faust.Worker(pipeline.app, quiet=True, loglevel=settings.logs.level.upper())
+        # Faust's terminal spinner turns every log record into a spin, setting the root logger to DEBUG: each debug
+        # line of aiokafka, Faust and mode then builds a record, about a tenth of the consumer thread's time.
+        worker.spinner = None
+        log.info("worker starting", extra={"group": pipeline.app.conf.id, "topics": list(pipeline.sources.values())})
+        with contextlib.suppress(SystemExit):  # Faust has stopped the agents, committed and closed its clients
+            worker.execute_from_commandline()
+        log.info("worker stopped", extra={"group": pipeline.app.conf.id})
+        return 1 if pipeline.failed else 0
     finally:
         sender.close()
         if lag is not None:
             lag.close()
         if server is not None:
             server.close()
-
-
-async def _until_signalled(worker: Worker) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop)
-    log.info("worker started", extra={"group": worker.consumer.group_id, "topics": list(worker.sources.values())})
-    await worker.run()
-    log.info("worker stopped", extra={"group": worker.consumer.group_id})
 
 
 def _sources(topics: TopicSettings, stages: Sequence[str]) -> list[str]:

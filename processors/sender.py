@@ -105,7 +105,14 @@ class EmissionSender:
         headers = list(emission.headers.items()) or None
         while True:
             try:
-                producer.produce(emission.topic, emission.value, emission.key, headers=headers, on_delivery=on_delivery)
+                producer.produce(
+                    emission.topic,
+                    emission.value,
+                    emission.key,
+                    -1 if emission.partition is None else emission.partition,
+                    headers=headers,
+                    on_delivery=on_delivery,
+                )
                 return
             except BufferError:  # librdkafka's queue is full: let deliveries drain without blocking the loop
                 await asyncio.sleep(0.005)

@@ -40,6 +40,7 @@ from pixelpipe.core.validation import (
     validate_request,
 )
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
+from pixelpipe.processors.limits import UserLimits
 from pixelpipe.processors.models import SCHEDULERS, BatchOutput, DiffusionModels, ModelError, ModelRegistry
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
 from pixelpipe.processors.outcomes import (
@@ -84,6 +85,7 @@ class Emission:
     value: bytes
     reply: bool = False  # a copy of a result for the request's reply topic: sent after the rest, never awaited
     headers: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+    partition: int | None = None  # None: the partitioner places it by key
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,12 @@ class Emitter:
         self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
         TELEMETRY.work(work, metric.cost_usd)
 
+    def move(self, message: Inbound, partition: int) -> None:
+        """``message`` as it came, to another partition of its topic."""
+        self.emissions.append(
+            Emission(message.topic, message.key, message.value, headers=message.headers, partition=partition)
+        )
+
     def forward(self, topic: str, message: Inbound) -> None:
         headers = passed_on(message.headers) | self.context.stamp.headers(message.value)
         self.emissions.append(Emission(topic, message.key, message.value, headers=headers))
@@ -240,32 +248,6 @@ def arrival_s(message: Inbound, read_s: float) -> float:
     return read_s if message.appended_s is None else message.appended_s
 
 
-class UserRateLimiter:
-    """A token bucket per user: up to ``burst`` tokens at once (never more than a minute's), refilled at
-    ``per_minute``; a request takes ``cost`` tokens, or is refused and takes none. Counting requests, each costs
-    one; counting compute, each costs its megapixel-steps (``ModelEntry.compute``). Time comes from
-    ``arrival_s``, never from the producer's own timestamp, so a producer cannot buy tokens by stamping its
-    requests apart. The burst is small on purpose: what a flood gets past moderation lands in the render topics'
-    partitions ahead of everyone else's requests, and the renderers must work through it first."""
-
-    def __init__(self, per_minute: float, burst: float) -> None:
-        self.per_minute = per_minute
-        self.capacity = float(max(1, min(burst, per_minute)))
-        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, at)
-
-    def allow(self, user_id: str, at_s: float, cost: float = 1.0) -> bool:
-        if self.per_minute <= 0:
-            return True
-        rate = self.per_minute / 60.0
-        tokens, last = self._buckets.get(user_id, (self.capacity, at_s))
-        tokens = min(self.capacity, tokens + max(0.0, at_s - last) * rate)
-        allowed = tokens >= cost
-        self._buckets[user_id] = (tokens - cost if allowed else tokens, max(last, at_s))
-        if len(self._buckets) > 100_000:  # forget users idle long enough for their bucket to be full again
-            self._buckets = {u: b for u, b in self._buckets.items() if at_s - b[1] < 60.0}
-        return allowed
-
-
 class ModerationStage:
     """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic, or to
     its long lane when its compute is over ``PIXELPIPE_LONG_REQUEST_COMPUTE``.
@@ -286,7 +268,12 @@ class ModerationStage:
         store: ObjectStore,
         registry: ModelRegistry | None = None,
         experiments: Mapping[str, Experiment] | None = None,
+        limits: UserLimits | None = None,
+        placed: bool = False,
     ) -> None:
+        """``limits`` holds the users of the requests topic's partitions this worker owns (a Faust table's data in
+        the worker); ``placed``: requests are counted on their user's partition (``limits.home``), and a request
+        found elsewhere is moved there first."""
         self.context = context
         self.moderation = moderation
         self.prompts = prompts
@@ -294,9 +281,12 @@ class ModerationStage:
         self.store = store
         self.registry = registry or ModelRegistry({})
         self.experiments = experiments or {}
-        self.limiter = UserRateLimiter(moderation.max_requests_per_user_per_minute, moderation.rate_limit_burst)
-        per_minute = moderation.max_user_compute_per_minute
-        self.compute_limiter = UserRateLimiter(per_minute, per_minute)
+        self.limits = limits or UserLimits(
+            moderation.max_requests_per_user_per_minute,
+            moderation.rate_limit_burst,
+            moderation.max_user_compute_per_minute,
+        )
+        self.placed = placed
         topics = context.topics
         self.next_topic = {"GENERATE": topics.generate, "EDIT": topics.edit}
         self.long_topic = {"GENERATE": topics.generate_long, "EDIT": topics.edit_long}
@@ -317,6 +307,7 @@ class ModerationStage:
             (message, request)
             for message in messages
             if (request := decode_request(message, self.context, emit, "moderation")) is not None
+            and self._at_home(message, request, emit)
         ]
         # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it nothing.
         computes = [request_compute(request, self.experiments, self.registry) for _, request in readable]
@@ -359,6 +350,17 @@ class ModerationStage:
                 emit.result(request, outcome, {"moderation": compute_ms})
         return emit.take()
 
+    def _at_home(self, message: Inbound, request: ImageRequest, emit: Emitter) -> bool:
+        """Whether ``message`` is on its user's partition, where the user's limits live; if not, it is moved there
+        (unchanged) and counted when it arrives."""
+        if not self.placed:
+            return True
+        home = self.limits.home(request.user_id)
+        if message.partition == home:
+            return True
+        emit.move(message, home)
+        return False
+
     def _refusal(self, request: ImageRequest, arrived_s: float, compute: float | None) -> Outcome | None:
         """The outcome of a request that ends before it is moderated (its deadline passed, its compute is over the
         per-request budget, or its user is over the rate limit or the compute budget); None when it goes on to
@@ -371,17 +373,18 @@ class ModerationStage:
                 check_compute(compute, self.context.limits)
             except InvalidRequestError as e:
                 return Outcome.failed("INVALID_REQUEST", str(e))
-        if not self.limiter.allow(request.user_id, arrived_s):
-            limit, burst = self.moderation.max_requests_per_user_per_minute, self.limiter.capacity
+        refused = self.limits.admit(request.user_id, arrived_s, compute)
+        if refused == "requests":
+            limit, burst = self.moderation.max_requests_per_user_per_minute, self.limits.requests.capacity
             return Outcome.failed(
                 "RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute (bursts of {burst:.0f})"
             )
-        if compute is not None and not self.compute_limiter.allow(request.user_id, arrived_s, compute):
+        if refused == "compute":
             budget = self.moderation.max_user_compute_per_minute
             return Outcome.failed(
                 "RATE_LIMITED",
                 f"user {request.user_id} is over the compute budget of {budget:g} megapixel-steps per minute "
-                f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {compute:.2f}",
+                f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {compute or 0.0:.2f}",
             )
         return None
 

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pixelpipe.core.codec import Codec, codec_from_settings
-from pixelpipe.core.events import ImageRequest
+from pixelpipe.core.events import Cancellation, ImageRequest, ImageResult
 from pixelpipe.core.experiments import Experiment, load_experiments, stamp_assignments
 from pixelpipe.core.settings import KafkaSettings, Settings
+from pixelpipe.core.topics import find_event, user_partition
 from pixelpipe.core.validation import check_reply_topic, validate_request
+from pixelpipe.producers.results import CancelOutcome
+
+CANCEL_DELIVERY_TIMEOUT_S = 30.0
+
+PARTITIONS_TTL_S = 60.0  # a topic given more partitions is seen within this long
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ class PendingDelivery:
 
 
 class Publisher:
-    """Publishes ImageRequests to the requests topic, keyed by request id.
+    """Publishes ImageRequests to the requests topic, keyed by request id, each on its user's partition
+    (``pixelpipe.core.topics.user_partition``), where moderation keeps that user's limits.
 
     ``publish`` stamps the user's arm of every active experiment the request does not name yet, validates and
     encodes, then returns a PendingDelivery whose ``result()`` is the Delivery once the broker has acknowledged the
@@ -122,12 +130,14 @@ class Publisher:
     ) -> None:
         self.topics = settings.topics
         self.limits = settings.limits
+        self.kafka = settings.kafka
         self._codec = codec or codec_from_settings(settings.kafka)
         if experiments is None:
             path = Path(settings.experiments.file)
             experiments = load_experiments(path) if path.exists() else {}
         self.experiments = experiments
         self._producer = Producer(producer_config(settings.kafka, **producer_overrides))
+        self._partition_counts: dict[str, tuple[int, float]] = {}  # topic: (partitions, when looked up)
         self._closed = threading.Event()
         self._settled = threading.Condition()
         self._poller = threading.Thread(target=self._serve_delivery_reports, name="pixelpipe-delivery", daemon=True)
@@ -140,12 +150,21 @@ class Publisher:
         stamp_assignments(request, self.experiments, request.created_at)
         validate_request(request, self.limits)
         check_reply_topic(request.reply_topic, self.topics)
-        return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic, headers)
+        topic = topic or self.topics.requests
+        partitions = self._partition_count(topic)
+        partition = user_partition(request.user_id, partitions) if partitions else None
+        return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic, headers, partition)
 
     def publish_encoded(
-        self, key: bytes, value: bytes, topic: str | None = None, headers: Mapping[str, bytes] | None = None
+        self,
+        key: bytes,
+        value: bytes,
+        topic: str | None = None,
+        headers: Mapping[str, bytes] | None = None,
+        partition: int | None = None,
     ) -> PendingDelivery:
-        """Send bytes already encoded by the codec; waits while the local queue is full."""
+        """Send bytes already encoded by the codec, on ``partition`` (else where the key hashes to); waits while the
+        local queue is full."""
         if self._closed.is_set():
             raise RuntimeError("publisher is closed")
         pending = PendingDelivery(self._settled)
@@ -155,12 +174,48 @@ class Publisher:
                     topic or self.topics.requests,
                     value,
                     key,
+                    -1 if partition is None else partition,
                     headers=list(headers.items()) if headers else None,
                     on_delivery=pending,
                 )
                 return pending
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let deliveries drain, then retry
+
+    def _partition_count(self, topic: str) -> int:
+        """``topic``'s partitions, looked up again every PARTITIONS_TTL_S; 0 while the topic cannot be seen (the
+        partitioner then places the request, and moderation moves it to its user's partition)."""
+        now_s = time.monotonic()
+        known = self._partition_counts.get(topic)
+        if known is not None and now_s - known[1] < PARTITIONS_TTL_S:
+            return known[0]
+        try:
+            found = self._producer.list_topics(topic, timeout=5).topics.get(topic)
+        except KafkaException:
+            found = None
+        count = len(found.partitions) if found is not None and found.error is None else 0
+        self._partition_counts[topic] = (count, now_s)
+        return count
+
+    def cancel(
+        self, request_id: str, reason: str | None = None, wait_s: float = 10.0, requested_by: str | None = None
+    ) -> CancelOutcome:
+        """Cancel ``request_id`` and say how it ended. Publishes a Cancellation and waits for the broker to take it
+        (DeliveryError if it does not), then reads the results topic from its start for the request's result, for up
+        to ``wait_s`` (0: only what is there now). Cancelling a finished or unknown request is harmless: the outcome
+        says so."""
+        self.publish_cancellation(request_id, reason, requested_by).result(timeout=CANCEL_DELIVERY_TIMEOUT_S)
+        started_s = time.monotonic()
+        found = find_event(self.kafka, self.topics.results, request_id, 0, started_s + wait_s if wait_s > 0 else None)
+        result = None if found is None else self._codec.decode_as(ImageResult, found)
+        return CancelOutcome(request_id, result, round(time.monotonic() - started_s, 1))
+
+    def publish_cancellation(
+        self, request_id: str, reason: str | None = None, requested_by: str | None = None
+    ) -> PendingDelivery:
+        """Publish a Cancellation of ``request_id`` to the cancellations topic, keyed by it, without waiting."""
+        cancellation = Cancellation(request_id=request_id, reason=reason, requested_by=requested_by)
+        return self.publish_encoded(request_id.encode(), self._codec.encode(cancellation), self.topics.cancellations)
 
     def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for outstanding deliveries; returns how many are still unacknowledged."""

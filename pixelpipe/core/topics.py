@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Mapping
 
+from aiokafka.partitioner import murmur2
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import (
     AclBinding,
@@ -29,6 +30,13 @@ PARTIAL_IMAGES_HEADER = "pixelpipe-partial-images"
 PREVIEW_HEADER = "pixelpipe-preview"
 MAX_PARTIAL_IMAGES = 3
 log = logging.getLogger(__name__)
+
+
+def user_partition(user_id: str, partitions: int) -> int:
+    """The requests topic's partition for ``user_id``'s requests, so that one moderation worker holds each user's
+    limits: murmur2 of the user id, as Kafka's default partitioner places a record keyed by it
+    (``Utils.toPositive(Utils.murmur2(key)) % partitions``). The key stays the request id."""
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def ensure_topics(
@@ -60,6 +68,14 @@ def ensure_topics(
             if e.args[0].code() != e.args[0].TOPIC_ALREADY_EXISTS:
                 raise
     return missing
+
+
+def partition_count(kafka: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has (which ``ensure_topics`` made, or an operator changed)."""
+    found = AdminClient(kafka.client_config()).list_topics(topic, timeout=10).topics.get(topic)
+    if found is None or found.error is not None:
+        raise KafkaException(found.error if found is not None else f"topic {topic} not found")
+    return len(found.partitions)
 
 
 def assign_from_start(consumer: Consumer, topic: str, wait_s: float = 10.0) -> None:
@@ -100,7 +116,8 @@ def role_acls(
     outputs = [topics.results, topics.metrics, topics.dead_letter]
     literal: dict[str, list[tuple[str, tuple[AclOperation, ...]]]] = {
         "publisher": [(topics.requests, WRITES), (topics.cancellations, WRITES)],
-        "moderation": [(topics.requests, READS), *((t, WRITES) for t in [*topics.render(), *outputs])],
+        # Moderation writes requests too: one found off its user's partition is moved there.
+        "moderation": [(topics.requests, READS), *((t, WRITES) for t in [topics.requests, *topics.render(), *outputs])],
         "renderer": [*((t, READS) for t in [*topics.render(), topics.cancellations]), *((t, WRITES) for t in outputs)],
         "sink": [(topics.results, READS), (topics.metrics, READS), (topics.dead_letter, WRITES)],
     }
@@ -109,9 +126,13 @@ def role_acls(
     rules = [(ResourceType.TOPIC, name, ResourcePatternType.LITERAL, op) for name, ops in literal[role] for op in ops]
     if role == "sink":
         rules.append((ResourceType.GROUP, sink_group, ResourcePatternType.LITERAL, AclOperation.READ))
-    elif role != "publisher":  # the workers: reply topics and their consumer groups
+    elif (
+        role != "publisher"
+    ):  # the workers: reply topics, their consumer groups and Faust's topics (tables' changelogs)
+        workers = f"{consumer_group}-"
         rules += [(ResourceType.TOPIC, topics.reply_prefix, ResourcePatternType.PREFIXED, op) for op in WRITES]
-        rules.append((ResourceType.GROUP, f"{consumer_group}-", ResourcePatternType.PREFIXED, AclOperation.READ))
+        rules.append((ResourceType.GROUP, workers, ResourcePatternType.PREFIXED, AclOperation.READ))
+        rules.append((ResourceType.TOPIC, workers, ResourcePatternType.PREFIXED, AclOperation.ALL))
     return [
         AclBinding(kind, name, pattern, principal, "*", operation, AclPermissionType.ALLOW)
         for kind, name, pattern, operation in rules
