@@ -105,9 +105,10 @@ def _time_axis(ax: Any, times: pd.Series) -> None:
 
 
 def _plot_throughput(ax: Any, frame: pd.DataFrame) -> None:
-    frame = _numbers(frame, "succeeded", "rejected", "failed")
+    frame = _numbers(frame, "succeeded", "rejected", "failed", "cancelled")
     minutes = _minutes(frame["minute"])
-    for column, colour in (("succeeded", "tab:green"), ("rejected", "tab:orange"), ("failed", "tab:red")):
+    colours = {"succeeded": "tab:green", "rejected": "tab:orange", "failed": "tab:red", "cancelled": "tab:gray"}
+    for column, colour in colours.items():
         ax.plot(minutes, frame[column], marker="o", color=colour, label=column)
     _time_axis(ax, minutes)
     ax.set_ylabel("results per minute")
@@ -187,6 +188,20 @@ def _plot_errors(ax: Any, frame: pd.DataFrame) -> None:
     ax.tick_params(axis="x", labelsize=8)
 
 
+def _plot_cancellations(ax: Any, frame: pd.DataFrame) -> None:
+    frame = _numbers(frame, "cancelled", "device_s_spent", "device_s_saved", "saved_unknown")
+    labels = [f"{s} / {m}" for s, m in zip(frame["stage"], frame["model"], strict=True)]
+    ax.barh(labels, frame["device_s_spent"], color="tab:gray", label="spent")
+    ax.barh(labels, frame["device_s_saved"], left=frame["device_s_spent"], color="tab:green", label="saved")
+    totals = frame["device_s_spent"].fillna(0) + frame["device_s_saved"].fillna(0)
+    for i, (total, count, unknown) in enumerate(zip(totals, frame["cancelled"], frame["saved_unknown"], strict=True)):
+        ax.text(total, i, f" {count:.0f} cancelled ({unknown:.0f} before rendering)", va="center", fontsize=8)
+    ax.set_xlim(right=max(1.0, float(totals.max())) * 1.6)  # room for the labels
+    ax.invert_yaxis()
+    ax.set_xlabel("device seconds")
+    ax.legend(fontsize=8)
+
+
 def _plot_exposures(ax: Any, frame: pd.DataFrame) -> None:
     frame = _numbers(frame, "users").assign(arm=frame["experiment"] + ": " + frame["variant"])
     frame = frame.sort_values("minute", kind="stable")
@@ -207,7 +222,7 @@ CHARTS = (
     Chart(
         "throughput",
         "Throughput (results per minute)",
-        ("minute", "results", "succeeded", "rejected", "failed", "images"),
+        ("minute", "results", "succeeded", "rejected", "failed", "cancelled", "images"),
         _plot_throughput,
     ),
     Chart(
@@ -251,6 +266,12 @@ CHARTS = (
         "Error rate by code",
         ("code", "failures", "error_rate"),
         _plot_errors,
+    ),
+    Chart(
+        "cancellations",
+        "Cancellations and device time saved by stage and model",
+        ("stage", "model", "cancelled", "device_s_spent", "device_s_saved", "saved_unknown"),
+        _plot_cancellations,
     ),
     Chart(
         "experiment_exposures",

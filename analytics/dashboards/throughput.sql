@@ -5,6 +5,7 @@ SELECT
     countIf(status = 'SUCCEEDED') AS succeeded,
     countIf(status = 'REJECTED') AS rejected,
     countIf(status = 'FAILED') AS failed,
+    countIf(status = 'CANCELLED') AS cancelled,
     sum(image_count) AS images
 FROM results_dedup
 WHERE $__timeFilter(event_time)

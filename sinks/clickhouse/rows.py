@@ -1,4 +1,5 @@
-"""Typed events to row tuples for the raw tables of migrations/ (as 0006_dedup_by_event_id.sql declares them).
+"""Typed events to row tuples for the raw tables of migrations/ (0006_dedup_by_event_id.sql declares them whole,
+later migrations add columns).
 
 One pure function per table; the column tuples name the columns in row order. Columns with a DEFAULT
 (event_time, event_date, image_count) or MATERIALIZED (status_rank) are left to ClickHouse, so both backends derive
@@ -72,6 +73,7 @@ METRIC_COLUMNS = (
     "experiment_keys",
     "experiment_variants",
     "variant",
+    "device_seconds_saved",
 )
 
 
@@ -155,4 +157,5 @@ def metric_row(metric: StageMetric) -> Row:
         experiment_keys,
         experiment_variants,
         metric.variant,
+        metric.device_seconds_saved,
     )

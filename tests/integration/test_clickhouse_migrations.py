@@ -200,7 +200,8 @@ def test_rekeying_keeps_the_rows_the_views_and_the_ttl(backend, request):
     _insert(client, "stage_metrics", [_METRIC])
     assert client.execute("SELECT count() FROM results_dedup") == [(3,)]  # the old keys kept both replays of res-a
 
-    assert apply_migrations(client) == ["0006_dedup_by_event_id"]  # no ttl_days: the tables keep theirs
+    # no ttl_days: the tables keep theirs
+    assert apply_migrations(client, until="0006_dedup_by_event_id") == ["0006_dedup_by_event_id"]
     assert client.execute("SELECT event_id, toString(status) FROM results_dedup ORDER BY event_id") == [
         ("res-2", "REJECTED"),
         ("res-a", "SUCCEEDED"),
@@ -214,3 +215,26 @@ def test_rekeying_keeps_the_rows_the_views_and_the_ttl(backend, request):
     _insert(client, "stage_metrics", [_METRIC | {"event_id": "'met-new'"}])
     assert client.execute("SELECT sum(images) FROM cost_1h")[0][0] == images_before + 2
     assert client.execute("SELECT uniqExactMerge(events) FROM stage_latency_1m") == [(2,)]
+
+
+@pytest.mark.parametrize("backend", ["server", "chdb"])
+def test_cancellations_arrive_on_tables_that_hold_rows_and_a_success_still_wins_its_replays(backend, request):
+    client = request.getfixturevalue(f"{backend}_client")
+    assert apply_migrations(client, until="0006_dedup_by_event_id")[-1] == "0006_dedup_by_event_id"
+    _insert(client, "results", [_RESULT])
+    _insert(client, "stage_metrics", [_METRIC])
+
+    assert apply_migrations(client) == ["0007_cancellations"]
+    cancelled = {"status": "'CANCELLED'", **{f"image_{n}": "[]" for n in ("uris", "sha256", "widths", "heights")}}
+    cancelled |= {"image_formats": "[]", "image_bytes": "[]"}
+    _insert(client, "results", [_RESULT | cancelled | {"event_id": "'res-c'", "request_id": "'req-c'"}])
+    _insert(client, "results", [_RESULT | cancelled])  # a replay of res-1 that met a cancellation
+    stopped = {"outcome": "'CANCELLED'", "device_seconds_saved": "0.3"}
+    _insert(client, "stage_metrics", [_METRIC | stopped | {"event_id": "'met-c'", "request_id": "'req-c'"}])
+    assert client.execute("SELECT event_id, toString(status) FROM results_dedup ORDER BY event_id") == [
+        ("res-1", "SUCCEEDED"),  # its images were stored and reported: the success wins
+        ("res-c", "CANCELLED"),
+    ]
+    assert client.execute(
+        "SELECT event_id, toString(outcome), device_seconds_saved FROM stage_metrics_dedup ORDER BY event_id"
+    ) == [("met-1", "OK", None), ("met-c", "CANCELLED", 0.3)]

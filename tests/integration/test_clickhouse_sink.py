@@ -90,6 +90,32 @@ def events(count: int, seed: int = 0) -> tuple[list[ImageResult], list[StageMetr
     return results, metrics
 
 
+def cancelled_events(count: int) -> tuple[list[ImageResult], list[StageMetric]]:
+    """``count`` CANCELLED results and their GENERATE metrics: the even ones stopped part way (0.5 device seconds
+    spent, 1.5 saved), the odd ones cancelled before their render (nothing spent, saving unknown)."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    results, metrics = [], []
+    for i in range(count):
+        common = {"request_id": f"req-c-{i}", "event_time": now, "user_id": f"user-{i}", "model": "sd-turbo"}
+        results.append(ImageResult(**common, event_id=f"res-c-{i}", status="CANCELLED", kind="GENERATE"))
+        metrics.append(
+            StageMetric(
+                **common,
+                event_id=f"met-c-{i}",
+                stage="GENERATE",
+                outcome="CANCELLED",
+                queue_ms=5.0,
+                compute_ms=0.0 if i % 2 else 500.0,
+                device="none" if i % 2 else "cuda:0",
+                device_seconds=0.0 if i % 2 else 0.5,
+                cost_usd=0.0,
+                worker_id="worker-1",
+                device_seconds_saved=None if i % 2 else 1.5,
+            )
+        )
+    return results, metrics
+
+
 def publish(settings, results, metrics, extra=()) -> None:
     codec = Codec()
     producer = Producer(settings.kafka.client_config() | {"linger.ms": 5})
@@ -274,9 +300,12 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
         "batch_size_distribution",
         "latency_by_stage_over_time",
         "experiment_exposures",
+        "cancellations",
     }
     codec = Codec()
     results, metrics = events(400)
+    cancelled_results, cancelled_metrics = cancelled_events(20)
+    results, metrics = results + cancelled_results, metrics + cancelled_metrics
     # Decoded records carry every default, as the sink sees them; the first 50 are inserted twice (redelivered).
     result_rows = [result_row(codec.decode_as(ImageResult, codec.encode(r))) for r in results]
     metric_rows = [metric_row(codec.decode_as(StageMetric, codec.encode(m))) for m in metrics]
@@ -299,10 +328,12 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
     server.close()
     chdb.close()
 
-    assert sum(row[1] for row in answers["throughput"]) == 400
-    assert sum(row[2] for row in answers["batch_size_distribution"]) == 400
+    assert sum(row[1] for row in answers["throughput"]) == 420
+    assert sum(row[5] for row in answers["throughput"]) == 20  # cancelled
+    assert sum(row[2] for row in answers["batch_size_distribution"]) == 420
     assert sum(row[2] for row in answers["rejection_rate_by_category"]) == 100
-    assert sum(row[3] for row in answers["rejection_rate_by_category"]) == pytest.approx(0.25)
+    assert sum(row[3] for row in answers["rejection_rate_by_category"]) == pytest.approx(100 / 420)
+    assert answers["cancellations"] == [("GENERATE", "sd-turbo", 20, 5.0, 15.0, 10)]
     assert {row[0]: row[1] for row in answers["error_rate_by_code"]} == {"DEADLINE_EXCEEDED": 50, "OOM": 50}
     cost = {(model, variant): (total, images) for model, variant, total, images, _ in answers["cost_per_image"]}
     assert sum(total for total, _ in cost.values()) == pytest.approx(0.4)
@@ -329,5 +360,5 @@ def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
     )
     assert migrated.returncode == 0, migrated.stderr
     names = [path.stem for path in migration_files()]
-    assert names[-1] == "0006_dedup_by_event_id"
+    assert names[-1] == "0007_cancellations"
     assert f"applied: {', '.join(names)}\n" in migrated.stdout

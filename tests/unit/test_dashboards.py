@@ -105,7 +105,7 @@ def test_an_empty_window_gives_every_chart_a_no_data_note_and_no_crash():
 def test_charts_with_rows_are_inline_pngs_and_a_failing_query_stays_in_its_own_panel():
     minute = "2026-11-25 12:01:00"  # chDB's JSON gives strings, the server's driver datetimes: both are drawn
     rows = {
-        "throughput": [(minute, 5, 3, 1, 1, 4), (dt.datetime(2026, 11, 25, 12, 2), 2, 2, 0, 0, 2)],
+        "throughput": [(minute, 6, 3, 1, 1, 1, 4), (dt.datetime(2026, 11, 25, 12, 2), 2, 2, 0, 0, 0, 2)],
         "latency_by_stage_over_time": [(minute, "GENERATE", 400.0, 900.0), (minute, "MODERATION", 12.0, None)],
         "latency_by_stage": [("GENERATE", 5, 400.0, 900.0, 950.0)],
         "queue_vs_compute": [("GENERATE", "tiny-sd", 300.0, 100.0, 0.75)],
@@ -113,6 +113,7 @@ def test_charts_with_rows_are_inline_pngs_and_a_failing_query_stays_in_its_own_p
         "cost_per_image": [("tiny-sd", "control", 0.002, 10, 0.0002), ("tiny-sd", "", 0.001, 0, 0.0)],
         "rejection_rate_by_category": [("PROMPT", "violence", 1, 0.1)],
         "error_rate_by_code": [(None, 1, 0.1)],
+        "cancellations": [("GENERATE", "tiny-sd", 3, 0.5, 1.5, 1), ("MODERATION", "tiny-sd", 1, 0.0, 0.0, 1)],
     }
     page = render_dashboard(FakeClient(rows, failing=("experiment_exposures",)), START, END, "clickhouse://u:pw@h/db")
     found = figures(page.html)

@@ -2,10 +2,11 @@
 
 import dataclasses
 import datetime as dt
+import re
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import EVENT_TYPES
-from pixelpipe.sinks.clickhouse.migrate import MIGRATIONS_DIR
+from pixelpipe.sinks.clickhouse.migrate import MIGRATIONS_DIR, split_statements
 from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, epoch_ms, metric_row, result_row
 from tests.samples import T0, sample_records
 
@@ -106,7 +107,16 @@ def test_metric_row():
         "experiment_keys": ["steps-test"],
         "experiment_variants": ["fast"],
         "variant": "steps-test:fast",
+        "device_seconds_saved": None,
     }
+
+
+def test_cancelled_rows_carry_the_status_the_outcome_and_the_device_time_saved():
+    result = dataclasses.replace(decoded("ImageResult"), status="CANCELLED", images=[], moderation_scores=[])
+    assert dict(zip(RESULT_COLUMNS, result_row(result), strict=True))["status"] == "CANCELLED"
+    metric = dataclasses.replace(decoded("StageMetric"), outcome="CANCELLED", device_seconds_saved=1.25)
+    row = dict(zip(METRIC_COLUMNS, metric_row(metric), strict=True))
+    assert (row["outcome"], row["device_seconds"], row["device_seconds_saved"]) == ("CANCELLED", 0.4585625, 1.25)
 
 
 def test_experiment_maps_flatten_in_key_order():
@@ -116,12 +126,20 @@ def test_experiment_maps_flatten_in_key_order():
 
 
 def test_columns_exist_in_the_raw_tables_and_leave_only_computed_ones_out():
-    # 0006 declares the raw tables whole, as they are now.
+    # 0006 declares the raw tables whole; later migrations add columns with ALTER TABLE ... ADD COLUMN.
     ddl = (MIGRATIONS_DIR / "0006_dedup_by_event_id.sql").read_text()
+    later = [
+        statement
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql"))
+        if path.name > "0006"
+        for statement in split_statements(path.read_text())
+    ]
     for table, columns in (("results", RESULT_COLUMNS), ("stage_metrics", METRIC_COLUMNS)):
         body = ddl.split(f"CREATE TABLE IF NOT EXISTS {table}_0006\n(")[1].split("\n)")[0]
         lines = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("--")]
         declared = {line.split()[0]: line for line in lines}
+        for alter in (s for s in later if s.split()[:3] == ["ALTER", "TABLE", table]):
+            declared |= {added.split()[0]: added for added in re.findall(r"ADD COLUMN (\w+ [^,]+)", alter)}
         assert set(columns) <= set(declared)
         omitted = [line for name, line in declared.items() if name not in columns]
         assert all(" DEFAULT " in line or " MATERIALIZED " in line for line in omitted)
