@@ -299,7 +299,7 @@ class Pipeline:
             # Taken without Faust's acknowledgement: a take is acknowledged once the broker acknowledged all it
             # emits, its table changes included, while the next take is moderated.
             acknowledgement = InOrderAcknowledgement("moderation")
-            within_s = stage_settings.moderation_max_wait_ms / 1000
+            within_s = self.settings.stages.moderation_max_wait_ms / 1000
             async for events in stream.noack_take(stage_settings.moderation_take_events, within=within_s):
                 self._began("moderation")
                 TELEMETRY.events_in("moderation", len(events))
@@ -338,7 +338,7 @@ class Pipeline:
             # what came in max_wait_ms. Taken without Faust's acknowledgement: a take is acknowledged once its last
             # chunk is finished (its emissions acknowledged by the broker), while the next take renders.
             acknowledgement = InOrderAcknowledgement(kind)
-            within_s = stage_settings.max_wait_ms / 1000
+            within_s = self.settings.stages.max_wait_ms / 1000
             async for events in stream.noack_take(stage_settings.take_events, within=within_s):
                 self._began(kind)
                 TELEMETRY.events_in(kind, len(events))

@@ -21,7 +21,6 @@ from pixelpipe.processors.stages import (
     Inbound,
     ModerationStage,
     StageContext,
-    UserRateLimiter,
     _Pending,
     arrival_s,
     in_service_order,
@@ -203,16 +202,6 @@ def test_transient_errors_are_retried_with_backoff_within_the_budget_and_bad_inp
     )
 
 
-def test_a_flooding_user_gets_a_small_burst_then_the_rate_and_others_are_not_held():
-    limiter = UserRateLimiter(per_minute=60, burst=10)  # one a second, ten at once
-    flood = [limiter.allow("flooder", 1000.0 + i * 0.01) for i in range(200)]  # 200 requests in 2 s
-    assert flood.count(True) == 11  # the burst, plus the one token the 2 s refilled
-    assert all(limiter.allow("someone-else", 1001.0 + i) for i in range(10))
-    assert limiter.allow("flooder", 1003.0)  # a second later, the next token
-    assert UserRateLimiter(per_minute=5, burst=10).capacity == 5  # never more than a minute's worth at once
-    assert all(UserRateLimiter(per_minute=0, burst=10).allow("u", 0.0) for _ in range(1000))  # 0 turns it off
-
-
 def test_the_limiters_clock_is_the_brokers_append_time_or_the_workers_never_the_producers():
     produced_long_ago = Inbound(b"", None, "t", 0, 0, timestamp_s=1.0)
     assert arrival_s(produced_long_ago, read_s=2000.0) == 2000.0
@@ -280,19 +269,6 @@ def test_a_request_over_the_per_request_compute_budget_is_invalid_naming_the_bud
         resolve_params(big, steps_experiment, RegistryOnlyModels(), LIMITS)
     assert request_compute(big, steps_experiment, RegistryOnlyModels.registry) == pytest.approx(314.57, abs=0.01)
     assert request_compute(request(model="nope"), {}, RegistryOnlyModels.registry) is None  # the renderer fails it
-
-
-def test_a_token_bucket_charges_each_request_its_cost():
-    compute = UserRateLimiter(per_minute=600, burst=600)  # 600 megapixel-steps a minute, a minute's worth at once
-    assert compute.capacity == 600
-    assert compute.allow("u", 0.0, cost=500)
-    assert not compute.allow("u", 0.0, cost=200)  # 100 left: refused, and charged nothing
-    assert compute.allow("u", 0.0, cost=100)
-    assert not compute.allow("u", 5.0, cost=60)  # 5 s refill 50
-    assert compute.allow("u", 6.0, cost=60)
-    assert compute.allow("someone-else", 6.0, cost=600)
-    assert not compute.allow("v", 0.0, cost=601)  # more than a minute's worth never passes
-    assert all(UserRateLimiter(0, 0).allow("u", 0.0, cost=1e9) for _ in range(3))  # 0 turns it off
 
 
 class AllowEveryPrompt:
