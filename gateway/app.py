@@ -4,7 +4,9 @@
 A call is checked whole before anything is published: its key (401), its rate limit (429), the pipeline's backlog
 (503), its parameters (400). Then it is published once and waited for; its result becomes OpenAI's response, or
 its error envelope. Every answer to an authenticated call carries ``x-request-id``: the request id of the
-ImageRequest, its rows in ClickHouse and its objects in the store.
+ImageRequest, its rows in ClickHouse and its objects in the store. A caller that disconnects before its answer (its
+connection closed, its own timeout, a closed event stream) abandons its request, which is cancelled unless the call
+carried an idempotency key (``Pipeline.abandon``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ TILE = 16  # usage counts an image's 16x16 tiles as its tokens
 IO_THREADS = 64
 MAX_EDIT_IMAGES = 16  # OpenAI's limit on an edit's images; each model takes at most its max_source_images
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
+CLIENT_CLOSED = 499  # nginx's status for a call whose caller left before the answer: counted, never received
+
+
+class CallerGone(Exception):
+    """The caller disconnected before its answer."""
 
 
 def instance_id(settings: Settings) -> str:
@@ -382,14 +389,16 @@ async def _images(request: Request, kind: str) -> Response:
         )
         created = int(time.time())
         if call.stream:
-            return _stream(gateway, call, submission, created, str(request.base_url), uploads is not None)
+            return _stream(gateway, call, submission, created, request, uploads is not None)
         waited_s = time.perf_counter()
-        result = await _wait_for(gateway, submission)
+        result = await _wait_for(gateway, submission, request)
         waited_s = time.perf_counter() - waited_s
         error = result_error(result)
         if error is not None:
             raise error
         data = await asyncio.to_thread(gateway.outputs, call, result, str(request.base_url))
+    except CallerGone:
+        return Response(status_code=CLIENT_CLOSED)
     except ApiError as e:
         return error_response(e, request_id)
     except Exception as e:  # a bug or a service down: still OpenAI's envelope, and the request id when known
@@ -410,28 +419,48 @@ async def _images(request: Request, kind: str) -> Response:
     return JSONResponse(body, headers={"x-request-id": request_id, "server-timing": timing})
 
 
-async def _wait_for(gateway: Gateway, submission: Submission) -> ImageResult:
-    """The submission's result, counted in the calls waiting (``pixelpipe_gateway_calls_waiting``) meanwhile."""
+async def _wait_for(gateway: Gateway, submission: Submission, request: Request) -> ImageResult:
+    """The submission's result, counted in the calls waiting (``pixelpipe_gateway_calls_waiting``) meanwhile. If the
+    caller disconnects first, or the wait is cancelled (Starlette cancels an event stream whose caller left), the
+    request is abandoned (``Pipeline.abandon``), and CallerGone raised."""
     WAITING.inc()
+    waiting = asyncio.ensure_future(gateway.pipeline.submit(submission))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        return await gateway.pipeline.submit(submission)
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            return waiting.result()
+        raise CallerGone(submission.request_id)
+    except (CallerGone, asyncio.CancelledError):
+        waiting.cancel()
+        gateway.pipeline.abandon(submission)
+        raise
     finally:
+        gone.cancel()
         WAITING.dec()
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns once the caller has disconnected. Its body is read by then, so the server's next message is the
+    disconnect (uvicorn sends it when the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _stream(
-    gateway: Gateway, call: ImageCall, submission: Submission, created: int, base_url: str, edit: bool
+    gateway: Gateway, call: ImageCall, submission: Submission, created: int, request: Request, edit: bool
 ) -> StreamingResponse:
     """Server-sent events: a partial image for each preview the render stage sends to the reply topic while the
-    image renders, then the completed image (or an error event)."""
+    image renders, then the completed image (or an error event); nothing more once the caller has left."""
     prefix = "image_edit" if edit else "image_generation"
     size = f"{submission.width}x{submission.height}"
     common = {"background": "opaque", "output_format": call.output_format, "quality": call.quality, "size": size}
     listener = gateway.pipeline.listener
+    base_url = str(request.base_url)
 
     async def events() -> AsyncIterator[bytes]:
         previews = listener.previews(submission.request_id)
-        task = asyncio.ensure_future(_wait_for(gateway, submission))
+        task = asyncio.ensure_future(_wait_for(gateway, submission, request))
 
         async def partial(index: int, preview: bytes) -> bytes:
             image = await asyncio.to_thread(transcode, preview, call.output_format, call.output_compression, "jpeg")
@@ -472,6 +501,8 @@ def _stream(
                 "usage": usage(call, result, 1 if edit else 0),
             }
             yield _event(completed)
+        except CallerGone:
+            return
         except ApiError as e:
             yield _event({"type": "error", **e.body()})
         finally:

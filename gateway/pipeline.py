@@ -12,6 +12,10 @@ failing that, for the request on the requests topic (a gateway that stopped betw
 never sent it: then it is published now, once); and otherwise waits for the result on the results topic until the
 deadline. Within one instance, concurrent calls with the same key share one wait. The window is the topics'
 retention: after it, a retry finds its receipt but neither event and renders again.
+
+A caller that leaves before its answer abandons its request (``Pipeline.abandon``): the wait stops and a Cancellation
+is published, so the render workers spend no device time on an image nobody waits for; not for a call with an
+idempotency key, whose retry must still get its image.
 """
 
 from __future__ import annotations
@@ -185,6 +189,7 @@ class Pipeline:
     def __init__(self, settings: Settings, store: ObjectStore, instance_id: str) -> None:
         self.settings = settings
         self.store = store
+        self.instance_id = instance_id
         self.reply_topic = f"{settings.topics.reply_prefix}gateway.{instance_id}"
         self.codec: Codec = codec_from_settings(settings.kafka)
         self.timeout_s = settings.gateway.timeout_s
@@ -198,7 +203,7 @@ class Pipeline:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         kafka, topics = self.settings.kafka, self.settings.topics
-        ensure_topics(kafka, topics, [topics.requests, topics.results])
+        ensure_topics(kafka, topics, [topics.requests, topics.results, topics.cancellations])
         ensure_topics(kafka, topics, [self.reply_topic], partitions=1)
         if not self.store.creates_exclusively():
             log.warning(
@@ -238,6 +243,19 @@ class Pipeline:
             self._inflight[rid] = shared
             shared.add_done_callback(lambda _: self._inflight.pop(rid, None))
         return await asyncio.shield(shared)
+
+    def abandon(self, submission: Submission) -> None:
+        """Its caller left before the answer: stop waiting and cancel the request, unless the call carried an
+        idempotency key. Best effort: a cancellation the broker refuses is logged."""
+        if submission.idempotent or self.publisher is None:
+            return
+        rid = submission.request_id
+        waiting = self._inflight.get(rid)
+        if waiting is not None:
+            waiting.cancel()
+        reason, by = "the caller left before its answer", f"gateway:{self.instance_id}"
+        self.publisher.publish_cancellation(rid, reason, by).add_done_callback(_log_refused_cancellation)
+        log.info("caller left: request cancelled", extra={"request_id": rid})
 
     async def _run(self, submission: Submission) -> ImageResult:
         rid = submission.request_id
@@ -384,6 +402,12 @@ def _settle_delivery(acknowledged: asyncio.Future[None], settled: PendingDeliver
         acknowledged.set_result(None)
     else:
         acknowledged.set_exception(error)
+
+
+def _log_refused_cancellation(settled: PendingDelivery) -> None:
+    error = settled.exception(0)
+    if error is not None:
+        log.warning("cancellation not published", extra={"error": str(error)})
 
 
 def deadline_error(timeout_s: float) -> ApiError:

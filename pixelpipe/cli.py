@@ -312,6 +312,35 @@ def publish_command(
         sys.exit(1)
 
 
+@main.command("cancel")
+@click.argument("request_id")
+@click.option("--reason", help="Why, kept with the cancellation.")
+@click.option(
+    "--wait",
+    "wait_s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to look for the request's result on the results topic (0: only what is there now).",
+)
+def cancel_command(request_id: str, reason: str | None, wait_s: float) -> None:
+    """Cancel a request: a render worker that meets it before its render is done ends it CANCELLED. Says how it
+    ended (CANCELLED, already finished with its status, or no result yet); exits 1 only when it had already
+    finished otherwise."""
+    from pixelpipe.producers import DeliveryError, Publisher
+
+    with Publisher(load_settings()) as publisher:
+        try:
+            outcome = publisher.cancel(request_id, reason=reason, wait_s=wait_s, requested_by="cli")
+        except (DeliveryError, TimeoutError) as e:
+            raise click.ClickException(
+                f"the cancellation was not published ({e}); do the topics exist (`pixelpipe topics`)?"
+            ) from e
+    click.echo(str(outcome))
+    if outcome.finished_before:
+        sys.exit(1)
+
+
 def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
     from pixelpipe.analytics.cli import analyze, dashboard

@@ -4,15 +4,19 @@ from pixelpipe.core.settings import Settings
 from pixelpipe.producers import Publisher, new_request
 
 with Publisher(Settings.from_env()) as publisher:
-    delivery = publisher.publish(new_request(prompt="a red fox", model="tiny-sd", user_id="u1")).result()
+    request = new_request(prompt="a red fox", model="tiny-sd", user_id="u1")
+    delivery = publisher.publish(request).result()
+    print(publisher.cancel(request.request_id))  # CANCELLED, already finished (with its status), or no result yet
 """
 
 from pixelpipe.core.experiments import assign_variant
 from pixelpipe.core.validation import InvalidRequestError, validate_request
 from pixelpipe.producers.publisher import Delivery, DeliveryError, PendingDelivery, Publisher
 from pixelpipe.producers.requests import new_request
+from pixelpipe.producers.results import CancelOutcome
 
 __all__ = [
+    "CancelOutcome",
     "Delivery",
     "DeliveryError",
     "InvalidRequestError",

@@ -20,9 +20,8 @@ from pixelpipe.core.topics import find_event, user_partition
 from pixelpipe.core.validation import check_reply_topic, validate_request
 from pixelpipe.producers.results import CancelOutcome
 
-CANCEL_DELIVERY_TIMEOUT_S = 30.0
-
 PARTITIONS_TTL_S = 60.0  # a topic given more partitions is seen within this long
+CANCEL_DELIVERY_TIMEOUT_S = 30.0  # longest a cancellation waits for the broker to take it
 
 
 @dataclass(frozen=True)

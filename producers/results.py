@@ -13,7 +13,7 @@ from confluent_kafka import Consumer
 from tqdm import tqdm
 
 from pixelpipe.core.codec import CodecError, codec_from_settings
-from pixelpipe.core.events import Event
+from pixelpipe.core.events import Event, ImageResult
 from pixelpipe.core.settings import KafkaSettings
 from pixelpipe.core.topics import assign_from_start
 
@@ -32,6 +32,36 @@ class Collected(Generic[E]):
 
     def latest(self) -> dict[str, E]:
         return {request_id: events[-1] for request_id, events in self.events.items()}
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What ``Publisher.cancel`` found once its Cancellation was acknowledged: the request's result on the results
+    topic, or None when there was none yet after ``waited_s``."""
+
+    request_id: str
+    result: ImageResult | None
+    waited_s: float
+
+    @property
+    def cancelled(self) -> bool:
+        return self.result is not None and self.result.status == "CANCELLED"
+
+    @property
+    def finished_before(self) -> bool:
+        """The request had already ended otherwise: the cancellation changed nothing."""
+        return self.result is not None and not self.cancelled
+
+    def __str__(self) -> str:
+        if self.result is None:
+            return (
+                f"{self.request_id}: cancellation published; no result yet after {self.waited_s:g} s. It ends "
+                "CANCELLED unless its render is already done; a request id the pipeline never saw gets no result."
+            )
+        if self.cancelled:
+            return f"{self.request_id}: CANCELLED ({self.result.error_message})"
+        code = f" {self.result.error_code}" if self.result.error_code else ""
+        return f"{self.request_id}: already finished: {self.result.status}{code}; the cancellation changed nothing"
 
 
 def collect(

@@ -4,28 +4,46 @@ step, and one cancelled in a shared batch has its images discarded; all end CANC
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka.admin import AclOperation
+from prometheus_client import REGISTRY
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageResult, StageMetric
-from pixelpipe.core.objects import open_object_store
-from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.core.objects import FileObjectStore, open_object_store
+from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, Settings, StageSettings, TopicSettings
 from pixelpipe.core.topics import role_acls
 from pixelpipe.core.validation import InvalidRequestError, check_reply_topic
+from pixelpipe.gateway.app import Gateway, create_app
+from pixelpipe.gateway.keys import KeyStore
+from pixelpipe.gateway.params import ModelInfo
+from pixelpipe.gateway.pipeline import Pipeline, Submission
+from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.replies import ReplyListener
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
 from pixelpipe.processors.outcomes import Outcome
 from pixelpipe.processors.stages import GenerateStage, Inbound, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
-from pixelpipe.producers import new_request
+from pixelpipe.producers import CancelOutcome, new_request
 from pixelpipe.tools.model_builders import build_tiny_models
 
 STEPS = 10
+SUBMISSION = Submission(
+    request_id="r", idempotent=False, fingerprint="f", kind="GENERATE", user_id="u", prompt="a fox", model="tiny-sd",
+    n=1, width=64, height=64, steps=None,
+)  # fmt: skip
+
+
+def sample_value(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 class CancelledFrom:
@@ -196,3 +214,133 @@ def test_publishers_write_cancellations_renderers_read_them_and_no_request_repli
     assert topics.cancellations not in granted("moderation", AclOperation.READ) | granted("sink", AclOperation.READ)
     with pytest.raises(InvalidRequestError):
         check_reply_topic(topics.cancellations, topics)
+
+
+# -- the answer `pixelpipe cancel` and Publisher.cancel give ------------------------------------------------------
+def result(status, **fields):
+    return ImageResult(event_id="e", request_id="req-1", status=status, user_id="u", model="m", **fields)
+
+
+def test_a_cancel_answers_cancelled_already_finished_or_no_result_yet():
+    cancelled = CancelOutcome("req-1", result("CANCELLED", error_message="cancelled before its render"), 0.4)
+    assert cancelled.cancelled and not cancelled.finished_before
+    assert str(cancelled) == "req-1: CANCELLED (cancelled before its render)"
+    done = CancelOutcome("req-1", result("SUCCEEDED"), 0.1)
+    assert done.finished_before and not done.cancelled
+    assert str(done) == "req-1: already finished: SUCCEEDED; the cancellation changed nothing"
+    failed = CancelOutcome("req-1", result("FAILED", error_code="DEADLINE_EXCEEDED"), 0.1)
+    assert str(failed) == "req-1: already finished: FAILED DEADLINE_EXCEEDED; the cancellation changed nothing"
+    pending = CancelOutcome("req-1", None, 10.0)
+    assert not pending.cancelled and not pending.finished_before
+    assert str(pending).startswith("req-1: cancellation published; no result yet after 10 s.")
+
+
+# -- the gateway: a caller that leaves abandons its request ---------------------------------------------------
+class WaitingPipeline:
+    """A pipeline whose results never come; records the submissions its callers abandoned."""
+
+    reply_topic = "pixelpipe.replies.gateway.test"
+
+    def __init__(self) -> None:
+        self.abandoned: list[Submission] = []
+        self.listener = ReplyListener(Settings().kafka, self.reply_topic, Codec())  # for previews: never started
+
+    def check_capacity(self) -> None:
+        pass
+
+    async def submit(self, submission: Submission) -> ImageResult:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    def abandon(self, submission: Submission) -> None:
+        self.abandoned.append(submission)
+
+
+def gateway_app(tmp_path, pipeline):
+    keys = KeyStore(tmp_path / "keys.json")
+    secret, _ = keys.create("acme", ["tiny-sd"])
+    settings = Settings().updated(gateway_default_size="64x64")
+    app = create_app(settings)  # the lifespan (Kafka) is not run: the state is set here
+    app.state.gateway = Gateway(
+        settings=settings,
+        keys=keys,
+        models={"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4)},
+        store=FileObjectStore(tmp_path / "objects"),
+        pipeline=pipeline,
+        buckets=TokenBuckets(),
+    )
+    return app, secret
+
+
+async def call_then_leave(app, secret: str, body: dict, leave_after_s: float = 0.3) -> list[dict]:
+    """One POST /v1/images/generations whose caller disconnects ``leave_after_s`` after sending its body, as uvicorn
+    reports it (ASGI spec 2.3); the messages the app sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/images/generations",
+        "raw_path": b"/v1/images/generations",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {secret}".encode()), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "event-stream"])
+def test_a_caller_that_leaves_before_its_answer_abandons_its_request(tmp_path, stream):
+    async def scenario() -> tuple[WaitingPipeline, list[dict]]:
+        pipeline = WaitingPipeline()
+        app, secret = gateway_app(tmp_path, pipeline)
+        body = {"prompt": "a fox", "model": "tiny-sd"} | ({"stream": True, "partial_images": 1} if stream else {})
+        return pipeline, await call_then_leave(app, secret, body)
+
+    pipeline, sent = asyncio.run(scenario())
+    assert [s.request_id for s in pipeline.abandoned] == [pipeline.abandoned[0].request_id]
+    if not stream:
+        assert sent[0]["status"] == 499  # counted in the gateway's metrics; the caller is gone
+    assert sample_value("pixelpipe_gateway_calls_waiting") == 0
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.cancellations: list[tuple[str, str | None, str | None]] = []
+
+    def publish_cancellation(self, request_id, reason=None, requested_by=None):
+        self.cancellations.append((request_id, reason, requested_by))
+        return SimpleNamespace(add_done_callback=lambda callback: None)
+
+
+def test_abandoning_cancels_the_request_and_its_wait_unless_it_carried_an_idempotency_key(tmp_path):
+    async def scenario() -> tuple[Pipeline, asyncio.Future, asyncio.Future]:
+        pipeline = Pipeline(Settings(), FileObjectStore(tmp_path / "objects"), "gw-1")
+        pipeline.publisher = RecordingPublisher()
+        waits = {}
+        for request_id, idempotent in (("a", False), ("b", True)):
+            waits[request_id] = pipeline._inflight[request_id] = asyncio.Future()
+            pipeline.abandon(dataclasses.replace(SUBMISSION, request_id=request_id, idempotent=idempotent))
+        await asyncio.sleep(0)
+        return pipeline, waits["a"], waits["b"]
+
+    pipeline, plain_wait, keyed_wait = asyncio.run(scenario())
+    assert pipeline.publisher.cancellations == [("a", "the caller left before its answer", "gateway:gw-1")]
+    assert plain_wait.cancelled() and not keyed_wait.cancelled()  # a retry with its key must still get its image
