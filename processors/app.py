@@ -411,9 +411,23 @@ class Pipeline:
         ]
 
     def _watch(self) -> None:
-        """A beat on the event loop every second while no agent is stalled (``/healthz`` fails when beats stop), and
-        partitions assigned for ``/readyz``."""
-        app, health = self.app, self.health
+        """The assignment logged and marked for ``/readyz``; a beat on the event loop every second while no agent is
+        stalled (``/healthz`` fails when beats stop)."""
+        app, health, group = self.app, self.health, self.app.conf.id
+
+        @app.on_partitions_assigned.connect
+        async def assigned(_app: faust.App, assigned: Set[TP], **_: object) -> None:
+            sources = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.sources.values())
+            log.info("partitions assigned", extra={"group": group, "partitions": sources})
+            if health is not None:
+                health.mark("partitions", bool(sources))
+
+        @app.on_partitions_revoked.connect
+        async def revoked(_app: faust.App, revoked: Set[TP], **_: object) -> None:
+            log.info("partitions revoked", extra={"group": group, "partitions": len(revoked)})
+            if health is not None:
+                health.mark("partitions", False)
+
         if health is None:
             return
 
@@ -424,14 +438,6 @@ class Pipeline:
                 log.warning("agents stalled: events wait and none is taken", extra={"agents": stalled})
                 return
             health.beat()
-
-        @app.on_partitions_assigned.connect
-        async def assigned(_app: faust.App, assigned: object, **_: object) -> None:
-            health.mark("partitions", bool(assigned))
-
-        @app.on_partitions_revoked.connect
-        async def revoked(_app: faust.App, _revoked: object, **_: object) -> None:
-            health.mark("partitions", False)
 
 
 def _acker(stream: faust.StreamT, events: Sequence[EventT]) -> Any:
