@@ -57,8 +57,14 @@ def ensure_topics(
         topics.requests: {"message.timestamp.type": "LogAppendTime"},
         topics.cancellations: {"cleanup.policy": "compact,delete"},
     }
+    # One partition: few and small, and faust-streaming's global tables recover reliably from one (with several,
+    # instances can loop in recovery).
+    counts = {topics.cancellations: 1}
     futures = admin.create_topics(
-        [NewTopic(name, partitions or topics.partitions, 1, config=config.get(name, {})) for name in missing],
+        [
+            NewTopic(name, counts.get(name, partitions or topics.partitions), 1, config=config.get(name, {}))
+            for name in missing
+        ],
         operation_timeout=30,
     )
     for future in futures.values():
