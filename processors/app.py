@@ -393,16 +393,18 @@ class Pipeline:
             raise
 
     def stalled(self) -> list[str]:
-        """The agents that have events waiting on their partitions but took none for the liveness bound while idle:
-        a consumer that stopped handing them over."""
+        """The agents that took nothing for the liveness bound while idle though their partitions hold events the
+        consumer has not fetched: a fetcher that stopped (the silent stall reported of some Faust versions)."""
         bound_s = self.settings.ops.liveness_bound_s
         now_s = time.monotonic()
+        if self.app.rebalancing or self.app.in_recovery:  # tables recovering: the agents wait, rightly
+            self._taken_s = dict.fromkeys(self._taken_s, now_s)
+            return []
         consumer = self.app.consumer
         waiting: set[str] = set()
         for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            position = consumer._committed_offset.get(tp)  # committed: what the agents finished
-            if highwater is not None and highwater > (position or 0) + 1:
+            highwater, last_read = consumer.highwater(tp), consumer._read_offset[tp]
+            if highwater is not None and highwater > (-1 if last_read is None else last_read) + 1:
                 waiting.add(tp.topic)
         return [
             kind
