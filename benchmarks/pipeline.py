@@ -1,6 +1,7 @@
 """Requests/s through every stage of one worker process, and the latency it adds at half that rate.
 
     python benchmarks/pipeline.py [--requests 20000] [--nudenet-requests 300] [--latency-seconds 10] [--side 64]
+    python benchmarks/pipeline.py --baseline [REF] [--runs 3] [--requests 20000] [--latency-rate 100]
 
 Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTSTRAP, stopped afterwards) with the
 null model (a registry written here; no simulated time) and objects on the local filesystem. One `pixelpipe worker`
@@ -9,7 +10,8 @@ process runs every stage (moderation, generate, edit); each detector gets its ow
   saturation  N text-to-image requests are published before the worker starts, so the backlog measures the worker
               alone; the rate runs from the first terminal result on the results topic to the last.
   latency     the same worker, idle again, gets requests published with the producer SDK at half the saturated
-              rate; added latency is a result's arrival at this process minus its request's publish time.
+              rate (or --latency-rate); added latency is a result's arrival at this process minus its request's
+              publish time.
 
 Both run with nudenet's image detector and with the null detector (PIXELPIPE_IMAGE_DETECTOR=null, which finds
 nothing and costs nothing), so the null row measures the pipeline and the detector's time is printed apart: its
@@ -22,6 +24,13 @@ Kafka, this client and the worker share the machine's cores: the load average is
 throughput the metrics cost (medians, when a mode is repeated: `--metrics off,on,off,on`). Rates move by more than
 1 % from run to run, so each worker with metrics is also scraped back to back once idle, and the CPU one scrape
 costs it is printed as a share of its CPU at saturation, at this run's and Prometheus' intervals.
+
+`--baseline [REF]` compares this checkout's worker with REF's (e6ab4f0 by default, the hand-written librdkafka
+consumer): REF is checked out in a temporary git worktree and installed without dependencies into a temporary folder
+that the baseline's workers get as PYTHONPATH (checked: every pixelpipe module they import comes from there). Null
+detector, metrics off; the two workers run alternately, `--runs` times each (3 by default), the latency phase at a
+fixed 100 req/s (`--latency-rate`) so both see the same load; the table gives the medians of saturated requests/s,
+the worker's CPU per request at saturation, the added latency's p50 and p99, and their ratio current/baseline.
 """
 
 from __future__ import annotations
@@ -33,13 +42,14 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +71,17 @@ PROMPTS = ("a lighthouse on a cliff at dusk", "a red fox in fresh snow", "a bowl
 USERS = 2000
 STARTUP_TIMEOUT_S = 180.0
 PROMETHEUS_INTERVAL_S = 5.0  # the local stack's and docker-compose's scrape interval
+PIPELINE_TOPICS = (
+    *("requests", "generate", "edit", "generate_long", "edit_long"),
+    *("results", "metrics", "dead_letter", "cancellations"),
+)
+REPO = Path(__file__).resolve().parents[1]
+# Prints the file of every pixelpipe module a worker imports (its CLI and its stages).
+WHERE_FROM = """
+import sys, pixelpipe.cli, pixelpipe.processors.app
+print(*sorted({str(m.__file__) for n, m in sys.modules.items() if n.split(".")[0] == "pixelpipe"}), sep="\\n")
+"""
+BASELINE = "e6ab4f0"  # the last commit of the hand-written librdkafka consumer, before the Faust agents came back
 
 
 @dataclass
@@ -334,11 +355,19 @@ def run_detector(
     echo: Callable[..., None],
     metrics: bool = False,
     scrape_interval_s: float = 1.0,
+    latency_rate: float | None = None,
+    label: str | None = None,
+    worker_env: Mapping[str, str] | None = None,
 ) -> tuple[Phase, Phase, ScrapeCost | None] | None:
-    suffix = f"{detector}-{uuid.uuid4().hex[:8]}"
+    """One worker's saturation and latency phases on fresh topics; the latency phase publishes at ``latency_rate``
+    requests/s (None: half the saturated rate). ``label`` names the run in progress bars and the worker's log (the
+    detector by default); ``worker_env`` is added to the worker's environment (--baseline's PYTHONPATH)."""
+    label = label or detector
+    suffix = f"{label}-{uuid.uuid4().hex[:8]}"
+    # Every topic of the pipeline is the run's own, so that deleting them afterwards touches nothing else on a shared
+    # Kafka.
     settings = base.updated(
-        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("requests", "generate", "edit", "results")},
-        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("metrics", "dead_letter")},
+        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in PIPELINE_TOPICS},
         consumer_group=f"bench-{suffix}",
         image_detector=detector,
     )
@@ -346,34 +375,34 @@ def run_detector(
     codec = codec_from_settings(settings.kafka)
     watcher = ResultWatcher(settings)
     forwarded = ResultWatcher(settings, settings.topics.generate)
-    log_path = workdir / f"worker-{detector}{'-metrics' if metrics else ''}.log"
+    log_path = workdir / f"worker-{label}{'-metrics' if metrics else ''}.log"
     port = free_port() if metrics else 0
-    env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
+    env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1", **(worker_env or {})}
     scraper = Scraper(port, scrape_interval_s) if metrics else None
     try:
         with Publisher(settings, codec=codec) as publisher:
             backlog = encoded_requests(codec, requests, side)
-            publish(publisher, backlog, None, f"{detector}: publishing the backlog")
+            publish(publisher, backlog, None, f"{label}: publishing the backlog")
             with WorkerProcess(settings, STAGES, log_path, env) as worker:
                 ids = [r for r, _ in backlog]
-                label = f"{detector}: saturation"
-                started = watcher.wait_for(ids, label, STARTUP_TIMEOUT_S, at_least=1)
+                phase = f"{label}: saturation"
+                started = watcher.wait_for(ids, phase, STARTUP_TIMEOUT_S, at_least=1)
                 # Measured from the first result on: the steady state, not the worker's start.
                 meter = CpuMeter(worker.process.pid)
-                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{detector}.txt", echo):
-                    done = started and watcher.wait_for(ids, label, STARTUP_TIMEOUT_S + requests / 20)
+                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{label}.txt", echo):
+                    done = started and watcher.wait_for(ids, phase, STARTUP_TIMEOUT_S + requests / 20)
                 if not done:
-                    echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
+                    echo(f"{label}: results missing; worker log {log_path}:\n{worker.log_tail()}")
                     return None
                 saturation = summarise(codec, watcher.arrivals, ids, meter, None, None)
-                rate = saturation.rate / 2
+                rate = latency_rate or saturation.rate / 2
                 paced = encoded_requests(codec, max(1, int(rate * latency_s)), side)
                 meter = CpuMeter(worker.process.pid)
-                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{detector}-paced.txt", echo):
-                    published_s = publish(publisher, paced, rate, f"{detector}: {rate:,.0f} req/s")
+                with profiled(worker.process.pid, profile_dir and profile_dir / f"worker-{label}-paced.txt", echo):
+                    published_s = publish(publisher, paced, rate, f"{label}: {rate:,.0f} req/s")
                 ids = [r for r, _ in paced]
-                if not watcher.wait_for(ids, f"{detector}: latency", 60 + latency_s):
-                    echo(f"{detector}: results missing; worker log {log_path}:\n{worker.log_tail()}")
+                if not watcher.wait_for(ids, f"{label}: latency", 60 + latency_s):
+                    echo(f"{label}: results missing; worker log {log_path}:\n{worker.log_tail()}")
                     return None
                 latency = summarise(codec, watcher.arrivals, ids, meter, published_s, rate, forwarded.arrivals)
                 scraped = scrape_cost(worker.process.pid, port) if metrics else None
@@ -383,10 +412,13 @@ def run_detector(
         if scraper is not None:
             scraper.close()
             size = scraper.bytes / max(1, scraper.scrapes)
-            echo(f"{detector}: metrics scraped {scraper.scrapes} times ({size:,.0f} B each)")
-        AdminClient(settings.kafka.client_config()).delete_topics(settings.topics.pipeline())
+            echo(f"{label}: metrics scraped {scraper.scrapes} times ({size:,.0f} B each)")
+        admin = AdminClient(settings.kafka.client_config())
+        # The worker's own topics (Faust's changelogs) are named after its consumer group.
+        own = [t for t in admin.list_topics(timeout=10).topics if t.startswith(settings.stages.consumer_group)]
+        admin.delete_topics([*settings.topics.pipeline(), *own])
     if watcher.arrivals.duplicates:
-        echo(f"{detector}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
+        echo(f"{label}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
     return saturation, latency, scraped
 
 
@@ -408,6 +440,40 @@ def profiled(pid: int, out: Path | None, echo: Callable[..., None]) -> Iterator[
         echo(f"profile of the worker: {out}")
 
 
+@contextlib.contextmanager
+def baseline_worker_env(ref: str, echo: Callable[..., None]) -> Iterator[dict[str, str]]:
+    """The environment that makes a `pixelpipe worker` run ``ref``'s code: a git worktree of ``ref`` in a temporary
+    folder, installed (no dependencies, this venv's) into a folder of its own that PYTHONPATH puts before the
+    editable install of this checkout. Checked in a child started as the workers are (interpreter, environment and
+    working directory): it must import every pixelpipe package from there."""
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        tree, site = Path(tmp) / "tree", Path(tmp) / "site"
+        git = ["git", "-C", str(REPO)]
+        subprocess.run([*git, "worktree", "add", "--detach", str(tree), ref], check=True, capture_output=True)
+        try:
+            sha = subprocess.run([*git, "rev-parse", "--short", ref], check=True, capture_output=True, text=True)
+            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile"]
+            subprocess.run([*pip, "--target", str(site), str(tree)], check=True, capture_output=True)
+            # Compiled here, once, rather than by each worker at its start.
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(site / "pixelpipe")], check=True)
+            env = {"PYTHONPATH": str(site)}
+            imported = subprocess.run(
+                [sys.executable, "-c", WHERE_FROM],
+                env=os.environ | env,
+                cwd=tmp,  # as the workers' folder, which holds no pixelpipe either
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            strays = [f for f in imported if not f.startswith(str(site))]
+            if strays:
+                raise SystemExit(f"the baseline's worker would import pixelpipe modules from elsewhere: {strays}")
+            echo(f"baseline {ref} ({sha.stdout.strip()}): pixelpipe from {site}")
+            yield env
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False, capture_output=True)
+
+
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
@@ -416,7 +482,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20_000, help="backlog for the null detector")
     parser.add_argument("--nudenet-requests", type=int, default=300, help="backlog for nudenet (about 30 ms each)")
-    parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the half-rate phase publishes")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the latency phase publishes")
     parser.add_argument("--side", type=int, default=64, help="width and height of the requested images")
     parser.add_argument("--detectors", default="null,nudenet", help="comma separated: null, nudenet")
     parser.add_argument(
@@ -430,11 +496,23 @@ def main() -> None:
         "--metrics", default="off,on", help="comma separated, run in turn per detector: off (none served), on"
     )
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes")
-    parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
     parser.add_argument(
-        "--profile", type=Path, help="folder for py-spy profiles of the worker, saturated and at half that rate"
+        "--latency-rate", type=float, help="requests/s of the latency phase (default: half the saturated rate)"
     )
+    parser.add_argument(
+        "--baseline",
+        nargs="?",
+        const=BASELINE,
+        metavar="REF",
+        help=f"compare this checkout's worker with REF's ({BASELINE} when no REF is given): null detector, metrics"
+        " off, --runs alternating runs each, latency at --latency-rate (100 req/s by default)",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs of each worker with --baseline")
+    parser.add_argument("--objects", type=Path, help="folder for the stored images (default: a temporary one)")
+    parser.add_argument("--profile", type=Path, help="folder for py-spy profiles of the worker, saturated and paced")
     args = parser.parse_args()
+    if args.baseline and args.latency_rate is None:
+        args.latency_rate = 100.0
     # Before changing folder:
     profile_dir = args.profile.resolve() if args.profile else None
     objects_dir = args.objects.resolve() if args.objects else None
@@ -446,6 +524,7 @@ def main() -> None:
     with (
         stack_unless_kafka_answers(base, section_from_env(StackSettings, os.environ), echo) as base,
         tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp,
+        baseline_worker_env(args.baseline, echo) if args.baseline else contextlib.nullcontext({}) as baseline_env,
     ):
         workdir = Path(tmp)
         registry = workdir / "registry.json"
@@ -463,34 +542,48 @@ def main() -> None:
             f" {args.max_wait_ms} ms, objects in {base.objects.url}, Kafka at {base.kafka.bootstrap},"
             f" {os.cpu_count()} cores, load average before {load_before[0]:.2f}"
         )
-        for detector in args.detectors.split(","):
-            requests = args.requests if detector == "null" else args.nudenet_requests
-            for mode in args.metrics.split(","):
-                phases = run_detector(
-                    base,
-                    workdir,
-                    detector,
-                    requests,
-                    args.latency_seconds,
-                    args.side,
-                    profile_dir,
-                    echo,
-                    metrics=mode == "on",
-                    scrape_interval_s=args.scrape_interval,
-                )
-                if phases is None:
-                    raise SystemExit(1)
-                label = detector if mode == "off" else f"{detector}+m"
-                saturation, latency, scraped = phases
-                rows.append((label, saturation, latency))
-                if scraped is not None:
-                    scrapes.append(scraped)
-                p99 = quantile(latency.latencies_ms, 0.99)
-                echo(
-                    f"{label}: {saturation.rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {latency.rate:,.0f}"
-                    f" req/s (load average {os.getloadavg()[0]:.2f})"
-                )
+        # (label, detector, metrics, the worker's extra environment), in the order they run.
+        plan: list[tuple[str, str, bool, dict[str, str]]]
+        if args.baseline:  # alternating, so that a change in the machine's load falls on both alike
+            sides = (("baseline", baseline_env), ("current", {}))
+            plan = [(label, "null", False, env) for _ in range(args.runs) for label, env in sides]
+        else:
+            plan = [
+                (detector if mode == "off" else f"{detector}+m", detector, mode == "on", {})
+                for detector in args.detectors.split(",")
+                for mode in args.metrics.split(",")
+            ]
+        for label, detector, metrics, env in plan:
+            phases = run_detector(
+                base,
+                workdir,
+                detector,
+                args.requests if detector == "null" else args.nudenet_requests,
+                args.latency_seconds,
+                args.side,
+                profile_dir,
+                echo,
+                metrics=metrics,
+                scrape_interval_s=args.scrape_interval,
+                latency_rate=args.latency_rate,
+                label=label,
+                worker_env=env,
+            )
+            if phases is None:
+                raise SystemExit(1)
+            saturation, latency, scraped = phases
+            rows.append((label, saturation, latency))
+            if scraped is not None:
+                scrapes.append(scraped)
+            p99 = quantile(latency.latencies_ms, 0.99)
+            echo(
+                f"{label}: {saturation.rate:,.0f} req/s saturated; p99 {p99:.1f} ms at {latency.rate:,.0f}"
+                f" req/s (load average {os.getloadavg()[0]:.2f})"
+            )
     print_table(rows, echo)
+    if args.baseline:
+        print_comparison(rows, args.baseline, echo)
+        return
     cost_us = observation_cost_us()
     cpu_ms = statistics.mean(saturation.worker_cpu_ms for label, saturation, _ in rows if not label.endswith("+m"))
     echo(
@@ -536,6 +629,29 @@ def report_metrics_cost(
         )
 
 
+def print_comparison(rows: list[tuple[str, Phase, Phase]], ref: str, echo: Callable[..., None]) -> None:
+    """The current worker against the baseline's: the median of each one's runs, and their ratio."""
+    figures: list[tuple[str, Callable[[Phase, Phase], float], str]] = [
+        ("saturated req/s", lambda saturation, _: saturation.rate, ",.0f"),
+        ("worker CPU ms/req, saturated", lambda saturation, _: saturation.worker_cpu_ms, ".3f"),
+        ("added latency p50 ms", lambda _, latency: quantile(latency.latencies_ms, 0.5), ".1f"),
+        ("added latency p99 ms", lambda _, latency: quantile(latency.latencies_ms, 0.99), ".1f"),
+    ]
+    runs = {side: [(s, lat) for label, s, lat in rows if label == side] for side in ("baseline", "current")}
+    paced = ", ".join(f"{statistics.median(lat.rate for _, lat in r):,.0f}" for r in runs.values())
+    echo("")
+    echo(
+        f"current checkout against {ref}: medians of {len(runs['baseline'])} and {len(runs['current'])} alternating"
+        f" runs (null model, null detector; latency at {paced} req/s); each run's figure on the right"
+    )
+    echo(f"  {'figure':<30} {'baseline':>10} {'current':>10} {'current/baseline':>17}   runs: baseline | current")
+    for name, figure, spec in figures:
+        values = {side: [figure(s, lat) for s, lat in r] for side, r in runs.items()}
+        base, current = (statistics.median(v) for v in values.values())
+        each = " | ".join("/".join(f"{v:{spec}}" for v in side) for side in values.values())
+        echo(f"  {name:<30} {base:>10{spec}} {current:>10{spec}} {current / base:>17.2f}   {each}")
+
+
 def _rates(runs: list[Phase]) -> str:
     return "/".join(f"{p.rate:,.0f}" for p in runs)
 
@@ -549,7 +665,7 @@ def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None])
             f"  {detector:<8} {phase.requests:>9} {phase.rate:>9,.0f} {phase.detector_ms:>16.2f}"
             f" {phase.detector_share:>15.0%} {phase.worker_cpu_ms:>18.2f} {phase.machine_busy:>11.0%}"
         )
-    echo("added latency at half the saturated rate (publish to the result's arrival here):")
+    echo("added latency at the paced rate (publish to the result's arrival here):")
     echo("  detector  requests     req/s   p50 ms   p99 ms   max ms  detector ms/req  worker CPU ms/req  cores busy")
     for detector, _, phase in rows:
         lat = phase.latencies_ms
@@ -558,7 +674,7 @@ def print_table(rows: list[tuple[str, Phase, Phase]], echo: Callable[..., None])
             f" {quantile(lat, 0.99):>8.1f} {max(lat):>8.1f} {phase.detector_ms:>16.2f} {phase.worker_cpu_ms:>18.2f}"
             f" {phase.machine_busy:>11.0%}"
         )
-    echo("where the latency goes at half the saturated rate, p50 / p99 ms (Kafka timestamps have 1 ms steps):")
+    echo("where the latency goes at the paced rate, p50 / p99 ms (Kafka timestamps have 1 ms steps):")
     echo("  detector " + "".join(f"{hop:>18}" for hop in HOPS))
     for detector, _, phase in rows:
         spans = (phase.hops_ms[hop] for hop in HOPS)
