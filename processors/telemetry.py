@@ -158,8 +158,8 @@ class StageTelemetry(Collector):
         self._batch[stage].observe(work.batch_size)
         device = (stage, work.device)
         self._device[device] = self._device.get(device, 0.0) + work.device_seconds
-        if work.device_seconds_saved is not None:
-            self._saved[stage] = self._saved.get(stage, 0.0) + work.device_seconds_saved
+        if work.outcome == "CANCELLED":  # an unknown saving adds nothing, but the stage's series exists
+            self._saved[stage] = self._saved.get(stage, 0.0) + (work.device_seconds_saved or 0.0)
         self._cost[stage] = self._cost.get(stage, 0.0) + cost_usd
 
     def _fold_result(self, outcome: Outcome, kind: str) -> None:

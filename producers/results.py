@@ -59,7 +59,8 @@ class CancelOutcome:
                 "CANCELLED unless its render is already done; a request id the pipeline never saw gets no result."
             )
         if self.cancelled:
-            return f"{self.request_id}: CANCELLED ({self.result.error_message})"
+            how = f" ({self.result.error_message})" if self.result.error_message else ""
+            return f"{self.request_id}: CANCELLED{how}"
         code = f" {self.result.error_code}" if self.result.error_code else ""
         return f"{self.request_id}: already finished: {self.result.status}{code}; the cancellation changed nothing"
 

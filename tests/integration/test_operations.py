@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "analytics" / "grafana" / "dashboards" / "pixelpipe-operations.json"
 STAGES = ("moderation", "generate")
-GOOD, REJECTED, UNDECODABLE = 8, 2, 3
+GOOD, REJECTED, UNDECODABLE, CANCELLED = 8, 2, 3, 1
 
 
 def fast_rules(path: Path) -> Path:
@@ -109,6 +109,7 @@ def ops(servers, tmp_path_factory):
     topics = servers.topics
     renamed = {n: f"{getattr(topics, n)}.{suffix}" for n in ("requests", "generate", "edit", "results", "metrics")}
     renamed["dead_letter"] = f"{topics.dead_letter}.{suffix}"
+    renamed["cancellations"] = f"{topics.cancellations}.{suffix}"
     database_url = create_database(servers.clickhouse.url, f"ops_{suffix}")
     settings = dataclasses.replace(servers, topics=dataclasses.replace(topics, **renamed)).updated(
         model_registry=str(registry),
@@ -190,7 +191,12 @@ def test_prometheus_holds_what_was_sent(ops):
         new_request(prompt=prompt, model="null", user_id="user-r", width=32, height=32)
         for prompt in ("a gory massacre", "how to make fentanyl")
     ]
+    cancelled = [new_request(prompt="a cancelled lighthouse", model="null", user_id="user-c", width=32, height=32)]
     with Publisher(settings) as publisher:
+        for request in cancelled:
+            publisher.publish_cancellation(request.request_id).result(timeout=30)
+        time.sleep(2)  # the worker's global table has read them by now
+        requests += cancelled
         for pending in [publisher.publish(r) for r in requests]:
             pending.result(timeout=30)
     producer = Producer(settings.kafka.client_config())
@@ -230,25 +236,27 @@ def test_prometheus_holds_what_was_sent(ops):
             "dead_all": value(url, "sum(pixelpipe_dead_letters_total)"),
             "rejections": value(url, "sum(pixelpipe_moderation_rejections_total) > 0"),
             "results": value(url, "sum(pixelpipe_results_total)"),
+            "cancelled": value(url, 'sum(pixelpipe_stage_events_out_total{outcome="CANCELLED"})'),
             "sink_rows": value(url, 'sum(pixelpipe_sink_rows_total{table="results"})'),
         }
 
     expected = {
-        "moderation_queue": GOOD + REJECTED,
-        "moderation_compute": GOOD + REJECTED,
-        "generate_queue": GOOD,
-        "generate_batches": GOOD,
+        "moderation_queue": GOOD + REJECTED + CANCELLED,
+        "moderation_compute": GOOD + REJECTED + CANCELLED,
+        "generate_queue": GOOD + CANCELLED,  # a cancelled request ends at the render stage, before the model
+        "generate_batches": GOOD + CANCELLED,
         "output_moderation": GOOD,
         "dead_undecodable": UNDECODABLE,
         "dead_all": UNDECODABLE,
-        "results": GOOD + REJECTED + UNDECODABLE,
-        "sink_rows": GOOD + REJECTED + UNDECODABLE,
+        "results": GOOD + REJECTED + UNDECODABLE + CANCELLED,
+        "cancelled": CANCELLED,
+        "sink_rows": GOOD + REJECTED + UNDECODABLE + CANCELLED,
     }
     wait_until(lambda: {k: counts()[k] for k in expected} == expected, 60, "counts in Prometheus")
     assert counts()["rejections"] >= REJECTED
     # Each batch-size observation is a request's batch: none larger than the take, none below 1.
     assert value(url, 'sum(pixelpipe_stage_batch_size_bucket{stage="generate", le="0.0"})') in (None, 0.0)
-    assert value(url, 'sum(pixelpipe_stage_batch_size_bucket{stage="generate", le="+Inf"})') == GOOD
+    assert value(url, 'sum(pixelpipe_stage_batch_size_bucket{stage="generate", le="+Inf"})') == GOOD + CANCELLED
     # No id ever became a label.
     names = prom(url, '{__name__=~"pixelpipe_.*"}')
     labels = {key for series in names for key in series["metric"]}

@@ -103,6 +103,7 @@ def test_stage_telemetry_counts_only_when_enabled():
     telemetry.work(stopped, 0.0)
     telemetry.work(StageWork("GENERATE", "CANCELLED", 10.0, 0.0, "none", 0.0), 0.0)  # in the queue: unknown
     assert sample("pixelpipe_stage_device_seconds_saved_total", {"stage": "generate"}) == 1.6
+    assert registry.get_sample_value("pixelpipe_stage_device_seconds_saved_total", {"stage": "moderation"}) is None
     assert sample("pixelpipe_stage_events_out_total", {"stage": "generate", "outcome": "CANCELLED"}) == 2
     before = sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"})
     telemetry.dead_letter("moderation", "undecodable: bad bytes")
