@@ -310,7 +310,7 @@ def main() -> None:
         suffix = uuid.uuid4().hex[:8]
         settings = base.updated(
             **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("requests", "generate", "edit", "results")},
-            **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("metrics", "dead_letter")},
+            **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("metrics", "dead_letter", "cancellations")},
             **{f"topic_{name}": f"bench.{name}.{suffix}" for name in ("generate_long", "edit_long")},
             consumer_group=f"bench-{suffix}",
             image_detector="null",
