@@ -749,7 +749,7 @@ class RenderStage:
         params = chunk.params
         started_s = time.time()
         emit = Emitter(self.context)
-        items = []
+        items: list[_Pending] = []
         for item in chunk.items:
             if self.cancelled(item.request.request_id):  # since the take was planned: still no device time spent
                 self._cancel(emit, item.request, item.message, started_s, params.model)
