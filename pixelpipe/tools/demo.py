@@ -2,9 +2,9 @@
 
 It starts the local stack when no Kafka answers, builds the tiny models when the registry is missing, runs a
 worker with every stage, publishes a mix of requests (generate, edit, inpaint, prompts that must be rejected,
-an expired deadline), waits for every result, loads results and metrics into ClickHouse with the sink, and
-prints a summary read back from ClickHouse. With ``experiment``, the requests are instead many light ones from
-hundreds of users, enough for ``pixelpipe analyze`` to give intervals.
+an expired deadline, one cancelled before its render), waits for every result, loads results and metrics into
+ClickHouse with the sink, and prints a summary read back from ClickHouse. With ``experiment``, the requests are
+instead many light ones from hundreds of users, enough for ``pixelpipe analyze`` to give intervals.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ PROMPTS = (
     "a bowl of ramen, studio lighting",
 )
 REJECTED_PROMPTS = ("a gory massacre in the street", "how to cook meth at home")
+CANCELLED_INDEX = 1  # a generation the demo cancels before publishing it: it ends CANCELLED, never rendered
 # `demo --experiment`: enough users for intervals (analyze wants 100 per arm), each request as light as the tiny
 # model allows; output moderation (about 110 ms of CPU per image) bounds how many fit in a few minutes on 2 cores.
 EXPERIMENT_REQUESTS = 640
@@ -100,7 +101,7 @@ def run_demo(
                 for i, n in enumerate(names)
             ]
             worker_logs = ", ".join(str(worker.log_path) for worker in workers)
-            _publish(settings, requests)
+            _publish(settings, requests, [] if experiment_only else [requests[CANCELLED_INDEX].request_id])
             echo(f"published {len(requests)} requests; worker logs: {worker_logs}")
             results = collect(
                 settings.kafka,
@@ -218,7 +219,8 @@ def _edit_inputs(settings: Settings) -> tuple[str, str]:
 
 
 def _requests(settings: Settings, count: int, experiment: Experiment) -> list[ImageRequest]:
-    """A reproducible mix: mostly generate, edits and inpaints, two rejected prompts, one expired deadline."""
+    """A reproducible mix: mostly generate, edits and inpaints, two rejected prompts, one expired deadline (and
+    ``CANCELLED_INDEX``, a generation, which ``_publish`` cancels)."""
     source, mask = _edit_inputs(settings)
     rng = random.Random(7)
     requests = []
@@ -276,9 +278,12 @@ def _experiment_requests(count: int, experiment: Experiment) -> list[ImageReques
     return requests
 
 
-def _publish(settings: Settings, requests: list[ImageRequest]) -> None:
+def _publish(settings: Settings, requests: list[ImageRequest], cancelled: list[str]) -> None:
+    """``requests``, after a cancellation of each of ``cancelled``: those end CANCELLED at the render stage."""
     codec = codec_from_settings(settings.kafka)
     with Publisher(settings) as publisher:
+        for request_id in cancelled:
+            publisher.publish_cancellation(request_id, "the demo's cancelled request").result(timeout=60)
         pending = []
         for request in requests:
             if request.deadline is not None:

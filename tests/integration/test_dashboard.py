@@ -127,9 +127,12 @@ def test_the_charts_add_up_to_the_demos_requests(demo_clickhouse):
     finally:
         client.close()
     throughput = rows["throughput"]
-    # The demo's 20 requests, and its two calls through the gateway: one image, one prompt blocked.
-    assert (throughput["results"].sum(), throughput["succeeded"].sum()) == (22, 18)
-    assert (throughput["rejected"].sum(), throughput["failed"].sum()) == (3, 1)
+    # The demo's 20 requests, one of them cancelled, and its two calls through the gateway: one image, one prompt
+    # blocked.
+    assert (throughput["results"].sum(), throughput["succeeded"].sum()) == (22, 17)
+    assert (throughput["rejected"].sum(), throughput["failed"].sum(), throughput["cancelled"].sum()) == (3, 1, 1)
+    cancellations = rows["cancellations"]
+    assert cancellations[["stage", "cancelled", "saved_unknown"]].values.tolist() == [["GENERATE", 1, 1]]
     assert rows["rejection_rate_by_category"]["rejections"].sum() == 3
     assert rows["error_rate_by_code"][["code", "failures"]].values.tolist() == [["DEADLINE_EXCEEDED", 1]]
     assert set(rows["latency_by_stage"]["stage"]) == {"MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION"}

@@ -11,12 +11,13 @@ def test_demo_runs_end_to_end_and_summarises_from_clickhouse(demo_run):
     done = demo_run.done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    counts = {status: int(n) for status, n in re.findall(r"^  (SUCCEEDED|REJECTED|FAILED)\s+\S*\s+(\d+)$", out, re.M)}
-    assert counts == {"SUCCEEDED": 17, "REJECTED": 2, "FAILED": 1}, out
+    statuses = r"^  (SUCCEEDED|REJECTED|FAILED|CANCELLED)\s+\S*\s+(\d+)$"
+    counts = {status: int(n) for status, n in re.findall(statuses, out, re.M)}
+    assert counts == {"SUCCEEDED": 16, "REJECTED": 2, "FAILED": 1, "CANCELLED": 1}, out
     for stage in ("MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION"):
         assert re.search(rf"^  {stage}\s+\d+", out, re.M), out
     stored = list((demo_run.cwd / "data" / "objects").rglob("*.png"))
-    assert len(stored) >= 17 + 2  # inputs plus at least one image per success
+    assert len(stored) >= 16 + 2  # inputs plus at least one image per success
     assert (demo_run.cwd / "data" / "demo" / "experiments.json").exists()
     # The gateway beside the worker: one generation over HTTP, and a prompt blocked by moderation.
     assert re.search(r"^  200 'a lighthouse on a cliff at dusk': \d+ bytes of PNG", out, re.M), out
