@@ -192,6 +192,8 @@ def result_error(result: ImageResult) -> ApiError | None:
             param=param,
             code="moderation_blocked",
         )
+    if result.status == "CANCELLED":  # by someone else: this call's own caller is still here
+        return ApiError(409, f"The request was cancelled before its image was ready: {message}", code="cancelled")
     code = result.error_code or "INTERNAL_ERROR"
     if code == "RATE_LIMITED":
         return ApiError(429, message, type="rate_limit_error", code="rate_limit_exceeded", retry_after_s=1)

@@ -174,6 +174,8 @@ def test_results_map_to_openai_errors():
     assert result_error(invalid).param == "steps"
     assert result_error(result(status="FAILED", error_code="MODEL_ERROR")).status == 500
     assert result_error(result(status="SUCCEEDED")) is None
+    cancelled = result_error(result(status="CANCELLED", error_message="cancelled before its render"))
+    assert (cancelled.status, cancelled.code) == (409, "cancelled")
     assert json.loads(json.dumps(error.body()))["error"]["code"] == "moderation_blocked"
 
 
