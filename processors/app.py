@@ -319,9 +319,14 @@ class Pipeline:
 
         @self.app.on_partitions_revoked.connect
         async def drop_users(_app: faust.App, revoked: Set[TP], **_: object) -> None:
-            # Faust's memory store drops the keys it recovered; these the stage wrote itself.
+            # Faust's memory store drops the keys it recovered; these the stage wrote itself. A revoke names every
+            # partition, the ones this worker keeps too, but Faust's recovery reads a changelog partition it keeps
+            # only from where it last stopped: without forgetting that offset, the users it recovered then and not
+            # charged since would come back with a fresh burst. So each is read again from its start.
             given_up = {tp.partition for tp in revoked if tp.topic == topic}
             await in_thread(executor, stage.limits.drop, given_up)
+            for partition in given_up:
+                self.app.tables.recovery.active_offsets.pop(TP(changelog, partition), None)
 
     # -- rendering ----------------------------------------------------------------------------------------------
     def _add_render_agent(self, kind: str, stage: RenderStage, topic: str) -> None:
@@ -536,6 +541,7 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
 def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     """Run a worker until SIGTERM or SIGINT, which stop the agents and commit what was processed; returns the exit
     status: 1 when a take's effects failed."""
+    from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics, partition_count
 
     # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
@@ -560,7 +566,9 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         if server is not None:
             groups = {pipeline.app.conf.id: _sources(settings.topics, stages)}
             lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
-        worker = faust.Worker(pipeline.app, quiet=True, loglevel=settings.logs.level.upper())
+        level = settings.logs.level.upper()
+        # Faust's worker sets logging up again, from this: the same JSON lines as the rest of pixelpipe.
+        worker = faust.Worker(pipeline.app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))
         # Faust's terminal spinner turns every log record into a spin, setting the root logger to DEBUG: each debug
         # line of aiokafka, Faust and mode then builds a record, about a tenth of the consumer thread's time.
         worker.spinner = None

@@ -34,3 +34,16 @@ def configure(level: str = "WARNING") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+    root.setLevel(level.upper())
+
+
+def dict_config(level: str = "WARNING") -> dict[str, Any]:
+    """The same set-up as ``configure``, as a logging.config dict for frameworks that take one (Faust's worker)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+    }
