@@ -35,8 +35,6 @@ def configure(level: str = "WARNING") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
-    root.setLevel(level.upper())
-
 
 def dict_config(level: str = "WARNING") -> dict[str, Any]:
     """The same set-up as ``configure``, as a logging.config dict for frameworks that take one (Faust's worker)."""
