@@ -7,7 +7,7 @@ with at most one chunk waiting between the two, and chunk k's events wait for th
 (the finishing thread never waits for a round trip). Across takes too: ``render_take`` returns once a take's last
 chunk is rendered, and the agent takes the next one while that chunk is finished.
 
-So a take's messages are acknowledged (``InOrderAcknowledgement``; ``processors.streams`` commits acknowledged
+So a take's messages are acknowledged (``InOrderAcknowledgement``; Faust commits acknowledged
 offsets only) once everything the take emits was acknowledged by the broker, not when the next take is asked for,
 take after take in order, with at most one take waiting. Committed offsets never pass unfinished work, and a crash,
 a stop or a failed send loses nothing: the take is delivered again.
