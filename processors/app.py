@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 from aiokafka import AIOKafkaConsumer
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, EventT
+from faust.types import TP, EventT, Message
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
@@ -120,13 +120,22 @@ class _PromptFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         return consumer
 
 
-class _PromptFetchConsumer(aiokafka_driver.Consumer):
+class _PipelineConsumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return _PromptFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def ack(self, message: Message) -> bool:
+        # Faust acknowledges the events a stream skips (fetched under an older assignment, or met while a rebalance
+        # holds the flow) as if they were processed, and a rebalance's commit then moved partitions past requests
+        # nobody had rendered. An event no stream took is left unacknowledged: it is read again from the committed
+        # offset, here or by the partition's next owner.
+        if not message.tracked:
+            return False
+        return bool(super().ack(message))
+
 
 class _PromptFetchTransport(aiokafka_driver.Transport):
-    Consumer = _PromptFetchConsumer
+    Consumer = _PipelineConsumer
 
 
 class SharedGlobalTable(faust.GlobalTable):
@@ -139,7 +148,8 @@ class SharedGlobalTable(faust.GlobalTable):
 
 
 class PipelineApp(faust.App):
-    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS``."""
+    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS`` and acknowledges only events a
+    stream took."""
 
     def _new_transport(self) -> faust.types.TransportT:
         return _PromptFetchTransport(self.conf.broker_consumer, self)
