@@ -407,25 +407,31 @@ class Pipeline:
             os.kill(os.getpid(), signal.SIGTERM)  # Faust's worker stops as for any SIGTERM
             raise
 
-    def stalled(self) -> list[str]:
-        """The agents that took nothing for the liveness bound while idle though their partitions hold events the
-        consumer has not fetched: a fetcher that stopped (the silent stall reported of some Faust versions)."""
+    async def stalled(self) -> list[str]:
+        """The agents that took nothing for the liveness bound while idle though the broker holds events on their
+        partitions that the consumer has not read: a fetcher that stopped (the silent stall reported of some Faust
+        versions). The broker is asked for its end offsets: the consumer's own highwater stops with its fetches."""
         bound_s = self.settings.ops.liveness_bound_s
         now_s = time.monotonic()
         if self.app.rebalancing or self.app.in_recovery:  # tables recovering: the agents wait, rightly
             self._taken_s = dict.fromkeys(self._taken_s, now_s)
             return []
-        consumer = self.app.consumer
-        waiting: set[str] = set()
-        for tp in consumer.assignment():
-            highwater, last_read = consumer.highwater(tp), consumer._read_offset[tp]
-            if highwater is not None and highwater > (-1 if last_read is None else last_read) + 1:
-                waiting.add(tp.topic)
-        return [
-            kind
+        idle = {
+            topic
             for kind, topic in self.sources.items()
-            if topic in waiting and kind not in self._busy and now_s - self._taken_s[kind] > bound_s
-        ]
+            if kind not in self._busy and now_s - self._taken_s[kind] > bound_s
+        }
+        consumer = self.app.consumer
+        assigned = [tp for tp in consumer.assignment() if tp.topic in idle]
+        if not assigned:
+            return []
+        ends = await consumer.highwaters(*assigned)
+        waiting = set()
+        for tp, end in ends.items():
+            last_read = consumer._read_offset[tp]
+            if end is not None and end > (-1 if last_read is None else last_read) + 1:
+                waiting.add(tp.topic)
+        return [kind for kind, topic in self.sources.items() if topic in waiting and kind not in self._busy]
 
     def _watch(self) -> None:
         """The assignment logged and marked for ``/readyz``; a beat on the event loop every second while no agent is
@@ -450,7 +456,7 @@ class Pipeline:
 
         @app.timer(interval=1.0)
         async def heartbeat() -> None:
-            stalled = self.stalled()
+            stalled = await self.stalled()
             if stalled:
                 log.warning("agents stalled: events wait and none is taken", extra={"agents": stalled})
                 return
