@@ -21,6 +21,7 @@ warmed, before the worker joins its group.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -75,6 +76,7 @@ FETCH_MAX_WAIT_MS = 10
 # 450 requests/s); gathering up to 64 KB cut that to 73-96 ms (benchmarks/pipeline.py), for at most 10 ms a hop.
 FETCH_MIN_BYTES = 64 * 1024
 USER_LIMITS_TABLE = "user-limits"
+END_OFFSETS_WAIT_S = 5.0  # longest the stall check waits for the broker's end offsets
 IDLE_SWEEP_S = 30.0  # how often moderation forgets the users whose buckets are full again
 
 
@@ -425,7 +427,10 @@ class Pipeline:
         assigned = [tp for tp in consumer.assignment() if tp.topic in idle]
         if not assigned:
             return []
-        ends = await consumer.highwaters(*assigned)
+        try:
+            ends = await asyncio.wait_for(consumer.highwaters(*assigned), END_OFFSETS_WAIT_S)
+        except Exception:  # the broker away: that is not the worker's stall, and /healthz stays up through it
+            return []
         waiting = set()
         for tp, end in ends.items():
             last_read = consumer._read_offset[tp]
