@@ -141,7 +141,7 @@ def role_acls(
         rules.append((ResourceType.TOPIC, workers, ResourcePatternType.PREFIXED, AclOperation.ALL))
     return [
         AclBinding(kind, name, pattern, principal, "*", operation, AclPermissionType.ALLOW)
-        for kind, name, pattern, operation in rules
+        for kind, name, pattern, operation in dict.fromkeys(rules)  # once each: the broker refuses a duplicate
     ]
 
 

@@ -212,6 +212,9 @@ def test_publishers_write_cancellations_renderers_read_them_and_no_request_repli
     assert topics.cancellations in granted("publisher", AclOperation.WRITE)
     assert topics.cancellations in granted("renderer", AclOperation.READ) - granted("renderer", AclOperation.WRITE)
     assert topics.cancellations not in granted("moderation", AclOperation.READ) | granted("sink", AclOperation.READ)
+    for role in ("publisher", "moderation", "renderer", "sink"):  # the broker refuses a duplicate binding
+        bindings = role_acls(role, f"User:{role}", topics, "g", "s")
+        assert len(set(bindings)) == len(bindings), role
     with pytest.raises(InvalidRequestError):
         check_reply_topic(topics.cancellations, topics)
 
