@@ -367,10 +367,12 @@ class Pipeline:
                     finishing_thread,
                     self.stop_requested,
                 )
-                self._ended(kind)
                 if finished is None:  # past the stop's grace: the take, never acknowledged, is delivered again
                     break
+                # Busy until the take before is done too: a storage outage holds the agent here, retrying, which is
+                # no stall.
                 await acknowledgement.after(self._guarded(finished), _acker(stream, events))
+                self._ended(kind)
                 yield None
             await acknowledgement.close()
 
