@@ -577,14 +577,15 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     try:
         built = build_stages(settings, stages)
         health.mark("models")
-        topics = settings.topics
+        # Only the topics these stages use: under ACLs a worker may not even see the others.
+        topics, renders = settings.topics, any(kind in stages for kind in RENDER_STAGES)
         pipeline = Pipeline(
             settings,
             built,
             sender,
-            partition_count(settings.kafka, topics.requests),
+            partition_count(settings.kafka, topics.requests) if "moderation" in stages else 1,
             health,
-            partition_count(settings.kafka, topics.cancellations),
+            partition_count(settings.kafka, topics.cancellations) if renders else 1,
         )
         if server is not None:
             groups = {pipeline.app.conf.id: _sources(settings.topics, stages)}

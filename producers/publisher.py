@@ -150,7 +150,8 @@ class Publisher:
         validate_request(request, self.limits)
         check_reply_topic(request.reply_topic, self.topics)
         topic = topic or self.topics.requests
-        partitions = self._partition_count(topic)
+        # Placed by user where moderation counts users' limits: the requests topic.
+        partitions = self._partition_count(topic) if topic == self.topics.requests else 0
         partition = user_partition(request.user_id, partitions) if partitions else None
         return self.publish_encoded(request.request_id.encode(), self._codec.encode(request), topic, headers, partition)
 
@@ -180,6 +181,9 @@ class Publisher:
                 return pending
             except BufferError:
                 self._producer.poll(0.05)  # queue full: let deliveries drain, then retry
+            except KafkaException as e:  # refused at once (a partition of a topic this client may not see)
+                pending(e.args[0], None)
+                return pending
 
     def _partition_count(self, topic: str) -> int:
         """``topic``'s partitions, looked up again every PARTITIONS_TTL_S; 0 while the topic cannot be seen (the
