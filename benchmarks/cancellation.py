@@ -6,11 +6,12 @@ Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTST
 tiny models, one `pixelpipe worker --stages moderation,generate` on topics of the run's own. A backlog of
 ``--requests`` text-to-image requests (64x64, ``--steps`` steps, one user each so no rate limit refuses them) is
 published; once the first result is in, the last ``--cancel`` of them, still queued, are cancelled one by one with
-the SDK (``Publisher.publish_cancellation``), each the moment its cancellation is acknowledged by the broker. Printed:
-how many ended CANCELLED, the device seconds their metrics say they spent (0 expected: cancelled before their
-render), and the latency from each cancellation's acknowledgement to its CANCELLED result's arrival here (p50, p95,
-max). That latency is mostly the render in progress when the cancellation lands: the worker looks cancellations up
-when it plans a take and before each chunk's model call.
+the SDK (``Publisher.publish_cancellation``), each timed from the moment the broker acknowledged it. Printed: how
+many ended CANCELLED, how many of those before their render (0 device seconds, by their metrics) and how many in a
+batch shared with requests not cancelled (rendered with them, images discarded), and the latency from each
+cancellation to its CANCELLED result's arrival here (p50, p95, max). That latency is mostly the chunk rendering when
+the cancellation lands: the worker looks cancellations up when it plans a take, before each chunk's model call and
+at each denoising step (which stops a chunk whose requests are all cancelled).
 """
 
 from __future__ import annotations
@@ -84,9 +85,14 @@ def main() -> None:
     codec, arrivals = Codec(), watcher.arrivals
     ended = [i for i in doomed if codec.decode_as(ImageResult, arrivals.values[i]).status == "CANCELLED"]
     latencies_ms = sorted((arrivals.at_s[i] - cancelled_at[i]) * 1000.0 for i in ended)
-    device_s = sum(m.device_seconds for i in ended for m in metrics.events.get(i, []) if m.stage != "MODERATION")
+    spent = {i: sum(m.device_seconds for m in metrics.events.get(i, []) if m.stage != "MODERATION") for i in ended}
+    before = [i for i in ended if spent[i] == 0]
     print(f"\n{len(ended)} of {len(doomed)} cancelled requests ended CANCELLED (the others had already rendered)")
-    print(f"device seconds their render stage spent: {device_s:.3f}")
+    print(f"{len(before)} of them before their render: 0 device seconds spent")
+    print(
+        f"{len(ended) - len(before)} in a batch shared with requests not cancelled, or already rendering: "
+        f"{sum(spent.values()):.2f} device seconds spent, their images discarded"
+    )
     if latencies_ms:
         p95 = latencies_ms[min(len(latencies_ms) - 1, int(0.95 * len(latencies_ms)))]
         print(
