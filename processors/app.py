@@ -135,6 +135,15 @@ class _PipelineConsumer(aiokafka_driver.Consumer):
             return False
         return bool(super().ack(message))
 
+    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
+        # Faust forgets the revoked partitions' acknowledged offsets before it waits for the streams and commits, so
+        # the takes acknowledged since the last commit (up to broker_commit_interval of them) were delivered again
+        # after every rebalance: moderated and rendered twice. They are committed first; what the takes in flight
+        # acknowledge later, the wait that follows commits (stream_wait_empty).
+        await self.maybe_wait_for_commit_to_finish()
+        await self.force_commit(revoked)
+        await super().on_partitions_revoked(revoked)
+
 
 class _PromptFetchTransport(aiokafka_driver.Transport):
     Consumer = _PipelineConsumer
@@ -329,16 +338,11 @@ class Pipeline:
             idle = await in_thread(executor, stage.limits.forget_idle, time.time())
             await self._guarded(self.sender.send_all(_table_changes(changelog, idle.items())))
 
-        @self.app.on_partitions_revoked.connect
-        async def drop_users(_app: faust.App, revoked: Set[TP], **_: object) -> None:
-            # Faust's memory store drops the keys it recovered; these the stage wrote itself. A revoke names every
-            # partition, the ones this worker keeps too, but Faust's recovery reads a changelog partition it keeps
-            # only from where it last stopped: without forgetting that offset, the users it recovered then and not
-            # charged since would come back with a fresh burst. So each is read again from its start.
-            given_up = {tp.partition for tp in revoked if tp.topic == topic}
-            await in_thread(executor, stage.limits.drop, given_up)
-            for partition in given_up:
-                self.app.tables.recovery.active_offsets.pop(TP(changelog, partition), None)
+        @self.app.on_partitions_assigned.connect
+        async def forget_moved_users(_app: faust.App, assigned: Set[TP], **_: object) -> None:
+            # Faust's memory store forgets the keys it recovered of partitions that moved; these the stage wrote
+            # itself. A partition kept through the rebalance keeps its users, and Faust reads on from where it was.
+            stage.limits.keep_only({tp.partition for tp in assigned if tp.topic == topic})
 
     # -- rendering ----------------------------------------------------------------------------------------------
     def _add_render_agent(self, kind: str, stage: RenderStage, topic: str) -> None:

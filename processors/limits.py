@@ -37,7 +37,8 @@ class TokenBucket:
 
 
 class UserLimits:
-    """Each user's request-rate and compute buckets, in ``state`` (user: [tokens, at, compute tokens, compute at]).
+    """Each user's request-rate and compute buckets, in ``state`` (user: [tokens, at, compute tokens, compute at, home
+    partition]).
 
     Counting requests, each costs one token; counting compute, each costs its megapixel-steps
     (``ModelEntry.compute``). Time comes from the broker's arrival time, never the producer's own timestamp, so a
@@ -65,35 +66,38 @@ class UserLimits:
     def admit(self, user_id: str, at_s: float, compute: float | None) -> str | None:
         """Charge one request (and its ``compute``, where known) to ``user_id``; None when admitted, else which
         limit refused it: "requests" or "compute" (a refused request takes no compute tokens)."""
-        tokens, last_s, compute_tokens, compute_last_s = self.state.get(
-            user_id, (self.requests.capacity, at_s, self.compute.capacity, at_s)
-        )
+        bucket = self.state.get(user_id)
+        if bucket is None:
+            bucket = [self.requests.capacity, at_s, self.compute.capacity, at_s, self.home(user_id)]
+        tokens, last_s, compute_tokens, compute_last_s, home = bucket
         allowed, tokens, last_s = self.requests.charge(tokens, last_s, at_s, 1.0)
         refused = None if allowed else "requests"
         if allowed and compute is not None:
             allowed, compute_tokens, compute_last_s = self.compute.charge(compute_tokens, compute_last_s, at_s, compute)
             refused = None if allowed else "compute"
-        self.state[user_id] = [tokens, last_s, compute_tokens, compute_last_s]
+        self.state[user_id] = [tokens, last_s, compute_tokens, compute_last_s, home]
         self._changed.add(user_id)
         return refused
 
     def forget_idle(self, now_s: float) -> dict[str, tuple[int, None]]:
         """Drop the buckets idle for IDLE_S (full again); returns those users with their home partitions, whose
         changelog entries the caller deletes."""
-        idle = [user for user, bucket in self.state.items() if now_s - max(bucket[1], bucket[3]) >= IDLE_S]
+        # A copy to iterate (made at once, under the GIL): Faust may add recovered users meanwhile.
+        idle = {user: b[4] for user, b in list(self.state.items()) if now_s - max(b[1], b[3]) >= IDLE_S}
         for user in idle:
-            del self.state[user]
+            self.state.pop(user, None)
             self._changed.discard(user)
-        return {user: (self.home(user), None) for user in idle}
+        return {user: (home, None) for user, home in idle.items()}
 
-    def drop(self, partitions: Collection[int]) -> None:
-        """Forget the users of ``partitions`` (given up in a rebalance: their next owner reads them back from the
-        changelog)."""
-        for user in [user for user in self.state if self.home(user) in partitions]:
-            del self.state[user]
-            self._changed.discard(user)
+    def keep_only(self, partitions: Collection[int]) -> None:
+        """Forget the users of every other partition (moved in a rebalance: their next owner reads them back from
+        the changelog)."""
+        for user, bucket in list(self.state.items()):
+            if bucket[4] not in partitions:
+                self.state.pop(user, None)
+                self._changed.discard(user)
 
     def changes(self) -> dict[str, tuple[int, list[float]]]:
         """The users charged since the last call: their home partition and their bucket now."""
         changed, self._changed = self._changed, set()
-        return {user: (self.home(user), self.state[user]) for user in changed if user in self.state}
+        return {user: (int(bucket[4]), bucket) for user in changed if (bucket := self.state.get(user)) is not None}

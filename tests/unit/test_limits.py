@@ -47,7 +47,7 @@ def test_changes_name_each_charged_user_once_with_its_home_partition_and_bucket(
     assert limits.changes() == {}  # handed over once
 
 
-def test_idle_users_are_forgotten_and_a_moved_partitions_users_dropped():
+def test_idle_users_are_forgotten_and_moved_partitions_users_dropped():
     limits = UserLimits(60, 10, 600, partitions=8)
     users = [f"user-{i}" for i in range(40)]
     for user in users:
@@ -62,9 +62,10 @@ def test_idle_users_are_forgotten_and_a_moved_partitions_users_dropped():
     for user in users:
         limits.admit(user, 100.0, 1)
     given_up = {0, 1, 2}
-    limits.drop(given_up)
-    assert limits.state and all(limits.home(u) not in given_up for u in limits.state)
-    assert all(u in limits.state for u in users if limits.home(u) not in given_up)
+    kept = set(range(8)) - given_up
+    limits.keep_only(kept)
+    assert limits.state and all(limits.home(u) in kept for u in limits.state)
+    assert all(u in limits.state for u in users if limits.home(u) in kept)
 
 
 def test_users_spread_over_partitions_and_each_keeps_one():
