@@ -335,7 +335,7 @@ class Pipeline:
         async def forget_idle_users() -> None:
             # A full bucket is the same as none: idle users leave the table, and their changelog entries are
             # deleted, so the table holds the users of the last minute, not every user ever seen.
-            idle = await in_thread(executor, stage.limits.forget_idle, time.time())
+            idle = await in_thread(executor, stage.limits.forget_idle)
             await self._guarded(self.sender.send_all(_table_changes(changelog, idle.items())))
 
         @self.app.on_partitions_assigned.connect

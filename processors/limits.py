@@ -59,6 +59,7 @@ class UserLimits:
         self.state: MutableMapping[str, list[float]] = {} if state is None else state
         self.partitions = partitions
         self._changed: set[str] = set()
+        self.latest_s = 0.0  # the latest arrival charged: the buckets' clock
 
     def home(self, user_id: str) -> int:
         return user_partition(user_id, self.partitions)
@@ -66,6 +67,7 @@ class UserLimits:
     def admit(self, user_id: str, at_s: float, compute: float | None) -> str | None:
         """Charge one request (and its ``compute``, where known) to ``user_id``; None when admitted, else which
         limit refused it: "requests" or "compute" (a refused request takes no compute tokens)."""
+        self.latest_s = max(self.latest_s, at_s)
         bucket = self.state.get(user_id)
         if bucket is None:
             bucket = [self.requests.capacity, at_s, self.compute.capacity, at_s, self.home(user_id)]
@@ -79,9 +81,11 @@ class UserLimits:
         self._changed.add(user_id)
         return refused
 
-    def forget_idle(self, now_s: float) -> dict[str, tuple[int, None]]:
-        """Drop the buckets idle for IDLE_S (full again); returns those users with their home partitions, whose
-        changelog entries the caller deletes."""
+    def forget_idle(self) -> dict[str, tuple[int, None]]:
+        """Drop the buckets idle for IDLE_S (full again) by the buckets' own clock, the latest arrival charged, so a
+        moderation worker catching up on a backlog forgets nobody early; returns those users with their home
+        partitions, whose changelog entries the caller deletes."""
+        now_s = self.latest_s
         # A copy to iterate (made at once, under the GIL): Faust may add recovered users meanwhile.
         idle = {user: b[4] for user, b in list(self.state.items()) if now_s - max(b[1], b[3]) >= IDLE_S}
         for user in idle:

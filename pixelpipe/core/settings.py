@@ -259,7 +259,8 @@ class ModerationSettings:
     max_requests_per_user_per_minute: int = setting(
         "MAX_REQUESTS_PER_USER_PER_MINUTE",
         600,
-        "Per moderation worker: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 turns it off.",
+        "Per user, across all moderation workers: a user's requests beyond this rate end FAILED (RATE_LIMITED); 0 "
+        "turns it off.",
     )
     stamp_key: str = setting(
         "MODERATION_STAMP_KEY",
@@ -276,8 +277,8 @@ class ModerationSettings:
     max_user_compute_per_minute: float = setting(
         "MAX_USER_COMPUTE_PER_MINUTE",
         2500.0,
-        "Per moderation worker: a user's compute (megapixel-steps, as PIXELPIPE_MAX_REQUEST_COMPUTE counts it) beyond "
-        "this rate ends FAILED (RATE_LIMITED); up to a minute's worth at once; 0 turns it off.",
+        "Per user, across all moderation workers: a user's compute (megapixel-steps, as PIXELPIPE_MAX_REQUEST_COMPUTE "
+        "counts it) beyond this rate ends FAILED (RATE_LIMITED); up to a minute's worth at once; 0 turns it off.",
     )
     long_request_compute: float = setting(
         "LONG_REQUEST_COMPUTE",

@@ -53,8 +53,8 @@ def test_idle_users_are_forgotten_and_moved_partitions_users_dropped():
     for user in users:
         limits.admit(user, 0.0, 1)
     limits.changes()
-    limits.admit(users[0], IDLE_S, 1)  # charged again later: not idle
-    forgotten = limits.forget_idle(IDLE_S + 1.0)
+    limits.admit(users[0], IDLE_S + 1.0, 1)  # charged again later: not idle
+    forgotten = limits.forget_idle()
     assert set(forgotten) == set(users[1:])
     assert all(forgotten[u] == (user_partition(u, 8), None) for u in forgotten)  # tombstones for their partitions
     assert set(limits.state) == {users[0]}
