@@ -144,6 +144,17 @@ class _PipelineConsumer(aiokafka_driver.Consumer):
         await self.force_commit(revoked)
         await super().on_partitions_revoked(revoked)
 
+    async def perform_seek(self) -> None:
+        # Faust's recovery resumes the stream partitions, then seeks them to their committed offsets, with the fetcher
+        # already running (for the changelogs): what it delivered meanwhile was delivered again after the seek, and a
+        # worker taking partitions over moderated and rendered part of its first takes twice. They wait for the seek.
+        held = {tp for tp in self._get_active_partitions() if not self._is_changelog_tp(tp)}
+        self.pause_partitions(held)
+        try:
+            await super().perform_seek()
+        finally:
+            self.resume_partitions(held)
+
 
 class _PromptFetchTransport(aiokafka_driver.Transport):
     Consumer = _PipelineConsumer
