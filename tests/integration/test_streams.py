@@ -1,167 +1,241 @@
-"""The worker's consumer (processors.streams) on a real broker: only acknowledged takes are committed, and a full
-source pauses its partitions without losing or repeating a message."""
+"""The Faust worker (processors.app) on a real broker: committed offsets never pass an event whose effects are
+missing, a full source pauses its partitions, neither a rebalance nor a stop renders a request twice, and /readyz
+waits for the models and an assignment (every worker started here is checked).
+
+Workers render with a null model (a set time per image, no weights), so a take lasts as long as a test needs
+whatever the machine. Renders are counted on the metrics topic: each one emits a GENERATE StageMetric, whose id is
+derived from the request's, so a request rendered twice shows there twice however ClickHouse deduplicates it."""
 
 import asyncio
+import itertools
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
 import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
-from confluent_kafka import Producer
+import pytest
+from confluent_kafka import Consumer, TopicPartition
 
-from pixelpipe.core.topics import ensure_topics
-from pixelpipe.processors.streams import WorkerConsumer
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.events import ImageResult, StageMetric
+from pixelpipe.core.topics import assign_from_start, assigned_consumer, ensure_topics, partition_count
+from pixelpipe.processors.app import Pipeline, build_stages, group_id
+from pixelpipe.processors.sender import EmissionSender
+from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.producers import Publisher, new_request
+from pixelpipe.producers.load import publish_all
+from pixelpipe.producers.results import collect
+from pixelpipe.tools.processes import WorkerProcess
+from tests.conftest import free_port
+from tests.integration.test_operations import wait_until
 
-WAIT_S = 60.0
+pytestmark = pytest.mark.integration
+STAGES = ("moderation", "generate")
+# Takes of 4 events, rendered as one batch; no image detector: the null model's plain images need none.
+WORKER = {"image_detector": "null", "topic_partitions": 4, "max_batch": 4, "take_events": 4, "max_wait_ms": 50}
+WAIT_S = 240.0
+SPAWNED = []  # this test's workers, killed after it
 
 
-def _publish(settings, count):
-    topic = settings.topics.requests
-    ensure_topics(settings.kafka, settings.topics, [topic], partitions=2)
-    producer = Producer(settings.kafka.client_config())
-    for i in range(count):
-        producer.produce(topic, f"value-{i}".encode(), f"key-{i}".encode())
-    assert producer.flush(30) == 0
-    return topic
+@pytest.fixture(autouse=True)
+def _reaped():
+    yield
+    while SPAWNED:
+        SPAWNED.pop().kill()
 
 
-async def _take_until(consumer, topic, count, take_events, on_take=None):
-    """Takes of ``topic`` until ``count`` messages were taken (or WAIT_S passed); the consumer is then stopped."""
-    taken = []
+@pytest.fixture
+def pipeline(topic_settings, tmp_path):
+    """Settings for this test's pipeline, whose null model takes ``seconds`` per image."""
 
-    async def taking():
-        async for take in consumer.takes(topic, take_events, 0.05):
-            taken.append(take)
-            if on_take is not None:
-                on_take(take)
-            if sum(len(t.messages) for t in taken) >= count:
-                consumer.stop()
+    def with_render_s(seconds):
+        registry = tmp_path / "registry.json"
+        registry.write_text(json.dumps({"null": {"kind": "null", "seconds_per_image": seconds}}))
+        settings = topic_settings.updated(
+            model_registry=str(registry),
+            consumer_group=f"streams-{uuid.uuid4().hex[:8]}",
+            object_store_url=f"file://{tmp_path / 'objects'}",
+            log_level="INFO",  # the assignment is logged
+            **WORKER,
+        )
+        ensure_topics(settings.kafka, settings.topics)
+        return settings
 
-    polling = asyncio.ensure_future(consumer.run())
+    return with_render_s
+
+
+def request(i):
+    return new_request(
+        prompt=f"a lighthouse {i}", model="null", user_id=f"user-{i % 8}", width=32, height=32, steps=2, seed=i
+    )
+
+
+def readyz(port):
     try:
-        await asyncio.wait_for(taking(), WAIT_S)
-    finally:
-        consumer.stop()
-        await polling
-    return taken
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""  # not serving yet
 
 
-def _positions(takes):
-    return [(m.partition, m.offset) for take in takes for m in take.messages]
+def start(settings, name, tmp_path):
+    """A worker, returned once /readyz says it is ready, which it must not say before its models are loaded and it
+    was assigned partitions."""
+    port = free_port()
+    env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
+    worker = WorkerProcess(settings.updated(worker_id=name), STAGES, tmp_path / f"{name}.log", env)
+    SPAWNED.append(worker)
+    answers = []
+
+    def ready():
+        assert worker.process.poll() is None, worker.log_tail()
+        answers.append(readyz(port))
+        return answers[-1][0] == 200
+
+    wait_until(ready, WAIT_S, f"{name} ready", interval_s=0.05)
+    log = worker.log_path.read_text(errors="replace")
+    assert "stages ready" in log and "partitions assigned" in log, worker.log_tail()
+    assert any(status == 503 and "partitions" in body for status, body in answers), answers[:3]
+    return worker
 
 
-def test_only_acknowledged_takes_are_committed_and_the_rest_comes_back_to_the_group(topic_settings):
-    settings = topic_settings
-    topic = _publish(settings, 40)
-    group = f"streams-{uuid.uuid4().hex[:8]}"
-
-    first = WorkerConsumer(settings.kafka, group, "first", {topic: 64})
-    takes = asyncio.run(_take_until(first, topic, 40, take_events=8))
-    assert len(set(_positions(takes))) == 40  # nothing twice
-    # Acknowledged after the consumer closed: too late to commit, so nothing of the group moves.
-    for take in takes[:2]:
-        first.acknowledge(take)
-
-    second = WorkerConsumer(settings.kafka, group, "second", {topic: 64})
-    again = asyncio.run(_take_until(second, topic, 40, take_events=8))
-    assert sorted(_positions(again)) == sorted(_positions(takes))
-
-    # Now acknowledged while running: the next member of the group gets only what came after.
-    third = WorkerConsumer(settings.kafka, group, "third", {topic: 64})
-    kept = []
-
-    def acknowledge_the_first_two(take):
-        if len(kept) < 2:
-            third.acknowledge(take)
-        kept.append(take)
-
-    asyncio.run(_take_until(third, topic, 40, take_events=8, on_take=acknowledge_the_first_two))
-    committed = {}
-    for take in kept[:2]:
-        for (_, partition), (_, offset) in take.commits.items():
-            committed[partition] = max(committed.get(partition, 0), offset)
-    rest = sorted((p, o) for p, o in _positions(kept) if o >= committed.get(p, 0))
-    assert 0 < len(rest) < 40
-
-    fourth = WorkerConsumer(settings.kafka, group, "fourth", {topic: 64})
-    remaining = asyncio.run(_take_until(fourth, topic, len(rest), take_events=8))
-    assert sorted(_positions(remaining)) == rest
+def committed(settings, topic):
+    """The worker group's committed offset of each partition of ``topic``."""
+    consumer = Consumer(settings.kafka.client_config() | {"group.id": group_id(settings, STAGES)})
+    partitions = [TopicPartition(topic, p) for p in range(partition_count(settings.kafka, topic))]
+    offsets = {tp.partition: max(tp.offset, 0) for tp in consumer.committed(partitions, timeout=10)}
+    consumer.close()
+    return offsets
 
 
-def test_a_full_source_pauses_its_partitions_and_resumes_without_losing_or_repeating_a_message(topic_settings):
-    settings = topic_settings
-    count = 3000
-    topic = _publish(settings, count)
-    consumer = WorkerConsumer(settings.kafka, f"streams-{uuid.uuid4().hex[:8]}", "slow", {topic: 16})
-    paused = []
+def scan(settings, topic):
+    """(partition, offset, key) of every message on ``topic`` now."""
+    consumer = assigned_consumer(settings.kafka)
+    assign_from_start(consumer, topic)
+    ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in consumer.assignment()}
+    found, deadline = [], time.monotonic() + 60
+    while len(found) < sum(ends.values()) and time.monotonic() < deadline:
+        found += [(m.partition(), m.offset(), m.key().decode()) for m in consumer.consume(500, 0.2) if not m.error()]
+    consumer.close()
+    return found
 
-    async def slowly():
-        async for take in consumer.takes(topic, 4, 0.01):
-            yield take
-            paused.append(consumer.paused(topic))
-            await asyncio.sleep(0.001)  # a slow stage: the source fills up
+
+def renders(settings, request_ids, each=3):
+    """The workers that rendered ``request_ids``, read once each has its result and its ``each`` metrics (MODERATION,
+    GENERATE, OUTPUT_MODERATION); fails if one was rendered twice or has two results."""
+    kafka, topics = settings.kafka, settings.topics
+    results = collect(kafka, topics.results, ImageResult, request_ids, timeout_s=WAIT_S, settle_s=2)
+    assert not results.missing, f"{len(results.missing)} of {len(request_ids)} requests have no result"
+    assert {r.status for r in results.latest().values()} == {"SUCCEEDED"}
+    metrics = collect(kafka, topics.metrics, StageMetric, dict.fromkeys(request_ids, each), settle_s=2)
+    rendered = defaultdict(list)
+    for metric in itertools.chain.from_iterable(metrics.events.values()):
+        if metric.stage == "GENERATE":
+            rendered[metric.request_id].append(metric.worker_id)
+    twice = {rid: workers for rid, workers in rendered.items() if len(workers) > 1}
+    assert twice == {}, f"{len(twice)} of {len(request_ids)} requests rendered more than once: {twice}"
+    assert {rid for rid, events in results.events.items() if len(events) > 1} == set()  # one terminal result each
+    return {worker for workers in rendered.values() for worker in workers}
+
+
+def wait_for_commits(settings, count):
+    """Until the worker group committed ``count`` generate events: its workers are rendering."""
+    wait_until(lambda: sum(committed(settings, settings.topics.generate).values()) >= count, WAIT_S, "commits")
+
+
+def test_a_killed_worker_committed_no_offset_past_an_event_whose_effects_are_missing(pipeline, tmp_path):
+    settings = pipeline(0.5)  # a take of 4 renders for 2 s: commits (every second) fall mid-take
+    topics = settings.topics
+    worker = start(settings, "killed", tmp_path)
+    with Publisher(settings) as publisher:
+        assert publish_all(publisher, [request(i) for i in range(40)], progress=False).acknowledged == 40
+    wait_for_commits(settings, 8)
+    time.sleep(0.5)  # into the next take
+    worker.kill()
+
+    forwarded = {key for _, _, key in scan(settings, topics.generate)}
+    finished = {key for _, _, key in scan(settings, topics.results)}
+    assert forwarded - finished, "no render was in flight when the worker was killed"
+    for topic, effects in ((topics.requests, forwarded | finished), (topics.generate, finished)):
+        offsets = committed(settings, topic)
+        past = [(p, o, key) for p, o, key in scan(settings, topic) if o < offsets[p] and key not in effects]
+        assert past == [], f"{topic}: committed past events without effects (committed {offsets})"
+
+
+def test_a_full_source_pauses_its_partitions_and_loses_or_repeats_nothing(pipeline):
+    # In this process, to watch Faust's consumer: on_buffer_full takes a partition out of the fetch.
+    settings = pipeline(0.005).updated(moderation_take_events=8)  # the stream buffer: max(64, 4 * 4, 8 * 2)
+    topics, codec = settings.topics, codec_from_settings(settings.kafka)
+    sender = EmissionSender(settings.kafka, settings.stages.reply_timeout_ms)
+    stages = build_stages(settings, ["generate"])
+    app = Pipeline(settings, stages, sender, partition_count(settings.kafka, topics.requests)).app
+    buffer, stamp = app.conf.stream_buffer_maxsize, ModerationStamp(settings.moderation.stamp_key)
+    backlog = [request(i) for i in range(10 * buffer)]
+    with Publisher(settings) as publisher:
+        for r in backlog:  # stamped, as moderation forwards them
+            value = codec.encode(r)
+            publisher.publish_encoded(r.request_id.encode(), value, topics.generate, stamp.headers(value))
+    paused, held = [], []  # partitions out of the fetch; events buffered or taken and not yet acknowledged
 
     async def run():
-        polling = asyncio.ensure_future(consumer.run())
-        taken = []
+        await app.start()
         try:
             async with asyncio.timeout(WAIT_S):
-                async for take in slowly():
-                    taken.append(take)
-                    consumer.acknowledge(take)
-                    if sum(len(t.messages) for t in taken) >= count:
-                        consumer.stop()
+                consumer, done = app.consumer, 0
+                while done < len(backlog):
+                    await asyncio.sleep(0.01)
+                    paused.append(len(consumer._buffered_partitions))
+                    queued = sum(a.stream.channel.queue.qsize() for agent in app.agents.values() for a in agent._actors)
+                    held.append(queued + len(consumer._unacked_messages))
+                    sources = [tp for tp in consumer.assignment() if tp.topic == topics.generate]
+                    done = sum(consumer._committed_offset.get(tp) or 0 for tp in sources)
         finally:
-            consumer.stop()
-            await polling
-        return taken
-
-    taken = asyncio.run(run())
-    positions = _positions(taken)
-    assert len(positions) == count == len(set(positions))
-    assert any(paused) and not all(paused)  # paused while full, resumed once drained
-
-
-def test_a_partition_given_up_in_a_rebalance_is_committed_once_its_takes_in_flight_are_done(topic_settings):
-    settings = topic_settings
-    topic = _publish(settings, 40)
-    group = f"streams-{uuid.uuid4().hex[:8]}"
-    first = WorkerConsumer(settings.kafka, group, "first", {topic: 64})
-    second = WorkerConsumer(settings.kafka, group, "second", {topic: 64})
-    seen = {"first": [], "second": []}
-
-    async def collect(consumer, name, held):
-        async for take in consumer.takes(topic, 8, 0.05):
-            seen[name] += [(m.partition, m.offset) for m in take.messages]
-            if held is None:
-                consumer.acknowledge(take)
-            else:
-                held.append(take)
-
-    async def run():
-        held = []
-        polling = [asyncio.ensure_future(first.run())]
-        taking = [asyncio.ensure_future(collect(first, "first", held))]
-        async with asyncio.timeout(WAIT_S):
-            while len(seen["first"]) < 40:
-                await asyncio.sleep(0.05)
-            # The second member joins while all 40 are in flight: the first gives up a partition only once its
-            # takes are done (within REVOKE_WAIT_S), then commits them, so the second starts after them.
-            polling.append(asyncio.ensure_future(second.run()))
-            taking.append(asyncio.ensure_future(collect(second, "second", None)))
-            await asyncio.sleep(5.0)  # the first learns of the rebalance at its next heartbeat (3 s)
-            assert not second.assigned(), "a partition moved with its takes still in flight"
-            for take in held:
-                first.acknowledge(take)
-            held.clear()
-            while not second.assigned():
-                await asyncio.sleep(0.05)
-            _publish(settings, 20)
-            while len(seen["first"]) + len(seen["second"]) < 60:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # anything repeated would come now
-        for consumer in (first, second):
-            consumer.stop()
-        await asyncio.gather(*polling, *taking)
+            await app.stop()
+            sender.close()
 
     asyncio.run(run())
-    assert seen["second"], "the second member was given no partition"
-    everything = seen["first"] + seen["second"]
-    assert len(everything) == len(set(everything)) == 60
+    assert any(paused), "no partition was paused with a backlog of ten buffers"
+    assert max(held) <= buffer + 2 * settings.stages.take_events, f"{max(held)} events held in memory"
+    renders(settings, [r.request_id for r in backlog], each=2)  # no MODERATION metric: they came stamped
+
+
+def steady(published, stop_at):
+    """Requests until ``stop_at`` (a one-item list, set by the test) has passed, each id added to ``published``."""
+    for i in itertools.count():
+        if stop_at and time.monotonic() > stop_at[0]:
+            return
+        published.append((r := request(i)).request_id)
+        yield r
+
+
+def test_a_partition_given_up_in_a_rebalance_moves_only_once_its_takes_in_flight_are_done(pipeline, tmp_path):
+    settings = pipeline(0.2)  # 0.8 s a take: the first worker renders at most 5 a second, and 6 come
+    start(settings, "first", tmp_path)
+    published, stop_at = [], []
+    with Publisher(settings) as publisher, ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(publish_all, publisher, steady(published, stop_at), rate=6, progress=False)
+        wait_for_commits(settings, 4)
+        start(settings, "second", tmp_path)  # joins while the first is mid-take, its backlog growing
+        stop_at.append(time.monotonic() + 3)
+        assert sending.result(WAIT_S).acknowledged == len(published)
+    assert renders(settings, published) == {"first", "second"}
+
+
+def test_sigterm_mid_stream_renders_no_request_twice_and_exits_0(pipeline, tmp_path):
+    settings = pipeline(0.2)  # 0.8 s a take; 10 requests a second come: a backlog waits behind the take in hand
+    first = start(settings, "first", tmp_path)
+    batch = [request(i) for i in range(60)]
+    with Publisher(settings) as publisher, ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(publish_all, publisher, batch, rate=10, progress=False)
+        wait_for_commits(settings, 4)
+        first.process.send_signal(signal.SIGTERM)
+        start(settings, "second", tmp_path)
+        assert first.process.wait(60) == 0, first.log_tail()
+        assert sending.result(WAIT_S).acknowledged == len(batch)
+    assert renders(settings, [r.request_id for r in batch]) == {"first", "second"}
