@@ -16,7 +16,7 @@ from PIL import Image
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.objects import open_object_store
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.core.topics import ensure_topics, partition_count, user_partition
 from pixelpipe.producers import InvalidRequestError, Publisher, new_request
 from pixelpipe.producers.load import publish_all
 from pixelpipe.producers.publisher import producer_config
@@ -208,14 +208,22 @@ def test_sixty_mixed_requests_end_in_sixty_right_results(pipeline, tmp_path):
 
 
 def publish_stamped(settings, requests, stamps_ms):
-    """Publish as a producer that sets each record's timestamp itself, which the SDK leaves to librdkafka."""
+    """Publish as a producer that sets each record's timestamp itself, which the SDK leaves to librdkafka; it places
+    each request on its user's partition as the SDK does (a request placed elsewhere is moved, and counted at the
+    broker's time of the move: tests/integration/test_user_limits.py)."""
     codec = codec_from_settings(settings.kafka)
     producer = Producer(producer_config(settings.kafka))
+    partitions = partition_count(settings.kafka, settings.topics.requests)
     errors = []
     for request, stamp_ms in zip(requests, stamps_ms, strict=True):
         value, key = codec.encode(request), request.request_id.encode()
         producer.produce(
-            settings.topics.requests, value, key, timestamp=stamp_ms, on_delivery=lambda e, _: errors.append(e)
+            settings.topics.requests,
+            value,
+            key,
+            user_partition(request.user_id, partitions),
+            timestamp=stamp_ms,
+            on_delivery=lambda e, _: errors.append(e),
         )
     assert producer.flush(30) == 0 and errors == [None] * len(requests)
 
