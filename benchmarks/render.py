@@ -22,8 +22,9 @@ CPU shared with other work, ``--rounds 3`` shows each figure's least disturbed r
 
 On a GPU machine without the project's environment, carry wheels for diffusers, importlib_metadata, fastavro,
 boto3, botocore, s3transfer and jmespath (the stage code reads and writes through ``pixelpipe.core``; no Kafka
-library is imported), install them as ``../shared/GPU.md`` says, and pass ``--detector none`` where nudenet and
-OpenCV are not installed (output moderation then passes every image; the table says so).
+library is imported), install them into a folder on PYTHONPATH (``pip install --no-deps --target``), and pass
+``--detector none`` where nudenet and OpenCV are not installed (output moderation then passes every image; the
+table says so).
 """
 
 from __future__ import annotations

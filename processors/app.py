@@ -286,7 +286,6 @@ class Pipeline:
         self._taken_s = dict.fromkeys(self.sources, time.monotonic())  # each agent's last take, or start
         self._busy: set[str] = set()  # agents inside a take
         self.cancellations: faust.GlobalTable | None = None
-        self.user_limits: faust.Table | None = None
         for kind, topic in self.sources.items():
             stage = stages[kind]
             if isinstance(stage, ModerationStage):
@@ -310,7 +309,6 @@ class Pipeline:
     # -- moderation ---------------------------------------------------------------------------------------------
     def _add_moderation_agent(self, stage: ModerationStage, topic: str, partitions: int) -> None:
         table = self.app.Table(USER_LIMITS_TABLE, partitions=partitions)  # keys and values in JSON
-        self.user_limits = table
         # The stage reads and charges the buckets in the table's own store, on its thread; the changes go to the
         # changelog with the take's events (below), not through Faust's producer one by one.
         moderation = self.settings.moderation
