@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer
@@ -135,6 +135,12 @@ class _PipelineConsumer(aiokafka_driver.Consumer):
             return False
         return bool(super().ack(message))
 
+    def hand_back(self, messages: Sequence[Message]) -> None:
+        """Messages a stopping agent leaves unprocessed: never acknowledged, so no commit passes them and the
+        partition's next owner reads them again, and not waited for by the stop (Faust's ``wait_empty`` waits for
+        every message taken to be acknowledged)."""
+        self._unacked_messages.difference_update(messages)
+
     async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
         # Faust forgets the revoked partitions' acknowledged offsets before it waits for the streams and commits, so
         # the takes acknowledged since the last commit (up to broker_commit_interval of them) were delivered again
@@ -231,8 +237,9 @@ class Pipeline:
     requests topic's partition count, which the user-limits table is partitioned like.
 
     Stopping (SIGTERM, SIGINT): Faust stops taking, and waits for the events in flight to be acknowledged before
-    it commits and leaves the group; each render agent finishes the take in hand for up to ``stop_grace_s`` (what it
-    leaves unfinished is delivered again), so a stop renders nothing twice."""
+    it commits and leaves the group. A render agent ends its model call in progress at the next denoising step and
+    hands that chunk and the rest of its take back, unacknowledged, to be rendered from the start by the partition's
+    next owner (processors.takes), so a stop takes seconds whatever is rendering, and renders nothing twice."""
 
     def __init__(
         self,
@@ -249,7 +256,7 @@ class Pipeline:
         self.sender = sender
         self.health = health
         self.failed = False
-        self.stopping_since: float | None = None
+        self.abandoned_model_call = False  # a model call did not stop at a step; the process exits without it
         self.app = PipelineApp(
             group_id(settings, list(stages)),
             broker=broker_url(settings.kafka),
@@ -293,15 +300,6 @@ class Pipeline:
             elif isinstance(stage, RenderStage):
                 self._add_render_agent(kind, stage, topic)
         self._watch()
-
-    def stop_requested(self) -> bool:
-        """Whether a render agent should leave its take: the worker stops, and the grace has passed since the first
-        agent saw it."""
-        if not self.app.should_stop:
-            return False
-        if self.stopping_since is None:
-            self.stopping_since = time.monotonic()
-        return time.monotonic() - self.stopping_since >= self.settings.stages.stop_grace_s
 
     def _topic(self, name: str) -> faust.TopicT:
         return self.app.topic(name, key_serializer="raw", value_serializer="raw")
@@ -358,6 +356,7 @@ class Pipeline:
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
         cancellations = self._cancellations()
         stage.cancelled = lambda request_id: request_id.encode() in cancellations.data
+        stage.stopping = lambda: bool(self.app.should_stop)
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
         finishing_thread = ThreadPoolExecutor(1, thread_name_prefix=f"{kind}-finish")
         stage_settings: StageSettings = self.settings.stages
@@ -372,20 +371,20 @@ class Pipeline:
             async for events in stream.noack_take(stage_settings.take_events, within=within_s):
                 self._began(kind)
                 TELEMETRY.events_in(kind, len(events))
-                finished = await render_take(
-                    stage,
-                    [inbound(e) for e in events],
-                    self.sender.send_all,
-                    model_thread,
-                    finishing_thread,
-                    self.stop_requested,
+                take = await render_take(
+                    stage, [inbound(e) for e in events], self.sender.send_all, model_thread, finishing_thread
                 )
-                if finished is None:  # past the stop's grace: the take, never acknowledged, is delivered again
-                    break
+                self.abandoned_model_call |= take.abandoned
+                done = [e for e in events if (e.message.partition, e.message.offset) not in take.handed_back]
+                if take.handed_back:
+                    consumer = cast(_PipelineConsumer, self.app.consumer)
+                    consumer.hand_back([e.message for e in events if e not in done])
                 # Busy until the take before is done too: a storage outage holds the agent here, retrying, which is
                 # no stall.
-                await acknowledgement.after(self._guarded(finished), _acker(stream, events))
+                await acknowledgement.after(self._guarded(take.sent), _acker(stream, done))
                 self._ended(kind)
+                if take.stopped:  # the worker stops: no further take
+                    break
                 yield None
             await acknowledgement.close()
 
@@ -613,7 +612,15 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         with contextlib.suppress(SystemExit):  # Faust has stopped the agents, committed and closed its clients
             worker.execute_from_commandline()
         log.info("worker stopped", extra={"group": pipeline.app.conf.id})
-        return 1 if pipeline.failed else 0
+        status = 1 if pipeline.failed else 0
+        if pipeline.abandoned_model_call:
+            # Offsets are committed and nothing of that call was acknowledged; the interpreter would wait for its
+            # thread at exit, for as long as the call runs.
+            log.warning("a model call did not reach a denoising step in time; exiting without it")
+            sender.close()
+            logging.shutdown()
+            os._exit(status)
+        return status
     finally:
         sender.close()
         if lag is not None:

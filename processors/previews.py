@@ -12,8 +12,9 @@ Previews are best effort. Each first passes the output image check the completed
 The check, the JPEG and the send run on a thread of their own while the next steps render (``Previews``).
 
 The same step callback asks the render stage's stop check, when one is installed, after each step: once it says
-stop (every request of the call was cancelled), the callback sets the pipeline's ``_interrupt``, which diffusers'
-denoising loops honour by skipping the remaining steps (the VAE still decodes what there is, which is thrown away).
+stop (every request of the call was cancelled, or the worker is stopping), the callback sets the pipeline's
+``_interrupt``, which diffusers' denoising loops honour by skipping the remaining steps (the VAE still decodes what
+there is, which is thrown away). A model without a diffusers pipeline (the null model) asks ``stop_after_step``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ def previewing(hook: PreviewHook | None, stop: StopCheck | None = None) -> Itera
         yield
     finally:
         _hooks.hook = _hooks.stop = None
+
+
+def stop_after_step(steps: int) -> bool:
+    """This thread's stop check after a step of a call of ``steps`` steps; False when none is installed."""
+    stop: StopCheck | None = getattr(_hooks, "stop", None)
+    return stop is not None and stop(steps)
 
 
 def step_callback(row: int, unpack: Unpack | None = None) -> dict[str, Any]:

@@ -569,7 +569,8 @@ class PlannedChunk:
 class RenderedChunk:
     """A chunk after its model call: its images, waiting to be moderated, stored and reported, or (``output`` None)
     the emissions that ended its requests when the call failed or was stopped. ``ended`` also holds those of the
-    requests cancelled before the call, which ``items`` no longer lists."""
+    requests cancelled before the call, which ``items`` no longer lists. A chunk ``handed_back`` was left unrendered
+    because the worker is stopping: none of its requests ends here; all are delivered again."""
 
     params: RenderParams
     items: list[_Pending]
@@ -579,6 +580,7 @@ class RenderedChunk:
     model_ms: float
     ended: list[Emission] = dataclasses.field(default_factory=list)
     previews: Previews | None = None  # still being checked and sent when the model call returns
+    handed_back: bool = False
 
     def outputs(self) -> zip[tuple[_Pending, list[Image.Image]]]:
         """Each request with its images."""
@@ -609,23 +611,33 @@ def never_cancelled(request_id: str) -> bool:
     return False
 
 
-class _Interruption:
-    """The stop check of one chunk's model call (``previews.StopCheck``): stop once every request of the chunk is
-    cancelled. It counts the denoising steps done, for the device time the stop saved."""
+def never_stopping() -> bool:
+    return False
 
-    def __init__(self, request_ids: list[str], cancelled: Callable[[str], bool], calls: int) -> None:
+
+class _Interruption:
+    """The stop check of one chunk's model call (``previews.StopCheck``): stop once the worker is stopping (the chunk
+    is then handed back, to be rendered from the start by the partition's next owner), or once every request of the
+    chunk is cancelled. It counts the denoising steps done, for the device time a cancellation saved."""
+
+    def __init__(
+        self, request_ids: list[str], cancelled: Callable[[str], bool], stopping: Callable[[], bool], calls: int
+    ) -> None:
         self.request_ids = request_ids
         self.cancelled = cancelled
+        self.stopping = stopping
         self.calls = calls  # pipeline calls the chunk takes: one, or one per image (per-image batching)
         self.steps_done = 0
         self.steps_planned = 0
-        self.stopped = False
+        self.stopped = False  # every request cancelled
+        self.handed_back = False  # the worker is stopping
 
     def __call__(self, steps: int) -> bool:
         self.steps_done += 1
         self.steps_planned = self.calls * steps
-        self.stopped = all(self.cancelled(request_id) for request_id in self.request_ids)
-        return self.stopped
+        self.handed_back = self.stopping()
+        self.stopped = not self.handed_back and all(self.cancelled(request_id) for request_id in self.request_ids)
+        return self.handed_back or self.stopped
 
     def saved_per_spent(self) -> float:
         """Device time saved per second spent: the steps left undone over the steps done."""
@@ -676,6 +688,9 @@ class RenderStage:
         # Asked at planning, before the model call, after each denoising step and before output moderation, on the
         # model and finishing threads: it must be quick and safe from any thread.
         self.cancelled: Callable[[str], bool] = never_cancelled
+        # Whether the worker is stopping: asked before each model call and after each denoising step, on the model
+        # thread. A call in progress then ends at the next step and its chunk is handed back.
+        self.stopping: Callable[[], bool] = never_stopping
 
     def preview_hook(self, params: RenderParams, items: Sequence[_Pending]) -> Previews | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
@@ -748,6 +763,8 @@ class RenderStage:
         CANCELLED."""
         params = chunk.params
         started_s = time.time()
+        if self.stopping():
+            return RenderedChunk(params, [], None, "none", started_s, 0.0, handed_back=True)
         emit = Emitter(self.context)
         items: list[_Pending] = []
         for item in chunk.items:
@@ -763,6 +780,7 @@ class RenderStage:
             stop = _Interruption(
                 [item.request.request_id for item in items],
                 self.cancelled,
+                self.stopping,
                 calls=1 if model.batched else len(items) * params.n,
             )
             previews = self.preview_hook(params, items)
@@ -777,6 +795,8 @@ class RenderStage:
             self._fail_internally(emit, params, items, e, chunk.take_started_s)
             return RenderedChunk(params, items, None, "none", started_s, 0.0, emit.take())
         model_ms = (time.time() - started_s) * 1000.0
+        if stop.handed_back:  # what ended before the call ends again when the chunk is delivered again
+            return RenderedChunk(params, items, None, device, started_s, model_ms, [], previews, handed_back=True)
         if stop.stopped:
             self._report_stopped(emit, params, items, output, stop, device, started_s, model_ms)
             return RenderedChunk(params, items, None, device, started_s, model_ms, emit.take(), previews)

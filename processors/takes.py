@@ -11,6 +11,11 @@ So a take's messages are acknowledged (``InOrderAcknowledgement``; Faust commits
 offsets only) once everything the take emits was acknowledged by the broker, not when the next take is asked for,
 take after take in order, with at most one take waiting. Committed offsets never pass unfinished work, and a crash,
 a stop or a failed send loses nothing: the take is delivered again.
+
+A stop (SIGTERM) ends the model call in progress at its next denoising step; that chunk and those after it are
+handed back (their messages stay unacknowledged and are rendered from the start by the partition's next owner),
+while the chunks already rendered are finished, sent and acknowledged. A call that does not reach a step boundary
+within ``HAND_BACK_WAIT_S`` (one step longer than that) is abandoned to its thread, and the worker exits without it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pixelpipe.processors.stages import Emission, Inbound, RenderStage
@@ -28,6 +34,22 @@ from pixelpipe.processors.telemetry import TELEMETRY
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Send = Callable[[Sequence[Emission]], Awaitable[None]]
+# Longest a stopping worker waits for the model call in progress to reach a denoising step and return: well inside
+# the 10 s a stop may take, so that a step longer than this (a huge image on a CPU) cannot hold the stop.
+HAND_BACK_WAIT_S = 5.0
+STOP_POLL_S = 0.1  # how often an agent waiting for a model call looks whether the worker stops
+
+
+@dataclass
+class RenderedTake:
+    """What ``render_take`` did with a take: ``sent`` is done when everything it emits was sent; ``handed_back``
+    holds the (partition, offset) of the messages it left to be delivered again, because the worker stops;
+    ``abandoned`` says a model call of it is still running on the model thread, past ``HAND_BACK_WAIT_S``."""
+
+    sent: asyncio.Future[None]
+    stopped: bool = False
+    handed_back: frozenset[tuple[int, int]] = frozenset()
+    abandoned: bool = False
 
 
 async def render_take(
@@ -36,13 +58,12 @@ async def render_take(
     send: Send,
     model_thread: Executor,
     finishing_thread: Executor,
-    stopping: Callable[[], bool] = lambda: False,
-) -> asyncio.Future[None] | None:
+) -> RenderedTake:
     """Plan and render ``messages``, finishing each chunk while the next renders and sending what a chunk emits
     while the next is finished; returns once the last chunk is rendered, with a future done when everything the
     take emits was sent (every ``send`` returned).
-    Returns None, after the chunk in progress, once ``stopping``: the worker stops, and the take, never to be
-    acknowledged, is delivered again (what was finished of it is deduplicated downstream)."""
+    Once the worker stops (``stage.stopping``), the chunk in progress ends at its next denoising step, and it and
+    the chunks after it are handed back (``RenderedTake.handed_back``)."""
     planned = await in_thread(model_thread, stage.plan, messages)
     await send(planned.emissions)
     loop = asyncio.get_running_loop()
@@ -50,11 +71,14 @@ async def render_take(
     finishing.set_result([])  # nothing to finish before the first chunk
     sending: list[asyncio.Future[None]] = []
     try:
-        for chunk in planned.chunks:
-            if stopping():
-                await _all_of(sending)
-                return None
-            rendered = await in_thread(model_thread, stage.render, chunk)
+        for index, chunk in enumerate(planned.chunks):
+            call = asyncio.ensure_future(in_thread(model_thread, stage.render, chunk))
+            rendered = await _unless_stuck_in_a_stop(call, stage.stopping)
+            if rendered is None or rendered.handed_back:
+                left = [item.message for later in planned.chunks[index:] for item in later.items]
+                handed_back = frozenset((message.partition, message.offset) for message in left)
+                log.info("stopping: chunks handed back", extra={"stage": stage.name, "requests": len(left)})
+                return RenderedTake(asyncio.ensure_future(_all_of(sending)), True, handed_back, rendered is None)
             TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
             # At most one rendered chunk waits for the finishing thread; its sends do not hold the next finish.
             await finishing
@@ -65,7 +89,19 @@ async def render_take(
         for future in sending:
             await _cancelled(future)
         raise
-    return asyncio.ensure_future(_all_of(sending))
+    return RenderedTake(asyncio.ensure_future(_all_of(sending)), stage.stopping())
+
+
+async def _unless_stuck_in_a_stop(call: asyncio.Future[T], stopping: Callable[[], bool]) -> T | None:
+    """``call``'s result; None when the worker stops and the call does not return within ``HAND_BACK_WAIT_S``."""
+    while not stopping():
+        done, _ = await asyncio.wait({call}, timeout=STOP_POLL_S)
+        if done:
+            return call.result()
+    try:
+        return await asyncio.wait_for(asyncio.shield(call), HAND_BACK_WAIT_S)
+    except TimeoutError:
+        return None
 
 
 async def _send_when_finished(finishing: Awaitable[list[Emission]], send: Send) -> None:

@@ -239,3 +239,23 @@ def test_sigterm_mid_stream_renders_no_request_twice_and_exits_0(pipeline, tmp_p
         assert first.process.wait(60) == 0, first.log_tail()
         assert sending.result(WAIT_S).acknowledged == len(batch)
     assert renders(settings, [r.request_id for r in batch]) == {"first", "second"}
+
+
+def test_sigterm_mid_render_ends_the_call_at_its_next_step_and_the_next_owner_renders_it_once(pipeline, tmp_path):
+    settings = pipeline(30.0)  # one image is 30 s of work in 60 steps of 0.5 s: a stop arrives mid-call
+    first = start(settings, "first", tmp_path)
+    long_one = new_request(prompt="a long render", model="null", user_id="user-0", width=32, height=32, steps=60)
+    with Publisher(settings) as publisher:
+        publisher.publish(long_one)
+        publisher.flush()
+    # Forwarded by moderation: the render is under way.
+    wait_until(lambda: scan(settings, settings.topics.generate), WAIT_S, "the request forwarded to the renderer")
+    time.sleep(2.0)
+    stopped_at = time.monotonic()
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(60) == 0, first.log_tail()
+    took_s = time.monotonic() - stopped_at
+    assert took_s <= 10.0, f"the worker took {took_s:.1f} s to stop mid-render\n{first.log_tail()}"
+    assert "chunks handed back" in first.log_path.read_text(errors="replace"), first.log_tail()
+    start(settings, "second", tmp_path)
+    assert renders(settings, [long_one.request_id]) == {"second"}  # handed back whole: no result of the first's

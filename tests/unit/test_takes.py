@@ -2,6 +2,7 @@
 (processors.takes), with the null model and a slow finish."""
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
+from pixelpipe.processors import takes
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
@@ -74,7 +76,7 @@ def test_the_next_chunks_model_call_does_not_wait_for_the_last_chunks_finish_and
         sent.extend(emissions)
 
     async def take():
-        await (await render_take(stage, messages, send, model_thread, finishing_thread))
+        await (await render_take(stage, messages, send, model_thread, finishing_thread)).sent
 
     with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
         asyncio.run(take())
@@ -106,7 +108,7 @@ def test_the_next_take_renders_while_the_last_one_finishes_and_takes_are_acknowl
         acknowledgement = InOrderAcknowledgement("generate")
         for take, start in enumerate((0, 2)):
             finished = await render_take(stage, messages[start : start + 2], send, model_thread, finishing_thread)
-            await acknowledgement.after(finished, acknowledge(take))
+            await acknowledgement.after(finished.sent, acknowledge(take))
         await acknowledgement.close()
 
     with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
@@ -145,21 +147,88 @@ def test_a_take_whose_effects_failed_is_never_acknowledged_and_stops_the_agent()
     assert acknowledged == []
 
 
-def test_a_stopping_worker_renders_no_further_chunk_and_hands_the_take_back(tmp_path):
-    stage, moderator, _, messages = _stage_and_messages(tmp_path, 3)
+def test_a_stopping_worker_renders_no_further_chunk_and_hands_the_rest_of_the_take_back(tmp_path):
+    stage, moderator, requests, messages = _stage_and_messages(tmp_path, 3)
+    context = stage.context
     sent = []
 
     async def send(emissions):
         sent.extend(emissions)
 
     async def run():
-        # Stopping once the first chunk was rendered: that chunk is finished, no other is rendered.
-        return await render_take(
-            stage, messages, send, model_thread, finishing_thread, lambda: len(stage.model_calls) >= 1
-        )
+        # Stopping once the first chunk was rendered: that chunk is finished and sent, no other is rendered.
+        rendered = []
+        render_model = stage.run_model
+        stage.run_model = lambda params, chunk: rendered.append(render_model(params, chunk)) or rendered[-1]
+        stage.stopping = lambda: len(rendered) >= 1
+        take = await render_take(stage, messages, send, model_thread, finishing_thread)
+        await take.sent
+        return take
 
     with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
-        assert asyncio.run(run()) is None
+        take = asyncio.run(run())
 
+    assert take.stopped and not take.abandoned
+    assert take.handed_back == {(0, 1), (0, 2)}
     assert len(stage.model_calls) == 1
     assert len(moderator.spans) == 1
+    results = [context.codec.decode_as(ImageResult, e.value) for e in sent if e.topic == context.topics.results]
+    assert [r.request_id for r in results] == [requests[0].request_id]
+
+
+def _slow_null_stage(tmp_path, seconds_per_image, steps):
+    stage, moderator, requests, messages = _stage_and_messages(tmp_path, 2)
+    registry = tmp_path / "slow.json"
+    registry.write_text(json.dumps({"null": {"kind": "null", "seconds_per_image": seconds_per_image}}))
+    stage.models = DiffusionModels.from_file(registry)
+    for request in requests:
+        request.steps = steps
+    values = [stage.context.codec.encode(request) for request in requests]
+    messages = [
+        dataclasses.replace(m, value=v, headers=stage.context.stamp.headers(v))
+        for m, v in zip(messages, values, strict=True)
+    ]
+    return stage, moderator, messages
+
+
+def test_a_stop_ends_the_model_call_in_progress_at_its_next_step_and_hands_its_chunk_back(tmp_path):
+    stage, moderator, messages = _slow_null_stage(tmp_path, seconds_per_image=30.0, steps=100)  # 0.3 s a step
+    sent = []
+    stop_at = []
+
+    async def send(emissions):
+        sent.extend(emissions)
+
+    async def run():
+        stage.stopping = lambda: bool(stop_at) and time.monotonic() >= stop_at[0]
+        stop_at.append(time.monotonic() + 1.0)  # mid-call: the call alone would take 30 s
+        return await render_take(stage, messages, send, model_thread, finishing_thread)
+
+    with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
+        take = asyncio.run(run())
+        returned_s = time.monotonic() - stop_at[0]
+
+    assert take.stopped and not take.abandoned
+    assert take.handed_back == {(0, 0), (0, 1)}
+    assert returned_s < 1.0, f"the call went on {returned_s:.2f} s past the stop; a step is 0.3 s"
+    assert len(stage.model_calls) == 1 and moderator.spans == []  # nothing finished, nothing reported
+    assert [e for e in sent if e.topic == stage.context.topics.results] == []
+
+
+def test_a_model_call_that_reaches_no_step_within_the_wait_is_abandoned(tmp_path, monkeypatch):
+    monkeypatch.setattr(takes, "HAND_BACK_WAIT_S", 0.5)
+    stage, _, messages = _slow_null_stage(tmp_path, seconds_per_image=3.0, steps=1)  # one 6 s step for the chunk
+
+    async def send(emissions):
+        pass
+
+    async def run():
+        stage.stopping = lambda: len(stage.model_calls) >= 1
+        started = time.monotonic()
+        take = await render_take(stage, messages, send, model_thread, finishing_thread)
+        return take, time.monotonic() - started
+
+    with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
+        take, took_s = asyncio.run(run())
+        assert take.abandoned and take.stopped and take.handed_back == {(0, 0), (0, 1)}
+        assert took_s < 3.0, f"render_take waited {took_s:.2f} s for a call it should have abandoned after 0.5 s"
