@@ -58,7 +58,7 @@ from diffusers import (
 from PIL import Image
 
 from pixelpipe.core.families import REFERENCE_FAMILIES, default_max_source_images
-from pixelpipe.processors.previews import Unpack, step_callback
+from pixelpipe.processors.previews import Unpack, step_callback, stop_after_step
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +562,8 @@ def unpack_klein_latents(latents: torch.Tensor, height: int, width: int, vae_sca
 class NullModel:
     """A model without weights for capacity tests of the pipeline: each image is a plain colour derived from its
     seed, of the requested size, returned after ``seconds_per_image`` of simulated work (reported as device
-    time). No torch work is done."""
+    time), spread over the call's steps with the stop check asked after each, as a diffusers pipeline does. No
+    torch work is done."""
 
     entry: ModelEntry
     device: ClassVar[torch.device] = torch.device("cpu")
@@ -570,8 +571,14 @@ class NullModel:
     batched: ClassVar[bool] = True  # a whole batch at once
 
     def run(self, task: Task, batch: _Batch, scheduler: str | None) -> BatchOutput:
-        seconds = self.entry.seconds_per_image * batch.size
-        time.sleep(seconds)
+        steps = max(1, batch.steps)
+        step_s = self.entry.seconds_per_image * batch.size / steps
+        seconds = 0.0
+        for _ in range(steps):
+            time.sleep(step_s)
+            seconds += step_s
+            if stop_after_step(steps):
+                break
         images = [Image.new("RGB", (batch.width, batch.height), seed_colour(seed)) for seed in batch.row_seeds]
         return batch.output(images, seconds)
 

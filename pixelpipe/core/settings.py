@@ -321,12 +321,6 @@ class StageSettings:
         "Longest a storage read or write is retried, never past the request's deadline; the stage waits meanwhile.",
     )
     retry_backoff_ms: int = setting("RETRY_BACKOFF_MS", 200, "First retry delay; doubles each attempt, up to 5 s.")
-    stop_grace_s: float = setting(
-        "STOP_GRACE_S",
-        20.0,
-        "Longest a stopping worker goes on with the render take in hand, so that nothing it started is rendered "
-        "again elsewhere; what is left then is delivered again. Keep it under the orchestrator's grace period.",
-    )
     worker_id: str = setting("WORKER_ID", "", "This worker's name in metrics; empty uses host-pid.")
     consumer_group: str = setting(
         "CONSUMER_GROUP", "pixelpipe", "Prefix of the workers' consumer groups (one group per stage set)."
