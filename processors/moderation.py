@@ -25,15 +25,18 @@ post-processing keep no state between calls, and the profanity model and rules a
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import icu
 import numpy as np
 from PIL import Image
 from scipy.special import expit
@@ -114,39 +117,83 @@ DEFAULT_IMAGE_LABELS: dict[str, str] = {
 }
 _POLICY_KEYS = frozenset({"thresholds", "profanity_threshold", "rules", "image_labels"})
 
-# Cyrillic and Greek letters drawn like Latin ones, folded into them before a prompt is scored, so "nazi" spelled
-# with a Cyrillic a is still "nazi" to the rules and the profanity model (NFKC, in normalise_text, already folds
-# fullwidth, circled and mathematical letters). Only for scoring: the prompt renders as it was written.
-_LOOKALIKE_NAMES = {
-    "CYRILLIC SMALL LETTER": {
-        "A": "a", "IE": "e", "BYELORUSSIAN-UKRAINIAN I": "i", "JE": "j", "O": "o", "DZE": "s", "ER": "p", "ES": "c",
-        "U": "y", "HA": "x", "KOMI DE": "d", "QA": "q", "WE": "w", "SHHA": "h", "PALOCHKA": "l",
-    },
-    "CYRILLIC CAPITAL LETTER": {
-        "A": "A", "VE": "B", "IE": "E", "DZE": "S", "BYELORUSSIAN-UKRAINIAN I": "I", "JE": "J", "KA": "K", "EM": "M",
-        "EN": "H", "O": "O", "ER": "P", "ES": "C", "TE": "T", "HA": "X", "U": "Y", "QA": "Q", "WE": "W",
-    },
-    "GREEK SMALL LETTER": {
-        "ALPHA": "a", "IOTA": "i", "KAPPA": "k", "NU": "v", "OMICRON": "o", "RHO": "p", "TAU": "t", "UPSILON": "u",
-        "CHI": "x",
-    },
-    "GREEK CAPITAL LETTER": {
-        "ALPHA": "A", "BETA": "B", "EPSILON": "E", "ZETA": "Z", "ETA": "H", "IOTA": "I", "KAPPA": "K", "MU": "M",
-        "NU": "N", "OMICRON": "O", "RHO": "P", "TAU": "T", "UPSILON": "Y", "CHI": "X",
-    },
-}  # fmt: skip
-_LOOKALIKES = str.maketrans(
-    {
-        unicodedata.lookup(f"{letters} {name}"): latin
-        for letters, names in _LOOKALIKE_NAMES.items()
-        for name, latin in names.items()
-    }
-)
+# Look-alikes, read as the ASCII the rules and the profanity model know, by Unicode's confusables (UTS #39, ICU's
+# data through PyICU). A prompt is read (``skeleton``) after NFKC and the removal of characters that render as
+# nothing (``normalise_text``): compatibility forms decomposed (NFKD) and combining marks dropped (accents,
+# strike-through), braille blanks dropped, each look-alike read as the ASCII it is confusable with, case folded.
+# ASCII itself is never folded: UTS #39 pairs "m" with "rn", "I" and "1" with "l", "0" with "O", so "pomegranate"
+# would read as a porn word; digits read as letters only in the leet reading below. Only for scoring: the prompt
+# renders as it was normalised.
+_BLANKS = {ord("\u2800"): None}  # braille pattern blank: drawn as a space, yet neither whitespace nor a format char
+# Drawn like a Latin letter, yet neither decomposed by NFKD nor mapped to ASCII by UTS #39 (ᴍ is confusable with
+# turned w, ᴛ only with Cyrillic т): read as the letter their name gives.
+_NAMED_LATIN = re.compile(r"(?:LATIN LETTER SMALL CAPITAL|NEGATIVE (?:CIRCLED|SQUARED) LATIN CAPITAL LETTER) ([A-Z])")
+_UNASSIGNED = frozenset({"Cn", "Co", "Cs"})  # unassigned, private use and surrogate code points: nothing to read
+
+
+def _without_marks(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.category(c).startswith("M"))
+
+
+@functools.cache
+def _lookalikes() -> dict[int, str | None]:
+    """The ``str.translate`` table from every non-ASCII character that reads as ASCII to that ASCII; built on first
+    use (under a second: ICU is asked once per code point).
+
+    A prototype shared by several ASCII characters is read as the one of the character's own kind: Cyrillic capital
+    I (U+0406) as I, not as the l that UTS #39 gives every vertical stroke; Bengali digit zero as 0, not O.
+    """
+    checker = icu.SpoofChecker()  # getSkeleton's first argument, a skeleton type, is no longer read by ICU
+    ascii_of_kind: dict[tuple[str, str], str] = {}
+    for character in map(chr, range(0x20, 0x7F)):
+        ascii_of_kind.setdefault((checker.getSkeleton(0, character), unicodedata.category(character)), character)
+    table: dict[int, str | None] = dict(_BLANKS)
+    for code in range(0x80, sys.maxunicode + 1):
+        character = chr(code)
+        kind = unicodedata.category(character)
+        if kind in _UNASSIGNED:
+            continue
+        if named := _NAMED_LATIN.fullmatch(unicodedata.name(character, "")):
+            table[code] = named[1].lower()
+            continue
+        prototype = _without_marks(checker.getSkeleton(0, character))
+        if prototype.isascii() and prototype not in ("", character):  # "": a combining mark, dropped before this
+            table[code] = ascii_of_kind.get((prototype, kind), prototype)
+    return table
+
+
+def skeleton(text: str) -> str:
+    """``text`` with its disguises taken off: normalised (``normalise_text``), compatibility forms decomposed,
+    combining marks and blanks dropped, look-alikes read as ASCII (``_lookalikes``), case folded."""
+    text = normalise_text(text)
+    if not text.isascii():  # nothing to decompose, drop or read: the common case stays cheap
+        # NFC puts back together what NFKD split into letters rather than marks: Hangul syllables.
+        text = unicodedata.normalize("NFC", _without_marks(text).translate(_lookalikes()))
+    return text.casefold()
+
+
+# Leet: digits and symbols read as the letters they stand for inside a word that has a letter ("c0c41n3", "b!tch"),
+# never in numbers ("4090", "1.5"); a symbol only before a word character, so "wow!" keeps its "!".
+_LEET = str.maketrans("0134578@$!", "oieastbasi")
+_LEET_WORD = re.compile(r"[\w@$!]*\w")
+# Three or more single letters or digits, the same separator between each ("m e t h", "p.o.r.n"): the word they
+# spell. The same one, so that an article before the word stays a word ("a n-a-z-i", not "anazi").
+_SPELLED_OUT = re.compile(r"(?<![^\W_])[^\W_]([ ._*-])[^\W_](?:\1[^\W_])+(?![^\W_])")
+_SPELLING_SEPARATORS = re.compile(r"[ ._*-]")
+
+
+def _if_a_word(reading: Callable[[str], str]) -> Callable[[re.Match[str]], str]:
+    """``reading`` of a match that has a letter; digits alone are a number ("3.5.1", "1 2 3"), not a word."""
+    return lambda match: reading(match[0]) if any(c.isalpha() for c in match[0]) else match[0]
+
+
+_JOIN_SPELLED_OUT = _if_a_word(lambda letters: _SPELLING_SEPARATORS.sub("", letters))
+_READ_LEET = _if_a_word(lambda word: word.translate(_LEET))
 
 
 def text_for_scoring(text: str) -> str:
-    """``text`` as the prompt checks read it: normalised (``normalise_text``), look-alike letters folded to Latin."""
-    return normalise_text(text).translate(_LOOKALIKES)
+    """``text`` as the prompt checks read it: its ``skeleton``, with spelled-out and leet words read as words."""
+    return _LEET_WORD.sub(_READ_LEET, _SPELLED_OUT.sub(_JOIN_SPELLED_OUT, skeleton(text)))
 
 
 class PolicyError(ValueError):

@@ -164,7 +164,13 @@ def validate_request(
     # The raw text bounds what was sent, the normalised one what is moderated and rendered (NFKC may lengthen it).
     require(isinstance(request.prompt, str), "prompt", "must not be empty")
     prompt = normalise_text(request.prompt)
-    require(bool(prompt.strip()), "prompt", "must not be empty (invisible characters do not count)")
+    # A letter or digit is what a prompt says: blanks, lone accents and symbols are an empty prompt in disguise.
+    require(
+        any(c.isalnum() for c in prompt),
+        "prompt",
+        "must not be empty: it needs a letter or a digit (invisible characters, blanks, accents and symbols alone "
+        "do not count)",
+    )
     check_length("prompt", max(request.prompt, prompt, key=len), limits.max_prompt_chars, "PIXELPIPE_MAX_PROMPT_CHARS")
     negative = request.negative_prompt
     if negative is not None:

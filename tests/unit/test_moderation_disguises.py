@@ -1,0 +1,192 @@
+# ruff: noqa: RUF001 (ordinary prompts in other scripts hold letters drawn like Latin ones)
+"""Disguised prompts: Unicode look-alikes, accents, blanks and leet are read as the words they spell, prompts that
+say nothing once read are refused as empty, and ordinary prompts in any script pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageResult
+from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
+from pixelpipe.core.validation import InvalidRequestError, validate_request
+from pixelpipe.processors.moderation import ProfanityScorer, PromptModerator, skeleton, text_for_scoring
+from pixelpipe.processors.stages import Emitter, Inbound, StageContext, decode_request
+from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.producers import new_request
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptModerator:
+    return PromptModerator()
+
+
+# The README's table (Processors, Moderation): what each disguise reads as.
+@pytest.mark.parametrize(
+    ("disguised", "read"),
+    [
+        ("c\u0585caine", "cocaine"),  # Armenian oh
+        ("\u1d0d\u1d07\u1d1b\u029c", "meth"),  # Latin small capitals
+        ("m\u00e9th", "meth"),  # precomposed accent
+        ("m\u0336e\u0336t\u0336h\u0336", "meth"),  # combining strike-through
+        ("me\u2800th", "meth"),  # braille pattern blank
+        ("\u041c\u0415\u0422\u041d", "meth"),  # Cyrillic capitals
+        ("NAZ\u0406", "nazi"),  # Cyrillic capital I: read as I, not as the l of UTS #39's prototype
+        ("\U0001f17c\U0001f174\U0001f183\U0001f177", "meth"),  # negative squared letters
+        ("\uff47\uff4f\uff52\uff45", "gore"),  # fullwidth
+        ("Stra\u00dfe", "strasse"),  # case folding
+    ],
+)
+def test_skeleton_takes_off_each_disguise(disguised: str, read: str) -> None:
+    assert skeleton(disguised) == read
+
+
+@pytest.mark.parametrize(
+    ("prompt", "category"),
+    [
+        ("a lab selling c\u0585caine", "illicit"),  # Armenian oh
+        ("\u1d0d\u1d07\u1d1b\u029c for sale", "illicit"),  # small capitals
+        ("a lab cooking m\u00e9th", "illicit"),  # precomposed accent
+        ("a lab cooking me\u0301th", "illicit"),  # combining accent
+        ("a lab cooking m\u0336e\u0336t\u0336h\u0336", "illicit"),  # strike-through
+        ("a lab cooking m\u0310\u0351e\u0334\u0358t\u035bh", "illicit"),  # stacked marks ("zalgo")
+        ("a lab cooking m\u20dde\u20ddt\u20ddh\u20dd", "illicit"),  # enclosing circles
+        ("a lab cooking me\u2800th", "illicit"),  # braille blank inside the word
+        ("a g\u3164ore scene", "violence"),  # Hangul filler
+        ("a go\ufe0fre scene", "violence"),  # variation selector
+        ("a \u0262\u1d0f\u0280\u1d07 scene", "violence"),  # small capitals
+        ("a \u041c\u0415\u0422\u041d lab", "illicit"),  # Cyrillic capitals
+        ("a NAZ\u0406 rally", "hate"),  # Cyrillic capital I
+        ("a \U0001f17c\U0001f174\U0001f183\U0001f177 lab", "illicit"),  # negative squared letters
+        ("f\u057dck you", "profanity"),  # Armenian seh, for the profanity model
+        ("\ua730\u1d1c\u1d04\u1d0b \u028f\u1d0f\u1d1c", "profanity"),  # small capitals, for the profanity model
+    ],
+)
+def test_disguised_blocked_words_are_refused(prompts: PromptModerator, prompt: str, category: str) -> None:
+    verdict = prompts.check(prompt)
+    assert not verdict.allowed
+    assert category in verdict.rejected_categories
+
+
+def test_a_disguised_negative_prompt_is_scored_for_profanity(prompts: PromptModerator) -> None:
+    negative = "\ua730\u1d1c\u1d04\u1d0b \u028f\u1d0f\u1d1c"  # small capitals
+    assert prompts.check("a portrait", negative_prompt=negative).rejected_categories == ["profanity"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "category"),
+    [
+        ("a lab cooking m e t h", "illicit"),
+        ("a bag of c0c41n3", "illicit"),
+        ("p.o.r.n", "sexual"),
+        ("s3x", "sexual"),
+        ("a n-a-z-i rally", "hate"),
+        ("a g0ry battlefield", "violence"),
+        ("f u c k you", "profanity"),
+        ("you are a b!tch", "profanity"),
+        ("sh1t", "profanity"),
+    ],
+)
+def test_leet_and_spelled_out_blocked_words_are_refused(prompts: PromptModerator, prompt: str, category: str) -> None:
+    assert category in prompts.check(prompt).rejected_categories
+
+
+# Spellings of profane words, for the profanity model's recall with and without the reading (README: Processors).
+LEET_PROFANITY = [
+    "f u c k", "f.u.c.k", "f-u-c-k", "f_u_c_k", "fu ck", "fuk", "fck", "f*ck", "f**k", "fvck", "phuck", "fuc|<",
+    "sh1t", "5h1t", "sh!t", "s h i t", "b1tch", "b!tch", "8itch", "b i t c h", "a$$hole", "@sshole", "a s s h o l e",
+    "c0ck", "c o c k", "d1ck", "d!ck", "pu$$y", "wh0re", "sl*t", "5lut", "c u n t", "cvnt", "b@stard",
+    "m0therf*cker", "fuckk", "sh!tty", "b1tches", "f.u.c.k you", "you are a b!tch",
+]  # fmt: skip
+
+
+def test_the_reading_raises_the_profanity_model_s_recall_on_leet_spellings() -> None:
+    score = ProfanityScorer()
+    as_written = sum(p >= 0.5 for p in score(LEET_PROFANITY))
+    as_read = sum(p >= 0.5 for p in score([text_for_scoring(text) for text in LEET_PROFANITY]))
+    assert as_read > 2 * as_written
+
+
+@pytest.mark.parametrize(
+    ("text", "read"),
+    [
+        ("version 3.5.1, sd 1.5, an rtx 4090", "version 3.5.1, sd 1.5, an rtx 4090"),  # numbers stay numbers
+        ("wow! what the hell!", "wow! what the hell!"),  # a symbol after a word is punctuation
+        ("the U.S.A. flag", "the usa. flag"),
+        ("a 4k 3d render", "a ak ed render"),  # read, yet no blocked word: ordinary prompts pass (below)
+    ],
+)
+def test_the_leet_reading_reads_only_words(text: str, read: str) -> None:
+    assert text_for_scoring(text) == read
+
+
+ORDINARY = [
+    "кот спит на крыше под луной",  # Russian: a cat sleeps on the roof under the moon
+    "Мальчик играет с собакой в парке",  # Russian: a boy plays with a dog in the park
+    "Київ навесні, каштани цвітуть",  # Ukrainian: Kyiv in spring, chestnuts in bloom
+    "ο ήλιος στη θάλασσα",  # Greek: the sun on the sea
+    "Ελληνική σαλάτα με φέτα",  # Greek: Greek salad with feta
+    "Արարատ լեռը արևածագին",  # Armenian: Mount Ararat at sunrise
+    "կատուն քնած է պատուհանի մոտ",  # Armenian: the cat is asleep by the window
+    "猫が屋根の上で寝ている",  # Japanese: a cat asleep on the roof
+    "富士山と桜、浮世絵風",  # Japanese: Mount Fuji and cherry blossom, ukiyo-e style
+    "山水画，云雾缭绕的山峰",  # Chinese: a landscape painting, peaks in mist
+    "고양이가 창가에서 잔다",  # Korean: a cat sleeps by the window
+    "قطة نائمة على السطح",  # Arabic: a cat asleep on the roof
+    "חתול ישן על הגג",  # Hebrew: a cat asleep on the roof
+    "ताजमहल सूर्योदय के समय",  # Hindi: the Taj Mahal at sunrise
+    "แมวนอนบนหลังคา",  # Thai: a cat sleeping on the roof
+    "თბილისი ღამით",  # Georgian: Tbilisi at night
+    "Kapadokya'da sıcak hava balonları",  # Turkish: hot-air balloons in Cappadocia
+    "Phố cổ Hội An về đêm",  # Vietnamese: Hoi An's old town at night
+    "Une pâtisserie à Paris, crème brûlée",  # French: a patisserie in Paris, crème brûlée
+    # What UTS #39's ASCII pairs (m and rn, I and l) would have refused: ASCII is never folded.
+    "a pomegranate on a plate",
+    "the ruins of Pompeii",
+    "a pom-pom hat",
+    "Illinois farmland",
+    # What a careless leet reading would have refused.
+    "1girl, solo, 8k, masterpiece",
+    "a 4k 3d render of an rtx 4090, f/1.8 50mm",
+    "letters A B C on wooden blocks",
+    "an s3 bucket icon, version 3.5.1",
+    "x y z axes plot of a t-rex's speed",
+    "a b-52 bomber over route 66",
+]  # fmt: skip
+
+
+def test_ordinary_prompts_in_any_script_pass(prompts: PromptModerator) -> None:
+    verdicts = prompts.check_many(ORDINARY)
+    refused = {text: v.rejected_categories for text, v in zip(ORDINARY, verdicts, strict=True) if not v.allowed}
+    assert refused == {}
+
+
+EMPTY_ONCE_READ = [
+    "\u2800\u2800\u2800",  # braille blanks
+    "\u0301\u0336\u0301",  # combining marks
+    "\u20dd",  # an enclosing circle around nothing
+    "\u3164 \u2800 \u200b \u0301",  # filler, blank, zero-width space, accent
+    "!!! ...",  # punctuation
+]
+
+
+@pytest.mark.parametrize("prompt", EMPTY_ONCE_READ)
+def test_a_prompt_without_a_letter_or_digit_is_invalid_as_empty(prompt: str) -> None:
+    request = new_request(prompt="a red fox", model="tiny-sd", user_id="u1")
+    with pytest.raises(InvalidRequestError, match="prompt: must not be empty: it needs a letter or a digit"):
+        validate_request(dataclasses.replace(request, prompt=prompt), RequestLimits())
+
+
+def test_a_stage_fails_a_prompt_without_a_letter_or_digit_as_an_invalid_request() -> None:
+    context = StageContext(TopicSettings(), RequestLimits(), StageSettings(), Codec(), "worker", ModerationStamp("key"))
+    emit = Emitter(context)
+    request = dataclasses.replace(
+        new_request(prompt="a red fox", model="tiny-sd", user_id="u1"), prompt="\u2800\u0301\u2800"
+    )
+    message = Inbound(context.codec.encode(request), request.request_id.encode(), context.topics.requests, 0, 0, 1.0)
+    assert decode_request(message, context, emit, "moderation") is None
+    [result] = [context.codec.decode_as(ImageResult, e.value) for e in emit.take()]
+    assert (result.status, result.error_code) == ("FAILED", "INVALID_REQUEST")
+    assert result.error_message.startswith("prompt: must not be empty")
