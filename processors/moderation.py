@@ -2,6 +2,7 @@
 
 - Prompts: alt-profanity-check's bundled scikit-learn model scores profanity; keyword rules per category
   (``sexual``, ``sexual/minors``, ``violence``, ``self-harm``, ``hate``, ``illicit``) score 1.0 when they match.
+  Both read a prompt with its disguises taken off (``text_for_scoring``): look-alike letters, accents, blanks, leet.
 - Images (the source image of an edit, every generated or edited image): nudenet's bundled ONNX detector
   (``320n.onnx`` next to ``nudenet/nudenet.py``, run by onnxruntime on CPU); exposed-body labels map to ``sexual``.
   The ``null`` detector finds nothing and costs nothing: it is for capacity tests of the pipeline only, so that
@@ -175,7 +176,8 @@ def skeleton(text: str) -> str:
 # Leet: digits and symbols read as the letters they stand for inside a word that has a letter ("c0c41n3", "b!tch"),
 # never in numbers ("4090", "1.5"); a symbol only before a word character, so "wow!" keeps its "!".
 _LEET = str.maketrans("0134578@$!", "oieastbasi")
-_LEET_WORD = re.compile(r"[\w@$!]*\w")
+# Only the words that hold one are matched: a prompt's other words cost no call.
+_LEET_WORD = re.compile(r"(?<![\w@$!])(?=[\w@$!]*?(?:[0134578]|[@$!]\w))[\w@$!]*\w")
 # Three or more single letters or digits, the same separator between each ("m e t h", "p.o.r.n"): the word they
 # spell. The same one, so that an article before the word stays a word ("a n-a-z-i", not "anazi").
 _SPELLED_OUT = re.compile(r"(?<![^\W_])[^\W_]([ ._*-])[^\W_](?:\1[^\W_])+(?![^\W_])")
