@@ -75,22 +75,24 @@ def test_a_disguised_negative_prompt_is_scored_for_profanity(prompts: PromptMode
     assert prompts.check("a portrait", negative_prompt=negative).rejected_categories == ["profanity"]
 
 
-@pytest.mark.parametrize(
-    ("prompt", "category"),
-    [
-        ("a lab cooking m e t h", "illicit"),
-        ("a bag of c0c41n3", "illicit"),
-        ("p.o.r.n", "sexual"),
-        ("s3x", "sexual"),
-        ("a n-a-z-i rally", "hate"),
-        ("a g0ry battlefield", "violence"),
-        ("f u c k you", "profanity"),
-        ("you are a b!tch", "profanity"),
-        ("sh1t", "profanity"),
-    ],
-)
-def test_leet_and_spelled_out_blocked_words_are_refused(prompts: PromptModerator, prompt: str, category: str) -> None:
-    assert category in prompts.check(prompt).rejected_categories
+# Leet and spelled-out spellings of the default rules' terms (README: Processors, "Disguised prompts").
+LEET_RULE_TERMS = [
+    ("m e t h", "illicit"), ("c0c41n3", "illicit"), ("p.o.r.n", "sexual"), ("s3x", "sexual"), ("n4z1", "hate"),
+    ("g0re", "violence"), ("h3r01n", "illicit"), ("nud3", "sexual"), ("p0rn", "sexual"), ("s e x", "sexual"),
+    ("n.a.z.i", "hate"), ("su1c1d3", "self-harm"), ("m3th", "illicit"), ("k k k", "hate"), ("n-u-d-e", "sexual"),
+    ("p 0 r n", "sexual"), ("5ex", "sexual"), ("c.o.c.a.i.n.e", "illicit"), ("g.o.r.e", "violence"),
+    ("m3thamph3tamin3", "illicit"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("prompt", "category"), LEET_RULE_TERMS)
+def test_leet_and_spelled_out_rule_terms_are_refused(prompts: PromptModerator, prompt: str, category: str) -> None:
+    assert category in prompts.check(f"a poster saying {prompt} in red").rejected_categories
+
+
+@pytest.mark.parametrize("prompt", ["f u c k you", "you are a b!tch", "sh1t", "a$$hole"])
+def test_leet_and_spelled_out_profanity_is_refused(prompts: PromptModerator, prompt: str) -> None:
+    assert prompts.check(prompt).rejected_categories == ["profanity"]
 
 
 # Spellings of profane words, for the profanity model's recall with and without the reading (README: Processors).
@@ -147,13 +149,16 @@ ORDINARY = [
     "the ruins of Pompeii",
     "a pom-pom hat",
     "Illinois farmland",
-    # What a careless leet reading would have refused.
-    "1girl, solo, 8k, masterpiece",
-    "a 4k 3d render of an rtx 4090, f/1.8 50mm",
-    "letters A B C on wooden blocks",
-    "an s3 bucket icon, version 3.5.1",
-    "x y z axes plot of a t-rex's speed",
-    "a b-52 bomber over route 66",
+    # Versions, sizes and acronyms, which a careless leet reading would refuse.
+    "letters A B C on wooden blocks", "the U.S.A. flag on a pole", "a 4k 3d render, sd 1.5, mp3 cover art",
+    "1girl, solo, 8k, masterpiece", "an rtx 4090 gpu on a desk", "version 3.5.1 release banner",
+    "f/1.8 50mm lens photo", "route 66 sign at dusk", "an s3 bucket icon", "h2o molecule model", "a 4x4 truck in mud",
+    "the year 1984", "a k-pop idol on stage", "a t-rex skeleton", "x-ray of a hand", "e.t. phone home",
+    "an a.i. robot painting", "an ak-47 in a museum case", "p.s. i love you written in sand",
+    "an s.o.s. message on a beach", "a s.w.a.t. team van", "plan a, b or c", "the word a s s e m b l y", "r2-d2 toy",
+    "c-3po", "m&m candies", "b2b sales chart", "1337 hacker terminal", "a b c d e f g alphabet poster",
+    "x y z axes plot", "g.o.a.t. jersey", "t.n.t. crate", "b-52 bomber in flight", "3 kids playing",
+    "an f-16 jet", "a v8 engine", "mp5 airsoft", "w3c logo", "the 3 musketeers", "cl4p-tp robot",
 ]  # fmt: skip
 
 
