@@ -186,7 +186,7 @@ class Emitter:
         )
 
     def forward(self, topic: str, message: Inbound) -> None:
-        headers = passed_on(message.headers) | self.context.stamp.headers(message.value)
+        headers = passed_on(message.headers) | self.context.stamp.headers(topic, message.value)
         self.emissions.append(Emission(topic, message.key, message.value, headers=headers))
 
     def dead_letter(self, message: Inbound, reason: str, stage: str, request_id: str | None) -> None:
@@ -225,6 +225,19 @@ def decode_request(message: Inbound, context: StageContext, emit: Emitter, stage
         emit.result(request, Outcome.failed("INVALID_REQUEST", str(e)), {})
         return None
     return request
+
+
+def unforeseen(emit: Emitter, message: Inbound, stage: str, request: ImageRequest | None, error: Exception) -> Outcome:
+    """A stage's failure on one message that no check foresaw (a bug, an input nothing anticipated): logged with its
+    traceback and the message dead-lettered. Returns the FAILED ``INTERNAL_ERROR`` outcome the caller ends the
+    ``request`` with; a message whose request was not decoded is ended here, by its key. The stream goes on."""
+    request_id = request.request_id if request is not None else _readable_request_id(message.key)
+    log.exception("a stage failed on one message", extra={"stage": stage, "request_id": request_id})
+    emit.dead_letter(message, f"internal error: {error!r}", stage, request_id)
+    outcome = Outcome.failed("INTERNAL_ERROR", f"{stage} failed on this request: {error!r}")
+    if request is None and request_id is not None:
+        emit.unreadable(request_id, outcome)
+    return outcome
 
 
 def _readable_request_id(key: bytes | None) -> str | None:
@@ -303,18 +316,27 @@ class ModerationStage:
         """Moderate a take of requests: one profanity-model call for all their prompts, then each on its own."""
         started_s = time.time()
         emit = Emitter(self.context)
-        readable = [
-            (message, request)
-            for message in messages
-            if (request := decode_request(message, self.context, emit, "moderation")) is not None
-            and self._at_home(message, request, emit)
-        ]
-        # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it nothing.
-        computes = [request_compute(request, self.experiments, self.registry) for _, request in readable]
-        refusals = [
-            self._refusal(request, arrival_s(message, started_s), compute)
-            for (message, request), compute in zip(readable, computes, strict=True)
-        ]
+        readable: list[tuple[Inbound, ImageRequest]] = []
+        computes: list[float | None] = []
+        refusals: list[Outcome | None] = []
+        for message in messages:
+            request = None
+            try:
+                request = decode_request(message, self.context, emit, "moderation")
+                if request is None or not self._at_home(message, request, emit):
+                    continue
+                # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it
+                # nothing.
+                compute = request_compute(request, self.experiments, self.registry)
+                refusal = self._refusal(request, arrival_s(message, started_s), compute)
+            except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
+                outcome = unforeseen(emit, message, "moderation", request, e)
+                if request is None:
+                    continue
+                compute, refusal = None, outcome
+            readable.append((message, request))
+            computes.append(compute)
+            refusals.append(refusal)
         admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
         verdicts: Iterator[Verdict | None]
         try:
@@ -330,9 +352,7 @@ class ModerationStage:
             try:
                 outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
             except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
-                log.exception("moderation failed", extra={"request_id": request.request_id})
-                emit.dead_letter(message, f"internal error: {e!r}", "moderation", request.request_id)
-                outcome = Outcome.failed("INTERNAL_ERROR", repr(e))
+                outcome = unforeseen(emit, message, "moderation", request, e)
             compute_ms = shared_ms + (time.time() - own_started_s) * 1000.0
             work = StageWork(
                 self.name,
@@ -719,33 +739,17 @@ class RenderStage:
         emit = Emitter(self.context)
         pending: list[_Pending] = []
         for message in messages:
-            request = decode_request(message, self.context, emit, self.name.lower())
-            if request is None:
-                continue
-            if not self.context.stamp.verify(message.value, message.headers):
-                reason = "no valid moderation stamp: it did not come through moderation"
-                emit.dead_letter(message, f"unmoderated: {reason}", self.name.lower(), request.request_id)
-                self._fail(emit, request, message, started_s, "UNMODERATED", f"not rendered: {reason}")
-                continue
-            if self.cancelled(request.request_id):
-                self._cancel(emit, request, message, started_s)
-                continue
-            if deadline_passed(request, utc_now()):
-                self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
-                continue
+            request = None
             try:
-                item = _Pending(message, request, self.params(request))
-                self.prepare(item)
-            except InvalidRequestError as e:
-                self._fail(emit, request, message, started_s, "INVALID_REQUEST", str(e))
+                request = decode_request(message, self.context, emit, self.name.lower())
+                item = None if request is None else self._admit(emit, message, request, started_s)
+            except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
+                outcome = unforeseen(emit, message, self.name.lower(), request, e)
+                if request is not None:
+                    self._end_failed(emit, request, message, started_s, outcome)
                 continue
-            except ModelError as e:
-                self._fail(emit, request, message, started_s, "MODEL_ERROR", str(e))
-                continue
-            except StageFailure as e:
-                self._fail(emit, request, message, started_s, e.code, str(e))
-                continue
-            pending.append(item)
+            if item is not None:
+                pending.append(item)
         groups: dict[RenderParams, list[_Pending]] = {}
         for item in in_service_order(pending):
             groups.setdefault(item.params, []).append(item)
@@ -756,6 +760,38 @@ class RenderStage:
             for start in range(0, len(group), max_batch):
                 chunks.append(PlannedChunk(params, group[start : start + max_batch], started_s))
         return PlannedTake(emit.take(), chunks)
+
+    def _admit(self, emit: Emitter, message: Inbound, request: ImageRequest, started_s: float) -> _Pending | None:
+        """The request of ``message`` ready to render; None after ending it (unmoderated, cancelled, expired,
+        invalid for its model, its inputs unreadable)."""
+        if not self.context.stamp.verify(message.topic, message.value, message.headers):
+            reason = f"no valid moderation stamp for {message.topic}: moderation did not forward it there"
+            emit.dead_letter(message, f"unmoderated: {reason}", self.name.lower(), request.request_id)
+            self._fail(emit, request, message, started_s, "UNMODERATED", f"not rendered: {reason}")
+            return None
+        if request.kind != self.name:  # stamped for this topic, so forwarded here by a moderation that misrouted
+            reason = f"a {request.kind} request cannot be rendered by the {self.name} stage"
+            emit.dead_letter(message, f"misrouted: {reason}", self.name.lower(), request.request_id)
+            self._fail(emit, request, message, started_s, "INVALID_REQUEST", reason)
+            return None
+        if self.cancelled(request.request_id):
+            self._cancel(emit, request, message, started_s)
+            return None
+        if deadline_passed(request, utc_now()):
+            self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
+            return None
+        try:
+            item = _Pending(message, request, self.params(request))
+            self.prepare(item)
+        except InvalidRequestError as e:
+            self._fail(emit, request, message, started_s, "INVALID_REQUEST", str(e))
+        except ModelError as e:
+            self._fail(emit, request, message, started_s, "MODEL_ERROR", str(e))
+        except StageFailure as e:
+            self._fail(emit, request, message, started_s, e.code, str(e))
+        else:
+            return item
+        return None
 
     def render(self, chunk: PlannedChunk) -> RenderedChunk:
         """The chunk's model call, for its requests not cancelled by now. A failed call ends them FAILED (and
@@ -876,7 +912,19 @@ class RenderStage:
         reason: str,
         model: str | None = None,
     ) -> None:
-        emit.result(request, Outcome.failed(code, reason), {})
+        self._end_failed(emit, request, message, started_s, Outcome.failed(code, reason), model)
+
+    def _end_failed(
+        self,
+        emit: Emitter,
+        request: ImageRequest,
+        message: Inbound,
+        started_s: float,
+        outcome: Outcome,
+        model: str | None = None,
+    ) -> None:
+        """A request FAILED before its model call: its result, and a metric with no device time."""
+        emit.result(request, outcome, {})
         emit.metric(request, StageWork(self.name, "FAILED", queue_ms(message, started_s), 0.0, "none", 0.0), model)
 
     def _fail_internally(

@@ -78,7 +78,10 @@ def test_a_request_written_straight_to_the_generate_topic_is_refused_and_never_r
     unstamped, forged = harness.requests(2, "direct")
     codec = codec_from_settings(harness.settings.kafka)
     producer = Producer(producer_config(harness.settings.kafka))
-    for request, headers in ((unstamped, None), (forged, ModerationStamp("a guess").headers(codec.encode(forged)))):
+    for request, headers in (
+        (unstamped, None),
+        (forged, ModerationStamp("a guess").headers(harness.settings.topics.generate, codec.encode(forged))),
+    ):
         producer.produce(
             harness.settings.topics.generate, codec.encode(request), request.request_id.encode(), headers=headers
         )

@@ -180,7 +180,9 @@ def test_a_full_source_pauses_its_partitions_and_loses_or_repeats_nothing(pipeli
     with Publisher(settings) as publisher:
         for r in backlog:  # stamped, as moderation forwards them
             value = codec.encode(r)
-            publisher.publish_encoded(r.request_id.encode(), value, topics.generate, stamp.headers(value))
+            publisher.publish_encoded(
+                r.request_id.encode(), value, topics.generate, stamp.headers(topics.generate, value)
+            )
     paused, held = [], []  # partitions out of the fetch; events buffered or taken and not yet acknowledged
 
     async def run():

@@ -93,7 +93,7 @@ def messages_of(stage, requests):
     stamp, codec = stage.context.stamp, stage.context.codec
     values = [codec.encode(request) for request in requests]
     return [
-        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers("t", value))
         for offset, (r, value) in enumerate(zip(requests, values, strict=True))
     ]
 

@@ -179,7 +179,7 @@ def test_the_render_stage_checks_previews_with_its_own_image_moderator(tmp_path,
     context = StageContext(TopicSettings(), RequestLimits(), StageSettings(), Codec(), "worker", stamp)
     request = new_request(prompt="p", model="null", user_id="u", width=64, height=64, seed=1, reply_topic=REPLIES)
     value = context.codec.encode(request)
-    headers = stamp.headers(value) | {PARTIAL_IMAGES_HEADER: b"2"}
+    headers = stamp.headers("t", value) | {PARTIAL_IMAGES_HEADER: b"2"}
     message = Inbound(value, request.request_id.encode(), "t", 0, 0, time.time(), headers=headers)
     for moderator, expected in ((flagging, []), (ALLOW_ALL, [b"0", b"1"])):
         sent = Recorder()

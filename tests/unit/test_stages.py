@@ -221,7 +221,7 @@ def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
         for i in range(5)
     ]
     messages = [
-        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+        Inbound(value, r.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers("t", value))
         for offset, (r, value) in enumerate((r, context.codec.encode(r)) for r in requests)
     ]
     take = stage.plan(messages)

@@ -60,7 +60,7 @@ def _stage_and_messages(tmp_path, count):
     for offset, request in enumerate(requests):
         value = context.codec.encode(request)
         messages.append(
-            Inbound(value, request.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers(value))
+            Inbound(value, request.request_id.encode(), "t", 0, offset, time.time(), headers=stamp.headers("t", value))
         )
     return stage, moderator, requests, messages
 
@@ -185,7 +185,7 @@ def _slow_null_stage(tmp_path, seconds_per_image, steps):
         request.steps = steps
     values = [stage.context.codec.encode(request) for request in requests]
     messages = [
-        dataclasses.replace(m, value=v, headers=stage.context.stamp.headers(v))
+        dataclasses.replace(m, value=v, headers=stage.context.stamp.headers("t", v))
         for m, v in zip(messages, values, strict=True)
     ]
     return stage, moderator, messages
