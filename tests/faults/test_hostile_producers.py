@@ -7,15 +7,18 @@ every image present.
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 
 import pytest
 from confluent_kafka import Producer
+from PIL import Image
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
-from pixelpipe.core.topics import ensure_topics
+from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.topics import assign_from_start, assigned_consumer, ensure_topics
 from pixelpipe.processors.models import ModelEntry
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher
@@ -205,3 +208,92 @@ def test_a_maximal_request_does_not_hold_small_ones_behind_it(harness, monkeypat
     assert render_s >= 20, "the maximal request rendered too fast to hold anything behind it"
     # Behind it in one lane, the small ones would wait for its render: up to all of it, half of it at the median.
     assert waited[-1] <= render_s / 3 and p50 <= render_s / 6
+
+
+def forwarded_messages(kafka, topic, keys):
+    """The messages on ``topic`` keyed by one of ``keys``, headers and all, as moderation wrote them."""
+    consumer = assigned_consumer(kafka)
+    assign_from_start(consumer, topic)
+    found, deadline = [], time.monotonic() + 60
+    while len(found) < len(keys) and time.monotonic() < deadline:
+        found += [m for m in consumer.consume(100, 0.2) if not m.error() and m.key().decode() in keys]
+    consumer.close()
+    return found
+
+
+def png(size=(64, 64)):
+    out = io.BytesIO()
+    Image.new("RGB", size, (40, 90, 160)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_stamped_requests_of_every_kind_on_every_render_topic_never_stop_the_worker(harness):
+    topics, kafka = harness.settings.topics, harness.settings.kafka
+    render_topics = [topics.generate, topics.generate_long, topics.edit, topics.edit_long]
+    ids, worker = start(harness, "replay", stages=("moderation", "generate", "edit"))
+    source = open_object_store(harness.settings.objects).put("inputs/replay-source.png", png(), "image/png").uri
+
+    def of_kind(kind, tag):
+        (request,) = harness.requests(1, f"{tag}-{kind.lower()}")
+        if kind == "EDIT":
+            request.kind, request.source_image_uri = "EDIT", source
+        return request
+
+    # Moderation forwards one of each kind; each forwarded message, stamp and all, is then copied onto every other
+    # render topic: a stamp holds only where moderation sent the request.
+    originals = {kind: of_kind(kind, "forwarded") for kind in ("GENERATE", "EDIT")}
+    harness.publish_now(list(originals.values()))
+    harness.wait_results_in_clickhouse([r.request_id for r in originals.values()], timeout_s=180)
+    forwarded = [
+        *forwarded_messages(kafka, topics.generate, {originals["GENERATE"].request_id}),
+        *forwarded_messages(kafka, topics.edit, {originals["EDIT"].request_id}),
+    ]
+    assert len(forwarded) == 2, "moderation's forwards not found on the render topics"
+    # And requests of each kind stamped for each render topic, as a moderation that misroutes would send them.
+    stamp, codec = ModerationStamp(harness.settings.moderation.stamp_key), codec_from_settings(kafka)
+    stamped = {(kind, topic): of_kind(kind, "stamped") for kind in ("GENERATE", "EDIT") for topic in render_topics}
+    producer = Producer(producer_config(kafka))
+    for message in forwarded:
+        for topic in render_topics:
+            if topic != message.topic():
+                producer.produce(topic, message.value(), message.key(), headers=message.headers())
+    for (_, topic), request in stamped.items():
+        value = codec.encode(request)
+        producer.produce(topic, value, request.request_id.encode(), headers=stamp.headers(topic, value))
+    assert producer.flush(30) == 0
+    cleared = time.time()
+    harness.published |= dict.fromkeys([r.request_id for r in stamped.values()], cleared)
+    recovery = harness.recovery_after(cleared, timeout_s=180)
+    misrouted = [
+        r for (kind, topic), r in stamped.items() if (kind == "EDIT") != (topic in (topics.edit, topics.edit_long))
+    ]
+    letters = collect(
+        kafka,
+        topics.dead_letter,
+        DeadLetter,
+        {r.request_id: len(render_topics) - 1 for r in originals.values()} | {r.request_id: 1 for r in misrouted},
+        timeout_s=60,
+        settle_s=2,
+    )
+    row = harness.verify(
+        "stamped requests of each kind on every render topic",
+        ids + [r.request_id for r in [*originals.values(), *stamped.values()]],
+        recovery,
+    )
+    assert worker.process.poll() is None, f"the worker stopped\n{worker.log_tail()}"
+    assert not letters.missing, f"dead letters missing for {letters.missing}"
+    reasons = {rid: {letter.error_reason.split(":")[0] for letter in events} for rid, events in letters.events.items()}
+    assert reasons == {r.request_id: {"unmoderated"} for r in originals.values()} | {
+        r.request_id: {"misrouted"} for r in misrouted
+    }
+    for (kind, topic), request in stamped.items():
+        expected = "FAILED" if request in misrouted else "SUCCEEDED"
+        assert row["status_of"][request.request_id] == expected, (kind, topic, row["status_of"][request.request_id])
+    # A replay's refusal does not hide what the request's own render stored: ClickHouse keeps the better status.
+    client = harness.warehouse()
+    try:
+        ids_sql = ",".join(f"'{r.request_id}'" for r in originals.values())  # uuids
+        statuses = client.execute(f"SELECT request_id, status FROM results_dedup WHERE request_id IN ({ids_sql})")
+    finally:
+        client.close()
+    assert {status for _, status in statuses} == {"SUCCEEDED"} and len(statuses) == 2
