@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pixelpipe.core.cli import load_settings
+from pixelpipe.core.cli import ReportsUnreachableServers, load_settings, needs_kafka
 from pixelpipe.core.settings import Settings, section_from_env, section_redacted, settings_table
 from pixelpipe.tools.stack.settings import StackSettings
 
@@ -20,7 +20,7 @@ def _stack_settings() -> StackSettings:
     return section_from_env(StackSettings, os.environ)
 
 
-@click.group()
+@click.group(cls=ReportsUnreachableServers)
 @click.version_option(package_name="pixelpipe")
 def main() -> None:
     """pixelpipe: image generation and editing on Kafka, diffusers, S3 and ClickHouse."""
@@ -107,6 +107,7 @@ def stack_env() -> None:
 
 # -- topics --------------------------------------------------------------------------------------------------
 @main.command("topics")
+@needs_kafka
 def topics_command() -> None:
     """Create the pipeline's topics that do not exist yet."""
     from pixelpipe.core.topics import ensure_topics
@@ -258,6 +259,7 @@ def demo_command(count: int | None, keep_stack: bool, experiment_only: bool) -> 
 )
 @click.option("--topic", help="Publish here instead of PIXELPIPE_TOPIC_REQUESTS.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@needs_kafka
 def publish_command(
     jsonl: Path | None,
     count: int | None,
@@ -323,6 +325,7 @@ def publish_command(
     type=click.FloatRange(min=0),
     help="Seconds to look for the request's result on the results topic (0: only what is there now).",
 )
+@needs_kafka
 def cancel_command(request_id: str, reason: str | None, wait_s: float) -> None:
     """Cancel a request: a render worker that meets it before its render is done ends it CANCELLED. Says how it
     ended (CANCELLED, already finished with its status, or no result yet); exits 1 only when it had already

@@ -8,7 +8,7 @@ from types import FrameType
 
 import click
 
-from pixelpipe.core.cli import load_settings
+from pixelpipe.core.cli import ReportsUnreachableServers, load_settings, needs_kafka
 from pixelpipe.core.settings import Settings, mask_secrets
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
 
@@ -22,7 +22,7 @@ def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
         raise click.ClickException(f"PIXELPIPE_CLICKHOUSE_URL: {e}") from e
 
 
-@click.group()
+@click.group(cls=ReportsUnreachableServers)
 def clickhouse() -> None:
     """The ClickHouse schema and the sink that loads results and metrics into it."""
 
@@ -43,6 +43,7 @@ def migrate_command(ttl_days: int | None) -> None:
 
 @clickhouse.command("sink")
 @click.option("--max-idle", type=click.FloatRange(min=0), help="Exit after this many seconds without events.")
+@needs_kafka
 def sink_command(max_idle: float | None) -> None:
     """Load PIXELPIPE_TOPIC_RESULTS and PIXELPIPE_TOPIC_METRICS into ClickHouse until SIGTERM or SIGINT.
 
