@@ -18,7 +18,7 @@ from pixelpipe.core.settings import ConfigError, KafkaSettings, Settings, mask_s
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# Seconds to wait for a TCP connection to a broker before calling it unreachable.
+# Seconds to wait for a broker's (or the schema registry's) connection before calling it unreachable.
 _CONNECT_TIMEOUT_S = 3.0
 
 
@@ -91,9 +91,12 @@ def needs_kafka(command: Callable[P, R]) -> Callable[P, R]:
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
     """``error`` and what it was raised from or during, as a traceback would show them."""
-    while error is not None:
-        yield error
-        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    current: BaseException | None = error
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:  # a chain can loop back on itself
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
 
 
 def _unreachable_server(error: BaseException) -> UnreachableServer | None:
