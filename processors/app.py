@@ -383,8 +383,6 @@ class Pipeline:
                 # no stall.
                 await acknowledgement.after(self._guarded(take.sent), _acker(stream, done))
                 self._ended(kind)
-                if take.stopped:  # the worker stops: no further take
-                    break
                 yield None
             await acknowledgement.close()
 

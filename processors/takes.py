@@ -14,7 +14,8 @@ a stop or a failed send loses nothing: the take is delivered again.
 
 A stop (SIGTERM) ends the model call in progress at its next denoising step; that chunk and those after it are
 handed back (their messages stay unacknowledged and are rendered from the start by the partition's next owner),
-while the chunks already rendered are finished, sent and acknowledged. A call that does not reach a step boundary
+while the chunks already rendered are finished, sent and acknowledged; the takes that follow, from what the stream
+had buffered, are handed back whole. A call that does not reach a step boundary
 within ``HAND_BACK_WAIT_S`` (one step longer than that) is abandoned to its thread, and the worker exits without it.
 """
 
@@ -47,7 +48,6 @@ class RenderedTake:
     ``abandoned`` says a model call of it is still running on the model thread, past ``HAND_BACK_WAIT_S``."""
 
     sent: asyncio.Future[None]
-    stopped: bool = False
     handed_back: frozenset[tuple[int, int]] = frozenset()
     abandoned: bool = False
 
@@ -63,7 +63,10 @@ async def render_take(
     while the next is finished; returns once the last chunk is rendered, with a future done when everything the
     take emits was sent (every ``send`` returned).
     Once the worker stops (``stage.stopping``), the chunk in progress ends at its next denoising step, and it and
-    the chunks after it are handed back (``RenderedTake.handed_back``)."""
+    the chunks after it are handed back (``RenderedTake.handed_back``); a take begun after the stop is handed back
+    whole."""
+    if stage.stopping():
+        return RenderedTake(asyncio.ensure_future(_all_of([])), _positions(messages))
     planned = await in_thread(model_thread, stage.plan, messages)
     await send(planned.emissions)
     loop = asyncio.get_running_loop()
@@ -76,9 +79,8 @@ async def render_take(
             rendered = await _unless_stuck_in_a_stop(call, stage.stopping)
             if rendered is None or rendered.handed_back:
                 left = [item.message for later in planned.chunks[index:] for item in later.items]
-                handed_back = frozenset((message.partition, message.offset) for message in left)
                 log.info("stopping: chunks handed back", extra={"stage": stage.name, "requests": len(left)})
-                return RenderedTake(asyncio.ensure_future(_all_of(sending)), True, handed_back, rendered is None)
+                return RenderedTake(asyncio.ensure_future(_all_of(sending)), _positions(left), rendered is None)
             TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
             # At most one rendered chunk waits for the finishing thread; its sends do not hold the next finish.
             await finishing
@@ -89,7 +91,11 @@ async def render_take(
         for future in sending:
             await _cancelled(future)
         raise
-    return RenderedTake(asyncio.ensure_future(_all_of(sending)), stage.stopping())
+    return RenderedTake(asyncio.ensure_future(_all_of(sending)))
+
+
+def _positions(messages: Sequence[Inbound]) -> frozenset[tuple[int, int]]:
+    return frozenset((message.partition, message.offset) for message in messages)
 
 
 async def _unless_stuck_in_a_stop(call: asyncio.Future[T], stopping: Callable[[], bool]) -> T | None:

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from pixelpipe.core.codec import Codec
-from pixelpipe.core.events import DeadLetter, ImageResult
+from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.producers.results import collect
 from tests.faults.conftest import STAGES
 from tests.samples import sample_records
@@ -90,6 +90,38 @@ def test_worker_sigterm_with_requests_in_flight_finishes_or_hands_back(harness):
     recovery = harness.recovery_after(cleared)
     row = harness.verify("worker SIGTERM in flight", ids + burst, recovery)
     assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def test_worker_sigterm_mid_render_exits_within_seconds_and_hands_the_render_back(harness):
+    # A render of many steps: the stop meets it mid-call, whatever the machine's speed.
+    harness.settings = harness.settings.updated(max_request_compute=1e9)
+    ids, worker = start(harness, "midrender")
+    (long_render,) = harness.requests(1, "midrender-long")
+    long_render.width = long_render.height = 128
+    long_render.steps = 40
+    harness.publish_now([long_render])
+    wait_for_forward(harness, long_render.request_id)
+    time.sleep(3.0)  # into its denoising steps
+    stopped_at = time.monotonic()
+    code = worker.stop(timeout_s=60)  # SIGTERM; SIGKILL only after 60 s
+    took_s = time.monotonic() - stopped_at
+    cleared = time.time()
+    print(f"\nSIGTERM mid-render: the worker exited {took_s:.1f} s after it")
+    assert code == 0, f"worker exited with {code} after SIGTERM\n{worker.log_tail()}"
+    assert took_s <= 10.0, f"the worker took {took_s:.1f} s to stop mid-render\n{worker.log_tail()}"
+    assert "chunks handed back" in worker.log_path.read_text(errors="replace"), worker.log_tail()
+    assert harness.landed([long_render.request_id]) == 0, "the long render finished before the stop"
+    harness.start_worker("midrender-b")
+    recovery = harness.recovery_after(cleared, timeout_s=400)
+    row = harness.verify("worker SIGTERM mid-render", [*ids, long_render.request_id], recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+
+
+def wait_for_forward(harness, request_id: str) -> None:
+    """Until moderation has forwarded ``request_id`` to a render topic: its render is about to start."""
+    kafka, topics = harness.settings.kafka, harness.settings.topics
+    metrics = collect(kafka, topics.metrics, StageMetric, [request_id], timeout_s=120)
+    assert not metrics.missing, f"{request_id} was not moderated\n{harness.logs()}"
 
 
 def test_kafka_broker_stopped_and_restarted(harness):
