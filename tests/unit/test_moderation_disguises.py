@@ -180,8 +180,13 @@ EMPTY_ONCE_READ = [
 @pytest.mark.parametrize("prompt", EMPTY_ONCE_READ)
 def test_a_prompt_without_a_letter_or_digit_is_invalid_as_empty(prompt: str) -> None:
     request = new_request(prompt="a red fox", model="tiny-sd", user_id="u1")
-    with pytest.raises(InvalidRequestError, match="prompt: must not be empty: it needs a letter or a digit"):
+    with pytest.raises(InvalidRequestError, match="prompt: must not be empty: it needs a letter, a digit or a"):
         validate_request(dataclasses.replace(request, prompt=prompt), RequestLimits())
+
+
+@pytest.mark.parametrize("prompt", ["\U0001f431\U0001f30a", "\u2603", "\u2801\u2803"])  # emoji, a snowman, braille
+def test_a_prompt_of_pictographs_alone_says_something(prompt: str) -> None:
+    validate_request(new_request(prompt=prompt, model="tiny-sd", user_id="u1"), RequestLimits())
 
 
 def test_a_stage_fails_a_prompt_without_a_letter_or_digit_as_an_invalid_request() -> None:
