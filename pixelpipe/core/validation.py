@@ -71,6 +71,15 @@ def require(ok: bool, field: str, rule: str) -> None:
         raise InvalidRequestError(field, rule)
 
 
+BRAILLE_BLANK = "\u2800"  # a symbol by category that shows nothing
+
+
+def says_something(char: str) -> bool:
+    """Whether ``char`` says something in a prompt: a letter or a digit, or a pictograph such as an emoji (a prompt
+    of emoji alone is a fair request). Blanks, lone accents, punctuation and invisible characters say nothing."""
+    return char.isalnum() or (unicodedata.category(char) == "So" and char != BRAILLE_BLANK)
+
+
 def check_compute(compute: float, limits: RequestLimits) -> None:
     """A request's compute (``ModelEntry.compute``: megapixel-steps, weighted by its model) within the per-request
     budget."""
@@ -164,12 +173,11 @@ def validate_request(
     # The raw text bounds what was sent, the normalised one what is moderated and rendered (NFKC may lengthen it).
     require(isinstance(request.prompt, str), "prompt", "must not be empty")
     prompt = normalise_text(request.prompt)
-    # A letter or digit is what a prompt says: blanks, lone accents and symbols are an empty prompt in disguise.
     require(
-        any(c.isalnum() for c in prompt),
+        any(says_something(c) for c in prompt),
         "prompt",
-        "must not be empty: it needs a letter or a digit (invisible characters, blanks, accents and symbols alone "
-        "do not count)",
+        "must not be empty: it needs a letter, a digit or a pictograph (invisible characters, blanks, accents and "
+        "punctuation alone do not count)",
     )
     check_length("prompt", max(request.prompt, prompt, key=len), limits.max_prompt_chars, "PIXELPIPE_MAX_PROMPT_CHARS")
     negative = request.negative_prompt
