@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,9 @@ FETCH_MAX_WAIT_MS = 10
 FETCH_MIN_BYTES = 64 * 1024
 USER_LIMITS_TABLE = "user-limits"
 END_OFFSETS_WAIT_S = 5.0  # longest the stall check waits for the broker's end offsets
+# Faust keeps a directory per app even for memory tables, by default in the working directory (the user's checkout,
+# the container's root); nothing in it outlives the worker.
+FAUST_DATA_DIR = Path(tempfile.gettempdir()) / "pixelpipe-faust"
 IDLE_SWEEP_S = 30.0  # how often moderation forgets the users whose buckets are full again
 
 
@@ -256,6 +260,7 @@ class Pipeline:
         self.sender = sender
         self.health = health
         self.failed = False
+        FAUST_DATA_DIR.mkdir(exist_ok=True)
         self.abandoned_model_call = False  # a model call did not stop at a step; the process exits without it
         self.app = PipelineApp(
             group_id(settings, list(stages)),
@@ -264,6 +269,7 @@ class Pipeline:
             web_enabled=False,
             GlobalTable=SharedGlobalTable,
             store="memory://",
+            datadir=str(FAUST_DATA_DIR / "{conf.name}"),
             topic_partitions=partitions,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
