@@ -48,10 +48,26 @@ if [ ! -f "$venv/.compiled" ]; then
   "$venv/bin/python" -m compileall -q -j 0 "$venv/lib" >/dev/null 2>&1 || true
   touch "$venv/.compiled"
 fi
-# Editable, so the venv serves whichever checkout last ran this; cheap, so it runs every time.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >/dev/null
-export VIRTUAL_ENV="$venv"
-export PATH="$venv/bin:$PATH"
+# The shared environment holds the dependencies only. Each checkout gets a small environment of its own (.venv,
+# about 1 s to make) that sees the shared one's packages and holds this checkout's pixelpipe, installed editable: two
+# checkouts of different commits on one machine each run their own code.
+"$venv/bin/pip" uninstall -q -y pixelpipe >/dev/null 2>&1 || true
+own="$repo/.venv"
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -x "$own/bin/python" ] || [ "$(cat "$own/.shared" 2>/dev/null)" != "$venv" ]; then
+  rm -rf "$own"
+  python3 -m venv --without-pip "$own"
+  echo "$venv" >"$own/.shared"
+fi
+own_site=$("$own/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir, not a plain path: the shared packages' own .pth files are read too.
+echo "import site; site.addsitedir('$site')" >"$own_site/_pixelpipe_shared_venv.pth"
+if ! installed=$("$venv/bin/pip" --python "$own/bin/python" install -q --no-deps --no-build-isolation -e "$repo" 2>&1); then
+  echo "$installed" >&2
+  exit 1
+fi
+export VIRTUAL_ENV="$own"
+export PATH="$own/bin:$venv/bin:$PATH"
 export PIXELPIPE_CACHE_DIR="$cache"
 export HF_HUB_OFFLINE=1  # no model hub is reachable; models load from local directories only
-say "ready: $(python --version), venv $venv"
+say "ready: $(python --version), pixelpipe from $repo, dependencies from $venv"
