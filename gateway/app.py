@@ -42,7 +42,8 @@ from pixelpipe.core.objects import FileObjectStore, ObjectStore, ObjectStoreErro
 from pixelpipe.core.settings import Settings
 from pixelpipe.core.telemetry import Health
 from pixelpipe.core.validation import normalise_text
-from pixelpipe.gateway.errors import ApiError, invalid
+from pixelpipe.gateway.bodies import read_form, read_json_object
+from pixelpipe.gateway.errors import ApiError, InternalErrors, error_response, internal_error, invalid, route_error
 from pixelpipe.gateway.keys import ApiKey, KeyStore
 from pixelpipe.gateway.params import ImageCall, ModelInfo, parse_call, parse_size, read_registry
 from pixelpipe.gateway.pipeline import Pipeline, Submission, request_id_for
@@ -51,7 +52,6 @@ from pixelpipe.gateway.telemetry import WAITING, MetricsMiddleware
 from pixelpipe.gateway.uploads import CONTENT_TYPES, check_image, mask_png, source_png
 
 log = logging.getLogger(__name__)
-MAX_BODY_BYTES = 1 << 20  # a JSON body: a prompt and a few options
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 TILE = 16  # usage counts an image's 16x16 tiles as its tokens
 # Threads for the calls' blocking work (object store reads and writes, a retry's topic scans, transcoding): the
@@ -204,7 +204,13 @@ def result_error(result: ImageResult) -> ApiError | None:
         return ApiError(400, message, param=field, code="invalid_value")
     if code == "INVALID_SOURCE":
         return ApiError(400, message, param="image", code="invalid_image")
-    return ApiError(500, f"The pipeline failed the request ({code}): {message}", type="server_error", code=code.lower())
+    # The stage's own message (an exception's text) stays with the result, found by the request id.
+    return ApiError(
+        500,
+        f"The pipeline failed the request ({code}); retry it, or report its request id {result.request_id}.",
+        type="server_error",
+        code=code.lower(),
+    )
 
 
 def usage(call: ImageCall, result: ImageResult, source_images: int) -> dict[str, Any]:
@@ -221,11 +227,6 @@ def usage(call: ImageCall, result: ImageResult, source_images: int) -> dict[str,
         "output_tokens_details": {"text_tokens": 0, "image_tokens": out},
         "total_tokens": text + images_in + out,
     }
-
-
-def error_response(error: ApiError, request_id: str | None = None) -> JSONResponse:
-    headers = error.headers() | ({"x-request-id": request_id} if request_id else {})
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def _gateway(request: Request) -> Gateway:
@@ -254,19 +255,6 @@ async def edits(request: Request) -> Response:
     return await _images(request, "EDIT")
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise invalid(None, f"The request body is over {MAX_BODY_BYTES} bytes")
-    try:
-        params = json.loads(body or b"null")
-    except ValueError:
-        raise invalid(None, "The body must be a JSON object (Content-Type: application/json)") from None
-    if not isinstance(params, dict):
-        raise invalid(None, "The body must be a JSON object")
-    return params
-
-
 @dataclass
 class Uploads:
     source: bytes
@@ -283,42 +271,42 @@ async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any]
     """An edit's multipart form: its text fields, and its images (``image`` or ``image[]``, the first the source)
     and mask, each checked."""
     limits = gateway.settings.limits
+    form = await read_form(request, max_files=MAX_EDIT_IMAGES + 1, max_fields=64)
     try:
-        form = await request.form(max_files=MAX_EDIT_IMAGES + 1, max_fields=64)
-    except Exception as e:  # starlette's MultiPartException and parser errors
-        raise invalid(None, f"The body must be multipart/form-data: {e}") from None
-    params: dict[str, Any] = {}
-    files: dict[str, list[UploadFile]] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault("image" if name == "image[]" else name, []).append(value)
-        else:
-            params[name] = value
-    for name in files:
-        if name not in ("image", "mask"):
-            raise invalid(name, f"Unrecognized file supplied: {name}")
-    images = files.get("image", [])
-    if not images:
-        raise invalid("image", "Missing required parameter: 'image'.")
-    if len(images) > MAX_EDIT_IMAGES:
-        raise invalid("image", f"Send at most {MAX_EDIT_IMAGES} images; {len(images)} were sent")
-    if len(files.get("mask", [])) > 1:
-        raise invalid("mask", "Send at most one mask")
+        params: dict[str, Any] = {}
+        files: dict[str, list[UploadFile]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.setdefault("image" if name == "image[]" else name, []).append(value)
+            else:
+                params[name] = value
+        for name in files:
+            if name not in ("image", "mask"):
+                raise invalid(name, f"Unrecognized file supplied: {name}")
+        images = files.get("image", [])
+        if not images:
+            raise invalid("image", "Missing required parameter: 'image'.")
+        if len(images) > MAX_EDIT_IMAGES:
+            raise invalid("image", f"Send at most {MAX_EDIT_IMAGES} images; {len(images)} were sent")
+        if len(files.get("mask", [])) > 1:
+            raise invalid("mask", "Send at most one mask")
 
-    async def read(upload: UploadFile) -> bytes:
-        return await upload.read(limits.max_source_bytes + 1)
+        async def read(upload: UploadFile) -> bytes:
+            return await upload.read(limits.max_source_bytes + 1)
 
-    checked = [
-        check_image("image", await read(image), limits.max_source_bytes, limits.max_source_pixels) for image in images
-    ]
-    source = checked[0]
-    size = (source.width - source.width % 8, source.height - source.height % 8)
-    mask_bytes = None
-    if files.get("mask"):
-        mask = check_image("mask", await read(files["mask"][0]), limits.max_source_bytes, limits.max_source_pixels)
-        mask_bytes = mask_png(mask, size)
-    await form.close()
-    return params, Uploads(source_png(source), [source_png(image) for image in checked[1:]], mask_bytes, size)
+        checked = [
+            check_image("image", await read(image), limits.max_source_bytes, limits.max_source_pixels)
+            for image in images
+        ]
+        sources = [source_png(image) for image in checked]
+        size = (checked[0].width - checked[0].width % 8, checked[0].height - checked[0].height % 8)
+        mask_bytes = None
+        if files.get("mask"):
+            mask = check_image("mask", await read(files["mask"][0]), limits.max_source_bytes, limits.max_source_pixels)
+            mask_bytes = mask_png(mask, size)
+        return params, Uploads(sources[0], sources[1:], mask_bytes, size)
+    finally:
+        await form.close()  # its spooled files, also when a check refused them
 
 
 def check_image_count(uploads: Uploads, model: ModelInfo) -> None:
@@ -337,11 +325,15 @@ async def _images(request: Request, kind: str) -> Response:
     started_s = time.perf_counter()
     try:
         key = gateway.authenticate(request)
+        idempotency_key = request.headers.get("idempotency-key")
+        request_id = request.state.request_id = request_id_for(key.key_id, idempotency_key)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise invalid(None, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         uploads = None
         if kind == "EDIT":
             params, uploads = await _read_form(request, gateway)
         else:
-            params = await _read_json(request)
+            params = read_json_object(await request.body())
         default_size = parse_size(gateway.settings.gateway.default_size, gateway.settings.limits) or (512, 512)
         call = parse_call(
             params,
@@ -355,12 +347,8 @@ async def _images(request: Request, kind: str) -> Response:
         gateway.check_url_possible(call)
         if uploads is not None:
             check_image_count(uploads, gateway.models[call.model])
-        idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise invalid(None, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
         gateway.admit(key)
         gateway.pipeline.check_capacity()
-        request_id = request_id_for(key.key_id, idempotency_key)
         sources: list[str] = []
         source_uri = mask_uri = None
         reference_uris: list[str] = []
@@ -403,9 +391,6 @@ async def _images(request: Request, kind: str) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     except ApiError as e:
         return error_response(e, request_id)
-    except Exception as e:  # a bug or a service down: still OpenAI's envelope, and the request id when known
-        log.exception("call failed", extra={"request_id": request_id})
-        return error_response(ApiError(500, f"The gateway failed: {e!r}", type="server_error"), request_id)
     body = {
         "created": created,
         "data": data,
@@ -507,6 +492,9 @@ def _stream(
             return
         except ApiError as e:
             yield _event({"type": "error", **e.body()})
+        except Exception:  # after the 200 began: the error is the stream's last event (InternalErrors cannot answer)
+            log.exception("call failed", extra={"request_id": submission.request_id})
+            yield _event({"type": "error", **internal_error(submission.request_id).body()})
         finally:
             listener.forget_previews(submission.request_id)
             if not task.done():
@@ -614,4 +602,9 @@ def create_app(settings: Settings, ops_health: Health | None = None) -> Starlett
         Route("/v1/files/{key:path}", files, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(MetricsMiddleware)])
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(MetricsMiddleware), Middleware(InternalErrors)],
+        exception_handlers={404: route_error, 405: route_error},
+    )

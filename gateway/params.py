@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ GENERATION_PARAMS = COMMON | {"style"}
 EDIT_PARAMS = COMMON | {"image", "image[]", "mask", "input_fidelity"}
 # Parameters of the API the pipeline has no use for: accepted only at the values that change nothing.
 _NEUTRAL = {"style": (None, "vivid", "natural"), "input_fidelity": (None, "low", "high")}
+# Numbers in text (multipart fields, sizes): ASCII digits only, few enough for int() (str.isdigit() also takes
+# digits such as '²' that int() refuses).
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,9}")
+_SIZE_TEXT = re.compile(r"([0-9]{1,9})x([0-9]{1,9})")
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ def _integer(params: dict[str, Any], name: str, default: int, low: int, high: in
     value = params.get(name, default)
     if value is None:
         return default
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # multipart fields are text
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):  # multipart fields are text
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise invalid(name, f"'{name}' must be an integer from {low} to {high}, got {value!r}")
@@ -143,10 +148,10 @@ def parse_size(value: str, limits: RequestLimits) -> tuple[int, int] | None:
     """``WIDTHxHEIGHT`` (each a positive multiple of 8, at most PIXELPIPE_MAX_IMAGE_SIDE), or None for auto."""
     if value == "auto":
         return None
-    width, sep, height = value.partition("x")
-    if not (sep and width.isdigit() and height.isdigit()):
+    match = _SIZE_TEXT.fullmatch(value)
+    if match is None:
         raise invalid("size", f"Invalid value for 'size': {value!r}. Use WIDTHxHEIGHT (e.g. 512x512) or auto.")
-    sides = int(width), int(height)
+    sides = int(match[1]), int(match[2])
     for side in sides:
         if side < SIDE_MULTIPLE or side % SIDE_MULTIPLE or side > limits.max_image_side:
             raise invalid(

@@ -34,7 +34,7 @@ from typing import Any
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
+from pixelpipe.core.codec import Codec, codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.objects import ObjectNotFoundError, ObjectStore
 from pixelpipe.core.settings import KafkaSettings, Settings
@@ -78,6 +78,28 @@ class Submission:
     reference_image_uris: tuple[str, ...] = ()
     mask_uri: str | None = None
     partial_images: int = 0  # previews of the image in progress to send to the reply topic
+
+
+def image_request(submission: Submission, reply_topic: str, timeout_s: float) -> ImageRequest:
+    """The ImageRequest published for ``submission``: interactive, due ``timeout_s`` from now, its result copied
+    to ``reply_topic``."""
+    return new_request(
+        request_id=submission.request_id,
+        kind=submission.kind,
+        prompt=submission.prompt,
+        model=submission.model,
+        user_id=submission.user_id,
+        n=submission.n,
+        width=submission.width,
+        height=submission.height,
+        steps=submission.steps,
+        source_image_uri=submission.source_image_uri,
+        reference_image_uris=submission.reference_image_uris,
+        mask_uri=submission.mask_uri,
+        priority="INTERACTIVE",
+        deadline=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout_s),
+        reply_topic=reply_topic,
+    )
 
 
 class LagMonitor:
@@ -279,7 +301,7 @@ class Pipeline:
         rid = submission.request_id
         future = self.listener.expect(rid)
         try:
-            request = self._request(submission)
+            request = image_request(submission, self.reply_topic, self.timeout_s)
             headers = (
                 {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
             )
@@ -296,26 +318,6 @@ class Pipeline:
         except TimeoutError:
             raise deadline_error(self.timeout_s) from None
 
-    def _request(self, submission: Submission) -> ImageRequest:
-        now = dt.datetime.now(dt.UTC)
-        return new_request(
-            request_id=submission.request_id,
-            kind=submission.kind,
-            prompt=submission.prompt,
-            model=submission.model,
-            user_id=submission.user_id,
-            n=submission.n,
-            width=submission.width,
-            height=submission.height,
-            steps=submission.steps,
-            source_image_uri=submission.source_image_uri,
-            reference_image_uris=submission.reference_image_uris,
-            mask_uri=submission.mask_uri,
-            priority="INTERACTIVE",
-            deadline=now + dt.timedelta(seconds=self.timeout_s),
-            reply_topic=self.reply_topic,
-        )
-
     async def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
         """Returns once the broker acknowledged ``request``: the delivery report settles a future on this loop, so
         a call waiting for its acknowledgement holds no thread."""
@@ -330,8 +332,9 @@ class Pipeline:
         try:
             await asyncio.wait_for(acknowledged, PUBLISH_TIMEOUT_S)
         except (DeliveryError, TimeoutError) as e:
+            log.warning("request not accepted by the broker", extra={"request_id": request.request_id, "error": str(e)})
             raise ApiError(
-                503, f"The pipeline did not accept the request: {e}", type="server_error", retry_after_s=5
+                503, "The pipeline did not accept the request; retry later.", type="server_error", retry_after_s=5
             ) from None
 
     # -- idempotency ---------------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ class Pipeline:
         since = created_ms - RECEIPT_SLACK_MS
         found = await asyncio.to_thread(find_event, kafka, topics.results, rid, since, None)
         if found is not None:
-            return self._decode(found)
+            return self.codec.decode_as(ImageResult, found)
         # The receipt's maker may be publishing right now (a call racing on another instance): its request is
         # awaited until that publish would have timed out. Only a request missing past then is published here.
         publishing_s = created_ms / 1000 + PUBLISH_TIMEOUT_S - time.time()
@@ -374,7 +377,7 @@ class Pipeline:
         found = await self._tail(topics.results, rid, since, until)
         if found is None:
             raise deadline_error(self.timeout_s)
-        return self._decode(found)
+        return self.codec.decode_as(ImageResult, found)
 
     async def _tail(self, topic: str, request_id: str, since_ms: int, until_monotonic: float | None) -> bytes | None:
         """``find_event`` in a thread (to the topic's end when ``until_monotonic`` is None), told to stop should the
@@ -386,12 +389,6 @@ class Pipeline:
             )
         finally:
             stop.set()
-
-    def _decode(self, value: bytes) -> ImageResult:
-        try:
-            return self.codec.decode_as(ImageResult, value)
-        except CodecError as e:
-            raise ApiError(500, f"The result could not be read: {e}", type="server_error") from None
 
 
 def _settle_delivery(acknowledged: asyncio.Future[None], settled: PendingDelivery) -> None:

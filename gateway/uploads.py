@@ -10,6 +10,7 @@ import warnings
 
 from PIL import Image
 
+from pixelpipe.core.validation import SIDE_MULTIPLE
 from pixelpipe.gateway.errors import invalid
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -56,6 +57,10 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def source_png(image: Image.Image) -> bytes:
     """An edit's source (or reference) as RGB PNG, sides cut down to multiples of 8 (what the models take)."""
+    if min(image.size) < SIDE_MULTIPLE:
+        raise invalid(
+            "image", f"'image' is {image.width}x{image.height}; each side must be {SIDE_MULTIPLE} pixels or more"
+        )
     rgb = image.convert("RGB")
     width, height = rgb.width - rgb.width % 8, rgb.height - rgb.height % 8
     if (width, height) != rgb.size:

@@ -14,7 +14,7 @@ from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo, parse_call, read_registry
 from pixelpipe.gateway.pipeline import request_id_for
 from pixelpipe.gateway.ratelimit import TokenBuckets, UsageSync
-from pixelpipe.gateway.uploads import check_image, mask_png
+from pixelpipe.gateway.uploads import check_image, mask_png, source_png
 
 MODELS = {"tiny-sd": ModelInfo("tiny-sd", "stable-diffusion", 4), "tiny-sd-b": ModelInfo("tiny-sd-b", "x", 25)}
 LIMITS = RequestLimits()
@@ -119,7 +119,11 @@ def test_parameters_map_onto_the_request():
     [
         ({"size": "100x100"}, "size"),
         ({"size": "big"}, "size"),
+        ({"size": "²x64"}, "size"),  # str.isdigit() takes '²', int() does not
+        ({"size": "8x" + "9" * 5000}, "size"),  # more digits than int() converts
         ({"n": 11}, "n"),
+        ({"n": "²"}, "n"),
+        ({"n": "--5"}, "n"),
         ({"quality": "ultra"}, "quality"),
         ({"response_format": "png"}, "response_format"),
         ({"output_format": "gif"}, "output_format"),
@@ -172,7 +176,9 @@ def test_results_map_to_openai_errors():
     assert result_error(result(status="FAILED", error_code="DEADLINE_EXCEEDED")).status == 504
     invalid = result(status="FAILED", error_code="INVALID_REQUEST", error_message="steps: x")
     assert result_error(invalid).param == "steps"
-    assert result_error(result(status="FAILED", error_code="MODEL_ERROR")).status == 500
+    failed = result_error(result(status="FAILED", error_code="INTERNAL_ERROR", error_message="RuntimeError('gpu 3')"))
+    assert (failed.status, failed.code, failed.type) == (500, "internal_error", "server_error")
+    assert "gpu 3" not in failed.message and "request id r" in failed.message  # the stage's text stays in the result
     assert result_error(result(status="SUCCEEDED")) is None
     cancelled = result_error(result(status="CANCELLED", error_message="cancelled before its render"))
     assert (cancelled.status, cancelled.code) == (409, "cancelled")
@@ -197,6 +203,13 @@ def test_uploads_are_checked_before_anything_is_stored():
         with pytest.raises(ApiError) as e:
             check_image("image", data, 1 << 10 if words == "bytes" else 1 << 20, 4096)
         assert e.value.param == "image" and words in e.value.message, (words, e.value.message)
+
+
+def test_an_edit_source_is_cut_to_multiples_of_8_and_one_under_8_pixels_is_refused():
+    assert Image.open(io.BytesIO(source_png(Image.new("RGB", (17, 64))))).size == (16, 64)
+    with pytest.raises(ApiError) as e:
+        source_png(Image.new("RGB", (5, 64)))
+    assert (e.value.status, e.value.param) == (400, "image") and "5x64" in e.value.message
 
 
 def test_an_openai_mask_becomes_the_pipelines():

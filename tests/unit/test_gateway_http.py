@@ -1,7 +1,9 @@
 """The gateway's HTTP layer with a stand-in pipeline: envelopes, headers, signed file URLs, a full call's answer."""
 
+import asyncio
 import base64
 import io
+import json
 import time
 
 import pytest
@@ -17,6 +19,16 @@ from pixelpipe.gateway.params import ModelInfo
 from pixelpipe.gateway.ratelimit import TokenBuckets
 
 
+class StandInListener:
+    """Sends no previews: a stream's only image is its completed one."""
+
+    def previews(self, request_id):
+        return asyncio.Queue()
+
+    def forget_previews(self, request_id):
+        pass
+
+
 class StandInPipeline:
     """Answers every submission with one stored image, as the pipeline would."""
 
@@ -25,6 +37,7 @@ class StandInPipeline:
     def __init__(self, store):
         self.store = store
         self.submissions = []
+        self.listener = StandInListener()
 
     def check_capacity(self):
         pass
@@ -41,14 +54,14 @@ class StandInPipeline:
         )  # fmt: skip
 
 
-@pytest.fixture
-def served(tmp_path):
+def gateway_client(tmp_path, pipeline_type=StandInPipeline, **key_limits):
+    """A client of the gateway's app over a stand-in pipeline, authenticated with a key of user ``acme``."""
     settings = Settings().updated(gateway_url_signing_key="s3cret", gateway_default_size="64x64")
     store = FileObjectStore(tmp_path / "objects")
     keys = KeyStore(tmp_path / "keys.json")
-    secret, entry = keys.create("acme", ["tiny-sd", "tiny-klein"])
+    secret, entry = keys.create("acme", ["tiny-sd", "tiny-klein"], **key_limits)
     app = create_app(settings)  # the lifespan (Kafka) is not run: the state is set here
-    pipeline = StandInPipeline(store)
+    pipeline = pipeline_type(store)
     app.state.gateway = Gateway(
         settings=settings,
         keys=keys,
@@ -64,6 +77,11 @@ def served(tmp_path):
     client = TestClient(app)
     client.headers["Authorization"] = f"Bearer {secret}"
     return client, pipeline, entry
+
+
+@pytest.fixture
+def served(tmp_path):
+    return gateway_client(tmp_path)
 
 
 def test_a_call_answers_like_openai_with_its_request_id(served):
@@ -226,3 +244,122 @@ def test_ready_while_the_pipeline_is_started_and_live_while_the_loop_beats(tmp_p
         assert health.ready() == (True, "ok")
         assert health.live()[1].startswith("ok: heartbeat")
     assert health.ready() == (False, "waiting for: pipeline")  # shutting down: no longer ready
+
+
+def post_json(client, body: bytes):
+    return client.post("/v1/images/generations", content=body, headers={"Content-Type": "application/json"})
+
+
+def assert_plain(error):
+    """A refusal's message speaks of the call, not of the gateway's Python."""
+    assert not any(word in error["message"] for word in ("Error", "codec", "recursion", "Traceback")), error
+
+
+def test_a_body_nested_past_the_depth_limit_is_a_400_before_it_is_parsed(served):
+    from pixelpipe.gateway.bodies import MAX_JSON_DEPTH
+
+    client, pipeline, entry = served
+    deep = post_json(client, b"[" * 2000 + b"]" * 2000)  # 4 KB, 2,000 deep
+    assert deep.status_code == 400 and f"more than {MAX_JSON_DEPTH} deep" in deep.json()["error"]["message"]
+    assert_plain(deep.json()["error"])
+    assert deep.headers["x-request-id"].startswith(entry.key_id + "-")
+    nested = b'{"prompt": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    at_limit = post_json(client, nested)  # parsed: refused for its type
+    assert at_limit.status_code == 400 and at_limit.json()["error"]["param"] == "prompt"
+    assert "must be a string" in at_limit.json()["error"]["message"]
+    past_limit = post_json(client, nested.replace(b"[", b"[[", 1).replace(b"]", b"]]", 1))
+    assert "deep" in past_limit.json()["error"]["message"]
+    brackets_in_text = json.dumps({"prompt": "[" * 500}).encode()  # a string's brackets do not nest
+    assert post_json(client, brackets_in_text).status_code == 200
+    assert len(pipeline.submissions) == 1
+
+
+def test_a_lone_surrogate_or_text_that_is_not_utf8_is_a_400_naming_its_parameter(served):
+    client, pipeline, _ = served
+    for body, param in [
+        (b'{"prompt": "a \\ud800 fox"}', "prompt"),
+        (b'{"prompt": "a fox", "user": "\\udfff"}', "user"),
+        (b'{"prompt": "a fox", "user": {"name": ["\\ud800"]}}', "user"),
+        (b'{"prompt": "a fox", "\\ud800": 1}', None),
+    ]:
+        answer = post_json(client, body)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
+        assert "lone surrogate" in answer.json()["error"]["message"]
+        assert_plain(answer.json()["error"])
+    for body, words in [
+        (b'{"prompt": "a \xed\xa0\x80 fox"}', "byte 14 is not UTF-8"),  # a surrogate written as UTF-8 would be
+        (b'{"prompt": "a \xff fox"}', "byte 14 is not UTF-8"),
+        (b'{"prompt": NaN}', "NaN is not a JSON value"),
+        (b'{"n": 1' + b"0" * 200 + b"}", "over 100 digits"),
+        (b'{"prompt": "a fox",}', "not valid JSON"),
+    ]:
+        answer = post_json(client, body)
+        assert answer.status_code == 400 and words in answer.json()["error"]["message"], (body, answer.text)
+    assert pipeline.submissions == []  # nothing refused was published
+    emoji = post_json(client, b'{"prompt": "a fox \\ud83e\\udd8a"}')  # a surrogate pair is one character
+    assert emoji.status_code == 200 and pipeline.submissions[0].prompt == "a fox \U0001f98a"
+
+
+def test_an_edit_text_field_that_is_not_utf8_is_a_400_naming_it(served):
+    client, pipeline, _ = served
+    image = ("image", ("a.png", png("red"), "image/png"))
+    answer = client.post("/v1/images/edits", files=[image, ("prompt", (None, b"a \xff hat"))])
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt"
+    assert "not UTF-8" in answer.json()["error"]["message"]
+    latin = client.post(
+        "/v1/images/edits",
+        content=b"--b\r\nContent-Disposition: form-data; name=prompt\r\n\r\nhat\r\n--b--\r\n",
+        headers={"Content-Type": "multipart/form-data; charset=latin-1; boundary=b"},
+    )
+    assert latin.status_code == 400 and "must be UTF-8" in latin.json()["error"]["message"]
+    assert client.post("/v1/images/edits", json={"prompt": "a hat"}).json()["error"]["message"] == (
+        "The body must be multipart/form-data"
+    )
+    assert pipeline.submissions == []
+
+
+def test_unknown_paths_and_wrong_methods_answer_in_the_envelope(served):
+    client, _, _ = served
+    unknown = client.post("/v1/images/variations", headers={"Authorization": ""})
+    assert unknown.status_code == 404 and unknown.json()["error"] == {
+        "message": "Invalid URL (POST /v1/images/variations)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unknown_url",
+    }
+    wrong = client.get("/v1/images/generations")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.json()["error"]["message"] == "Invalid method for URL (GET /v1/images/generations)"
+    assert client.delete("/v1/models").json()["error"]["code"] == "method_not_allowed"
+
+
+def test_an_unexpected_failure_is_a_generic_500_logged_with_the_request_id(served, caplog):
+    client, pipeline, entry = served
+
+    async def failing(submission):
+        raise RuntimeError("secret detail of the failure")
+
+    pipeline.submit = failing
+    client = TestClient(client.app, raise_server_exceptions=False, headers=client.headers)
+    with caplog.at_level("ERROR", logger="pixelpipe.gateway.errors"):
+        answer = client.post("/v1/images/generations", json={"prompt": "a fox"})
+    request_id = answer.headers["x-request-id"]
+    assert answer.status_code == 500 and request_id.startswith(entry.key_id + "-")
+    assert answer.json()["error"] == {
+        "message": f"The server had an error while processing your request; retry it, or report its request id "
+        f"{request_id}.",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    (record,) = [r for r in caplog.records if r.getMessage() == "call failed"]
+    assert record.request_id == request_id and "secret detail" in str(record.exc_info[1])
+
+    def broken(_token):
+        raise OSError("keys file unreadable")
+
+    client.app.state.gateway.keys.authenticate = broken
+    models = client.get("/v1/models")  # fails before any request id
+    assert models.status_code == 500 and "x-request-id" not in models.headers
+    assert models.json()["error"]["message"] == "The server had an error while processing your request; retry it."
