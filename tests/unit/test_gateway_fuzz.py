@@ -25,7 +25,7 @@ GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 PATHS = [GENERATIONS, EDITS, "/v1/models", "/healthz", "/v1/files/a/b.png", "/", "/v1", "/v1/images"]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 KNOWN_PARAMS = sorted(GENERATION_PARAMS | EDIT_PARAMS)
-# Text that has broken parsers before: NaN-like and number-like words, digits int() refuses though str.isdigit()
+# Text that trips careless parsers: NaN-like and number-like words, digits int() refuses though str.isdigit()
 # accepts them, more digits than int() converts, lone surrogates, invisible and control characters.
 TRICKY_TEXT = [
     "", " ", "NaN", "nan", "Infinity", "-Infinity", "1e999", "-0", "0x10", "1_000", " 4 ", "--5", "+5", "²", "٣",
@@ -115,13 +115,24 @@ plausible = {
     "style": st.sampled_from(["vivid", "natural", "loud"]),
     "input_fidelity": st.sampled_from(["low", "high", "max"]),
 }
-# Each known parameter: a plausible value (to reach the checks behind it) or any JSON value (a wrong type).
-param_values = {name: plausible.get(name, st.nothing()) | json_values for name in KNOWN_PARAMS}
+# Each known parameter: mostly a plausible value (to reach the checks behind it), else any JSON value (a wrong type).
+param_values = {
+    name: weighted((2, plausible[name]), (1, json_values)) if name in plausible else json_values
+    for name in KNOWN_PARAMS
+}
 # A call whose parameters pass every check but one or two reaches the checks behind them, and the pipeline.
 one_param = st.one_of([values.map(lambda value, name=name: {name: value}) for name, values in param_values.items()])
 odd_params = st.builds(lambda first, second: first | second, one_param, st.just({}) | one_param)
+# Calls that pass: a plain one, a stream, several images answered by URL.
+valid_params = st.sampled_from(
+    [
+        {"prompt": "a fox", "size": "64x64"},
+        {"prompt": "a fox", "size": "64x64", "stream": True, "partial_images": 1},
+        {"prompt": "a fox", "size": "64x64", "n": 2, "output_format": "webp", "response_format": "url"},
+    ]
+)
 json_params = weighted(
-    (4, st.builds(lambda odd: {"prompt": "a fox", "size": "64x64"} | odd, odd_params)),
+    (4, st.builds(lambda valid, odd: valid | odd, valid_params, odd_params)),
     (1, st.fixed_dictionaries({}, optional=param_values)),
     (1, st.dictionaries(st.sampled_from(KNOWN_PARAMS) | text, json_values, max_size=5)),
 )
@@ -165,12 +176,12 @@ def corrupt(image: bytes, offsets: list[int], cut: int | None) -> bytes:
     return bytes(data[:cut])
 
 
-sample_images = st.sampled_from(SAMPLE_IMAGES)
+valid_uploads = st.sampled_from(SAMPLE_IMAGES)
 upload_bytes = st.one_of(
-    sample_images,
+    valid_uploads,
     st.builds(
         corrupt,
-        sample_images,
+        valid_uploads,
         st.lists(st.integers(0, 10_000), max_size=3),
         st.none() | st.integers(0, 400),
     ),
@@ -193,6 +204,13 @@ FIELD_TEXT = {name.encode(): field_text(plausible.get(name, st.nothing())) for n
 ODD_FIELD_TEXT = field_text(st.nothing())
 header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=16)
 Part = tuple[bytes, bytes | None, bytes | None, bytes]  # name, filename (a file part), content type, data
+valid_edit_fields = st.sampled_from(
+    [
+        [(b"prompt", None, None, b"a hat")],
+        [(b"prompt", None, None, b"a hat"), (b"stream", None, None, b"true")],
+        [(b"prompt", None, None, b"a hat"), (b"model", None, None, b"tiny-klein"), (b"n", None, None, b"2")],
+    ]
+)
 part_names = st.sampled_from([*KNOWN_PARAMS, "image[]", "file"]).map(str.encode) | st.binary(max_size=10)
 filenames = st.sampled_from([b"a.png", b"", b'"q".png', b"\xff.png", b"../../x"])
 file_content_types = st.sampled_from([b"image/png", b"image/jpeg", b"text/plain", b"\xff/\xfe", b""])
@@ -204,10 +222,7 @@ def form_parts(draw: st.DrawFn) -> list[Part]:
     rest as text fields, now and then a text field sent as a file or a file as a text field."""
     parts: list[Part] = []
     if draw(st.integers(0, 3)):
-        parts += [
-            (b"image", b"a.png", b"image/png", draw(sample_images)),
-            (b"prompt", None, None, b"a hat"),
-        ]
+        parts += [(b"image", b"a.png", b"image/png", draw(valid_uploads)), *draw(valid_edit_fields)]
     for _ in range(draw(st.integers(0, 4))):
         name = draw(part_names)
         as_file = draw(st.booleans()) if draw(st.integers(0, 9)) == 0 else name in (b"image", b"image[]", b"mask")
@@ -300,10 +315,14 @@ def check_answer(call: Call, answer: httpx.Response, key_id: str) -> None:
         return
     if answer.status_code >= 400:
         check_envelope(answer.json())
-    elif answer.headers["content-type"] == "text/event-stream":
-        for event in answer.text.split("\n\n"):
-            if event.startswith("event: error"):
-                check_envelope({"error": json.loads(event.partition("data: ")[2])["error"]})
+    elif answer.headers["content-type"].startswith("text/event-stream"):  # its last event: the image, or an error
+        last = json.loads(answer.text.strip().rpartition("\n\n")[2].partition("data: ")[2])
+        if last["type"] == "error":
+            check_envelope({"error": last["error"]})
+        else:
+            assert last["type"].endswith(".completed") and last["b64_json"], last["type"]
+    elif call.path in (GENERATIONS, EDITS):
+        assert answer.json()["data"], answer.text[:500]
     if call.method == "POST" and call.path in (GENERATIONS, EDITS) and "authorization" not in call.headers:
         assert answer.headers["x-request-id"].startswith(f"{key_id}-"), (call, answer.status_code)
 
