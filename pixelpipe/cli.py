@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -218,6 +219,90 @@ def models_init_tiny(out_dir: Path, families: tuple[str, ...]) -> None:
     from pixelpipe.tools.model_builders import build_tiny_models
 
     click.echo(f"registry: {build_tiny_models(out_dir, families)}")
+
+
+def _counts(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, ...] | None:
+    try:
+        counts = None if text is None else tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, like 1,4; got {text!r}") from None
+    if counts is not None and min(counts) < 1:
+        raise click.BadParameter(f"every number must be 1 or more, got {text!r}")
+    return counts
+
+
+def _sizes(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[tuple[int, int], ...] | None:
+    if text is None:
+        return None
+    sizes = []
+    for part in text.split(","):
+        width, _, height = part.strip().partition("x")
+        if not (width.isdigit() and (height or width).isdigit()):
+            raise click.BadParameter(f"expected sizes like 512,1024x768 (SIDE or WIDTHxHEIGHT); got {part!r}")
+        sizes.append((int(width), int(height or width)))
+    return tuple(sizes)
+
+
+@models.command("calibrate")
+@click.option(
+    "--registry",
+    "registry_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Registry file to calibrate and update (default: PIXELPIPE_MODEL_REGISTRY).",
+)
+@click.option("--model", "names", multiple=True, help="Model to calibrate (repeatable; default: all but null ones).")
+@click.option(
+    "--sizes",
+    callback=_sizes,
+    help="Sizes to render, SIDE or WIDTHxHEIGHT, comma-separated (at least three areas; default: "
+    "512,1024,1536,2048 on a GPU, 64,128,192,256 on a CPU).",
+)
+@click.option("--steps", callback=_counts, help="Step counts to render (at least two; default: 1,4).")
+@click.option(
+    "--batch-sizes",
+    callback=_counts,
+    help="Images per call (default: 1,2 for a model that renders batches; a per-image model renders one a call).",
+)
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed renders per point; the fastest counts (more on a machine busy with other work).",
+)
+def models_calibrate(
+    registry_path: Path | None,
+    names: tuple[str, ...],
+    sizes: tuple[tuple[int, int], ...] | None,
+    steps: tuple[int, ...] | None,
+    batch_sizes: tuple[int, ...] | None,
+    repeats: int,
+) -> None:
+    """Measure what each model's renders cost in device seconds on this machine's device, fit each model's
+    compute_fit (the charge of the compute budgets) and write it into the registry. Renders a grid of sizes, steps
+    and batch sizes: minutes per model."""
+    from pixelpipe.processors.models import DiffusionModels, ModelError
+    from pixelpipe.tools.calibration import calibrate, default_grid, registry_to_calibrate, write_compute_fits
+
+    path = registry_path or Path(load_settings().models.registry)
+    try:
+        models = DiffusionModels(registry_to_calibrate(path, names))
+        for name in models.registry.names():
+            default = default_grid(models.load(name).device)
+            grid = dataclasses.replace(
+                default,
+                sizes=sizes or default.sizes,
+                steps=steps or default.steps,
+                batch_sizes=batch_sizes or default.batch_sizes,
+                repeats=repeats,
+            )
+            calibration = calibrate(models, name, grid, progress=lambda line: click.echo(line, err=True))
+            click.echo("\n".join(calibration.report()))
+            # Written model by model: a long run stopped later keeps what it measured.
+            write_compute_fits(path, {name: calibration.fit})
+            click.echo(f"registry: {path} (compute_fit of {name!r} written)")
+    except ModelError as e:
+        raise click.ClickException(str(e)) from e
 
 
 # -- demo ---------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class UserLimits:
     """Each user's request-rate and compute buckets, in ``state`` (user: [tokens, at, compute tokens, compute at, home
     partition]).
 
-    Counting requests, each costs one token; counting compute, each costs its megapixel-steps
+    Counting requests, each costs one token; counting compute, each costs its device seconds
     (``ModelEntry.compute``). Time comes from the broker's arrival time, never the producer's own timestamp, so a
     producer cannot buy tokens by stamping its requests apart. The burst is small on purpose: what a flood gets past
     moderation lands in the render topics ahead of everyone else's requests. ``changes`` hands over the users whose

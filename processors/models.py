@@ -14,16 +14,17 @@ copy of the weights; klein edits with its own pipeline, conditioned on the sourc
 (up to the entry's ``max_source_images``), and has no inpainting. ``DiffusionModels.warm_up`` loads every model and
 renders its warm-up shapes, so compilation happens before a worker takes work. ``DiffusionModels.lane`` gives a
 second set of pipelines on the same weights, with their own scheduler and lock, for work that runs beside the first
-(the long lane). A registry entry's ``compute_weight`` prices its megapixel-steps for the compute budgets
-(``ModelEntry.compute``). A ``null`` model has no weights: it returns plain images after a simulated time, for
-capacity tests of the pipeline without diffusion. The methods block for seconds: call them from an executor thread,
-never on the event loop.
+(the long lane). A registry entry's ``compute_fit`` says what its renders cost in device seconds, for the compute
+budgets (``ModelEntry.compute``, ``ComputeFit``; ``pixelpipe models calibrate`` measures it). A ``null`` model has
+no weights: it returns plain images after a simulated time, for capacity tests of the pipeline without diffusion.
+The methods block for seconds: call them from an executor thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import functools
 import json
 import logging
@@ -147,6 +148,116 @@ class WarmUp:
         return cls(tuple(batch_sizes), tuple(_size(where, size) for size in sizes), steps)
 
 
+@dataclass(frozen=True)
+class ComputeFit:
+    """What a model's renders cost in device seconds, fitted to renders measured on one device (``pixelpipe models
+    calibrate``). One model call of ``b`` images of ``P`` megapixels each in ``s`` steps takes::
+
+        seconds_per_call
+        + s x (seconds_per_step + b x (seconds_per_image_step + seconds_per_megapixel_step x P
+                                       + seconds_per_megapixel_squared_step x P^2))
+        + b x (seconds_per_megapixel x P + seconds_per_megapixel_squared x P^2)
+
+    The denoiser runs every step over every image: a part whatever its size (the text tokens flux carries beside
+    the image's, the time embedding), a part linear in its pixels (convolutions, projections, MLPs) and a part
+    quadratic (self-attention over the latent tokens, which outgrows the rest at large sizes). The VAE decodes each
+    image once: linear, plus quadratic for its mid-block's attention over the whole latent grid. A call (text
+    encoding, set-up) and each of its steps (scheduler, kernel launches) cost the same whatever the batch. A model
+    that ran one image per call where it was measured (``batched`` false: DiffusionModels' per-image mode, the CPU
+    default) pays a call per image. Guidance, strength and references are not terms: the fit is of text-to-image
+    at the model's default guidance."""
+
+    seconds_per_call: float
+    seconds_per_step: float
+    seconds_per_image_step: float
+    seconds_per_megapixel_step: float
+    seconds_per_megapixel_squared_step: float
+    seconds_per_megapixel: float
+    seconds_per_megapixel_squared: float
+    batched: bool  # one call per batch where measured; else one call per image
+    device: str  # where it was measured, e.g. "NVIDIA H100 80GB HBM3"
+    measured: str  # when, an ISO date
+
+    COEFFICIENTS: ClassVar[tuple[str, ...]] = (
+        "seconds_per_call",
+        "seconds_per_step",
+        "seconds_per_image_step",
+        "seconds_per_megapixel_step",
+        "seconds_per_megapixel_squared_step",
+        "seconds_per_megapixel",
+        "seconds_per_megapixel_squared",
+    )
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        return tuple(getattr(self, name) for name in self.COEFFICIENTS)
+
+    @staticmethod
+    def terms(width: int, height: int, steps: int, images: int, batched: bool) -> tuple[float, ...]:
+        """What each coefficient (in COEFFICIENTS order) is multiplied by for ``images`` images rendered in one call
+        (``batched``) or one call each: the fit's seconds are their dot product."""
+        megapixels = width * height / 1e6
+        per_image = (1.0, megapixels, megapixels**2)
+        b = images if batched else 1
+        call = (1.0, steps, *(steps * b * term for term in per_image), *(b * term for term in per_image[1:]))
+        calls = 1 if batched else images
+        return tuple(calls * term for term in call)
+
+    def seconds(self, width: int, height: int, steps: int, images: int) -> float:
+        """The device seconds of ``images`` images of ``width`` x ``height`` in ``steps`` steps, alone in a call."""
+        terms = self.terms(width, height, steps, images, self.batched)
+        return sum(c * t for c, t in zip(self.coefficients, terms, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, where: str, raw: Any) -> ComputeFit:
+        where = f"{where}: 'compute_fit'"
+        keys = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(raw, dict) or set(raw) != set(keys):
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ModelError(
+                f"{where} must be an object of {', '.join(keys)} (`pixelpipe models calibrate` writes it), got {got}"
+            )
+        read = _FieldReader(where, raw)
+        coefficients = {name: read.number(name, 0.0) for name in cls.COEFFICIENTS}
+        if not any(coefficients.values()):
+            raise ModelError(f"{where}: every coefficient is 0, so every render would be free")
+        device = raw["device"]
+        if not isinstance(device, str) or not device.strip():
+            raise ModelError(f"{where}: 'device' must name the device it was measured on, got {device!r}")
+        measured = raw["measured"]
+        try:
+            dt.date.fromisoformat(measured)
+        except (TypeError, ValueError):
+            raise ModelError(f"{where}: 'measured' must be an ISO date like \"2026-11-26\", got {measured!r}") from None
+        return cls(**coefficients, batched=read.flag("batched"), device=device, measured=measured)
+
+
+# The charge of a model without a compute_fit of its own: its family's full-size architecture (SD-1.5, SDXL base,
+# FLUX.1-dev, FLUX.2 klein 4B) on an H100, eager bf16, batched. Anchored on raw diffusers 0.39 pipelines with random
+# weights measured on an H100 80GB HBM3 on 2026-11-25 (SD-1.5 at 512x512, 20 steps: 1.56 images/s at batch 1, 6.49
+# at batch 8; FLUX.1-dev at 1024x1024, 28 steps: 0.193 at batch 1, 0.197 at batch 4), which give the batch-1
+# overhead per step and the FLOP rate (410 and 415 TFLOP/s); each term is the architecture's FLOPs at that rate,
+# counted on the meta device (torch's FlopCounterMode: denoiser and VAE decoder at 512, 1024 and 2048 pixels a
+# side). SDXL and klein were not run on a GPU: SD-1.5's and FLUX.1's rate and overhead stand for theirs.
+# `python benchmarks/compute_fit.py` on a GPU measures all four; README, "Compute budgets".
+_H100 = "NVIDIA H100 80GB HBM3"
+DEFAULT_COMPUTE_FITS: dict[str, ComputeFit] = {
+    "stable-diffusion": ComputeFit(
+        0.0, 0.02783, 1.468e-05, 0.01261, 0.008697, 0.02308, 0.00122, True, _H100, "2026-11-25"
+    ),
+    "stable-diffusion-xl": ComputeFit(
+        0.0, 0.02783, 0.0002563, 0.02772, 0.003335, 0.02308, 0.00122, True, f"{_H100}, estimated", "2026-11-25"
+    ),
+    "flux": ComputeFit(0.0, 0.00501, 0.01641, 0.1282, 0.02574, 0.02279, 0.001204, True, _H100, "2026-11-25"),
+    "flux2-klein": ComputeFit(
+        0.0, 0.00501, 0.007817, 0.06068, 0.01129, 0.02279, 0.001204, True, f"{_H100}, estimated", "2026-11-25"
+    ),
+}
+
+
 def _size(where: str, text: Any) -> tuple[int, int]:
     width, _, height = str(text).partition("x")
     sides = [int(side) for side in (width, height) if side.isdigit()]
@@ -178,7 +289,7 @@ class ModelEntry:
     attention: str = "sdpa"  # see ATTENTION
     warmup: WarmUp | None = None  # shapes rendered at load; None: the model is only loaded
     seconds_per_image: float = 0.0  # null models only: the simulated render time
-    compute_weight: float = 1.0  # the cost of one megapixel-step of this model against the others; see compute()
+    compute_fit: ComputeFit | None = None  # its renders' device seconds; None: its family's DEFAULT_COMPUTE_FITS
     max_source_images: int = 1  # most images one edit may give it: the source and its references
 
     @property
@@ -192,16 +303,26 @@ class ModelEntry:
 
     def compute(self, width: int, height: int, steps: int | None, images: int) -> float:
         """The compute of rendering ``images`` images of ``width`` x ``height`` in ``steps`` denoising steps (the
-        model's default when None), in megapixel-steps weighted by the model's ``compute_weight``: what the
-        per-request and per-user budgets count (PIXELPIPE_MAX_REQUEST_COMPUTE and the others)."""
+        model's default when None), in device seconds: what the per-request and per-user budgets and the long lane
+        count (PIXELPIPE_MAX_REQUEST_COMPUTE and the others). A null model is charged its ``seconds_per_image``; any
+        other its ``compute_fit``, or its family's default fit (DEFAULT_COMPUTE_FITS) where it has none."""
         steps = self.default_steps if steps is None else steps
-        return self.compute_weight * width * height / 1e6 * steps * images
+        if self.kind == "null":
+            return self.seconds_per_image * images
+        return (self.compute_fit or DEFAULT_COMPUTE_FITS[self.kind]).seconds(width, height, steps, images)
 
     @classmethod
     def from_json(cls, name: str, raw: Any) -> ModelEntry:
         where = f"model {name!r}"
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: expected an object, got {type(raw).__name__}")
+        if "compute_weight" in raw:  # the budgets' unit before device seconds: no conversion to seconds exists
+            raise ModelError(
+                f"{where}: 'compute_weight' is gone: the compute budgets count device seconds now. Run `pixelpipe "
+                f"models calibrate --registry REGISTRY --model {name}` on a worker's device: it measures the model's "
+                f"'compute_fit' and removes 'compute_weight'; or delete 'compute_weight' to charge the family's "
+                f'default fit (README, "The model registry")'
+            )
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls) if f.name != "name"})
         if unknown:
             raise ModelError(f"{where}: unknown keys {unknown}")
@@ -210,7 +331,9 @@ class ModelEntry:
         path = raw.get("path", "" if kind == "null" else None)  # a null model has no weights to point at
         if not isinstance(path, str) or (not path and kind != "null"):
             raise ModelError(f"{where}: 'path' must be a local directory or a hub id, got {path!r}")
-        diffusion_only = sorted({"batching", "compile", "channels_last", "fuse_qkv", "attention", "warmup"} & set(raw))
+        diffusion_only = sorted(
+            {"batching", "compile", "channels_last", "fuse_qkv", "attention", "warmup", "compute_fit"} & set(raw)
+        )
         if kind == "null" and diffusion_only:
             raise ModelError(f"{where}: {diffusion_only} do not apply to a null model")
         if "seconds_per_image" in raw and kind != "null":
@@ -244,7 +367,7 @@ class ModelEntry:
             attention=attention,
             warmup=None if raw.get("warmup") is None else WarmUp.from_json(where, raw["warmup"]),
             seconds_per_image=read.number("seconds_per_image", cls.seconds_per_image),
-            compute_weight=read.positive_number("compute_weight", cls.compute_weight),
+            compute_fit=None if raw.get("compute_fit") is None else ComputeFit.from_json(where, raw["compute_fit"]),
             max_source_images=max_source_images,
         )
 
@@ -270,14 +393,8 @@ class _FieldReader:
 
     def number(self, key: str, default: float) -> float:
         value = self.raw.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-            raise ModelError(f"{self.where}: {key!r} must be a number >= 0, got {value!r}")
-        return float(value)
-
-    def positive_number(self, key: str, default: float) -> float:
-        value = self.raw.get(key, default)
-        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-            raise ModelError(f"{self.where}: {key!r} must be a finite number > 0, got {value!r}")
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ModelError(f"{self.where}: {key!r} must be a finite number >= 0, got {value!r}")
         return float(value)
 
     def flag(self, key: str) -> bool:
@@ -296,14 +413,11 @@ class ModelRegistry:
     @classmethod
     def load(cls, path: str | Path) -> ModelRegistry:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"model registry {path} does not exist (set PIXELPIPE_MODEL_REGISTRY)") from None
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model registry {path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict) or not raw:
-            raise ModelError(f"model registry {path}: expected a non-empty object of name -> model")
+        return cls.parse(read_registry_json(path), path)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], path: Path) -> ModelRegistry:
+        """The registry of ``raw`` (a registry file's JSON, name -> entry), read from ``path``."""
         try:
             entries = {name: ModelEntry.from_json(name, entry) for name, entry in raw.items()}
         except ModelError as e:
@@ -326,6 +440,19 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return sorted(self.entries)
+
+
+def read_registry_json(path: Path) -> dict[str, Any]:
+    """A registry file's JSON object of name -> entry, not yet checked entry by entry."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model registry {path} does not exist (set PIXELPIPE_MODEL_REGISTRY)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model registry {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ModelError(f"model registry {path}: expected a non-empty object of name -> model")
+    return raw
 
 
 def resolve_device_dtype(entry: ModelEntry) -> tuple[torch.device, torch.dtype]:

@@ -403,7 +403,7 @@ class ModerationStage:
             budget = self.moderation.max_user_compute_per_minute
             return Outcome.failed(
                 "RATE_LIMITED",
-                f"user {request.user_id} is over the compute budget of {budget:g} megapixel-steps per minute "
+                f"user {request.user_id} is over the compute budget of {budget:g} device seconds per minute "
                 f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {compute or 0.0:.2f}",
             )
         return None

@@ -229,9 +229,10 @@ class RequestLimits:
     )
     max_request_compute: float = setting(
         "MAX_REQUEST_COMPUTE",
-        250.0,
-        "Most compute one request may ask for, in megapixel-steps (width x height / 1e6 x steps x images, times the "
-        "model's compute_weight; 4 images of 1024x1024 at 50 steps are 210); beyond it, FAILED INVALID_REQUEST.",
+        60.0,
+        "Most compute one request may ask for, in device seconds as its model's compute_fit charges them (the "
+        "registry; a family's default fit is an H100's: FLUX.1 at 1024x1024, 28 steps is 5.2 s an image); beyond it, "
+        "FAILED INVALID_REQUEST.",
     )
 
 
@@ -276,14 +277,15 @@ class ModerationSettings:
     )
     max_user_compute_per_minute: float = setting(
         "MAX_USER_COMPUTE_PER_MINUTE",
-        2500.0,
-        "Per user, across all moderation workers: a user's compute (megapixel-steps, as PIXELPIPE_MAX_REQUEST_COMPUTE "
-        "counts it) beyond this rate ends FAILED (RATE_LIMITED); up to a minute's worth at once; 0 turns it off.",
+        600.0,
+        "Per user, across all moderation workers: a user's compute (device seconds a minute, as "
+        "PIXELPIPE_MAX_REQUEST_COMPUTE counts them) beyond this rate ends FAILED (RATE_LIMITED); up to a minute's "
+        "worth at once; 0 turns it off.",
     )
     long_request_compute: float = setting(
         "LONG_REQUEST_COMPUTE",
-        20.0,
-        "Requests over this compute (megapixel-steps) go to the long lane (PIXELPIPE_TOPIC_GENERATE_LONG, "
+        10.0,
+        "Requests over this compute (device seconds) go to the long lane (PIXELPIPE_TOPIC_GENERATE_LONG, "
         "PIXELPIPE_TOPIC_EDIT_LONG), which renders beside the others; 0 turns the lane off.",
     )
     image_detector: str = setting(

@@ -81,12 +81,12 @@ def says_something(char: str) -> bool:
 
 
 def check_compute(compute: float, limits: RequestLimits) -> None:
-    """A request's compute (``ModelEntry.compute``: megapixel-steps, weighted by its model) within the per-request
+    """A request's compute (``ModelEntry.compute``: device seconds, by its model's fit) within the per-request
     budget."""
     require(
         compute <= limits.max_request_compute,
         "compute",
-        f"{compute:.2f} megapixel-steps is over the per-request budget of {limits.max_request_compute:g} "
+        f"{compute:.2f} device seconds is over the per-request budget of {limits.max_request_compute:g} "
         "(PIXELPIPE_MAX_REQUEST_COMPUTE)",
     )
 

@@ -19,7 +19,7 @@ from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.topics import assign_from_start, assigned_consumer, ensure_topics
-from pixelpipe.processors.models import ModelEntry
+from pixelpipe.processors.models import ModelRegistry
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher
 from pixelpipe.producers.publisher import producer_config
@@ -152,19 +152,22 @@ def test_a_flooding_user_is_cut_back_at_once_and_barely_delays_anyone_else(harne
     assert max(behind) <= max(unloaded) + FLOOD_MAY_ADD_S
 
 
-# The maximal request: the most one request may ask for, as the test sets PIXELPIPE_MAX_REQUEST_COMPUTE (1.97
-# megapixel-steps; the tiny model renders it in 30 to 60 s on the 2-core machine, depending on its load), among
-# small requests (64x64 at 2 steps: 0.008 megapixel-steps) that take a second or two each.
+# The maximal request: the most one request may ask for, as the test sets PIXELPIPE_MAX_REQUEST_COMPUTE (its device
+# seconds by tiny-sd's compute_fit; the tiny model renders it in 30 to 60 s on the 2-core machine, depending on its
+# load), among small requests (64x64 at 2 steps) that take a second or two each.
 MAXIMAL = {"width": 128, "height": 128, "steps": 40, "images": 3}
-LONG_REQUEST_COMPUTE = 0.5  # the small ones stay in the main lane, the maximal one goes to the long lane
+SMALL = {"width": 64, "height": 64, "steps": 2, "images": 1}
 SMALL_AFTER = 12  # published one a second after the maximal one, while it renders
 
 
 def test_a_maximal_request_does_not_hold_small_ones_behind_it(harness, monkeypatch):
     # One thread per model call (as the flood test): the two lanes then share the two cores, one each.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    budget = ModelEntry("tiny-sd", "").compute(**MAXIMAL)  # the registry's tiny-sd has compute_weight 1
-    harness.settings = harness.settings.updated(max_request_compute=budget, long_request_compute=LONG_REQUEST_COMPUTE)
+    tiny_sd = ModelRegistry.load(harness.settings.models.registry).get("tiny-sd")
+    budget, small_compute = tiny_sd.compute(**MAXIMAL), tiny_sd.compute(**SMALL)
+    long_request = (budget * small_compute) ** 0.5  # the small ones stay in the main lane, the maximal one does not
+    assert small_compute < long_request < budget
+    harness.settings = harness.settings.updated(max_request_compute=budget, long_request_compute=long_request)
     ids, _ = start(harness, "maximal")
     harness.join_stream()
     harness.wait_results_in_clickhouse(ids, timeout_s=240)  # the steady stream is done: the worker is idle
@@ -192,7 +195,7 @@ def test_a_maximal_request_does_not_hold_small_ones_behind_it(harness, monkeypat
     render_s = big.timings_ms["generate"] / 1000
     p50, p95 = waited[len(waited) // 2], waited[round(0.95 * (len(waited) - 1))]
     print(
-        f"\nmaximal request ({budget:.2f} megapixel-steps): rendered in {render_s:.1f} s, result"
+        f"\nmaximal request ({budget:.2f} device seconds by tiny-sd's fit): rendered in {render_s:.1f} s, result"
         f" {(big.event_time - maximal.created_at).total_seconds():.1f} s after it was made; the {len(small)} small"
         f" ones after it: seconds to a result p50 {p50:.1f}, p95 {p95:.1f}, max {waited[-1]:.1f}"
     )

@@ -82,7 +82,7 @@ def test_each_role_writes_only_its_own_topics(acl_kafka, admin):
 
 def test_the_pipeline_runs_with_each_stage_as_its_own_principal(acl_kafka, admin, tmp_path):
     registry = build_tiny_models(tmp_path / "models")
-    # Over 0.01 megapixel-steps a request takes the long lane: the renderer reads that topic too.
+    # Over 0.01 device seconds a request takes the long lane: the renderer reads that topic too.
     settings = admin.updated(model_registry=str(registry), max_wait_ms=100, long_request_compute=0.01)
     good = new_request(prompt="a fox", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
     long = new_request(prompt="a slow fox", model="tiny-sd", user_id="u", width=64, height=64, steps=3)

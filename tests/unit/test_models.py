@@ -18,7 +18,9 @@ from PIL import Image, PngImagePlugin
 
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import (
+    DEFAULT_COMPUTE_FITS,
     BatchOutput,
+    ComputeFit,
     DiffusionModels,
     ModelEntry,
     ModelError,
@@ -483,18 +485,99 @@ def test_a_models_max_batch_caps_the_stages(tmp_path):
     assert registry.get("small").max_batch is None and registry.get("small").batch_limit(8) == 8
 
 
-def test_compute_is_weighted_megapixel_steps_times_images(tmp_path):
+def fit_json(batched: bool = True, **coefficients: float) -> dict:
+    """A compute_fit as the registry holds it: the coefficients given, the others 0."""
+    zeros = dict.fromkeys(ComputeFit.COEFFICIENTS, 0.0)
+    return zeros | coefficients | {"batched": batched, "device": "test bench", "measured": "2026-11-26"}
+
+
+def charged(tmp_path, fit: dict, **entry) -> ModelEntry:
+    (tmp_path / "r.json").write_text(json.dumps({"m": {"path": "x", "compute_fit": fit} | entry}))
+    return ModelRegistry.load(tmp_path / "r.json").get("m")
+
+
+def test_compute_is_device_seconds_by_the_models_fit_term_by_term(tmp_path):
+    # Each term alone, against its meaning: per step and image, linear and quadratic in the pixels ...
+    assert charged(tmp_path, fit_json(seconds_per_megapixel_step=2.0)).compute(1000, 1000, 10, 3) == pytest.approx(60)
+    attention = charged(tmp_path, fit_json(seconds_per_megapixel_squared_step=1.0))
+    assert attention.compute(2000, 2000, 5, 1) == pytest.approx(16 * attention.compute(1000, 1000, 5, 1))
+    assert charged(tmp_path, fit_json(seconds_per_image_step=0.5)).compute(64, 64, 4, 3) == pytest.approx(6)
+    # ... per image once, whatever the steps (the VAE's decode) ...
+    decode = charged(tmp_path, fit_json(seconds_per_megapixel=1.0, seconds_per_megapixel_squared=1.0))
+    assert decode.compute(1000, 1000, 50, 2) == decode.compute(1000, 1000, 1, 2) == pytest.approx(4)
+    # ... and per call and per step of a call, once for a batched model, once per image for a per-image one.
+    overheads = {"seconds_per_call": 1.0, "seconds_per_step": 0.5}
+    assert charged(tmp_path, fit_json(**overheads)).compute(64, 64, 4, 3) == pytest.approx(3)
+    assert charged(tmp_path, fit_json(**overheads, batched=False)).compute(64, 64, 4, 3) == pytest.approx(9)
+    # The model's default steps when the request names none.
+    per_step = charged(tmp_path, fit_json(seconds_per_step=1.0), default_steps=25)
+    assert per_step.compute(512, 512, None, 1) == pytest.approx(25)
+
+
+def test_a_model_without_a_fit_is_charged_its_familys_default_and_a_null_model_its_seconds_per_image(tmp_path):
     (tmp_path / "r.json").write_text(
-        json.dumps({"sd": {"path": "x", "default_steps": 25}, "flux": {"path": "y", "compute_weight": 4.5}})
+        json.dumps(
+            {
+                "sd": {"path": "x"},
+                "flux": {"path": "y", "kind": "flux"},
+                "null": {"kind": "null", "seconds_per_image": 0.25},
+            }
+        )
     )
     registry = ModelRegistry.load(tmp_path / "r.json")
-    sd, flux = registry.get("sd"), registry.get("flux")
-    assert sd.compute_weight == 1.0 and flux.compute_weight == 4.5
-    assert sd.compute(1000, 1000, 10, 1) == pytest.approx(10.0)
-    assert sd.compute(1024, 1024, 50, 4) == pytest.approx(209.7, abs=0.05)  # fits the default budget of 250
-    assert sd.compute(2048, 2048, 150, 10) == pytest.approx(6291.5, abs=0.05)  # the largest request: far over it
-    assert sd.compute(512, 512, None, 1) == pytest.approx(0.262144 * 25)  # the model's default steps
-    assert flux.compute(1000, 1000, 10, 2) == pytest.approx(90.0)
+    sd, flux, null = registry.get("sd"), registry.get("flux"), registry.get("null")
+    assert sd.compute_fit is None and sd.compute(1024, 1024, 30, 2) == DEFAULT_COMPUTE_FITS["stable-diffusion"].seconds(
+        1024, 1024, 30, 2
+    )
+    assert null.compute(2048, 2048, 150, 4) == pytest.approx(1.0)
+    # The defaults reproduce the H100 figures they are anchored on (images/s of raw diffusers; models.py says where).
+    assert sd.compute(512, 512, 20, 1) == pytest.approx(1 / 1.56, rel=0.01)
+    assert sd.compute(512, 512, 20, 8) == pytest.approx(8 / 6.49, rel=0.01)
+    assert flux.compute(1024, 1024, 28, 1) == pytest.approx(1 / 0.193, rel=0.01)
+    assert flux.compute(1024, 1024, 28, 4) == pytest.approx(4 / 0.197, rel=0.01)
+    # Attention: at 2048x2048 a flux step costs more than 16 times a 512x512 one, the pixels' ratio.
+    assert flux.compute(2048, 2048, 2, 1) - flux.compute(2048, 2048, 1, 1) > 16 * (
+        flux.compute(512, 512, 2, 1) - flux.compute(512, 512, 1, 1)
+    )
+
+
+def test_a_registry_entry_with_compute_weight_says_how_to_migrate(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"sd": {"path": "x", "compute_weight": 1.5}}))
+    with pytest.raises(ModelError) as caught:
+        ModelRegistry.load(tmp_path / "r.json")
+    message = str(caught.value)
+    assert "model 'sd': 'compute_weight' is gone: the compute budgets count device seconds now" in message
+    assert "`pixelpipe models calibrate --registry REGISTRY --model sd`" in message
+
+
+@pytest.mark.parametrize(
+    ("fit", "message"),
+    [
+        ("fast", "'compute_fit' must be an object of seconds_per_call, .* got str"),
+        ({"seconds_per_call": 1.0}, r"'compute_fit' must be an object of .*, got \['seconds_per_call'\]"),
+        (fit_json() | {"seconds_per_pixel": 1.0}, "'compute_fit' must be an object of"),
+        (fit_json(seconds_per_step=-0.1), "'compute_fit': 'seconds_per_step' must be a finite number >= 0, got -0.1"),
+        (
+            fit_json(seconds_per_step=float("nan")),
+            "'compute_fit': 'seconds_per_step' must be a finite number >= 0, got nan",
+        ),
+        (fit_json(seconds_per_call=True), "'compute_fit': 'seconds_per_call' must be a finite number >= 0, got True"),
+        (fit_json(), "'compute_fit': every coefficient is 0, so every render would be free"),
+        (
+            fit_json(seconds_per_call=1.0) | {"batched": "yes"},
+            "'compute_fit': 'batched' must be true or false, got 'yes'",
+        ),
+        (
+            fit_json(seconds_per_call=1.0) | {"device": " "},
+            "'compute_fit': 'device' must name the device it was measured on",
+        ),
+        (fit_json(seconds_per_call=1.0) | {"measured": "last week"}, "'compute_fit': 'measured' must be an ISO date"),
+    ],
+)
+def test_malformed_compute_fits(tmp_path, fit, message):
+    (tmp_path / "r.json").write_text(json.dumps({"bad": {"path": "x", "compute_fit": fit}}))
+    with pytest.raises(ModelError, match=rf"registry .*model 'bad': {message}"):
+        ModelRegistry.load(tmp_path / "r.json")
 
 
 def test_a_lane_shares_the_weights_and_runs_beside_the_models(models):
@@ -536,14 +619,13 @@ def test_write_registry_with_relative_paths(tmp_path, registry_path):
         ({"path": "x", "dtype": "float8"}, "'dtype' must be one of"),
         ({"path": "x", "device": "tpu"}, "'device' must be one of"),
         ({"path": "x", "default_steps": 0}, "'default_steps' must be a positive integer"),
-        ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a number"),
+        ({"path": "x", "default_guidance": "high"}, "'default_guidance' must be a finite number"),
         ({"path": "x", "stepz": 4}, r"unknown keys \['stepz'\]"),
         ({"path": "x", "batching": "sometimes"}, "'batching' must be one of \\['auto', 'batched', 'per-image'\\]"),
         ({"path": "x", "max_batch": 0}, "'max_batch' must be a positive integer"),
-        ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a number >= 0"),
+        ({"kind": "null", "seconds_per_image": -1}, "'seconds_per_image' must be a finite number >= 0"),
         ({"path": "x", "seconds_per_image": 0.5}, "'seconds_per_image' is for null models only"),
-        ({"path": "x", "compute_weight": 0}, "'compute_weight' must be a finite number > 0, got 0"),
-        ({"kind": "null", "compute_weight": "heavy"}, "'compute_weight' must be a finite number > 0"),
+        ({"kind": "null", "compute_fit": {}}, r"\['compute_fit'\] do not apply to a null model"),
         ("x", "expected an object"),
     ],
 )

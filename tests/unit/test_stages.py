@@ -235,19 +235,26 @@ def test_each_model_s_max_batch_bounds_its_calls_within_the_stage_s(tmp_path):
 
 
 # -- compute budgets and the long lane ----------------------------------------------------------------------
+def charge(width, height, steps, images, model="tiny-sd"):
+    """A request's compute as the registry's entry charges it: device seconds, by its family's default fit."""
+    return RegistryOnlyModels.registry.get(model).compute(width, height, steps, images)
+
+
 def test_a_request_over_the_per_request_compute_budget_is_invalid_naming_the_budget():
-    # tiny-sd runs 4 steps by default: 1024x1024 x 4 images x 50 steps is 209.7 megapixel-steps, within 250.
+    assert charge(1024, 1024, 50, 4) < LIMITS.max_request_compute  # four 1024x1024 images at 50 steps fit
     assert params(width=1024, height=1024, n=4, steps=50).steps == 50
     with pytest.raises(InvalidRequestError) as caught:
         params(width=2048, height=2048, n=10, steps=150)
     assert str(caught.value) == (
-        "compute: 6291.46 megapixel-steps is over the per-request budget of 250 (PIXELPIPE_MAX_REQUEST_COMPUTE)"
+        f"compute: {charge(2048, 2048, 150, 10):.2f} device seconds is over the per-request budget of 60 "
+        "(PIXELPIPE_MAX_REQUEST_COMPUTE)"
     )
     # Counted after the overrides and the model's defaults, and naming the variant that made it so.
     huge_default = RegistryOnlyModels()
-    huge_default.registry = ModelRegistry({"big": ModelEntry("big", "/m", default_steps=100, compute_weight=3.0)})
-    with pytest.raises(InvalidRequestError, match=r"^compute: 314.57 megapixel-steps is over"):
-        resolve_params(request(model="big", width=1024, height=1024), {}, huge_default, LIMITS)
+    big_entry = ModelEntry("big", "/m", kind="flux", default_steps=100)
+    huge_default.registry = ModelRegistry({"big": big_entry})
+    with pytest.raises(InvalidRequestError, match=rf"^compute: {big_entry.compute(2048, 2048, 100, 1):.2f} device"):
+        resolve_params(request(model="big", width=2048, height=2048), {}, huge_default, LIMITS)
     steps_experiment = parse_experiments(
         {
             "experiments": [
@@ -262,12 +269,12 @@ def test_a_request_over_the_per_request_compute_budget_is_invalid_naming_the_bud
             ]
         }
     )
-    big = request(width=1024, height=1024, n=2, experiments={"more": "x"})
+    big = request(width=2048, height=2048, n=2, experiments={"more": "x"})
     with pytest.raises(
         InvalidRequestError, match=r"over the per-request budget .*\(set by experiment more, variant x\)$"
     ):
         resolve_params(big, steps_experiment, RegistryOnlyModels(), LIMITS)
-    assert request_compute(big, steps_experiment, RegistryOnlyModels.registry) == pytest.approx(314.57, abs=0.01)
+    assert request_compute(big, steps_experiment, RegistryOnlyModels.registry) == charge(2048, 2048, 150, 2)
     assert request_compute(request(model="nope"), {}, RegistryOnlyModels.registry) is None  # the renderer fails it
 
 
@@ -305,9 +312,12 @@ def moderate(requests, **moderation):
 
 def test_moderation_sends_long_requests_to_the_long_lane_and_fails_those_over_the_budget():
     topics = TopicSettings()
-    short = request(width=512, height=512, steps=20)  # 5.2 megapixel-steps
-    long = request(width=1024, height=1024, steps=30)  # 31.5: over the long lane's 20
-    fast_variant = request(width=1024, height=1024, steps=30, experiments={"a-steps": "fast"})  # 2 steps: 2.1
+    short = request(width=512, height=512, steps=20)
+    long = request(width=2048, height=2048, n=2, steps=30)
+    fast_variant = request(width=2048, height=2048, n=2, steps=30, experiments={"a-steps": "fast"})  # 2 steps
+    lane = ModerationSettings().long_request_compute
+    assert charge(512, 512, 20, 1) < lane < charge(2048, 2048, 30, 2) < LIMITS.max_request_compute
+    assert charge(2048, 2048, 2, 2) < lane
     unknown = request(model="nope", width=2048, height=2048, n=10, steps=150)  # the renderer fails it
     huge = request(width=2048, height=2048, n=10, steps=150)
     went, results = moderate([short, long, fast_variant, unknown, huge])
@@ -319,7 +329,8 @@ def test_moderation_sends_long_requests_to_the_long_lane_and_fails_those_over_th
     }
     assert (results[huge.request_id].status, results[huge.request_id].error_code) == ("FAILED", "INVALID_REQUEST")
     assert results[huge.request_id].error_message == (
-        "compute: 6291.46 megapixel-steps is over the per-request budget of 250 (PIXELPIPE_MAX_REQUEST_COMPUTE)"
+        f"compute: {charge(2048, 2048, 150, 10):.2f} device seconds is over the per-request budget of 60 "
+        "(PIXELPIPE_MAX_REQUEST_COMPUTE)"
     )
     went, _ = moderate([long], long_request_compute=0)  # 0 turns the lane off
     assert went == {long.request_id: topics.generate}
@@ -331,7 +342,7 @@ def test_moderation_sends_long_requests_to_the_long_lane_and_fails_those_over_th
         None,
     )
     edit = request(kind="EDIT", source_image_uri="file:///s.png")
-    assert [stage.topic_for(edit, compute) for compute in (None, 20.0, 20.5)] == [
+    assert [stage.topic_for(edit, compute) for compute in (None, lane, lane + 0.5)] == [
         topics.edit,
         topics.edit,
         topics.edit_long,
@@ -339,14 +350,16 @@ def test_moderation_sends_long_requests_to_the_long_lane_and_fails_those_over_th
 
 
 def test_a_user_over_the_compute_budget_is_rate_limited_and_others_are_not():
-    users = [request(width=1024, height=1024, steps=30, user_id=user) for user in ("heavy",) * 4 + ("light",)]
-    went, results = moderate(users, max_user_compute_per_minute=100.0)  # 31.5 each: three fit in a minute
+    users = [request(width=2048, height=2048, steps=30, user_id=user) for user in ("heavy",) * 4 + ("light",)]
+    each = charge(2048, 2048, 30, 1)
+    budget = round(3.2 * each, 1)  # three fit in a minute, and a fourth 3 s later does not
+    went, results = moderate(users, max_user_compute_per_minute=budget)
     assert len(went) == 4 and users[4].request_id in went
     refused = results[users[3].request_id]
     assert (refused.status, refused.error_code) == ("FAILED", "RATE_LIMITED")
     assert refused.error_message == (
-        "user heavy is over the compute budget of 100 megapixel-steps per minute "
-        "(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs 31.46"
+        f"user heavy is over the compute budget of {budget:g} device seconds per minute "
+        f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {each:.2f}"
     )
 
 
