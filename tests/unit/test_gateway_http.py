@@ -235,6 +235,7 @@ def test_ready_while_the_pipeline_is_started_and_live_while_the_loop_beats(tmp_p
         model_registry=str(registry),
         gateway_keys_file=str(tmp_path / "keys.json"),
         object_store_url=f"file://{tmp_path / 'objects'}",
+        gateway_usage_sync_s=0,  # no broker here: usage sharing between gateways is the integration tests'
     )
     health = Health(30.0, ["pipeline"])
     app = create_app(settings, health)
