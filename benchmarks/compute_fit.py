@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry
 from pixelpipe.tools.calibration import Calibration, Grid, calibrate, default_grid, render_seconds
@@ -76,12 +77,7 @@ def main() -> None:
         except Exception as e:  # one family failing (memory, a kernel) leaves the others measured
             print(f"{family}: failed: {e}", flush=True)
             continue
-        print("\n".join(calibration.report()))
-        print(
-            f"  check {check.width}x{check.height}, {check.steps} steps, 1 image: predicted {check.predicted_s:.3f} s, "
-            f"measured {check.measured_s:.3f} s, predicted/measured {check.ratio:.2f}\n",
-            flush=True,
-        )
+        print_fit(calibration, check)
         fits[family] = calibration.fit.to_json()
         checks[family] = check
     print(json.dumps(fits, indent=2))
@@ -98,22 +94,38 @@ def fit_family(
     started = time.perf_counter()
     pipe = build_pipeline(family, "tiny", device=device) if tiny else full_size_pipeline(family, device)
     print(f"{family}: built {'tiny' if tiny else 'full size'} in {time.perf_counter() - started:.1f} s", flush=True)
-    dtype = str(pipe.dtype).removeprefix("torch.")
-    entry = ModelEntry(MODEL, "(built in memory)", family, default_guidance=DEFAULT_GUIDANCE[family], dtype=dtype)
-    models = DiffusionModels(ModelRegistry({MODEL: entry}), pipelines={MODEL: pipe})
     try:
-        calibration = calibrate(models, MODEL, grid, progress=lambda line: print(line, flush=True))
-        render_seconds(models, MODEL, check_side, check_side, 1, 1)  # untimed, as calibrate's first calls
-        measured = render_seconds(models, MODEL, check_side, check_side, check_steps, 1)
-        predicted = calibration.fit.seconds(check_side, check_side, check_steps, 1)
-        return Calibration(family, calibration.fit, calibration.samples), Check(
-            check_side, check_side, check_steps, predicted, measured
-        )
+        return fit_pipeline(pipe, family, grid, check_side, check_steps)
     finally:
-        del models, pipe
+        del pipe
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def fit_pipeline(
+    pipe: DiffusionPipeline, family: Family, grid: Grid, check_side: int, check_steps: int
+) -> tuple[Calibration, Check]:
+    """Calibrate ``pipe`` (a text-to-image pipeline of ``family``, on its device and in its dtype) through the
+    worker's model code, and render one image of ``check_side`` to set against the fit's prediction."""
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    entry = ModelEntry(MODEL, "(built in memory)", family, default_guidance=DEFAULT_GUIDANCE[family], dtype=dtype)
+    models = DiffusionModels(ModelRegistry({MODEL: entry}), pipelines={MODEL: pipe})
+    calibration = calibrate(models, MODEL, grid, progress=lambda line: print(line, flush=True))
+    render_seconds(models, MODEL, check_side, check_side, 1, 1)  # untimed, as calibrate's first calls
+    measured = render_seconds(models, MODEL, check_side, check_side, check_steps, 1)
+    predicted = calibration.fit.seconds(check_side, check_side, check_steps, 1)
+    check = Check(check_side, check_side, check_steps, predicted, measured)
+    return Calibration(family, calibration.fit, calibration.samples), check
+
+
+def print_fit(calibration: Calibration, check: Check) -> None:
+    print("\n".join(calibration.report()))
+    print(
+        f"  check {check.width}x{check.height}, {check.steps} steps, 1 image: predicted {check.predicted_s:.3f} s, "
+        f"measured {check.measured_s:.3f} s, predicted/measured {check.ratio:.2f}\n",
+        flush=True,
+    )
 
 
 def parse_args() -> argparse.Namespace:

@@ -3,6 +3,7 @@
     python benchmarks/render.py                       # full size on a GPU; tiny on a CPU (no CUDA)
     python benchmarks/render.py --tiny                # the tiny model, wherever
     python benchmarks/render.py --family flux --compile full --json out/render.json
+    python benchmarks/render.py --family flux --fit   # ... then the family's compute fit on this device
 
 The model is built from its family's config with random weights (``pixelpipe.tools.model_builders``): full size
 (SD-1.5, SDXL, FLUX.1-dev, FLUX.2 klein 4B) directly on the GPU in bf16, or tiny on a CPU. Measured at batch 1
@@ -18,7 +19,9 @@ and 8, each over ``--images`` images, after one untimed round:
 
 Printed: images/s, the ratios worker/raw (same batch, same compile setting) and batch 8/batch 1, and the device
 busy fraction of the worker path (model seconds over wall seconds under the backlog). The paths take turns; on a
-CPU shared with other work, ``--rounds 3`` shows each figure's least disturbed round.
+CPU shared with other work, ``--rounds 3`` shows each figure's least disturbed round. With ``--fit``, then the
+family's compute fit on this device, as ``benchmarks/compute_fit.py`` measures it (full size on a GPU: the fit for
+``processors.models.DEFAULT_COMPUTE_FITS``), checked at 2048x2048 (on a CPU at twice the grid's largest side).
 
 On a GPU machine without the project's environment, carry wheels for diffusers, importlib_metadata, fastavro,
 boto3, botocore, s3transfer and jmespath (the stage code reads and writes through ``pixelpipe.core``; no Kafka
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compute_fit import fit_pipeline, print_fit  # benchmarks/compute_fit.py, beside this script
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageRequest, ImageResult, StageMetric
@@ -53,6 +57,7 @@ from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
 from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.takes import InOrderAcknowledgement, render_take
+from pixelpipe.tools.calibration import default_grid
 from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
 MODEL = "bench"
@@ -144,6 +149,10 @@ def main() -> None:
                         worker_rows[mode].record(b, *render.worker(models, detector, Path(objects), b, images))
             rows += [raw, *worker_rows.values()]
     print_table(rows, batches)
+    if args.fit:
+        grid = default_grid(device)
+        check_side = 2048 if device.type == "cuda" else 2 * max(w for w, _ in grid.sizes)
+        print_fit(*fit_pipeline(pipe, args.family, grid, check_side, check_steps=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=2))
@@ -162,6 +171,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
     parser.add_argument("--detector", default="nudenet", choices=["nudenet", "none"])
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--fit", action="store_true", help="then the family's compute fit (benchmarks/compute_fit.py)")
     return parser.parse_args()
 
 

@@ -48,6 +48,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from pixelpipe.processors.models import ComputeFit
+
 T = TypeVar("T")
 Family = Literal["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]
 Size = Literal["tiny", "full"]
@@ -60,6 +62,22 @@ TINY_FAMILY_MODELS: dict[Family, str] = {
     "stable-diffusion-xl": "tiny-sdxl",
     "flux": "tiny-flux",
     "flux2-klein": "tiny-flux2-klein",
+}
+# What each tiny model's renders cost on the reference CPU, this repository's 2-core development machine, in one torch
+# thread (as the fault tests run it; least disturbed by other work): `OMP_NUM_THREADS=1 pixelpipe models calibrate
+# --repeats 2` on its CPU grid, 64 to 256 pixels a side at 1 and 4 steps (largest error on the grid: 0.7 to 2.8 %).
+# The cost depends on the machine: `pixelpipe models calibrate` refits them for another; tests calibrate for
+# themselves and compare relative figures.
+_REFERENCE_CPU, _MEASURED = "AMD EPYC, 1 torch threads", "2026-12-06"
+TINY_COMPUTE_FITS: dict[Family, ComputeFit] = {
+    "stable-diffusion": ComputeFit(
+        0.01189, 0.0, 0.004015, 7.279, 549.0, 3.954, 289.9, False, _REFERENCE_CPU, _MEASURED
+    ),
+    "stable-diffusion-xl": ComputeFit(
+        0.01388, 0.01136, 0.0, 5.311, 200.7, 3.863, 292.9, False, _REFERENCE_CPU, _MEASURED
+    ),
+    "flux": ComputeFit(0.04817, 0.003918, 0.0, 0.9573, 16.42, 3.894, 266.3, False, _REFERENCE_CPU, _MEASURED),
+    "flux2-klein": ComputeFit(0.06914, 0.005759, 0.0, 0.6014, 21.65, 1.559, 139.5, False, _REFERENCE_CPU, _MEASURED),
 }
 # Registry defaults per family: the guidance each family's real checkpoints are run with (klein's distilled
 # checkpoints run without classifier-free guidance).
@@ -475,9 +493,10 @@ def build_tiny_pipeline(out_dir: str | Path, family: Family = "stable-diffusion"
 
 def registry_entry(model_dir: str | Path, family: Family = "stable-diffusion", **fields: Any) -> dict[str, Any]:
     """A registry entry (see ``processors.models``) for the tiny model in ``model_dir``, with the demo's
-    defaults (4 steps, the family's guidance) under ``fields``."""
+    defaults (4 steps, the family's guidance) and the family's tiny compute fit under ``fields``."""
     defaults = {"kind": family, "default_steps": 4, "default_guidance": DEFAULT_GUIDANCE[family]}
-    return {"path": str(Path(model_dir).resolve())} | defaults | {"dtype": "auto", "device": "auto"} | fields
+    local = {"dtype": "auto", "device": "auto", "compute_fit": TINY_COMPUTE_FITS[family].to_json()}
+    return {"path": str(Path(model_dir).resolve())} | defaults | local | fields
 
 
 def write_registry(path: str | Path, entries: Mapping[str, Mapping[str, Any]]) -> Path:

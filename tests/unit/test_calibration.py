@@ -143,12 +143,13 @@ def test_calibrate_on_the_cli_measures_the_tiny_model_and_writes_its_fit(tmp_pat
 
 
 def test_a_fit_on_small_sizes_predicts_a_larger_render_within_a_quarter(one_thread):
-    """The integration check, on a CPU: calibrated on 64 to 160 pixels a side, the tiny model's fit predicts a
-    256x256 render (2.6 times the largest area measured, where attention is a larger share) within 25 % of what
-    it measures. The 2048x2048 check needs a GPU: benchmarks/compute_fit.py."""
+    """The integration check, on a CPU: calibrated on 64 to 192 pixels a side, the tiny model's fit predicts a
+    256x256 render (1.8 times the largest area measured, where attention is a larger share) within 25 % of what
+    it measures. At 2048x2048 the tiny model takes hours a step on a CPU: benchmarks/compute_fit.py checks there on
+    a GPU, and at 512x512 (from 64 to 256) on a CPU."""
     pipe = build_pipeline("stable-diffusion", "tiny")
     models = DiffusionModels(ModelRegistry({"m": ModelEntry("m", "-", default_guidance=5.0)}), pipelines={"m": pipe})
-    grid = Grid(((64, 64), (96, 96), (128, 128), (160, 160)), (1, 3), (1,), repeats=3)
+    grid = Grid(((64, 64), (128, 128), (160, 160), (192, 192)), (1, 3), (1,), repeats=2)
     calibration = calibrate(models, "m", grid, progress=lambda line: None)
     render_seconds(models, "m", 256, 256, 1, 1)  # untimed, as calibrate's first calls
     measured = min(render_seconds(models, "m", 256, 256, 2, 1) for _ in range(2))

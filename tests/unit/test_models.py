@@ -31,6 +31,7 @@ from pixelpipe.processors.models import (
     seed_colour,
 )
 from pixelpipe.tools.model_builders import (
+    TINY_COMPUTE_FITS,
     build_pipeline,
     build_tiny_models,
     full_size_pipeline,
@@ -539,6 +540,15 @@ def test_a_model_without_a_fit_is_charged_its_familys_default_and_a_null_model_i
     assert flux.compute(2048, 2048, 2, 1) - flux.compute(2048, 2048, 1, 1) > 16 * (
         flux.compute(512, 512, 2, 1) - flux.compute(512, 512, 1, 1)
     )
+
+
+def test_the_tiny_models_carry_their_fit_measured_on_the_reference_cpu(registry_path):
+    entry = ModelRegistry.load(registry_path).get("tiny-sd")
+    assert entry.compute_fit == TINY_COMPUTE_FITS["stable-diffusion"] and not entry.compute_fit.batched
+    # At 1024x1024 far dearer on a CPU than the full-size model on an H100: attention over a latent grid the tiny
+    # VAE makes 2x (rather than 8x) smaller than the image, on one CPU thread.
+    full_size = DEFAULT_COMPUTE_FITS["stable-diffusion"]
+    assert entry.compute(1024, 1024, 4, 1) > 100 * full_size.seconds(1024, 1024, 4, 1)
 
 
 def test_a_registry_entry_with_compute_weight_says_how_to_migrate(tmp_path):
