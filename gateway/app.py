@@ -43,7 +43,15 @@ from pixelpipe.core.settings import Settings
 from pixelpipe.core.telemetry import Health
 from pixelpipe.core.validation import normalise_text
 from pixelpipe.gateway.bodies import read_form, read_json_object
-from pixelpipe.gateway.errors import ApiError, InternalErrors, error_response, internal_error, invalid, route_error
+from pixelpipe.gateway.errors import (
+    ApiError,
+    InternalErrors,
+    error_response,
+    internal_error,
+    invalid,
+    rate_limited,
+    route_error,
+)
 from pixelpipe.gateway.keys import ApiKey, KeyStore
 from pixelpipe.gateway.params import ImageCall, ModelInfo, parse_call, parse_size, read_registry
 from pixelpipe.gateway.pipeline import Pipeline, Submission, request_id_for
@@ -103,17 +111,20 @@ class Gateway:
     def admit(self, key: ApiKey) -> None:
         wait_s = self.buckets.take(key.key_id, key.requests_per_minute, key.burst)
         if wait_s > 0:
-            raise ApiError(
-                429,
-                f"Rate limit reached for key {key.key_id}: {key.requests_per_minute} requests per minute "
-                f"(bursts of {key.burst}). Retry after {wait_s:.1f} s.",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                retry_after_s=wait_s,
+            raise rate_limited(
+                f"Rate limit reached for key {key.key_id} on requests per min (RPM): Limit "
+                f"{key.requests_per_minute}, in bursts of at most {key.burst}. Please try again in {wait_s:.1f}s.",
+                wait_s,
             )
 
     def allowed_models(self, key: ApiKey) -> set[str]:
         return {name for name in self.models if key.allows(name)}
+
+    def quality_ran(self, call: ImageCall, model: str, steps: int | None) -> str:
+        """The quality, as OpenAI's answers name it, of a render by ``model`` of ``steps`` (a result's: an
+        experiment's variant may set both for an ``auto`` call); without them, what the call asked for."""
+        info = self.models.get(model, self.models[call.model])
+        return info.quality_of(steps or call.steps or info.default_steps, call.quality)
 
     def check_url_possible(self, call: ImageCall) -> None:
         if (
@@ -181,22 +192,21 @@ def result_error(result: ImageResult) -> ApiError | None:
     if result.status == "SUCCEEDED":
         return None
     message = result.error_message or result.error_code or result.status
-    if result.status == "REJECTED":
+    if result.status == "REJECTED":  # as OpenAI answers a blocked image call: no param, the check in the message
         stage = (result.moderation_stage or "PROMPT").lower().replace("_", " ")
         flagged = message.split(": ", 1)[1] if ": " in message else message
-        param = {"PROMPT": "prompt", "INPUT_IMAGE": "image"}.get(result.moderation_stage or "")
         return ApiError(
             400,
             f"Your request was rejected by the safety system at the {stage} check (stage "
             f"{result.moderation_stage}); categories: {flagged}.",
-            param=param,
+            type="image_generation_user_error",
             code="moderation_blocked",
         )
     if result.status == "CANCELLED":  # by someone else: this call's own caller is still here
         return ApiError(409, f"The request was cancelled before its image was ready: {message}", code="cancelled")
     code = result.error_code or "INTERNAL_ERROR"
     if code == "RATE_LIMITED":
-        return ApiError(429, message, type="rate_limit_error", code="rate_limit_exceeded", retry_after_s=1)
+        return rate_limited(message, retry_after_s=1)
     if code == "DEADLINE_EXCEEDED":
         return ApiError(504, f"The image was not ready by the deadline: {message}", type="server_error", code="timeout")
     if code == "INVALID_REQUEST":
@@ -239,12 +249,13 @@ async def list_models(request: Request) -> Response:
         key = gateway.authenticate(request)
     except ApiError as e:
         return error_response(e)
+    request_id = request.state.request_id = request_id_for(key.key_id, None)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "pixelpipe"}
         for name in gateway.models
         if key.allows(name)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
 
 async def generations(request: Request) -> Response:
@@ -282,10 +293,10 @@ async def _read_form(request: Request, gateway: Gateway) -> tuple[dict[str, Any]
                 params[name] = value
         for name in files:
             if name not in ("image", "mask"):
-                raise invalid(name, f"Unrecognized file supplied: {name}")
+                raise invalid(name, f"Unknown parameter: '{name}' (sent as a file).", code="unknown_parameter")
         images = files.get("image", [])
         if not images:
-            raise invalid("image", "Missing required parameter: 'image'.")
+            raise invalid("image", "Missing required parameter: 'image'.", code="missing_required_parameter")
         if len(images) > MAX_EDIT_IMAGES:
             raise invalid("image", f"Send at most {MAX_EDIT_IMAGES} images; {len(images)} were sent")
         if len(files.get("mask", [])) > 1:
@@ -396,7 +407,7 @@ async def _images(request: Request, kind: str) -> Response:
         "data": data,
         "background": "opaque",
         "output_format": call.output_format,
-        "quality": call.quality if call.quality in ("low", "medium", "high") else "medium",
+        "quality": gateway.quality_ran(call, result.model, result.steps),
         "size": f"{result.width or width}x{result.height or height}",
         "usage": usage(call, result, len(uploads.images) if uploads is not None else 0),
     }
@@ -441,7 +452,8 @@ def _stream(
     image renders, then the completed image (or an error event); nothing more once the caller has left."""
     prefix = "image_edit" if edit else "image_generation"
     size = f"{submission.width}x{submission.height}"
-    common = {"background": "opaque", "output_format": call.output_format, "quality": call.quality, "size": size}
+    common = {"background": "opaque", "output_format": call.output_format, "size": size}
+    asked_quality = gateway.quality_ran(call, call.model, call.steps)  # the partial images come before the result
     listener = gateway.pipeline.listener
     base_url = str(request.base_url)
 
@@ -455,6 +467,7 @@ def _stream(
                 common
                 | {
                     "type": f"{prefix}.partial_image",
+                    "quality": asked_quality,
                     "b64_json": base64.b64encode(image).decode(),
                     "created_at": created,
                     "partial_image_index": index,
@@ -483,6 +496,7 @@ def _stream(
             data = await asyncio.to_thread(gateway.outputs, b64_call, result, base_url)
             completed = common | {
                 "type": f"{prefix}.completed",
+                "quality": gateway.quality_ran(call, result.model, result.steps),
                 "b64_json": data[0]["b64_json"],
                 "created_at": created,
                 "usage": usage(call, result, 1 if edit else 0),

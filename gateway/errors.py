@@ -55,8 +55,15 @@ class ApiError(Exception):
 
 
 def invalid(param: str | None, message: str, code: str | None = None) -> ApiError:
-    """A 400 naming the parameter at fault."""
+    """A 400 naming the parameter at fault; ``code`` as OpenAI's API gives it (``unknown_parameter``,
+    ``invalid_value``, ``missing_required_parameter``) where it names one for the refusal."""
     return ApiError(400, message, param=param, code=code)
+
+
+def rate_limited(message: str, retry_after_s: float) -> ApiError:
+    """A 429 as OpenAI's API answers a request rate limit: type ``requests`` (``tokens`` is for token limits), code
+    ``rate_limit_exceeded``."""
+    return ApiError(429, message, type="requests", code="rate_limit_exceeded", retry_after_s=retry_after_s)
 
 
 def internal_error(request_id: str | None) -> ApiError:

@@ -24,17 +24,19 @@ from pixelpipe.gateway.errors import ApiError, invalid
 RESPONSE_FORMATS = ("b64_json", "url")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("auto", "low", "medium", "high", "standard", "hd")
+# The tier each quality runs as (``standard`` and ``hd`` are DALL·E's names), and its share of a model's default steps.
+QUALITY_TIERS = {"low": "low", "medium": "medium", "standard": "medium", "high": "high", "hd": "high"}
+STEP_FACTORS = {"low": 0.5, "medium": 1.0, "high": 2.0}
 BACKGROUNDS = ("auto", "opaque")
-MODERATIONS = ("auto",)
+INPUT_FIDELITIES = ("low",)  # the default: the models take no extra care to keep an edit source's features
 MAX_USER_CHARS = 63
-COMMON = {
+# No `style`: OpenAI's current models refuse it as an unknown parameter (it was DALL·E's), and ours have no style.
+GENERATION_PARAMS = {
     "prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression",
     "background", "moderation", "user", "stream", "partial_images",
 }  # fmt: skip
-GENERATION_PARAMS = COMMON | {"style"}
-EDIT_PARAMS = COMMON | {"image", "image[]", "mask", "input_fidelity"}
-# Parameters of the API the pipeline has no use for: accepted only at the values that change nothing.
-_NEUTRAL = {"style": (None, "vivid", "natural"), "input_fidelity": (None, "low", "high")}
+EDIT_PARAMS = GENERATION_PARAMS | {"image", "image[]", "mask", "input_fidelity"}
+UNKNOWN_PARAMETER_HINTS = {"style": " Describe the style in the prompt instead."}
 # Numbers in text (multipart fields, sizes): ASCII digits only, few enough for int() (str.isdigit() also takes
 # digits such as '²' that int() refuses).
 _INTEGER_TEXT = re.compile(r"-?[0-9]{1,9}")
@@ -55,10 +57,16 @@ class ModelInfo:
         """``low`` half the model's default steps, ``medium`` (and ``standard``) the default, ``high`` (and
         ``hd``) twice; ``auto`` None, the model's default as the pipeline applies it (so an experiment's variant
         may still set the steps)."""
-        if quality == "auto":
-            return None
-        factor = {"low": 0.5, "medium": 1.0, "standard": 1.0, "high": 2.0, "hd": 2.0}[quality]
-        return max(1, math.ceil(self.default_steps * factor))
+        return None if quality == "auto" else self._tier_steps(QUALITY_TIERS[quality])
+
+    def quality_of(self, steps: int, asked: str) -> str:
+        """The quality a render of ``steps`` ran at, as OpenAI's answers name it: the tier (low, medium, high) whose
+        steps are nearest, on a tie the tier ``asked`` runs as (``auto``: medium, the model's default)."""
+        tiers = dict.fromkeys([QUALITY_TIERS.get(asked, "medium"), "medium", "low", "high"])
+        return min(tiers, key=lambda tier: abs(self._tier_steps(tier) - steps))
+
+    def _tier_steps(self, tier: str) -> int:
+        return max(1, math.ceil(self.default_steps * STEP_FACTORS[tier]))
 
 
 def read_registry(path: str | Path) -> dict[str, ModelInfo]:
@@ -118,7 +126,10 @@ def _choice(params: dict[str, Any], name: str, choices: tuple[str, ...], default
     value = _string(params, name, default)
     assert value is not None
     if value not in choices:
-        raise invalid(name, f"Invalid value for '{name}': {value!r}. Supported values are: {', '.join(choices)}.")
+        supported = ", ".join(f"'{choice}'" for choice in choices)
+        raise invalid(
+            name, f"Invalid value for '{name}': {value!r}. Supported values are: {supported}.", code="invalid_value"
+        )
     return value
 
 
@@ -150,7 +161,11 @@ def parse_size(value: str, limits: RequestLimits) -> tuple[int, int] | None:
         return None
     match = _SIZE_TEXT.fullmatch(value)
     if match is None:
-        raise invalid("size", f"Invalid value for 'size': {value!r}. Use WIDTHxHEIGHT (e.g. 512x512) or auto.")
+        raise invalid(
+            "size",
+            f"Invalid value for 'size': {value!r}. Use WIDTHxHEIGHT (e.g. 512x512) or auto.",
+            code="invalid_value",
+        )
     sides = int(match[1]), int(match[2])
     for side in sides:
         if side < SIDE_MULTIPLE or side % SIDE_MULTIPLE or side > limits.max_image_side:
@@ -158,6 +173,7 @@ def parse_size(value: str, limits: RequestLimits) -> tuple[int, int] | None:
                 "size",
                 f"Invalid value for 'size': {value!r}. Each side must be a multiple of {SIDE_MULTIPLE} from "
                 f"{SIDE_MULTIPLE} to {limits.max_image_side}.",
+                code="invalid_value",
             )
     return sides
 
@@ -175,13 +191,11 @@ def parse_call(
     known = GENERATION_PARAMS if kind == "GENERATE" else EDIT_PARAMS
     for name in params:
         if name not in known:
-            raise invalid(name, f"Unrecognized request argument supplied: {name}")
-    for name, neutral in _NEUTRAL.items():
-        if name in params and params[name] not in neutral:
-            raise invalid(name, f"'{name}' is not supported by this gateway; leave it out")
+            hint = UNKNOWN_PARAMETER_HINTS.get(name, "")
+            raise invalid(name, f"Unknown parameter: '{name}'.{hint}", code="unknown_parameter")
     prompt = _string(params, "prompt")
     if not prompt or not prompt.strip():
-        raise invalid("prompt", "Missing required parameter: 'prompt'.")
+        raise invalid("prompt", "Missing required parameter: 'prompt'.", code="missing_required_parameter")
     if len(prompt) > limits.max_prompt_chars:
         raise invalid("prompt", f"'prompt' must be at most {limits.max_prompt_chars} characters, got {len(prompt)}")
     model = _string(params, "model") or default_model
@@ -211,7 +225,11 @@ def parse_call(
         raise invalid("output_compression", "'output_compression' applies to output_format jpeg or webp only, not png")
     background = _string(params, "background", "auto")
     if background == "transparent":
-        raise invalid("background", "background 'transparent' is not supported: the models render opaque images")
+        raise invalid(
+            "background",
+            "background 'transparent' is not supported: the models render opaque images",
+            code="invalid_value",
+        )
     background = _choice(params, "background", BACKGROUNDS, "auto")
     moderation = _string(params, "moderation", "auto")
     if moderation != "auto":
@@ -219,7 +237,16 @@ def parse_call(
             "moderation",
             f"Invalid value for 'moderation': {moderation!r}. Only 'auto' is supported: the pipeline's moderation "
             "policy is set by its operators.",
+            code="invalid_value",
         )
+    if params.get("input_fidelity") == "high":  # an edit's; a generation refused it above as unknown
+        raise invalid(
+            "input_fidelity",
+            "input_fidelity 'high' is not supported: the models take no extra care to keep the source's features "
+            "(faces included); use 'low', the default",
+            code="invalid_value",
+        )
+    _choice(params, "input_fidelity", INPUT_FIDELITIES, "low")  # checked only: low is what the models do
     user = _string(params, "user")
     if user is not None and (not user or len(user) > MAX_USER_CHARS):
         raise invalid("user", f"'user' must be 1 to {MAX_USER_CHARS} characters")

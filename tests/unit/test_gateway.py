@@ -142,6 +142,46 @@ def test_unsupported_values_are_a_400_naming_the_parameter(params, param):
     assert (error.status, error.param, error.body()["error"]["type"]) == (400, param, "invalid_request_error")
 
 
+@pytest.mark.parametrize(
+    ("kind", "params", "param", "code"),
+    [
+        ("GENERATE", {"colour": "red"}, "colour", "unknown_parameter"),
+        ("GENERATE", {"style": "vivid"}, "style", "unknown_parameter"),  # DALL·E's: OpenAI's models refuse it too
+        ("GENERATE", {"input_fidelity": "low"}, "input_fidelity", "unknown_parameter"),  # an edit's parameter
+        ("GENERATE", {"prompt": " "}, "prompt", "missing_required_parameter"),
+        ("GENERATE", {"quality": "ultra"}, "quality", "invalid_value"),
+        ("GENERATE", {"size": "100x100"}, "size", "invalid_value"),
+        ("GENERATE", {"background": "transparent"}, "background", "invalid_value"),
+        ("GENERATE", {"moderation": "low"}, "moderation", "invalid_value"),
+        ("EDIT", {"input_fidelity": "high"}, "input_fidelity", "invalid_value"),
+        ("EDIT", {"input_fidelity": "max"}, "input_fidelity", "invalid_value"),
+    ],
+)
+def test_refusals_carry_openais_codes(kind, params, param, code):
+    with pytest.raises(ApiError) as e:
+        call(kind, **params)
+    assert (e.value.status, e.value.param, e.value.code, e.value.type) == (400, param, code, "invalid_request_error")
+
+
+def test_style_is_refused_with_what_to_do_and_input_fidelity_low_is_what_the_models_do():
+    style = refused(style="natural")
+    assert style.message == "Unknown parameter: 'style'. Describe the style in the prompt instead."
+    fidelity = refused(kind="EDIT", input_fidelity="high")
+    assert "'high' is not supported" in fidelity.message and "'low', the default" in fidelity.message
+    assert call(kind="EDIT", input_fidelity="low") == call(kind="EDIT")  # accepted, and it changes nothing
+
+
+def test_each_quality_runs_as_a_tier_and_steps_that_ran_are_reported_as_theirs():
+    model = MODELS["tiny-sd"]  # 4 default steps: low 2, medium 4, high 8
+    assert [call(quality=q).steps for q in ("low", "medium", "standard", "high", "hd")] == [2, 4, 4, 8, 8]
+    ran = {asked: model.quality_of(call(quality=asked).steps, asked) for asked in ("low", "standard", "hd")}
+    assert ran == {"low": "low", "standard": "medium", "hd": "high"}
+    assert model.quality_of(4, "auto") == "medium"  # auto runs the model's default
+    assert model.quality_of(7, "auto") == "high" and model.quality_of(3, "medium") == "medium"  # a variant's steps
+    one_step = ModelInfo("one", "x", 1)  # low and medium both run 1 step: the tier asked for is the one reported
+    assert [one_step.quality_of(1, asked) for asked in ("low", "medium", "auto")] == ["low", "medium", "medium"]
+
+
 def test_unknown_and_forbidden_models_are_404():
     assert refused(model="dall-e-3").code == "model_not_found"
     with pytest.raises(ApiError) as e:
@@ -169,10 +209,17 @@ def test_results_map_to_openai_errors():
         error_message="prompt rejected: violence",
     )
     error = result_error(rejected)
-    assert (error.status, error.code, error.param) == (400, "moderation_blocked", "prompt")
+    # As OpenAI answers a blocked image call: no param; the check and the categories are in the message.
+    assert (error.status, error.type, error.code, error.param) == (
+        400,
+        "image_generation_user_error",
+        "moderation_blocked",
+        None,
+    )
     assert "PROMPT" in error.message and "violence" in error.message
     limited = result_error(result(status="FAILED", error_code="RATE_LIMITED", error_message="over"))
-    assert limited.status == 429 and limited.headers()["Retry-After"] == "1"
+    assert (limited.status, limited.type, limited.code) == (429, "requests", "rate_limit_exceeded")
+    assert limited.headers()["Retry-After"] == "1"
     assert result_error(result(status="FAILED", error_code="DEADLINE_EXCEEDED")).status == 504
     invalid = result(status="FAILED", error_code="INVALID_REQUEST", error_message="steps: x")
     assert result_error(invalid).param == "steps"

@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import time
@@ -51,6 +52,7 @@ class StandInPipeline:
         return ImageResult(
             event_id="e", request_id=submission.request_id, status="SUCCEEDED", user_id=submission.user_id,
             model=submission.model, images=[image], width=submission.width, height=submission.height,
+            steps=submission.steps,
         )  # fmt: skip
 
 
@@ -119,7 +121,7 @@ def test_errors_are_openai_envelopes(served):
         "message": bad.json()["error"]["message"],
         "type": "invalid_request_error",
         "param": "size",
-        "code": None,
+        "code": "invalid_value",
     }
     assert client.post("/v1/images/generations", json={"prompt": "x", "model": "other"}).status_code == 404
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny-sd", "tiny-klein"]
@@ -364,3 +366,64 @@ def test_an_unexpected_failure_is_a_generic_500_logged_with_the_request_id(serve
     models = client.get("/v1/models")  # fails before any request id
     assert models.status_code == 500 and "x-request-id" not in models.headers
     assert models.json()["error"]["message"] == "The server had an error while processing your request; retry it."
+
+
+def test_every_answer_to_an_authenticated_call_carries_its_own_request_id(tmp_path):
+    client, _, entry = gateway_client(tmp_path, burst=1)
+    gen = "/v1/images/generations"
+    answers = {
+        "models": client.get("/v1/models"),
+        "parameter": client.post(gen, json={"prompt": "a fox", "size": "7x7"}),
+        "unknown model": client.post(gen, json={"prompt": "a fox", "model": "nope"}),
+        "not the key's model": client.post(gen, json={"prompt": "a fox", "model": "other"}),
+        "edit without image": client.post("/v1/images/edits", data={"prompt": "a hat"}, files={"mask": ("m", b"x")}),
+        "image": client.post(gen, json={"prompt": "a fox"}),
+        "rate limit": client.post(gen, json={"prompt": "a fox"}),  # the burst of 1 is spent
+    }
+    statuses = {what: answer.status_code for what, answer in answers.items()}
+    assert statuses == {
+        "models": 200,
+        "parameter": 400,
+        "unknown model": 404,
+        "not the key's model": 404,
+        "edit without image": 400,
+        "image": 200,
+        "rate limit": 429,
+    }
+    request_ids = [answer.headers.get("x-request-id", "") for answer in answers.values()]
+    assert all(rid.startswith(entry.key_id + "-") for rid in request_ids), request_ids
+    assert len(set(request_ids)) == len(request_ids)  # each call its own
+    assert answers["unknown model"].json()["error"]["code"] == "model_not_found"
+    limited = answers["rate limit"]
+    assert limited.json()["error"]["type"] == "requests" and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 0 < int(limited.headers["retry-after-ms"]) <= 1000  # the key refills one call a second (60 a minute)
+
+
+def stream_events(answer):
+    return [json.loads(chunk.partition("data: ")[2]) for chunk in answer.text.strip().split("\n\n")]
+
+
+def test_the_answer_names_the_quality_that_ran(served):
+    client, pipeline, _ = served
+    gen = "/v1/images/generations"
+    asked = ("auto", "low", "medium", "standard", "high", "hd")
+    reported = {quality: client.post(gen, json={"prompt": "a fox", "quality": quality}).json() for quality in asked}
+    assert {quality: answer["quality"] for quality, answer in reported.items()} == {
+        "auto": "medium",  # tiny-sd's default steps
+        "low": "low",
+        "medium": "medium",
+        "standard": "medium",
+        "high": "high",
+        "hd": "high",  # twice the default steps, as high
+    }
+    assert [submission.steps for submission in pipeline.submissions] == [None, 2, 4, 4, 8, 8]
+    stream = client.post(gen, json={"prompt": "a fox", "quality": "hd", "stream": True})
+    assert stream_events(stream)[-1]["type"] == "image_generation.completed"
+    assert stream_events(stream)[-1]["quality"] == "high"
+    submit = pipeline.submit
+
+    async def variant(submission):  # an experiment's variant rendered the auto call at 8 steps
+        return dataclasses.replace(await submit(submission), steps=8)
+
+    pipeline.submit = variant
+    assert client.post(gen, json={"prompt": "a fox"}).json()["quality"] == "high"
