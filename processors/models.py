@@ -242,7 +242,7 @@ class ComputeFit:
 # overhead per step and the FLOP rate (410 and 415 TFLOP/s); each term is the architecture's FLOPs at that rate,
 # counted on the meta device (torch's FlopCounterMode: denoiser and VAE decoder at 512, 1024 and 2048 pixels a
 # side). SDXL and klein were not run on a GPU: SD-1.5's and FLUX.1's rate and overhead stand for theirs.
-# `python benchmarks/compute_fit.py` on a GPU measures all four; README, "Compute budgets".
+# `python benchmarks/compute_fit.py` on a GPU measures all four; README, "Compute fits".
 _H100 = "NVIDIA H100 80GB HBM3"
 DEFAULT_COMPUTE_FITS: dict[str, ComputeFit] = {
     "stable-diffusion": ComputeFit(

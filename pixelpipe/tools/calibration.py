@@ -46,7 +46,7 @@ class Grid:
 
     def __post_init__(self) -> None:
         # Linear plus quadratic per pixel and a fixed part: three sizes at least; per step or per image: two counts.
-        if len(set(self.sizes)) < 3 or len({w * h for w, h in self.sizes}) < 3:
+        if len({w * h for w, h in self.sizes}) < 3:
             raise ModelError(f"a fit needs at least three sizes of different areas, got {self.sizes}")
         if len(set(self.steps)) < 2 or min(self.steps) < 1:
             raise ModelError(f"a fit needs at least two step counts of 1 or more, got {self.steps}")
@@ -112,8 +112,7 @@ class Calibration:
 def fit_compute(samples: Sequence[Sample], batched: bool, device: str, measured: str) -> ComputeFit:
     """The ComputeFit of ``samples`` (calls of one image each unless ``batched``): non-negative least squares on
     relative residuals, coefficients rounded to SIGNIFICANT_DIGITS."""
-    if len(samples) < len(ComputeFit.COEFFICIENTS):
-        raise ModelError(f"a fit of {len(ComputeFit.COEFFICIENTS)} coefficients needs as many samples at least")
+    _require_enough(len(samples))
     terms = np.array([ComputeFit.terms(s.width, s.height, s.steps, s.images, batched) for s in samples])
     seconds = np.array([s.seconds for s in samples])
     if not np.all(seconds > 0):
@@ -122,6 +121,14 @@ def fit_compute(samples: Sequence[Sample], batched: bool, device: str, measured:
     coefficients, _ = nnls(terms / seconds[:, None], np.ones(len(samples)))
     rounded = [float(f"{c:.{SIGNIFICANT_DIGITS}g}") for c in coefficients]
     return ComputeFit(*rounded, batched=batched, device=device, measured=measured)
+
+
+def _require_enough(renders: int) -> None:
+    if renders < len(ComputeFit.COEFFICIENTS):
+        raise ModelError(
+            f"a fit of {len(ComputeFit.COEFFICIENTS)} coefficients needs at least as many renders, got {renders}: "
+            "add a size or a step count"
+        )
 
 
 def calibrate(
@@ -139,6 +146,7 @@ def calibrate(
     batch_sizes = grid.batch_sizes if model.batched else (1,)
     shapes = [(w, h, b) for w, h in grid.sizes for b in batch_sizes]
     points = [(w, h, s, b) for w, h, b in shapes for s in grid.steps]
+    _require_enough(len(points))  # before the renders, which take minutes
     started = time.perf_counter()
     for width, height, images in shapes:
         render_seconds(models, name, width, height, 1, images)

@@ -80,7 +80,7 @@ def test_fits_refuse_grids_and_samples_that_cannot_determine_them():
         Grid(((64, 64), (128, 128), (256, 256)), (4, 4))
     with pytest.raises(ModelError, match="batch sizes and repeats must be 1 or more"):
         Grid(((64, 64), (128, 128), (256, 256)), (1, 4), repeats=0)
-    with pytest.raises(ModelError, match="needs as many samples at least"):
+    with pytest.raises(ModelError, match="needs at least as many renders, got 5: add a size or a step count"):
         fit_compute(renders(KNOWN, (1,))[:5], True, "synthetic", "2026-11-26")
     zero = [*renders(KNOWN, (1,)), Sample(64, 64, 1, 1, 0.0)]
     with pytest.raises(ModelError, match="every sample must have taken some time"):
@@ -137,6 +137,7 @@ def test_calibrate_on_the_cli_measures_the_tiny_model_and_writes_its_fit(tmp_pat
         (["--sizes", "64,65,96,112"], "renders sizes in multiples of"),
         (["--sizes", "64,128"], "at least three sizes"),
         (["--steps", "0,2"], "every number must be 1 or more"),
+        (["--sizes", "64,80,96", "--steps", "1,2"], "needs at least as many renders, got 6"),
     ):
         refused = CliRunner().invoke(main, ["models", "calibrate", "--registry", str(registry), *arguments])
         assert refused.exit_code != 0 and message in refused.output, refused.output

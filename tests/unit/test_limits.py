@@ -1,6 +1,7 @@
 """Per-user limits: the token buckets' arithmetic, and the bookkeeping that keeps them in a Faust table (changes with
 their home partitions, users forgotten when idle or when their partition moves)."""
 
+from pixelpipe.core.settings import ModerationSettings, RequestLimits
 from pixelpipe.core.topics import user_partition
 from pixelpipe.processors.limits import IDLE_S, UserLimits
 
@@ -17,7 +18,7 @@ def test_a_flooding_user_gets_a_small_burst_then_the_rate_and_others_are_not_hel
 
 
 def test_a_request_is_charged_its_compute_and_a_refused_one_nothing():
-    limits = UserLimits(requests_per_minute=0, burst=0, compute_per_minute=600)  # 600 megapixel-steps a minute
+    limits = UserLimits(requests_per_minute=0, burst=0, compute_per_minute=600)  # 600 device seconds a minute
     assert limits.compute.capacity == 600
     assert limits.admit("u", 0.0, 500) is None
     assert limits.admit("u", 0.0, 200) == "compute"  # 100 left: refused, and charged nothing
@@ -27,6 +28,15 @@ def test_a_request_is_charged_its_compute_and_a_refused_one_nothing():
     assert limits.admit("someone-else", 6.0, 600) is None
     assert limits.admit("v", 0.0, 601) == "compute"  # more than a minute's worth never passes
     assert limits.admit("w", 0.0, None) is None  # a model the registry lacks: the render stage fails it
+
+
+def test_the_default_budgets_let_the_largest_request_through_a_fresh_bucket_and_not_twice_at_once():
+    largest = RequestLimits().max_request_compute  # device seconds
+    moderation = ModerationSettings()
+    limits = UserLimits(0, 0, moderation.max_user_compute_per_minute)
+    assert moderation.long_request_compute < largest <= limits.compute.capacity
+    burst = int(limits.compute.capacity // largest)
+    assert [limits.admit("u", 0.0, largest) for _ in range(burst + 1)] == [None] * burst + ["compute"]
 
 
 def test_a_request_over_the_rate_takes_no_compute():
