@@ -227,9 +227,9 @@ class Render:
             acknowledgement = InOrderAcknowledgement("generate")
             for start in range(0, len(messages), size):
                 take = messages[start : start + size]
-                finished = await render_take(stage, take, send, model_thread, finishing_thread)
-                assert finished is not None  # nothing stops it here
-                await acknowledgement.after(finished, nothing)
+                rendered = await render_take(stage, take, send, model_thread, finishing_thread)
+                assert not rendered.handed_back  # nothing stops it here
+                await acknowledgement.after(rendered.sent, nothing)
             await acknowledgement.close()
 
         with ThreadPoolExecutor(1) as model_thread, ThreadPoolExecutor(1) as finishing_thread:
@@ -259,9 +259,9 @@ class Render:
             seed=seed,
         )
         value = codec.encode(request)  # stamped as moderation would: the stage renders nothing else
-        return Inbound(
-            value, request.request_id.encode(), "pixelpipe.generate", 0, seed, time.time(), headers=STAMP.headers(value)
-        )
+        topic = TopicSettings().generate
+        headers = STAMP.headers(topic, value)
+        return Inbound(value, request.request_id.encode(), topic, 0, seed, time.time(), headers=headers)
 
 
 def print_table(rows: list[Row], batches: list[int]) -> None:
