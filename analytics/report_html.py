@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pixelpipe.analytics.report import Analysis, TableSection
+from pixelpipe.analytics.report import Analysis
+from pixelpipe.analytics.report_text import TableSection
 
 # The id of each <section>, in order: the SRM verdict first, since a mismatch voids every result after it.
 SECTIONS = (

@@ -25,6 +25,7 @@ from numpy.typing import ArrayLike
 from scipy import stats
 
 MIN_USERS_FOR_VARIANCE = 2  # a sample variance divides by n - 1
+POWER = 0.8  # the chance to detect the lift that an experiment is sized for, unless told otherwise
 
 
 class InsufficientSampleError(ValueError):
@@ -340,13 +341,13 @@ def per_user_sd(std_error: float, n_control: int, n_treatment: int) -> float:
     return std_error / math.sqrt(1 / n_control + 1 / n_treatment)
 
 
-def minimum_detectable_lift(std_error: float, alpha: float = 0.05, power: float = 0.8) -> float:
+def minimum_detectable_lift(std_error: float, alpha: float = 0.05, power: float = POWER) -> float:
     """The smallest absolute lift that a comparison with this standard error detects with ``power`` (two-sided)."""
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * std_error)
 
 
 def required_sample_size(
-    baseline_mean: float, baseline_sd: float, mde_relative: float, alpha: float = 0.05, power: float = 0.8
+    baseline_mean: float, baseline_sd: float, mde_relative: float, alpha: float = 0.05, power: float = POWER
 ) -> int:
     """Users per arm (equal arms) for a two-sided test to detect a relative lift of ``mde_relative``."""
     effect = abs(mde_relative * baseline_mean)
