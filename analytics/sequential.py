@@ -41,8 +41,8 @@ Two calibrations of ``scale``:
   ``planned_users`` is exactly alpha in the Gaussian limit (recursive numerical integration of Brownian
   motion over the looks, Armitage, McPherson & Rowe 1969). These are "repeated confidence intervals"
   (Jennison & Turnbull 1989; 2000, ch. 9) with the mixture's shape: stop at any of the K looks for any
-  reason, but take no more than K. Coverage at 30 daily looks is 94-96 %, which is what issue 14 asks
-  (93-97 %), also with uneven daily traffic (weekends at 40 %; see ``benchmarks/sequential_coverage.py``).
+  reason, but take no more than K. Coverage at 30 daily looks is 94-96 %, within the 93-97 % asked for, also
+  with uneven daily traffic (weekends at 40 %; see ``benchmarks/sequential_coverage.py``).
 
 Validity is asymptotic in both: the density estimate needs a minimum of users per arm (13 for p50, 77 for p95:
 ``min_users_for_quantile``; below it the interval is infinite and ``reason`` says why), and the data must be

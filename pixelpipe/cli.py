@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ def main() -> None:
 
 # -- configuration -------------------------------------------------------------------------------------------
 @main.command("config")
-@click.option("--markdown", is_flag=True, help="Print the table of every setting, as in the README.")
+@click.option("--markdown", is_flag=True, help="Print the table of every setting, as the documentation shows it.")
 def config_command(markdown: bool) -> None:
     """Show the settings in force (secrets masked)."""
     if markdown:
@@ -44,6 +45,22 @@ def config_command(markdown: bool) -> None:
     else:
         shown = load_settings().redacted() | {"stack": section_redacted(_stack_settings())}
         click.echo(json.dumps(shown, indent=2))
+
+
+# -- documentation -------------------------------------------------------------------------------------------
+@main.command("docs")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port on 127.0.0.1.")
+def docs_command(port: int) -> None:
+    """Serve the documentation site (mkdocs serve), rebuilt as its pages change, until Ctrl-C."""
+    config = Path(__file__).resolve().parents[1] / "mkdocs.yml"
+    if not config.is_file():
+        raise click.ClickException(f"no {config}: the documentation is served from a checkout of pixelpipe")
+    if importlib.util.find_spec("mkdocs") is None:
+        raise click.ClickException("MkDocs is not installed: install the docs extra, pip install 'pixelpipe[docs]'")
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's banner about its successor, on every build
+    os.chdir(config.parent)
+    command = ["-m", "mkdocs", "serve", "--config-file", str(config), "--dev-addr", f"127.0.0.1:{port}"]
+    os.execv(sys.executable, [sys.executable, *command])  # mkdocs owns the terminal: Ctrl-C stops it alone
 
 
 # -- local stack ---------------------------------------------------------------------------------------------

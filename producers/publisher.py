@@ -29,8 +29,11 @@ class Delivery:
     """Where the broker stored an event."""
 
     topic: str
+    """The topic the event was written to."""
     partition: int
+    """Its partition."""
     offset: int
+    """Its offset in that partition."""
 
 
 class DeliveryError(RuntimeError):
@@ -85,6 +88,7 @@ class PendingDelivery:
             callback(self)
 
     def done(self) -> bool:
+        """True once the broker acknowledged the event or refused it."""
         return self._done
 
     def add_done_callback(self, callback: Callable[[PendingDelivery], None]) -> None:
@@ -96,12 +100,16 @@ class PendingDelivery:
         callback(self)
 
     def exception(self, timeout: float | None = None) -> DeliveryError | None:
+        """The DeliveryError, or None once the event is delivered; waits up to ``timeout`` seconds (None: as long as
+        it takes), then raises TimeoutError."""
         with self._settled:
             if not self._settled.wait_for(self.done, timeout):
                 raise TimeoutError(f"no delivery report within {timeout}s")
         return self._error
 
     def result(self, timeout: float | None = None) -> Delivery:
+        """Where the broker stored the event, once it acknowledged it; raises its DeliveryError, or TimeoutError
+        after ``timeout`` seconds (None: as long as it takes)."""
         error = self.exception(timeout)
         if error is not None:
             raise error
@@ -225,6 +233,8 @@ class Publisher:
         return self._producer.flush(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> int:
+        """Flush for up to ``timeout_s``, then stop the delivery-report thread; returns how many events were still
+        unacknowledged. Leaving the ``with`` block closes."""
         remaining = self.flush(timeout_s)
         self._closed.set()
         self._poller.join()

@@ -27,10 +27,14 @@ class Collected(Generic[E]):
     decode are skipped, each listed in ``undecodable`` as ``topic/partition/offset: reason``."""
 
     events: dict[str, list[E]] = field(default_factory=dict)
+    """Each request id's events, in the order they were read."""
     missing: set[str] = field(default_factory=set)
+    """The request ids that did not get all their events in time."""
     undecodable: list[str] = field(default_factory=list)
+    """Where each skipped event was, and why it did not decode."""
 
     def latest(self) -> dict[str, E]:
+        """Each request id's last event read."""
         return {request_id: events[-1] for request_id, events in self.events.items()}
 
 
@@ -40,11 +44,15 @@ class CancelOutcome:
     topic, or None when there was none yet after ``waited_s``."""
 
     request_id: str
+    """The request the cancellation named."""
     result: ImageResult | None
+    """The request's result on the results topic, or None: none yet."""
     waited_s: float
+    """How long the results topic was read for it, in seconds."""
 
     @property
     def cancelled(self) -> bool:
+        """The request ended CANCELLED."""
         return self.result is not None and self.result.status == "CANCELLED"
 
     @property

@@ -85,11 +85,13 @@ def mask_secrets(text: str) -> str:
 
 
 def settings_table(sections: Iterable[type]) -> str:
-    """The configuration table for the README: variable, default, meaning."""
+    """The configuration table in Markdown, variable, default and meaning, as the documentation's configuration page
+    shows it (docs/hooks.py) and `pixelpipe config --markdown` prints it."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for section in sections:
         for f in dataclasses.fields(section):
-            rows.append(f"| `{f.metadata['env']}` | `{f.default}` | {f.metadata['doc']} |")
+            default = f"`{f.default}`" if f.default != "" else "empty"
+            rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['doc']} |")
     return "\n".join(rows)
 
 

@@ -1,5 +1,6 @@
-"""The shape of the code, checked: who may import whom, the README's folder table and configuration table against
-the tree and the settings, and every setting read by something."""
+"""The shape of the code, checked: who may import whom, the folder table of the documentation's architecture page
+against the tree, and every setting read by something. (The configuration page is generated from the settings:
+tests/unit/test_docs.py checks it.)"""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pixelpipe.core.settings import Settings, settings_table
+from pixelpipe.core.settings import Settings
 from pixelpipe.tools.stack.settings import StackSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+ARCHITECTURE_PAGE = ROOT / "docs" / "contributors" / "architecture.md"
 
 # Where each package's files are: the folder-to-package mapping of pyproject.toml, the one place it is written.
 PACKAGE_DIRS = {
@@ -85,7 +86,8 @@ def test_each_layer_imports_only_what_is_below_it(layer):
 
 
 def test_no_stage_folder_imports_a_sibling_and_the_runtime_never_imports_the_tools():
-    # The same rule as above, said the way the README says it, so a change to ALLOWED cannot quietly loosen it.
+    # The same rule as above, said the way the architecture page says it, so a change to ALLOWED cannot quietly
+    # loosen it.
     for stage in STAGE_FOLDERS:
         for path in _files(stage):
             for _, module in _imports(path):
@@ -95,16 +97,16 @@ def test_no_stage_folder_imports_a_sibling_and_the_runtime_never_imports_the_too
                 )
 
 
-def _readme_table(heading: str) -> list[list[str]]:
-    section = README.split(f"\n{heading}\n", 1)[1]
+def _page_table(heading: str) -> list[list[str]]:
+    section = ARCHITECTURE_PAGE.read_text().split(f"\n{heading}\n", 1)[1]
     rows = [line for line in section.split("\n\n| ", 1)[1].split("\n\n", 1)[0].splitlines()]
     return [
         [cell.strip() for cell in ("| " + row if i == 0 else row).strip("|").split("|")] for i, row in enumerate(rows)
     ]
 
 
-def test_the_readme_folder_table_matches_the_tree():
-    rows = _readme_table("### Folders")[2:]
+def test_the_architecture_page_folder_table_matches_the_tree():
+    rows = _page_table("## Folders")[2:]
     listed = {row[0].strip("`") for row in rows}
     for folder, package, _ in rows:
         if package:  # the package column says what pyproject.toml maps the folder to
@@ -112,13 +114,8 @@ def test_the_readme_folder_table_matches_the_tree():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     top_level = {f"{name.split('/')[0]}/" for name in tracked.splitlines() if "/" in name}
     top_level = {folder for folder in top_level if not folder.startswith(".")}
-    assert top_level <= listed, f"folders missing from the README table: {sorted(top_level - listed)}"
+    assert top_level <= listed, f"folders missing from {ARCHITECTURE_PAGE.name}'s table: {sorted(top_level - listed)}"
     assert all((ROOT / folder).is_dir() for folder in listed), f"listed but absent: {listed}"
-
-
-def test_the_readme_configuration_table_is_the_settings():
-    table = settings_table([*Settings.sections(), StackSettings])
-    assert table in README, "regenerate the README's configuration table with `pixelpipe config --markdown`"
 
 
 def _settings_reads() -> set[tuple[str, str]]:

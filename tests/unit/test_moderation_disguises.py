@@ -23,7 +23,7 @@ def prompts() -> PromptModerator:
     return PromptModerator()
 
 
-# The README's table (Processors, Moderation): what each disguise reads as.
+# The table of docs/operators/moderation.md ("Disguised prompts"): what each disguise reads as.
 @pytest.mark.parametrize(
     ("disguised", "read"),
     [
@@ -75,7 +75,7 @@ def test_a_disguised_negative_prompt_is_scored_for_profanity(prompts: PromptMode
     assert prompts.check("a portrait", negative_prompt=negative).rejected_categories == ["profanity"]
 
 
-# Leet and spelled-out spellings of the default rules' terms (README: Processors, "Disguised prompts").
+# Leet and spelled-out spellings of the default rules' terms (docs/operators/moderation.md, "Disguised prompts").
 LEET_RULE_TERMS = [
     ("m e t h", "illicit"), ("c0c41n3", "illicit"), ("p.o.r.n", "sexual"), ("s3x", "sexual"), ("n4z1", "hate"),
     ("g0re", "violence"), ("h3r01n", "illicit"), ("nud3", "sexual"), ("p0rn", "sexual"), ("s e x", "sexual"),
@@ -95,7 +95,8 @@ def test_leet_and_spelled_out_profanity_is_refused(prompts: PromptModerator, pro
     assert prompts.check(prompt).rejected_categories == ["profanity"]
 
 
-# Spellings of profane words, for the profanity model's recall with and without the reading (README: Processors).
+# Spellings of profane words, for the profanity model's recall with and without the reading
+# (docs/operators/moderation.md).
 LEET_PROFANITY = [
     "f u c k", "f.u.c.k", "f-u-c-k", "f_u_c_k", "fu ck", "fuk", "fck", "f*ck", "f**k", "fvck", "phuck", "fuc|<",
     "sh1t", "5h1t", "sh!t", "s h i t", "b1tch", "b!tch", "8itch", "b i t c h", "a$$hole", "@sshole", "a s s h o l e",
