@@ -112,7 +112,7 @@ def create_app(settings: Settings, ops_health: Health | None = None) -> Starlett
         beating = asyncio.ensure_future(heartbeat())
         store = open_object_store(settings.objects)
         pipeline = Pipeline(settings, store, instance_id(settings))
-        await asyncio.to_thread(pipeline.start, asyncio.get_running_loop())
+        await pipeline.start()
         keys, buckets = KeyStore(settings.gateway.keys_file), TokenBuckets()
         usage = None
         if settings.gateway.usage_sync_s > 0:
@@ -137,7 +137,7 @@ def create_app(settings: Settings, ops_health: Health | None = None) -> Starlett
             beating.cancel()
             if usage is not None:
                 await asyncio.to_thread(usage.close)
-            await asyncio.to_thread(pipeline.close)
+            await pipeline.close()
 
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),

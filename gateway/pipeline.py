@@ -1,5 +1,6 @@
-"""The gateway's side of the pipeline: publish a call's ImageRequest with the producer SDK, wait for its result on
-the reply topic, and make a retry with the same idempotency key return the same result rather than render again.
+"""The gateway's side of the pipeline: publish a call's ImageRequest and wait for its result with the producer SDK's
+client (``AsyncPixelpipeClient``: the gateway's reply topic is the client's, named ``gateway.<instance id>``), and
+make a retry with the same idempotency key return the same result rather than render again.
 
 Idempotency. A call with an ``Idempotency-Key`` header gets a request id derived from (key id, idempotency key);
 before publishing, the gateway creates a receipt (``gateway/receipts/<request id>.json``: when, and a fingerprint of
@@ -13,9 +14,9 @@ never sent it: then it is published now, once); and otherwise waits for the resu
 deadline. Within one instance, concurrent calls with the same key share one wait. The window is the topics'
 retention: after it, a retry finds its receipt but neither event and renders again.
 
-A caller that leaves before its answer abandons its request (``Pipeline.abandon``): the wait stops and a Cancellation
-is published, so the render workers spend no device time on an image nobody waits for; not for a call with an
-idempotency key, whose retry must still get its image.
+A caller that leaves before its answer abandons its request (``Pipeline.abandon``): the wait stops, and with it the
+client publishes a Cancellation, so the render workers spend no device time on an image nobody waits for; not for a
+call with an idempotency key, whose retry must still get its image (nor does its timeout cancel it).
 """
 
 from __future__ import annotations
@@ -34,18 +35,22 @@ from typing import Any
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pixelpipe.core.codec import Codec, codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.objects import ObjectNotFoundError, ObjectStore
 from pixelpipe.core.settings import KafkaSettings, Settings
-from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, ensure_topics, find_event
+from pixelpipe.core.topics import find_event
 from pixelpipe.gateway.errors import ApiError
-from pixelpipe.gateway.replies import ReplyListener
-from pixelpipe.producers import DeliveryError, InvalidRequestError, PendingDelivery, Publisher, new_request
+from pixelpipe.producers import (
+    AsyncPixelpipeClient,
+    DeliveryError,
+    InvalidRequestError,
+    Preview,
+    ResultTimeoutError,
+    new_request,
+)
+from pixelpipe.producers.client import PUBLISH_TIMEOUT_S, RESULT_GRACE_S
 
 log = logging.getLogger(__name__)
-PUBLISH_TIMEOUT_S = 30.0
-RESULT_GRACE_S = 5.0  # past the deadline, for the pipeline's own DEADLINE_EXCEEDED result to arrive
 LAG_CACHE_S = 1.0
 RECEIPT_SLACK_MS = 10_000  # scans start this long before a receipt's time (clocks of broker and gateway differ)
 
@@ -77,7 +82,7 @@ class Submission:
     source_image_uri: str | None = None
     reference_image_uris: tuple[str, ...] = ()
     mask_uri: str | None = None
-    partial_images: int = 0  # previews of the image in progress to send to the reply topic
+    partial_images: int = 0  # previews of the image in progress to stream to the caller
 
 
 def image_request(submission: Submission, reply_topic: str, timeout_s: float) -> ImageRequest:
@@ -212,34 +217,34 @@ class Pipeline:
         self.settings = settings
         self.store = store
         self.instance_id = instance_id
-        self.reply_topic = f"{settings.topics.reply_prefix}gateway.{instance_id}"
-        self.codec: Codec = codec_from_settings(settings.kafka)
         self.timeout_s = settings.gateway.timeout_s
-        self.listener = ReplyListener(settings.kafka, self.reply_topic, self.codec)
+        self.client = AsyncPixelpipeClient(
+            settings,
+            f"gateway.{instance_id}",
+            timeout_s=self.timeout_s,
+            requested_by=f"gateway:{instance_id}",
+            abandon_reason="the caller left before its answer",
+            store=store,
+        )
+        self.reply_topic = self.client.reply_topic
         self.lag_monitor = LagMonitor(
             settings.kafka, settings.topics.requests, f"{settings.stages.consumer_group}-moderation"
         )
         self.receipts = GroupCommit(store)
-        self.publisher: Publisher | None = None
         self._inflight: dict[str, asyncio.Future[ImageResult]] = {}
+        self._previews: dict[str, asyncio.Queue[Preview]] = {}
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        kafka, topics = self.settings.kafka, self.settings.topics
-        ensure_topics(kafka, topics, [topics.requests, topics.results, topics.cancellations])
-        ensure_topics(kafka, topics, [self.reply_topic], partitions=1)
-        if not self.store.creates_exclusively():
+    async def start(self) -> None:
+        await self.client.start()
+        if not await asyncio.to_thread(self.store.creates_exclusively):
             log.warning(
                 "the object store ignores conditional writes: a retry racing its original call on another gateway "
                 "instance may publish twice",
                 extra={"store": self.store.root_uri},
             )
-        self.publisher = Publisher(self.settings)
-        self.listener.start(loop)
 
-    def close(self) -> None:
-        self.listener.stop()
-        if self.publisher is not None:
-            self.publisher.close(5)
+    async def close(self) -> None:
+        await self.client.close()
 
     def check_capacity(self) -> None:
         """503 with Retry-After while more requests wait for moderation than PIXELPIPE_GATEWAY_MAX_LAG."""
@@ -267,17 +272,24 @@ class Pipeline:
         return await asyncio.shield(shared)
 
     def abandon(self, submission: Submission) -> None:
-        """Its caller left before the answer: stop waiting and cancel the request, unless the call carried an
-        idempotency key. Best effort: a cancellation the broker refuses is logged."""
-        if submission.idempotent or self.publisher is None:
+        """Its caller left before the answer: stop waiting, which cancels the request (the client publishes the
+        Cancellation), unless the call carried an idempotency key."""
+        if submission.idempotent:
             return
-        rid = submission.request_id
-        waiting = self._inflight.get(rid)
+        waiting = self._inflight.get(submission.request_id)
         if waiting is not None:
             waiting.cancel()
-        reason, by = "the caller left before its answer", f"gateway:{self.instance_id}"
-        self.publisher.publish_cancellation(rid, reason, by).add_done_callback(_log_refused_cancellation)
-        log.info("caller left: request cancelled", extra={"request_id": rid})
+            log.info("caller left: request cancelled", extra={"request_id": submission.request_id})
+
+    def previews(self, request_id: str) -> asyncio.Queue[Preview]:
+        """A queue of the previews of ``request_id``'s image in progress, for a call that streams them; ask before
+        ``submit``, ``forget_previews`` after."""
+        queue: asyncio.Queue[Preview] = asyncio.Queue()
+        self._previews[request_id] = queue
+        return queue
+
+    def forget_previews(self, request_id: str) -> None:
+        self._previews.pop(request_id, None)
 
     async def _run(self, submission: Submission) -> ImageResult:
         rid = submission.request_id
@@ -298,44 +310,25 @@ class Pipeline:
         return await self._publish_and_wait(submission)
 
     async def _publish_and_wait(self, submission: Submission) -> ImageResult:
+        """Publish the submission with the client and wait for its result, its previews to the call's queue."""
         rid = submission.request_id
-        future = self.listener.expect(rid)
+        previews = self._previews.get(rid)
         try:
-            request = image_request(submission, self.reply_topic, self.timeout_s)
-            headers = (
-                {PARTIAL_IMAGES_HEADER: str(submission.partial_images).encode()} if submission.partial_images else None
+            return await self.client.submit(
+                image_request(submission, self.reply_topic, self.timeout_s),
+                partial_images=submission.partial_images,
+                on_preview=None if previews is None else previews.put_nowait,
+                cancel_when_abandoned=not submission.idempotent,
             )
-            await self._publish(request, headers)
-            return await self._wait(future, request.deadline)
-        finally:
-            self.listener.forget(rid, future)
-
-    async def _wait(self, future: asyncio.Future[ImageResult], deadline: dt.datetime | None) -> ImageResult:
-        assert deadline is not None
-        remaining = (deadline - dt.datetime.now(dt.UTC)).total_seconds() + RESULT_GRACE_S
-        try:
-            return await asyncio.wait_for(future, max(0.1, remaining))
-        except TimeoutError:
-            raise deadline_error(self.timeout_s) from None
-
-    async def _publish(self, request: ImageRequest, headers: dict[str, bytes] | None = None) -> None:
-        """Returns once the broker acknowledged ``request``: the delivery report settles a future on this loop, so
-        a call waiting for its acknowledgement holds no thread."""
-        assert self.publisher is not None
-        loop = asyncio.get_running_loop()
-        acknowledged: asyncio.Future[None] = loop.create_future()
-        try:
-            pending = self.publisher.publish(request, headers=headers)
         except InvalidRequestError as e:
             raise ApiError(400, str(e), param=e.field) from None
-        pending.add_done_callback(lambda settled: loop.call_soon_threadsafe(_settle_delivery, acknowledged, settled))
-        try:
-            await asyncio.wait_for(acknowledged, PUBLISH_TIMEOUT_S)
-        except (DeliveryError, TimeoutError) as e:
-            log.warning("request not accepted by the broker", extra={"request_id": request.request_id, "error": str(e)})
+        except DeliveryError as e:
+            log.warning("request not accepted by the broker", extra={"request_id": rid, "error": str(e)})
             raise ApiError(
                 503, "The pipeline did not accept the request; retry later.", type="server_error", retry_after_s=5
             ) from None
+        except ResultTimeoutError:
+            raise deadline_error(self.timeout_s) from None
 
     # -- idempotency ---------------------------------------------------------------------------------------
     def _receipt_key(self, request_id: str) -> str:
@@ -354,14 +347,14 @@ class Pipeline:
     async def _recover(self, submission: Submission, created_ms: int) -> ImageResult:
         """A retried call: its result if it exists, else its request if it was published, else publish it now."""
         rid = submission.request_id
-        recent = self.listener.recent(rid)
+        recent = self.client.recent_result(rid)
         if recent is not None:
             return recent
         kafka, topics = self.settings.kafka, self.settings.topics
         since = created_ms - RECEIPT_SLACK_MS
         found = await asyncio.to_thread(find_event, kafka, topics.results, rid, since, None)
         if found is not None:
-            return self.codec.decode_as(ImageResult, found)
+            return self.client.codec.decode_as(ImageResult, found)
         # The receipt's maker may be publishing right now (a call racing on another instance): its request is
         # awaited until that publish would have timed out. Only a request missing past then is published here.
         publishing_s = created_ms / 1000 + PUBLISH_TIMEOUT_S - time.time()
@@ -371,13 +364,13 @@ class Pipeline:
         if published is None:
             log.info("receipt without request: publishing", extra={"request_id": rid})
             return await self._publish_and_wait(submission)
-        request = self.codec.decode_as(ImageRequest, published)
+        request = self.client.codec.decode_as(ImageRequest, published)
         deadline = request.deadline or dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.timeout_s)
         until = time.monotonic() + max(0.1, (deadline - dt.datetime.now(dt.UTC)).total_seconds() + RESULT_GRACE_S)
         found = await self._tail(topics.results, rid, since, until)
         if found is None:
             raise deadline_error(self.timeout_s)
-        return self.codec.decode_as(ImageResult, found)
+        return self.client.codec.decode_as(ImageResult, found)
 
     async def _tail(self, topic: str, request_id: str, since_ms: int, until_monotonic: float | None) -> bytes | None:
         """``find_event`` in a thread (to the topic's end when ``until_monotonic`` is None), told to stop should the
@@ -389,22 +382,6 @@ class Pipeline:
             )
         finally:
             stop.set()
-
-
-def _settle_delivery(acknowledged: asyncio.Future[None], settled: PendingDelivery) -> None:
-    if acknowledged.done():  # the call gave up waiting
-        return
-    error = settled.exception(0)
-    if error is None:
-        acknowledged.set_result(None)
-    else:
-        acknowledged.set_exception(error)
-
-
-def _log_refused_cancellation(settled: PendingDelivery) -> None:
-    error = settled.exception(0)
-    if error is not None:
-        log.warning("cancellation not published", extra={"error": str(error)})
 
 
 def deadline_error(timeout_s: float) -> ApiError:

@@ -34,11 +34,10 @@ def stream(
     size = f"{submission.width}x{submission.height}"
     common = {"background": "opaque", "output_format": call.output_format, "size": size}
     asked_quality = gateway.quality_ran(call, call.model, call.steps)  # the partial images come before the result
-    listener = gateway.pipeline.listener
     base_url = str(request.base_url)
 
     async def events() -> AsyncIterator[bytes]:
-        previews = listener.previews(submission.request_id)
+        previews = gateway.pipeline.previews(submission.request_id)
         task = asyncio.ensure_future(submit_and_wait(gateway, submission, request))
 
         async def partial(index: int, preview: bytes) -> bytes:
@@ -90,7 +89,7 @@ def stream(
             log.exception("call failed", extra={"request_id": submission.request_id})
             yield _event({"type": "error", **internal_error(submission.request_id).body()})
         finally:
-            listener.forget_previews(submission.request_id)
+            gateway.pipeline.forget_previews(submission.request_id)
             if not task.done():
                 task.cancel()
 

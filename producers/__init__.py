@@ -1,4 +1,5 @@
-"""The producer SDK for upstream services: build, validate and publish ImageRequests.
+"""The producer SDK for upstream services: build, validate and publish ImageRequests, or publish one and await its
+result with a client (``PixelpipeClient``, ``AsyncPixelpipeClient``: ``client.py``).
 
 from pixelpipe.core.settings import Settings
 from pixelpipe.producers import Publisher, new_request
@@ -11,17 +12,23 @@ with Publisher(Settings.from_env()) as publisher:
 
 from pixelpipe.core.experiments import assign_variant
 from pixelpipe.core.validation import InvalidRequestError, validate_request
+from pixelpipe.producers.client import AsyncPixelpipeClient, PixelpipeClient, ResultTimeoutError
 from pixelpipe.producers.publisher import Delivery, DeliveryError, PendingDelivery, Publisher
+from pixelpipe.producers.replies import Preview
 from pixelpipe.producers.requests import new_request
 from pixelpipe.producers.results import CancelOutcome
 
 __all__ = [
+    "AsyncPixelpipeClient",
     "CancelOutcome",
     "Delivery",
     "DeliveryError",
     "InvalidRequestError",
     "PendingDelivery",
+    "PixelpipeClient",
+    "Preview",
     "Publisher",
+    "ResultTimeoutError",
     "assign_variant",
     "new_request",
     "validate_request",

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 from confluent_kafka.admin import AclOperation
@@ -26,7 +25,6 @@ from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo
 from pixelpipe.gateway.pipeline import Pipeline, Submission
 from pixelpipe.gateway.ratelimit import TokenBuckets
-from pixelpipe.gateway.replies import ReplyListener
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
 from pixelpipe.processors.outcomes import Outcome
@@ -34,6 +32,7 @@ from pixelpipe.processors.stages import GenerateStage, Inbound, StageContext
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import CancelOutcome, new_request
 from pixelpipe.tools.model_builders import build_tiny_models
+from tests.fake_kafka import faked_kafka
 
 STEPS = 10
 SUBMISSION = Submission(
@@ -246,9 +245,14 @@ class WaitingPipeline:
 
     def __init__(self) -> None:
         self.abandoned: list[Submission] = []
-        self.listener = ReplyListener(Settings().kafka, self.reply_topic, Codec())  # for previews: never started
 
     def check_capacity(self) -> None:
+        pass
+
+    def previews(self, request_id: str) -> asyncio.Queue:
+        return asyncio.Queue()  # none come
+
+    def forget_previews(self, request_id: str) -> None:
         pass
 
     async def submit(self, submission: Submission) -> ImageResult:
@@ -324,26 +328,26 @@ def test_a_caller_that_leaves_before_its_answer_abandons_its_request(tmp_path, s
     assert sample_value("pixelpipe_gateway_calls_waiting") == 0
 
 
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.cancellations: list[tuple[str, str | None, str | None]] = []
+def test_abandoning_cancels_the_request_and_its_wait_unless_it_carried_an_idempotency_key(tmp_path, monkeypatch):
+    broker = faked_kafka(monkeypatch)  # no worker: both wait until abandoned
+    submissions = [dataclasses.replace(SUBMISSION, request_id=rid, idempotent=rid == "b") for rid in ("a", "b")]
 
-    def publish_cancellation(self, request_id, reason=None, requested_by=None):
-        self.cancellations.append((request_id, reason, requested_by))
-        return SimpleNamespace(add_done_callback=lambda callback: None)
-
-
-def test_abandoning_cancels_the_request_and_its_wait_unless_it_carried_an_idempotency_key(tmp_path):
-    async def scenario() -> tuple[Pipeline, asyncio.Future, asyncio.Future]:
+    async def scenario() -> tuple[bool, bool]:
         pipeline = Pipeline(Settings(), FileObjectStore(tmp_path / "objects"), "gw-1")
-        pipeline.publisher = RecordingPublisher()
-        waits = {}
-        for request_id, idempotent in (("a", False), ("b", True)):
-            waits[request_id] = pipeline._inflight[request_id] = asyncio.Future()
-            pipeline.abandon(dataclasses.replace(SUBMISSION, request_id=request_id, idempotent=idempotent))
-        await asyncio.sleep(0)
-        return pipeline, waits["a"], waits["b"]
+        await pipeline.start()
+        calls = [asyncio.ensure_future(pipeline.submit(submission)) for submission in submissions]
+        while len(broker.published) < 2:
+            await asyncio.sleep(0.01)
+        plain_wait, keyed_wait = (pipeline._inflight[submission.request_id] for submission in submissions)
+        for submission in submissions:
+            pipeline.abandon(submission)
+        await asyncio.gather(plain_wait, return_exceptions=True)
+        outcome = plain_wait.cancelled(), keyed_wait.done()
+        keyed_wait.cancel()  # the gateway stops
+        await asyncio.gather(*calls, keyed_wait, return_exceptions=True)
+        await pipeline.close()
+        return outcome
 
-    pipeline, plain_wait, keyed_wait = asyncio.run(scenario())
-    assert pipeline.publisher.cancellations == [("a", "the caller left before its answer", "gateway:gw-1")]
-    assert plain_wait.cancelled() and not keyed_wait.cancelled()  # a retry with its key must still get its image
+    plain_cancelled, keyed_done = asyncio.run(scenario())
+    assert broker.cancellations == [("a", "the caller left before its answer", "gateway:gw-1")]
+    assert plain_cancelled and not keyed_done  # a retry with its key must still get its image

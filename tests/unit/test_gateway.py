@@ -319,27 +319,33 @@ def test_keys_command_creates_lists_and_revokes(tmp_path, monkeypatch):
     assert runner.invoke(main, ["keys", "revoke", "knope"]).exit_code == 1
 
 
-def test_no_result_by_the_deadline_is_a_504(tmp_path):
+def test_no_result_by_the_deadline_is_a_504_and_cancels_the_request(tmp_path, monkeypatch):
     import asyncio
-    import datetime as dt
 
     from pixelpipe.core.objects import FileObjectStore
     from pixelpipe.core.settings import Settings
-    from pixelpipe.gateway import pipeline as module
+    from pixelpipe.gateway.pipeline import Pipeline, Submission
+    from tests.fake_kafka import faked_kafka, no_grace
 
-    pipeline = module.Pipeline(Settings().updated(gateway_timeout_s=0.1), FileObjectStore(tmp_path), "test")
+    broker = faked_kafka(monkeypatch)  # no worker: no result comes
+    no_grace(monkeypatch)
+    pipeline = Pipeline(Settings().updated(gateway_timeout_s=0.1), FileObjectStore(tmp_path), "test")
+    submission = Submission(
+        request_id="k1-r", idempotent=False, fingerprint="f", kind="GENERATE", user_id="u", prompt="a fox",
+        model="tiny-sd", n=1, width=64, height=64, steps=None,
+    )  # fmt: skip
 
     async def wait():
-        never = asyncio.get_running_loop().create_future()
-        return await pipeline._wait(never, dt.datetime.now(dt.UTC))
+        await pipeline.start()
+        try:
+            return await pipeline.submit(submission)
+        finally:
+            await pipeline.close()
 
-    grace, module.RESULT_GRACE_S = module.RESULT_GRACE_S, 0.0
-    try:
-        with pytest.raises(ApiError) as e:
-            asyncio.run(wait())
-    finally:
-        module.RESULT_GRACE_S = grace
+    with pytest.raises(ApiError) as e:
+        asyncio.run(wait())
     assert (e.value.status, e.value.code, e.value.type) == (504, "timeout", "server_error")
+    assert broker.cancellations == [("k1-r", "no result by its deadline", "gateway:test")]
 
 
 def test_receipts_created_together_are_all_durable_with_one_sync_per_batch(tmp_path):

@@ -20,27 +20,23 @@ from pixelpipe.gateway.params import ModelInfo
 from pixelpipe.gateway.ratelimit import TokenBuckets
 
 
-class StandInListener:
-    """Sends no previews: a stream's only image is its completed one."""
-
-    def previews(self, request_id):
-        return asyncio.Queue()
-
-    def forget_previews(self, request_id):
-        pass
-
-
 class StandInPipeline:
-    """Answers every submission with one stored image, as the pipeline would."""
+    """Answers every submission with one stored image, as the pipeline would; sends no previews: a stream's only
+    image is its completed one."""
 
     reply_topic = "pixelpipe.replies.gateway.test"
 
     def __init__(self, store):
         self.store = store
         self.submissions = []
-        self.listener = StandInListener()
 
     def check_capacity(self):
+        pass
+
+    def previews(self, request_id):
+        return asyncio.Queue()
+
+    def forget_previews(self, request_id):
         pass
 
     async def submit(self, submission):
@@ -224,10 +220,10 @@ def test_ready_while_the_pipeline_is_started_and_live_while_the_loop_beats(tmp_p
             super().__init__(store)
             self.started = self.closed = False
 
-        def start(self, loop):
+        async def start(self):
             self.started = True
 
-        def close(self):
+        async def close(self):
             self.closed = True
 
     registry = tmp_path / "registry.json"

@@ -1,10 +1,10 @@
-"""Results for this gateway's calls: its own reply topic, read from the end. A call whose reply went elsewhere (a
-retry after a restart, or through another instance) scans the results topic instead
-(``pixelpipe.core.topics.find_event``).
+"""A client's reply topic, read from its end: the results and previews the workers copy there, routed to the waiting
+calls by request id.
 
 The workers send a copy of each result to the request's reply topic after the result itself is on the results
-topic (best effort: README, "reply topic"); each gateway instance has its own reply topic, so it reads only the
-results of its own calls and matches them to the waiting calls by request id.
+topic (best effort: a copy the broker does not take within PIXELPIPE_REPLY_TIMEOUT_MS is dropped), and, before it,
+the previews its Kafka header asked for. Each client has its own reply topic, so it reads only the replies to its own
+requests; a reply nobody waits for (another process's, on a topic two of them share) is passed over.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
 
 from confluent_kafka import Consumer
 
@@ -22,11 +24,21 @@ from pixelpipe.core.settings import KafkaSettings
 from pixelpipe.core.topics import PREVIEW_HEADER, assign_from_end, assigned_consumer
 
 log = logging.getLogger(__name__)
-RECENT_RESULTS = 4096  # results kept after they arrived, for a call retried while this instance still runs
+RECENT_RESULTS = 4096  # results kept after they arrived, for a call retried while this client still runs
+
+
+class Preview(NamedTuple):
+    """A preview of an image in progress: the render stage's small JPEG of its latents after a denoising step."""
+
+    index: int
+    """Which preview of the request this is, from 0."""
+    jpeg: bytes
+    """The preview, a JPEG."""
 
 
 class ReplyListener:
-    """Reads the reply topic on a thread and settles each waiting call's future with its ImageResult."""
+    """Reads the reply topic on a thread, settles each waiting call's future with its ImageResult and hands each
+    preview to its request's callback, both on the event loop given to ``start``."""
 
     def __init__(self, kafka: KafkaSettings, topic: str, codec: Codec) -> None:
         self.topic = topic
@@ -34,7 +46,7 @@ class ReplyListener:
         self._codec = codec
         self._waiters: dict[str, list[asyncio.Future[ImageResult]]] = {}
         self._recent: OrderedDict[str, ImageResult] = OrderedDict()
-        self._previews: dict[str, asyncio.Queue[tuple[int, bytes]]] = {}
+        self._previews: dict[str, Callable[[Preview], None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -46,7 +58,7 @@ class ReplyListener:
         self._loop = loop
         consumer = assigned_consumer(self._kafka)
         assign_from_end(consumer, self.topic)
-        self._thread = threading.Thread(target=self._read, args=(consumer,), name="gateway-replies", daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(consumer,), name="pixelpipe-replies", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -56,7 +68,7 @@ class ReplyListener:
 
     def expect(self, request_id: str) -> asyncio.Future[ImageResult]:
         """A future for ``request_id``'s result; register it before publishing."""
-        assert self._loop is not None
+        assert self._loop is not None, "start the listener first"
         future: asyncio.Future[ImageResult] = self._loop.create_future()
         with self._lock:
             recent = self._recent.get(request_id)
@@ -74,18 +86,18 @@ class ReplyListener:
             if not waiters:
                 self._waiters.pop(request_id, None)
 
-    def previews(self, request_id: str) -> asyncio.Queue[tuple[int, bytes]]:
-        """A queue of (index, JPEG) previews of ``request_id``'s image in progress; ``forget_previews`` after."""
-        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+    def watch_previews(self, request_id: str, on_preview: Callable[[Preview], None]) -> None:
+        """Call ``on_preview`` on the event loop with each preview of ``request_id``'s image until
+        ``forget_previews``."""
         with self._lock:
-            self._previews[request_id] = queue
-        return queue
+            self._previews[request_id] = on_preview
 
     def forget_previews(self, request_id: str) -> None:
         with self._lock:
             self._previews.pop(request_id, None)
 
     def recent(self, request_id: str) -> ImageResult | None:
+        """``request_id``'s result if it arrived lately (the last RECENT_RESULTS results)."""
         with self._lock:
             return self._recent.get(request_id)
 
@@ -115,10 +127,10 @@ class ReplyListener:
 
     def _preview(self, key: bytes | None, index: bytes, value: bytes | None) -> None:
         with self._lock:
-            queue = self._previews.get((key or b"").decode(errors="replace"))
-        if queue is not None and value and index.isdigit():
+            on_preview = self._previews.get((key or b"").decode(errors="replace"))
+        if on_preview is not None and value and index.isdigit():
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(queue.put_nowait, (int(index), value))
+            self._loop.call_soon_threadsafe(on_preview, Preview(int(index), value))
 
     def _arrived(self, result: ImageResult) -> None:
         with self._lock:
