@@ -1,6 +1,7 @@
 """The documentation site: `mkdocs build --strict` succeeds (a broken link or anchor, a stale snippet, a page left out
 of the navigation or an SDK name that no longer exists fails it), the pages generated from the code say what the
-code says, the analysts' example queries run on the current ClickHouse schema, and `pixelpipe docs` serves it."""
+code says, every repository path the pages name exists, the analysts' example queries run on the current ClickHouse
+schema, and `pixelpipe docs` serves it."""
 
 from __future__ import annotations
 
@@ -128,6 +129,20 @@ def test_the_cli_reference_has_every_command_and_option(site: Path):
         assert f'id="pixelpipe-{"-".join(path)}"' in source, path
         options = [opt for parameter in command.params if isinstance(parameter, click.Option) for opt in parameter.opts]
         assert all(option in text for option in options), (path, options)
+
+
+def test_every_repository_path_the_pages_name_exists():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    folders = {name.split("/", 1)[0] for name in tracked.splitlines() if "/" in name}
+    stale = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks show commands and output
+        for name in re.findall(r"`([^`\s]+)`", prose):
+            if name.split("/", 1)[0] not in folders or "/" not in name or re.search(r"[*<>…{}$]|\bvN\b", name):
+                continue  # not a path, or a pattern: `analytics/dashboards/*.sql`, `tests/fixtures/vN/`
+            if not (ROOT / name.split(":", 1)[0]).exists():
+                stale.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not stale, "pages name paths that do not exist:\n" + "\n".join(stale)
 
 
 def test_the_example_queries_run_on_the_current_schema(tmp_path: Path):
