@@ -108,7 +108,14 @@ def test_the_contracts_page_has_every_field_of_every_schema(site: Path):
 
 def test_the_sdk_reference_is_read_from_the_source(site: Path):
     text = _text(site, "upstream/sdk-reference")
-    for name in ("Publisher", "new_request", "CancelOutcome", "results.collect"):
+    for name in (
+        "Publisher",
+        "new_request",
+        "PixelpipeClient",
+        "AsyncPixelpipeClient",
+        "CancelOutcome",
+        "results.collect",
+    ):
         assert f"pixelpipe.producers.{name}" in text
     bare = re.sub(r"\s", "", text)
     for method in (Publisher.publish, Publisher.cancel, Publisher.close):
