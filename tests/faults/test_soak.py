@@ -1,11 +1,12 @@
 """A long run with every restart in it.
 
 The soak: a worker (moderation + generate, tiny models) and the ClickHouse sink run for PIXELPIPE_SOAK_S (300 s by
-default, which keeps the whole suite within 30 minutes on a 2-core machine; set it to hours for a long soak) under
-a steady low load (PIXELPIPE_SOAK_RATE, 0.5 requests/s by default; 64x64, 2 steps). Along the way the worker is stopped with SIGTERM and started again, killed with SIGKILL and started
-again, a second worker joins the group for a while and leaves (two rebalances), and the broker is stopped and
-started as ``test_faults`` does it. Throughout, every worker that should be running has its /healthz polled every
-couple of seconds, and the results landed in ClickHouse are counted. At the end:
+default, which keeps the whole suite within 30 minutes on a 2-core machine; set it to hours for a long soak) under a
+steady low load (PIXELPIPE_SOAK_RATE, 0.5 requests/s by default; 64x64, 2 steps). Along the way the worker is
+stopped with SIGTERM and started again, killed with SIGKILL and started again, a second worker joins the group for a
+while and leaves (two rebalances), and the broker is stopped and started as ``test_faults`` does it. Throughout,
+every worker that should be running has its /healthz polled every couple of seconds, and the results landed in
+ClickHouse are counted. At the end:
 
 - ``Harness.verify``: every request has exactly one terminal result, none duplicated, every image stored;
 - the worker group's lag is 0 on every partition of the topics it reads (no partition was left behind);
