@@ -235,8 +235,8 @@ class _Client(ABC, Generic[Answer]):
         kafka, topics = self.settings.kafka, self.settings.topics
         ensure_topics(kafka, topics, [topics.requests, topics.results, topics.cancellations])
         ensure_topics(kafka, topics, [self.reply_topic], partitions=1)
-        self.publisher = Publisher(self.settings, self.codec)
         self.listener.start(loop)
+        self.publisher = Publisher(self.settings, self.codec)
 
     def _disconnect(self) -> None:
         self.listener.stop()
@@ -370,7 +370,11 @@ class PixelpipeClient(_Client[ImageResult]):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pixelpipe-client", daemon=True)
         self._thread.start()
-        self._connect(self._loop)
+        try:
+            self._connect(self._loop)
+        except BaseException:
+            self.close()  # the loop's thread with it
+            raise
 
     def close(self) -> None:
         """Cancel the calls still waiting (and their requests), stop reading replies, flush the publisher (for up to
