@@ -24,7 +24,6 @@ import pandas as pd
 from pixelpipe.analytics import stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.defaults import DEFAULT_MIN_USERS_PER_ARM
-from pixelpipe.analytics.report_text import TABLE_WIDTH as TABLE_WIDTH  # re-exported: the tests read it here
 from pixelpipe.analytics.report_text import ReportText
 from pixelpipe.analytics.sequential import quantile_confidence_sequence
 from pixelpipe.core.experiments import Experiment

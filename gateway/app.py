@@ -29,8 +29,6 @@ from pixelpipe.core.objects import FileObjectStore, ObjectStoreError, open_objec
 from pixelpipe.core.settings import Settings
 from pixelpipe.core.telemetry import Health
 from pixelpipe.gateway.answers import MEDIA_TYPES
-from pixelpipe.gateway.answers import result_error as result_error  # re-exported: the unit tests import it here
-from pixelpipe.gateway.answers import transcode as transcode  # re-exported: the unit tests import it here
 from pixelpipe.gateway.errors import ApiError, InternalErrors, error_response, route_error
 from pixelpipe.gateway.images import edits, generations
 from pixelpipe.gateway.keys import KeyStore

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pixelpipe.analytics import report, report_html, stats
+from pixelpipe.analytics import report, report_html, report_text, stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.cli import analyze as analyze_command
 from pixelpipe.core.clickhouse import ChdbClient, connect
@@ -347,8 +347,8 @@ def test_cli_table_stays_within_120_characters_with_long_notes(analysis: report.
     noisy = dataclasses.replace(analysis, experiment=two, results=res, notes=[*analysis.notes, "x" * 300, long_note])
     text = noisy.table()
     lines = text.splitlines()
-    assert max(map(len, lines)) <= report.TABLE_WIDTH
-    assert max(map(len, analysis.table().splitlines())) <= report.TABLE_WIDTH
+    assert max(map(len, lines)) <= report_text.TABLE_WIDTH
+    assert max(map(len, analysis.table().splitlines())) <= report_text.TABLE_WIDTH
     # The note is below the tables, numbered, and the row points to it; it is not a column.
     (row,) = [line for line in lines if line.startswith("failure_rate ")]
     assert "n/a: see note 1" in row and "denominator" not in row

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pixelpipe.core.events import CategoryScore, ImageResult
 from pixelpipe.core.settings import KafkaSettings, RequestLimits, TopicSettings
-from pixelpipe.gateway.app import result_error, transcode
+from pixelpipe.gateway.answers import result_error, transcode
 from pixelpipe.gateway.errors import ApiError
 from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo, parse_call, read_registry
