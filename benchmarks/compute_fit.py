@@ -10,7 +10,7 @@ calibrate`` does (``pixelpipe.tools.calibration``: the worker's ``DiffusionModel
 sizes, a non-negative least-squares fit) and its fit and residuals are printed. Then one image at ``--check-size``
 (by default larger than the grid's largest side on a CPU, the largest a request may ask for on a GPU) is rendered
 and its measured device seconds set against the fit's prediction: predicted, measured and their ratio. Last, every
-fit in the registry's ``compute_fit`` form (``processors.models.DEFAULT_COMPUTE_FITS`` holds the full-size ones).
+fit in the registry's ``compute_fit`` form (``pixelpipe.core.registry.DEFAULT_COMPUTE_FITS`` holds the full-size ones).
 
 Imports only the model code (no Kafka, no object store): on a GPU machine without the project's environment,
 carry wheels for diffusers, importlib_metadata and what ``pixelpipe.processors.models`` imports (aiokafka,
@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry
+from pixelpipe.core.registry import FAMILIES, Family, ModelEntry, ModelRegistry
+from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.tools.calibration import Calibration, Grid, calibrate, default_grid, render_seconds
-from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, FAMILIES, Family, build_pipeline, full_size_pipeline
+from pixelpipe.tools.model_builders import DEFAULT_GUIDANCE, build_pipeline, full_size_pipeline
 
 MODEL = "fit"
 

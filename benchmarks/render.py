@@ -21,7 +21,7 @@ Printed: images/s, the ratios worker/raw (same batch, same compile setting) and 
 busy fraction of the worker path (model seconds over wall seconds under the backlog). The paths take turns; on a
 CPU shared with other work, ``--rounds 3`` shows each figure's least disturbed round. With ``--fit``, then the
 family's compute fit on this device, as ``benchmarks/compute_fit.py`` measures it (full size on a GPU: the fit for
-``processors.models.DEFAULT_COMPUTE_FITS``), checked at 2048x2048 (on a CPU at twice the grid's largest side).
+``pixelpipe.core.registry.DEFAULT_COMPUTE_FITS``), checked at 2048x2048 (on a CPU at twice the grid's largest side).
 
 On a GPU machine without the project's environment, carry wheels for diffusers, importlib_metadata, fastavro,
 boto3, botocore, s3transfer and jmespath (the stage code reads and writes through ``pixelpipe.core``; no Kafka
@@ -51,10 +51,12 @@ from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageRequest, ImageResult, StageMetric
 from pixelpipe.core.ids import new_event_id
 from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.registry import ModelEntry, ModelRegistry, WarmUp
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
-from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelRegistry, WarmUp
+from pixelpipe.processors.messages import Emission, Inbound, StageContext
+from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
-from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.takes import InOrderAcknowledgement, render_take
 from pixelpipe.tools.calibration import default_grid

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pixelpipe.core.families import default_max_source_images
+from pixelpipe.core.registry import ModelRegistry
 from pixelpipe.core.settings import RequestLimits
 from pixelpipe.core.topics import MAX_PARTIAL_IMAGES
 from pixelpipe.core.validation import MAX_IMAGES, SIDE_MULTIPLE
@@ -70,19 +70,13 @@ class ModelInfo:
 
 
 def read_registry(path: str | Path) -> dict[str, ModelInfo]:
-    """The registry's models, in file order (the first is the default model), as the gateway sees them."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model registry {path} cannot be read (PIXELPIPE_MODEL_REGISTRY): {e}") from None
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"model registry {path}: expected a non-empty object of name -> model")
-    models = {}
-    for name, entry in raw.items():
-        kind = str(entry.get("kind", "stable-diffusion"))
-        images = int(entry.get("max_source_images", default_max_source_images(kind)))
-        models[name] = ModelInfo(name, kind, int(entry.get("default_steps", 25)), images)
-    return models
+    """The registry's models, in file order (the first is the default model), as the gateway sees them: read and
+    checked as the workers read them (``pixelpipe.core.registry``)."""
+    registry = ModelRegistry.load(path)
+    return {
+        name: ModelInfo(name, entry.kind, entry.default_steps, entry.max_source_images)
+        for name, entry in registry.entries.items()
+    }
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pixelpipe.core.cli import ReportsUnreachableServers, load_settings, needs_kafka
+from pixelpipe.core.registry import FAMILIES, ModelError
 from pixelpipe.core.settings import Settings, section_from_env, section_redacted, settings_table
 from pixelpipe.tools.stack.settings import StackSettings
 
@@ -197,7 +198,6 @@ def top_command(url: str | None, once: bool, interval: float, width: int | None)
 def worker_command(stages: str) -> None:
     """Run pipeline stages until SIGTERM; workers with the same stages share the partitions."""
     from pixelpipe.processors.app import run_worker
-    from pixelpipe.processors.models import ModelError
 
     settings = load_settings()
     try:
@@ -227,8 +227,7 @@ def models() -> None:
     multiple=True,
     default=["stable-diffusion"],
     show_default=True,
-    # model_builders.FAMILIES, written out: importing it here would load torch for every command.
-    type=click.Choice(["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]),
+    type=click.Choice(FAMILIES),
     help="Model families to build a tiny model of (repeat the option for several).",
 )
 def models_init_tiny(out_dir: Path, families: tuple[str, ...]) -> None:
@@ -298,7 +297,7 @@ def models_calibrate(
     """Measure what each model's renders cost in device seconds on this machine's device, fit each model's
     compute_fit (the charge of the compute budgets) and write it into the registry. Renders a grid of sizes, steps
     and batch sizes: minutes per model."""
-    from pixelpipe.processors.models import DiffusionModels, ModelError
+    from pixelpipe.processors.models import DiffusionModels
     from pixelpipe.tools.calibration import calibrate, default_grid, registry_to_calibrate, write_compute_fits
 
     path = registry_path or Path(load_settings().models.registry)

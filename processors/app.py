@@ -15,8 +15,9 @@ detector calls never run on the event loop: each stage runs in its own single-th
 it, so heartbeats and fetches go on while a batch renders. A take's events are acknowledged to Faust (and their
 offsets become committable) only after everything they emit, table changes included, was acknowledged by the
 broker (``processors.sender``, librdkafka), so a crash redelivers instead of losing; result and metric ids derive
-from the request id, so a redelivered request is deduplicated downstream. Stages are built, models loaded and
-warmed, before the worker joins its group.
+from the request id, so a redelivered request is deduplicated downstream (Faust's consumer is fitted to this:
+``processors.faust_app``). Stages are built, models loaded and warmed, before the worker joins its group
+(``processors.build``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence, Set
@@ -37,45 +36,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import faust
-from aiokafka import AIOKafkaConsumer
-from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP, EventT, Message
+from faust.types import TP, EventT
 
-from pixelpipe.core.codec import codec_from_settings
-from pixelpipe.core.settings import KafkaSettings, Settings, StageSettings, TopicSettings
+from pixelpipe.core.settings import Settings, StageSettings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
-from pixelpipe.processors.limits import UserLimits
-from pixelpipe.processors.sender import EmissionSender
-from pixelpipe.processors.stages import (
-    EditStage,
-    Emission,
-    GenerateStage,
-    Inbound,
-    ModerationStage,
-    RenderStage,
-    StageContext,
+from pixelpipe.processors.build import LONG, RENDER_KINDS, STAGES, build_stages
+from pixelpipe.processors.faust_app import (
+    PipelineApp,
+    PipelineConsumer,
+    SharedGlobalTable,
+    broker_credentials,
+    broker_url,
 )
-from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.limits import UserLimits
+from pixelpipe.processors.messages import Emission, Inbound
+from pixelpipe.processors.moderation_stage import ModerationStage
+from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.takes import InOrderAcknowledgement, in_thread, render_take
 from pixelpipe.processors.telemetry import TELEMETRY
 
 if TYPE_CHECKING:
-    from pixelpipe.processors.models import DiffusionModels
+    from pixelpipe.processors.build import Stage
+    from pixelpipe.processors.render import RenderStage
 
 log = logging.getLogger(__name__)
-Stage = ModerationStage | RenderStage
 
-STAGES = ("moderation", "generate", "edit")
-LONG = "-long"  # a render stage's long lane is built and run as "<kind>-long", on the kind's long topic
-RENDER_STAGES: dict[str, type[RenderStage]] = {"generate": GenerateStage, "edit": EditStage}
 LOG_APPEND_TIME = 1  # a record's timestamp type when the broker set it
-# Longest a fetch waits at the broker for records; an empty fetch costs the worker about 1 ms, so the hundred a
-# second of an idle worker take about a tenth of a core.
-FETCH_MAX_WAIT_MS = 10
-# What a fetch waits for, up to FETCH_MAX_WAIT_MS. With aiokafka's 1 byte, at a steady few hundred requests/s every
-# fetch came back with a record or two: the fetches alone kept the worker busy and its queues grew (p50 468 ms at
-# 450 requests/s); gathering up to 64 KB cut that to 73-96 ms (benchmarks/pipeline.py), for at most 10 ms a hop.
-FETCH_MIN_BYTES = 64 * 1024
 USER_LIMITS_TABLE = "user-limits"
 END_OFFSETS_WAIT_S = 5.0  # longest the stall check waits for the broker's end offsets
 # Faust keeps a directory per app even for memory tables, by default in the working directory (the user's checkout,
@@ -84,107 +70,9 @@ FAUST_DATA_DIR = Path(tempfile.gettempdir()) / "pixelpipe-faust"
 IDLE_SWEEP_S = 30.0  # how often moderation forgets the users whose buckets are full again
 
 
-def worker_id(settings: Settings) -> str:
-    return settings.stages.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-
-
 def group_id(settings: Settings, stages: Sequence[str]) -> str:
     """Workers running the same stages form one consumer group (Faust's app id)."""
     return f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages)
-
-
-def broker_url(kafka: KafkaSettings) -> str:
-    return ";".join(f"kafka://{server.strip()}" for server in kafka.bootstrap.split(","))
-
-
-def broker_credentials(kafka: KafkaSettings) -> Any:
-    """The SASL and TLS settings of ``KafkaSettings.client_config`` in the form Faust (aiokafka) takes; None for
-    PLAINTEXT."""
-    protocol = kafka.security_protocol.upper()
-    context = None
-    if protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
-    if protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=kafka.sasl_username,
-            password=kafka.sasl_password,
-            mechanism=kafka.sasl_mechanism or "PLAIN",
-            ssl_context=context,
-        )
-    return faust.SSLCredentials(context) if context else None
-
-
-class _PromptFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: aiokafka_driver.Transport) -> AIOKafkaConsumer:
-        consumer = super()._create_worker_consumer(transport)
-        # Faust fixes aiokafka's fetch wait at 1500 ms. aiokafka keeps one fetch in flight per broker, leaving out
-        # the partitions whose records are not all read yet, so a message that arrives on one of those waited for
-        # the fetch in flight to time out: up to 1.5 s at each stage at low rates. (Both set before the consumer
-        # starts, which is when aiokafka reads them.)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        consumer._fetch_min_bytes = FETCH_MIN_BYTES
-        return consumer
-
-
-class _PipelineConsumer(aiokafka_driver.Consumer):
-    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
-        return _PromptFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    def ack(self, message: Message) -> bool:
-        # Faust acknowledges the events a stream skips (fetched under an older assignment, or met while a rebalance
-        # holds the flow) as if they were processed, and a rebalance's commit then moved partitions past requests
-        # nobody had rendered. An event no stream took is left unacknowledged: it is read again from the committed
-        # offset, here or by the partition's next owner.
-        if not message.tracked:
-            return False
-        return bool(super().ack(message))
-
-    def hand_back(self, messages: Sequence[Message]) -> None:
-        """Messages a stopping agent leaves unprocessed: never acknowledged, so no commit passes them and the
-        partition's next owner reads them again, and not waited for by the stop (Faust's ``wait_empty`` waits for
-        every message taken to be acknowledged)."""
-        self._unacked_messages.difference_update(messages)
-
-    async def on_partitions_revoked(self, revoked: Set[TP]) -> None:
-        # Faust forgets the revoked partitions' acknowledged offsets before it waits for the streams and commits, so
-        # the takes acknowledged since the last commit (up to broker_commit_interval of them) were delivered again
-        # after every rebalance: moderated and rendered twice. They are committed first; what the takes in flight
-        # acknowledge later, the wait that follows commits (stream_wait_empty).
-        await self.maybe_wait_for_commit_to_finish()
-        await self.force_commit(revoked)
-        await super().on_partitions_revoked(revoked)
-
-    async def perform_seek(self) -> None:
-        # Faust's recovery resumes the stream partitions, then seeks them to their committed offsets, with the fetcher
-        # already running (for the changelogs): what it delivered meanwhile was delivered again after the seek, and a
-        # worker taking partitions over moderated and rendered part of its first takes twice. They wait for the seek.
-        held = {tp for tp in self._get_active_partitions() if not self._is_changelog_tp(tp)}
-        self.pause_partitions(held)
-        try:
-            await super().perform_seek()
-        finally:
-            self.resume_partitions(held)
-
-
-class _PromptFetchTransport(aiokafka_driver.Transport):
-    Consumer = _PipelineConsumer
-
-
-class SharedGlobalTable(faust.GlobalTable):
-    """A global table over a topic of its own name, which apps of every consumer group read (the cancellations).
-    Faust's assignor looks a global table's changelog up under the app's default name, whatever topic the table was
-    given, and fails the assignment (silently: the worker then waits for partitions forever)."""
-
-    def _changelog_topic_name(self) -> str:
-        return self.changelog_topic.get_topic_name()
-
-
-class PipelineApp(faust.App):
-    """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS`` and acknowledges only events a
-    stream took."""
-
-    def _new_transport(self) -> faust.types.TransportT:
-        return _PromptFetchTransport(self.conf.broker_consumer, self)
 
 
 def inbound(event: EventT) -> Inbound:
@@ -200,40 +88,6 @@ def inbound(event: EventT) -> Inbound:
         appended_s,
         dict(message.headers or ()),
     )
-
-
-def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
-    """Build the named stages, models loaded and warmed: done before the worker joins its consumer group, so
-    partitions are never assigned to a worker that cannot serve them yet. The render stages share one
-    ``DiffusionModels``, so a model both use is loaded once. Each render stage also gets its long lane
-    ("generate-long", "edit-long"): a stage of its own on a lane of those models (``DiffusionModels.lane``: the
-    same weights, its own pipelines and lock), so a long request renders beside the short ones."""
-    unknown = sorted(set(names) - set(STAGES))
-    if unknown or not names:
-        raise ValueError(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    context = StageContext(
-        settings.topics,
-        settings.limits,
-        settings.stages,
-        codec_from_settings(settings.kafka),
-        worker_id(settings),
-        ModerationStamp(settings.moderation.stamp_key),
-    )
-    started_s = time.perf_counter()
-    built: dict[str, Stage] = {}
-    if "moderation" in names:
-        built["moderation"] = _moderation_stage(settings, context)
-    render_kinds = [kind for kind in RENDER_STAGES if kind in names]
-    if render_kinds:
-        models = _diffusion_models(settings)
-        # Every model loaded, compiled and warmed: a rebalance never meets a compile stall.
-        TELEMETRY.models_ready(models.warm_up())
-        lane = models.lane()
-        for kind in render_kinds:
-            built[kind] = _render_stage(RENDER_STAGES[kind], settings, context, models)
-            built[kind + LONG] = _render_stage(RENDER_STAGES[kind], settings, context, lane)
-    log.info("stages ready", extra={"stages": list(built), "seconds": round(time.perf_counter() - started_s, 3)})
-    return built
 
 
 class Pipeline:
@@ -303,7 +157,7 @@ class Pipeline:
             stage = stages[kind]
             if isinstance(stage, ModerationStage):
                 self._add_moderation_agent(stage, topic, partitions)
-            elif isinstance(stage, RenderStage):
+            else:
                 self._add_render_agent(kind, stage, topic)
         self._watch()
 
@@ -383,7 +237,7 @@ class Pipeline:
                 self.abandoned_model_call |= take.abandoned
                 done = [e for e in events if (e.message.partition, e.message.offset) not in take.handed_back]
                 if take.handed_back:
-                    consumer = cast(_PipelineConsumer, self.app.consumer)
+                    consumer = cast(PipelineConsumer, self.app.consumer)
                     consumer.hand_back([e.message for e in events if e not in done])
                 # Busy until the take before is done too: a storage outage holds the agent here, retrying, which is
                 # no stall.
@@ -509,70 +363,11 @@ def _table_changes(changelog: str, changes: Any) -> list[Emission]:
     ]
 
 
-def _moderation_stage(settings: Settings, context: StageContext) -> ModerationStage:
-    from pixelpipe.core.experiments import load_experiments
-    from pixelpipe.core.objects import open_object_store
-    from pixelpipe.processors.models import ModelRegistry
-    from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy, PromptModerator
-
-    policy = ModerationPolicy.from_file(settings.moderation.policy or None)
-    # The registry's entries (no weights) and the experiments give each request's compute, as the renderers will
-    # resolve it: for the per-request and per-user budgets and the long lane.
-    registry_file, experiments_file = Path(settings.models.registry), Path(settings.experiments.file)
-    registry = ModelRegistry.load(registry_file) if registry_file.exists() else None
-    if registry is None:
-        log.warning(
-            "no model registry: moderation counts no compute (no per-user compute budget, no long lane); the render "
-            "stages still check the per-request budget",
-            extra={"registry": str(registry_file)},
-        )
-    return ModerationStage(
-        context,
-        settings.moderation,
-        PromptModerator(policy),
-        ImageModerator(policy, detector=settings.moderation.image_detector),
-        open_object_store(settings.objects),
-        registry,
-        load_experiments(experiments_file) if experiments_file.exists() else {},
-    )
-
-
-def _diffusion_models(settings: Settings) -> DiffusionModels:
-    import diffusers
-    import transformers
-
-    from pixelpipe.processors.models import DiffusionModels
-
-    # Worker logs are structured lines: no progress bars, no advice about optional packages.
-    for library in (diffusers, transformers):
-        library.utils.logging.disable_progress_bar()
-        library.utils.logging.set_verbosity_error()
-    return DiffusionModels.from_file(settings.models.registry)
-
-
-def _render_stage(
-    stage: type[RenderStage], settings: Settings, context: StageContext, models: DiffusionModels
-) -> RenderStage:
-    from pixelpipe.core.experiments import load_experiments
-    from pixelpipe.core.objects import open_object_store
-    from pixelpipe.processors.moderation import ImageModerator, ModerationPolicy
-
-    policy = ModerationPolicy.from_file(settings.moderation.policy or None)
-    experiments_file = Path(settings.experiments.file)
-    return stage(
-        context,
-        models,
-        ImageModerator(policy, detector=settings.moderation.image_detector),
-        open_object_store(settings.objects),
-        load_experiments(experiments_file) if experiments_file.exists() else {},
-    )
-
-
 def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     """The topics these stages read or write: under Kafka ACLs a worker may not even see the others."""
     used = [topics.requests, *topics.render()] if "moderation" in stages else []
-    used += [getattr(topics, kind + suffix) for kind in RENDER_STAGES if kind in stages for suffix in ("", "_long")]
-    if any(kind in stages for kind in RENDER_STAGES):
+    used += [getattr(topics, kind + suffix) for kind in RENDER_KINDS if kind in stages for suffix in ("", "_long")]
+    if any(kind in stages for kind in RENDER_KINDS):
         used.append(topics.cancellations)
     return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
 
@@ -594,7 +389,7 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         built = build_stages(settings, stages)
         health.mark("models")
         # Only the topics these stages use: under ACLs a worker may not even see the others.
-        topics, renders = settings.topics, any(kind in stages for kind in RENDER_STAGES)
+        topics, renders = settings.topics, any(kind in stages for kind in RENDER_KINDS)
         pipeline = Pipeline(
             settings,
             built,

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pixelpipe.core.topics import MAX_PARTIAL_IMAGES, PARTIAL_IMAGES_HEADER, PREVIEW_HEADER
+from pixelpipe.core.topics import PREVIEW_HEADER
+from pixelpipe.processors.messages import partial_images
 from pixelpipe.processors.moderation import OUTPUT_IMAGE, ImageModerator
 from pixelpipe.processors.telemetry import TELEMETRY
 
@@ -83,19 +84,6 @@ LATENT_RGB_MAPS = {
 }
 PREVIEW_JPEG_QUALITY = 80
 _hooks = threading.local()
-
-
-def partial_images(headers: Mapping[str, bytes]) -> int:
-    """How many previews a request's headers ask for (0 to MAX_PARTIAL_IMAGES; anything else is 0)."""
-    raw = headers.get(PARTIAL_IMAGES_HEADER, b"")
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    return int(text) if text.isdigit() and int(text) <= MAX_PARTIAL_IMAGES else 0
-
-
-def passed_on(headers: Mapping[str, bytes]) -> dict[str, bytes]:
-    """The headers moderation forwards with a request besides its stamp."""
-    count = partial_images(headers)
-    return {PARTIAL_IMAGES_HEADER: str(count).encode()} if count else {}
 
 
 def preview_steps(steps: int, count: int) -> set[int]:

@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from pixelpipe.core.settings import KafkaSettings
-from pixelpipe.processors.stages import Emission
+from pixelpipe.processors.messages import Emission
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pixelpipe.processors.stages import Emission, Inbound, RenderStage
+from pixelpipe.processors.messages import Emission, Inbound
 from pixelpipe.processors.telemetry import TELEMETRY
+
+if TYPE_CHECKING:
+    from pixelpipe.processors.render import RenderStage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

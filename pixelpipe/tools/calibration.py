@@ -21,14 +21,8 @@ import torch
 from scipy.optimize import nnls
 
 from pixelpipe.core.clock import utc_now
-from pixelpipe.processors.models import (
-    ComputeFit,
-    DiffusionModels,
-    ModelError,
-    ModelRegistry,
-    NullModel,
-    read_registry_json,
-)
+from pixelpipe.core.registry import ComputeFit, ModelError, ModelRegistry, read_registry_json
+from pixelpipe.processors.models import DiffusionModels, NullModel
 from pixelpipe.tools.model_builders import write_registry
 
 SIGNIFICANT_DIGITS = 4  # of each coefficient written: far finer than two measurements of one render agree

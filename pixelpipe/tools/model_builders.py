@@ -48,12 +48,10 @@ from transformers import (
     T5Tokenizer,
 )
 
-from pixelpipe.processors.models import ComputeFit
+from pixelpipe.core.registry import FAMILIES, ComputeFit, Family
 
 T = TypeVar("T")
-Family = Literal["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]
 Size = Literal["tiny", "full"]
-FAMILIES: tuple[Family, ...] = ("stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein")
 
 # The two tiny models A/B experiments compare; same architecture, different random weights.
 TINY_MODELS: dict[str, int] = {"tiny-sd": 0, "tiny-sd-b": 1}
@@ -492,7 +490,7 @@ def build_tiny_pipeline(out_dir: str | Path, family: Family = "stable-diffusion"
 
 
 def registry_entry(model_dir: str | Path, family: Family = "stable-diffusion", **fields: Any) -> dict[str, Any]:
-    """A registry entry (see ``processors.models``) for the tiny model in ``model_dir``, with the demo's
+    """A registry entry (see ``pixelpipe.core.registry``) for the tiny model in ``model_dir``, with the demo's
     defaults (4 steps, the family's guidance) and the family's tiny compute fit under ``fields``."""
     defaults = {"kind": family, "default_steps": 4, "default_guidance": DEFAULT_GUIDANCE[family]}
     local = {"dtype": "auto", "device": "auto", "compute_fit": TINY_COMPUTE_FITS[family].to_json()}
@@ -500,7 +498,7 @@ def registry_entry(model_dir: str | Path, family: Family = "stable-diffusion", *
 
 
 def write_registry(path: str | Path, entries: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write a model registry JSON (see ``processors.models``) of ``entries`` by name."""
+    """Write a model registry JSON (see ``pixelpipe.core.registry``) of ``entries`` by name."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(entries, indent=2) + "\n")

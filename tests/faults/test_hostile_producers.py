@@ -18,8 +18,8 @@ from PIL import Image
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.registry import ModelRegistry
 from pixelpipe.core.topics import assign_from_start, assigned_consumer, ensure_topics
-from pixelpipe.processors.models import ModelRegistry
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher
 from pixelpipe.producers.publisher import producer_config

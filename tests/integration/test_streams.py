@@ -23,7 +23,8 @@ from confluent_kafka import Consumer, TopicPartition
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import ImageResult, StageMetric
 from pixelpipe.core.topics import assign_from_start, assigned_consumer, ensure_topics, partition_count
-from pixelpipe.processors.app import Pipeline, build_stages, group_id
+from pixelpipe.processors.app import Pipeline, group_id
+from pixelpipe.processors.build import build_stages
 from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import Publisher, new_request

@@ -12,7 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from pixelpipe.cli import main
-from pixelpipe.processors.models import ComputeFit, DiffusionModels, ModelEntry, ModelError, ModelRegistry
+from pixelpipe.core.registry import ComputeFit, ModelEntry, ModelError, ModelRegistry
+from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.tools.calibration import (
     Calibration,
     Grid,

@@ -20,15 +20,17 @@ from pixelpipe.core.objects import FileObjectStore, open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, Settings, StageSettings, TopicSettings
 from pixelpipe.core.topics import role_acls
 from pixelpipe.core.validation import InvalidRequestError, check_reply_topic
-from pixelpipe.gateway.app import Gateway, create_app
+from pixelpipe.gateway.app import create_app
 from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo
 from pixelpipe.gateway.pipeline import Pipeline, Submission
 from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.state import Gateway
+from pixelpipe.processors.messages import Inbound, StageContext
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
 from pixelpipe.processors.outcomes import Outcome
-from pixelpipe.processors.stages import GenerateStage, Inbound, StageContext
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import CancelOutcome, new_request
 from pixelpipe.tools.model_builders import build_tiny_models

@@ -16,15 +16,11 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+from pixelpipe.core.registry import DEFAULT_COMPUTE_FITS, ComputeFit, ModelEntry, ModelError, ModelRegistry
 from pixelpipe.processors.imaging import ImageError, decode_image, decode_mask, encode_png
 from pixelpipe.processors.models import (
-    DEFAULT_COMPUTE_FITS,
     BatchOutput,
-    ComputeFit,
     DiffusionModels,
-    ModelEntry,
-    ModelError,
-    ModelRegistry,
     NullModel,
     resolve_device_dtype,
     scheduler_name,

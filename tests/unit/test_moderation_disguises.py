@@ -12,8 +12,8 @@ from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import InvalidRequestError, validate_request
+from pixelpipe.processors.messages import Emitter, Inbound, StageContext, decode_request
 from pixelpipe.processors.moderation import ProfanityScorer, PromptModerator, skeleton, text_for_scoring
-from pixelpipe.processors.stages import Emitter, Inbound, StageContext, decode_request
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import new_request
 

@@ -15,18 +15,17 @@ from prometheus_client import REGISTRY
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.topics import PARTIAL_IMAGES_HEADER, PREVIEW_HEADER
+from pixelpipe.processors.messages import Inbound, StageContext, partial_images, passed_on
 from pixelpipe.processors.models import DiffusionModels, unpack_klein_latents
 from pixelpipe.processors.moderation import IMAGE_DETECTORS, ImageModerator
 from pixelpipe.processors.previews import (
     hook_for,
     latent_preview,
-    partial_images,
-    passed_on,
     preview_steps,
     previewing,
     step_callback,
 )
-from pixelpipe.processors.stages import GenerateStage, Inbound, StageContext
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.telemetry import TELEMETRY
 from pixelpipe.producers import new_request

@@ -5,10 +5,13 @@ import time
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import DeadLetter, ImageResult
+from pixelpipe.core.registry import ModelRegistry
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
-from pixelpipe.processors.models import DiffusionModels, ModelRegistry
+from pixelpipe.processors.messages import Inbound, StageContext
+from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
-from pixelpipe.processors.stages import GenerateStage, Inbound, ModerationStage, StageContext
+from pixelpipe.processors.moderation_stage import ModerationStage
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import STAMP_HEADER, ModerationStamp
 from pixelpipe.producers import new_request
 

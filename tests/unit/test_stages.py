@@ -12,24 +12,16 @@ from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageResult
 from pixelpipe.core.experiments import parse_experiments
 from pixelpipe.core.objects import ObjectStoreError
+from pixelpipe.core.registry import ModelEntry, ModelError, ModelRegistry
 from pixelpipe.core.settings import ModerationSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.validation import InvalidRequestError
-from pixelpipe.processors.models import DiffusionModels, ModelEntry, ModelError, ModelRegistry
+from pixelpipe.processors.chunks import Pending, in_service_order
+from pixelpipe.processors.messages import Inbound, StageContext, arrival_s, is_transient, with_retries
+from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
-from pixelpipe.processors.stages import (
-    GenerateStage,
-    Inbound,
-    ModerationStage,
-    StageContext,
-    _Pending,
-    arrival_s,
-    in_service_order,
-    is_transient,
-    request_compute,
-    request_seed,
-    resolve_params,
-    with_retries,
-)
+from pixelpipe.processors.moderation_stage import ModerationStage
+from pixelpipe.processors.params import request_compute, request_seed, resolve_params
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.producers import new_request
 
@@ -116,7 +108,7 @@ def test_final_parameters_are_validated_after_overrides_naming_the_parameter_and
 def pending(**fields):
     at = fields.pop("at", 0.0)
     item = request(**fields)
-    return _Pending(Inbound(b"", None, "t", 0, 0, at), item, resolve_params(item, {}, RegistryOnlyModels(), LIMITS))
+    return Pending(Inbound(b"", None, "t", 0, 0, at), item, resolve_params(item, {}, RegistryOnlyModels(), LIMITS))
 
 
 def test_interactive_first_then_earliest_deadline_then_oldest():

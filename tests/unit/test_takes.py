@@ -15,9 +15,10 @@ from pixelpipe.core.events import ImageResult
 from pixelpipe.core.objects import open_object_store
 from pixelpipe.core.settings import ObjectStoreSettings, RequestLimits, StageSettings, TopicSettings
 from pixelpipe.processors import takes
+from pixelpipe.processors.messages import Emission, Inbound, StageContext
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation import Verdict
-from pixelpipe.processors.stages import Emission, GenerateStage, Inbound, StageContext
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from pixelpipe.processors.takes import InOrderAcknowledgement, render_take
 from pixelpipe.producers import new_request

@@ -1,0 +1,203 @@
+"""The moderation stage: prompt and input-image checks on a take of requests, the per-request and per-user limits,
+and what passes forwarded to its kind's render topic or long lane. It reads the model registry's entries for each
+request's compute, never the weights: a moderation worker imports no torch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import ClassVar
+
+from pixelpipe.core.clock import utc_now
+from pixelpipe.core.events import ImageRequest, Stage
+from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.objects import ObjectStore
+from pixelpipe.core.registry import ModelRegistry
+from pixelpipe.core.settings import ModerationSettings
+from pixelpipe.core.validation import InvalidRequestError, check_compute
+from pixelpipe.processors.edit_inputs import load_edit_inputs
+from pixelpipe.processors.limits import UserLimits
+from pixelpipe.processors.messages import (
+    Emission,
+    Emitter,
+    Inbound,
+    StageContext,
+    StageFailure,
+    arrival_s,
+    deadline_passed,
+    decode_request,
+    queue_ms,
+    unforeseen,
+)
+from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
+from pixelpipe.processors.outcomes import Outcome, StageWork
+from pixelpipe.processors.params import request_compute
+
+log = logging.getLogger(__name__)
+
+
+class ModerationStage:
+    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic, or to
+    its long lane when its compute is over ``PIXELPIPE_LONG_REQUEST_COMPUTE``.
+
+    The compute of a request (``request_compute``) is read from the model ``registry`` (entries only, no weights)
+    and the ``experiments``, as the render stages will resolve it: moderation fails a request over the
+    per-request budget, and counts each user's compute against the per-user budget.
+    """
+
+    name: ClassVar[Stage] = "MODERATION"
+
+    def __init__(
+        self,
+        context: StageContext,
+        moderation: ModerationSettings,
+        prompts: PromptModerator,
+        images: ImageModerator,
+        store: ObjectStore,
+        registry: ModelRegistry | None = None,
+        experiments: Mapping[str, Experiment] | None = None,
+        limits: UserLimits | None = None,
+        placed: bool = False,
+    ) -> None:
+        """``limits`` holds the users of the requests topic's partitions this worker owns (a Faust table's data in
+        the worker); ``placed``: requests are counted on their user's partition (``limits.home``), and a request
+        found elsewhere is moved there first."""
+        self.context = context
+        self.moderation = moderation
+        self.prompts = prompts
+        self.images = images
+        self.store = store
+        self.registry = registry or ModelRegistry({})
+        self.experiments = experiments or {}
+        self.limits = limits or UserLimits(
+            moderation.max_requests_per_user_per_minute,
+            moderation.rate_limit_burst,
+            moderation.max_user_compute_per_minute,
+        )
+        self.placed = placed
+        topics = context.topics
+        self.next_topic = {"GENERATE": topics.generate, "EDIT": topics.edit}
+        self.long_topic = {"GENERATE": topics.generate_long, "EDIT": topics.edit_long}
+
+    def topic_for(self, request: ImageRequest, compute: float | None) -> str:
+        """Where a request that passed goes: its kind's long lane when its compute is over the threshold (and the
+        lane is on), else its kind's topic."""
+        threshold = self.moderation.long_request_compute
+        if threshold > 0 and compute is not None and compute > threshold:
+            return self.long_topic[request.kind]
+        return self.next_topic[request.kind]
+
+    def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
+        """Moderate a take of requests: one profanity-model call for all their prompts, then each on its own."""
+        started_s = time.time()
+        emit = Emitter(self.context)
+        readable: list[tuple[Inbound, ImageRequest]] = []
+        computes: list[float | None] = []
+        refusals: list[Outcome | None] = []
+        for message in messages:
+            request = None
+            try:
+                request = decode_request(message, self.context, emit, "moderation")
+                if request is None or not self._at_home(message, request, emit):
+                    continue
+                # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it
+                # nothing.
+                compute = request_compute(request, self.experiments, self.registry)
+                refusal = self._refusal(request, arrival_s(message, started_s), compute)
+            except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
+                outcome = unforeseen(emit, message, "moderation", request, e)
+                if request is None:
+                    continue
+                compute, refusal = None, outcome
+            readable.append((message, request))
+            computes.append(compute)
+            refusals.append(refusal)
+        admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
+        verdicts: Iterator[Verdict | None]
+        try:
+            verdicts = iter(
+                self.prompts.check_many([r.prompt for r in admitted], [r.negative_prompt for r in admitted])
+            )
+        except Exception:  # each request then fails on its own below, with a dead letter
+            log.exception("prompt moderation failed", extra={"requests": len(admitted)})
+            verdicts = iter([None] * len(admitted))
+        shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
+        for (message, request), refusal, compute in zip(readable, refusals, computes, strict=True):
+            own_started_s = time.time()
+            try:
+                outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
+            except Exception as e:  # a bug or an unforeseen failure: fail this request, keep the stream going
+                outcome = unforeseen(emit, message, "moderation", request, e)
+            compute_ms = shared_ms + (time.time() - own_started_s) * 1000.0
+            work = StageWork(
+                self.name,
+                "OK" if outcome is None else outcome.stage_outcome,
+                queue_ms(message, started_s),
+                compute_ms,
+                "cpu",
+                compute_ms / 1000.0,
+                len(readable),
+            )
+            emit.metric(request, work)
+            if outcome is None:
+                emit.forward(self.topic_for(request, compute), message)
+            else:
+                emit.result(request, outcome, {"moderation": compute_ms})
+        return emit.take()
+
+    def _at_home(self, message: Inbound, request: ImageRequest, emit: Emitter) -> bool:
+        """Whether ``message`` is on its user's partition, where the user's limits live; if not, it is moved there
+        (unchanged) and counted when it arrives."""
+        if not self.placed:
+            return True
+        home = self.limits.home(request.user_id)
+        if message.partition == home:
+            return True
+        emit.move(message, home)
+        return False
+
+    def _refusal(self, request: ImageRequest, arrived_s: float, compute: float | None) -> Outcome | None:
+        """The outcome of a request that ends before it is moderated (its deadline passed, its compute is over the
+        per-request budget, or its user is over the rate limit or the compute budget); None when it goes on to
+        moderation. ``compute`` is None for a model the registry does not hold: the render stage fails it."""
+        if deadline_passed(request, utc_now()):
+            assert request.deadline is not None
+            return Outcome.failed("DEADLINE_EXCEEDED", f"deadline {request.deadline.isoformat()} passed")
+        if compute is not None:
+            try:
+                check_compute(compute, self.context.limits)
+            except InvalidRequestError as e:
+                return Outcome.failed("INVALID_REQUEST", str(e))
+        refused = self.limits.admit(request.user_id, arrived_s, compute)
+        if refused == "requests":
+            limit, burst = self.moderation.max_requests_per_user_per_minute, self.limits.requests.capacity
+            return Outcome.failed(
+                "RATE_LIMITED", f"user {request.user_id} is over {limit} requests per minute (bursts of {burst:.0f})"
+            )
+        if refused == "compute":
+            budget = self.moderation.max_user_compute_per_minute
+            return Outcome.failed(
+                "RATE_LIMITED",
+                f"user {request.user_id} is over the compute budget of {budget:g} device seconds per minute "
+                f"(PIXELPIPE_MAX_USER_COMPUTE_PER_MINUTE); this request needs {compute or 0.0:.2f}",
+            )
+        return None
+
+    def _moderate(self, request: ImageRequest, verdict: Verdict | None) -> Outcome | None:
+        """None when the request may go on; otherwise its terminal outcome. ``verdict`` is its prompt's."""
+        if verdict is None:
+            raise RuntimeError("the prompt could not be moderated")
+        if not verdict.allowed:
+            return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
+        if request.source_image_uri is None:
+            return None
+        try:
+            inputs = load_edit_inputs(request, self.store, self.context)
+        except StageFailure as e:
+            return Outcome.failed(e.code, str(e))
+        # Every image the model will see is moderated: the references as much as the source.
+        for verdict in self.images.check(inputs.images, "INPUT_IMAGE"):
+            if not verdict.allowed:
+                return Outcome.rejected(verdict.stage, verdict.scores, verdict.rejected_categories)
+        return None
