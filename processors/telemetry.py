@@ -1,4 +1,4 @@
-"""The stages' Prometheus metrics, observed where the stages build their events (``Emitter`` in ``stages.py``),
+"""The stages' Prometheus metrics, observed where the stages build their events (``Emitter`` in ``messages.py``),
 never by decoding what is sent.
 
 Each label value comes from a bounded set (stage, outcome, status, error code, category, the first words of a
