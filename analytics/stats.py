@@ -300,7 +300,8 @@ def srm_check(
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm step-down adjusted p-values (family-wise error rate), in input order."""
+    """Holm step-down adjusted p-values (family-wise error rate), in input order. SciPy has no Holm; statsmodels'
+    ``multipletests`` does, but would add a large dependency for these few lines."""
     p = np.asarray(pvalues, dtype=float)
     order = np.argsort(p, kind="stable")
     m = p.size
@@ -310,14 +311,10 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
-    """Benjamini-Hochberg step-up adjusted p-values (false discovery rate), in input order."""
-    p = np.asarray(pvalues, dtype=float)
-    order = np.argsort(p, kind="stable")
-    m = p.size
-    scaled = p[order] * m / np.arange(1, m + 1)
-    # Step-up: each adjusted p is the smallest scaled p at its rank or above.
-    adjusted = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-    return _in_input_order(adjusted, order)
+    """Benjamini-Hochberg step-up adjusted p-values (false discovery rate), in input order: SciPy's."""
+    if len(pvalues) == 0:
+        return []
+    return [float(q) for q in stats.false_discovery_control(np.asarray(pvalues, dtype=float), method="bh")]
 
 
 def one_sided_p(lift: LiftResult, harmful_sign: int) -> float:
