@@ -380,14 +380,16 @@ def test_hostile_inputs_end_in_clear_failures_and_the_stream_flows_on(pipeline, 
         "missing": store.uri_for("inputs/never-written.png"),
         "huge": store.put("inputs/huge.png", os.urandom(3 * 1024 * 1024), "image/png").uri,
     }
+    # Small, so each is refused for what it is, not first for its compute (512x512 on the tiny model's CPU fit is
+    # over the default per-request budget).
+    small = {"model": "tiny-sd", "user_id": "u", "width": 64, "height": 64, "steps": 2}
     edits = {
-        name: new_request(kind="EDIT", prompt=name, model="tiny-sd", user_id="u", source_image_uri=uri)
-        for name, uri in sources.items()
+        name: new_request(kind="EDIT", prompt=name, source_image_uri=uri, **small) for name, uri in sources.items()
     }
-    oversized = new_request(prompt="x" * 5000, model="tiny-sd", user_id="u")
-    invisible = new_request(prompt="\u200b\u200d\ufeff", model="tiny-sd", user_id="u")
-    laced = new_request(prompt="a g\u200bory massa\u200dcre", model="tiny-sd", user_id="u")
-    good = new_request(prompt="a fox after all that", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
+    oversized = new_request(prompt="x" * 5000, **small)
+    invisible = new_request(prompt="\u200b\u200d\ufeff", **small)
+    laced = new_request(prompt="a g\u200bory massa\u200dcre", **small)
+    good = new_request(prompt="a fox after all that", **small)
     valid = codec_from_settings(pipeline.kafka).encode(good)
     with WorkerProcess(pipeline, ["moderation", "generate"], tmp_path / "worker.log") as worker:
         with Publisher(pipeline) as publisher:

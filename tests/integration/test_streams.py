@@ -251,8 +251,11 @@ def test_sigterm_mid_render_ends_the_call_at_its_next_step_and_the_next_owner_re
     with Publisher(settings) as publisher:
         publisher.publish(long_one)
         publisher.flush()
-    # Forwarded by moderation: the render is under way.
-    wait_until(lambda: scan(settings, settings.topics.generate), WAIT_S, "the request forwarded to the renderer")
+    # Forwarded by moderation (to the long lane: 30 device seconds is over PIXELPIPE_LONG_REQUEST_COMPUTE, and
+    # either lane renders it): the render is under way.
+    topics = settings.topics
+    forwarded = lambda: scan(settings, topics.generate) or scan(settings, topics.generate_long)  # noqa: E731
+    wait_until(forwarded, WAIT_S, "the request forwarded to the renderer")
     time.sleep(2.0)
     stopped_at = time.monotonic()
     first.process.send_signal(signal.SIGTERM)

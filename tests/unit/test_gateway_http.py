@@ -14,10 +14,11 @@ from starlette.testclient import TestClient
 from pixelpipe.core.events import ImageResult, StoredImage
 from pixelpipe.core.objects import FileObjectStore
 from pixelpipe.core.settings import Settings
-from pixelpipe.gateway.app import Gateway, create_app
+from pixelpipe.gateway.app import create_app
 from pixelpipe.gateway.keys import KeyStore
 from pixelpipe.gateway.params import ModelInfo
 from pixelpipe.gateway.ratelimit import TokenBuckets
+from pixelpipe.gateway.state import Gateway
 
 
 class StandInPipeline:
