@@ -253,9 +253,8 @@ def test_sigterm_mid_render_ends_the_call_at_its_next_step_and_the_next_owner_re
         publisher.flush()
     # Forwarded by moderation (to the long lane: 30 device seconds is over PIXELPIPE_LONG_REQUEST_COMPUTE, and
     # either lane renders it): the render is under way.
-    topics = settings.topics
-    forwarded = lambda: scan(settings, topics.generate) or scan(settings, topics.generate_long)  # noqa: E731
-    wait_until(forwarded, WAIT_S, "the request forwarded to the renderer")
+    lanes = (settings.topics.generate, settings.topics.generate_long)
+    wait_until(lambda: any(scan(settings, lane) for lane in lanes), WAIT_S, "the request forwarded to the renderer")
     time.sleep(2.0)
     stopped_at = time.monotonic()
     first.process.send_signal(signal.SIGTERM)
