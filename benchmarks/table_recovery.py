@@ -10,7 +10,7 @@ then starts a worker-like Faust app (the table, and an agent on a source topic o
 owns every partition) and prints the seconds from its start to the table holding every user (Faust's recovery
 done), and the app id to reuse. With RocksDB a restart on the same host reads only what the changelog gained since
 its folder was written; a new host (a pod without a volume) reads it all. ``rocksdb`` needs the ``rocksdict``
-package, which pixelpipe does not install (README, "Fair share").
+package, which pixelpipe does not install (docs/operators/workers.md, "Fair share").
 
 Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTSTRAP, stopped afterwards).
 """

@@ -199,7 +199,7 @@ class ComputeFit:
 # overhead per step and the FLOP rate (410 and 415 TFLOP/s); each term is the architecture's FLOPs at that rate,
 # counted on the meta device (torch's FlopCounterMode: denoiser and VAE decoder at 512, 1024 and 2048 pixels a
 # side). SDXL and klein were not run on a GPU: SD-1.5's and FLUX.1's rate and overhead stand for theirs.
-# `python benchmarks/compute_fit.py` on a GPU measures all four; README, "Compute fits".
+# `python benchmarks/compute_fit.py` on a GPU measures all four; docs/operators/models.md, "Compute fits".
 _H100 = "NVIDIA H100 80GB HBM3"
 DEFAULT_COMPUTE_FITS: dict[str, ComputeFit] = {
     "stable-diffusion": ComputeFit(
@@ -229,7 +229,7 @@ def _is_positive_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model of the registry (README, "The model registry", says what each field means)."""
+    """One model of the registry (docs/operators/models.md says what each field means)."""
 
     name: str
     path: str
@@ -278,7 +278,7 @@ class ModelEntry:
                 f"{where}: 'compute_weight' is gone: the compute budgets count device seconds now. Run `pixelpipe "
                 f"models calibrate --registry REGISTRY --model {name}` on a worker's device: it measures the model's "
                 f"'compute_fit' and removes 'compute_weight'; or delete 'compute_weight' to charge the family's "
-                f'default fit (README, "The model registry")'
+                f'default fit (docs/operators/models.md)'
             )
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls) if f.name != "name"})
         if unknown:

@@ -339,7 +339,7 @@ def test_lag_alert_fires_while_the_worker_is_stopped_and_resolves_when_it_is_bac
         fired_after_s = time.monotonic() - started
         ops.start_worker()
         wait_until(lambda: _ready(ops.worker_port), 240, f"worker back:\n{ops.worker.log_tail()}")
-        time.sleep(3)  # a few scrapes of the worker catching up, for the README's frame of `pixelpipe top`
+        time.sleep(3)  # a few scrapes of the worker catching up, for the docs' `pixelpipe top` frame
         (ops.tmp / "top-catching-up.txt").write_text(top_frame(ops))
     finally:
         stop.set()
