@@ -278,7 +278,7 @@ class ModelEntry:
                 f"{where}: 'compute_weight' is gone: the compute budgets count device seconds now. Run `pixelpipe "
                 f"models calibrate --registry REGISTRY --model {name}` on a worker's device: it measures the model's "
                 f"'compute_fit' and removes 'compute_weight'; or delete 'compute_weight' to charge the family's "
-                f'default fit (docs/operators/models.md)'
+                f"default fit (docs/operators/models.md)"
             )
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls) if f.name != "name"})
         if unknown:
