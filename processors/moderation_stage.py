@@ -103,7 +103,7 @@ class ModerationStage:
                     continue
                 # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it
                 # nothing.
-                compute = request_compute(request, self.experiments, self.registry)
+                compute = request_compute(request, self.experiments, self.registry, self.context.limits)
                 refusal = self._refusal(request, arrival_s(message, started_s), compute)
             except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
                 outcome = unforeseen(emit, message, "moderation", request, e)

@@ -43,14 +43,19 @@ def variant_overrides(
 
 
 def request_compute(
-    request: ImageRequest, experiments: Mapping[str, Experiment], registry: ModelRegistry
+    request: ImageRequest, experiments: Mapping[str, Experiment], registry: ModelRegistry, limits: RequestLimits
 ) -> float | None:
     """The compute a request will ask of its model (``ModelEntry.compute``), with its variants' model and steps,
     as ``resolve_params`` resolves them, read from the registry alone; None when the model is not in the registry
-    or the steps are invalid: the render stage then fails the request, naming the rule."""
+    or the steps are invalid: the render stage then fails the request, naming the rule and the variant that set it
+    (steps out of range would otherwise be refused here for their compute, which names neither)."""
     overrides, _ = variant_overrides(request, experiments)
     model, steps = overrides.get("model", request.model), overrides.get("steps", request.steps)
-    if model not in registry or not (steps is None or (isinstance(steps, int) and not isinstance(steps, bool))):
+    if model not in registry:
+        return None
+    try:
+        check_steps(steps, limits)
+    except InvalidRequestError:
         return None
     return registry.get(str(model)).compute(request.width, request.height, steps, request.n)
 

@@ -37,6 +37,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"id": schema_id})
 
     def do_GET(self) -> None:
+        if not self.path.startswith("/schemas/ids/"):  # as Confluent's registry answers GET / (a reachability check)
+            self._reply(200, {})
+            return
         schema_id = int(self.path.rsplit("/", 1)[1])
         with self.server.lock:
             known = 1 <= schema_id <= len(self.server.schemas)

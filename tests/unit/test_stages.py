@@ -266,8 +266,10 @@ def test_a_request_over_the_per_request_compute_budget_is_invalid_naming_the_bud
         InvalidRequestError, match=r"over the per-request budget .*\(set by experiment more, variant x\)$"
     ):
         resolve_params(big, steps_experiment, RegistryOnlyModels(), LIMITS)
-    assert request_compute(big, steps_experiment, RegistryOnlyModels.registry) == charge(2048, 2048, 150, 2)
-    assert request_compute(request(model="nope"), {}, RegistryOnlyModels.registry) is None  # the renderer fails it
+    assert request_compute(big, steps_experiment, RegistryOnlyModels.registry, LIMITS) == charge(2048, 2048, 150, 2)
+    # The renderer fails these, naming the rule: an unknown model, steps out of range.
+    assert request_compute(request(model="nope"), {}, RegistryOnlyModels.registry, LIMITS) is None
+    assert request_compute(request(steps=10_000), {}, RegistryOnlyModels.registry, LIMITS) is None
 
 
 class AllowEveryPrompt:
