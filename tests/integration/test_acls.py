@@ -86,7 +86,7 @@ def test_the_pipeline_runs_with_each_stage_as_its_own_principal(acl_kafka, admin
     settings = admin.updated(model_registry=str(registry), max_wait_ms=100, long_request_compute=0.01)
     good = new_request(prompt="a fox", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
     long = new_request(prompt="a slow fox", model="tiny-sd", user_id="u", width=64, height=64, steps=3)
-    rejected = new_request(prompt="a gory massacre", model="tiny-sd", user_id="u")
+    rejected = new_request(prompt="a gory massacre", model="tiny-sd", user_id="u", width=64, height=64, steps=2)
     moderation = as_user(acl_kafka, settings, "moderation")
     renderer = as_user(acl_kafka, settings, "renderer")
     with (

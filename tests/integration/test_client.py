@@ -21,7 +21,9 @@ from pixelpipe.producers import client as client_module
 from pixelpipe.producers.results import collect
 from pixelpipe.tools.model_builders import build_tiny_models
 from pixelpipe.tools.processes import WorkerProcess
-from tests.conftest import with_own_topics
+from tests.conftest import free_port, with_own_topics
+from tests.integration.test_operations import wait_until
+from tests.integration.test_streams import readyz
 
 pytestmark = pytest.mark.integration
 SLOW_STEPS = 150  # the most a request may ask: seconds of a tiny model on a CPU, previews from step 37 on
@@ -40,7 +42,12 @@ def worker(servers, tmp_path_factory):
         max_wait_ms=50,
     )
     ensure_topics(settings.kafka, settings.topics)
-    with WorkerProcess(settings, ["moderation", "generate"], tmp / "worker.log") as process:
+    port = free_port()
+    env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
+    with WorkerProcess(settings, ["moderation", "generate"], tmp / "worker.log", env) as process:
+        # Ready (models warm, partitions assigned) before the first call: its deadline is the client's, not the
+        # worker's start on a loaded machine.
+        wait_until(lambda: readyz(port)[0] == 200, 240, f"worker ready\n{process.log_tail()}")
         yield settings, process
 
 

@@ -228,7 +228,7 @@ def test_ready_while_the_pipeline_is_started_and_live_while_the_loop_beats(tmp_p
             self.closed = True
 
     registry = tmp_path / "registry.json"
-    registry.write_text('{"tiny-sd": {"kind": "stable-diffusion", "default_steps": 4}}')
+    registry.write_text('{"tiny-sd": {"path": "models/tiny-sd", "kind": "stable-diffusion", "default_steps": 4}}')
     monkeypatch.setattr(app_module, "Pipeline", StartedPipeline)
     settings = Settings().updated(
         model_registry=str(registry),
