@@ -66,6 +66,23 @@ if ! installed=$("$venv/bin/pip" --python "$own/bin/python" install -q --no-deps
   echo "$installed" >&2
   exit 1
 fi
+# The dependencies' commands (mkdocs, pytest, ...) run on this checkout's interpreter, which sees its own pixelpipe;
+# native ones (ruff, uv) are found in the shared environment's bin, after this one on PATH.
+"$own/bin/python" - "$venv" "$own" <<'PY'
+import sys
+from pathlib import Path
+
+shared, own = (Path(arg) for arg in sys.argv[1:])
+for script in (shared / "bin").iterdir():
+    target = own / "bin" / script.name
+    if target.exists() or not script.is_file():
+        continue
+    with script.open("rb") as file:
+        if not file.readline(300).startswith(f"#!{shared / 'bin' / 'python'}".encode()):
+            continue
+    target.write_text(f'#!/bin/sh\nexec "{own / "bin" / "python"}" "{script}" "$@"\n')
+    target.chmod(0o755)
+PY
 export VIRTUAL_ENV="$own"
 export PATH="$own/bin:$venv/bin:$PATH"
 export PIXELPIPE_CACHE_DIR="$cache"
