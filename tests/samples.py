@@ -76,6 +76,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "seed": 2**40 + 7,
             "strength": 0.75,
             "batch_size": 4,
+            "pool": "sd",
         },
         "StageMetric": common
         | {
@@ -94,6 +95,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "experiments": {"steps-test": "fast"},
             "variant": "steps-test:fast",
             "device_seconds_saved": None,  # set when the outcome is CANCELLED
+            "pool": "sd",
         },
         "DeadLetter": common
         | {

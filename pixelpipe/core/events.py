@@ -122,7 +122,7 @@ class ImageResult(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 3  # 2 added what ran, 3 the status CANCELLED
+    schema_version: int = 4  # 2 added what ran, 3 the status CANCELLED, 4 the pool
     event_time: dt.datetime = field(default_factory=utc_now)
     status: ResultStatus
     kind: RequestKind | None = None
@@ -146,6 +146,7 @@ class ImageResult(AvroRecord):
     seed: int | None = None
     strength: float | None = None
     batch_size: int | None = None
+    pool: str | None = None  # the pool that rendered it, or that moderation routed it to
 
     def to_avro(self) -> Record:
         return AvroRecord.to_avro(self) | {
@@ -173,7 +174,7 @@ class StageMetric(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 2  # 2 added the outcome CANCELLED and device_seconds_saved
+    schema_version: int = 3  # 2 added the outcome CANCELLED and device_seconds_saved, 3 the pool
     event_time: dt.datetime = field(default_factory=utc_now)
     stage: Stage
     outcome: StageOutcome
@@ -189,6 +190,7 @@ class StageMetric(AvroRecord):
     experiments: dict[str, str] = field(default_factory=dict)
     variant: str | None = None
     device_seconds_saved: float | None = None  # CANCELLED: what the cancellation spared; None where unknown
+    pool: str | None = None  # the pool that rendered it, or that moderation routed it to
 
 
 @dataclass(kw_only=True, slots=True)

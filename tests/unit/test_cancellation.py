@@ -128,7 +128,7 @@ def test_a_request_cancelled_in_the_queue_ends_cancelled_without_device_time(tmp
     assert (metric.outcome, metric.device_seconds, metric.cost_usd, metric.device) == ("CANCELLED", 0.0, 0.0, "none")
     assert metric.device_seconds_saved is None  # unknown: nothing measured what it would have taken
     assert calls == [] and stored_files(tmp_path) == []
-    assert result.schema_version == 3 and metric.schema_version == 2
+    assert result.schema_version >= 3 and metric.schema_version >= 2  # the versions that added CANCELLED
 
 
 def test_a_request_cancelled_after_planning_is_dropped_from_its_chunk_before_the_model_call(tmp_path):

@@ -66,6 +66,7 @@ FROZEN = sorted((path.parent.name, path.stem) for path in SCHEMA_DIR.glob("v*/*.
 def test_every_schema_has_a_frozen_first_version_and_each_frozen_schema_a_fixture():
     assert {name for version, name in FROZEN if version == "v1"} == set(SCHEMA_NAMES)
     assert ("v2", "ImageResult") in FROZEN  # ImageResult 3 added CANCELLED
+    assert {("v3", "ImageResult"), ("v2", "StageMetric")} <= set(FROZEN)  # ImageResult 4, StageMetric 3: the pool
     assert sorted((p.parent.name, p.stem) for p in FIXTURES.glob("v*/*.bin")) == FROZEN
 
 

@@ -48,11 +48,12 @@ def test_each_event_class_has_its_schemas_fields_and_defaults(name):
             assert default == avro_field["default"], (record_name, avro_field["name"])
 
 
-def test_results_are_written_as_schema_version_3_the_version_that_added_cancelled():
-    assert ImageResult(event_id="e", request_id="r", status="CANCELLED", user_id="", model="").schema_version == 3
+def test_results_are_written_as_schema_version_4_the_version_that_added_the_pool():
+    result = ImageResult(event_id="e", request_id="r", status="CANCELLED", user_id="", model="")
+    assert (result.schema_version, result.pool) == (4, None)
 
 
-def test_metrics_are_written_as_schema_version_2_the_version_that_added_cancelled_and_the_time_saved():
+def test_metrics_are_written_as_schema_version_3_the_version_that_added_the_pool():
     metric = StageMetric(
         event_id="e",
         request_id="r",
@@ -67,7 +68,7 @@ def test_metrics_are_written_as_schema_version_2_the_version_that_added_cancelle
         user_id="u",
         model="m",
     )
-    assert (metric.schema_version, metric.device_seconds_saved) == (2, None)
+    assert (metric.schema_version, metric.device_seconds_saved, metric.pool) == (3, None, None)
 
 
 def test_requests_are_written_as_schema_version_2_the_version_that_added_reference_images():
