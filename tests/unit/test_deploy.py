@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from pixelpipe.core.pools import DEFAULT_POOL, pool_topics
 from pixelpipe.core.settings import Settings
 from pixelpipe.tools.stack import StackSettings
 from pixelpipe.tools.stack.services import ALERT_RULES, Prometheus
@@ -108,7 +109,7 @@ def test_the_scaled_objects_follow_kedas_crd():
     schema = _closed(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is the API server's, checked apart
     scaled = _scaled_objects()
-    assert len(scaled) == 2
+    assert len(scaled) == 4  # render and moderation, and the render workers of pools.yaml's two pools
     for document in scaled:
         jsonschema.validate(document, schema)
         assert document["apiVersion"] == f"{crd['spec']['group']}/v1alpha1"
@@ -127,14 +128,18 @@ def test_the_scaled_objects_scale_the_workers_on_their_groups_lag_within_the_par
         target = deployments[scaled["spec"]["scaleTargetRef"]["name"]]
         args = target["spec"]["template"]["spec"]["containers"][0]["args"]
         stages = args[args.index("--stages") + 1].split(",")
-        group = f"{settings.stages.consumer_group}-" + "-".join(stages)  # processors.app.create_app's group id
-        topics = {"moderation": settings.topics.requests, "generate": settings.topics.generate}
-        topics |= {"edit": settings.topics.edit}
+        pool = args[args.index("--pool") + 1] if "--pool" in args else DEFAULT_POOL
+        group = f"{settings.stages.consumer_group}-" + "-".join(stages)  # processors.app.group_id
+        group += "" if pool == DEFAULT_POOL else f"-{pool}"
+        own = pool_topics(settings.topics, pool)
+        topics = {"moderation": {own.requests}, "generate": {own.generate, own.generate_long}}
+        topics |= {"edit": {own.edit, own.edit_long}}
         for trigger in scaled["spec"]["triggers"]:
             assert trigger["type"] == "kafka"
             assert trigger["metadata"]["consumerGroup"] == group
-            assert trigger["metadata"]["topic"] in {topics[s] for s in stages}
             assert trigger["metadata"]["bootstrapServers"] == config["PIXELPIPE_KAFKA_BOOTSTRAP"]
+        # Every topic the workers read, the long lanes too, counts towards their lag.
+        assert {t["metadata"]["topic"] for t in scaled["spec"]["triggers"]} == set().union(*(topics[s] for s in stages))
         assert scaled["spec"]["maxReplicaCount"] <= partitions  # a worker beyond the partitions would sit idle
     gpu = deployments["pixelpipe-render"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == "1"
