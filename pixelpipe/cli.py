@@ -191,19 +191,33 @@ def top_command(url: str | None, once: bool, interval: float, width: int | None)
 @main.command("worker")
 @click.option(
     "--stages",
-    default="moderation,generate,edit",
-    show_default=True,
-    help="Comma-separated stages to run, e.g. moderation on CPU workers and generate,edit on GPU workers.",
+    help="Comma-separated stages to run, e.g. moderation on CPU workers and generate,edit on GPU workers "
+    "[default: moderation,generate,edit; generate,edit with --pool].",
 )
-def worker_command(stages: str) -> None:
-    """Run pipeline stages until SIGTERM; workers with the same stages share the partitions."""
+@click.option(
+    "--pool",
+    help="The model pool whose render topics this worker reads and whose models it loads "
+    "(default: PIXELPIPE_POOL, else the default pool).",
+)
+def worker_command(stages: str | None, pool: str | None) -> None:
+    """Run pipeline stages until SIGTERM; workers with the same stages (and pool) share the partitions."""
+    from pixelpipe.core.pools import PoolConfigError, check_pool_name
     from pixelpipe.processors.app import run_worker
 
     settings = load_settings()
+    if pool is not None:
+        try:
+            check_pool_name(pool)
+        except PoolConfigError as e:
+            raise click.BadParameter(str(e), param_hint="--pool") from e
+        settings = settings.updated(pool=pool)
+    default_stages = "generate,edit" if settings.stages.pool != "default" else "moderation,generate,edit"
     try:
-        status = run_worker(settings, [s.strip() for s in stages.split(",") if s.strip()])
+        status = run_worker(settings, [s.strip() for s in (stages or default_stages).split(",") if s.strip()])
     except ModelError as e:  # a registry or model that cannot load: found before joining the group
         raise click.ClickException(str(e)) from e
+    except PoolConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--pool") from e
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--stages") from e
     # The agents have stopped, their offsets are committed and the clients closed: exit now. The interpreter's
@@ -449,6 +463,7 @@ def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
     from pixelpipe.analytics.cli import analyze, dashboard
     from pixelpipe.gateway.cli import gateway, keys
+    from pixelpipe.processors.cli import pools
     from pixelpipe.sinks.cli import clickhouse
 
     main.add_command(analyze)
@@ -456,6 +471,20 @@ def _register_layer_commands() -> None:
     main.add_command(clickhouse)
     main.add_command(gateway)
     main.add_command(keys)
+    main.add_command(pools)
+    pools.add_command(pools_keda_command)
+
+
+@click.command("keda")
+@click.argument("path", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def pools_keda_command(path: Path | None) -> None:
+    """Kubernetes manifests for each pool: its render Deployment and the KEDA ScaledObject scaling it on its lag,
+    from PATH (a pools file) or, without one, the pools in force."""
+    from pixelpipe.processors.cli import file_pools, live_pools
+    from pixelpipe.tools.pool_manifests import pool_manifests
+
+    settings = load_settings()
+    click.echo(pool_manifests(file_pools(path) if path else live_pools(settings), settings), nl=False)
 
 
 _register_layer_commands()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ from typing import TYPE_CHECKING, Any, cast
 import faust
 from faust.types import TP, EventT
 
+from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.pools import DEFAULT_POOL, PoolConfigError, PoolRouting, pool_topics, read_pools
 from pixelpipe.core.settings import Settings, StageSettings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
 from pixelpipe.processors.build import LONG, RENDER_KINDS, STAGES, build_stages
@@ -71,8 +74,11 @@ IDLE_SWEEP_S = 30.0  # how often moderation forgets the users whose buckets are 
 
 
 def group_id(settings: Settings, stages: Sequence[str]) -> str:
-    """Workers running the same stages form one consumer group (Faust's app id)."""
-    return f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages)
+    """Workers running the same stages for the same pool form one consumer group (Faust's app id); the default
+    pool's group has no pool in its name, as before pools existed."""
+    group = f"{settings.stages.consumer_group}-" + "-".join(s for s in STAGES if s in stages)
+    pool = settings.stages.pool
+    return group if pool == DEFAULT_POOL else f"{group}-{pool}"
 
 
 def inbound(event: EventT) -> Inbound:
@@ -106,10 +112,11 @@ class Pipeline:
         sender: EmissionSender,
         partitions: int,
         health: Health | None = None,
-        cancellation_partitions: int = 1,
+        table_partitions: Mapping[str, int] | None = None,
     ) -> None:
+        """``table_partitions``: the partition count of each global table's topic that is not 1."""
         self.settings = settings
-        self.cancellation_partitions = cancellation_partitions
+        self.table_partitions = dict(table_partitions or {})
         self.stages = stages
         self.sender = sender
         self.health = health
@@ -152,7 +159,7 @@ class Pipeline:
         }
         self._taken_s = dict.fromkeys(self.sources, time.monotonic())  # each agent's last take, or start
         self._busy: set[str] = set()  # agents inside a take
-        self.cancellations: faust.GlobalTable | None = None
+        self._global_tables: dict[str, faust.GlobalTable] = {}
         for kind, topic in self.sources.items():
             stage = stages[kind]
             if isinstance(stage, ModerationStage):
@@ -178,6 +185,9 @@ class Pipeline:
             partitions,
         )
         stage.placed = True
+        # Every moderation worker reads the whole compacted topic of pools: they are few and small.
+        pools = self._global_table("model-pools", self.settings.topics.model_pools)
+        stage.pools = PoolRouting(pools.data, stage.context.codec)
         changelog = table.changelog_topic.get_topic_name()
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
         stage_settings = self.settings.stages
@@ -214,7 +224,8 @@ class Pipeline:
     # -- rendering ----------------------------------------------------------------------------------------------
     def _add_render_agent(self, kind: str, stage: RenderStage, topic: str) -> None:
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
-        cancellations = self._cancellations()
+        # Every render worker reads the whole compacted topic: cancellations are few and small.
+        cancellations = self._global_table("cancellations", self.settings.topics.cancellations)
         stage.cancelled = lambda request_id: request_id.encode() in cancellations.data
         stage.stopping = lambda: bool(self.app.should_stop)
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
@@ -246,20 +257,21 @@ class Pipeline:
                 yield None
             await acknowledgement.close()
 
-    def _cancellations(self) -> faust.GlobalTable:
-        if self.cancellations is None:
-            # Every render worker reads the whole compacted topic: cancellations are few and small.
-            self.cancellations = self.app.GlobalTable(
-                "cancellations",
-                key_type=bytes,  # raw: keys are request ids as the publishers wrote them
+    def _global_table(self, name: str, topic: str) -> faust.GlobalTable:
+        """A table of every message on ``topic`` (compacted), keyed and valued by their raw bytes, as its
+        publishers wrote them; read whole by every worker of every group that asks for it."""
+        if name not in self._global_tables:
+            self._global_tables[name] = self.app.GlobalTable(
+                name,
+                key_type=bytes,
                 value_type=bytes,
-                changelog_topic=self._topic(self.settings.topics.cancellations),
-                partitions=self.cancellation_partitions,
+                changelog_topic=self._topic(topic),
+                partitions=self.table_partitions.get(topic, 1),
                 # faust-streaming's advice for a global table read by several instances: without it a worker can
                 # loop in recovery.
                 recovery_buffer_size=1,
             )
-        return self.cancellations
+        return self._global_tables[name]
 
     # -- health and failure -------------------------------------------------------------------------------------
     def _began(self, kind: str) -> None:
@@ -365,7 +377,7 @@ def _table_changes(changelog: str, changes: Any) -> list[Emission]:
 
 def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     """The topics these stages read or write: under Kafka ACLs a worker may not even see the others."""
-    used = [topics.requests, *topics.render()] if "moderation" in stages else []
+    used = [topics.requests, topics.model_pools, *topics.render()] if "moderation" in stages else []
     used += [getattr(topics, kind + suffix) for kind in RENDER_KINDS if kind in stages for suffix in ("", "_long")]
     if any(kind in stages for kind in RENDER_KINDS):
         used.append(topics.cancellations)
@@ -378,6 +390,16 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics, partition_count
 
+    renders = any(kind in stages for kind in RENDER_KINDS)
+    pool = settings.stages.pool
+    if pool != DEFAULT_POOL and (not renders or "moderation" in stages):
+        raise PoolConfigError(f"--pool {pool}: a pool is served by render stages; moderation routes to every pool")
+    pools = read_pools(settings.kafka, settings.topics, codec_from_settings(settings.kafka)) if renders else {}
+    if renders:
+        # A pool's render workers read its own render topics; made here too, as the pool asks, if not applied yet.
+        settings = dataclasses.replace(settings, topics=pool_topics(settings.topics, pool))
+        own = pools.get(pool)
+        ensure_topics(settings.kafka, settings.topics, settings.topics.render(), own.partitions if own else None)
     # Served from the start: /healthz answers while models load; /readyz once they are warm and partitions assigned.
     health = Health(settings.ops.liveness_bound_s, ["models", "partitions"])
     server = serve(settings.ops, health)
@@ -386,17 +408,19 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     sender = EmissionSender(settings.kafka, settings.stages.reply_timeout_ms)
     lag = None
     try:
-        built = build_stages(settings, stages)
+        built = build_stages(settings, stages, pools)
         health.mark("models")
         # Only the topics these stages use: under ACLs a worker may not even see the others.
-        topics, renders = settings.topics, any(kind in stages for kind in RENDER_KINDS)
+        topics = settings.topics
+        tables = [topics.cancellations] if renders else []
+        tables += [topics.model_pools] if "moderation" in stages else []
         pipeline = Pipeline(
             settings,
             built,
             sender,
             partition_count(settings.kafka, topics.requests) if "moderation" in stages else 1,
             health,
-            partition_count(settings.kafka, topics.cancellations) if renders else 1,
+            {topic: partition_count(settings.kafka, topic) for topic in tables},
         )
         if server is not None:
             groups = {pipeline.app.conf.id: _sources(settings.topics, stages)}

@@ -11,11 +11,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.pools import Pool, pool_models
 from pixelpipe.core.settings import Settings
 from pixelpipe.processors.messages import StageContext
 from pixelpipe.processors.moderation_stage import ModerationStage
@@ -39,9 +40,11 @@ def worker_id(settings: Settings) -> str:
     return settings.stages.worker_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
+def build_stages(settings: Settings, names: Sequence[str], pools: Mapping[str, Pool] | None = None) -> dict[str, Stage]:
     """Build the named stages, models loaded and warmed: done before the worker joins its consumer group, so
-    partitions are never assigned to a worker that cannot serve them yet. The render stages share one
+    partitions are never assigned to a worker that cannot serve them yet. A render worker warms the models of its
+    pool (``settings.stages.pool`` in ``pools``, the pools in force): with none configured, the whole registry; a
+    model moved into its pool later is loaded on its first request. The render stages share one
     ``DiffusionModels``, so a model both use is loaded once. Each render stage also gets its long lane
     ("generate-long", "edit-long"): a stage of its own on a lane of those models (``DiffusionModels.lane``: the
     same weights, its own pipelines and lock), so a long request renders beside the short ones."""
@@ -63,8 +66,9 @@ def build_stages(settings: Settings, names: Sequence[str]) -> dict[str, Stage]:
     render_kinds = [kind for kind in RENDER_KINDS if kind in names]
     if render_kinds:
         models = _diffusion_models(settings)
-        # Every model loaded, compiled and warmed: a rebalance never meets a compile stall.
-        TELEMETRY.models_ready(models.warm_up())
+        served = pool_models(pools or {}, settings.stages.pool, models.registry.names())
+        # Every model of the pool loaded, compiled and warmed: a rebalance never meets a compile stall.
+        TELEMETRY.models_ready(models.warm_up(served))
         lane = models.lane()
         for kind in render_kinds:
             built[kind] = _render_stage(kind, settings, context, models)

@@ -401,14 +401,15 @@ class DiffusionModels:
                     self._loaded[name] = self._load(entry)
             return self._loaded[name]
 
-    def warm_up(self) -> dict[str, Readiness]:
-        """Load every registry model and render each of its warm-up shapes once (the entry's ``warmup``), so
-        that loading and compiling are done before the worker takes work; returns the seconds each model took.
+    def warm_up(self, names: Sequence[str] | None = None) -> dict[str, Readiness]:
+        """Load the named models (by default every registry model) and render each of its warm-up shapes once (the
+        entry's ``warmup``), so that loading and compiling are done before the worker takes work; returns the
+        seconds each model took.
 
         In per-image mode every call renders one image, so a size is warmed once, whatever the batch sizes.
         """
         readiness: dict[str, Readiness] = {}
-        for name in self.registry.names():
+        for name in self.registry.names() if names is None else names:
             started = time.perf_counter()
             model = self.load(name)
             loaded = time.perf_counter()

@@ -1,6 +1,7 @@
 """The moderation stage: prompt and input-image checks on a take of requests, the per-request and per-user limits,
-and what passes forwarded to its kind's render topic or long lane. It reads the model registry's entries for each
-request's compute, never the weights: a moderation worker imports no torch."""
+and what passes forwarded to the render topic (or long lane) of its kind in the pool serving its final model. It
+reads the model registry's entries for each request's compute, never the weights: a moderation worker imports no
+torch."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest, Stage
 from pixelpipe.core.experiments import Experiment
 from pixelpipe.core.objects import ObjectStore
+from pixelpipe.core.pools import DEFAULT_POOL, PoolRouting, pool_topics
 from pixelpipe.core.registry import ModelRegistry
 from pixelpipe.core.settings import ModerationSettings
 from pixelpipe.core.validation import InvalidRequestError, check_compute
@@ -32,14 +34,15 @@ from pixelpipe.processors.messages import (
 )
 from pixelpipe.processors.moderation import ImageModerator, PromptModerator, Verdict
 from pixelpipe.processors.outcomes import Outcome, StageWork
-from pixelpipe.processors.params import request_compute
+from pixelpipe.processors.params import final_model, request_compute
 
 log = logging.getLogger(__name__)
 
 
 class ModerationStage:
-    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic, or to
-    its long lane when its compute is over ``PIXELPIPE_LONG_REQUEST_COMPUTE``.
+    """Prompt and input-image checks on a micro-batch; forwards what passes to the generate or edit topic of the
+    pool serving the request's final model (its own, or its experiment variant's), or to that topic's long lane
+    when its compute is over ``PIXELPIPE_LONG_REQUEST_COMPUTE``. A model no pool serves fails at once.
 
     The compute of a request (``request_compute``) is read from the model ``registry`` (entries only, no weights)
     and the ``experiments``, as the render stages will resolve it: moderation fails a request over the
@@ -59,10 +62,12 @@ class ModerationStage:
         experiments: Mapping[str, Experiment] | None = None,
         limits: UserLimits | None = None,
         placed: bool = False,
+        pools: PoolRouting | None = None,
     ) -> None:
         """``limits`` holds the users of the requests topic's partitions this worker owns (a Faust table's data in
         the worker); ``placed``: requests are counted on their user's partition (``limits.home``), and a request
-        found elsewhere is moved there first."""
+        found elsewhere is moved there first. ``pools`` routes each model to its pool (none configured: every
+        model to the default pool)."""
         self.context = context
         self.moderation = moderation
         self.prompts = prompts
@@ -76,17 +81,16 @@ class ModerationStage:
             moderation.max_user_compute_per_minute,
         )
         self.placed = placed
-        topics = context.topics
-        self.next_topic = {"GENERATE": topics.generate, "EDIT": topics.edit}
-        self.long_topic = {"GENERATE": topics.generate_long, "EDIT": topics.edit_long}
+        self.pools = pools or PoolRouting({}, context.codec)
 
-    def topic_for(self, request: ImageRequest, compute: float | None) -> str:
-        """Where a request that passed goes: its kind's long lane when its compute is over the threshold (and the
-        lane is on), else its kind's topic."""
+    def topic_for(self, request: ImageRequest, compute: float | None, pool: str = DEFAULT_POOL) -> str:
+        """Where a request that passed goes, in ``pool``'s render topics: its kind's long lane when its compute is
+        over the threshold (and the lane is on), else its kind's topic."""
+        topics = pool_topics(self.context.topics, pool)
         threshold = self.moderation.long_request_compute
         if threshold > 0 and compute is not None and compute > threshold:
-            return self.long_topic[request.kind]
-        return self.next_topic[request.kind]
+            return topics.generate_long if request.kind == "GENERATE" else topics.edit_long
+        return topics.generate if request.kind == "GENERATE" else topics.edit
 
     def handle_batch(self, messages: Sequence[Inbound]) -> list[Emission]:
         """Moderate a take of requests: one profanity-model call for all their prompts, then each on its own."""
@@ -94,6 +98,7 @@ class ModerationStage:
         emit = Emitter(self.context)
         readable: list[tuple[Inbound, ImageRequest]] = []
         computes: list[float | None] = []
+        pools: list[str | None] = []
         refusals: list[Outcome | None] = []
         for message in messages:
             request = None
@@ -101,17 +106,21 @@ class ModerationStage:
                 request = decode_request(message, self.context, emit, "moderation")
                 if request is None or not self._at_home(message, request, emit):
                     continue
-                # Expired, over-budget and rate-limited requests end before the prompt model: a flood costs it
-                # nothing.
+                # Expired, unserved, over-budget and rate-limited requests end before the prompt model: a flood
+                # costs it nothing.
+                model, set_by = final_model(request, self.experiments)
+                pool = self.pools.pool_for(model)
                 compute = request_compute(request, self.experiments, self.registry, self.context.limits)
-                refusal = self._refusal(request, arrival_s(message, started_s), compute)
+                refusal = self._unserved(model, set_by) if pool is None else None
+                refusal = refusal or self._refusal(request, arrival_s(message, started_s), compute)
             except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
                 outcome = unforeseen(emit, message, "moderation", request, e)
                 if request is None:
                     continue
-                compute, refusal = None, outcome
+                compute, pool, refusal = None, None, outcome
             readable.append((message, request))
             computes.append(compute)
+            pools.append(pool)
             refusals.append(refusal)
         admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
         verdicts: Iterator[Verdict | None]
@@ -123,7 +132,7 @@ class ModerationStage:
             log.exception("prompt moderation failed", extra={"requests": len(admitted)})
             verdicts = iter([None] * len(admitted))
         shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
-        for (message, request), refusal, compute in zip(readable, refusals, computes, strict=True):
+        for (message, request), refusal, compute, pool in zip(readable, refusals, computes, pools, strict=True):
             own_started_s = time.time()
             try:
                 outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
@@ -141,7 +150,8 @@ class ModerationStage:
             )
             emit.metric(request, work)
             if outcome is None:
-                emit.forward(self.topic_for(request, compute), message)
+                assert pool is not None  # a request no pool serves was refused above
+                emit.forward(self.topic_for(request, compute, pool), message)
             else:
                 emit.result(request, outcome, {"moderation": compute_ms})
         return emit.take()
@@ -156,6 +166,15 @@ class ModerationStage:
             return True
         emit.move(message, home)
         return False
+
+    def _unserved(self, model: str, set_by: str | None) -> Outcome:
+        """The outcome of a request whose final model no pool serves: at once, not after a render timeout."""
+        named = f"model {model!r}" + (f" (set by {set_by})" if set_by else "")
+        pools = ", ".join(self.pools.pools())
+        return Outcome.failed(
+            "MODEL_NOT_SERVED",
+            f"{named} is served by no pool (pools: {pools}); an operator adds it to one with pixelpipe pools apply",
+        )
 
     def _refusal(self, request: ImageRequest, arrived_s: float, compute: float | None) -> Outcome | None:
         """The outcome of a request that ends before it is moderated (its deadline passed, its compute is over the

@@ -42,6 +42,12 @@ def variant_overrides(
     return overrides, set_by
 
 
+def final_model(request: ImageRequest, experiments: Mapping[str, Experiment]) -> tuple[str, str | None]:
+    """The model a request renders with (its own, or its variants' override) and the variant that set it, if any."""
+    overrides, set_by = variant_overrides(request, experiments)
+    return str(overrides.get("model", request.model)), set_by.get("model")
+
+
 def request_compute(
     request: ImageRequest, experiments: Mapping[str, Experiment], registry: ModelRegistry, limits: RequestLimits
 ) -> float | None:

@@ -6,4 +6,4 @@ from pathlib import Path
 
 SCHEMA_DIR = Path(__file__).parent
 NAMESPACE = "pixelpipe.v1"
-SCHEMA_NAMES = ("ImageRequest", "ImageResult", "StageMetric", "DeadLetter", "Cancellation")
+SCHEMA_NAMES = ("ImageRequest", "ImageResult", "StageMetric", "DeadLetter", "Cancellation", "ModelPool")

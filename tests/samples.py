@@ -114,4 +114,16 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "reason": "the caller closed the connection",
             "requested_by": "gateway:gw-1",
         },
+        "ModelPool": {
+            "event_id": "0e1f2a3b-4c5d-4e6f-8a9b-c0d1e2f3a4b5",
+            "schema_version": 1,
+            "event_time": common["event_time"],
+            "name": "sd",
+            "models": ["sd-1.5", "sd-1.5-lcm"],
+            "partitions": 8,
+            "min_replicas": 1,
+            "max_replicas": 8,
+            "lag_threshold": 16,
+            "applied_by": "cli",
+        },
     }

@@ -256,7 +256,26 @@ class Cancellation(AvroRecord):
     requested_by: str | None = None
 
 
-Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation
+@dataclass(kw_only=True, slots=True)
+class ModelPool(AvroRecord):
+    """A model pool: models its render workers serve, on render topics of their own; keyed by its name on the
+    compacted model-pools topic (``pixelpipe.core.pools``)."""
+
+    schema_name: ClassVar[str] = "ModelPool"
+
+    event_id: str = field(default_factory=new_event_id)
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    name: str
+    models: list[str]
+    partitions: int | None = None
+    min_replicas: int = 1
+    max_replicas: int | None = None
+    lag_threshold: int = 16
+    applied_by: str | None = None
+
+
+Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation | ModelPool
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation)
+    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation, ModelPool)
 }

@@ -158,6 +158,12 @@ class TopicSettings:
         "pixelpipe.cancellations",
         "Compacted topic of Cancellations keyed by request id; every render worker reads it whole.",
     )
+    model_pools: str = setting(
+        "TOPIC_MODEL_POOLS",
+        "pixelpipe.model-pools",
+        "Compacted topic of ModelPools keyed by pool name: which models each pool's render workers serve; every "
+        "moderation worker reads it whole.",
+    )
     gateway_usage: str = setting(
         "TOPIC_GATEWAY_USAGE",
         "pixelpipe.gateway.usage",
@@ -172,7 +178,15 @@ class TopicSettings:
 
     def pipeline(self) -> list[str]:
         """Every topic of the pipeline."""
-        return [self.requests, *self.render(), self.results, self.metrics, self.dead_letter, self.cancellations]
+        return [
+            self.requests,
+            *self.render(),
+            self.results,
+            self.metrics,
+            self.dead_letter,
+            self.cancellations,
+            self.model_pools,
+        ]
 
     def render(self) -> list[str]:
         """The topics moderation forwards to and the render stages read: each kind's own and its long lane's."""
@@ -327,7 +341,13 @@ class StageSettings:
     retry_backoff_ms: int = setting("RETRY_BACKOFF_MS", 200, "First retry delay; doubles each attempt, up to 5 s.")
     worker_id: str = setting("WORKER_ID", "", "This worker's name in metrics; empty uses host-pid.")
     consumer_group: str = setting(
-        "CONSUMER_GROUP", "pixelpipe", "Prefix of the workers' consumer groups (one group per stage set)."
+        "CONSUMER_GROUP", "pixelpipe", "Prefix of the workers' consumer groups (one group per stage set and pool)."
+    )
+    pool: str = setting(
+        "POOL",
+        "default",
+        "The model pool a render worker serves: it loads that pool's models and reads its render topics "
+        "(`pixelpipe worker --pool`); `default` reads the render topics' own names.",
     )
 
 

@@ -53,13 +53,15 @@ def ensure_topics(
     # The broker stamps each request with its own clock on arrival: the rate limiter's time, which a producer
     # cannot set. Cancellations are state every render worker reads whole: compacted to the latest per request id,
     # and deleted after the broker's retention like the requests they could still meet, so the state stays bounded.
+    # The model pools are configuration: compacted to the latest per pool, and kept.
     config = {
         topics.requests: {"message.timestamp.type": "LogAppendTime"},
         topics.cancellations: {"cleanup.policy": "compact,delete"},
+        topics.model_pools: {"cleanup.policy": "compact"},
     }
     # One partition: few and small, and faust-streaming's global tables recover reliably from one (with several,
     # instances can loop in recovery).
-    counts = {topics.cancellations: 1}
+    counts = {topics.cancellations: 1, topics.model_pools: 1}
     futures = admin.create_topics(
         [
             NewTopic(name, counts.get(name, partitions or topics.partitions), 1, config=config.get(name, {}))
