@@ -143,9 +143,14 @@ def _plot_latency_by_stage(ax: Any, frame: pd.DataFrame) -> None:
     ax.set_yscale("log")  # queue waits and compute times lie orders of magnitude apart
 
 
+def _joined(frame: pd.DataFrame, *columns: str) -> list[str]:
+    """Each row's values of ``columns`` as one label, the empty ones left out (a pool of '': none)."""
+    return [" / ".join(str(value) for value in row if value) for row in frame[list(columns)].itertuples(index=False)]
+
+
 def _plot_queue_vs_compute(ax: Any, frame: pd.DataFrame) -> None:
     frame = _numbers(frame, "avg_queue_ms", "avg_compute_ms")
-    labels = [f"{s} / {m}" for s, m in zip(frame["stage"], frame["model"], strict=True)]
+    labels = _joined(frame, "stage", "pool", "model")
     ax.barh(labels, frame["avg_queue_ms"], color="tab:gray", label="queue wait")
     ax.barh(labels, frame["avg_compute_ms"], left=frame["avg_queue_ms"], color="tab:blue", label="compute")
     totals = frame["avg_queue_ms"].fillna(0) + frame["avg_compute_ms"].fillna(0)
@@ -167,7 +172,8 @@ def _plot_batch_sizes(ax: Any, frame: pd.DataFrame) -> None:
 
 def _plot_cost_per_image(ax: Any, frame: pd.DataFrame) -> None:
     frame = _numbers(frame, "usd_per_image")
-    labels = [f"{m}\n{v or '(no variant)'}" for m, v in zip(frame["model"], frame["variant"], strict=True)]
+    names = _joined(frame, "pool", "model")
+    labels = [f"{name}\n{v or '(no variant)'}" for name, v in zip(names, frame["variant"], strict=True)]
     ax.bar(labels, frame["usd_per_image"], color="tab:purple")
     ax.set_ylabel("USD per image")
     ax.tick_params(axis="x", labelsize=8)
@@ -190,7 +196,7 @@ def _plot_errors(ax: Any, frame: pd.DataFrame) -> None:
 
 def _plot_cancellations(ax: Any, frame: pd.DataFrame) -> None:
     frame = _numbers(frame, "cancelled", "device_s_spent", "device_s_saved", "saved_unknown")
-    labels = [f"{s} / {m}" for s, m in zip(frame["stage"], frame["model"], strict=True)]
+    labels = _joined(frame, "stage", "pool", "model")
     ax.barh(labels, frame["device_s_spent"], color="tab:gray", label="spent")
     ax.barh(labels, frame["device_s_saved"], left=frame["device_s_spent"], color="tab:green", label="saved")
     totals = frame["device_s_spent"].fillna(0) + frame["device_s_saved"].fillna(0)
@@ -239,8 +245,8 @@ CHARTS = (
     ),
     Chart(
         "queue_vs_compute",
-        "Queue wait vs compute by stage and model",
-        ("stage", "model", "avg_queue_ms", "avg_compute_ms", "queue_share"),
+        "Queue wait vs compute by stage, pool and model",
+        ("stage", "pool", "model", "avg_queue_ms", "avg_compute_ms", "queue_share"),
         _plot_queue_vs_compute,
     ),
     Chart(
@@ -251,8 +257,8 @@ CHARTS = (
     ),
     Chart(
         "cost_per_image",
-        "Cost per image by model and variant (USD)",
-        ("model", "variant", "total_cost_usd", "total_images", "usd_per_image"),
+        "Cost per image by pool, model and variant (USD)",
+        ("pool", "model", "variant", "total_cost_usd", "total_images", "usd_per_image"),
         _plot_cost_per_image,
     ),
     Chart(
@@ -269,8 +275,8 @@ CHARTS = (
     ),
     Chart(
         "cancellations",
-        "Cancellations and device time saved by stage and model",
-        ("stage", "model", "cancelled", "device_s_spent", "device_s_saved", "saved_unknown"),
+        "Cancellations and device time saved by stage, pool and model",
+        ("stage", "pool", "model", "cancelled", "device_s_spent", "device_s_saved", "saved_unknown"),
         _plot_cancellations,
     ),
     Chart(

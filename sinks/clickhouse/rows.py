@@ -52,6 +52,7 @@ RESULT_COLUMNS = (
     "seed",
     "strength",
     "batch_size",
+    "pool",
 )
 
 METRIC_COLUMNS = (
@@ -74,6 +75,7 @@ METRIC_COLUMNS = (
     "experiment_variants",
     "variant",
     "device_seconds_saved",
+    "pool",
 )
 
 
@@ -132,6 +134,7 @@ def result_row(result: ImageResult) -> Row:
         result.seed,
         result.strength,
         result.batch_size,
+        result.pool,
     )
 
 
@@ -158,4 +161,5 @@ def metric_row(metric: StageMetric) -> Row:
         experiment_variants,
         metric.variant,
         metric.device_seconds_saved,
+        metric.pool,
     )

@@ -224,7 +224,7 @@ def test_cancellations_arrive_on_tables_that_hold_rows_and_a_success_still_wins_
     _insert(client, "results", [_RESULT])
     _insert(client, "stage_metrics", [_METRIC])
 
-    assert apply_migrations(client) == ["0007_cancellations"]
+    assert apply_migrations(client, until="0007_cancellations") == ["0007_cancellations"]
     cancelled = {"status": "'CANCELLED'", **{f"image_{n}": "[]" for n in ("uris", "sha256", "widths", "heights")}}
     cancelled |= {"image_formats": "[]", "image_bytes": "[]"}
     _insert(client, "results", [_RESULT | cancelled | {"event_id": "'res-c'", "request_id": "'req-c'"}])
@@ -238,3 +238,46 @@ def test_cancellations_arrive_on_tables_that_hold_rows_and_a_success_still_wins_
     assert client.execute(
         "SELECT event_id, toString(outcome), device_seconds_saved FROM stage_metrics_dedup ORDER BY event_id"
     ) == [("met-1", "OK", None), ("met-c", "CANCELLED", 0.3)]
+
+
+@pytest.mark.parametrize("backend", ["server", "chdb"])
+def test_pools_arrive_on_tables_and_rollups_that_hold_rows(backend, request):
+    client = request.getfixturevalue(f"{backend}_client")
+    assert apply_migrations(client, until="0007_cancellations")[-1] == "0007_cancellations"
+    _insert(client, "results", [_RESULT])
+    _insert(client, "stage_metrics", [_METRIC])
+
+    assert apply_migrations(client) == ["0008_pools"]
+    # A request of pool sd: its render metric and result, and moderation's metric, which carries the pool it routed to.
+    routed = {"request_id": "'req-p'", "pool": "'sd'"}
+    _insert(client, "results", [_RESULT | routed | {"event_id": "'res-p'"}])
+    _insert(client, "stage_metrics", [_METRIC | routed | {"event_id": "'met-p'"}])
+    moderated = {"event_id": "'met-pm'", "stage": "'MODERATION'", "compute_ms": "10.0", "cost_usd": "0.001"}
+    _insert(client, "stage_metrics", [_METRIC | routed | moderated])
+    # A request moderation rejected before routing: no pool.
+    _insert(client, "stage_metrics", [_METRIC | moderated | {"event_id": "'met-r'", "outcome": "'REJECTED'"}])
+
+    assert client.execute("SELECT event_id, pool FROM results_dedup ORDER BY event_id") == [
+        ("res-1", None),  # written before pools
+        ("res-p", "sd"),
+    ]
+    assert client.execute("SELECT event_id, pool FROM stage_metrics_dedup ORDER BY event_id") == [
+        ("met-1", None),
+        ("met-p", "sd"),
+        ("met-pm", "sd"),
+        ("met-r", None),
+    ]
+    latency = client.execute(
+        "SELECT toString(stage) AS stage_name, pool, uniqExactMerge(events), quantilesMerge(0.5)(compute_ms_q)"
+        " FROM stage_latency_1m GROUP BY stage_name, pool ORDER BY stage_name, pool"
+    )
+    assert latency == [
+        ("GENERATE", "", 1, [100.0]),
+        ("GENERATE", "sd", 1, [100.0]),
+        ("MODERATION", "", 1, [10.0]),
+        ("MODERATION", "sd", 1, [10.0]),
+    ]
+    # Each pool's cost over its images: the old rows count with no pool, moderation's cost with the pool it chose.
+    cost = client.execute("SELECT pool, model, total_cost_usd, total_images FROM cost_per_image ORDER BY pool")
+    assert [(pool, model, images) for pool, model, _, images in cost] == [("", "sd-turbo", 2), ("sd", "sd-turbo", 2)]
+    assert [total for _, _, total, _ in cost] == pytest.approx([0.005, 0.005])

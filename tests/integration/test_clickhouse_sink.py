@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def events(count: int, seed: int = 0) -> tuple[list[ImageResult], list[StageMetr
             "model": ("sd-1.5", "sd-turbo")[i % 2],
             "experiments": {"steps": ("control", "fast")[i % 3 % 2]},
             "variant": ("steps:control", "steps:fast")[i % 3 % 2],
+            # each model in a pool of its own; a request rejected at moderation was routed to none
+            "pool": None if status == "REJECTED" else ("sd", "turbo")[i % 2],
         }
         results.append(
             ImageResult(
@@ -96,7 +99,13 @@ def cancelled_events(count: int) -> tuple[list[ImageResult], list[StageMetric]]:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     results, metrics = [], []
     for i in range(count):
-        common = {"request_id": f"req-c-{i}", "event_time": now, "user_id": f"user-{i}", "model": "sd-turbo"}
+        common = {
+            "request_id": f"req-c-{i}",
+            "event_time": now,
+            "user_id": f"user-{i}",
+            "model": "sd-turbo",
+            "pool": "turbo",
+        }
         results.append(ImageResult(**common, event_id=f"res-c-{i}", status="CANCELLED", kind="GENERATE"))
         metrics.append(
             StageMetric(
@@ -333,11 +342,16 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
     assert sum(row[2] for row in answers["batch_size_distribution"]) == 420
     assert sum(row[2] for row in answers["rejection_rate_by_category"]) == 100
     assert sum(row[3] for row in answers["rejection_rate_by_category"]) == pytest.approx(100 / 420)
-    assert answers["cancellations"] == [("GENERATE", "sd-turbo", 20, 5.0, 15.0, 10)]
+    assert answers["cancellations"] == [("GENERATE", "turbo", "sd-turbo", 20, 5.0, 15.0, 10)]
     assert {row[0]: row[1] for row in answers["error_rate_by_code"]} == {"DEADLINE_EXCEEDED": 50, "OOM": 50}
-    cost = {(model, variant): (total, images) for model, variant, total, images, _ in answers["cost_per_image"]}
-    assert sum(total for total, _ in cost.values()) == pytest.approx(0.4)
-    assert sum(images for _, images in cost.values()) == 300  # 200 successes, half of them with two images
+    cost_usd, images = Counter(), Counter()
+    for pool, _, _, total_usd, total_images, _ in answers["cost_per_image"]:
+        cost_usd[pool] += total_usd
+        images[pool] += total_images
+    # 200 successes, the odd ones (pool turbo) with two images; the rejected requests' cost is in no pool
+    assert images == {"": 0, "sd": 100, "turbo": 200}
+    assert dict(cost_usd) == pytest.approx({"": 0.1, "sd": 0.1, "turbo": 0.2})
+    assert {row[1] for row in answers["queue_vs_compute"]} == {"", "sd", "turbo"}
     assert {row[1] for row in answers["latency_by_stage_over_time"]} == {
         "MODERATION",
         "GENERATE",
@@ -360,5 +374,5 @@ def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
     )
     assert migrated.returncode == 0, migrated.stderr
     names = [path.stem for path in migration_files()]
-    assert names[-1] == "0007_cancellations"
+    assert names[-1] == "0008_pools"
     assert f"applied: {', '.join(names)}\n" in migrated.stdout

@@ -108,12 +108,18 @@ def test_charts_with_rows_are_inline_pngs_and_a_failing_query_stays_in_its_own_p
         "throughput": [(minute, 6, 3, 1, 1, 1, 4), (dt.datetime(2026, 11, 25, 12, 2), 2, 2, 0, 0, 0, 2)],
         "latency_by_stage_over_time": [(minute, "GENERATE", 400.0, 900.0), (minute, "MODERATION", 12.0, None)],
         "latency_by_stage": [("GENERATE", 5, 400.0, 900.0, 950.0)],
-        "queue_vs_compute": [("GENERATE", "tiny-sd", 300.0, 100.0, 0.75)],
+        "queue_vs_compute": [
+            ("GENERATE", "tiny-sd", "tiny-sd", 300.0, 100.0, 0.75),
+            ("MODERATION", "", "x", 1.0, 2.0, 0.3),
+        ],
         "batch_size_distribution": [("GENERATE", 1, 4), ("GENERATE", 3, 3), ("EDIT", 1, 2)],
-        "cost_per_image": [("tiny-sd", "control", 0.002, 10, 0.0002), ("tiny-sd", "", 0.001, 0, 0.0)],
+        "cost_per_image": [("tiny-sd", "tiny-sd", "control", 0.002, 10, 0.0002), ("", "tiny-sd", "", 0.001, 0, 0.0)],
         "rejection_rate_by_category": [("PROMPT", "violence", 1, 0.1)],
         "error_rate_by_code": [(None, 1, 0.1)],
-        "cancellations": [("GENERATE", "tiny-sd", 3, 0.5, 1.5, 1), ("MODERATION", "tiny-sd", 1, 0.0, 0.0, 1)],
+        "cancellations": [
+            ("GENERATE", "tiny-sd", "tiny-sd", 3, 0.5, 1.5, 1),
+            ("MODERATION", "", "tiny-sd", 1, 0.0, 0.0, 1),
+        ],
     }
     page = render_dashboard(FakeClient(rows, failing=("experiment_exposures",)), START, END, "clickhouse://u:pw@h/db")
     found = figures(page.html)

@@ -61,6 +61,7 @@ def test_result_row():
         "seed": 2**40 + 7,
         "strength": 0.75,
         "batch_size": 4,
+        "pool": "sd",
     }
 
 
@@ -108,6 +109,7 @@ def test_metric_row():
         "experiment_variants": ["fast"],
         "variant": "steps-test:fast",
         "device_seconds_saved": None,
+        "pool": "sd",
     }
 
 
