@@ -333,10 +333,10 @@ def observation_cost_us(rounds: int = 20_000) -> float:
     started = time.perf_counter()
     for i in range(rounds):
         if i % 32 == 0:  # once a take (32 requests, the render stages' take; moderation takes up to 256)
-            TELEMETRY.events_in("moderation", 32)
-            TELEMETRY.events_in("generate", 32)
+            TELEMETRY.events_in("moderation", 32, pool=None)
+            TELEMETRY.events_in("generate", 32, pool="default")
         for work in works:
-            TELEMETRY.work(work, 1e-7)
+            TELEMETRY.work(work, 1e-7, pool="default")
         TELEMETRY.result(succeeded, "GENERATE")
     TELEMETRY.fold()
     elapsed = time.perf_counter() - started

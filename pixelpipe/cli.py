@@ -159,7 +159,9 @@ def lag_exporter_command(prefixes: tuple[str, ...]) -> None:
     if server is None:
         raise click.UsageError("set PIXELPIPE_METRICS_PORT: the lag exporter serves nothing else")
     prefixes = prefixes or (settings.stages.consumer_group, settings.sink.group_id)
-    monitor = LagMonitor(settings.kafka, prefixes=prefixes, interval_s=settings.ops.lag_interval_s)
+    monitor = LagMonitor(
+        settings.kafka, prefixes=prefixes, interval_s=settings.ops.lag_interval_s, topics=settings.topics
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

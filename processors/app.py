@@ -200,7 +200,7 @@ class Pipeline:
             within_s = self.settings.stages.moderation_max_wait_ms / 1000
             async for events in stream.noack_take(stage_settings.moderation_take_events, within=within_s):
                 self._began("moderation")
-                TELEMETRY.events_in("moderation", len(events))
+                TELEMETRY.events_in("moderation", len(events), pool=None)  # of no pool: it routes to them all
                 emissions = await in_thread(executor, stage.handle_batch, [inbound(e) for e in events])
                 emissions += _table_changes(changelog, stage.limits.changes().items())
                 await acknowledgement.after(self._guarded(self.sender.send_all(emissions)), _acker(stream, events))
@@ -241,7 +241,7 @@ class Pipeline:
             within_s = self.settings.stages.max_wait_ms / 1000
             async for events in stream.noack_take(stage_settings.take_events, within=within_s):
                 self._began(kind)
-                TELEMETRY.events_in(kind, len(events))
+                TELEMETRY.events_in(kind, len(events), pool=stage.context.pool)
                 take = await render_take(
                     stage, [inbound(e) for e in events], self.sender.send_all, model_thread, finishing_thread
                 )
@@ -395,6 +395,7 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     if pool != DEFAULT_POOL and (not renders or "moderation" in stages):
         raise PoolConfigError(f"--pool {pool}: a pool is served by render stages; moderation routes to every pool")
     pools = read_pools(settings.kafka, settings.topics, codec_from_settings(settings.kafka)) if renders else {}
+    named_topics = settings.topics  # the default pool's names, by which the lag names a topic's pool
     if renders:
         # A pool's render workers read its own render topics; made here too, as the pool asks, if not applied yet.
         settings = dataclasses.replace(settings, topics=pool_topics(settings.topics, pool))
@@ -424,7 +425,9 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         )
         if server is not None:
             groups = {pipeline.app.conf.id: _sources(settings.topics, stages)}
-            lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
+            lag = LagMonitor(
+                settings.kafka, groups, interval_s=settings.ops.lag_interval_s, topics=named_topics
+            ).start()
         level = settings.logs.level.upper()
         # Faust's worker sets logging up again, from this: the same JSON lines as the rest of pixelpipe.
         worker = faust.Worker(pipeline.app, quiet=True, loglevel=level, logging_config=logs.dict_config(level))

@@ -58,6 +58,7 @@ def build_stages(settings: Settings, names: Sequence[str], pools: Mapping[str, P
         codec_from_settings(settings.kafka),
         worker_id(settings),
         ModerationStamp(settings.moderation.stamp_key),
+        settings.stages.pool,
     )
     started_s = time.perf_counter()
     built: dict[str, Stage] = {}

@@ -22,6 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import DeadLetter, Event, ImageRequest
+from pixelpipe.core.pools import DEFAULT_POOL
 from pixelpipe.core.settings import RequestLimits, StageSettings, TopicSettings
 from pixelpipe.core.topics import MAX_PARTIAL_IMAGES, PARTIAL_IMAGES_HEADER
 from pixelpipe.core.validation import InvalidRequestError, check_reply_topic, normalised_request, validate_request
@@ -63,7 +64,7 @@ class Emission:
 @dataclass(frozen=True)
 class StageContext:
     """What every stage shares: where events go and how they are encoded, the request limits, the stage settings,
-    this worker's name and the moderation stamp."""
+    this worker's name, the moderation stamp and the model pool its render stages serve."""
 
     topics: TopicSettings
     limits: RequestLimits
@@ -71,6 +72,7 @@ class StageContext:
     codec: Codec
     worker_id: str
     stamp: ModerationStamp
+    pool: str = DEFAULT_POOL
 
 
 class StageFailure(Exception):
@@ -112,19 +114,29 @@ def with_retries(action: Callable[[], T], stages: StageSettings, what: str, dead
 
 
 class Emitter:
-    """Collects a stage's outgoing events, encoded."""
+    """Collects a stage's outgoing events, encoded. Its results and metrics carry ``pool``, or the pool a call
+    names: a render stage's emitter has its own pool (``context.pool``); moderation's has none, and names the pool
+    it routed each request to."""
 
-    def __init__(self, context: StageContext) -> None:
+    def __init__(self, context: StageContext, pool: str | None = None) -> None:
         self.context = context
+        self.pool = pool
         self.emissions: list[Emission] = []
 
     def _emit(self, topic: str, key: bytes | None, event: Event) -> None:
         self.emissions.append(Emission(topic, key, self.context.codec.encode(event)))
 
     def result(
-        self, request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None = None
+        self,
+        request: ImageRequest,
+        outcome: Outcome,
+        timings_ms: dict[str, float],
+        rendered: Rendered | None = None,
+        *,
+        pool: str | None = None,
     ) -> None:
-        value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered))
+        """The request's result; ``pool``: the pool it was routed to, when not the emitter's."""
+        value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered, pool or self.pool))
         TELEMETRY.result(outcome, request.kind)
         key = request.request_id.encode()
         self.emissions.append(Emission(self.context.topics.results, key, value))
@@ -140,16 +152,18 @@ class Emitter:
         return True
 
     def unreadable(self, request_id: str, outcome: Outcome) -> None:
-        self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome))
+        self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome, self.pool))
         TELEMETRY.result(outcome, "unknown")
 
-    def metric(self, request: ImageRequest, work: StageWork, model: str | None = None) -> None:
-        stages = self.context.stages
-        metric = stage_metric(
-            request, work, model or request.model, self.context.worker_id, stages.device_hour_price_usd
-        )
+    def metric(
+        self, request: ImageRequest, work: StageWork, model: str | None = None, *, pool: str | None = None
+    ) -> None:
+        """The stage's metric of the request; ``pool``: the pool it was routed to, when not the emitter's."""
+        price = self.context.stages.device_hour_price_usd
+        pool = pool or self.pool
+        metric = stage_metric(request, work, model or request.model, pool, self.context.worker_id, price)
         self._emit(self.context.topics.metrics, request.request_id.encode(), metric)
-        TELEMETRY.work(work, metric.cost_usd)
+        TELEMETRY.work(work, metric.cost_usd, pool=pool)
 
     def move(self, message: Inbound, partition: int) -> None:
         """``message`` as it came, to another partition of its topic."""

@@ -148,7 +148,8 @@ class ModerationStage:
                 compute_ms / 1000.0,
                 len(readable),
             )
-            emit.metric(request, work)
+            # Its metric names the pool it is routed to; a request that ends here has none.
+            emit.metric(request, work, pool=pool if outcome is None else None)
             if outcome is None:
                 assert pool is not None  # a request no pool serves was refused above
                 emit.forward(self.topic_for(request, compute, pool), message)

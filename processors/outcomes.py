@@ -88,7 +88,7 @@ class Rendered:
 
 
 def image_result(
-    request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None = None
+    request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None, pool: str | None
 ) -> ImageResult:
     params = rendered.params if rendered else None
     return ImageResult(
@@ -117,10 +117,11 @@ def image_result(
         seed=rendered.seed if rendered else None,
         strength=params.strength if params else None,
         batch_size=rendered.batch_size if rendered else None,
+        pool=pool,
     )
 
 
-def unreadable_result(request_id: str, outcome: Outcome) -> ImageResult:
+def unreadable_result(request_id: str, outcome: Outcome, pool: str | None) -> ImageResult:
     """The result of a request whose event could not be read: only its id (the Kafka key) is known."""
     return ImageResult(
         event_id=derived_event_id(request_id, "result"),
@@ -130,6 +131,7 @@ def unreadable_result(request_id: str, outcome: Outcome) -> ImageResult:
         error_code=outcome.error_code,
         error_message=outcome.error_message,
         model="",
+        pool=pool,
     )
 
 
@@ -148,7 +150,7 @@ class StageWork:
 
 
 def stage_metric(
-    request: ImageRequest, work: StageWork, model: str, worker_id: str, device_hour_price_usd: float
+    request: ImageRequest, work: StageWork, model: str, pool: str | None, worker_id: str, device_hour_price_usd: float
 ) -> StageMetric:
     return StageMetric(
         event_id=derived_event_id(request.request_id, f"metric/{work.stage}"),
@@ -167,4 +169,5 @@ def stage_metric(
         experiments=dict(request.experiments),
         variant=request.variant,
         device_seconds_saved=work.device_seconds_saved,
+        pool=pool,
     )

@@ -110,6 +110,10 @@ class RenderStage:
         requests = [(i.request.request_id, i.request.reply_topic, i.request.n, i.message.headers) for i in items]
         return hook_for(requests, params.width, params.height, self.preview_sink, self.images, self.preview_executor)
 
+    def _emitter(self) -> Emitter:
+        """An emitter of this stage's events: every result and metric names the stage's pool."""
+        return Emitter(self.context, self.context.pool)
+
     # -- what subclasses define ------------------------------------------------------------------------------
     def params(self, request: ImageRequest) -> RenderParams:
         return resolve_params(request, self.experiments, self.models, self.context.limits)
@@ -129,7 +133,7 @@ class RenderStage:
         """Read and check a take's requests, and group them into chunks of equal parameters, one model call
         each; what ended early is in the plan's emissions."""
         started_s = time.time()
-        emit = Emitter(self.context)
+        emit = self._emitter()
         pending: list[Pending] = []
         for message in messages:
             request = None
@@ -194,7 +198,7 @@ class RenderStage:
         started_s = time.time()
         if self.stopping():
             return RenderedChunk(params, [], None, "none", started_s, 0.0, handed_back=True)
-        emit = Emitter(self.context)
+        emit = self._emitter()
         items: list[Pending] = []
         for item in chunk.items:
             if self.cancelled(item.request.request_id):  # since the take was planned: still no device time spent
@@ -238,13 +242,13 @@ class RenderStage:
             chunk.previews.wait()
         if chunk.output is None:
             return chunk.ended
-        emit = Emitter(self.context)
+        emit = self._emitter()
         try:
             reviews = [self._review(item, images) for item, images in chunk.outputs()]
             self._store([review for review in reviews if review.outcome is None])
             self._report(emit, chunk, reviews)
         except Exception as e:
-            emit = Emitter(self.context)  # nothing half-reported: every request of the chunk fails alike
+            emit = self._emitter()  # nothing half-reported: every request of the chunk fails alike
             self._fail_internally(emit, chunk.params, chunk.items, e, chunk.started_s)
         return [*chunk.ended, *emit.take()]
 

@@ -84,7 +84,7 @@ async def render_take(
                 left = [item.message for later in planned.chunks[index:] for item in later.items]
                 log.info("stopping: chunks handed back", extra={"stage": stage.name, "requests": len(left)})
                 return RenderedTake(asyncio.ensure_future(_all_of(sending)), _positions(left), rendered is None)
-            TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0)
+            TELEMETRY.model_busy(stage.name, rendered.model_ms / 1000.0, pool=stage.context.pool)
             # At most one rendered chunk waits for the finishing thread; its sends do not hold the next finish.
             await finishing
             finishing = asyncio.ensure_future(in_thread(finishing_thread, stage.finish, rendered))

@@ -2,7 +2,9 @@
 never by decoding what is sent.
 
 Each label value comes from a bounded set (stage, outcome, status, error code, category, the first words of a
-dead letter's reason, model names from the registry): no request, user or event ids. A worker observes nothing
+dead letter's reason, model names from the registry, model pool names): no request, user or event ids. The per-stage
+series carry the model pool: a render stage's own, the one moderation routed a request to, '' where there is none
+(moderation's intake, a request that ended at moderation). A worker observes nothing
 until ``TELEMETRY.enable()`` (``run_worker`` calls it when ``PIXELPIPE_METRICS_PORT`` is set), so the benchmarks
 can measure the cost of the metrics against none in one run. The per-request observations are appended to a
 deque and folded into counts at scrape time (``StageTelemetry``): an observation costs the stage an append.
@@ -16,7 +18,7 @@ import contextlib
 import itertools
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -34,9 +36,9 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FOLD_EVERY = 4096  # observations kept before the observing thread folds them itself (when nothing scrapes)
 
-EVENTS_IN = Counter("pixelpipe_stage_events_in_total", "Messages a stage took from its topic.", ["stage"])
+EVENTS_IN = Counter("pixelpipe_stage_events_in_total", "Messages a stage took from its topic.", ["stage", "pool"])
 MODEL_BUSY = Counter(
-    "pixelpipe_model_busy_seconds_total", "Wall time the model thread spent in model calls.", ["stage"]
+    "pixelpipe_model_busy_seconds_total", "Wall time the model thread spent in model calls.", ["stage", "pool"]
 )
 PREVIEWS_WITHHELD = Counter(
     "pixelpipe_previews_withheld_total",
@@ -79,15 +81,17 @@ class StageTelemetry(Collector):
 
     def __init__(self) -> None:
         self.enabled = False
-        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
+        # Each observation waits as the method that folds it and its arguments.
+        self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._lock = threading.Lock()
-        self._out: dict[tuple[str, str], int] = {}
-        self._queue: dict[str, _Histogram] = {}
-        self._compute: dict[str, _Histogram] = {}
-        self._batch: dict[str, _Histogram] = {}
-        self._device: dict[tuple[str, str], float] = {}
-        self._saved: dict[str, float] = {}
-        self._cost: dict[str, float] = {}
+        # Per stage and pool, as the label values are: (stage, pool, ...).
+        self._out: dict[tuple[str, str, str], int] = {}
+        self._queue: dict[tuple[str, str], _Histogram] = {}
+        self._compute: dict[tuple[str, str], _Histogram] = {}
+        self._batch: dict[tuple[str, str], _Histogram] = {}
+        self._device: dict[tuple[str, str, str], float] = {}
+        self._saved: dict[tuple[str, str], float] = {}
+        self._cost: dict[tuple[str, str], float] = {}
         self._results: dict[tuple[str, str], int] = {}
         self._images: dict[str, int] = {}
         self._rejections: dict[tuple[str, str], int] = {}
@@ -95,22 +99,23 @@ class StageTelemetry(Collector):
     def enable(self, on: bool = True) -> None:
         self.enabled = on
 
-    def events_in(self, stage: str, count: int) -> None:
+    def events_in(self, stage: str, count: int, *, pool: str | None) -> None:
         if self.enabled:
-            EVENTS_IN.labels(stage).inc(count)
+            EVENTS_IN.labels(stage, pool or "").inc(count)
 
-    def work(self, work: StageWork, cost_usd: float) -> None:
+    def work(self, work: StageWork, cost_usd: float, *, pool: str | None) -> None:
         """One StageMetric's worth: outcome, queue and compute time, batch size, device time and cost."""
         if self.enabled:
-            self._pending.append((work, cost_usd))
-            if len(self._pending) > FOLD_EVERY:
-                self.fold()
+            self._observe(self._fold_work, (work, cost_usd, pool or ""))
 
     def result(self, outcome: Outcome, kind: str) -> None:
         if self.enabled:
-            self._pending.append((outcome, kind))
-            if len(self._pending) > FOLD_EVERY:
-                self.fold()
+            self._observe(self._fold_result, (outcome, kind))
+
+    def _observe(self, fold: Callable[..., None], observation: tuple[Any, ...]) -> None:
+        self._pending.append((fold, observation))
+        if len(self._pending) > FOLD_EVERY:
+            self.fold()
 
     def dead_letter(self, stage: str, reason: str) -> None:
         if self.enabled:
@@ -125,9 +130,9 @@ class StageTelemetry(Collector):
             for category in categories:
                 PREVIEWS_WITHHELD.labels(category).inc()
 
-    def model_busy(self, stage: str, seconds: float) -> None:
+    def model_busy(self, stage: str, seconds: float, *, pool: str) -> None:
         if self.enabled:
-            MODEL_BUSY.labels(stage.lower()).inc(seconds)
+            MODEL_BUSY.labels(stage.lower(), pool).inc(seconds)
 
     def models_ready(self, readiness: Mapping[str, Readiness]) -> None:
         for model, ready in readiness.items():
@@ -139,15 +144,12 @@ class StageTelemetry(Collector):
         with self._lock:
             pending = self._pending
             while pending:
-                subject, detail = pending.popleft()
-                if isinstance(detail, float):
-                    self._fold_work(subject, detail)
-                else:
-                    self._fold_result(subject, detail)
+                fold, observation = pending.popleft()
+                fold(*observation)
 
-    def _fold_work(self, work: StageWork, cost_usd: float) -> None:
-        stage = work.stage.lower()
-        key = (stage, work.outcome)
+    def _fold_work(self, work: StageWork, cost_usd: float, pool: str) -> None:
+        stage = (work.stage.lower(), pool)
+        key = (*stage, work.outcome)
         self._out[key] = self._out.get(key, 0) + 1
         if stage not in self._queue:
             self._queue[stage] = _Histogram(LATENCY_BUCKETS_S)
@@ -156,7 +158,7 @@ class StageTelemetry(Collector):
         self._queue[stage].observe(max(0.0, work.queue_ms) / 1000.0)
         self._compute[stage].observe(work.compute_ms / 1000.0)
         self._batch[stage].observe(work.batch_size)
-        device = (stage, work.device)
+        device = (*stage, work.device)
         self._device[device] = self._device.get(device, 0.0) + work.device_seconds
         if work.outcome == "CANCELLED":  # an unknown saving adds nothing, but the stage's series exists
             self._saved[stage] = self._saved.get(stage, 0.0) + (work.device_seconds_saved or 0.0)
@@ -178,7 +180,7 @@ class StageTelemetry(Collector):
             yield _counter(
                 "pixelpipe_stage_events_out",
                 "Requests a stage finished, by outcome (its StageMetrics).",
-                ["stage", "outcome"],
+                ["stage", "pool", "outcome"],
                 self._out,
             )
             for name, doc, histograms in (
@@ -190,27 +192,27 @@ class StageTelemetry(Collector):
                     self._batch,
                 ),
             ):
-                family = HistogramMetricFamily(name, doc, labels=["stage"])
+                family = HistogramMetricFamily(name, doc, labels=["stage", "pool"])
                 for stage, histogram in sorted(histograms.items()):
-                    family.add_metric([stage], histogram.cumulative(), histogram.sum)
+                    family.add_metric(list(stage), histogram.cumulative(), histogram.sum)
                 yield family
             yield _counter(
                 "pixelpipe_stage_device_seconds",
                 "Device time spent, shared by a batch's images.",
-                ["stage", "device"],
+                ["stage", "pool", "device"],
                 self._device,
             )
             yield _counter(
                 "pixelpipe_stage_device_seconds_saved",
                 "Device time cancellations spared where it is known (a render stopped part way).",
-                ["stage"],
-                {(k,): v for k, v in self._saved.items()},
+                ["stage", "pool"],
+                self._saved,
             )
             yield _counter(
                 "pixelpipe_stage_cost_usd",
                 "Cost of the device time at the configured price.",
-                ["stage"],
-                {(k,): v for k, v in self._cost.items()},
+                ["stage", "pool"],
+                self._cost,
             )
             yield _counter(
                 "pixelpipe_results",

@@ -76,7 +76,9 @@ def sink_command(max_idle: float | None) -> None:
         lag = None
         if server is not None:
             groups = {settings.sink.group_id: [settings.topics.results, settings.topics.metrics]}
-            lag = LagMonitor(settings.kafka, groups, interval_s=settings.ops.lag_interval_s).start()
+            lag = LagMonitor(
+                settings.kafka, groups, interval_s=settings.ops.lag_interval_s, topics=settings.topics
+            ).start()
         sink = ClickHouseSink(
             settings.kafka, settings.topics, settings.sink, client, max_idle_s=max_idle, health=health
         )

@@ -179,6 +179,19 @@ def pool_topics(topics: TopicSettings, pool: str) -> TopicSettings:
     )
 
 
+def topic_pool(topics: TopicSettings, topic: str) -> str | None:
+    """The pool whose render topic (or long lane) ``topic`` is, read back from the names ``pool_topics`` gives the
+    render ``topics`` (the default pool's); None for a topic of no pool (requests, results, ...)."""
+    if topic in topics.render():
+        return DEFAULT_POOL
+    for kind_topic in (topics.generate, topics.edit):
+        if topic.startswith(kind_topic + "."):
+            name = topic.removeprefix(kind_topic + ".").removesuffix(".long")
+            if POOL_NAME.fullmatch(name) and name not in RESERVED_NAMES and topic in pool_topics(topics, name).render():
+                return name
+    return None
+
+
 class PoolRouting:
     """Which pool serves each model, as the model-pools global table says now (``table``: raw keys and values, as
     the worker's table holds them). Of two pools that list a model (a move: the pool gaining it is published first)

@@ -9,7 +9,7 @@
   where nothing is committed), and its time lag the age of the oldest unprocessed event: the broker timestamp of
   the message at the committed offset, read by a consumer of the monitor's own (assign and read one message; it
   never joins the group). Measured every ``PIXELPIPE_LAG_INTERVAL_S``, never per scrape, so a scrape costs only
-  the rendering of what is already counted.
+  the rendering of what is already counted. A render topic's lag names its model pool too (from the topic's name).
 
 The server is one ``ThreadingHTTPServer`` on a daemon thread; ``PIXELPIPE_METRICS_PORT=0`` (the default) serves
 nothing, so processes started side by side (tests, benchmarks) never fight over a port.
@@ -30,19 +30,21 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
-from pixelpipe.core.settings import KafkaSettings, OpsSettings
+from pixelpipe.core.pools import topic_pool
+from pixelpipe.core.settings import KafkaSettings, OpsSettings, TopicSettings
 
 log = logging.getLogger(__name__)
 
 CONSUMER_LAG = Gauge(
     "pixelpipe_consumer_lag_messages",
-    "Messages not yet processed: high watermark minus committed offset, per consumer group and partition.",
-    ["group", "topic", "partition"],
+    "Messages not yet processed: high watermark minus committed offset, per consumer group and partition; pool is "
+    "the model pool of a render topic, '' for other topics.",
+    ["group", "topic", "partition", "pool"],
 )
 CONSUMER_LAG_SECONDS = Gauge(
     "pixelpipe_consumer_lag_seconds",
     "Age of the oldest unprocessed message (broker timestamp of the message at the committed offset); 0 when none.",
-    ["group", "topic", "partition"],
+    ["group", "topic", "partition", "pool"],
 )
 LAG_MEASURED = Gauge("pixelpipe_consumer_lag_measured_timestamp_seconds", "When consumer lag was last measured.")
 DEAD_LETTERS = Counter(
@@ -164,7 +166,8 @@ class LagMonitor:
 
     ``groups`` maps a group to the topics it reads; groups whose id starts with one of ``prefixes`` are found
     on the broker each round, with the topics they committed offsets for (the lag exporter's way, which still
-    sees a group whose every member is stopped).
+    sees a group whose every member is stopped). ``topics`` are the pipeline's topic names (the default pool's
+    render topics), by which a render topic's series is labelled with its pool (``pixelpipe.core.pools``).
     """
 
     def __init__(
@@ -173,11 +176,14 @@ class LagMonitor:
         groups: Mapping[str, Sequence[str]] | None = None,
         prefixes: Sequence[str] = (),
         interval_s: float = 5.0,
+        *,
+        topics: TopicSettings,
     ) -> None:
         from confluent_kafka import Consumer
         from confluent_kafka.admin import AdminClient
 
         self.groups = dict(groups or {})
+        self.topics = topics
         self.prefixes = tuple(prefixes)
         self.interval_s = interval_s
         self._admin = AdminClient(kafka.client_config())
@@ -197,7 +203,7 @@ class LagMonitor:
                 "queued.min.messages": 1,
             }
         )
-        self._shown: set[tuple[str, str, str]] = set()
+        self._shown: set[tuple[str, str, str, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: list[PartitionLag] = []
@@ -227,9 +233,9 @@ class LagMonitor:
         removed); returns what was measured."""
         lags = [lag for group, committed in self._committed().items() for lag in self._lags(group, committed)]
         now = time.time()
-        shown: set[tuple[str, str, str]] = set()
+        shown: set[tuple[str, str, str, str]] = set()
         for lag in lags:
-            labels = (lag.group, lag.topic, str(lag.partition))
+            labels = (lag.group, lag.topic, str(lag.partition), topic_pool(self.topics, lag.topic) or "")
             CONSUMER_LAG.labels(*labels).set(lag.messages)
             CONSUMER_LAG_SECONDS.labels(*labels).set(lag.seconds)
             shown.add(labels)

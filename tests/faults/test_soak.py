@@ -165,7 +165,9 @@ def lag_by_partition(harness) -> dict[tuple[str, int], int]:
     """The worker group's lag in messages on every partition of the topics its agents read."""
     topics = harness.settings.topics
     group = group_id(harness.settings, STAGES)
-    monitor = LagMonitor(harness.settings.kafka, {group: [topics.requests, topics.generate, topics.generate_long]})
+    monitor = LagMonitor(
+        harness.settings.kafka, {group: [topics.requests, topics.generate, topics.generate_long]}, topics=topics
+    )
     try:
         return {(lag.topic, lag.partition): lag.messages for lag in monitor.measure()}
     finally:

@@ -11,6 +11,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from rich.console import Console
 
+from pixelpipe.core.pools import DEFAULT_POOL, pool_topics, topic_pool
+from pixelpipe.core.settings import TopicSettings
 from pixelpipe.core.telemetry import Health, OpsServer, reason_label
 from pixelpipe.processors.outcomes import Outcome, StageWork
 from pixelpipe.processors.telemetry import StageTelemetry
@@ -87,27 +89,64 @@ def test_stage_telemetry_counts_only_when_enabled():
         return (REGISTRY if name.startswith("pixelpipe_dead") else registry).get_sample_value(name, labels) or 0.0
 
     work = StageWork("GENERATE", "OK", 250.0, 1500.0, "cpu", 1.5, 4)
-    before = sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"})
-    telemetry.work(work, 0.001)
-    assert sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"}) == before
+    generate = {"stage": "generate", "pool": "sd"}
+    before = sample("pixelpipe_stage_queue_seconds_count", generate)
+    telemetry.work(work, 0.001, pool="sd")
+    assert sample("pixelpipe_stage_queue_seconds_count", generate) == before
     telemetry.enable()
-    telemetry.work(work, 0.001)
-    telemetry.work(work, 0.001)
-    assert sample("pixelpipe_stage_queue_seconds_count", {"stage": "generate"}) == before + 2
-    assert sample("pixelpipe_stage_batch_size_bucket", {"stage": "generate", "le": "4.0"}) >= 2
+    telemetry.work(work, 0.001, pool="sd")
+    telemetry.work(work, 0.001, pool="sd")
+    assert sample("pixelpipe_stage_queue_seconds_count", generate) == before + 2
+    assert sample("pixelpipe_stage_batch_size_bucket", generate | {"le": "4.0"}) >= 2
     rejected = Outcome.rejected("PROMPT", {"violence": 0.9}, ["violence"])
     before = sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"})
     telemetry.result(rejected, "GENERATE")
     assert sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"}) == before + 1
     stopped = StageWork("GENERATE", "CANCELLED", 10.0, 400.0, "cpu", 0.4, 1, 1.6)
-    telemetry.work(stopped, 0.0)
-    telemetry.work(StageWork("GENERATE", "CANCELLED", 10.0, 0.0, "none", 0.0), 0.0)  # in the queue: unknown
-    assert sample("pixelpipe_stage_device_seconds_saved_total", {"stage": "generate"}) == 1.6
+    telemetry.work(stopped, 0.0, pool="sd")
+    telemetry.work(StageWork("GENERATE", "CANCELLED", 10.0, 0.0, "none", 0.0), 0.0, pool="sd")  # queued: unknown
+    assert sample("pixelpipe_stage_device_seconds_saved_total", generate) == 1.6
     assert registry.get_sample_value("pixelpipe_stage_device_seconds_saved_total", {"stage": "moderation"}) is None
-    assert sample("pixelpipe_stage_events_out_total", {"stage": "generate", "outcome": "CANCELLED"}) == 2
+    assert sample("pixelpipe_stage_events_out_total", generate | {"outcome": "CANCELLED"}) == 2
     before = sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"})
     telemetry.dead_letter("moderation", "undecodable: bad bytes")
     assert sample("pixelpipe_dead_letters_total", {"stage": "moderation", "reason": "undecodable"}) == before + 1
+
+
+def test_each_pool_has_its_own_stage_series_and_no_pool_is_an_empty_label():
+    telemetry = StageTelemetry()
+    registry = CollectorRegistry()
+    registry.register(telemetry)
+    telemetry.enable()
+    render = StageWork("GENERATE", "OK", 100.0, 2000.0, "cuda:0", 2.0, 2)
+    telemetry.work(render, 0.002, pool="sd")
+    telemetry.work(render, 0.002, pool="sd")
+    telemetry.work(render, 0.002, pool="flux")
+    moderated = StageWork("MODERATION", "OK", 5.0, 10.0, "cpu", 0.01, 8)
+    telemetry.work(moderated, 0.0, pool="flux")  # routed to flux
+    telemetry.work(StageWork("MODERATION", "REJECTED", 5.0, 10.0, "cpu", 0.01, 8), 0.0, pool=None)  # ended there
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("pixelpipe_stage_device_seconds_total", stage="generate", pool="sd", device="cuda:0") == 4.0
+    assert value("pixelpipe_stage_device_seconds_total", stage="generate", pool="flux", device="cuda:0") == 2.0
+    assert value("pixelpipe_stage_cost_usd_total", stage="generate", pool="sd") == 0.004
+    assert value("pixelpipe_stage_compute_seconds_count", stage="generate", pool="flux") == 1
+    assert value("pixelpipe_stage_events_out_total", stage="moderation", pool="flux", outcome="OK") == 1
+    assert value("pixelpipe_stage_events_out_total", stage="moderation", pool="", outcome="REJECTED") == 1
+    assert value("pixelpipe_stage_events_out_total", stage="moderation", pool="", outcome="OK") is None
+
+
+def test_a_render_topics_lag_is_labelled_with_its_pool():
+    topics = TopicSettings()
+    assert topic_pool(topics, "pixelpipe.generate") == topic_pool(topics, "pixelpipe.edit.long") == DEFAULT_POOL
+    assert topic_pool(topics, "pixelpipe.generate.tiny-sd") == "tiny-sd"
+    assert topic_pool(topics, "pixelpipe.edit.tiny-sd.long") == "tiny-sd"
+    for topic in ("pixelpipe.requests", "pixelpipe.results", "pixelpipe.generate.Not_A_Pool", "pixelpipe.generate.a.b"):
+        assert topic_pool(topics, topic) is None, topic
+    for pool in ("tiny-sd", "x"):
+        assert {topic_pool(topics, topic) for topic in pool_topics(topics, pool).render()} == {pool}
 
 
 def test_a_top_frame_shows_lag_stages_and_dead_letters():

@@ -1,0 +1,93 @@
+"""Each result and metric names its model pool: a render stage's own, the one moderation routed the request to, none
+for a request that ended at moderation; and the Prometheus series of the stages say the same."""
+
+import dataclasses
+import time
+
+from prometheus_client import REGISTRY
+
+from pixelpipe.core.codec import Codec
+from pixelpipe.core.events import ImageResult, StageMetric
+from pixelpipe.core.pools import Pool, PoolRouting
+from pixelpipe.core.settings import ModerationSettings, StageSettings, TopicSettings
+from pixelpipe.processors.messages import Emission, Inbound, StageContext
+from pixelpipe.processors.moderation_stage import ModerationStage
+from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.processors.telemetry import TELEMETRY
+from pixelpipe.producers import new_request
+from tests.unit.test_cancellation import null_registry, run, stage_for
+from tests.unit.test_pools import table
+from tests.unit.test_stages import EXPERIMENTS, LIMITS, AllowEveryPrompt, RegistryOnlyModels, request
+
+CODEC = Codec()
+
+
+def events(emissions: list[Emission]) -> tuple[dict[str, ImageResult], dict[str, StageMetric]]:
+    """The results and the metrics among ``emissions``, by request id."""
+    topics = TopicSettings()
+    decoded = [CODEC.decode(e.value) for e in emissions if e.topic in (topics.results, topics.metrics)]
+    results = {e.request_id: e for e in decoded if isinstance(e, ImageResult)}
+    metrics = {e.request_id: e for e in decoded if isinstance(e, StageMetric)}
+    return results, metrics
+
+
+def test_moderation_names_the_pool_it_routed_to_and_none_for_a_request_that_ended_there():
+    topics = TopicSettings()
+    context = StageContext(topics, LIMITS, StageSettings(), CODEC, "worker", ModerationStamp("key"))
+    stage = ModerationStage(
+        context,
+        ModerationSettings(),
+        AllowEveryPrompt(),
+        None,
+        None,
+        RegistryOnlyModels.registry,
+        EXPERIMENTS,
+        pools=PoolRouting(table(Pool("sd", ("tiny-sd",)), Pool("sd-b", ("tiny-sd-b",))), CODEC),
+    )
+    own, moved, unserved = request(), request(experiments={"b-model": "big"}), request(model="tiny-sd-c")
+    messages = [
+        Inbound(CODEC.encode(r), r.request_id.encode(), topics.requests, 0, i, 1000.0, appended_s=1000.0 + i)
+        for i, r in enumerate([own, moved, unserved])
+    ]
+    garbage = Inbound(b"\xc3\x01garbage", b"req-garbage", topics.requests, 0, 3, 1000.0, appended_s=1003.0)
+    results, metrics = events(stage.handle_batch([*messages, garbage]))
+    assert {request_id: metric.pool for request_id, metric in metrics.items()} == {
+        own.request_id: "sd",
+        moved.request_id: "sd-b",  # its variant's model is served by sd-b
+        unserved.request_id: None,
+    }
+    assert {request_id: result.pool for request_id, result in results.items()} == {
+        unserved.request_id: None,  # MODEL_NOT_SERVED, at moderation
+        "req-garbage": None,
+    }
+
+
+def test_a_render_stage_names_its_pool_on_every_result_and_metric(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    stage.context = dataclasses.replace(stage.context, pool="tiny")
+    rendered = new_request(prompt="a fox", model="null", user_id="u", width=16, height=16)
+    unknown_model = new_request(prompt="a fox", model="not-in-the-registry", user_id="u", width=16, height=16)
+    results, metrics = run(stage, [rendered, unknown_model])
+    assert results[rendered.request_id].status == "SUCCEEDED"
+    assert results[unknown_model.request_id].status == "FAILED"
+    assert {result.pool for result in results.values()} == {"tiny"}
+    assert {key[0] for key in metrics} == {rendered.request_id, unknown_model.request_id}
+    assert {metric.pool for metric in metrics.values()} == {"tiny"}
+    undecodable = Inbound(b"\xc3\x01garbage", b"req-garbage", "t", 0, 9, time.time())
+    (unreadable,) = [e for e in stage.plan([undecodable]).emissions if e.topic == stage.context.topics.results]
+    assert CODEC.decode_as(ImageResult, unreadable.value).pool == "tiny"
+
+
+def test_the_stage_series_of_a_render_stage_carry_its_pool(tmp_path):
+    stage = stage_for(null_registry(tmp_path), tmp_path)
+    stage.context = dataclasses.replace(stage.context, pool="tiny")
+    finished = {"stage": "generate", "pool": "tiny", "outcome": "OK"}
+    before = REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished) or 0.0
+    was = TELEMETRY.enabled
+    TELEMETRY.enable()
+    try:
+        run(stage, [new_request(prompt="a fox", model="null", user_id="u", width=16, height=16)])
+    finally:
+        TELEMETRY.enable(was)
+    assert REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished) == before + 1
+    assert REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished | {"pool": ""}) is None
