@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ STARTUP_TIMEOUT_S = 180.0
 PROMETHEUS_INTERVAL_S = 5.0  # the local stack's and docker-compose's scrape interval
 PIPELINE_TOPICS = (
     *("requests", "generate", "edit", "generate_long", "edit_long"),
-    *("results", "metrics", "dead_letter", "cancellations"),
+    *("results", "metrics", "dead_letter", "cancellations", "model_pools"),
 )
 REPO = Path(__file__).resolve().parents[1]
 # Prints the file of every pixelpipe module a worker imports (its CLI and its stages).
@@ -195,26 +196,40 @@ HOPS = (
 )
 
 
-def encoded_requests(codec: Codec, count: int, side: int) -> list[tuple[str, bytes]]:
-    """Text-to-image requests for the null model, encoded ahead so publishing costs the client little."""
+def encoded_requests(codec: Codec, count: int, side: int, models: Sequence[str] = ("null",)) -> list[tuple[str, bytes]]:
+    """Text-to-image requests, encoded ahead so publishing costs the client little; request ``i`` asks for
+    ``models[i % len(models)]`` (the null model by default)."""
     encoded = []
     for i in range(count):
         request = new_request(
-            prompt=PROMPTS[i % len(PROMPTS)], model="null", user_id=f"user-{i % USERS:04d}", width=side, height=side
+            prompt=PROMPTS[i % len(PROMPTS)],
+            model=models[i % len(models)],
+            user_id=f"user-{i % USERS:04d}",
+            width=side,
+            height=side,
         )
         encoded.append((request.request_id, codec.encode(request)))
     return encoded
 
 
-def publish(publisher: Publisher, requests: list[tuple[str, bytes]], rate: float | None, label: str) -> list[float]:
-    """Publish at ``rate`` requests/s (None: as fast as the SDK goes); returns each request's publish time."""
+def publish(
+    publisher: Publisher,
+    requests: list[tuple[str, bytes]],
+    rate: float | None,
+    label: str,
+    poisson: random.Random | None = None,
+) -> list[float]:
+    """Publish at ``rate`` requests/s (None: as fast as the SDK goes), evenly spaced, or as a Poisson process whose
+    gaps ``poisson`` draws; returns each request's publish time."""
     published_s = []
     started = time.time()
-    for i, (request_id, value) in enumerate(tqdm(requests, unit="req", desc=label, leave=False, mininterval=1.0)):
+    due_s = 0.0  # since ``started``
+    for request_id, value in tqdm(requests, unit="req", desc=label, leave=False, mininterval=1.0):
         if rate is not None:
-            pause = started + i / rate - time.time()
+            pause = started + due_s - time.time()
             if pause > 0:
                 time.sleep(pause)
+            due_s += poisson.expovariate(rate) if poisson is not None else 1 / rate
         published_s.append(time.time())
         publisher.publish_encoded(request_id.encode(), value)
     publisher.flush()
@@ -344,6 +359,26 @@ def observation_cost_us(rounds: int = 20_000) -> float:
     return elapsed / rounds * 1e6
 
 
+def with_own_topics(base: Settings, suffix: str) -> Settings:
+    """``base`` with every topic of the pipeline and the consumer group the run's own, named with ``suffix`` (unique
+    to the run), so that deleting them afterwards (``delete_own_topics``) touches nothing else on a shared Kafka."""
+    return base.updated(
+        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in PIPELINE_TOPICS}, consumer_group=f"bench-{suffix}"
+    )
+
+
+def delete_own_topics(settings: Settings, suffix: str) -> None:
+    """Delete the topics named with ``suffix``: those of ``with_own_topics``, the pools' render topics made from
+    them, and the workers' own (Faust's changelogs), named after the consumer group."""
+    admin = AdminClient(settings.kafka.client_config())
+    own = [t for t in admin.list_topics(timeout=10).topics if suffix in t]
+    if not own:
+        return
+    # Waited for: the broker would not delete them if this process ended first.
+    for deleted in admin.delete_topics(own).values():
+        deleted.result(timeout=30)
+
+
 def run_detector(
     base: Settings,
     workdir: Path,
@@ -364,13 +399,7 @@ def run_detector(
     detector by default); ``worker_env`` is added to the worker's environment (--baseline's PYTHONPATH)."""
     label = label or detector
     suffix = f"{label}-{uuid.uuid4().hex[:8]}"
-    # Every topic of the pipeline is the run's own, so that deleting them afterwards touches nothing else on a shared
-    # Kafka.
-    settings = base.updated(
-        **{f"topic_{name}": f"bench.{name}.{suffix}" for name in PIPELINE_TOPICS},
-        consumer_group=f"bench-{suffix}",
-        image_detector=detector,
-    )
+    settings = with_own_topics(base, suffix).updated(image_detector=detector)
     ensure_topics(settings.kafka, settings.topics)
     codec = codec_from_settings(settings.kafka)
     watcher = ResultWatcher(settings)
@@ -413,10 +442,7 @@ def run_detector(
             scraper.close()
             size = scraper.bytes / max(1, scraper.scrapes)
             echo(f"{label}: metrics scraped {scraper.scrapes} times ({size:,.0f} B each)")
-        admin = AdminClient(settings.kafka.client_config())
-        # The worker's own topics (Faust's changelogs) are named after its consumer group.
-        own = [t for t in admin.list_topics(timeout=10).topics if t.startswith(settings.stages.consumer_group)]
-        admin.delete_topics([*settings.topics.pipeline(), *own])
+        delete_own_topics(settings, suffix)
     if watcher.arrivals.duplicates:
         echo(f"{label}: {watcher.arrivals.duplicates} duplicate results (redeliveries)")
     return saturation, latency, scraped
