@@ -1,9 +1,10 @@
 """``pixelpipe top``: a live terminal view of the pipeline, read from Prometheus' HTTP API.
 
-One frame is a handful of instant PromQL queries over the last minute: lag per consumer group and topic, and per
-stage the rates in and out, p95 queue and compute time, mean batch size, model busy share, failure and cancellation
-shares and the device time cancellations saved, with images/s, dead letters by reason and GPU utilisation where a
-GPU reports. Rendered with rich.
+One frame is a handful of instant PromQL queries over the last minute: lag per consumer group and topic (with the
+model pool of a render topic), and per stage and pool the rates in and out, p95 queue and compute time, mean batch
+size, model busy share, failure and cancellation shares and the device time cancellations saved, with images/s,
+dead letters by reason and GPU utilisation where a GPU reports. Rendered with rich. A stage's pool is '' where
+there is none (moderation's intake, a request that ended at moderation).
 """
 
 from __future__ import annotations
@@ -22,32 +23,34 @@ from rich.text import Text
 
 WINDOW = "1m"
 LAG = {
-    "messages": "sum by (group, topic) (max by (group, topic, partition) (pixelpipe_consumer_lag_messages))",
-    "oldest_s": "max by (group, topic) (pixelpipe_consumer_lag_seconds)",
+    "messages": (
+        "sum by (group, topic, pool) (max by (group, topic, partition, pool) (pixelpipe_consumer_lag_messages))"
+    ),
+    "oldest_s": "max by (group, topic, pool) (pixelpipe_consumer_lag_seconds)",
 }
 STAGE = {
-    "in_per_s": f"sum by (stage) (rate(pixelpipe_stage_events_in_total[{WINDOW}]))",
-    "out_per_s": f"sum by (stage) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))",
+    "in_per_s": f"sum by (stage, pool) (rate(pixelpipe_stage_events_in_total[{WINDOW}]))",
+    "out_per_s": f"sum by (stage, pool) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))",
     "queue_p95_s": (
-        f"histogram_quantile(0.95, sum by (stage, le) (rate(pixelpipe_stage_queue_seconds_bucket[{WINDOW}])))"
+        f"histogram_quantile(0.95, sum by (stage, pool, le) (rate(pixelpipe_stage_queue_seconds_bucket[{WINDOW}])))"
     ),
     "compute_p95_s": (
-        f"histogram_quantile(0.95, sum by (stage, le) (rate(pixelpipe_stage_compute_seconds_bucket[{WINDOW}])))"
+        f"histogram_quantile(0.95, sum by (stage, pool, le) (rate(pixelpipe_stage_compute_seconds_bucket[{WINDOW}])))"
     ),
     "batch_mean": (
-        f"sum by (stage) (rate(pixelpipe_stage_batch_size_sum[{WINDOW}]))"
-        f" / sum by (stage) (rate(pixelpipe_stage_batch_size_count[{WINDOW}]))"
+        f"sum by (stage, pool) (rate(pixelpipe_stage_batch_size_sum[{WINDOW}]))"
+        f" / sum by (stage, pool) (rate(pixelpipe_stage_batch_size_count[{WINDOW}]))"
     ),
-    "busy": f"sum by (stage) (rate(pixelpipe_model_busy_seconds_total[{WINDOW}]))",
+    "busy": f"sum by (stage, pool) (rate(pixelpipe_model_busy_seconds_total[{WINDOW}]))",
     "failed_share": (
-        f'sum by (stage) (rate(pixelpipe_stage_events_out_total{{outcome="FAILED"}}[{WINDOW}]))'
-        f" / sum by (stage) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
+        f'sum by (stage, pool) (rate(pixelpipe_stage_events_out_total{{outcome="FAILED"}}[{WINDOW}]))'
+        f" / sum by (stage, pool) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
     ),
     "cancelled_share": (
-        f'sum by (stage) (rate(pixelpipe_stage_events_out_total{{outcome="CANCELLED"}}[{WINDOW}]))'
-        f" / sum by (stage) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
+        f'sum by (stage, pool) (rate(pixelpipe_stage_events_out_total{{outcome="CANCELLED"}}[{WINDOW}]))'
+        f" / sum by (stage, pool) (rate(pixelpipe_stage_events_out_total[{WINDOW}]))"
     ),
-    "saved_per_s": f"sum by (stage) (rate(pixelpipe_stage_device_seconds_saved_total[{WINDOW}]))",
+    "saved_per_s": f"sum by (stage, pool) (rate(pixelpipe_stage_device_seconds_saved_total[{WINDOW}]))",
 }
 TOTALS = {
     "images_per_s": f"sum(rate(pixelpipe_images_total[{WINDOW}]))",
@@ -66,8 +69,8 @@ class PrometheusError(RuntimeError):
 
 @dataclass
 class Frame:
-    lag: dict[tuple[str, str], dict[str, float]]
-    stages: dict[str, dict[str, float]]
+    lag: dict[tuple[str, str, str], dict[str, float]]  # by group, topic and pool
+    stages: dict[tuple[str, str], dict[str, float]]  # by stage and pool
     totals: dict[str, float]
     dead_letters: dict[tuple[str, str], float]
     at: float
@@ -103,7 +106,7 @@ def read_frame(url: str) -> Frame:
         (s["metric"].get("stage", ""), s["metric"].get("reason", "")): float(s["value"][1])
         for s in query(url, DEAD_LETTERS)
     }
-    return Frame(_by(url, LAG, "group", "topic"), _by(url, STAGE, "stage"), totals, dead, time.time())
+    return Frame(_by(url, LAG, "group", "topic", "pool"), _by(url, STAGE, "stage", "pool"), totals, dead, time.time())
 
 
 def _number(value: float | None, unit: str = "", digits: int = 1) -> str:
@@ -128,25 +131,32 @@ def render(frame: Frame, url: str) -> Group:
         f"  GPU {_number(gpu * 100 if gpu is not None else None, ' %', 0)}",
     )
     lag = Table(title="consumer lag (max over reporters)", title_justify="left", expand=True)
-    for column in ("group", "topic"):
+    for column in ("group", "topic", "pool"):
         lag.add_column(column)
     lag.add_column("messages", justify="right")
     lag.add_column("oldest", justify="right")
-    for (group, topic), row in sorted(frame.lag.items()):
+    for (group, topic, pool), row in sorted(frame.lag.items()):
         messages = row.get("messages", 0.0)
         lag.add_row(
-            group, topic, Text(f"{messages:,.0f}", style="red" if messages else "green"), _ms(row.get("oldest_s"))
+            group,
+            topic,
+            pool,
+            Text(f"{messages:,.0f}", style="red" if messages else "green"),
+            _ms(row.get("oldest_s")),
         )
     stages = Table(title=f"stages (last {WINDOW})", title_justify="left", expand=True)
-    stages.add_column("stage")
+    for column in ("stage", "pool"):
+        stages.add_column(column)
     for column in ("in/s", "out/s", "queue p95", "compute p95", "batch", "busy", "failed", "cancelled", "saved"):
         stages.add_column(column, justify="right")
-    order = sorted(frame.stages, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else 99, s))
-    for stage in order:
-        row = frame.stages[stage]
+    # Pipeline order, then each stage's pools by name.
+    order = sorted(frame.stages, key=lambda s: (STAGE_ORDER.index(s[0]) if s[0] in STAGE_ORDER else 99, *s))
+    for stage, pool in order:
+        row = frame.stages[stage, pool]
         busy, failed, cancelled = row.get("busy"), row.get("failed_share"), row.get("cancelled_share")
         stages.add_row(
             stage,
+            pool,
             _number(row.get("in_per_s")),
             _number(row.get("out_per_s")),
             _ms(row.get("queue_p95_s")),

@@ -60,6 +60,45 @@ def test_every_alert_the_issue_names_is_there():
     assert all(rule["for"].endswith("m") and rule["annotations"]["summary"] for rule in rules)
 
 
+def test_the_gpu_idle_alert_names_the_pool_whose_requests_wait_while_its_models_are_idle(tmp_path):
+    # Requests wait in pools sd and flux and at moderation; only flux's models are busy: the alert is sd's alone.
+    lag = "pixelpipe_consumer_lag_messages{{group='{group}', topic='{topic}', partition='0', pool='{pool}'}}"
+    busy = "pixelpipe_model_busy_seconds_total{{stage='generate', pool='{pool}', instance='{pool}-worker'}}"
+    series = [
+        {"series": lag.format(group="pixelpipe-generate-edit-sd", topic="pixelpipe.generate.sd", pool="sd"),
+         "values": "5x15"},
+        {"series": lag.format(group="pixelpipe-generate-edit-flux", topic="pixelpipe.generate.flux", pool="flux"),
+         "values": "5x15"},
+        {"series": lag.format(group="pixelpipe-moderation", topic="pixelpipe.requests", pool=""), "values": "5x15"},
+        {"series": busy.format(pool="sd"), "values": "0x15"},
+        {"series": busy.format(pool="flux"), "values": "0+30x15"},
+    ]  # fmt: skip
+    expected = {
+        "exp_labels": {"alertname": "PixelpipeGpuIdleWhileLag", "severity": "page", "pool": "sd"},
+        "exp_annotations": {
+            "summary": "Render requests of pool sd wait while none of its models is busy",
+            "description": "The pool's render workers (pixelpipe worker --pool sd) are down, not ready, or stuck "
+            "before their model calls.",
+        },
+    }
+    tests = {
+        "rule_files": [str(ALERT_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {"eval_time": "12m", "alertname": "PixelpipeGpuIdleWhileLag", "exp_alerts": [expected]}
+                ],
+            }
+        ],
+    }
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    done = subprocess.run([_promtool(), "test", "rules", str(tmp_path / "tests.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_promtool_checks_the_stacks_and_composes_prometheus_configurations(tmp_path):
     stack = dataclasses.replace(StackSettings(), dir=str(tmp_path))
     prometheus = Prometheus(stack)

@@ -151,21 +151,32 @@ def test_a_render_topics_lag_is_labelled_with_its_pool():
 
 def test_a_top_frame_shows_lag_stages_and_dead_letters():
     frame = Frame(
-        lag={("pixelpipe-moderation", "pixelpipe.requests"): {"messages": 12.0, "oldest_s": 3.5}},
+        lag={
+            ("pixelpipe-moderation", "pixelpipe.requests", ""): {"messages": 12.0, "oldest_s": 3.5},
+            ("pixelpipe-generate-edit-flux", "pixelpipe.generate.flux", "flux"): {"messages": 0.0},
+        },
         stages={
-            "generate": {"in_per_s": 4.0, "out_per_s": 4.0, "queue_p95_s": 0.2, "batch_mean": 3.5, "busy": 0.93},
-            "moderation": {"in_per_s": 40.0, "out_per_s": 39.0, "failed_share": 0.025},
-            "edit": {"out_per_s": 2.0, "cancelled_share": 0.125, "saved_per_s": 0.75},
+            ("generate", "tiny-sd"): {"in_per_s": 4.0, "out_per_s": 4.0, "queue_p95_s": 0.2, "batch_mean": 3.5},
+            ("generate", "flux"): {"in_per_s": 1.0, "busy": 0.93},
+            ("moderation", ""): {"in_per_s": 40.0, "out_per_s": 39.0, "failed_share": 0.025},
+            ("edit", "flux"): {"out_per_s": 2.0, "cancelled_share": 0.125, "saved_per_s": 0.75},
         },
         totals={"targets_up": 2.0, "targets": 2.0, "images_per_s": 4.0, "results_per_s": 4.0},
         dead_letters={("moderation", "undecodable"): 0.5},
         at=time.time(),
     )
-    console = Console(width=120, record=True)
+    console = Console(width=140, record=True)
     console.print(render(frame, "http://127.0.0.1:9090"))
     text = console.export_text()
     assert "targets up 2/2" in text
     assert "pixelpipe.requests" in text and "3,500 ms" in text
-    assert text.index("moderation") < text.index("generate")  # stages in pipeline order
+    lag, stages = text.split("stages (last", 1)[0], text.split("stages (last", 1)[1].split("dead letters", 1)[0]
+
+    def cells(table: str, count: int) -> list[list[str]]:
+        return [[c.strip() for c in line.split("│")[1 : count + 1]] for line in table.splitlines() if "│" in line]
+
+    assert ["pixelpipe-generate-edit-flux", "pixelpipe.generate.flux", "flux"] in cells(lag, 3)
+    # stages in pipeline order, each stage's pools by name; moderation's intake is of no pool
+    assert cells(stages, 2) == [["moderation", ""], ["generate", "flux"], ["generate", "tiny-sd"], ["edit", "flux"]]
     assert "93 %" in text and "2.5 %" in text and "undecodable" in text
     assert "12.5 %" in text and "0.75 s/s" in text  # cancelled share, device seconds saved per second
