@@ -20,14 +20,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pixelpipe.core.clickhouse import ServerClient, create_database, drop_database
+from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import ImageRequest, ImageResult
 from pixelpipe.core.objects import open_object_store
+from pixelpipe.core.pools import apply_pools, parse_pools
 from pixelpipe.core.settings import Settings, section_from_env
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher, new_request
@@ -100,6 +103,16 @@ def harness(fault_stack: LocalStack, tiny_registry: Path, tmp_path: Path) -> Ite
         h.close()
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """Where one request went: its model, when moderation forwarded it, and the worker and pool that rendered it."""
+
+    model: str
+    moderated_at: float  # seconds since the epoch, of its MODERATION metric
+    worker_id: str
+    pool: str
+
+
 class Harness:
     """One test's pipeline on the fault stack."""
 
@@ -169,12 +182,18 @@ class Harness:
         with contextlib.suppress(Exception):
             drop_database(self.admin_url, self.database)
 
+    def apply_pools(self, models_of: dict[str, list[str]]) -> None:
+        """Make these pools (name -> models) the pools in force, as ``pixelpipe pools apply`` does."""
+        pools = parse_pools({"pools": [{"name": name, "models": models} for name, models in models_of.items()]})
+        apply_pools(self.settings.kafka, self.settings.topics, codec_from_settings(self.settings.kafka), pools)
+
     # -- the steady stream -----------------------------------------------------------------------------------
-    def requests(self, count: int, tag: str) -> list[ImageRequest]:
+    def requests(self, count: int, tag: str, models: Sequence[str] = ("tiny-sd",)) -> list[ImageRequest]:
+        """``count`` small generate requests, taking ``models`` in turn."""
         return [
             new_request(
                 prompt=f"{tag} lighthouse {i}",
-                model="tiny-sd",
+                model=models[i % len(models)],
                 user_id=f"user-{i % 5}",
                 width=64,
                 height=64,
@@ -268,6 +287,34 @@ class Harness:
         while self.landed(list(self.published)) < count:
             assert time.monotonic() < deadline, f"fewer than {count} results after {timeout_s:.0f}s\n{self.logs()}"
             time.sleep(0.5)
+
+    def renderings(self, request_ids: list[str], timeout_s: float = 60) -> dict[str, Rendering]:
+        """Where each request went, from its MODERATION and GENERATE metrics in ClickHouse (waited for)."""
+        ids = ",".join(f"'{r}'" for r in request_ids)
+        query = (
+            "SELECT request_id, stage, model, worker_id, ifNull(pool, ''), event_time_ms FROM stage_metrics_dedup"
+            f" WHERE request_id IN ({ids}) AND stage IN ('MODERATION', 'GENERATE')"
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            client = self.warehouse()
+            try:
+                rows = client.execute(query)
+            finally:
+                client.close()
+            stages: dict[str, dict[str, tuple]] = {}
+            for request_id, stage, *metric in rows:
+                stages.setdefault(request_id, {})[stage] = tuple(metric)
+            if all(len(stages.get(r, {})) == 2 for r in request_ids):
+                break
+            lacking = [r for r in request_ids if len(stages.get(r, {})) < 2]
+            assert time.monotonic() < deadline, f"{len(lacking)} requests lack their metrics\n{self.logs()}"
+            time.sleep(0.5)
+        renderings = {}
+        for request_id, metrics in stages.items():
+            model, worker_id, pool, _ = metrics["GENERATE"]
+            renderings[request_id] = Rendering(model, metrics["MODERATION"][3] / 1000, worker_id, pool)
+        return renderings
 
     def recovery_after(self, cleared_at: float, timeout_s: float = 240) -> float:
         """Seconds from ``cleared_at`` until every request published before it has its result in ClickHouse."""

@@ -12,6 +12,10 @@ The poison test publishes, mid-stream, three events onto each topic (requests, g
 whose event_time (2**62 ms) is valid Avro but no datetime: each must end as a dead letter with its original bytes
 (and a FAILED result, where its key names a request) while the stream's requests all succeed and the sink keeps
 running.
+
+The model pools tests run pools "a" and "b" (one tiny model each) with moderation as a worker of its own and one
+render worker per pool. Each ends with where every request rendered, from its GENERATE metric: on a worker of the
+pool serving its model when moderation forwarded it, and never elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import DeadLetter, ImageResult, StageMetric
 from pixelpipe.producers.results import collect
+from pixelpipe.tools.processes import WorkerProcess
 from tests.faults.conftest import STAGES
 from tests.samples import sample_records
 
@@ -211,3 +216,82 @@ def test_poison_events_on_every_topic_are_dead_lettered_and_the_stream_flows_on(
     assert not failed.missing
     assert {(r.status, r.error_code) for r in failed.latest().values()} == {("FAILED", "UNDECODABLE")}
     harness.wait_results_in_clickhouse(requests, timeout_s=60)
+
+
+# "Within seconds" (docs/operators/pools.md): requests published later than this after the apply go to the new pool.
+MOVE_TAKES_EFFECT_S = 5.0
+POOLS = {"a": ["tiny-sd"], "b": ["tiny-sd-b"]}
+POOL_OF_MODEL = {model: pool for pool, models in POOLS.items() for model in models}
+
+
+def start_pools(harness, tag: str) -> tuple[list[str], dict[str, WorkerProcess]]:
+    """``POOLS`` applied; the sink, a moderation worker and one render worker per pool up, each pool flowing (a
+    warm-up request of each model rendered). Returns the warm-up's request ids and the render workers by pool."""
+    harness.apply_pools(POOLS)
+    harness.start_sink()
+    harness.start_worker(f"{tag}-moderation", ("moderation",))
+    workers = {pool: harness.start_worker(f"{tag}-{pool}-1", ("generate",), pool=pool) for pool in POOLS}
+    warm = harness.requests(len(POOL_OF_MODEL), f"{tag}-warm", models=list(POOL_OF_MODEL))
+    harness.publish_now(warm)
+    harness.wait_results_in_clickhouse([r.request_id for r in warm], timeout_s=240)
+    return [r.request_id for r in warm], workers
+
+
+def test_pool_worker_killed_with_sigkill_mid_take(harness):
+    warm, workers = start_pools(harness, "poolkill")
+    stream = harness.requests(STREAM, "poolkill", models=list(POOL_OF_MODEL))
+    harness.stream(stream, RATE_PER_S)
+    ids = warm + [r.request_id for r in stream]
+    wait_stream_midway(harness, ids)
+    burst = backlog(harness, "poolkill")  # tiny-sd: pool a's
+    workers["a"].kill()  # what it took but had not committed is redelivered to pool a's next worker
+    cleared = time.time()
+    in_flight = len(burst) - harness.landed(burst)
+    assert in_flight > 0, "the burst was done before the kill: nothing was in flight"
+    harness.start_worker("poolkill-a-2", ("generate",), pool="a")
+    recovery = harness.recovery_after(cleared)
+    row = harness.verify("pool worker SIGKILL mid-take", ids + burst, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+    renderings = harness.renderings(ids + burst)
+    served_by = {"tiny-sd": {"poolkill-a-1", "poolkill-a-2"}, "tiny-sd-b": {"poolkill-b-1"}}
+    astray = {rid: r for rid, r in renderings.items() if r.worker_id not in served_by[r.model]}
+    assert not astray, f"rendered outside their model's pool: {astray}"
+    assert {r.pool for r in renderings.values()} == set(POOLS)
+
+
+def test_model_moved_between_pools_mid_stream(harness):
+    warm, _ = start_pools(harness, "poolmove")
+    # Long enough that a good share of it is published after the move has had time to take effect.
+    stream = harness.requests(2 * STREAM, "poolmove")  # tiny-sd: pool a's until the move
+    harness.stream(stream, RATE_PER_S)
+    ids = warm + [r.request_id for r in stream]
+    wait_stream_midway(harness, ids, share=0.25)
+    applying = time.time()
+    harness.apply_pools({"b": ["tiny-sd-b", "tiny-sd"]})  # pool a removed: its worker drains what it was given
+    applied = time.time()
+    recovery = harness.recovery_after(applied)
+    harness.join_stream()
+    renderings = harness.renderings(ids, timeout_s=120)
+    routed = {
+        pool: [r.moderated_at for r in renderings.values() if (r.model, r.pool) == ("tiny-sd", pool)] for pool in POOLS
+    }
+    assert routed["b"], f"no request was routed to pool b after the move\n{harness.logs()}"
+    # The change took effect between the last request moderation sent to a and the first it sent to b.
+    routing_delay = min(routed["b"]) - applied
+    print(
+        f"\nthe apply took {applied - applying:.1f} s; after it returned, the last request went to pool a at"
+        f" {max(routed['a']) - applied:.1f} s, the first to pool b at {routing_delay:.1f} s"
+    )
+    fault = f"model moved between pools mid-stream (to b {routing_delay:.1f} s after the apply)"
+    row = harness.verify(fault, ids, recovery)
+    assert row["outcomes"] == ["SUCCEEDED:"]
+    stream_ids = [r.request_id for r in stream]
+    by_moderation = sorted(stream_ids, key=lambda rid: renderings[rid].moderated_at)
+    pools_in_order = [renderings[rid].pool for rid in by_moderation]
+    # One switch, from a to b, and never back: the model is served by one pool or the other throughout.
+    assert pools_in_order == sorted(pools_in_order), pools_in_order
+    before = [rid for rid in stream_ids if harness.published[rid] < applying]
+    after = [rid for rid in stream_ids if harness.published[rid] > applied + MOVE_TAKES_EFFECT_S]
+    assert before and after, "the move was not mid-stream"
+    assert {renderings[rid].worker_id for rid in before} == {"poolmove-a-1"}
+    assert {renderings[rid].worker_id for rid in after} == {"poolmove-b-1"}
