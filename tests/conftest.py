@@ -45,6 +45,7 @@ def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
         "dead_letter",
         "gateway_usage",
         "cancellations",
+        "model_pools",
     )
     renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in names}
     return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ModelPool
@@ -237,16 +237,16 @@ def read_pools(kafka: KafkaSettings, topics: TopicSettings, codec: Codec, wait_s
         found = consumer.list_topics(topics.model_pools, timeout=10).topics.get(topics.model_pools)
         if found is None or found.error is not None or not found.partitions:
             return {}
+        deadline = time.monotonic() + wait_s
         ends = {}
         for partition in found.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topics.model_pools, partition), timeout=10)
+            low, high = _watermarks(consumer, TopicPartition(topics.model_pools, partition), deadline)
             if high > low:
                 ends[partition] = high
         if not ends:
             return {}
         consumer.assign([TopicPartition(topics.model_pools, p, 0) for p in ends])
         latest: dict[str, bytes | None] = {}
-        deadline = time.monotonic() + wait_s
         while ends:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {topics.model_pools} to its end within {wait_s:.0f} s")
@@ -263,6 +263,17 @@ def read_pools(kafka: KafkaSettings, topics: TopicSettings, codec: Codec, wait_s
         }
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, partition: Any, deadline: float) -> tuple[int, int]:
+    """A partition's low and high offsets, asked again while its leader is elected (a topic just made)."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10)
+        except KafkaException:  # librdkafka does not mark NOT_LEADER_FOR_PARTITION retriable here
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 @dataclass(frozen=True)

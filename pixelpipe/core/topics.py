@@ -112,8 +112,8 @@ def assign_from_end(consumer: Consumer, topic: str) -> None:
 
 
 # What each role may do, and nothing more: publishers write requests and cancellations; moderation reads requests and
-# writes the render topics (each kind's and its long lane's); renderers read those and the cancellations; only
-# moderation and renderers write results, metrics and replies.
+# the model pools and writes the render topics (each kind's and its long lane's, of every pool); renderers read those
+# and the cancellations; only moderation and renderers write results, metrics and replies.
 READS, WRITES = (AclOperation.READ, AclOperation.DESCRIBE), (AclOperation.WRITE, AclOperation.DESCRIBE)
 
 
@@ -132,6 +132,13 @@ def role_acls(
     if role not in literal:
         raise ValueError(f"unknown role {role!r}; choose from {', '.join(literal)}")
     rules = [(ResourceType.TOPIC, name, ResourcePatternType.LITERAL, op) for name, ops in literal[role] for op in ops]
+    # The model pools' render topics (pixelpipe.generate.<pool>, ...): moderation writes them, renderers read them;
+    # both read the pools (moderation to route, a renderer for its pool's models).
+    pooled = {"moderation": WRITES, "renderer": READS}.get(role, ())
+    for prefix in (f"{topics.generate}.", f"{topics.edit}."):
+        rules += [(ResourceType.TOPIC, prefix, ResourcePatternType.PREFIXED, op) for op in pooled]
+    if pooled:
+        rules += [(ResourceType.TOPIC, topics.model_pools, ResourcePatternType.LITERAL, op) for op in READS]
     if role == "sink":
         rules.append((ResourceType.GROUP, sink_group, ResourcePatternType.LITERAL, AclOperation.READ))
     elif (
