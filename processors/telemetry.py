@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -81,8 +81,8 @@ class StageTelemetry(Collector):
 
     def __init__(self) -> None:
         self.enabled = False
-        # Each observation waits as the method that folds it and its arguments.
-        self._pending: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+        # A StageMetric's observation waits as (work, cost, pool), a result's as (outcome, kind).
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         # Per stage and pool, as the label values are: (stage, pool, ...).
         self._out: dict[tuple[str, str, str], int] = {}
@@ -106,16 +106,15 @@ class StageTelemetry(Collector):
     def work(self, work: StageWork, cost_usd: float, *, pool: str | None) -> None:
         """One StageMetric's worth: outcome, queue and compute time, batch size, device time and cost."""
         if self.enabled:
-            self._observe(self._fold_work, (work, cost_usd, pool or ""))
+            self._pending.append((work, cost_usd, pool or ""))
+            if len(self._pending) > FOLD_EVERY:
+                self.fold()
 
     def result(self, outcome: Outcome, kind: str) -> None:
         if self.enabled:
-            self._observe(self._fold_result, (outcome, kind))
-
-    def _observe(self, fold: Callable[..., None], observation: tuple[Any, ...]) -> None:
-        self._pending.append((fold, observation))
-        if len(self._pending) > FOLD_EVERY:
-            self.fold()
+            self._pending.append((outcome, kind))
+            if len(self._pending) > FOLD_EVERY:
+                self.fold()
 
     def dead_letter(self, stage: str, reason: str) -> None:
         if self.enabled:
@@ -144,25 +143,29 @@ class StageTelemetry(Collector):
         with self._lock:
             pending = self._pending
             while pending:
-                fold, observation = pending.popleft()
-                fold(*observation)
+                observation = pending.popleft()
+                if len(observation) == 3:
+                    self._fold_work(*observation)
+                else:
+                    self._fold_result(*observation)
 
     def _fold_work(self, work: StageWork, cost_usd: float, pool: str) -> None:
-        stage = (work.stage.lower(), pool)
-        key = (*stage, work.outcome)
+        stage = work.stage.lower()
+        series = (stage, pool)
+        key = (stage, pool, work.outcome)
         self._out[key] = self._out.get(key, 0) + 1
-        if stage not in self._queue:
-            self._queue[stage] = _Histogram(LATENCY_BUCKETS_S)
-            self._compute[stage] = _Histogram(LATENCY_BUCKETS_S)
-            self._batch[stage] = _Histogram(BATCH_BUCKETS)
-        self._queue[stage].observe(max(0.0, work.queue_ms) / 1000.0)
-        self._compute[stage].observe(work.compute_ms / 1000.0)
-        self._batch[stage].observe(work.batch_size)
-        device = (*stage, work.device)
+        if series not in self._queue:
+            self._queue[series] = _Histogram(LATENCY_BUCKETS_S)
+            self._compute[series] = _Histogram(LATENCY_BUCKETS_S)
+            self._batch[series] = _Histogram(BATCH_BUCKETS)
+        self._queue[series].observe(max(0.0, work.queue_ms) / 1000.0)
+        self._compute[series].observe(work.compute_ms / 1000.0)
+        self._batch[series].observe(work.batch_size)
+        device = (stage, pool, work.device)
         self._device[device] = self._device.get(device, 0.0) + work.device_seconds
         if work.outcome == "CANCELLED":  # an unknown saving adds nothing, but the stage's series exists
-            self._saved[stage] = self._saved.get(stage, 0.0) + (work.device_seconds_saved or 0.0)
-        self._cost[stage] = self._cost.get(stage, 0.0) + cost_usd
+            self._saved[series] = self._saved.get(series, 0.0) + (work.device_seconds_saved or 0.0)
+        self._cost[series] = self._cost.get(series, 0.0) + cost_usd
 
     def _fold_result(self, outcome: Outcome, kind: str) -> None:
         key = (outcome.status, outcome.error_code or "")
@@ -193,8 +196,8 @@ class StageTelemetry(Collector):
                 ),
             ):
                 family = HistogramMetricFamily(name, doc, labels=["stage", "pool"])
-                for stage, histogram in sorted(histograms.items()):
-                    family.add_metric(list(stage), histogram.cumulative(), histogram.sum)
+                for series, histogram in sorted(histograms.items()):
+                    family.add_metric(list(series), histogram.cumulative(), histogram.sum)
                 yield family
             yield _counter(
                 "pixelpipe_stage_device_seconds",

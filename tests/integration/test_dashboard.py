@@ -138,6 +138,13 @@ def test_the_charts_add_up_to_the_demos_requests(demo_clickhouse):
     assert set(rows["latency_by_stage"]["stage"]) == {"MODERATION", "GENERATE", "EDIT", "OUTPUT_MODERATION"}
     assert rows["batch_size_distribution"]["events"].sum() == rows["latency_by_stage"]["events"].sum()
     assert set(rows["cost_per_image"]["variant"]) == {"steps-test:control", "steps-test:fast"}
+    # No pool configured: every render ran in the default pool, moderation named it for each request it routed there,
+    # and every image counts there.
+    queue = rows["queue_vs_compute"]
+    assert set(queue[queue["stage"] != "MODERATION"]["pool"]) == {"default"}
+    assert "default" in set(queue[queue["stage"] == "MODERATION"]["pool"])
+    cost = rows["cost_per_image"]
+    assert cost[cost["pool"] != "default"]["total_images"].sum() == 0 < cost["total_images"].sum()
     exposures = rows["experiment_exposures"]
     assert set(exposures["variant"]) == {"control", "fast"} and set(exposures["experiment"]) == {"steps-test"}
 
