@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=64, help="width and height of the requested images")
     parser.add_argument("--max-wait-ms", type=int, help="PIXELPIPE_MAX_WAIT_MS of the render stages (default: theirs)")
     parser.add_argument("--max-batch", type=int, help="PIXELPIPE_MAX_BATCH of the render stages (default: theirs)")
+    parser.add_argument("--take-events", type=int, help="PIXELPIPE_TAKE_EVENTS of the render stages (default: theirs)")
     args = parser.parse_args()
     if args.seconds_per_image <= 0:
         raise SystemExit("--seconds-per-image must be positive: the batches form while a model works")
@@ -270,7 +271,8 @@ def main() -> None:
     rate = args.rate or args.busy * RENDER_WORKERS / args.seconds_per_image
     echo = print
     base = Settings.from_env()
-    stage_changes = {k: v for k, v in (("max_wait_ms", args.max_wait_ms), ("max_batch", args.max_batch)) if v}
+    stage_settings = {name: getattr(args, name) for name in ("max_wait_ms", "max_batch", "take_events")}
+    stage_changes = {name: value for name, value in stage_settings.items() if value is not None}
     runs: list[Figures] = []
     with (
         stack_unless_kafka_answers(base, section_from_env(StackSettings, os.environ), echo) as base,
