@@ -145,8 +145,8 @@ def render(frame: Frame, url: str) -> Group:
             _ms(row.get("oldest_s")),
         )
     stages = Table(title=f"stages (last {WINDOW})", title_justify="left", expand=True)
-    for column in ("stage", "pool"):
-        stages.add_column(column)
+    stages.add_column("stage", no_wrap=True, min_width=max(map(len, STAGE_ORDER)))  # whole names, even when narrow
+    stages.add_column("pool")
     for column in ("in/s", "out/s", "queue p95", "compute p95", "batch", "busy", "failed", "cancelled", "saved"):
         stages.add_column(column, justify="right")
     # Pipeline order, then each stage's pools by name.

@@ -160,6 +160,7 @@ def test_a_top_frame_shows_lag_stages_and_dead_letters():
             ("generate", "flux"): {"in_per_s": 1.0, "busy": 0.93},
             ("moderation", ""): {"in_per_s": 40.0, "out_per_s": 39.0, "failed_share": 0.025},
             ("edit", "flux"): {"out_per_s": 2.0, "cancelled_share": 0.125, "saved_per_s": 0.75},
+            ("output_moderation", "tiny-sd"): {"out_per_s": 4.0},
         },
         totals={"targets_up": 2.0, "targets": 2.0, "images_per_s": 4.0, "results_per_s": 4.0},
         dead_letters={("moderation", "undecodable"): 0.5},
@@ -177,6 +178,15 @@ def test_a_top_frame_shows_lag_stages_and_dead_letters():
 
     assert ["pixelpipe-generate-edit-flux", "pixelpipe.generate.flux", "flux"] in cells(lag, 3)
     # stages in pipeline order, each stage's pools by name; moderation's intake is of no pool
-    assert cells(stages, 2) == [["moderation", ""], ["generate", "flux"], ["generate", "tiny-sd"], ["edit", "flux"]]
+    assert cells(stages, 2) == [
+        ["moderation", ""],
+        ["generate", "flux"],
+        ["generate", "tiny-sd"],
+        ["edit", "flux"],
+        ["output_moderation", "tiny-sd"],
+    ]
+    narrow = Console(width=110, record=True)  # the operations test's width: stage names stay whole
+    narrow.print(render(frame, "http://127.0.0.1:9090"))
+    assert "output_moderation" in narrow.export_text()
     assert "93 %" in text and "2.5 %" in text and "undecodable" in text
     assert "12.5 %" in text and "0.75 s/s" in text  # cancelled share, device seconds saved per second
