@@ -465,7 +465,7 @@ def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
     from pixelpipe.analytics.cli import analyze, dashboard
     from pixelpipe.gateway.cli import gateway, keys
-    from pixelpipe.processors.cli import pools
+    from pixelpipe.processors.cli import experiments, pools
     from pixelpipe.sinks.cli import clickhouse
 
     main.add_command(analyze)
@@ -474,6 +474,7 @@ def _register_layer_commands() -> None:
     main.add_command(gateway)
     main.add_command(keys)
     main.add_command(pools)
+    main.add_command(experiments)
     pools.add_command(pools_keda_command)
 
 

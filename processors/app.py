@@ -40,6 +40,8 @@ import faust
 from faust.types import TP, EventT
 
 from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.live_experiments import LiveExperiments
 from pixelpipe.core.pools import DEFAULT_POOL, PoolConfigError, PoolRouting, pool_topics, read_pools
 from pixelpipe.core.settings import Settings, StageSettings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
@@ -188,6 +190,7 @@ class Pipeline:
         # Every moderation worker reads the whole compacted topic of pools: they are few and small.
         pools = self._global_table("model-pools", self.settings.topics.model_pools)
         stage.pools = PoolRouting(pools.data, stage.context.codec)
+        stage.experiments = self._live_experiments(stage.experiments)
         changelog = table.changelog_topic.get_topic_name()
         executor = ThreadPoolExecutor(1, thread_name_prefix="moderation")
         stage_settings = self.settings.stages
@@ -226,6 +229,7 @@ class Pipeline:
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
         # Every render worker reads the whole compacted topic: cancellations are few and small.
         cancellations = self._global_table("cancellations", self.settings.topics.cancellations)
+        stage.experiments = self._live_experiments(stage.experiments)
         stage.cancelled = lambda request_id: request_id.encode() in cancellations.data
         stage.stopping = lambda: bool(self.app.should_stop)
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)
@@ -256,6 +260,12 @@ class Pipeline:
                 self._ended(kind)
                 yield None
             await acknowledgement.close()
+
+    def _live_experiments(self, from_file: Mapping[str, Experiment]) -> LiveExperiments:
+        """The experiments a stage applies: its file's, and the experiments topic's as the worker reads it (every
+        worker reads the whole compacted topic: experiments are few and small)."""
+        table = self._global_table("experiments", self.settings.topics.experiments)
+        return LiveExperiments(from_file, table.data, codec_from_settings(self.settings.kafka))
 
     def _global_table(self, name: str, topic: str) -> faust.GlobalTable:
         """A table of every message on ``topic`` (compacted), keyed and valued by their raw bytes, as its
@@ -381,7 +391,7 @@ def stage_topics(topics: TopicSettings, stages: Sequence[str]) -> list[str]:
     used += [getattr(topics, kind + suffix) for kind in RENDER_KINDS if kind in stages for suffix in ("", "_long")]
     if any(kind in stages for kind in RENDER_KINDS):
         used.append(topics.cancellations)
-    return list(dict.fromkeys([*used, topics.results, topics.metrics, topics.dead_letter]))
+    return list(dict.fromkeys([*used, topics.experiments, topics.results, topics.metrics, topics.dead_letter]))
 
 
 def run_worker(settings: Settings, stages: Sequence[str]) -> int:
@@ -413,7 +423,7 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         health.mark("models")
         # Only the topics these stages use: under ACLs a worker may not even see the others.
         topics = settings.topics
-        tables = [topics.cancellations] if renders else []
+        tables = [topics.experiments, *([topics.cancellations] if renders else [])]
         tables += [topics.model_pools] if "moderation" in stages else []
         pipeline = Pipeline(
             settings,

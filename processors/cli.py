@@ -1,5 +1,6 @@
-"""``pixelpipe pools``: the model pools in force, applied from a file, listed and exported (the autoscaler's
-manifests, from the tools, are added by the top-level CLI)."""
+"""The live configuration the workers read: ``pixelpipe pools`` (the model pools in force, applied from a file,
+listed and exported; the autoscaler's manifests, from the tools, are added by the top-level CLI) and ``pixelpipe
+experiments`` (the experiments in force)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import click
 
 from pixelpipe.core.cli import load_settings, needs_kafka
 from pixelpipe.core.codec import codec_from_settings
+from pixelpipe.core.experiments import (
+    Experiment,
+    ExperimentConfigError,
+    UnknownExperimentError,
+    get_experiment,
+    load_experiments,
+)
+from pixelpipe.core.live_experiments import publish_experiments, read_experiments, stopped
 from pixelpipe.core.pools import Pool, PoolConfigError, apply_pools, load_pools, pool_topics, pools_document, read_pools
 from pixelpipe.core.registry import ModelRegistry
 from pixelpipe.core.settings import Settings
@@ -100,6 +109,96 @@ def list_command() -> None:
 def export_command(out: Path | None) -> None:
     """The pools in force as a pools file, which `pixelpipe pools apply` reads back."""
     text = json.dumps(pools_document(live_pools(load_settings())), indent=2) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}")
+
+
+@click.group()
+def experiments() -> None:
+    """Experiments in force: every worker applies a change within seconds, without a restart."""
+
+
+def _live_experiments(settings: Settings) -> dict[str, Experiment]:
+    return read_experiments(settings.kafka, settings.topics, codec_from_settings(settings.kafka))
+
+
+def _described(experiment: Experiment) -> str:
+    total = sum(v.weight for v in experiment.variants) or 1.0
+    arms = ", ".join(
+        f"{v.name} {100 * v.weight / total:g}%" + (f" {dict(v.overrides)}" if v.overrides else "")
+        for v in experiment.variants
+    )
+    state = "stopped" if experiment.stopped else "running"
+    return f"{experiment.key} (revision {experiment.revision}, {state}, control {experiment.control}): {arms}"
+
+
+@experiments.command("apply")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@needs_kafka
+def experiments_apply(path: Path) -> None:
+    """Publish the experiments of PATH (an experiments file); each one that changed gets its next revision."""
+    settings = load_settings()
+    try:
+        wanted = load_experiments(path)
+    except ExperimentConfigError as e:
+        raise click.ClickException(str(e)) from e
+    published = publish_experiments(settings.kafka, settings.topics, codec_from_settings(settings.kafka), wanted)
+    for experiment in published.values():
+        click.echo(f"published {_described(experiment)}")
+    unchanged = sorted(set(wanted) - set(published))
+    if unchanged:
+        click.echo(f"unchanged: {', '.join(unchanged)}")
+
+
+@experiments.command("list")
+@needs_kafka
+def experiments_list() -> None:
+    """The experiments in force, with their revision and split."""
+    live = _live_experiments(load_settings())
+    if not live:
+        click.echo("no experiments on the experiments topic: apply a file with pixelpipe experiments apply")
+    for experiment in live.values():
+        click.echo(_described(experiment))
+
+
+@experiments.command("show")
+@click.argument("key")
+@needs_kafka
+def experiments_show(key: str) -> None:
+    """One experiment in force, as an experiments file's entry (with its revision and state)."""
+    try:
+        experiment = get_experiment(_live_experiments(load_settings()), key)
+    except UnknownExperimentError as e:
+        raise click.ClickException(str(e)) from e
+    shown = experiment.to_json() | {"revision": experiment.revision, "stopped": experiment.stopped}
+    click.echo(json.dumps(shown, indent=2))
+
+
+@experiments.command("stop")
+@click.argument("key")
+@needs_kafka
+def experiments_stop(key: str) -> None:
+    """Stop assigning KEY: requests from now on run without it; its definition and results stay for analysis."""
+    settings = load_settings()
+    try:
+        experiment = get_experiment(_live_experiments(settings), key)
+    except UnknownExperimentError as e:
+        raise click.ClickException(str(e)) from e
+    codec = codec_from_settings(settings.kafka)
+    published = publish_experiments(settings.kafka, settings.topics, codec, {key: stopped(experiment)})
+    click.echo(f"stopped {_described(published[key])}" if published else f"{key} was stopped already")
+
+
+@experiments.command("export")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
+@needs_kafka
+def experiments_export(out: Path | None) -> None:
+    """The experiments in force as an experiments file, which `pixelpipe experiments apply` reads back."""
+    live = _live_experiments(load_settings())
+    text = json.dumps({"experiments": [e.to_json() for e in live.values()]}, indent=2) + "\n"
     if out is None:
         click.echo(text, nl=False)
     else:

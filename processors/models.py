@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import logging
 import secrets
 import threading
@@ -312,8 +313,8 @@ def unpack_klein_latents(latents: torch.Tensor, height: int, width: int, vae_sca
 class NullModel:
     """A model without weights for capacity tests of the pipeline: each image is a plain colour derived from its
     seed, of the requested size, returned after ``seconds_per_image`` of simulated work (reported as device
-    time), spread over the call's steps with the stop check asked after each, as a diffusers pipeline does. No
-    torch work is done."""
+    time), spread over the call's steps with the stop check asked after each, as a diffusers pipeline does; a
+    ``failure_rate`` share of its calls then fail (a bad candidate for rollout drills). No torch work is done."""
 
     entry: ModelEntry
     device: ClassVar[torch.device] = torch.device("cpu")
@@ -329,8 +330,16 @@ class NullModel:
             seconds += step_s
             if stop_after_step(steps):
                 break
+        if self.entry.failure_rate and _share_of(batch.row_seeds) < self.entry.failure_rate:
+            raise ModelError(f"model {self.entry.name!r} failed by design (failure_rate {self.entry.failure_rate:g})")
         images = [Image.new("RGB", (batch.width, batch.height), seed_colour(seed)) for seed in batch.row_seeds]
         return batch.output(images, seconds)
+
+
+def _share_of(seeds: Sequence[int]) -> float:
+    """A point in [0, 1) drawn from a call's seeds: a call delivered again fails (or not) again."""
+    digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:

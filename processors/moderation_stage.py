@@ -5,6 +5,7 @@ torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -12,7 +13,7 @@ from typing import ClassVar
 
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest, Stage
-from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.experiments import Experiment, stamp_assignments
 from pixelpipe.core.objects import ObjectStore
 from pixelpipe.core.pools import DEFAULT_POOL, PoolRouting, pool_topics
 from pixelpipe.core.registry import ModelRegistry
@@ -106,6 +107,8 @@ class ModerationStage:
                 request = decode_request(message, self.context, emit, "moderation")
                 if request is None or not self._at_home(message, request, emit):
                     continue
+                if self._assign(request):  # forwarded as assigned
+                    message = dataclasses.replace(message, value=self.context.codec.encode(request))
                 # Expired, unserved, over-budget and rate-limited requests end before the prompt model: a flood
                 # costs it nothing.
                 model, set_by = final_model(request, self.experiments)
@@ -156,6 +159,20 @@ class ModerationStage:
             else:
                 emit.result(request, outcome, {"moderation": compute_ms})
         return emit.take()
+
+    def _assign(self, request: ImageRequest) -> bool:
+        """Give the request the user's arm of every running experiment on the experiments topic that it does not
+        name (buckets from the hash of key and user: with two variants, a user in the treatment at 5 % stays in it
+        at 25 %), and record the revision of each such definition in force: the allocation it was assigned under.
+        Experiments of a file are the SDK's to assign, as before. Returns whether the request changed."""
+        live = {key: e for key, e in self.experiments.items() if e.revision}
+        if not live:
+            return False
+        before = (dict(request.experiments), dict(request.experiment_revisions))
+        stamp_assignments(request, live, request.created_at)
+        for key in request.experiments.keys() & live.keys():
+            request.experiment_revisions.setdefault(key, live[key].revision)
+        return (request.experiments, request.experiment_revisions) != before
 
     def _at_home(self, message: Inbound, request: ImageRequest, emit: Emitter) -> bool:
         """Whether ``message`` is on its user's partition, where the user's limits live; if not, it is moved there

@@ -118,6 +118,7 @@ def image_result(
         strength=params.strength if params else None,
         batch_size=rendered.batch_size if rendered else None,
         pool=pool,
+        experiment_revisions=dict(request.experiment_revisions),
     )
 
 
@@ -170,4 +171,5 @@ def stage_metric(
         variant=request.variant,
         device_seconds_saved=work.device_seconds_saved,
         pool=pool,
+        experiment_revisions=dict(request.experiment_revisions),
     )

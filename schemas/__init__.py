@@ -6,4 +6,12 @@ from pathlib import Path
 
 SCHEMA_DIR = Path(__file__).parent
 NAMESPACE = "pixelpipe.v1"
-SCHEMA_NAMES = ("ImageRequest", "ImageResult", "StageMetric", "DeadLetter", "Cancellation", "ModelPool")
+SCHEMA_NAMES = (
+    "ImageRequest",
+    "ImageResult",
+    "StageMetric",
+    "DeadLetter",
+    "Cancellation",
+    "ModelPool",
+    "ExperimentDefinition",
+)

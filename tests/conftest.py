@@ -46,6 +46,7 @@ def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
         "gateway_usage",
         "cancellations",
         "model_pools",
+        "experiments",
     )
     renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in names}
     return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))

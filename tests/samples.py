@@ -39,6 +39,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "deadline": T0 + dt.timedelta(minutes=5),
             "created_at": T0 - dt.timedelta(milliseconds=250),
             "reply_topic": "svc-a.results",
+            "experiment_revisions": {"steps-test": 2},
         },
         "ImageResult": common
         | {
@@ -77,6 +78,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "strength": 0.75,
             "batch_size": 4,
             "pool": "sd",
+            "experiment_revisions": {"steps-test": 2},
         },
         "StageMetric": common
         | {
@@ -96,6 +98,7 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "variant": "steps-test:fast",
             "device_seconds_saved": None,  # set when the outcome is CANCELLED
             "pool": "sd",
+            "experiment_revisions": {"steps-test": 2},
         },
         "DeadLetter": common
         | {
@@ -113,6 +116,30 @@ def sample_records() -> dict[str, dict[str, Any]]:
             "event_id": "7c1d2e3f-4a5b-4c6d-8e9f-a0b1c2d3e4f5",
             "reason": "the caller closed the connection",
             "requested_by": "gateway:gw-1",
+        },
+        "ExperimentDefinition": {
+            "event_id": "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d",
+            "schema_version": 1,
+            "event_time": common["event_time"],
+            "key": "sd-lcm-rollout",
+            "revision": 3,
+            "state": "RUNNING",
+            "control": "control",
+            "variants": [
+                {"name": "control", "weight": 75.0, "model": None, "steps": None, "guidance": None, "scheduler": None},
+                {
+                    "name": "treatment",
+                    "weight": 25.0,
+                    "model": "sd-lcm",
+                    "steps": 4,
+                    "guidance": 1.5,
+                    "scheduler": "lcm",
+                },
+            ],
+            "start": common["event_time"],
+            "end": None,
+            "description": "LCM at 4 steps against the default",
+            "applied_by": "rollout-controller",
         },
         "ModelPool": {
             "event_id": "0e1f2a3b-4c5d-4e6f-8a9b-c0d1e2f3a4b5",

@@ -69,7 +69,7 @@ class ImageRequest(AvroRecord):
 
     event_id: str = field(default_factory=new_event_id)
     request_id: str
-    schema_version: int = 2  # 2 added reference_image_uris
+    schema_version: int = 3  # 2 added reference_image_uris, 3 experiment_revisions
     event_time: dt.datetime = field(default_factory=utc_now)
     kind: RequestKind
     user_id: str
@@ -91,6 +91,7 @@ class ImageRequest(AvroRecord):
     deadline: dt.datetime | None = None
     created_at: dt.datetime = field(default_factory=utc_now)
     reply_topic: str | None = None
+    experiment_revisions: dict[str, int] = field(default_factory=dict)  # set by moderation: the allocation in force
 
     @property
     def variant(self) -> str | None:
@@ -122,7 +123,7 @@ class ImageResult(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 4  # 2 added what ran, 3 the status CANCELLED, 4 the pool
+    schema_version: int = 4  # 2 added what ran, 3 the status CANCELLED, 4 the pool and experiment_revisions
     event_time: dt.datetime = field(default_factory=utc_now)
     status: ResultStatus
     kind: RequestKind | None = None
@@ -147,6 +148,7 @@ class ImageResult(AvroRecord):
     strength: float | None = None
     batch_size: int | None = None
     pool: str | None = None  # the pool that rendered it, or that moderation routed it to
+    experiment_revisions: dict[str, int] = field(default_factory=dict)  # the allocation in force when assigned
 
     def to_avro(self) -> Record:
         return AvroRecord.to_avro(self) | {
@@ -174,7 +176,7 @@ class StageMetric(AvroRecord):
 
     event_id: str
     request_id: str
-    schema_version: int = 3  # 2 added the outcome CANCELLED and device_seconds_saved, 3 the pool
+    schema_version: int = 3  # 2 added the outcome CANCELLED and device_seconds_saved, 3 the pool, experiment_revisions
     event_time: dt.datetime = field(default_factory=utc_now)
     stage: Stage
     outcome: StageOutcome
@@ -191,6 +193,7 @@ class StageMetric(AvroRecord):
     variant: str | None = None
     device_seconds_saved: float | None = None  # CANCELLED: what the cancellation spared; None where unknown
     pool: str | None = None  # the pool that rendered it, or that moderation routed it to
+    experiment_revisions: dict[str, int] = field(default_factory=dict)  # the allocation in force when assigned
 
 
 @dataclass(kw_only=True, slots=True)
@@ -275,7 +278,49 @@ class ModelPool(AvroRecord):
     applied_by: str | None = None
 
 
-Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation | ModelPool
+ExperimentState = Literal["RUNNING", "STOPPED"]
+
+
+@dataclass(kw_only=True, slots=True)
+class VariantDefinition(AvroRecord):
+    name: str
+    weight: float
+    model: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentDefinition(AvroRecord):
+    """An experiment as it is in force, keyed by its key on the compacted experiments topic
+    (``pixelpipe.core.experiments``); each change is the whole definition with the next revision."""
+
+    schema_name: ClassVar[str] = "ExperimentDefinition"
+
+    event_id: str = field(default_factory=new_event_id)
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    key: str
+    revision: int
+    state: ExperimentState
+    control: str
+    variants: list[VariantDefinition]
+    start: dt.datetime
+    end: dt.datetime | None = None
+    description: str | None = None
+    applied_by: str | None = None
+
+    def to_avro(self) -> Record:
+        return AvroRecord.to_avro(self) | {"variants": [variant.to_avro() for variant in self.variants]}
+
+    @classmethod
+    def from_avro(cls, record: Record) -> Self:
+        return _filled(cls, record | {"variants": [VariantDefinition.from_avro(v) for v in record["variants"]]})
+
+
+Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation | ModelPool | ExperimentDefinition
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.schema_name: cls for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation, ModelPool)
+    cls.schema_name: cls
+    for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation, ModelPool, ExperimentDefinition)
 }

@@ -56,6 +56,9 @@ class Experiment:
     start: datetime.datetime  # UTC, inclusive
     end: datetime.datetime | None = None  # UTC, exclusive; None while it runs
     control: str = ""  # defaults to the first variant
+    description: str | None = None
+    revision: int = 0  # of its definition on the experiments topic; 0 for one read from a file
+    stopped: bool = False  # assigns no request any more; kept for analysis
 
     def __post_init__(self) -> None:
         names = [v.name for v in self.variants]
@@ -100,7 +103,20 @@ class Experiment:
         )
 
     def is_active(self, at: datetime.datetime) -> bool:
-        return self.start <= at and (self.end is None or at < self.end)
+        return not self.stopped and self.start <= at and (self.end is None or at < self.end)
+
+    def to_json(self) -> dict[str, Any]:
+        """The experiments file's entry for it, which ``parse_experiments`` reads back."""
+        entry: dict[str, Any] = {"key": self.key, "control": self.control, "start": self.start.isoformat()}
+        if self.end is not None:
+            entry["end"] = self.end.isoformat()
+        if self.description:
+            entry["description"] = self.description
+        entry["variants"] = [
+            {"name": v.name, "weight": v.weight} | ({"overrides": dict(v.overrides)} if v.overrides else {})
+            for v in self.variants
+        ]
+        return entry
 
 
 def parse_time(value: str) -> datetime.datetime:
@@ -169,7 +185,10 @@ def _parse_experiment(index: int, item: Any) -> Experiment:
         if not isinstance(overrides, Mapping):
             raise ExperimentConfigError(f"experiment {key!r}: variant {v['name']!r} overrides must be an object")
         parsed.append(Variant(v["name"], float(weight), MappingProxyType(dict(overrides))))
-    return Experiment(key, tuple(parsed), start, end, item.get("control") or "")
+    description = item.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ExperimentConfigError(f"experiment {key!r}: 'description' must be a string")
+    return Experiment(key, tuple(parsed), start, end, item.get("control") or "", description)
 
 
 def _check_overrides(key: str, variant: Variant) -> None:

@@ -18,17 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Producer
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ModelPool
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
+from pixelpipe.core.topics import ensure_topics, read_compacted
 
 DEFAULT_POOL = "default"
 POOL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -225,55 +225,12 @@ class PoolRouting:
         return sorted(set(self.snapshot().values()))
 
 
-def read_pools(kafka: KafkaSettings, topics: TopicSettings, codec: Codec, wait_s: float = 10.0) -> dict[str, Pool]:
-    """The pools in force: the model-pools topic read from its start to its end now (a topic not made yet holds
-    none)."""
-    from confluent_kafka import TopicPartition
-
-    from pixelpipe.core.topics import assigned_consumer
-
-    consumer: Consumer = assigned_consumer(kafka)
-    try:
-        found = consumer.list_topics(topics.model_pools, timeout=10).topics.get(topics.model_pools)
-        if found is None or found.error is not None or not found.partitions:
-            return {}
-        deadline = time.monotonic() + wait_s
-        ends = {}
-        for partition in found.partitions:
-            low, high = _watermarks(consumer, TopicPartition(topics.model_pools, partition), deadline)
-            if high > low:
-                ends[partition] = high
-        if not ends:
-            return {}
-        consumer.assign([TopicPartition(topics.model_pools, p, 0) for p in ends])
-        latest: dict[str, bytes | None] = {}
-        while ends:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {topics.model_pools} to its end within {wait_s:.0f} s")
-            for message in consumer.consume(500, timeout=0.2):
-                if message.error() or message.key() is None:
-                    continue
-                latest[message.key().decode()] = message.value()
-                if message.offset() >= ends.get(message.partition(), 0) - 1:
-                    ends.pop(message.partition(), None)
-        return {
-            name: Pool.from_event(codec.decode_as(ModelPool, value))
-            for name, value in sorted(latest.items())
-            if value is not None
-        }
-    finally:
-        consumer.close()
-
-
-def _watermarks(consumer: Consumer, partition: Any, deadline: float) -> tuple[int, int]:
-    """A partition's low and high offsets, asked again while its leader is elected (a topic just made)."""
-    while True:
-        try:
-            return consumer.get_watermark_offsets(partition, timeout=10)
-        except KafkaException:  # librdkafka does not mark NOT_LEADER_FOR_PARTITION retriable here
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+def read_pools(kafka: KafkaSettings, topics: TopicSettings, codec: Codec) -> dict[str, Pool]:
+    """The pools in force: the model-pools topic read to its end now (a topic not made yet holds none)."""
+    return {
+        name: Pool.from_event(codec.decode_as(ModelPool, value))
+        for name, value in sorted(read_compacted(kafka, topics.model_pools).items())
+    }
 
 
 @dataclass(frozen=True)
@@ -298,8 +255,6 @@ def apply_pools(
     """Make ``pools`` the pools in force: their render topics are created first (so moderation can forward at
     once), then the pools that gain a model are published before those that lose one, then the removed pools'
     tombstones: a model that moves is served by one pool or the other throughout, never by none."""
-    from pixelpipe.core.topics import ensure_topics
-
     current = read_pools(kafka, topics, codec)
     created = ensure_topics(kafka, topics, [topics.model_pools])
     for pool in pools.values():

@@ -246,6 +246,7 @@ class ModelEntry:
     attention: str = "sdpa"  # see ATTENTION
     warmup: WarmUp | None = None  # shapes rendered at load; None: the model is only loaded
     seconds_per_image: float = 0.0  # null models only: the simulated render time
+    failure_rate: float = 0.0  # null models only: the share of calls that fail (a bad candidate in a rollout drill)
     compute_fit: ComputeFit | None = None  # its renders' device seconds; None: its family's DEFAULT_COMPUTE_FITS
     max_source_images: int = 1  # most images one edit may give it: the source and its references
 
@@ -293,8 +294,12 @@ class ModelEntry:
         )
         if kind == "null" and diffusion_only:
             raise ModelError(f"{where}: {diffusion_only} do not apply to a null model")
-        if "seconds_per_image" in raw and kind != "null":
-            raise ModelError(f"{where}: 'seconds_per_image' is for null models only")
+        for simulated in ("seconds_per_image", "failure_rate"):
+            if simulated in raw and kind != "null":
+                raise ModelError(f"{where}: {simulated!r} is for null models only")
+        failure_rate = read.number("failure_rate", cls.failure_rate)
+        if not 0.0 <= failure_rate <= 1.0:
+            raise ModelError(f"{where}: 'failure_rate' must be between 0 and 1, got {failure_rate}")
         if raw.get("channels_last") and kind not in UNET_FAMILIES:
             raise ModelError(f"{where}: 'channels_last' is for the UNet families {list(UNET_FAMILIES)}")
         attention = read.choice("attention", tuple(ATTENTION), cls.attention)
@@ -324,6 +329,7 @@ class ModelEntry:
             attention=attention,
             warmup=None if raw.get("warmup") is None else WarmUp.from_json(where, raw["warmup"]),
             seconds_per_image=read.number("seconds_per_image", cls.seconds_per_image),
+            failure_rate=failure_rate,
             compute_fit=None if raw.get("compute_fit") is None else ComputeFit.from_json(where, raw["compute_fit"]),
             max_source_images=max_source_images,
         )

@@ -164,6 +164,12 @@ class TopicSettings:
         "Compacted topic of ModelPools keyed by pool name: which models each pool's render workers serve; every "
         "moderation worker reads it whole.",
     )
+    experiments: str = setting(
+        "TOPIC_EXPERIMENTS",
+        "pixelpipe.experiments",
+        "Compacted topic of ExperimentDefinitions keyed by experiment key: the experiments in force, which every "
+        "worker reads whole (`pixelpipe experiments apply`).",
+    )
     gateway_usage: str = setting(
         "TOPIC_GATEWAY_USAGE",
         "pixelpipe.gateway.usage",
@@ -186,6 +192,7 @@ class TopicSettings:
             self.dead_letter,
             self.cancellations,
             self.model_pools,
+            self.experiments,
         ]
 
     def render(self) -> list[str]:

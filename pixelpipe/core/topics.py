@@ -53,15 +53,16 @@ def ensure_topics(
     # The broker stamps each request with its own clock on arrival: the rate limiter's time, which a producer
     # cannot set. Cancellations are state every render worker reads whole: compacted to the latest per request id,
     # and deleted after the broker's retention like the requests they could still meet, so the state stays bounded.
-    # The model pools are configuration: compacted to the latest per pool, and kept.
+    # The model pools and the experiments are configuration: compacted to the latest per key, and kept.
     config = {
         topics.requests: {"message.timestamp.type": "LogAppendTime"},
         topics.cancellations: {"cleanup.policy": "compact,delete"},
         topics.model_pools: {"cleanup.policy": "compact"},
+        topics.experiments: {"cleanup.policy": "compact"},
     }
     # One partition: few and small, and faust-streaming's global tables recover reliably from one (with several,
     # instances can loop in recovery).
-    counts = {topics.cancellations: 1, topics.model_pools: 1}
+    counts = {topics.cancellations: 1, topics.model_pools: 1, topics.experiments: 1}
     futures = admin.create_topics(
         [
             NewTopic(name, counts.get(name, partitions or topics.partitions), 1, config=config.get(name, {}))
@@ -137,8 +138,12 @@ def role_acls(
     pooled = {"moderation": WRITES, "renderer": READS}.get(role, ())
     for prefix in (f"{topics.generate}.", f"{topics.edit}."):
         rules += [(ResourceType.TOPIC, prefix, ResourcePatternType.PREFIXED, op) for op in pooled]
-    if pooled:
-        rules += [(ResourceType.TOPIC, topics.model_pools, ResourcePatternType.LITERAL, op) for op in READS]
+    if pooled:  # and the experiments in force, which both apply
+        rules += [
+            (ResourceType.TOPIC, name, ResourcePatternType.LITERAL, op)
+            for name in (topics.model_pools, topics.experiments)
+            for op in READS
+        ]
     if role == "sink":
         rules.append((ResourceType.GROUP, sink_group, ResourcePatternType.LITERAL, AclOperation.READ))
     elif (
@@ -181,6 +186,47 @@ def grant_roles(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the brokers did not show the new ACLs within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def read_compacted(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> dict[str, bytes]:
+    """The latest value of each key on ``topic`` (a compacted topic of configuration), read to its end now; keys
+    whose latest record is a tombstone are left out, and a topic not made yet holds none."""
+    consumer = assigned_consumer(kafka)
+    try:
+        found = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            return {}
+        deadline = time.monotonic() + wait_s
+        ends = {}
+        for partition in found.partitions:
+            low, high = _watermarks(consumer, TopicPartition(topic, partition), deadline)
+            if high > low:
+                ends[partition] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        latest: dict[str, bytes | None] = {}
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {topic} to its end within {wait_s:.0f} s")
+            for message in consumer.consume(500, timeout=0.2):
+                if message.error() or message.key() is None:
+                    continue
+                latest[message.key().decode()] = message.value()
+                if message.offset() >= ends.get(message.partition(), 0) - 1:
+                    ends.pop(message.partition(), None)
+        return {key: value for key, value in latest.items() if value is not None}
+    finally:
+        consumer.close()
+
+
+def _watermarks(consumer: Consumer, partition: TopicPartition, deadline: float) -> tuple[int, int]:
+    """A partition's low and high offsets, asked again while its leader is elected (a topic just made)."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=10)
+        except KafkaException:  # librdkafka does not mark NOT_LEADER_FOR_PARTITION retriable here
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 SCAN_LIMIT_S = 60.0  # longest a scan to the end of a topic reads

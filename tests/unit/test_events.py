@@ -13,11 +13,12 @@ from pixelpipe.core.events import (
     ImageResult,
     StageMetric,
     StoredImage,
+    VariantDefinition,
 )
 from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 from tests.samples import sample_records
 
-NESTED = {"StoredImage": StoredImage, "CategoryScore": CategoryScore}
+NESTED = {"StoredImage": StoredImage, "CategoryScore": CategoryScore, "VariantDefinition": VariantDefinition}
 
 
 def _records(schema):
@@ -71,8 +72,8 @@ def test_metrics_are_written_as_schema_version_3_the_version_that_added_the_pool
     assert (metric.schema_version, metric.device_seconds_saved, metric.pool) == (3, None, None)
 
 
-def test_requests_are_written_as_schema_version_2_the_version_that_added_reference_images():
-    assert ImageRequest(request_id="r", kind="EDIT", user_id="u", prompt="p", model="m").schema_version == 2
+def test_requests_are_written_as_schema_version_3_the_version_that_added_experiment_revisions():
+    assert ImageRequest(request_id="r", kind="EDIT", user_id="u", prompt="p", model="m").schema_version == 3
 
 
 def test_events_convert_to_and_from_avro_records():
