@@ -14,4 +14,5 @@ SCHEMA_NAMES = (
     "Cancellation",
     "ModelPool",
     "ExperimentDefinition",
+    "RolloutDecision",
 )

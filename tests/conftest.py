@@ -47,6 +47,7 @@ def with_own_topics(settings: Settings, suffix: str | None = None) -> Settings:
         "cancellations",
         "model_pools",
         "experiments",
+        "rollouts",
     )
     renamed = {name: f"{getattr(topics, name)}.{suffix}" for name in names}
     return dataclasses.replace(settings, topics=dataclasses.replace(topics, **renamed))

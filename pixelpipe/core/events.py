@@ -319,8 +319,104 @@ class ExperimentDefinition(AvroRecord):
         return _filled(cls, record | {"variants": [VariantDefinition.from_avro(v) for v in record["variants"]]})
 
 
-Event = ImageRequest | ImageResult | StageMetric | DeadLetter | Cancellation | ModelPool | ExperimentDefinition
+RolloutAction = Literal["START", "HOLD", "ADVANCE", "ROLLBACK", "COMPLETE", "PAUSE", "RESUME", "ABORT"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutTreatment(AvroRecord):
+    name: str
+    model: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class GuardrailLimit(AvroRecord):
+    metric: str
+    margin: float
+    relative: bool
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutPlan(AvroRecord):
+    control_model: str
+    treatment: RolloutTreatment
+    steps: list[float]
+    min_users: int
+    alpha: float
+    guardrails: list[GuardrailLimit]
+
+    def to_avro(self) -> Record:
+        return AvroRecord.to_avro(self) | {
+            "treatment": self.treatment.to_avro(),
+            "guardrails": [g.to_avro() for g in self.guardrails],
+        }
+
+    @classmethod
+    def from_avro(cls, record: Record) -> Self:
+        return _filled(
+            cls,
+            record
+            | {
+                "treatment": RolloutTreatment.from_avro(record["treatment"]),
+                "guardrails": [GuardrailLimit.from_avro(g) for g in record["guardrails"]],
+            },
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutDecision(AvroRecord):
+    """One decision of a guarded rollout, keyed by its experiment key on the rollouts topic: a rollout's state is
+    the sequence of its decisions."""
+
+    schema_name: ClassVar[str] = "RolloutDecision"
+
+    event_id: str
+    schema_version: int = 1
+    event_time: dt.datetime = field(default_factory=utc_now)
+    rollout: str
+    sequence: int
+    action: RolloutAction
+    step: int
+    percent_before: float
+    percent_after: float
+    revision_before: int
+    revision_after: int
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+    decided_by: str
+    plan: RolloutPlan | None = None
+
+    def to_avro(self) -> Record:
+        return AvroRecord.to_avro(self) | {"plan": None if self.plan is None else self.plan.to_avro()}
+
+    @classmethod
+    def from_avro(cls, record: Record) -> Self:
+        plan = record["plan"]
+        return _filled(cls, record | {"plan": None if plan is None else RolloutPlan.from_avro(plan)})
+
+
+Event = (
+    ImageRequest
+    | ImageResult
+    | StageMetric
+    | DeadLetter
+    | Cancellation
+    | ModelPool
+    | ExperimentDefinition
+    | RolloutDecision
+)
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.schema_name: cls
-    for cls in (ImageRequest, ImageResult, StageMetric, DeadLetter, Cancellation, ModelPool, ExperimentDefinition)
+    for cls in (
+        ImageRequest,
+        ImageResult,
+        StageMetric,
+        DeadLetter,
+        Cancellation,
+        ModelPool,
+        ExperimentDefinition,
+        RolloutDecision,
+    )
 }

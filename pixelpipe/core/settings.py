@@ -170,6 +170,12 @@ class TopicSettings:
         "Compacted topic of ExperimentDefinitions keyed by experiment key: the experiments in force, which every "
         "worker reads whole (`pixelpipe experiments apply`).",
     )
+    rollouts: str = setting(
+        "TOPIC_ROLLOUTS",
+        "pixelpipe.rollouts",
+        "Topic of RolloutDecisions keyed by experiment key: each guarded rollout's decisions, from which the "
+        "controller resumes.",
+    )
     gateway_usage: str = setting(
         "TOPIC_GATEWAY_USAGE",
         "pixelpipe.gateway.usage",
@@ -193,6 +199,7 @@ class TopicSettings:
             self.cancellations,
             self.model_pools,
             self.experiments,
+            self.rollouts,
         ]
 
     def render(self) -> list[str]:

@@ -9,8 +9,11 @@ from pixelpipe.core.events import (
     EVENT_TYPES,
     CategoryScore,
     DeadLetter,
+    GuardrailLimit,
     ImageRequest,
     ImageResult,
+    RolloutPlan,
+    RolloutTreatment,
     StageMetric,
     StoredImage,
     VariantDefinition,
@@ -18,7 +21,10 @@ from pixelpipe.core.events import (
 from pixelpipe.schemas import SCHEMA_DIR, SCHEMA_NAMES
 from tests.samples import sample_records
 
-NESTED = {"StoredImage": StoredImage, "CategoryScore": CategoryScore, "VariantDefinition": VariantDefinition}
+NESTED = {
+    cls.__name__: cls
+    for cls in (StoredImage, CategoryScore, VariantDefinition, RolloutPlan, RolloutTreatment, GuardrailLimit)
+}
 
 
 def _records(schema):
