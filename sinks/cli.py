@@ -24,7 +24,7 @@ def _connect(settings: Settings):  # noqa: ANN202 - ServerClient or ChdbClient
 
 @click.group(cls=ReportsUnreachableServers)
 def clickhouse() -> None:
-    """The ClickHouse schema and the sink that loads results and metrics into it."""
+    """The ClickHouse schema and the sink that loads results, metrics and rollout decisions into it."""
 
 
 @clickhouse.command("migrate")
@@ -45,7 +45,8 @@ def migrate_command(ttl_days: int | None) -> None:
 @click.option("--max-idle", type=click.FloatRange(min=0), help="Exit after this many seconds without events.")
 @needs_kafka
 def sink_command(max_idle: float | None) -> None:
-    """Load PIXELPIPE_TOPIC_RESULTS and PIXELPIPE_TOPIC_METRICS into ClickHouse until SIGTERM or SIGINT.
+    """Load PIXELPIPE_TOPIC_RESULTS, PIXELPIPE_TOPIC_METRICS and PIXELPIPE_TOPIC_ROLLOUTS into ClickHouse until
+    SIGTERM or SIGINT.
 
     The consumer group and batch sizes are the PIXELPIPE_SINK_* settings."""
     from pixelpipe.sinks.clickhouse.migrate import applied_migrations, migration_files
@@ -75,7 +76,8 @@ def sink_command(max_idle: float | None) -> None:
         server = serve(settings.ops, health)
         lag = None
         if server is not None:
-            groups = {settings.sink.group_id: [settings.topics.results, settings.topics.metrics]}
+            topics = settings.topics
+            groups = {settings.sink.group_id: [topics.results, topics.metrics, topics.rollouts]}
             lag = LagMonitor(
                 settings.kafka, groups, interval_s=settings.ops.lag_interval_s, topics=settings.topics
             ).start()

@@ -128,7 +128,10 @@ def role_acls(
         # Moderation writes requests too: one found off its user's partition is moved there.
         "moderation": [(topics.requests, READS), *((t, WRITES) for t in [topics.requests, *topics.render(), *outputs])],
         "renderer": [*((t, READS) for t in [*topics.render(), topics.cancellations]), *((t, WRITES) for t in outputs)],
-        "sink": [(topics.results, READS), (topics.metrics, READS), (topics.dead_letter, WRITES)],
+        "sink": [
+            *((t, READS) for t in [topics.results, topics.metrics, topics.rollouts]),
+            (topics.dead_letter, WRITES),
+        ],
     }
     if role not in literal:
         raise ValueError(f"unknown role {role!r}; choose from {', '.join(literal)}")

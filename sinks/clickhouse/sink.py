@@ -1,4 +1,4 @@
-"""The ClickHouse sink: ImageResults and StageMetrics from Kafka into the raw tables, in batches.
+"""The ClickHouse sink: ImageResults, StageMetrics and RolloutDecisions from Kafka into their tables, in batches.
 
 A batch closes at `PIXELPIPE_SINK_MAX_BATCH_ROWS` rows or `PIXELPIPE_SINK_MAX_BATCH_WAIT_MS` after its first event,
 whichever comes first. It is inserted (one insert per table), its dead letters are acknowledged by the broker, and
@@ -23,10 +23,19 @@ from prometheus_client import Counter, Histogram
 
 from pixelpipe.core.clickhouse import InsertRefused
 from pixelpipe.core.codec import Codec, CodecError, codec_from_settings
-from pixelpipe.core.events import DeadLetter, Event, ImageResult, StageMetric
+from pixelpipe.core.events import DeadLetter, Event, ImageResult, RolloutDecision, StageMetric
 from pixelpipe.core.settings import KafkaSettings, SinkSettings, TopicSettings
 from pixelpipe.core.telemetry import DEAD_LETTERS, RETRIES, Health
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, Row, metric_row, result_row
+from pixelpipe.core.topics import ensure_topics
+from pixelpipe.sinks.clickhouse.rows import (
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    ROLLOUT_COLUMNS,
+    Row,
+    metric_row,
+    result_row,
+    rollout_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ class _Route:
     table: str
     columns: tuple[str, ...]
     to_row: Callable[[Any], Row]
+    keyed_by_request: bool = True  # the topic's keys are request ids (the rollouts topic's are experiment keys)
 
 
 @dataclass
@@ -97,7 +107,7 @@ def consumer_config(kafka: KafkaSettings, sink: SinkSettings) -> dict[str, Any]:
 
 
 class ClickHouseSink:
-    """Consumes the results and metrics topics into `results` and `stage_metrics`.
+    """Consumes the results, metrics and rollouts topics into `results`, `stage_metrics` and `rollout_decisions`.
 
     `run()` returns when `stop` is set (the CLI sets it on SIGTERM and SIGINT) or after `max_idle_s` without events
     (benchmarks and tests; None runs on), having inserted and committed everything consumed.
@@ -124,7 +134,9 @@ class ClickHouseSink:
         self._routes = {
             topics.results: _Route(ImageResult, "results", RESULT_COLUMNS, result_row),
             topics.metrics: _Route(StageMetric, "stage_metrics", METRIC_COLUMNS, metric_row),
+            topics.rollouts: _Route(RolloutDecision, "rollout_decisions", ROLLOUT_COLUMNS, rollout_row, False),
         }
+        self._kafka = kafka
         self._pending = {route.table: _Pending() for route in self._routes.values()}
         self._dead_letters: list[tuple[Message, str, str | None]] = []
         self._uncommitted = 0  # messages consumed since the last commit, inserted or dead-lettered
@@ -135,6 +147,8 @@ class ClickHouseSink:
 
     def run(self, stop: threading.Event | None = None) -> SinkStats:
         stop = stop or threading.Event()
+        # The rollouts topic is written only once a rollout starts: made here, so the subscription finds it before.
+        ensure_topics(self._kafka, self.topics, [self.topics.rollouts])
         self._consumer.subscribe(list(self._routes), on_assign=self._assigned, on_revoke=self._revoked)
         last_log = time.monotonic()
         logged_rows = 0
@@ -197,7 +211,10 @@ class ClickHouseSink:
             event = self._codec.decode_as(route.event_type, message.value() or b"")
             row = route.to_row(event)
         except (CodecError, KeyError, TypeError, ValueError) as e:
-            self._dead_letter(message, f"{route.event_type.schema_name} does not decode: {e}", None)
+            # The key is the request id by contract; trusted only when the event itself could not be read.
+            key = message.key()
+            request_id = key.decode("utf-8", "replace") if key and route.keyed_by_request else None
+            self._dead_letter(message, f"{route.event_type.schema_name} does not decode: {e}", request_id)
             return
         pending = self._pending[route.table]
         pending.rows.append(row)
@@ -248,7 +265,8 @@ class ClickHouseSink:
             return len(rows)
         except InsertRefused as e:
             if len(rows) == 1:
-                event_id, request_id = rows[0][0], rows[0][1]
+                fields = dict(zip(route.columns, rows[0], strict=True))
+                event_id, request_id = fields["event_id"], fields.get("request_id")
                 log.warning(
                     "row refused by ClickHouse",
                     extra={"event_id": event_id, "table": route.table, "reason": str(e), **_where(sources[0])},
@@ -308,8 +326,7 @@ class ClickHouseSink:
                 offset=message.offset(),
                 reason=reason,
                 stage=STAGE,
-                # The key is the request id by contract; trust it only when the event itself could not be read.
-                request_id=request_id or (key.decode("utf-8", "replace") if key else None),
+                request_id=request_id,
             )
             self._producer.produce(self.topics.dead_letter, self._codec.encode(letter), key, on_delivery=delivered)
         # The offsets of these events are committed next, so the dead letters must be stored first.

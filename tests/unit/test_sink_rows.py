@@ -7,7 +7,15 @@ import re
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import EVENT_TYPES
 from pixelpipe.sinks.clickhouse.migrate import MIGRATIONS_DIR, split_statements
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, epoch_ms, metric_row, result_row
+from pixelpipe.sinks.clickhouse.rows import (
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    ROLLOUT_COLUMNS,
+    epoch_ms,
+    metric_row,
+    result_row,
+    rollout_row,
+)
 from tests.samples import T0, sample_records
 
 T0_MS = 1795609815123  # 2026-11-25T12:30:15.123Z
@@ -62,6 +70,7 @@ def test_result_row():
         "strength": 0.75,
         "batch_size": 4,
         "pool": "sd",
+        "experiment_revisions": [2],
     }
 
 
@@ -110,6 +119,7 @@ def test_metric_row():
         "variant": "steps-test:fast",
         "device_seconds_saved": None,
         "pool": "sd",
+        "experiment_revisions": [2],
     }
 
 
@@ -125,6 +135,65 @@ def test_experiment_maps_flatten_in_key_order():
     record = dataclasses.replace(decoded("StageMetric"), experiments={"b": "2", "a": "1", "c": "3"})
     row = dict(zip(METRIC_COLUMNS, metric_row(record), strict=True))
     assert (row["experiment_keys"], row["experiment_variants"]) == (["a", "b", "c"], ["1", "2", "3"])
+
+
+def test_experiment_revisions_follow_their_keys_with_0_for_a_key_without_one():
+    record = dataclasses.replace(
+        decoded("ImageResult"),
+        experiments={"live": "t", "file": "c", "also-live": "c"},
+        experiment_revisions={"live": 7, "also-live": 3},
+    )
+    row = dict(zip(RESULT_COLUMNS, result_row(record), strict=True))
+    assert (row["experiment_keys"], row["experiment_revisions"]) == (["also-live", "file", "live"], [3, 0, 7])
+
+
+def test_rollout_row_flattens_the_figures_and_the_plan():
+    row = dict(zip(ROLLOUT_COLUMNS, rollout_row(decoded("RolloutDecision")), strict=True))
+    assert row == {
+        "event_id": "6b7c8d9e-0f1a-4b2c-9d3e-4f5a6b7c8d9e",
+        "schema_version": 1,
+        "event_time_ms": T0_MS,
+        "rollout": "sd-lcm-rollout",
+        "sequence": 1,
+        "action": "START",
+        "step": 0,
+        "percent_before": 0.0,
+        "percent_after": 5.0,
+        "revision_before": 0,
+        "revision_after": 1,
+        "reason": "started by cli:ana",
+        "figure_names": ["users_control"],
+        "figure_values": [0.0],
+        "decided_by": "cli:ana",
+        "control_model": "sd-1.5",
+        "treatment_name": "treatment",
+        "treatment_model": "sd-lcm",
+        "treatment_steps": 4,
+        "treatment_guidance": None,
+        "treatment_scheduler": "lcm",
+        "step_percents": [5.0, 25.0, 50.0, 100.0],
+        "min_users": 500,
+        "alpha": 0.05,
+        "guardrail_metrics": ["failure_rate"],
+        "guardrail_margins": [0.01],
+        "guardrail_relative": [0],
+    }
+
+
+def test_a_decision_after_start_has_no_plan_and_its_figures_in_name_order():
+    record = dataclasses.replace(
+        decoded("RolloutDecision"),
+        sequence=2,
+        action="ADVANCE",
+        figures={"users_treatment": 812.0, "failure_rate.upper": 0.004, "users_control": 15_020.0},
+        plan=None,
+    )
+    row = dict(zip(ROLLOUT_COLUMNS, rollout_row(record), strict=True))
+    assert (row["action"], row["sequence"]) == ("ADVANCE", 2)
+    assert row["figure_names"] == ["failure_rate.upper", "users_control", "users_treatment"]
+    assert row["figure_values"] == [0.004, 15_020.0, 812.0]
+    plan_columns = ROLLOUT_COLUMNS[ROLLOUT_COLUMNS.index("control_model") :]
+    assert all(row[column] in (None, []) for column in plan_columns)
 
 
 def test_columns_exist_in_the_raw_tables_and_leave_only_computed_ones_out():
@@ -145,3 +214,12 @@ def test_columns_exist_in_the_raw_tables_and_leave_only_computed_ones_out():
         assert set(columns) <= set(declared)
         omitted = [line for name, line in declared.items() if name not in columns]
         assert all(" DEFAULT " in line or " MATERIALIZED " in line for line in omitted)
+
+
+def test_rollout_columns_are_the_tables_but_its_computed_ones():
+    ddl = (MIGRATIONS_DIR / "0009_rollouts.sql").read_text()
+    body = ddl.split("CREATE TABLE IF NOT EXISTS rollout_decisions\n(")[1].split("\n)")[0]
+    declared = re.findall(r"^    (\w+) [A-Z]", body, re.MULTILINE)  # a column's line, not an Enum8's continuation
+    computed = re.findall(r"^    (\w+) .* DEFAULT ", body, re.MULTILINE)
+    assert computed == ["event_time", "event_date"]
+    assert [name for name in declared if name not in computed] == list(ROLLOUT_COLUMNS)
