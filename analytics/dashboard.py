@@ -71,12 +71,13 @@ def parse_since(value: str, now: dt.datetime) -> dt.datetime:
 # -- charts -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Chart:
-    """One dashboard: the SQL file ``dashboards/<name>.sql``, the columns it returns, in order, and its plot."""
+    """One dashboard: the SQL file ``dashboards/<name>.sql``, the columns it returns, in order, and its plot; a
+    chart without one is a listing, its rows shown as a table."""
 
     name: str
     title: str
     columns: tuple[str, ...]
-    plot: Callable[[Any, pd.DataFrame], None]  # draws the rows on a matplotlib Axes
+    plot: Callable[[Any, pd.DataFrame], None] | None  # draws the rows on a matplotlib Axes
 
     @property
     def sql(self) -> str:
@@ -285,6 +286,21 @@ CHARTS = (
         ("minute", "experiment", "variant", "users"),
         _plot_exposures,
     ),
+    Chart(
+        "rollout_decisions",
+        "Rollout decisions (latest first)",
+        (
+            "event_time",
+            "rollout",
+            "action",
+            "percent_before",
+            "percent_after",
+            "revision_after",
+            "reason",
+            "decided_by",
+        ),
+        None,
+    ),
 )
 
 
@@ -352,14 +368,17 @@ def _figure(panel: Panel) -> str:
     elif rows.empty:
         body = f"<p class=empty>{EMPTY}</p>"
     else:
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        chart.plot(ax, rows)
-        ax.grid(alpha=0.3)
-        png = _png(fig)
-        body = f'<img alt="{_e(chart.title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         table = rows.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
-        body += f"<details><summary>{len(rows)} rows</summary>{table}</details>"
+        if chart.plot is None:
+            body = f"<div class=listing>{table}</div>"
+        else:
+            plt = _pyplot()
+            fig, ax = plt.subplots(figsize=(7, 3.6))
+            chart.plot(ax, rows)
+            ax.grid(alpha=0.3)
+            png = _png(fig)
+            body = f'<img alt="{_e(chart.title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            body += f"<details><summary>{len(rows)} rows</summary>{table}</details>"
     error = f' data-error="{_e(panel.error)}"' if panel.error else ""
     return (
         f'<figure id="{chart.name}" data-rows="{len(rows)}"{error}><figcaption>{_e(chart.title)}</figcaption>'
@@ -375,6 +394,7 @@ _CSS = (
     "img{max-width:100%}.window{color:#555}.empty{color:#777;padding:3em 0;text-align:center}.error{color:#a33}"
     "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 5px}"
     "pre{font-size:11px;overflow-x:auto}summary{color:#555;font-size:12px;cursor:pointer}"
+    ".listing{max-height:330px;overflow:auto}"
 )
 
 

@@ -247,7 +247,7 @@ def test_pools_arrive_on_tables_and_rollups_that_hold_rows(backend, request):
     _insert(client, "results", [_RESULT])
     _insert(client, "stage_metrics", [_METRIC])
 
-    assert apply_migrations(client) == ["0008_pools"]
+    assert apply_migrations(client, until="0008_pools") == ["0008_pools"]
     # A request of pool sd: its render metric and result, and moderation's metric, which carries the pool it routed to.
     routed = {"request_id": "'req-p'", "pool": "'sd'"}
     _insert(client, "results", [_RESULT | routed | {"event_id": "'res-p'"}])
@@ -281,3 +281,63 @@ def test_pools_arrive_on_tables_and_rollups_that_hold_rows(backend, request):
     cost = client.execute("SELECT pool, model, total_cost_usd, total_images FROM cost_per_image ORDER BY pool")
     assert [(pool, model, images) for pool, model, _, images in cost] == [("", "sd-turbo", 2), ("sd", "sd-turbo", 2)]
     assert [total for _, _, total, _ in cost] == pytest.approx([0.005, 0.005])
+
+
+_DECISION = {
+    "event_id": "'lcm-2'",
+    "schema_version": "1",
+    "event_time_ms": f"{_NOW_MS}",
+    "rollout": "'steps'",
+    "sequence": "2",
+    "action": "'ADVANCE'",
+    "step": "1",
+    "percent_before": "1.0",
+    "percent_after": "5.0",
+    "revision_before": "2",
+    "revision_after": "3",
+    "reason": "'every guardrail within its margin'",
+    "figure_names": "['users_control', 'users_treatment']",
+    "figure_values": "[9800.0, 201.0]",
+    "decided_by": "'rollout-controller:a'",
+}
+
+
+@pytest.mark.parametrize("backend", ["server", "chdb"])
+def test_rollouts_arrive_on_tables_that_hold_rows(backend, request):
+    client = request.getfixturevalue(f"{backend}_client")
+    assert apply_migrations(client, until="0008_pools")[-1] == "0008_pools"
+    _insert(client, "results", [_RESULT])
+    _insert(client, "stage_metrics", [_METRIC])
+
+    assert apply_migrations(client) == ["0009_rollouts"]
+    # Rows written before read a revision of 0 per key; the new ones carry the revision in force, per key.
+    stepped = {"request_id": "'req-r'", "experiment_revisions": "[3]"}
+    _insert(client, "results", [_RESULT | stepped | {"event_id": "'res-r'"}])
+    _insert(client, "stage_metrics", [_METRIC | stepped | {"event_id": "'met-r'"}])
+    for table, before, after in (("results_dedup", "res-1", "res-r"), ("stage_metrics_dedup", "met-1", "met-r")):
+        rows = client.execute(f"SELECT event_id, experiment_keys, experiment_revisions FROM {table} ORDER BY event_id")
+        assert rows == [(before, ["steps"], [0]), (after, ["steps"], [3])]
+    step = "experiment_revisions[indexOf(experiment_keys, 'steps')]"
+    assert client.execute(f"SELECT event_id FROM results_dedup WHERE {step} = 3") == [("res-r",)]
+
+    # A decision published twice is one row in the view; the plan's columns are empty on a decision after START.
+    _insert(client, "rollout_decisions", [_DECISION])
+    _insert(client, "rollout_decisions", [_DECISION])
+    assert client.execute("SELECT count() FROM rollout_decisions") == [(2,)]
+    assert client.execute(
+        "SELECT rollout, sequence, toString(action), percent_after, revision_after, figure_names, figure_values,"
+        " treatment_model, step_percents, toUnixTimestamp(event_time) FROM rollout_decisions_dedup"
+    ) == [
+        (
+            "steps",
+            2,
+            "ADVANCE",
+            5.0,
+            3,
+            ["users_control", "users_treatment"],
+            [9800.0, 201.0],
+            None,
+            [],
+            _NOW_MS // 1000,
+        )
+    ]

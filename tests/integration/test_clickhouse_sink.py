@@ -21,10 +21,27 @@ from confluent_kafka import Consumer, Producer
 from pixelpipe.analytics.dashboard import expand_macros
 from pixelpipe.core.clickhouse import ChdbClient, ServerClient, connect
 from pixelpipe.core.codec import Codec
-from pixelpipe.core.events import CategoryScore, DeadLetter, ImageResult, StageMetric, StoredImage
+from pixelpipe.core.events import (
+    CategoryScore,
+    DeadLetter,
+    GuardrailLimit,
+    ImageResult,
+    RolloutDecision,
+    RolloutPlan,
+    RolloutTreatment,
+    StageMetric,
+    StoredImage,
+)
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.sinks.clickhouse.migrate import apply_migrations, migrate, migration_files
-from pixelpipe.sinks.clickhouse.rows import METRIC_COLUMNS, RESULT_COLUMNS, metric_row, result_row
+from pixelpipe.sinks.clickhouse.rows import (
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    ROLLOUT_COLUMNS,
+    metric_row,
+    result_row,
+    rollout_row,
+)
 from pixelpipe.sinks.clickhouse.sink import ClickHouseSink
 
 pytestmark = pytest.mark.integration
@@ -125,6 +142,43 @@ def cancelled_events(count: int) -> tuple[list[ImageResult], list[StageMetric]]:
     return results, metrics
 
 
+def rollout_decisions(rollout: str = "lcm-rollout") -> list[RolloutDecision]:
+    """A rollout's START (its plan), an ADVANCE from 1 % to 5 % and a ROLLBACK, a second apart up to now."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    plan = RolloutPlan(
+        control_model="sd-1.5",
+        treatment=RolloutTreatment(name="treatment", model="sd-lcm", steps=4),
+        steps=[1.0, 5.0, 25.0, 100.0],
+        min_users=200,
+        alpha=0.05,
+        guardrails=[GuardrailLimit(metric="latency_p95", margin=0.2, relative=True)],
+    )
+    moves = [
+        ("START", 0, 0.0, 1.0, "started by cli:ana", {}, plan),
+        ("ADVANCE", 1, 1.0, 5.0, "every guardrail within its margin", {"users_control": 9800.0}, None),
+        ("ROLLBACK", 1, 5.0, 0.0, "latency_p95 breached: +31 % > +20 %", {"latency_p95.lower": 0.31}, None),
+    ]
+    return [
+        RolloutDecision(
+            event_id=f"{rollout}-{sequence}",
+            event_time=now - dt.timedelta(seconds=len(moves) - sequence),
+            rollout=rollout,
+            sequence=sequence,
+            action=action,
+            step=step,
+            percent_before=before,
+            percent_after=after,
+            revision_before=sequence - 1,
+            revision_after=sequence,
+            reason=reason,
+            figures=figures,
+            decided_by="cli:ana" if action == "START" else "rollout-controller:test",
+            plan=plan_,
+        )
+        for sequence, (action, step, before, after, reason, figures, plan_) in enumerate(moves, start=1)
+    ]
+
+
 def publish(settings, results, metrics, extra=()) -> None:
     codec = Codec()
     producer = Producer(settings.kafka.client_config() | {"linger.ms": 5})
@@ -191,6 +245,7 @@ def test_every_event_lands_exactly_once_across_a_sigkill(topic_settings, server_
         "PIXELPIPE_TOPIC_RESULTS": topic_settings.topics.results,
         "PIXELPIPE_TOPIC_METRICS": topic_settings.topics.metrics,
         "PIXELPIPE_TOPIC_DEAD_LETTER": topic_settings.topics.dead_letter,
+        "PIXELPIPE_TOPIC_ROLLOUTS": topic_settings.topics.rollouts,
         "PIXELPIPE_LOG_LEVEL": "INFO",
         "PIXELPIPE_SINK_GROUP_ID": f"sink-{uuid.uuid4().hex[:8]}",
         # Small batches, so the kill lands mid-stream, between some insert and its commit.
@@ -224,6 +279,62 @@ def test_every_event_lands_exactly_once_across_a_sigkill(topic_settings, server_
     assert {e for (e,) in client.execute("SELECT event_id FROM results_dedup")} == {r.event_id for r in results}
     assert {e for (e,) in client.execute("SELECT event_id FROM stage_metrics_dedup")} == {m.event_id for m in metrics}
     client.close()
+
+
+def test_rollout_decisions_and_experiment_revisions_land_once(topic_settings, warehouse):
+    make_topics(topic_settings)  # not the rollouts topic: the sink makes it
+    results, metrics = events(40, seed=5)
+    for event in (*results, *metrics):  # a live experiment at revision 2 or 3, and one of the experiments file
+        event.experiments |= {"lcm-rollout": "treatment"}
+        event.experiment_revisions = {"lcm-rollout": 2 + int(event.request_id.endswith(("0", "5")))}
+    publish(topic_settings, results, metrics)
+    settings = topic_settings.updated(sink_group_id=f"sink-{uuid.uuid4().hex[:8]}")
+    first = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+    assert first.rows_by_table == {"results": 40, "stage_metrics": 40}
+
+    # The sink made the rollouts topic, so the decisions published now (the last one twice) are its next batch.
+    codec = Codec()
+    decisions = rollout_decisions()
+    extra = [(settings.topics.rollouts, codec.encode(d), d.rollout) for d in [*decisions, decisions[-1]]]
+    publish(settings, [], [], extra)
+    second = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
+    assert (second.rows_by_table, second.dead_letters) == ({"rollout_decisions": 4}, 0)
+
+    rows = warehouse.execute(
+        "SELECT sequence, toString(action), percent_after, revision_after, reason, figure_names, figure_values,"
+        " decided_by, treatment_model, treatment_steps, step_percents, guardrail_metrics, guardrail_relative"
+        " FROM rollout_decisions_dedup ORDER BY sequence"
+    )
+    expected = [
+        (
+            d.sequence,
+            d.action,
+            d.percent_after,
+            d.revision_after,
+            d.reason,
+            sorted(d.figures),
+            [d.figures[name] for name in sorted(d.figures)],
+            d.decided_by,
+            d.plan and d.plan.treatment.model,
+            d.plan and d.plan.treatment.steps,
+            d.plan.steps if d.plan else [],
+            [g.metric for g in d.plan.guardrails] if d.plan else [],
+            [1] if d.plan else [],
+        )
+        for d in decisions
+    ]
+    assert rows == expected
+    times = warehouse.execute("SELECT event_time_ms FROM rollout_decisions_dedup ORDER BY sequence")
+    assert [t for (t,) in times] == [int(d.event_time.timestamp() * 1000) for d in decisions]
+
+    # Each key's revision next to it; the rows of one allocation are those of its revision.
+    for table, events_ in (("results_dedup", results), ("stage_metrics_dedup", metrics)):
+        stored = warehouse.execute(f"SELECT event_id, experiment_keys, experiment_revisions FROM {table}")
+        assert {e: (keys, revisions) for e, keys, revisions in stored} == {
+            e.event_id: (["lcm-rollout", "steps"], [e.experiment_revisions["lcm-rollout"], 0]) for e in events_
+        }
+    step = "SELECT count() FROM results_dedup WHERE experiment_revisions[indexOf(experiment_keys, 'lcm-rollout')] = 3"
+    assert warehouse.execute(step) == [(sum(r.experiment_revisions["lcm-rollout"] == 3 for r in results),)]
 
 
 def test_bad_events_go_to_the_dead_letter_topic_and_the_rest_is_loaded(topic_settings, warehouse):
@@ -310,6 +421,7 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
         "latency_by_stage_over_time",
         "experiment_exposures",
         "cancellations",
+        "rollout_decisions",
     }
     codec = Codec()
     results, metrics = events(400)
@@ -318,6 +430,8 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
     # Decoded records carry every default, as the sink sees them; the first 50 are inserted twice (redelivered).
     result_rows = [result_row(codec.decode_as(ImageResult, codec.encode(r))) for r in results]
     metric_rows = [metric_row(codec.decode_as(StageMetric, codec.encode(m))) for m in metrics]
+    decisions = rollout_decisions()
+    decision_rows = [rollout_row(codec.decode_as(RolloutDecision, codec.encode(d))) for d in decisions]
     server = ServerClient(server_url)
     chdb = connect(f"chdb://{tmp_path / 'chdb'}")
     apply_migrations(chdb)
@@ -326,6 +440,8 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
         client.insert("results", RESULT_COLUMNS, result_rows[:50])
         client.insert("stage_metrics", METRIC_COLUMNS, metric_rows)
         client.insert("stage_metrics", METRIC_COLUMNS, metric_rows[:50])
+        client.insert("rollout_decisions", ROLLOUT_COLUMNS, decision_rows)
+        client.insert("rollout_decisions", ROLLOUT_COLUMNS, decision_rows[-1:])
 
     now = dt.datetime.now(dt.UTC)
     answers = {}
@@ -358,6 +474,9 @@ def test_every_dashboard_query_runs_on_the_ci_server_and_on_chdb(server_url, tmp
         "EDIT",
         "OUTPUT_MODERATION",
     }
+    # Each decision once, the latest first.
+    listed = [(row[1], row[2], row[4], row[5]) for row in answers["rollout_decisions"]]
+    assert listed == [(d.rollout, d.action, d.percent_after, d.revision_after) for d in reversed(decisions)]
     exposed = {(("control", "fast")[i % 3 % 2], f"user-{i % 37}") for i in range(400)}
     assert sum(row[3] for row in answers["experiment_exposures"]) == len(exposed)
 
@@ -374,5 +493,5 @@ def test_the_sink_refuses_to_start_before_the_migrations(tmp_path):
     )
     assert migrated.returncode == 0, migrated.stderr
     names = [path.stem for path in migration_files()]
-    assert names[-1] == "0008_pools"
+    assert names[-1] == "0009_rollouts"
     assert f"applied: {', '.join(names)}\n" in migrated.stdout

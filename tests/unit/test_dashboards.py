@@ -123,6 +123,7 @@ def test_charts_with_rows_are_inline_pngs_and_a_failing_query_stays_in_its_own_p
     }
     page = render_dashboard(FakeClient(rows, failing=("experiment_exposures",)), START, END, "clickhouse://u:pw@h/db")
     found = figures(page.html)
+    assert {chart.name for chart in CHARTS if chart.plot is None} == {"rollout_decisions"}  # a listing, not a chart
     for name, chart_rows in rows.items():
         assert found[name].startswith(f' data-rows="{len(chart_rows)}"'), name
         assert '<img alt="' in found[name] and 'src="data:image/png;base64,' in found[name], name
@@ -131,6 +132,47 @@ def test_charts_with_rows_are_inline_pngs_and_a_failing_query_stays_in_its_own_p
     assert ":pw@" not in page.html  # the password is masked
     assert "clickhouse://u:***@h/db" in page.html
     assert "<script" not in page.html and "http://" not in page.html and "https://" not in page.html
+
+
+def test_a_listing_shows_its_rows_as_a_table_and_draws_no_image():
+    decisions = [
+        (
+            dt.datetime(2026, 11, 25, 12, 40),
+            "lcm",
+            "ROLLBACK",
+            5.0,
+            0.0,
+            3,
+            "failure_rate breached",
+            "rollout-controller:a",
+        ),
+        (
+            "2026-11-25 12:10:00",
+            "lcm",
+            "ADVANCE",
+            1.0,
+            5.0,
+            2,
+            "every guardrail within its margin",
+            "rollout-controller:a",
+        ),
+    ]
+    page = render_dashboard(FakeClient({"rollout_decisions": decisions}), START, END)
+    listing = figures(page.html)["rollout_decisions"]
+    assert listing.startswith(' data-rows="2"') and "<img" not in listing
+    table = listing.split("<div class=listing>")[1].split("</div>")[0]
+    cells = re.findall(r"<td>(.*?)</td>", table)
+    assert cells[:8] == [
+        "2026-11-25 12:40:00",
+        "lcm",
+        "ROLLBACK",
+        "5",
+        "0",
+        "3",
+        "failure_rate breached",
+        "rollout-controller:a",
+    ]
+    assert cells[8:11] == ["2026-11-25 12:10:00", "lcm", "ADVANCE"]  # the query's order: latest first
 
 
 def test_the_page_reloads_itself_only_when_served():
