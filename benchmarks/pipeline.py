@@ -74,7 +74,7 @@ STARTUP_TIMEOUT_S = 180.0
 PROMETHEUS_INTERVAL_S = 5.0  # the local stack's and docker-compose's scrape interval
 PIPELINE_TOPICS = (
     *("requests", "generate", "edit", "generate_long", "edit_long"),
-    *("results", "metrics", "dead_letter", "cancellations", "model_pools"),
+    *("results", "metrics", "dead_letter", "cancellations", "model_pools", "experiments", "rollouts"),
 )
 REPO = Path(__file__).resolve().parents[1]
 # Prints the file of every pixelpipe module a worker imports (its CLI and its stages).
