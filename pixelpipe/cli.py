@@ -483,11 +483,15 @@ def _register_layer_commands() -> None:
 def pools_keda_command(path: Path | None) -> None:
     """Kubernetes manifests for each pool: its render Deployment and the KEDA ScaledObject scaling it on its lag,
     from PATH (a pools file) or, without one, the pools in force."""
+    from pixelpipe.core.pools import PoolConfigError
     from pixelpipe.processors.cli import file_pools, live_pools
     from pixelpipe.tools.pool_manifests import pool_manifests
 
     settings = load_settings()
-    click.echo(pool_manifests(file_pools(path) if path else live_pools(settings), settings), nl=False)
+    try:
+        click.echo(pool_manifests(file_pools(path) if path else live_pools(settings), settings), nl=False)
+    except PoolConfigError as e:
+        raise click.ClickException(str(e)) from e
 
 
 _register_layer_commands()
