@@ -1,6 +1,6 @@
 """Batch sizes and latency of a mixed load over two models: one pool serving both against a pool per model.
 
-    python benchmarks/pools.py [--seconds 20] [--seconds-per-image 0.01] [--busy 0.5] [--arrivals poisson]
+    python benchmarks/pools.py [--seconds 20] [--seconds-per-image 0.02] [--busy 0.6] [--arrivals poisson]
     python benchmarks/pools.py --runs 3 --seconds 60   # alternating runs; the ratios of their medians
 
 Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTSTRAP, stopped afterwards) with two
@@ -17,9 +17,14 @@ Each arrangement gets the same requests (text-to-image, 64x64 by default, each m
 published with the producer SDK at ``--rate`` requests/s, Poisson or evenly spaced (``--arrivals``); a few seconds
 of the same load warm every worker first. The default rate keeps each render worker's model busy ``--busy`` of the
 time (rate = busy x workers / seconds per image; the null model's call takes its images' time, so a worker's model is
-as busy whatever its batch sizes); the render stages' take window (PIXELPIPE_MAX_WAIT_MS, 50 ms by default) then
-gathers a few requests per model and take, under the batch limit (PIXELPIPE_MAX_BATCH, 8), which is where a pool per
-model can make larger batches: a worker of the shared arrangement splits each take between the two models.
+as busy whatever its batch sizes). A render worker's take holds what came while it rendered the take before, plus
+its take window (PIXELPIPE_MAX_WAIT_MS, 50 ms by default): at the defaults (20 ms an image, busy 60 %, 60 requests/s)
+about 4 to 5 requests of one model with pools, half of that per model in a worker of the shared arrangement, which
+splits each take between the two models. That is where pools can double the batches; where takes hold about one
+request per model (a lower rate, slower images) both arrangements render mostly alone, and where they outgrow the
+batch limit (PIXELPIPE_MAX_BATCH, 8) both fill it, so the gain shrinks at both ends (docs/contributors/benchmarks.md
+has a sweep). p99 rests on the slowest 1 % of each model's requests: at slow images and low rates lengthen
+``--seconds`` for it to mean much.
 
 Printed for each arrangement: images/s (succeeded results from the first publish to the last result), the batches
 formed (their mean size, requests over model calls, and how many of each size: the results' ``batch_size``, the
@@ -61,6 +66,7 @@ from pipeline import (  # benchmarks/pipeline.py, beside this script
 
 from pixelpipe.core.codec import codec_from_settings
 from pixelpipe.core.events import ImageResult
+from pixelpipe.core.pools import DEFAULT_POOL
 from pixelpipe.core.settings import Settings, section_from_env
 from pixelpipe.core.topics import ensure_topics
 from pixelpipe.producers import Publisher
@@ -84,6 +90,7 @@ class Figures:
     batches: Counter[int]  # model calls by their number of requests
     latencies_ms: dict[str, list[float]]  # by model
     statuses: Counter[str]
+    rendered_in: Counter[tuple[str, str | None]]  # (model, the pool its results name)
     cores_busy: float  # share of the machine's cores busy while the load was published (workers, Kafka, others)
 
     @property
@@ -125,8 +132,13 @@ def wait_ready(workers: dict[int, PixelpipeProcess], label: str) -> None:
             if worker.process.poll() is not None:
                 raise SystemExit(f"{label}: a worker exited; its log:\n{worker.log_tail()}")
         time.sleep(0.5)
-    logs = "\n\n".join(worker.log_tail() for port, worker in workers.items() if not ready(port))
-    raise SystemExit(f"{label}: workers not ready after {STARTUP_TIMEOUT_S:.0f} s; their logs:\n{logs}")
+    waiting = {port: worker for port, worker in workers.items() if not ready(port)}
+    raise SystemExit(f"{label}: workers not ready after {STARTUP_TIMEOUT_S:.0f} s; their logs:\n{log_tails(waiting)}")
+
+
+def log_tails(workers: dict[int, PixelpipeProcess]) -> str:
+    """The end of each worker's log (the logs go with the run's temporary folder)."""
+    return "\n\n".join(f"{worker.log_path.name}:\n{worker.log_tail()}" for worker in workers.values())
 
 
 def apply_pools(settings: Settings, path: Path, log_path: Path) -> None:
@@ -175,17 +187,17 @@ def run_arrangement(
                 env = {"PIXELPIPE_METRICS_PORT": str(port), "PIXELPIPE_METRICS_HOST": "127.0.0.1"}
                 log_path = workdir / f"worker-{suffix}-{index}-{'-'.join(stages)}.log"
                 workers[port] = running.enter_context(WorkerProcess(worker_settings, stages, log_path, env))
-            echo(f"{arrangement}: {len(workers)} workers starting (logs in {workdir})")
+            echo(f"{arrangement}: {len(workers)} workers starting")
             wait_ready(workers, arrangement)
             poisson = draw if args.arrivals == "poisson" else None
             publish(publisher, warming, rate, f"{arrangement}: warm-up", poisson)
             if not watcher.wait_for([r for r, _ in warming], f"{arrangement}: warm-up", 60.0):
-                raise SystemExit(f"{arrangement}: warm-up results missing; logs in {workdir}")
+                raise SystemExit(f"{arrangement}: warm-up results missing; the workers' logs:\n{log_tails(workers)}")
             meter = CpuMeter(os.getpid())
             published_s = publish(publisher, measured, rate, f"{arrangement}: {rate:,.0f} req/s", poisson)
             _, cores_busy = meter.reading()
             if not watcher.wait_for(ids, f"{arrangement}: results", 60.0):
-                raise SystemExit(f"{arrangement}: results missing; logs in {workdir}")
+                raise SystemExit(f"{arrangement}: results missing; the workers' logs:\n{log_tails(workers)}")
     finally:
         watcher.close()
         delete_own_topics(settings, suffix)
@@ -204,6 +216,7 @@ def run_arrangement(
         batches=Counter({size: round(count / size) for size, count in sizes.items()}),
         latencies_ms=latencies,
         statuses=Counter(r.status if r.status == "SUCCEEDED" else f"{r.status}:{r.error_code}" for r in results),
+        rendered_in=Counter((r.model, r.pool) for r in results),
         cores_busy=cores_busy,
     )
 
@@ -223,6 +236,11 @@ def print_table(runs: list[Figures], echo: Callable[..., None]) -> None:
     for run in runs:
         if set(run.statuses) != {"SUCCEEDED"}:
             echo(f"  {run.arrangement}: results {dict(run.statuses)}")
+        # Each model in its own pool, or both in the default one: anything else is not the arrangement measured.
+        expected = {(m, m if run.arrangement == "pools" else DEFAULT_POOL) for m in MODELS}
+        strays = {f"{m} in {pool}": n for (m, pool), n in run.rendered_in.items() if (m, pool) not in expected}
+        if strays:
+            echo(f"  {run.arrangement}: results from other pools than the arrangement's: {strays}")
 
 
 def pools_over_shared(runs: list[Figures], figure: Callable[[Figures], float]) -> float:
@@ -249,9 +267,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each arrangement's load is published")
     parser.add_argument("--warm-up-seconds", type=float, default=3.0, help="load before the measured requests")
-    parser.add_argument("--seconds-per-image", type=float, default=0.01, help="the null models' simulated render")
+    parser.add_argument("--seconds-per-image", type=float, default=0.02, help="the null models' simulated render")
     parser.add_argument(
-        "--busy", type=float, default=0.5, help="share of each render worker's time its model works (sets the rate)"
+        "--busy", type=float, default=0.6, help="share of each render worker's time its model works (sets the rate)"
     )
     parser.add_argument("--rate", type=float, help="requests/s over both models (default: from --busy)")
     parser.add_argument("--arrivals", choices=("poisson", "steady"), default="poisson")
