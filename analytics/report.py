@@ -30,6 +30,7 @@ from pixelpipe.core.experiments import Experiment
 
 DEFAULT_METRICS = ("latency_ms", "latency_p95", "cost_per_image", "requests_per_user", "rejection_rate", "failure_rate")
 MAX_LOOKS = 60  # points on the over-time plots
+RAMP_COLUMNS = ("time", "action", "percent_before", "percent_after", "revision", "reason")
 DEFAULT_MDE = 0.05  # the relative lift the power note sizes the experiment for
 
 
@@ -57,6 +58,8 @@ class Analysis(ReportText):
     # metric, variant, n_control, n_treatment, mde_now (relative), users_needed (per arm, for a lift of ``mde``)
     power: pd.DataFrame = field(default_factory=pd.DataFrame)
     mde: float = DEFAULT_MDE
+    # time, action, percent_before, percent_after, revision, reason: the ramp of the experiment's guarded rollout
+    ramp: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(RAMP_COLUMNS)))
 
     def to_html(self) -> str:
         """The self-contained HTML report (see ``report_html``)."""
@@ -163,7 +166,22 @@ def analyze(
         alpha=alpha,
         power=_power(results[goals], alpha / max(int(goals.sum()), 1), mde),
         mde=mde,
+        ramp=_ramp(client, key),
     )
+
+
+def _ramp(client: ss.Client, key: str) -> pd.DataFrame:
+    """The decisions of the guarded rollout of experiment ``key`` that moved it (RAMP_COLUMNS; none without a
+    rollout): every one but HOLD, whose allocation stays, and the latest decision whatever it is, so the ramp ends
+    where the rollout stands now."""
+    rows = client.execute(
+        "SELECT event_time_ms, toString(action), percent_before, percent_after, revision_after, reason"
+        f" FROM rollout_decisions_dedup WHERE rollout = {ss.quote(key)} ORDER BY sequence"
+    )
+    frame = pd.DataFrame(rows, columns=list(RAMP_COLUMNS))
+    frame["time"] = pd.to_datetime(frame["time"], unit="ms", utc=True)
+    moved = (frame["action"] != "HOLD") | (frame.index == len(frame) - 1)
+    return frame[moved].reset_index(drop=True)
 
 
 def _window(

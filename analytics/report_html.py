@@ -27,6 +27,7 @@ SECTIONS = (
     "goals",
     "guardrails",
     "segments",
+    "rollout",
     "power",
     "notes",
     "lift",
@@ -43,7 +44,17 @@ _HEADERS = {
     "p (harm)": "p (one-sided, harm)",
     "users c/t": "users (control / treatment)",
 }
-_NUMERIC = {"control", "treatment", "rel. lift [95% CI]", "p", "p (Holm)", "p (harm)", "users c/t"}
+_NUMERIC = {
+    "control",
+    "treatment",
+    "rel. lift [95% CI]",
+    "p",
+    "p (Holm)",
+    "p (harm)",
+    "users c/t",
+    "treatment share",
+    "revision",
+}
 
 
 def render_html(analysis: Analysis) -> str:
@@ -68,6 +79,10 @@ def render_html(analysis: Analysis) -> str:
             _table_section(segments)
             if segments
             else "<p>Not split: <code>--by kind</code> or <code>--by model</code> adds a row per segment.</p>",
+        ),
+        "rollout": (
+            "Rollout",
+            _table_section(tables["rollout"]) if "rollout" in tables else "<p>No guarded rollout ramped it.</p>",
         ),
         "power": ("Sample size and power", _power(analysis.power_notes())),
         "notes": ("Notes", _list(analysis.footnotes(), "") or "<p>None.</p>"),

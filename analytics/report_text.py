@@ -28,7 +28,7 @@ TABLE_WIDTH = 120  # characters per line of the CLI report
 class TableSection:
     """One table of the report as text cells, shared by the CLI and the HTML so both show the same."""
 
-    id: str  # goals, guardrails or segments
+    id: str  # goals, guardrails, segments or rollout
     title: str
     explanation: str
     columns: list[str]
@@ -50,10 +50,12 @@ class ReportText:
     alpha: float
     power: pd.DataFrame
     mde: float
+    ramp: pd.DataFrame
 
     def table(self, width: int = TABLE_WIDTH) -> str:
         """The report as plain text, as the CLI prints it: SRM first, then goals, guardrails, segments, methods,
-        power and notes. No line is longer than ``width``: notes are wrapped below the tables, never a column."""
+        power and notes; the rollout's ramp after the results where a guarded rollout ramped the experiment. No line is
+        longer than ``width``: notes are wrapped below the tables, never a column."""
         out = [*_wrap(self.srm_banner(), width), *_wrap(self.summary(), width)]
         for section in self.sections():
             out += ["", *_wrap(f"{section.title}: {section.explanation}", width)]
@@ -90,7 +92,8 @@ class ReportText:
         )
 
     def sections(self) -> list[TableSection]:
-        """Goal metrics, guardrails and (with a dimension) the per-segment rows, as text cells."""
+        """Goal metrics, guardrails, (with a dimension) the per-segment rows and (after a guarded rollout) its ramp,
+        as text cells."""
         res = self.results
         overall = res[res["segment"] == "all"]
         several = len(self.experiment.treatments) > 1
@@ -125,7 +128,30 @@ class ReportText:
                     *self._cells(segments, several, True, "segment", refs),
                 )
             )
+        if not self.ramp.empty:
+            sections.append(self._ramp_section())
         return sections
+
+    def _ramp_section(self) -> TableSection:
+        columns = ["time (UTC)", "action", "treatment share", "revision", "reason"]
+        rows = [
+            {
+                "time (UTC)": f"{r.time:%Y-%m-%d %H:%M:%S}",
+                "action": r.action,
+                "treatment share": f"{r.percent_before:g}% -> {r.percent_after:g}%",
+                "revision": str(r.revision),
+                "reason": r.reason,
+            }
+            for r in self.ramp.itertuples()
+        ]
+        return TableSection(
+            "rollout",
+            "Rollout",
+            f"the guarded rollout's decisions that moved {self.experiment.key} (HOLDs left out but the latest); each "
+            "step is one revision of the experiment, and results name the revision they were assigned under.",
+            columns,
+            rows,
+        )
 
     def method_notes(self) -> list[str]:
         """How each overall row was computed where that needs a word: CUPED's variance reduction and coverage, and
@@ -223,9 +249,21 @@ class ReportText:
         return columns, cells
 
 
-_RIGHT = frozenset({"control", "treatment", "rel. lift [95% CI]", "p", "p (Holm)", "p (harm)", "users c/t"})
+_RIGHT = frozenset(
+    {
+        "control",
+        "treatment",
+        "rel. lift [95% CI]",
+        "p",
+        "p (Holm)",
+        "p (harm)",
+        "users c/t",
+        "treatment share",
+        "revision",
+    }
+)
 _OPTIONAL = ("users c/t", "p")  # left out, in this order, when a table is wider than the page
-_SHRINKABLE = ("segment", "variant", "metric", "method")  # then the longest of these is cut
+_SHRINKABLE = ("segment", "variant", "metric", "method", "reason")  # then the longest of these is cut
 
 
 def _text_table(columns: Sequence[str], rows: Sequence[dict[str, str]], width: int) -> list[str]:

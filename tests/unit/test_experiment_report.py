@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -18,6 +19,7 @@ from pixelpipe.analytics import report, report_html, report_text, stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.cli import analyze as analyze_command
 from pixelpipe.core.clickhouse import ChdbClient, connect
+from pixelpipe.core.events import RolloutDecision
 from pixelpipe.core.experiments import (
     Experiment,
     ExperimentConfigError,
@@ -29,6 +31,7 @@ from pixelpipe.core.experiments import (
     parse_experiments,
 )
 from pixelpipe.sinks.clickhouse.migrate import apply_migrations
+from pixelpipe.sinks.clickhouse.rows import ROLLOUT_COLUMNS, rollout_row
 
 EXAMPLE = Path(__file__).parents[2] / "analytics" / "experiments.example.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -392,3 +395,68 @@ def test_html_has_the_sections_verdicts_and_readable_numbers(full: report.Analys
     assert '<td class="verdict good">win</td>' in page
     assert re.search(r"<td class=\"num\">-\d+\.\d%", page)  # signed percentages
     assert "<div class=scroll>" in page
+
+
+# -- a guarded rollout's ramp -------------------------------------------------------------------------------------
+def _decision(rollout: str, sequence: int, action: str, before: float, after: float, reason: str) -> RolloutDecision:
+    return RolloutDecision(
+        event_id=f"{rollout}-{sequence}",
+        event_time=datetime.datetime(2025, 1, 6, 12, tzinfo=datetime.UTC) + datetime.timedelta(hours=sequence),
+        rollout=rollout,
+        sequence=sequence,
+        action=action,
+        step=0,
+        percent_before=before,
+        percent_after=after,
+        revision_before=sequence - 1,
+        revision_after=sequence,
+        reason=reason,
+        decided_by="rollout-controller:test",
+    )
+
+
+@pytest.fixture(scope="module")
+def ramp(chdb: ChdbClient) -> pd.DataFrame:
+    """The ramp of rollout ramp-test: START at 1 %, held, advanced to 5 % (published twice), held twice, as the
+    sink writes them; and another rollout's decision."""
+    decisions = [
+        _decision("ramp-test", 1, "START", 0, 1, "started by cli:ana"),
+        _decision("ramp-test", 2, "HOLD", 1, 1, "control needs 120 more users"),
+        _decision("ramp-test", 3, "ADVANCE", 1, 5, "every guardrail within its margin " * 6),
+        _decision("ramp-test", 4, "HOLD", 5, 5, "treatment needs 300 more users"),
+        _decision("ramp-test", 5, "HOLD", 5, 5, "treatment needs 20 more users"),
+        _decision("other", 1, "START", 0, 1, "started by cli:bo"),
+    ]
+    rows = [rollout_row(d) for d in decisions]
+    chdb.insert("rollout_decisions", ROLLOUT_COLUMNS, rows)
+    chdb.insert("rollout_decisions", ROLLOUT_COLUMNS, rows[2:3])
+    return report._ramp(chdb, "ramp-test")
+
+
+def test_the_ramp_is_the_decisions_that_moved_the_rollout_and_where_it_stands(ramp: pd.DataFrame):
+    assert ramp[["action", "percent_before", "percent_after", "revision"]].values.tolist() == [
+        ["START", 0, 1, 1],
+        ["ADVANCE", 1, 5, 3],
+        ["HOLD", 5, 5, 5],  # the latest decision: why it holds now
+    ]
+    assert ramp["time"].tolist() == [datetime.datetime(2025, 1, 6, 12 + h, tzinfo=datetime.UTC) for h in (1, 3, 5)]
+    assert ramp["reason"].iloc[-1] == "treatment needs 20 more users"
+
+
+def test_the_report_shows_the_ramp_only_after_a_rollout(analysis: report.Analysis, ramp: pd.DataFrame):
+    assert analysis.ramp.empty  # steps-test had no rollout
+    assert "Rollout:" not in analysis.table()
+    assert "No guarded rollout ramped it." in analysis.to_html()
+
+    ramped = dataclasses.replace(analysis, ramp=ramp)
+    lines = ramped.table().splitlines()
+    assert max(map(len, lines)) <= report_text.TABLE_WIDTH  # the long reason is cut to fit
+    start = lines.index(next(line for line in lines if line.startswith("Rollout: ")))
+    header, *rows = lines[start + 2 : start + 6]
+    assert header.split() == ["time", "(UTC)", "action", "treatment", "share", "revision", "reason"]
+    assert rows[0].split() == ["2025-01-06", "13:00:00", "START", "0%", "->", "1%", "1", "started", "by", "cli:ana"]
+    assert rows[1].split()[2:7] == ["ADVANCE", "1%", "->", "5%", "3"] and rows[1].endswith("...")
+    assert rows[2].split()[2:7] == ["HOLD", "5%", "->", "5%", "5"]
+    page = ramped.to_html()
+    section = page.split('<section id="rollout">')[1].split("</section>")[0]
+    assert section.count("<tr>") == 4 and "every guardrail within its margin " * 6 in section  # whole in the HTML
