@@ -134,6 +134,7 @@ class CoverageResult:
     width_distribution_free: float
 
 
+@functools.lru_cache(maxsize=64)  # a search over n, asked at every look of a rollout
 def min_users_for_quantile(q: float) -> int:
     """Users an arm needs before its quantile's standard error can be estimated: the ranks n*(q -/+ h) of the
     density estimate must fall inside 1..n."""
@@ -210,7 +211,7 @@ def quantile_sequence_at_looks(
         c = np.sort(c_values[:n_c])[None, :]
         t = np.sort(t_values[:n_t])[None, :]
         if method == "asymptotic":
-            bounds = _asymptotic(c, t, q, alpha, scale, (n_c + n_t) / planned_users)
+            bounds = asymptotic_bounds(c, t, q, alpha, scale, (n_c + n_t) / planned_users)
         else:
             bounds = _distribution_free(c, t, q, alpha, planned_users)
         out.append(_interval(q, bounds, n_c, n_t))
@@ -227,7 +228,7 @@ def calibrated_scale(max_looks: int, alpha: float = 0.05) -> float:
             f"max_looks must be 1..{MAX_CALIBRATED_LOOKS}, not {max_looks}; for more looks use max_looks=None"
         )
     info = np.arange(1, max_looks + 1) / max_looks
-    shape = _mixture_shape(info, alpha)
+    shape = mixture_shape(info, alpha)
     # Scale 1 is Ville's bound, which never misses more than alpha; a tiny scale misses almost surely.
     return float(optimize.brentq(lambda c: 1 - _stay_probability(info, c * shape) - alpha, 0.05, 1.0, xtol=1e-7))
 
@@ -267,8 +268,8 @@ def coverage_simulation(
             c, t = np.sort(c_all[:, :n], axis=1), np.sort(t_all[:, :n], axis=1)
             fraction = 2 * int(n) / planned
             found = {
-                "calibrated": _asymptotic(c, t, q, alpha, scale, fraction),
-                "continuous": _asymptotic(c, t, q, alpha, 1.0, fraction),
+                "calibrated": asymptotic_bounds(c, t, q, alpha, scale, fraction),
+                "continuous": asymptotic_bounds(c, t, q, alpha, 1.0, fraction),
                 "distribution_free": _distribution_free(c, t, q, alpha, planned),
                 "naive": _naive(c, t, q, z),
             }
@@ -298,10 +299,11 @@ def coverage_simulation(
 Bounds = tuple[np.ndarray, ...]  # lo, hi, rel_lo, rel_hi, control, treatment, reason code per row
 
 
-def _asymptotic(c: np.ndarray, t: np.ndarray, q: float, alpha: float, scale: float, fraction: float) -> Bounds:
+def asymptotic_bounds(c: np.ndarray, t: np.ndarray, q: float, alpha: float, scale: float, fraction: float) -> Bounds:
+    """Each row's asymptotic sequence: lo, hi (+/-inf if unbounded), rel_lo, rel_hi (NaN), quantiles, reason code."""
     xc, se_c, bad_c = _arm_estimate(c, q)
     xt, se_t, bad_t = _arm_estimate(t, q)
-    width = scale * _mixture_shape(np.asarray(fraction), alpha)
+    width = scale * mixture_shape(np.asarray(fraction), alpha)
     radius = width * np.sqrt(se_c**2 + se_t**2)
     diff = xt - xc
     bad = np.maximum(bad_c, bad_t)
@@ -384,7 +386,7 @@ def _sample_quantile(values: np.ndarray, q: float) -> np.ndarray:
     return values[:, below] + (pos - below) * (values[:, above] - values[:, below])
 
 
-def _mixture_shape(fraction: np.ndarray, alpha: float) -> np.ndarray:
+def mixture_shape(fraction: np.ndarray, alpha: float) -> np.ndarray:
     """Normal-mixture boundary in standard errors at ``fraction`` of the planned sample (Howard et al. 2021)."""
     x = _tuning(alpha) * np.asarray(fraction, dtype=float)
     return np.sqrt((x + 1) / x * np.log((x + 1) / alpha**2))

@@ -40,11 +40,11 @@ def test_calibration_misses_alpha_of_brownian_paths_at_the_planned_looks():
     looks = 30
     paths = np.cumsum(rng.standard_normal((40_000, looks)), axis=1)
     info = np.arange(1, looks + 1)
-    z_bound = seq.calibrated_scale(looks) * seq._mixture_shape(info / looks, 0.05)
+    z_bound = seq.calibrated_scale(looks) * seq.mixture_shape(info / looks, 0.05)
     miss = (np.abs(paths) / np.sqrt(info) > z_bound).any(axis=1).mean()
     assert miss == pytest.approx(0.05, abs=0.004)  # 4 standard errors of the Monte Carlo
     # One look is the fixed-horizon interval; more looks need wider intervals, never wider than Ville's.
-    assert seq.calibrated_scale(1) * seq._mixture_shape(np.array(1.0), 0.05) == pytest.approx(1.95996, abs=1e-4)
+    assert seq.calibrated_scale(1) * seq.mixture_shape(np.array(1.0), 0.05) == pytest.approx(1.95996, abs=1e-4)
     assert seq.calibrated_scale(1) < seq.calibrated_scale(10) < seq.calibrated_scale(30) < 1
 
 
