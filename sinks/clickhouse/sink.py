@@ -134,7 +134,9 @@ class ClickHouseSink:
         self._routes = {
             topics.results: _Route(ImageResult, "results", RESULT_COLUMNS, result_row),
             topics.metrics: _Route(StageMetric, "stage_metrics", METRIC_COLUMNS, metric_row),
-            topics.rollouts: _Route(RolloutDecision, "rollout_decisions", ROLLOUT_COLUMNS, rollout_row, False),
+            topics.rollouts: _Route(
+                RolloutDecision, "rollout_decisions", ROLLOUT_COLUMNS, rollout_row, keyed_by_request=False
+            ),
         }
         self._kafka = kafka
         self._pending = {route.table: _Pending() for route in self._routes.values()}

@@ -292,13 +292,18 @@ def test_rollout_decisions_and_experiment_revisions_land_once(topic_settings, wa
     first = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
     assert first.rows_by_table == {"results": 40, "stage_metrics": 40}
 
-    # The sink made the rollouts topic, so the decisions published now (the last one twice) are its next batch.
+    # The sink made the rollouts topic, so the decisions published now (the last one twice, and one that does not
+    # decode) are its next batch.
     codec = Codec()
     decisions = rollout_decisions()
     extra = [(settings.topics.rollouts, codec.encode(d), d.rollout) for d in [*decisions, decisions[-1]]]
-    publish(settings, [], [], extra)
+    publish(settings, [], [], [*extra, (settings.topics.rollouts, b"\xc3\x01garbage", "lcm-rollout")])
     second = ClickHouseSink(settings.kafka, settings.topics, settings.sink, warehouse, max_idle_s=2.0).run()
-    assert (second.rows_by_table, second.dead_letters) == ({"rollout_decisions": 4}, 0)
+    assert (second.rows_by_table, second.dead_letters) == ({"rollout_decisions": 4}, 1)
+    (letter,) = dead_letters(settings, 1)
+    assert "RolloutDecision does not decode" in letter.error_reason
+    # keyed by the experiment key: the dead letter names no request
+    assert (letter.original_key, letter.request_id, letter.topic) == (b"lcm-rollout", None, settings.topics.rollouts)
 
     rows = warehouse.execute(
         "SELECT sequence, toString(action), percent_after, revision_after, reason, figure_names, figure_values,"
