@@ -1,6 +1,6 @@
 """Batch sizes and latency of a mixed load over two models: one pool serving both against a pool per model.
 
-    python benchmarks/pools.py [--seconds 20] [--seconds-per-image 0.02] [--busy 0.6] [--arrivals poisson]
+    python benchmarks/pools.py [--seconds 20] [--seconds-per-image 0.02] [--busy 0.5] [--arrivals poisson]
     python benchmarks/pools.py --runs 3 --seconds 60   # alternating runs; the ratios of their medians
 
 Runs on the local stack (started when no Kafka answers at PIXELPIPE_KAFKA_BOOTSTRAP, stopped afterwards) with two
@@ -18,13 +18,13 @@ published with the producer SDK at ``--rate`` requests/s, Poisson or evenly spac
 of the same load warm every worker first. The default rate keeps each render worker's model busy ``--busy`` of the
 time (rate = busy x workers / seconds per image; the null model's call takes its images' time, so a worker's model is
 as busy whatever its batch sizes). A render worker's take holds what came while it rendered the take before, plus
-its take window (PIXELPIPE_MAX_WAIT_MS, 50 ms by default): at the defaults (20 ms an image, busy 60 %, 60 requests/s)
-about 4 to 5 requests of one model with pools, half of that per model in a worker of the shared arrangement, which
-splits each take between the two models. That is where pools can double the batches; where takes hold about one
-request per model (a lower rate, slower images) both arrangements render mostly alone, and where they outgrow the
-batch limit (PIXELPIPE_MAX_BATCH, 8) both fill it, so the gain shrinks at both ends (docs/contributors/benchmarks.md
-has a sweep). p99 rests on the slowest 1 % of each model's requests: at slow images and low rates lengthen
-``--seconds`` for it to mean much.
+its take window (PIXELPIPE_MAX_WAIT_MS, 50 ms by default): at the defaults (20 ms an image, busy 50 %, 50
+requests/s) about 4 requests of one model with pools, under the batch limit, and half of that per model in a worker
+of the shared arrangement, which splits each take between the two models. That is where pools can double the
+batches; where takes hold about one request per model (a lower rate, slower images) both arrangements render mostly
+alone, and where they outgrow the batch limit (PIXELPIPE_MAX_BATCH, 8) both fill it, so the gain shrinks at both
+ends (docs/contributors/benchmarks.md has a sweep). p99 rests on the slowest 1 % of each model's requests: at slow
+images and low rates lengthen ``--seconds`` for it to mean much.
 
 Printed for each arrangement: images/s (succeeded results from the first publish to the last result), the batches
 formed (their mean size, requests over model calls, and how many of each size: the results' ``batch_size``, the
@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--warm-up-seconds", type=float, default=3.0, help="load before the measured requests")
     parser.add_argument("--seconds-per-image", type=float, default=0.02, help="the null models' simulated render")
     parser.add_argument(
-        "--busy", type=float, default=0.6, help="share of each render worker's time its model works (sets the rate)"
+        "--busy", type=float, default=0.5, help="share of each render worker's time its model works (sets the rate)"
     )
     parser.add_argument("--rate", type=float, help="requests/s over both models (default: from --busy)")
     parser.add_argument("--arrivals", choices=("poisson", "steady"), default="poisson")
