@@ -464,6 +464,7 @@ def cancel_command(request_id: str, reason: str | None, wait_s: float) -> None:
 def _register_layer_commands() -> None:
     # Each layer owns its commands; the CLI only gathers them.
     from pixelpipe.analytics.cli import analyze, dashboard
+    from pixelpipe.analytics.rollout_cli import rollout
     from pixelpipe.gateway.cli import gateway, keys
     from pixelpipe.processors.cli import experiments, pools
     from pixelpipe.sinks.cli import clickhouse
@@ -475,6 +476,7 @@ def _register_layer_commands() -> None:
     main.add_command(keys)
     main.add_command(pools)
     main.add_command(experiments)
+    main.add_command(rollout)
     pools.add_command(pools_keda_command)
 
 

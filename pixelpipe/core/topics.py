@@ -194,11 +194,18 @@ def grant_roles(
 def read_compacted(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> dict[str, bytes]:
     """The latest value of each key on ``topic`` (a compacted topic of configuration), read to its end now; keys
     whose latest record is a tombstone are left out, and a topic not made yet holds none."""
+    latest = {key.decode(): value for key, value in read_to_end(kafka, topic, wait_s) if key is not None}
+    return {key: value for key, value in latest.items() if value is not None}
+
+
+def read_to_end(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:
+    """Every record on ``topic`` from its start to its end now, as (key, value), each partition's in its order; a
+    topic not made yet holds none."""
     consumer = assigned_consumer(kafka)
     try:
         found = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if found is None or found.error is not None or not found.partitions:
-            return {}
+            return []
         deadline = time.monotonic() + wait_s
         ends = {}
         for partition in found.partitions:
@@ -206,17 +213,17 @@ def read_compacted(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> di
             if high > low:
                 ends[partition] = high
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        latest: dict[str, bytes | None] = {}
+        records: list[tuple[bytes | None, bytes | None]] = []
         while ends:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {topic} to its end within {wait_s:.0f} s")
             for message in consumer.consume(500, timeout=0.2):
-                if message.error() or message.key() is None:
+                if message.error():
                     continue
-                latest[message.key().decode()] = message.value()
+                records.append((message.key(), message.value()))
                 if message.offset() >= ends.get(message.partition(), 0) - 1:
                     ends.pop(message.partition(), None)
-        return {key: value for key, value in latest.items() if value is not None}
+        return records
     finally:
         consumer.close()
 

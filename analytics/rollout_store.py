@@ -1,0 +1,69 @@
+"""Where rollouts live on Kafka: their decisions on the rollouts topic (keyed by experiment key, so each rollout's
+are in one partition, in order) and their experiments on the experiments topic (``live_experiments``)."""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from pixelpipe.core.codec import Codec, CodecError
+from pixelpipe.core.events import RolloutDecision
+from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.live_experiments import publish_experiments, read_experiments
+from pixelpipe.core.settings import KafkaSettings, TopicSettings
+from pixelpipe.core.topics import ensure_topics, read_to_end
+
+log = logging.getLogger(__name__)
+
+# Shorter than the flush's wait: a decision the broker did not take is failed by then, never delivered later.
+_DELIVERY_TIMEOUT_MS = 20_000
+_FLUSH_S = 30.0
+
+
+class KafkaRolloutStore:
+    """``rollouts.RolloutStore`` on the broker."""
+
+    def __init__(self, kafka: KafkaSettings, topics: TopicSettings, codec: Codec) -> None:
+        self.kafka = kafka
+        self.topics = topics
+        self.codec = codec
+        self._topic_made = False
+
+    def decisions(self) -> list[RolloutDecision]:
+        decisions = []
+        for key, value in read_to_end(self.kafka, self.topics.rollouts):
+            if value is None:
+                continue
+            try:
+                decisions.append(self.codec.decode_as(RolloutDecision, value))
+            except CodecError as e:  # not a decision: no rollout can be built from it, the others still can
+                log.warning("undecodable record on the rollouts topic skipped", extra={"key": key, "error": str(e)})
+        return decisions
+
+    def publish_decision(self, decision: RolloutDecision) -> None:
+        if not self._topic_made:
+            ensure_topics(self.kafka, self.topics, [self.topics.rollouts])
+            self._topic_made = True
+        failures: list[KafkaError] = []
+
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            if error is not None:
+                failures.append(error)
+
+        producer = Producer(
+            self.kafka.client_config() | {"enable.idempotence": True, "message.timeout.ms": _DELIVERY_TIMEOUT_MS}
+        )
+        producer.produce(
+            self.topics.rollouts, self.codec.encode(decision), decision.rollout.encode(), on_delivery=delivered
+        )
+        if producer.flush(_FLUSH_S) or failures:
+            why = failures[0].str() if failures else f"not acknowledged within {_FLUSH_S:g} s"
+            raise TimeoutError(f"the broker did not take the rollout decision on {self.topics.rollouts}: {why}")
+
+    def experiments(self) -> dict[str, Experiment]:
+        return read_experiments(self.kafka, self.topics, self.codec)
+
+    def publish_experiment(self, experiment: Experiment, applied_by: str) -> Experiment | None:
+        published = publish_experiments(self.kafka, self.topics, self.codec, {experiment.key: experiment}, applied_by)
+        return published.get(experiment.key)
