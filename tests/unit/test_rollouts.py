@@ -25,6 +25,7 @@ from pixelpipe.analytics.rollouts import (
 )
 from pixelpipe.cli import main
 from pixelpipe.core import cli as core_cli
+from pixelpipe.core import clickhouse
 from pixelpipe.core.clickhouse import ChdbClient
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ExperimentDefinition, RolloutDecision
@@ -460,3 +461,22 @@ def test_status_lists_the_decisions_and_pause_of_an_unknown_key_says_which_exist
     resumed = CliRunner().invoke(main, ["rollout", "resume", KEY, "--reason", "dashboards fine"])
     assert resumed.exit_code == 0 and f"{KEY}: RESUME recorded; running at 10 % treatment" in resumed.output
     assert cli_store.topic[-1].reason == "dashboards fine"
+
+
+def test_run_once_looks_and_decides_and_status_shows_the_step_figures_then_the_roll_back(cli_store, monkeypatch):
+    warehouse = FakeWarehouse()
+    warehouse.set_step(1, *harmful())
+    monkeypatch.setattr(clickhouse, "connect", lambda _url: warehouse)
+    start(cli_store)
+    shown = CliRunner().invoke(main, ["rollout", "status", KEY])
+    assert shown.exit_code == 0, shown.output
+    assert "current step 1/3: 10 % treatment, experiment revision 1" in shown.output
+    assert "now: ROLLBACK: harm beyond the margin" in shown.output
+    assert "failure_rate               breached" in shown.output
+    assert cli_store.actions() == ["START"]  # status only looks
+    ran = CliRunner().invoke(main, ["rollout", "run", "--once"])
+    assert ran.exit_code == 0, ran.output
+    assert f"{KEY}: ROLLBACK at step 1/3, 10 % -> 0 %: harm beyond the margin" in ran.output
+    shown = CliRunner().invoke(main, ["rollout", "status", KEY])
+    assert f"{KEY}: rolled back;" in shown.output and "ROLLBACK 10 -> 0 %" in shown.output
+    assert "now:" not in shown.output
