@@ -59,6 +59,8 @@ def ensure_topics(
         topics.cancellations: {"cleanup.policy": "compact,delete"},
         topics.model_pools: {"cleanup.policy": "compact"},
         topics.experiments: {"cleanup.policy": "compact"},
+        # A rollout's state is the sequence of its decisions, START's plan first: kept whole (they are few).
+        topics.rollouts: {"retention.ms": "-1", "retention.bytes": "-1"},
     }
     # One partition: few and small, and faust-streaming's global tables recover reliably from one (with several,
     # instances can loop in recovery).
