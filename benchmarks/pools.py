@@ -29,9 +29,10 @@ images and low rates lengthen ``--seconds`` for it to mean much.
 Printed for each arrangement: images/s (succeeded results from the first publish to the last result), the batches
 formed (their mean size, requests over model calls, and how many of each size: the results' ``batch_size``, the
 requests that shared their model call, so k results of size k are one call), and each model's end-to-end latency
-(publish to the result's arrival here) at p50 and p99; then the ratios pools / shared of the mean batch size and of
-each model's p99 (medians over ``--runs``). Target: mean batch size with pools >= 1.5x the shared arrangement's at the
-same load, and no model's p99 worse.
+(publish to the result's arrival here) at p50 and p99, with the workers' CPU time per request and how busy the
+machine's cores were (Kafka, this client and other jobs share them); then the ratios pools / shared of the mean
+batch size and of each model's p99 (medians over ``--runs``). Target: mean batch size with pools >= 1.5x the shared
+arrangement's at the same load, and no model's p99 worse.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Figures:
     statuses: Counter[str]
     rendered_in: Counter[tuple[str, str | None]]  # (model, the pool its results name)
     cores_busy: float  # share of the machine's cores busy while the load was published (workers, Kafka, others)
+    worker_cpu_ms: float  # the arrangement's workers' CPU time per request, moderation's included
 
     @property
     def mean_batch(self) -> float:
@@ -193,11 +195,13 @@ def run_arrangement(
             publish(publisher, warming, rate, f"{arrangement}: warm-up", poisson)
             if not watcher.wait_for([r for r, _ in warming], f"{arrangement}: warm-up", 60.0):
                 raise SystemExit(f"{arrangement}: warm-up results missing; the workers' logs:\n{log_tails(workers)}")
-            meter = CpuMeter(os.getpid())
+            machine = CpuMeter(os.getpid())
+            meters = [CpuMeter(worker.process.pid) for worker in workers.values()]
             published_s = publish(publisher, measured, rate, f"{arrangement}: {rate:,.0f} req/s", poisson)
-            _, cores_busy = meter.reading()
+            _, cores_busy = machine.reading()
             if not watcher.wait_for(ids, f"{arrangement}: results", 60.0):
                 raise SystemExit(f"{arrangement}: results missing; the workers' logs:\n{log_tails(workers)}")
+            worker_cpu_s = sum(meter.reading()[0] for meter in meters)
     finally:
         watcher.close()
         delete_own_topics(settings, suffix)
@@ -218,20 +222,24 @@ def run_arrangement(
         statuses=Counter(r.status if r.status == "SUCCEEDED" else f"{r.status}:{r.error_code}" for r in results),
         rendered_in=Counter((r.model, r.pool) for r in results),
         cores_busy=cores_busy,
+        worker_cpu_ms=worker_cpu_s * 1000 / len(ids),
     )
 
 
 def print_table(runs: list[Figures], echo: Callable[..., None]) -> None:
     echo("")
     latency_heads = "".join(f"{f'{m} p50/p99 ms':>22}" for m in MODELS)
-    heads = f"{'arrangement':<12}{'req/s':>7}{'images/s':>10}{'mean batch':>12}{latency_heads}{'cores busy':>12}"
+    heads = (
+        f"{'arrangement':<12}{'req/s':>7}{'images/s':>10}{'mean batch':>12}{latency_heads}{'CPU ms/req':>12}"
+        f"{'cores busy':>12}"
+    )
     echo(f"  {heads}  batches (size:calls)")
     for run in runs:
         latency = "".join(f"{f'{run.latency_ms(m, 0.5):.0f} / {run.latency_ms(m, 0.99):.0f}':>22}" for m in MODELS)
         batches = " ".join(f"{size}:{calls}" for size, calls in sorted(run.batches.items()))
         echo(
             f"  {run.arrangement:<12}{run.offered_rate:>7.1f}{run.images_per_s:>10.1f}{run.mean_batch:>12.2f}"
-            f"{latency}{run.cores_busy:>12.0%}  {batches}"
+            f"{latency}{run.worker_cpu_ms:>12.2f}{run.cores_busy:>12.0%}  {batches}"
         )
     for run in runs:
         if set(run.statuses) != {"SUCCEEDED"}:
