@@ -257,8 +257,8 @@ def pools_over_shared(runs: list[Figures], figure: Callable[[Figures], float]) -
     return pools / shared
 
 
-def print_ratios(runs: list[Figures], echo: Callable[..., None]) -> bool:
-    """The ratios pools / shared of the medians over the runs; whether the target is met."""
+def print_ratios(runs: list[Figures], echo: Callable[..., None]) -> None:
+    """The ratios pools / shared of the medians over the runs, against the target."""
     batch_ratio = pools_over_shared(runs, lambda run: run.mean_batch)
     p99_ratios = {m: pools_over_shared(runs, partial(Figures.latency_ms, model=m, q=0.99)) for m in MODELS}
     echo("")
@@ -268,7 +268,6 @@ def print_ratios(runs: list[Figures], echo: Callable[..., None]) -> bool:
         echo(f"  {model} p99 {ratio:.2f}x (target <= 1.0x)")
     met = batch_ratio >= 1.5 and all(ratio <= 1.0 for ratio in p99_ratios.values())
     echo(f"target {'met' if met else 'not met'}")
-    return met
 
 
 def main() -> None:
@@ -299,6 +298,8 @@ def main() -> None:
     base = Settings.from_env()
     stage_settings = {name: getattr(args, name) for name in ("max_wait_ms", "max_batch", "take_events")}
     stage_changes = {name: value for name, value in stage_settings.items() if value is not None}
+    if any(value < (0 if name == "max_wait_ms" else 1) for name, value in stage_changes.items()):
+        raise SystemExit("--max-batch and --take-events must be 1 or more, --max-wait-ms 0 or more")
     runs: list[Figures] = []
     with (
         stack_unless_kafka_answers(base, section_from_env(StackSettings, os.environ), echo) as base,
