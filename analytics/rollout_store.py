@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaError, Message, Producer
-
 from pixelpipe.core.codec import Codec, CodecError
 from pixelpipe.core.events import RolloutDecision
 from pixelpipe.core.experiments import Experiment
 from pixelpipe.core.live_experiments import publish_experiments, read_experiments
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
-from pixelpipe.core.topics import ensure_topics, read_to_end
+from pixelpipe.core.topics import ensure_topics, publish_configuration, read_to_end
 
 log = logging.getLogger(__name__)
-
-# Shorter than the flush's wait: a decision the broker did not take is failed by then, never delivered later.
-_DELIVERY_TIMEOUT_MS = 20_000
-_FLUSH_S = 30.0
 
 
 class KafkaRolloutStore:
@@ -45,21 +39,7 @@ class KafkaRolloutStore:
         if not self._topic_made:
             ensure_topics(self.kafka, self.topics, [self.topics.rollouts])
             self._topic_made = True
-        failures: list[KafkaError] = []
-
-        def delivered(error: KafkaError | None, _message: Message) -> None:
-            if error is not None:
-                failures.append(error)
-
-        producer = Producer(
-            self.kafka.client_config() | {"enable.idempotence": True, "message.timeout.ms": _DELIVERY_TIMEOUT_MS}
-        )
-        producer.produce(
-            self.topics.rollouts, self.codec.encode(decision), decision.rollout.encode(), on_delivery=delivered
-        )
-        if producer.flush(_FLUSH_S) or failures:
-            why = failures[0].str() if failures else f"not acknowledged within {_FLUSH_S:g} s"
-            raise TimeoutError(f"the broker did not take the rollout decision on {self.topics.rollouts}: {why}")
+        publish_configuration(self.kafka, self.topics.rollouts, [(decision.rollout, self.codec.encode(decision))])
 
     def experiments(self) -> dict[str, Experiment]:
         return read_experiments(self.kafka, self.topics, self.codec)

@@ -13,14 +13,12 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
-from confluent_kafka import Producer
-
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ExperimentDefinition, VariantDefinition
 from pixelpipe.core.experiments import OVERRIDE_TYPES, Experiment, Variant
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
-from pixelpipe.core.topics import ensure_topics, read_compacted
+from pixelpipe.core.topics import ensure_topics, publish_configuration, read_compacted
 
 
 def to_definition(experiment: Experiment, revision: int, applied_by: str) -> ExperimentDefinition:
@@ -80,18 +78,13 @@ def publish_experiments(
     what was published, as it is now in force. The broker has taken them when this returns."""
     ensure_topics(kafka, topics, [topics.experiments])
     current = read_experiments(kafka, topics, codec)
-    published: dict[str, Experiment] = {}
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True})
-    for key, experiment in experiments.items():
-        before = current.get(key)
-        if before is not None and _same_definition(before, experiment):
-            continue
-        definition = to_definition(experiment, (before.revision if before else 0) + 1, applied_by)
-        producer.produce(topics.experiments, codec.encode(definition), key.encode())
-        published[key] = from_definition(definition)
-    if producer.flush(30):
-        raise TimeoutError(f"the broker did not take the experiments on {topics.experiments} within 30 s")
-    return published
+    definitions = [
+        to_definition(experiment, (current[key].revision if key in current else 0) + 1, applied_by)
+        for key, experiment in experiments.items()
+        if key not in current or not _same_definition(current[key], experiment)
+    ]
+    publish_configuration(kafka, topics.experiments, [(d.key, codec.encode(d)) for d in definitions])
+    return {d.key: from_definition(d) for d in definitions}
 
 
 def _same_definition(a: Experiment, b: Experiment) -> bool:

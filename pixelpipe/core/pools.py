@@ -23,12 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Producer
-
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ModelPool
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
-from pixelpipe.core.topics import ensure_topics, read_compacted
+from pixelpipe.core.topics import ensure_topics, publish_configuration, read_compacted
 
 DEFAULT_POOL = "default"
 POOL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -266,14 +264,12 @@ def apply_pools(
     # A pool that takes a model from another goes first: until the other's change, the later one serves it.
     upserts.sort(key=lambda pool: not any(old_pool_of.get(m, pool.name) != pool.name for m in pool.models))
     removed = sorted(set(current) - set(pools))
-    producer = Producer(kafka.client_config() | {"enable.idempotence": True})
-    for pool in upserts:
-        producer.produce(topics.model_pools, codec.encode(pool.to_event(applied_by)), pool.name.encode())
-        producer.flush(30)  # one at a time, in this order
-    for name in removed:
-        producer.produce(topics.model_pools, None, name.encode())
-    if producer.flush(30):
-        raise TimeoutError(f"the broker did not take the pool changes on {topics.model_pools} within 30 s")
+    # One partition, one producer: the broker keeps this order.
+    publish_configuration(
+        kafka,
+        topics.model_pools,
+        [(pool.name, codec.encode(pool.to_event(applied_by))) for pool in upserts] + [(n, None) for n in removed],
+    )
     progress(f"published {len(upserts)} pool(s), removed {len(removed)}")
     return PoolChanges(
         added=[p.name for p in upserts if p.name not in current],

@@ -6,10 +6,19 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aiokafka.partitioner import murmur2
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import (
     AclBinding,
     AclBindingFilter,
@@ -191,6 +200,30 @@ def grant_roles(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the brokers did not show the new ACLs within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+# Longest a configuration record (a pool, an experiment, a rollout decision) is retried before it counts as refused:
+# shorter than the flush's wait, so a record the broker did not take has failed by then, never to arrive later.
+CONFIGURATION_DELIVERY_MS = 20_000
+
+
+def publish_configuration(kafka: KafkaSettings, topic: str, records: Sequence[tuple[str, bytes | None]]) -> None:
+    """Publish ``records`` (key, value; None deletes the key) to ``topic`` in their order, and return once the broker
+    took every one; raises naming the topic and the broker's reason otherwise."""
+    failures: list[KafkaError] = []
+
+    def delivered(error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            failures.append(error)
+
+    producer = Producer(
+        kafka.client_config() | {"enable.idempotence": True, "message.timeout.ms": CONFIGURATION_DELIVERY_MS}
+    )
+    for key, value in records:
+        producer.produce(topic, value, key.encode(), on_delivery=delivered)
+    if producer.flush(CONFIGURATION_DELIVERY_MS / 1000 + 10) or failures:
+        why = failures[0].str() if failures else f"not acknowledged within {CONFIGURATION_DELIVERY_MS / 1000:g} s"
+        raise TimeoutError(f"the broker did not take the records for {topic}: {why}")
 
 
 def read_compacted(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> dict[str, bytes]:
