@@ -184,20 +184,27 @@ def status_command(key: str | None) -> None:
             )
         return
     shown = _rollout(rollouts, key)
-    plan = shown.plan
-    click.echo(f"{key}: {shown.state}; {shown.decisions[0].reason}")
-    click.echo(f"  guardrails: {_limits(shown)}; {plan.min_users} users per arm to advance, alpha {plan.alpha:g}")
-    for d in shown.decisions:
-        click.echo(
-            f"  {d.event_time:%Y-%m-%d %H:%M:%S}  {d.action:<8} {d.percent_before:g} -> {d.percent_after:g} %  "
-            f"{d.reason}  ({d.decided_by})"
-        )
-    click.echo(
-        f"current step {shown.step + 1}/{len(plan.steps)}: {shown.percent:g} % treatment, experiment revision "
-        f"{shown.revision}"
-    )
+    for line in status_lines(shown):
+        click.echo(line)
     if shown.ended is None:
         _show_figures(settings, shown)
+
+
+def status_lines(shown: Rollout) -> list[str]:
+    """The rollout's plan, its decisions so far and its current step, as `pixelpipe rollout status KEY` shows them
+    (`pixelpipe demo --rollout` prints them too)."""
+    plan = shown.plan
+    return [
+        f"{shown.key}: {shown.state}; {shown.decisions[0].reason}",
+        f"  guardrails: {_limits(shown)}; {plan.min_users} users per arm to advance, alpha {plan.alpha:g}",
+        *(
+            f"  {d.event_time:%Y-%m-%d %H:%M:%S}  {d.action:<8} {d.percent_before:g} -> {d.percent_after:g} %  "
+            f"{d.reason}  ({d.decided_by})"
+            for d in shown.decisions
+        ),
+        f"current step {shown.step + 1}/{len(plan.steps)}: {shown.percent:g} % treatment, experiment revision "
+        f"{shown.revision}",
+    ]
 
 
 def _show_figures(settings: Settings, shown: Rollout) -> None:

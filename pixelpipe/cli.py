@@ -349,10 +349,24 @@ def models_calibrate(
     is_flag=True,
     help="Publish many light requests from hundreds of users, enough for `pixelpipe analyze` to give intervals.",
 )
-def demo_command(count: int | None, keep_stack: bool, experiment_only: bool) -> None:
+@click.option(
+    "--rollout",
+    is_flag=True,
+    help="Roll a good and a bad candidate model out, one after the other, under the rollout controller (needs a "
+    "ClickHouse server: the local stack's, or PIXELPIPE_CLICKHOUSE_URL's).",
+)
+def demo_command(count: int | None, keep_stack: bool, experiment_only: bool, rollout: bool) -> None:
     """Run the pipeline end to end on embedded defaults, starting the local stack if Kafka is not up."""
     from pixelpipe.tools.demo import EXPERIMENT_REQUESTS, run_demo
 
+    if rollout:
+        if count is not None or experiment_only:
+            raise click.UsageError("--rollout publishes until both rollouts end: no --requests or --experiment")
+        from pixelpipe.tools.rollout_demo import run_rollout_demo
+
+        if not run_rollout_demo(load_settings(), _stack_settings(), click.echo, keep_stack):
+            sys.exit(1)
+        return
     count = count or (EXPERIMENT_REQUESTS if experiment_only else 60)
     if not run_demo(load_settings(), _stack_settings(), count, click.echo, keep_stack, experiment_only):
         sys.exit(1)

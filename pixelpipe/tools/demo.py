@@ -57,7 +57,7 @@ EXPERIMENT_WORKERS = 2
 STAGES = ["moderation", "generate", "edit"]
 
 
-def _metrics_ports(settings: Settings, stack: StackSettings, count: int) -> list[dict[str, str]]:
+def metrics_ports(settings: Settings, stack: StackSettings, count: int) -> list[dict[str, str]]:
     """The metrics port of each of ``count`` processes: the local Prometheus' scrape ports (the workers first,
     the sink last) where free, so `pixelpipe top` shows the demo; none where a port is taken, or where
     PIXELPIPE_METRICS_PORT is set (each process would then take the same)."""
@@ -94,7 +94,7 @@ def run_demo(
         # from a second thread, whose spinning starves the other stages; the workers share the partitions.
         names = [f"worker-{i}.log" for i in range(1, EXPERIMENT_WORKERS + 1)] if experiment_only else ["worker.log"]
         worker_env = {"OMP_NUM_THREADS": "1"} if experiment_only else {}
-        ports = _metrics_ports(settings, stack_settings, len(names) + 1)
+        ports = metrics_ports(settings, stack_settings, len(names) + 1)
         with contextlib.ExitStack() as running:
             workers = [
                 running.enter_context(WorkerProcess(settings, STAGES, logs / n, worker_env | ports[i]))
@@ -178,9 +178,8 @@ def _gateway_calls(settings: Settings, logs: Path, echo: Callable[[str], None]) 
     return lines
 
 
-def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:
-    """The tiny models when the registry is missing, the topics, the ClickHouse schema, and an experiments file
-    with the demo's experiment when none is configured; returns the settings to run with."""
+def prepare_servers(settings: Settings, echo: Callable[[str], None]) -> Settings:
+    """The tiny models when the registry is missing, the topics and the ClickHouse schema; returns ``settings``."""
     from pixelpipe.sinks.clickhouse.migrate import migrate
     from pixelpipe.tools.model_builders import build_tiny_models
 
@@ -189,6 +188,13 @@ def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Set
         build_tiny_models(Path(settings.models.registry).parent)
     ensure_topics(settings.kafka, settings.topics)
     migrate(settings.clickhouse.url)
+    return settings
+
+
+def _prepare(settings: Settings, logs: Path, echo: Callable[[str], None]) -> Settings:
+    """``prepare_servers``, and an experiments file with the demo's experiment when none is configured; returns
+    the settings to run with."""
+    settings = prepare_servers(settings, echo)
     if Path(settings.experiments.file).exists():
         return settings
     experiments_file = logs / "experiments.json"
