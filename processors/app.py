@@ -45,6 +45,7 @@ from pixelpipe.core.live_experiments import LiveExperiments
 from pixelpipe.core.pools import DEFAULT_POOL, PoolConfigError, PoolRouting, pool_topics, read_pools
 from pixelpipe.core.settings import Settings, StageSettings, TopicSettings
 from pixelpipe.core.telemetry import Health, LagMonitor, serve
+from pixelpipe.core.topics import TopicMirror
 from pixelpipe.processors.build import LONG, RENDER_KINDS, STAGES, build_stages
 from pixelpipe.processors.faust_app import (
     PipelineApp,
@@ -162,6 +163,7 @@ class Pipeline:
         self._taken_s = dict.fromkeys(self.sources, time.monotonic())  # each agent's last take, or start
         self._busy: set[str] = set()  # agents inside a take
         self._global_tables: dict[str, faust.GlobalTable] = {}
+        self._experiments: TopicMirror | None = None
         for kind, topic in self.sources.items():
             stage = stages[kind]
             if isinstance(stage, ModerationStage):
@@ -262,10 +264,12 @@ class Pipeline:
             await acknowledgement.close()
 
     def _live_experiments(self, from_file: Mapping[str, Experiment]) -> LiveExperiments:
-        """The experiments a stage applies: its file's, and the experiments topic's as the worker reads it (every
+        """The experiments a stage applies: its file's, and the experiments topic's as the worker mirrors it (every
         worker reads the whole compacted topic: experiments are few and small)."""
-        table = self._global_table("experiments", self.settings.topics.experiments)
-        return LiveExperiments(from_file, table.data, codec_from_settings(self.settings.kafka))
+        if self._experiments is None:
+            self._experiments = TopicMirror(self.settings.kafka, self.settings.topics.experiments).start()
+            self.app.closers = (self._experiments.close,)
+        return LiveExperiments(from_file, self._experiments.data, codec_from_settings(self.settings.kafka))
 
     def _global_table(self, name: str, topic: str) -> faust.GlobalTable:
         """A table of every message on ``topic`` (compacted), keyed and valued by their raw bytes, as its
@@ -423,7 +427,7 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
         health.mark("models")
         # Only the topics these stages use: under ACLs a worker may not even see the others.
         topics = settings.topics
-        tables = [topics.experiments, *([topics.cancellations] if renders else [])]
+        tables = [topics.cancellations] if renders else []
         tables += [topics.model_pools] if "moderation" in stages else []
         pipeline = Pipeline(
             settings,

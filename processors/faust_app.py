@@ -6,7 +6,7 @@ apps of every consumer group read. Also the broker URL and credentials in Faust'
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Any
 
 import faust
@@ -113,7 +113,15 @@ class SharedGlobalTable(faust.GlobalTable):
 
 class PipelineApp(faust.App):
     """Faust's app, whose consumer fetches with a wait of ``FETCH_MAX_WAIT_MS`` and acknowledges only events a
-    stream took."""
+    stream took; ``closers`` are called once it stopped (readers of the worker's own, such as its experiments
+    mirror)."""
+
+    closers: tuple[Callable[[], None], ...] = ()
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        for close in self.closers:
+            close()
 
     def _new_transport(self) -> faust.types.TransportT:
         return _PromptFetchTransport(self.conf.broker_consumer, self)

@@ -1,7 +1,8 @@
 """Experiments as live configuration: each experiment's whole definition, with a revision one more than the last,
-as an ``ExperimentDefinition`` event keyed by its key on a compacted topic that every worker reads into a Faust
-global table. A change (a new weight, a variant's override, a stop) is in force on every worker within seconds,
-without a restart; a result records the revision it was assigned under (``experiment_revisions``).
+as an ``ExperimentDefinition`` event keyed by its key on a compacted topic that every worker mirrors
+(``pixelpipe.core.topics.TopicMirror``). A change (a new weight, a variant's override, a stop) is in force on every
+worker within seconds, without a restart; a result records the revision it was assigned under
+(``experiment_revisions``).
 
 The experiments file stays the import and export format (``pixelpipe experiments apply`` / ``export``); a worker
 still reads the file it is given, and a definition on the topic replaces the file's experiment of the same key.
@@ -110,8 +111,8 @@ def stopped(experiment: Experiment) -> Experiment:
 
 
 class LiveExperiments(Mapping[str, Experiment]):
-    """The experiments a stage applies: those of its file, replaced or joined by the definitions in the worker's
-    global table (``table``: raw keys and values as the topic holds them), decoded again only when it changed."""
+    """The experiments a stage applies: those of its file, replaced or joined by the definitions the worker mirrors
+    (``table``: raw keys and values as the topic holds them), decoded again only when it changed."""
 
     def __init__(self, from_file: Mapping[str, Experiment], table: Mapping[bytes, bytes], codec: Codec) -> None:
         self.from_file = dict(from_file)
@@ -121,7 +122,7 @@ class LiveExperiments(Mapping[str, Experiment]):
         self._merged: dict[str, Experiment] = dict(from_file)
 
     def current(self) -> dict[str, Experiment]:
-        seen = dict(self.table.items())
+        seen = dict(self.table)  # one copy under the GIL: the worker's mirror thread writes the table
         if seen != self._seen:
             live = {
                 key.decode(): from_definition(self.codec.decode_as(ExperimentDefinition, value))

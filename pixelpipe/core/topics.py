@@ -226,6 +226,40 @@ def publish_configuration(kafka: KafkaSettings, topic: str, records: Sequence[tu
         raise TimeoutError(f"the broker did not take the records for {topic}: {why}")
 
 
+class TopicMirror:
+    """The latest value of each key on a compacted topic, kept up to date by a thread of its own that tails the
+    topic from its start (tombstones delete): ``data`` is the mirror. A worker's second global table in Faust's
+    fetch loop stalled its agents now and then (two tables of configuration beside the stage's own), and a change
+    read there also waits behind the requests already fetched; this reader does neither."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self._consumer = assigned_consumer(kafka)
+        self._topic = topic
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tail, name=f"mirror-{topic}", daemon=True)
+
+    def start(self) -> TopicMirror:
+        self._thread.start()
+        return self
+
+    def _tail(self) -> None:
+        assign_from_start(self._consumer, self._topic)
+        while not self._stop.is_set():
+            for message in self._consumer.consume(100, timeout=0.2):
+                if message.error() or message.key() is None:
+                    continue
+                if message.value() is None:
+                    self.data.pop(message.key(), None)
+                else:
+                    self.data[message.key()] = message.value()
+        self._consumer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def read_compacted(kafka: KafkaSettings, topic: str, wait_s: float = 10.0) -> dict[str, bytes]:
     """The latest value of each key on ``topic`` (a compacted topic of configuration), read to its end now; keys
     whose latest record is a tombstone are left out, and a topic not made yet holds none."""
