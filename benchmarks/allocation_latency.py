@@ -12,9 +12,8 @@ assigned under, on its MODERATION metric with the worker's id and the moment it 
 For each change published at t (its definition's event_time, set just before it was sent) and each worker: the
 seconds from t to the first request that worker moderated under the new revision or a later one, an upper bound of
 when the change was in force there (requests reach each worker every few tens of milliseconds). Printed: p50, p99
-and the largest over all changes and workers, once the workers have caught up with the backlog of their start: a
-worker applies a change after the requests it had already fetched (Faust delivers a fetch's records in order), so a
-backlog delays it by the time to moderate what is buffered. The promise: in force on every worker by t + 5 s.
+and the largest over all changes and workers, once the workers have caught up with the backlog of their start. The
+promise: in force on every worker by t + 5 s.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ def experiment(percent: float) -> dict[str, Experiment]:
 
 
 def wait_until_caught_up(settings: Settings, sent: list[str], workers: list[WorkerProcess]) -> None:
-    """Until the workers moderate a request within a second of its publication: the backlog of their start is gone
-    (moderation reads a change after the requests it had fetched before it)."""
+    """Until the workers moderate a request within a second of its publication: the backlog of their start is gone,
+    so each change meets workers at their steady pace."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         time.sleep(1.0)
