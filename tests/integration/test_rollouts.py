@@ -217,7 +217,10 @@ def test_a_harmless_candidate_reaches_every_user_through_a_controller_killed_and
     ]
     assert [d.sequence for d in rollout.decisions] == list(range(1, len(rollout.decisions) + 1))
     assert [d.revision_after for d in changes] == [1, 2, 3]
-    # Each allocation published once: the experiment's revision counts the changes.
-    experiment = drill.store.experiments()["same-candidate"]
+    # Each allocation published once: the experiment's revision counts the changes. The controller publishes a
+    # decision before its allocation, so the last one may still be on its way.
+    deadline = time.monotonic() + 30
+    while (experiment := drill.store.experiments()["same-candidate"]).revision < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert experiment.revision == 3 and experiment.weights == {"control": 0, "treatment": 100}
     assert not experiment.stopped
