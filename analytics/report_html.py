@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pixelpipe.analytics.report import Analysis
-from pixelpipe.analytics.report_text import TableSection
+from pixelpipe.analytics.report_text import NUMERIC_COLUMNS, TableSection
 
 # The id of each <section>, in order: the SRM verdict first, since a mismatch voids every result after it.
 SECTIONS = (
@@ -43,17 +43,6 @@ _HEADERS = {
     "p (Holm)": "p (Holm-adjusted)",
     "p (harm)": "p (one-sided, harm)",
     "users c/t": "users (control / treatment)",
-}
-_NUMERIC = {
-    "control",
-    "treatment",
-    "rel. lift [95% CI]",
-    "p",
-    "p (Holm)",
-    "p (harm)",
-    "users c/t",
-    "treatment share",
-    "revision",
 }
 
 
@@ -117,7 +106,7 @@ def _cell(column: str, text: str) -> str:
     if column == "verdict":
         kind = {"win": "good", "loss": "bad", "guardrail breached": "bad", "ok": "good"}.get(text, "")
         return f'<td class="verdict {kind}">{_e(text)}</td>'
-    return f'<td class="{"num" if column in _NUMERIC else "text"}">{_e(text)}</td>'
+    return f'<td class="{"num" if column in NUMERIC_COLUMNS else "text"}">{_e(text)}</td>'
 
 
 def _power(lines: list[str]) -> str:

@@ -249,7 +249,8 @@ class ReportText:
         return columns, cells
 
 
-_RIGHT = frozenset(
+# The columns of numbers: right-aligned in the text report, styled as numbers in the HTML one.
+NUMERIC_COLUMNS = frozenset(
     {
         "control",
         "treatment",
@@ -288,7 +289,9 @@ def _text_table(columns: Sequence[str], rows: Sequence[dict[str, str]], width: i
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
 
     def line(cells: dict[str, str]) -> str:
-        return "  ".join(cells[c].rjust(widths[c]) if c in _RIGHT else cells[c].ljust(widths[c]) for c in columns)
+        return "  ".join(
+            cells[c].rjust(widths[c]) if c in NUMERIC_COLUMNS else cells[c].ljust(widths[c]) for c in columns
+        )
 
     lines = [line({c: c for c in columns}), *(line(r) for r in rows)]
     if dropped:
