@@ -8,16 +8,14 @@ from prometheus_client import REGISTRY
 
 from pixelpipe.core.codec import Codec
 from pixelpipe.core.events import ImageResult, StageMetric
-from pixelpipe.core.pools import Pool, PoolRouting
-from pixelpipe.core.settings import ModerationSettings, StageSettings, TopicSettings
-from pixelpipe.processors.messages import Emission, Inbound, StageContext
-from pixelpipe.processors.moderation_stage import ModerationStage
-from pixelpipe.processors.stamp import ModerationStamp
+from pixelpipe.core.pools import Pool
+from pixelpipe.core.settings import TopicSettings
+from pixelpipe.processors.messages import Emission, Inbound
 from pixelpipe.processors.telemetry import TELEMETRY
 from pixelpipe.producers import new_request
 from tests.unit.test_cancellation import null_registry, run, stage_for
-from tests.unit.test_pools import table
-from tests.unit.test_stages import EXPERIMENTS, LIMITS, AllowEveryPrompt, RegistryOnlyModels, request
+from tests.unit.test_pools import pooled_moderation, table
+from tests.unit.test_stages import request
 
 CODEC = Codec()
 
@@ -33,17 +31,7 @@ def events(emissions: list[Emission]) -> tuple[dict[str, ImageResult], dict[str,
 
 def test_moderation_names_the_pool_it_routed_to_and_none_for_a_request_that_ended_there():
     topics = TopicSettings()
-    context = StageContext(topics, LIMITS, StageSettings(), CODEC, "worker", ModerationStamp("key"))
-    stage = ModerationStage(
-        context,
-        ModerationSettings(),
-        AllowEveryPrompt(),
-        None,
-        None,
-        RegistryOnlyModels.registry,
-        EXPERIMENTS,
-        pools=PoolRouting(table(Pool("sd", ("tiny-sd",)), Pool("sd-b", ("tiny-sd-b",))), CODEC),
-    )
+    stage = pooled_moderation(table(Pool("sd", ("tiny-sd",)), Pool("sd-b", ("tiny-sd-b",))))
     own, moved, unserved = request(), request(experiments={"b-model": "big"}), request(model="tiny-sd-c")
     messages = [
         Inbound(CODEC.encode(r), r.request_id.encode(), topics.requests, 0, i, 1000.0, appended_s=1000.0 + i)

@@ -118,11 +118,10 @@ def test_a_worker_loads_its_pools_models_and_refuses_a_pool_not_configured():
     assert pool_models(pools, DEFAULT_POOL, ["x", "y", "z"]) == []  # drains its topics, loading on demand
 
 
-def moderate_with_pools(requests, data):
-    """Where moderation sent each request (its topic), and the results of those that ended there."""
-    topics = TopicSettings()
-    context = StageContext(topics, LIMITS, StageSettings(), CODEC, "worker", ModerationStamp("key"))
-    stage = ModerationStage(
+def pooled_moderation(data) -> ModerationStage:
+    """A moderation stage routing by the pools table ``data``, with the test registry and experiments."""
+    context = StageContext(TopicSettings(), LIMITS, StageSettings(), CODEC, "worker", ModerationStamp("key"))
+    return ModerationStage(
         context,
         ModerationSettings(),
         AllowEveryPrompt(),
@@ -132,6 +131,12 @@ def moderate_with_pools(requests, data):
         EXPERIMENTS,
         pools=PoolRouting(data, CODEC),
     )
+
+
+def moderate_with_pools(requests, data):
+    """Where moderation sent each request (its topic), and the results of those that ended there."""
+    topics = TopicSettings()
+    stage = pooled_moderation(data)
     messages = [
         Inbound(CODEC.encode(r), r.request_id.encode(), topics.requests, 0, i, 1000.0, appended_s=1000.0 + i)
         for i, r in enumerate(requests)
