@@ -55,6 +55,9 @@ from pixelpipe.processors.previews import Previews, PreviewSink, hook_for, previ
 log = logging.getLogger(__name__)
 
 DEFAULT_EDIT_STRENGTH = 0.75
+# How long a take waits for the experiment definitions its requests were assigned under, when moderation read them
+# before this worker did (a second at most while Kafka is up); past it those requests fail, retryable.
+EXPERIMENT_READ_WAIT_S = 10.0
 
 
 @dataclass
@@ -73,6 +76,10 @@ def never_cancelled(request_id: str) -> bool:
 
 def never_stopping() -> bool:
     return False
+
+
+def nothing_behind(revisions: Mapping[str, int], deadline: float) -> dict[str, int]:
+    return {}
 
 
 class RenderStage:
@@ -104,6 +111,11 @@ class RenderStage:
         # Whether the worker is stopping: asked before each model call and after each denoising step, on the model
         # thread. A call in progress then ends at the next step and its chunk is handed back.
         self.stopping: Callable[[], bool] = never_stopping
+        # Waits until the worker holds each experiment at the revision moderation assigned a request under, up to a
+        # deadline; returns those still behind (``LiveExperiments.wait_for``). Without it a request assigned a
+        # variant a moment ago could render with the settings before (its overrides not read here yet), while its
+        # result names the variant.
+        self.experiments_read: Callable[[Mapping[str, int], float], dict[str, int]] = nothing_behind
 
     def preview_hook(self, params: RenderParams, items: Sequence[Pending]) -> Previews | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
@@ -135,11 +147,12 @@ class RenderStage:
         started_s = time.time()
         emit = self._emitter()
         pending: list[Pending] = []
+        experiments_by = time.monotonic() + EXPERIMENT_READ_WAIT_S  # one wait for the take, not one per request
         for message in messages:
             request = None
             try:
                 request = decode_request(message, self.context, emit, self.name.lower())
-                item = None if request is None else self._admit(emit, message, request, started_s)
+                item = None if request is None else self._admit(emit, message, request, started_s, experiments_by)
             except Exception as e:  # a bug or an unforeseen input: this request fails, the stream goes on
                 outcome = unforeseen(emit, message, self.name.lower(), request, e)
                 if request is not None:
@@ -158,9 +171,12 @@ class RenderStage:
                 chunks.append(PlannedChunk(params, group[start : start + max_batch], started_s))
         return PlannedTake(emit.take(), chunks)
 
-    def _admit(self, emit: Emitter, message: Inbound, request: ImageRequest, started_s: float) -> Pending | None:
+    def _admit(
+        self, emit: Emitter, message: Inbound, request: ImageRequest, started_s: float, experiments_by: float
+    ) -> Pending | None:
         """The request of ``message`` ready to render; None after ending it (unmoderated, cancelled, expired,
-        invalid for its model, its inputs unreadable)."""
+        its experiments' definitions not read here by ``experiments_by``, invalid for its model, its inputs
+        unreadable)."""
         if not self.context.stamp.verify(message.topic, message.value, message.headers):
             reason = f"no valid moderation stamp for {message.topic}: moderation did not forward it there"
             emit.dead_letter(message, f"unmoderated: {reason}", self.name.lower(), request.request_id)
@@ -176,6 +192,22 @@ class RenderStage:
             return None
         if deadline_passed(request, utc_now()):
             self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
+            return None
+        behind = self.experiments_read(request.experiment_revisions, experiments_by)
+        if behind:
+            named = ", ".join(
+                f"{key} revision {request.experiment_revisions[key]} (this worker holds {held or 'none'})"
+                for key, held in sorted(behind.items())
+            )
+            self._fail(
+                emit,
+                request,
+                message,
+                started_s,
+                "EXPERIMENT_UNAVAILABLE",
+                f"not rendered: the experiment definitions it was assigned under were not read by this worker within "
+                f"{EXPERIMENT_READ_WAIT_S:g} s: {named}; retry it",
+            )
             return None
         try:
             item = Pending(message, request, self.params(request))

@@ -11,6 +11,7 @@ still reads the file it is given, and a definition on the topic replaces the fil
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
@@ -20,6 +21,8 @@ from pixelpipe.core.events import ExperimentDefinition, VariantDefinition
 from pixelpipe.core.experiments import OVERRIDE_TYPES, Experiment, Variant
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 from pixelpipe.core.topics import ensure_topics, publish_configuration, read_compacted
+
+CATCH_UP_POLL_S = 0.02  # how often a render waiting for a definition moderation assigned it under looks again
 
 
 def to_definition(experiment: Experiment, revision: int, applied_by: str) -> ExperimentDefinition:
@@ -130,6 +133,21 @@ class LiveExperiments(Mapping[str, Experiment]):
             }
             self._seen, self._merged = seen, self.from_file | live
         return self._merged
+
+    def wait_for(self, revisions: Mapping[str, int], deadline: float) -> dict[str, int]:
+        """Wait, up to ``deadline`` (``time.monotonic``), until this worker holds every experiment of ``revisions``
+        (as moderation stamped them on a request) at that revision or a later one: moderation's mirror may read a
+        change a moment before this one. Returns those still behind, with the revision held here (0 for none)."""
+        while True:
+            current = self.current()
+            behind = {
+                key: current[key].revision if key in current else 0
+                for key, revision in revisions.items()
+                if key not in current or current[key].revision < revision
+            }
+            if not behind or time.monotonic() >= deadline:
+                return behind
+            time.sleep(CATCH_UP_POLL_S)
 
     def __getitem__(self, key: str) -> Experiment:
         return self.current()[key]

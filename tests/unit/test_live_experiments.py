@@ -1,21 +1,26 @@
 """Experiments as live configuration without a broker: definitions to and from their events, the stages' view of
 the file overlaid by the topic's table, moderation assigning live experiments with the revision in force (stable
-under ramps), and the null model's simulated failures."""
+under ramps), a render waiting for the revision a request was assigned under, and the null model's simulated
+failures."""
 
 import dataclasses
 import datetime as dt
+import json
+import threading
 
 import pytest
 
 from pixelpipe.core.codec import Codec
-from pixelpipe.core.events import ExperimentDefinition, ImageRequest
+from pixelpipe.core.events import ExperimentDefinition, ImageRequest, ImageResult
 from pixelpipe.core.experiments import parse_experiments
 from pixelpipe.core.live_experiments import LiveExperiments, from_definition, stopped, to_definition
 from pixelpipe.core.registry import ModelEntry, ModelError
 from pixelpipe.core.settings import ModerationSettings, StageSettings, TopicSettings
+from pixelpipe.processors import render
 from pixelpipe.processors.messages import Inbound, StageContext
 from pixelpipe.processors.models import DiffusionModels
 from pixelpipe.processors.moderation_stage import ModerationStage
+from pixelpipe.processors.render import GenerateStage
 from pixelpipe.processors.stamp import ModerationStamp
 from tests.unit.test_stages import LIMITS, AllowEveryPrompt, RegistryOnlyModels, request
 
@@ -136,3 +141,63 @@ def test_a_null_model_with_a_failure_rate_fails_that_share_of_its_calls_and_the_
         ModelEntry.from_json("bad", {"kind": "null", "failure_rate": 1.5})
     with pytest.raises(ModelError, match="'failure_rate' is for null models only"):
         ModelEntry.from_json("bad", {"kind": "stable-diffusion", "path": "/m", "failure_rate": 0.1})
+
+
+def assigned(revision, **fields):
+    """A request as moderation forwards it: in the candidate's treatment, assigned under ``revision``."""
+    r = request(experiments={"candidate": "treatment"}, **fields)
+    r.experiment_revisions["candidate"] = revision
+    return r
+
+
+def planned(stage, requests):
+    """The render stage's plan of ``requests``, stamped for its topic: the chunks' models, and what ended early."""
+    messages = []
+    for offset, r in enumerate(requests):
+        value = stage.context.codec.encode(r)
+        messages.append(
+            Inbound(value, r.request_id.encode(), "t", 0, offset, 1000.0, headers=STAMP.headers("t", value))
+        )
+    take = stage.plan(messages)
+    ended = [CODEC.decode_as(ImageResult, e.value) for e in take.emissions if e.topic == TopicSettings().results]
+    return [chunk.params.model for chunk in take.chunks], ended
+
+
+STAMP = ModerationStamp("key")
+
+
+@pytest.fixture
+def render_stage(tmp_path):
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"tiny-sd": {"kind": "null"}, "tiny-sd-b": {"kind": "null"}}))
+    context = StageContext(TopicSettings(), LIMITS, StageSettings(), CODEC, "worker", STAMP)
+    data = {}
+    live = LiveExperiments({}, data, CODEC)
+    stage = GenerateStage(context, DiffusionModels.from_file(registry), None, None, live)
+    stage.experiments_read = live.wait_for
+    return stage, data
+
+
+def test_a_render_waits_for_the_definition_moderation_assigned_it_under_and_renders_the_variant(render_stage):
+    stage, data = render_stage
+    treated = assigned(1)
+    # Moderation assigned it under the candidate's first definition, which this worker reads a moment later.
+    threading.Timer(0.3, lambda: data.update(table(rollout(5, 1)))).start()
+    models, ended = planned(stage, [treated, request()])
+    assert sorted(models) == ["tiny-sd", "tiny-sd-b"] and ended == []
+
+
+def test_a_render_whose_definition_never_arrives_fails_retryably_naming_the_experiment(render_stage, monkeypatch):
+    stage, data = render_stage
+    monkeypatch.setattr(render, "EXPERIMENT_READ_WAIT_S", 0.2)
+    data.update(table(rollout(5, 1)))
+    treated = assigned(3)
+    models, ended = planned(stage, [treated, request()])
+    assert models == ["tiny-sd"]
+    (failed,) = ended
+    assert (failed.request_id, failed.status, failed.error_code) == (
+        treated.request_id,
+        "FAILED",
+        "EXPERIMENT_UNAVAILABLE",
+    )
+    assert "candidate revision 3 (this worker holds 1)" in failed.error_message
