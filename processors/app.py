@@ -232,7 +232,7 @@ class Pipeline:
         # Every render worker reads the whole compacted topic: cancellations are few and small.
         cancellations = self._global_table("cancellations", self.settings.topics.cancellations)
         stage.experiments = live = self._live_experiments(stage.experiments)
-        stage.experiments_read = live.wait_for
+        stage.unread_experiments = live.unread
         stage.cancelled = lambda request_id: request_id.encode() in cancellations.data
         stage.stopping = lambda: bool(self.app.should_stop)
         model_thread = ThreadPoolExecutor(1, thread_name_prefix=kind)

@@ -20,6 +20,7 @@ from PIL import Image
 from pixelpipe.core.clock import utc_now
 from pixelpipe.core.events import ImageRequest, Stage, StageOutcome, StoredImage
 from pixelpipe.core.experiments import Experiment
+from pixelpipe.core.live_experiments import ASSIGNED_REVISION_WAIT_S
 from pixelpipe.core.objects import ObjectStore, StoredObject
 from pixelpipe.core.registry import ModelError
 from pixelpipe.core.validation import InvalidRequestError, require
@@ -55,9 +56,6 @@ from pixelpipe.processors.previews import Previews, PreviewSink, hook_for, previ
 log = logging.getLogger(__name__)
 
 DEFAULT_EDIT_STRENGTH = 0.75
-# How long a take waits for the experiment definitions its requests were assigned under, when moderation read them
-# before this worker did (a second at most while Kafka is up); past it those requests fail, retryable.
-EXPERIMENT_READ_WAIT_S = 10.0
 
 
 @dataclass
@@ -68,18 +66,6 @@ class _Reviewed:
     images: list[Image.Image]
     moderation_ms: float
     outcome: Outcome | None = None
-
-
-def never_cancelled(request_id: str) -> bool:
-    return False
-
-
-def never_stopping() -> bool:
-    return False
-
-
-def nothing_behind(revisions: Mapping[str, int], deadline: float) -> dict[str, int]:
-    return {}
 
 
 class RenderStage:
@@ -107,15 +93,14 @@ class RenderStage:
         # Whether a request was cancelled: the worker sets its lookup in the cancellations topic's global table.
         # Asked at planning, before the model call, after each denoising step and before output moderation, on the
         # model and finishing threads: it must be quick and safe from any thread.
-        self.cancelled: Callable[[str], bool] = never_cancelled
+        self.cancelled: Callable[[str], bool] = lambda _: False
         # Whether the worker is stopping: asked before each model call and after each denoising step, on the model
         # thread. A call in progress then ends at the next step and its chunk is handed back.
-        self.stopping: Callable[[], bool] = never_stopping
-        # Waits until the worker holds each experiment at the revision moderation assigned a request under, up to a
-        # deadline; returns those still behind (``LiveExperiments.wait_for``). Without it a request assigned a
-        # variant a moment ago could render with the settings before (its overrides not read here yet), while its
-        # result names the variant.
-        self.experiments_read: Callable[[Mapping[str, int], float], dict[str, int]] = nothing_behind
+        self.stopping: Callable[[], bool] = lambda: False
+        # Waits, up to a deadline, until the worker holds each experiment at the revision a request was assigned
+        # under; says which it still lacks (``LiveExperiments.unread``). Else a variant's overrides not read here yet
+        # would be missed while the result names the variant.
+        self.unread_experiments: Callable[[Mapping[str, int], float], str | None] = lambda *_: None
 
     def preview_hook(self, params: RenderParams, items: Sequence[Pending]) -> Previews | None:
         """Sends the previews of images in progress that the chunk's requests asked for (processors/previews.py)."""
@@ -147,7 +132,7 @@ class RenderStage:
         started_s = time.time()
         emit = self._emitter()
         pending: list[Pending] = []
-        experiments_by = time.monotonic() + EXPERIMENT_READ_WAIT_S  # one wait for the take, not one per request
+        experiments_by = time.monotonic() + ASSIGNED_REVISION_WAIT_S  # one wait for the take, not one per request
         for message in messages:
             request = None
             try:
@@ -193,21 +178,8 @@ class RenderStage:
         if deadline_passed(request, utc_now()):
             self._fail(emit, request, message, started_s, "DEADLINE_EXCEEDED", "deadline passed in the queue")
             return None
-        behind = self.experiments_read(request.experiment_revisions, experiments_by)
-        if behind:
-            named = ", ".join(
-                f"{key} revision {request.experiment_revisions[key]} (this worker holds {held or 'none'})"
-                for key, held in sorted(behind.items())
-            )
-            self._fail(
-                emit,
-                request,
-                message,
-                started_s,
-                "EXPERIMENT_UNAVAILABLE",
-                f"not rendered: the experiment definitions it was assigned under were not read by this worker within "
-                f"{EXPERIMENT_READ_WAIT_S:g} s: {named}; retry it",
-            )
+        if unread := self.unread_experiments(request.experiment_revisions, experiments_by):
+            self._fail(emit, request, message, started_s, "EXPERIMENT_UNAVAILABLE", f"not rendered: {unread}")
             return None
         try:
             item = Pending(message, request, self.params(request))

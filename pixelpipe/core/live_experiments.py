@@ -22,7 +22,10 @@ from pixelpipe.core.experiments import OVERRIDE_TYPES, Experiment, Variant
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 from pixelpipe.core.topics import ensure_topics, publish_configuration, read_compacted
 
-CATCH_UP_POLL_S = 0.02  # how often a render waiting for a definition moderation assigned it under looks again
+# How long a render waits for the experiment definitions its requests were assigned under, when moderation read them
+# before its worker did (well under a second while Kafka is up); past it those requests fail, retryable.
+ASSIGNED_REVISION_WAIT_S = 10.0
+CATCH_UP_POLL_S = 0.02  # how often a render waiting for such a definition looks again
 
 
 def to_definition(experiment: Experiment, revision: int, applied_by: str) -> ExperimentDefinition:
@@ -134,10 +137,10 @@ class LiveExperiments(Mapping[str, Experiment]):
             self._seen, self._merged = seen, self.from_file | live
         return self._merged
 
-    def wait_for(self, revisions: Mapping[str, int], deadline: float) -> dict[str, int]:
+    def unread(self, revisions: Mapping[str, int], deadline: float) -> str | None:
         """Wait, up to ``deadline`` (``time.monotonic``), until this worker holds every experiment of ``revisions``
         (as moderation stamped them on a request) at that revision or a later one: moderation's mirror may read a
-        change a moment before this one. Returns those still behind, with the revision held here (0 for none)."""
+        change a moment before this one. None once it does; else which definitions it still lacks."""
         while True:
             current = self.current()
             behind = {
@@ -145,8 +148,14 @@ class LiveExperiments(Mapping[str, Experiment]):
                 for key, revision in revisions.items()
                 if key not in current or current[key].revision < revision
             }
-            if not behind or time.monotonic() >= deadline:
-                return behind
+            if not behind:
+                return None
+            if time.monotonic() >= deadline:
+                named = ", ".join(
+                    f"{key} revision {revisions[key]} (this worker holds {held or 'none'})"
+                    for key, held in sorted(behind.items())
+                )
+                return f"the experiment definitions it was assigned under were not read here in time: {named}; retry it"
             time.sleep(CATCH_UP_POLL_S)
 
     def __getitem__(self, key: str) -> Experiment:

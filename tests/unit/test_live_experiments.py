@@ -174,7 +174,7 @@ def render_stage(tmp_path):
     data = {}
     live = LiveExperiments({}, data, CODEC)
     stage = GenerateStage(context, DiffusionModels.from_file(registry), None, None, live)
-    stage.experiments_read = live.wait_for
+    stage.unread_experiments = live.unread
     return stage, data
 
 
@@ -189,7 +189,7 @@ def test_a_render_waits_for_the_definition_moderation_assigned_it_under_and_rend
 
 def test_a_render_whose_definition_never_arrives_fails_retryably_naming_the_experiment(render_stage, monkeypatch):
     stage, data = render_stage
-    monkeypatch.setattr(render, "EXPERIMENT_READ_WAIT_S", 0.2)
+    monkeypatch.setattr(render, "ASSIGNED_REVISION_WAIT_S", 0.2)
     data.update(table(rollout(5, 1)))
     treated = assigned(3)
     models, ended = planned(stage, [treated, request()])
