@@ -84,7 +84,8 @@ def _registry_warning(settings: Settings, model: str) -> str | None:
     default=0.05,
     show_default=True,
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Chance of a false roll-back over the whole rollout.",
+    help="Error accepted at each step: every guardrail's interval holds at all of the step's looks with probability "
+    "at least 1 - alpha (split evenly among the guardrails), which bounds a false roll-back within the step.",
 )
 @needs_kafka
 def start_command(

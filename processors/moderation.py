@@ -27,7 +27,6 @@ post-processing keep no state between calls, and the profanity model and rules a
 from __future__ import annotations
 
 import functools
-import json
 import re
 import sys
 import unicodedata
@@ -42,6 +41,7 @@ import numpy as np
 from PIL import Image
 from scipy.special import expit
 
+from pixelpipe.core.config_files import read_json_file
 from pixelpipe.core.validation import normalise_text
 
 PROMPT = "PROMPT"
@@ -280,12 +280,7 @@ class ModerationPolicy:
         """The policy in the JSON file at ``path``; the default policy when ``path`` is None or empty."""
         if not path:
             return cls()
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise PolicyError(f"{path}: cannot read the moderation policy: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"{path}: not valid JSON: {exc}") from exc
+        data = read_json_file(path, "moderation policy", PolicyError)
         try:
             return cls.from_mapping(data)
         except PolicyError as exc:

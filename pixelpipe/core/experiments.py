@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pixelpipe.core.config_files import read_json_file
 from pixelpipe.core.events import ImageRequest
 
 # What a variant may change, and the type each value must have (a processor applies them as-is).
@@ -141,13 +141,7 @@ def parse_experiments(data: Mapping[str, Any]) -> dict[str, Experiment]:
 
 def load_experiments(path: str | Path) -> dict[str, Experiment]:
     """Experiments by key from a JSON experiments file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ExperimentConfigError(f"experiments file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ExperimentConfigError(f"experiments file {path} is not valid JSON: {e}") from None
-    return parse_experiments(data)
+    return parse_experiments(read_json_file(path, "experiments file", ExperimentConfigError))
 
 
 def get_experiment(experiments: Mapping[str, Experiment], key: str) -> Experiment:

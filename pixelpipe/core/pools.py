@@ -16,7 +16,6 @@ seconds without a restart. A JSON file is the import and export format (``pixelp
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelpipe.core.codec import Codec
+from pixelpipe.core.config_files import read_json_file
 from pixelpipe.core.events import ModelPool
 from pixelpipe.core.settings import KafkaSettings, TopicSettings
 from pixelpipe.core.topics import ensure_topics, publish_configuration, read_compacted
@@ -149,13 +149,7 @@ def parse_pools(data: Any) -> dict[str, Pool]:
 
 
 def load_pools(path: str | Path) -> dict[str, Pool]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PoolConfigError(f"pools file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise PoolConfigError(f"pools file {path} is not valid JSON: {e}") from None
-    return parse_pools(data)
+    return parse_pools(read_json_file(path, "pools file", PoolConfigError))
 
 
 def pools_document(pools: Mapping[str, Pool]) -> dict[str, Any]:

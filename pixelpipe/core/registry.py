@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+
+from pixelpipe.core.config_files import read_json_file
 
 Family = Literal["stable-diffusion", "stable-diffusion-xl", "flux", "flux2-klein"]
 # The diffusion families and the diffusers text-to-image pipeline class each loads as; "null" renders without a model.
@@ -407,12 +408,7 @@ class ModelRegistry:
 
 def read_registry_json(path: Path) -> dict[str, Any]:
     """A registry file's JSON object of name -> entry, not yet checked entry by entry."""
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"model registry {path} does not exist (set PIXELPIPE_MODEL_REGISTRY)") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"model registry {path} is not valid JSON: {e}") from None
+    raw = read_json_file(path, "model registry", ModelError, " (set PIXELPIPE_MODEL_REGISTRY)")
     if not isinstance(raw, dict) or not raw:
         raise ModelError(f"model registry {path}: expected a non-empty object of name -> model")
     return raw
