@@ -12,7 +12,11 @@ Each guardrail is a one-sided question about harm, treatment - control, signed s
   margin, with confidence), whatever the number of users;
 * ADVANCE when both arms have ``min_users`` for every guardrail and every interval lies at or below its margin
   (non-inferiority shown for all of them);
-* HOLD otherwise, with the reason in words.
+* HOLD otherwise, with the reason in words; and HOLD instead of ADVANCE when the step's users are not split between
+  the arms as allocated (a sample-ratio mismatch, ``stats.srm_check`` at p < ``SRM_THRESHOLD``): an arm then loses
+  results or users (it crashes, drops events, redirects), and its figures cannot be trusted to advance on. It never
+  stops a roll-back. The check repeats at every look, so a chance flag now and then only delays a step; results in
+  flight on a slower arm are a bias that shrinks as the step's users grow.
 
 Only the current step's data may be passed (rows whose experiment revision is the step's): within one revision
 the allocation is constant, so the arms are comparable; earlier steps had other allocations, and pooling them
@@ -68,10 +72,11 @@ from numpy.typing import ArrayLike
 
 from pixelpipe.analytics.defaults import DEFAULT_MIN_USERS_PER_ARM
 from pixelpipe.analytics.sequential import asymptotic_bounds, min_users_for_quantile, mixture_shape
-from pixelpipe.analytics.stats import MIN_USERS_FOR_VARIANCE, MeanStats
+from pixelpipe.analytics.stats import MIN_USERS_FOR_VARIANCE, MeanStats, srm_check
 
 Kind = Literal["share", "mean", "quantile"]
 KINDS: tuple[Kind, ...] = ("share", "mean", "quantile")
+SRM_THRESHOLD = 0.001  # stats.srm_check's own: rare false alarms, though the controller checks at every look
 
 ArmData = Mapping[str, MeanStats | ArrayLike]  # metric -> MeanStats (share, mean) or per-user values (quantile)
 
@@ -209,11 +214,13 @@ def decide(
     guardrails: Sequence[Guardrail] = DEFAULT_GUARDRAILS,
     min_users: int = DEFAULT_MIN_USERS_PER_ARM,
     alpha: float = 0.05,
+    treatment_share: float | None = None,
 ) -> Verdict:
     """ROLLBACK, ADVANCE or HOLD for the current step (see the module docstring), with the reason and the figures.
 
     Each arm maps every guardrail's metric to its data: ``MeanStats`` for share and mean guardrails, the per-user
-    values for quantile guardrails. A metric an arm lacks counts as no users yet.
+    values for quantile guardrails. A metric an arm lacks counts as no users yet. ``treatment_share``, the step's
+    allocation (0.1 at 10 %), turns on the sample-ratio check.
     """
     _check_settings(guardrails, min_users, alpha)
     alpha_each = alpha / len(guardrails)
@@ -232,7 +239,34 @@ def decide(
         values |= {"control": r.control, "treatment": r.treatment}
         values |= {"n_control": float(r.n_control), "n_treatment": float(r.n_treatment)}
         figures |= {f"{name}.{key}": value for key, value in values.items() if math.isfinite(value)}
-    return Verdict(decision, _reason(decision, results, step, min_users), figures, results)
+    reason = _reason(decision, results, step, min_users)
+    if treatment_share is not None and decision != Decision.ROLLBACK:
+        mismatch, figures["srm.p_value"] = _sample_ratio(step, treatment_share)
+        if mismatch:
+            decision, reason = Decision.HOLD, f"holding: {mismatch}; {reason.removeprefix('holding: ')}"
+    return Verdict(decision, reason, figures, results)
+
+
+def _sample_ratio(step: StepData, treatment_share: float) -> tuple[str | None, float]:
+    """Why the step's users are not split between the arms as allocated (None when they are), and the p-value.
+    An arm's users are the most any of its share or mean metrics counts (every user has a failure rate)."""
+    users = {arm: _users(data) for arm, data in (("control", step.control), ("treatment", step.treatment))}
+    total = sum(users.values())
+    if total == 0 or not 0 < treatment_share < 1:
+        return None, 1.0
+    srm = srm_check(users, {"control": 1 - treatment_share, "treatment": treatment_share}, SRM_THRESHOLD)
+    if not srm.flagged:
+        return None, srm.p_value
+    return (
+        f"sample ratio mismatch: {users['treatment']} of {total} users in the treatment where "
+        f"{100 * treatment_share:g} % were allocated (p = {srm.p_value:.2g}); an arm loses results or users, so "
+        f"the figures are not advanced on until the cause is found",
+        srm.p_value,
+    )
+
+
+def _users(arm: ArmData | None) -> int:
+    return max((int(v.n) for v in (arm or {}).values() if isinstance(v, MeanStats)), default=0)
 
 
 def judge(

@@ -428,7 +428,8 @@ def judge_step(rollout: Rollout, client: Client) -> Verdict:
     """The guardrails' verdict on the rollout's current step, from its rows in ClickHouse (nothing is published)."""
     arms = fetch_arms(client, rollout.key, rollout.revision)
     plan = rollout.plan
-    return decide(StepData(arms.get(CONTROL), arms.get(TREATMENT)), guardrails_of(plan), plan.min_users, plan.alpha)
+    step = StepData(arms.get(CONTROL), arms.get(TREATMENT))
+    return decide(step, guardrails_of(plan), plan.min_users, plan.alpha, rollout.percent / 100)
 
 
 def gist(reason: str) -> str:

@@ -57,6 +57,23 @@ def test_a_harmless_candidate_holds_while_uncertain_then_advances_on_every_guard
     assert late.figures["alpha_per_guardrail"] == pytest.approx(0.05 / 4)  # Bonferroni over the four
 
 
+def test_users_not_split_as_allocated_hold_a_harmless_candidate_but_never_stop_a_roll_back():
+    rng = np.random.default_rng(3)
+    # At a 50 % step a harmless candidate advances; the same users taken for a 10 % step are far from its split.
+    harmless = StepData(arm(rng, 20_000), arm(rng, 20_000))
+    at_half = decide(harmless, treatment_share=0.5)
+    assert at_half.decision == Decision.ADVANCE and at_half.figures["srm.p_value"] > gr.SRM_THRESHOLD
+    at_tenth = decide(harmless, treatment_share=0.1)
+    assert at_tenth.decision == Decision.HOLD
+    assert at_tenth.reason.startswith(
+        "holding: sample ratio mismatch: 20000 of 40000 users in the treatment where 10 % were allocated"
+    )
+    assert at_tenth.figures["srm.p_value"] < gr.SRM_THRESHOLD
+    assert at_tenth.results == at_half.results  # the guardrails' figures are the same; only the decision waits
+    failing = StepData({"failure_rate": share(500, 10)}, {"failure_rate": share(500, 100)})
+    assert decide(failing, [FAILURES], treatment_share=0.1).decision == Decision.ROLLBACK
+
+
 @pytest.mark.parametrize(("slower", "dearer", "breached"), [(3.0, 1.0, "latency_p95"), (1.0, 3.0, "cost_per_image")])
 def test_a_slower_or_dearer_candidate_is_rolled_back_on_that_guardrail(slower, dearer, breached):
     rng = np.random.default_rng(5)

@@ -129,8 +129,9 @@ def arm(name: str, users: int, failure: float = 0.0, latency_ms: float = 800.0, 
     )
 
 
-def good(users: int = 400) -> tuple[tuple, tuple]:
-    return arm("control", users, seed=1), arm("treatment", users, seed=2)
+def good(users: int = 400, percent: float = 10) -> tuple[tuple, tuple]:
+    """A harmless candidate's step at ``percent``: ``users`` treated, and control's users in the step's split."""
+    return arm("control", round(users * (100 - percent) / percent), seed=1), arm("treatment", users, seed=2)
 
 
 def harmful(users: int = 100) -> tuple[tuple, tuple]:
@@ -251,7 +252,7 @@ def test_a_harmful_treatment_is_rolled_back_at_once_with_its_figures_and_the_rol
 def test_a_good_treatment_advances_step_by_step_to_complete_and_stays_the_default(store, warehouse):
     start(store, guardrails=LOOSE)
     warehouse.set_step(1, *good())
-    warehouse.set_step(2, *good())
+    warehouse.set_step(2, *good(percent=50))
     running = controller(store, warehouse)
     (advance,) = running.round()
     assert (advance.action, advance.step, advance.percent_after, advance.revision_after) == ("ADVANCE", 1, 50, 2)
@@ -276,6 +277,17 @@ def test_nothing_advances_without_data(store, warehouse):
     (hold,) = controller(store, warehouse).round()
     assert hold.action == "HOLD" and "too few users" in hold.reason
     assert store.live[KEY].revision == 1
+
+
+def test_a_step_whose_users_are_not_split_as_allocated_holds_until_they_are(store, warehouse):
+    start(store, guardrails=LOOSE)
+    warehouse.set_step(1, *good(percent=50))  # as many treated as control at the 10 % step: results go missing
+    (hold,) = controller(store, warehouse).round()
+    assert hold.action == "HOLD" and "sample ratio mismatch: 400 of 800 users" in hold.reason
+    assert hold.figures["srm.p_value"] < 0.001
+    warehouse.set_step(1, *good())
+    (advance,) = controller(store, warehouse).round()
+    assert (advance.action, advance.percent_after) == ("ADVANCE", 50)
 
 
 def test_a_hold_is_recorded_when_its_reason_changes_not_at_every_look(store, warehouse):
@@ -310,7 +322,7 @@ def test_a_controller_killed_between_a_decision_and_its_experiment_resumes_witho
     assert store.live[KEY].revision == 2 and store.live[KEY].weights["treatment"] == 50
     assert (hold.action, hold.step, hold.revision_after) == ("HOLD", 1, 2)
     assert warehouse.queried == [1, 2]
-    warehouse.set_step(2, *good())
+    warehouse.set_step(2, *good(percent=50))
     (advance,) = restarted.round()
     assert (advance.action, advance.step, advance.percent_after) == ("ADVANCE", 2, 75)
     assert store.actions() == ["START", "ADVANCE", "HOLD", "ADVANCE"]
