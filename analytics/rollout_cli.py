@@ -52,9 +52,37 @@ def _registry_warning(settings: Settings, model: str) -> str | None:
     return None
 
 
+def _treatment(
+    settings: Settings, model: str | None, steps: int | None, guidance: float | None, scheduler: str | None
+) -> dict[str, object]:
+    """The overrides the treatment rolls out, each checked as the render stage will check it."""
+    from pixelpipe.core.registry import SCHEDULERS
+    from pixelpipe.core.validation import InvalidRequestError, check_guidance, check_steps
+
+    treatment = {"model": model, "steps": steps, "guidance": guidance, "scheduler": scheduler}
+    treatment = {name: value for name, value in treatment.items() if value is not None}
+    if not treatment:
+        raise click.UsageError("name what the treatment changes: --model, --inference-steps, --guidance or --scheduler")
+    hints = {"steps": "--inference-steps", "guidance": "--guidance"}
+    try:
+        check_steps(steps, settings.limits)
+        check_guidance(guidance)
+    except InvalidRequestError as e:
+        raise click.BadParameter(e.rule, param_hint=hints.get(e.field, e.field)) from e
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        known = ", ".join(sorted(SCHEDULERS))
+        raise click.BadParameter(f"{scheduler!r} is not one of {known}", param_hint="--scheduler")
+    return treatment
+
+
 @rollout.command("start")
 @click.argument("key")
-@click.option("--model", required=True, help="The new model: the treatment's requests render with it.")
+@click.option("--model", help="The new model: the treatment's requests render with it.")
+@click.option(
+    "--inference-steps", type=int, help="The new number of denoising steps the treatment's requests render with."
+)
+@click.option("--guidance", type=float, help="The new guidance scale of the treatment's requests.")
+@click.option("--scheduler", help="The new scheduler of the treatment's requests (ddim, dpm-solver++, euler, ...).")
 @click.option(
     "--control-model", default="", help="What runs today, recorded in the plan (default: each request's own model)."
 )
@@ -90,19 +118,24 @@ def _registry_warning(settings: Settings, model: str) -> str | None:
 @needs_kafka
 def start_command(
     key: str,
-    model: str,
+    model: str | None,
+    inference_steps: int | None,
+    guidance: float | None,
+    scheduler: str | None,
     control_model: str,
     steps_text: str,
     min_users: int,
     guardrails_text: str | None,
     alpha: float,
 ) -> None:
-    """Start rolling out MODEL under the experiment KEY (a new key): the first step's share of users gets it; `pixelpipe
-    rollout run` takes it from there."""
+    """Start rolling out a new model or setting (--model, --inference-steps, --guidance, --scheduler; one or more)
+    under the experiment KEY (a new key): the first step's share of users gets it; `pixelpipe rollout run` takes it
+    from there."""
     from pixelpipe.analytics.rollout_plan import RolloutError, make_plan, parse_guardrails, parse_steps
     from pixelpipe.analytics.rollouts import start_rollout
 
     settings = load_settings()
+    treatment = _treatment(settings, model, inference_steps, guidance, scheduler)
     if not key or len(key) > settings.limits.max_name_chars:
         raise click.BadParameter(
             f"an experiment key has 1 to {settings.limits.max_name_chars} characters (PIXELPIPE_MAX_NAME_CHARS)",
@@ -114,10 +147,10 @@ def start_command(
         raise click.BadParameter(str(e), param_hint="--steps") from e
     try:
         limits = None if guardrails_text is None else parse_guardrails(guardrails_text)
-        plan = make_plan({"model": model}, control_model, steps, min_users, alpha, limits)
+        plan = make_plan(treatment, control_model, steps, min_users, alpha, limits)
     except RolloutError as e:
         raise click.BadParameter(str(e), param_hint="--guardrails") from e
-    if warning := _registry_warning(settings, model):
+    if model is not None and (warning := _registry_warning(settings, model)):
         click.echo(f"warning: {warning}", err=True)
     try:
         started = start_rollout(_store(settings), key, plan, _person(), click.echo)

@@ -446,12 +446,26 @@ def cli_store(store, monkeypatch, tmp_path):
         (["--steps", "1,5,50"], "they end at 100"),
         (["--guardrails", "joy:+1"], "unknown guardrail metric(s) joy"),
         (["--guardrails", "failure_rate"], "expected METRIC:MARGIN"),
+        (["--inference-steps", "0"], "Invalid value for --inference-steps: must be between 1 and 150, got 0"),
+        (["--guidance", "99"], "Invalid value for --guidance: must be between 0 and 50, got 99.0"),
+        (["--scheduler", "fast"], "Invalid value for --scheduler: 'fast' is not one of ddim, dpm-solver++"),
     ],
 )
 def test_start_refuses_bad_input_and_names_the_option(cli_store, args, message):
     done = CliRunner().invoke(main, ["rollout", "start", KEY, "--model", "sd-1", *args])
     assert done.exit_code == 2 and message in done.output, done.output
     assert cli_store.topic == []
+
+
+def test_a_setting_rolls_out_like_a_model_and_a_treatment_that_changes_nothing_is_refused(cli_store):
+    nothing = CliRunner().invoke(main, ["rollout", "start", KEY])
+    assert nothing.exit_code == 2 and "name what the treatment changes: --model, --inference-steps" in nothing.output
+    done = CliRunner().invoke(main, ["rollout", "start", KEY, "--inference-steps", "20", "--scheduler", "euler"])
+    assert done.exit_code == 0 and "warning" not in done.stderr, done.output
+    treatment = cli_store.topic[0].plan.treatment
+    assert (treatment.model, treatment.steps, treatment.guidance, treatment.scheduler) == (None, 20, None, "euler")
+    assert cli_store.live[KEY].overrides_for("treatment") == {"steps": 20, "scheduler": "euler"}
+    assert "guarded rollout of steps 20, scheduler euler through 1, 5, 25, 50, 100 %" in done.stdout
 
 
 def test_start_warns_of_a_model_the_registry_lacks_and_refuses_a_second_rollout_of_a_key(cli_store):
