@@ -46,6 +46,12 @@ def _time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> da
 @click.option("--by", "dimension", help="Also split every metric by this dimension (kind or model).")
 @click.option("--pre-days", default=14, show_default=True, type=click.IntRange(min=0), help="Pre-period for CUPED.")
 @click.option(
+    "--revision",
+    type=click.IntRange(min=0),
+    help="Only users assigned under this revision of a live experiment (one allocation); default: the latest with "
+    "results in every arm, when the window holds several.",
+)
+@click.option(
     "--min-users",
     default=DEFAULT_MIN_USERS_PER_ARM,
     show_default=True,
@@ -64,6 +70,7 @@ def analyze(
     metrics: str | None,
     dimension: str | None,
     pre_days: int,
+    revision: int | None,
     min_users: int,
     clickhouse_url: str | None,
     html_path: Path | None,
@@ -81,7 +88,9 @@ def analyze(
     client = connect(clickhouse_url or load_settings().clickhouse.url)
     try:
         names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-        result = run_analysis(client, spec, start, end, names, dimension, pre_days, min_users_per_arm=min_users)
+        result = run_analysis(
+            client, spec, start, end, names, dimension, pre_days, min_users_per_arm=min_users, revision=revision
+        )
     except AnalysisError as e:
         raise click.ClickException(str(e)) from e
     finally:

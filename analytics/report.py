@@ -12,9 +12,10 @@ analysis.write_html("report.html")           # report_html.render_html(analysis)
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pixelpipe.analytics import stats
 from pixelpipe.analytics import sufficient_stats as ss
 from pixelpipe.analytics.defaults import DEFAULT_MIN_USERS_PER_ARM
 from pixelpipe.analytics.report_text import ReportText
+from pixelpipe.analytics.rollout_plan import CONTROL, TREATMENT
 from pixelpipe.analytics.sequential import quantile_confidence_sequence
 from pixelpipe.core.experiments import Experiment
 
@@ -60,6 +62,8 @@ class Analysis(ReportText):
     mde: float = DEFAULT_MDE
     # time, action, percent_before, percent_after, revision, reason: the ramp of the experiment's guarded rollout
     ramp: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(RAMP_COLUMNS)))
+    revision: int | None = None  # the one allocation analysed; None: every result in the window
+    planned: dict[str, float] = field(default_factory=dict)  # the split the SRM check expects; {}: the weights
 
     def to_html(self) -> str:
         """The self-contained HTML report (see ``report_html``)."""
@@ -85,6 +89,7 @@ def analyze(
     min_users_per_arm: int = DEFAULT_MIN_USERS_PER_ARM,
     now: datetime.datetime | None = None,
     mde: float = DEFAULT_MDE,
+    revision: int | None = None,
 ) -> Analysis:
     """Every treatment against the control on each metric, from ClickHouse aggregates.
 
@@ -99,6 +104,11 @@ def analyze(
     missed harm, and adjusting would cut their power as guardrails are added. ``dimension`` (kind or model) adds
     per-segment rows: exploratory, unadjusted, without a verdict. ``power`` gives the users per arm that detect a
     relative lift of ``mde`` on each goal metric with 80% power at Holm's strictest level, alpha / tests.
+
+    One allocation at a time: when the window's results were assigned under several revisions of a live experiment
+    (a ramp), only those of ``revision`` count, by default the latest in which every arm has results. Arms pooled
+    across allocations mix users enrolled at different shares and times, which can bias every lift, and no one
+    planned split fits them for the SRM check. The split of a guarded rollout's step comes from its ramp.
     """
     names = list(metrics or DEFAULT_METRICS)
     if message := ss.unknown_metric_message(names):
@@ -106,8 +116,18 @@ def analyze(
     chosen = [ss.METRICS[n] for n in names]
     _check_dimension(dimension, chosen)
     lo, hi = _window(experiment, start, end, now or datetime.datetime.now(datetime.UTC))
-    window = ss.Window.of(lo, hi, pre_days)
     key = experiment.key
+    window = ss.Window.of(lo, hi, pre_days)
+    revisions = ss.fetch_revisions(client, key, window)
+    revision, notes = _allocation(experiment, revisions, revision)
+    window = dataclasses.replace(window, revision=revision)
+    ramp = _ramp(client, key)
+    planned = _planned_split(experiment, ramp, revision)
+    if revision is not None and planned == experiment.weights and revision < max(revisions):
+        notes.append(
+            f"The split of revision {revision} is not recorded (a guarded rollout's steps are), so the SRM check "
+            "expects the experiment's weights now, which that revision may not have had."
+        )
 
     overall = ss.fetch_arm_stats(client, key, window, chosen)
     _check_arms(client, experiment, overall, lo, hi)
@@ -117,8 +137,7 @@ def analyze(
     arm_frame = pd.concat(frames, ignore_index=True).rename(columns={"dim": "segment", "arm": "variant"})
 
     users = {v: int(overall.loc[overall["arm"] == v, "users"].iloc[0]) for v in experiment.weights}
-    srm = stats.srm_check(users, experiment.weights)
-    notes = []  # the SRM verdict has its own banner
+    srm = stats.srm_check(users, planned)  # its verdict has its own banner
     crossed = int(overall["users_in_several_arms"].sum())
     if crossed:
         notes.append(f"{crossed} user(s) appear in more than one arm; each is counted in one of them.")
@@ -166,8 +185,43 @@ def analyze(
         alpha=alpha,
         power=_power(results[goals], alpha / max(int(goals.sum()), 1), mde),
         mde=mde,
-        ramp=_ramp(client, key),
+        ramp=ramp,
+        revision=revision,
+        planned=planned,
     )
+
+
+def _allocation(
+    experiment: Experiment, revisions: Mapping[int, Mapping[str, int]], asked: int | None
+) -> tuple[int | None, list[str]]:
+    """The revision to analyse (None: the window holds one allocation, or none) and the note that says why."""
+    key, shown = experiment.key, ", ".join(map(str, sorted(revisions)))
+    if asked is not None:
+        if asked not in revisions:
+            raise AnalysisError(
+                f"no result of {key!r} in the window was assigned under revision {asked}; revisions with results: "
+                f"{shown or 'none'}"
+            )
+        return asked, []
+    if len(revisions) <= 1:
+        return None, []
+    complete = [r for r, arms in revisions.items() if all(arms.get(v) for v in experiment.weights)]
+    chosen = max(complete or revisions)
+    return chosen, [
+        f"The window holds {len(revisions)} allocations of {key} (revisions {shown}): arms pooled across them mix "
+        "users enrolled at different shares and times, which can bias every lift, so this report keeps to revision "
+        f"{chosen}, the latest with results in every arm. --revision N analyses another."
+    ]
+
+
+def _planned_split(experiment: Experiment, ramp: pd.DataFrame, revision: int | None) -> dict[str, float]:
+    """The split the revision's users should show: a guarded rollout's step percent where the ramp has it, else
+    the experiment's weights."""
+    step = ramp[ramp["revision"] == revision] if revision is not None else ramp.iloc[0:0]
+    if not step.empty and set(experiment.weights) == {CONTROL, TREATMENT}:
+        percent = float(step["percent_after"].iloc[-1])
+        return {CONTROL: 100.0 - percent, TREATMENT: percent}
+    return dict(experiment.weights)
 
 
 def _ramp(client: ss.Client, key: str) -> pd.DataFrame:

@@ -51,6 +51,8 @@ class ReportText:
     power: pd.DataFrame
     mde: float
     ramp: pd.DataFrame
+    revision: int | None
+    planned: dict[str, float]
 
     def table(self, width: int = TABLE_WIDTH) -> str:
         """The report as plain text, as the CLI prints it: SRM first, then goals, guardrails, segments, methods,
@@ -69,8 +71,9 @@ class ReportText:
     def srm_banner(self) -> str:
         """The sample-ratio check in one sentence; it comes before any result, since a mismatch voids them all."""
         users = ", ".join(f"{v}={n}" for v, n in self.users_per_arm().items())
-        total = sum(self.experiment.weights.values())
-        planned = "/".join(f"{w / total:.0%}" for w in self.experiment.weights.values())
+        weights = self.planned or self.experiment.weights
+        total = sum(weights.values())
+        planned = "/".join(f"{w / total:.0%}" for w in weights.values())
         if self.srm.flagged:
             return (
                 f"SRM: MISMATCH (p={self.srm.p_value:.2g}): users {users} do not match the planned {planned} split. "
@@ -87,7 +90,9 @@ class ReportText:
         )
         return (
             f"{exp.key} compares {' and '.join(exp.treatments)} with {exp.control} (the control arm) from "
-            f"{self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC. Lifts are relative to the control, "
+            f"{self.start:%Y-%m-%d %H:%M} to {self.end:%Y-%m-%d %H:%M} UTC"
+            f"{'' if self.revision is None else f', users assigned under revision {self.revision}'}. "
+            "Lifts are relative to the control, "
             f"with {1 - self.alpha:.0%} intervals; {better}."
         )
 

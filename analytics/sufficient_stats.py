@@ -163,11 +163,13 @@ _USER_COLUMNS = {
 
 @dataclass(frozen=True)
 class Window:
-    """Experiment window [start, end) and pre-period [pre_start, start), in epoch milliseconds (UTC)."""
+    """Experiment window [start, end) and pre-period [pre_start, start), in epoch milliseconds (UTC); with a
+    ``revision``, only the events assigned under that revision of the experiment (one allocation)."""
 
     start_ms: int
     end_ms: int
     pre_start_ms: int
+    revision: int | None = None
 
     @classmethod
     def of(cls, start: datetime.datetime, end: datetime.datetime, pre_days: int) -> Window:
@@ -211,6 +213,26 @@ def values_sql(key: str, window: Window, metric: Metric, cap: int = QUANTILE_SAM
     """Per arm, an array of the metric's per-user values (no user ids), for quantiles and distributions."""
     aggregate = f"groupArray({int(cap)})(toFloat64({metric.value})) AS values"
     return _arm_query(key, window, [metric], _NO_DIMENSION, [aggregate], user_filter=metric.users)
+
+
+def revisions_sql(key: str, window: Window) -> str:
+    """Per revision of the experiment that the window's results were assigned under, and arm: how many results
+    (0 is a file's experiment, or a result written before revisions were recorded)."""
+    k = quote(key)
+    return (
+        f"SELECT experiment_revisions[indexOf(experiment_keys, {k})] AS revision,"
+        f" experiment_variants[indexOf(experiment_keys, {k})] AS arm, count() AS results FROM results_dedup"
+        f" WHERE has(experiment_keys, {k}) AND event_time_ms >= {window.start_ms} AND event_time_ms < {window.end_ms}"
+        " GROUP BY revision, arm ORDER BY revision, arm"
+    )
+
+
+def fetch_revisions(client: Client, key: str, window: Window) -> dict[int, dict[str, int]]:
+    """Results per arm, by the revision they were assigned under, in the window (``revisions_sql``)."""
+    revisions: dict[int, dict[str, int]] = {}
+    for revision, arm, results in client.execute(revisions_sql(key, window)):
+        revisions.setdefault(int(revision), {})[str(arm)] = int(results)
+    return revisions
 
 
 def span_sql(key: str) -> str:
@@ -377,6 +399,8 @@ def _arm_query(
 ) -> Query:
     k = quote(key)
     in_exp = f"has(experiment_keys, {k}) AND event_time_ms >= {window.start_ms} AND event_time_ms < {window.end_ms}"
+    if window.revision is not None:
+        in_exp += f" AND experiment_revisions[indexOf(experiment_keys, {k})] = {int(window.revision)}"
     in_pre = f"event_time_ms >= {window.pre_start_ms} AND event_time_ms < {window.start_ms}"
     common = (
         f"user_id, experiment_variants[indexOf(experiment_keys, {k})] AS exp_arm,"

@@ -460,3 +460,72 @@ def test_the_report_shows_the_ramp_only_after_a_rollout(analysis: report.Analysi
     page = ramped.to_html()
     section = page.split('<section id="rollout">')[1].split("</section>")[0]
     assert section.count("<tr>") == 4 and "every guardrail within its margin " * 6 in section  # whole in the HTML
+
+
+# -- an experiment ramped through two allocations ---------------------------------------------------------------
+RAMPED = parse_experiments(
+    {
+        "experiments": [
+            {
+                "key": "ramped",
+                "start": "2025-02-01",
+                "end": "2025-02-15",
+                "variants": [{"name": "control", "weight": 50}, {"name": "treatment", "weight": 50}],
+            }
+        ]
+    }
+)["ramped"]
+
+
+@pytest.fixture(scope="module")
+def ramped(chdb: ChdbClient) -> ChdbClient:
+    """Revision 1 (the first week): 10 % of 1,000 users treated; revision 2 (the second): 50 % of 1,000 others.
+    Everyone is a second slower in the second week, and the treatment changes nothing: pooled, the treatment
+    (mostly second-week users) looks far slower than the control (mostly first-week ones)."""
+    start_ms = int(RAMPED.start.timestamp() * 1000)
+    week_ms = 7 * 86_400_000
+    for revision, share, first_ms, latency in ((1, 10, start_ms, 1000), (2, 2, start_ms + week_ms, 2000)):
+        arm = f"if(number % {share} = 0, 'treatment', 'control')"
+        chdb.execute(
+            "INSERT INTO results (event_id, request_id, schema_version, event_time_ms, status, kind, user_id,"
+            " image_uris, moderation_stage, model, experiment_keys, experiment_variants, experiment_revisions,"
+            " variant, request_created_at_ms)"
+            f" SELECT concat('r{revision}-', toString(number)), concat('r{revision}-', toString(number)), 4,"
+            f" {first_ms} + number * 600000 AS t, 'SUCCEEDED', 'GENERATE', concat('u{revision}-', toString(number)),"
+            f" ['s3://pixelpipe/x'], '', 'tiny-sd', ['ramped'], [{arm}], [{revision}], {arm},"
+            f" t - {latency} - cityHash64(number) % 200"
+            " FROM numbers(1000)"
+        )
+    decisions = [_decision("ramped", 1, "START", 0, 10, "started"), _decision("ramped", 2, "ADVANCE", 10, 50, "ok")]
+    chdb.insert("rollout_decisions", ROLLOUT_COLUMNS, [rollout_row(d) for d in decisions])
+    return chdb
+
+
+def test_a_ramped_experiment_is_analysed_within_one_allocation_not_pooled_across_them(ramped: ChdbClient):
+    lift = {}
+    for revision in (None, 1, 2):
+        analysis = report.analyze(ramped, RAMPED, metrics=["latency_ms"], revision=revision)
+        (row,) = analysis.results[analysis.results["segment"] == "all"].itertuples()
+        lift[revision] = row
+        assert not analysis.srm.flagged, (revision, analysis.srm_banner())
+    # By default the latest allocation with results in both arms, said in the notes and the summary.
+    assert "The window holds 2 allocations of ramped (revisions 1, 2)" in " ".join(
+        report.analyze(ramped, RAMPED, metrics=["latency_ms"]).notes
+    )
+    assert lift[None].n_treatment == 500 and lift[1].n_treatment == 100 and lift[1].n_control == 900
+    for row in lift.values():  # the treatment changes nothing, and no allocation shows otherwise
+        assert row.abs_ci_low < 0 < row.abs_ci_high, row
+    pooled = stats.mean_lift(*(stats.sufficient_stats_from_values(values) for values in _pooled_latencies(ramped)))
+    assert pooled.rel_lift > 0.2  # what pooling both allocations would have claimed
+    split = report.analyze(ramped, RAMPED, metrics=["latency_ms"], revision=1)
+    assert "users assigned under revision 1" in split.summary() and "planned 90%/10% split" in split.srm_banner()
+    with pytest.raises(report.AnalysisError, match="assigned under revision 7; revisions with results: 1, 2"):
+        report.analyze(ramped, RAMPED, metrics=["latency_ms"], revision=7)
+
+
+def _pooled_latencies(client: ChdbClient) -> list[list[float]]:
+    rows = client.execute(
+        "SELECT variant, groupArray(toFloat64(event_time_ms - request_created_at_ms)) FROM results_dedup"
+        " WHERE has(experiment_keys, 'ramped') GROUP BY variant ORDER BY variant"
+    )
+    return [values for _, values in rows]  # control, treatment
