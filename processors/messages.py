@@ -134,9 +134,12 @@ class Emitter:
         rendered: Rendered | None = None,
         *,
         pool: str | None = None,
+        model: str | None = None,
     ) -> None:
-        """The request's result; ``pool``: the pool it was routed to, when not the emitter's."""
-        value = self.context.codec.encode(image_result(request, outcome, timings_ms, rendered, pool or self.pool))
+        """The request's result; ``pool``: the pool it was routed to, when not the emitter's; ``model``: the final
+        model of a request that ended unrendered (see ``image_result``)."""
+        result = image_result(request, outcome, timings_ms, rendered, pool or self.pool, model)
+        value = self.context.codec.encode(result)
         TELEMETRY.result(outcome, request.kind)
         key = request.request_id.encode()
         self.emissions.append(Emission(self.context.topics.results, key, value))

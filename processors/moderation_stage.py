@@ -100,6 +100,7 @@ class ModerationStage:
         readable: list[tuple[Inbound, ImageRequest]] = []
         computes: list[float | None] = []
         pools: list[str | None] = []
+        models: list[str | None] = []  # the final model, after the variants' overrides, that results and metrics name
         refusals: list[Outcome | None] = []
         for message in messages:
             request = None
@@ -120,10 +121,11 @@ class ModerationStage:
                 outcome = unforeseen(emit, message, "moderation", request, e)
                 if request is None:
                     continue
-                compute, pool, refusal = None, None, outcome
+                compute, pool, model, refusal = None, None, None, outcome
             readable.append((message, request))
             computes.append(compute)
             pools.append(pool)
+            models.append(model)
             refusals.append(refusal)
         admitted = [request for (_, request), refusal in zip(readable, refusals, strict=True) if refusal is None]
         verdicts: Iterator[Verdict | None]
@@ -135,7 +137,8 @@ class ModerationStage:
             log.exception("prompt moderation failed", extra={"requests": len(admitted)})
             verdicts = iter([None] * len(admitted))
         shared_ms = (time.time() - started_s) * 1000.0 / max(1, len(readable))
-        for (message, request), refusal, compute, pool in zip(readable, refusals, computes, pools, strict=True):
+        ended = zip(readable, refusals, computes, pools, models, strict=True)
+        for (message, request), refusal, compute, pool, model in ended:
             own_started_s = time.time()
             try:
                 outcome = refusal if refusal is not None else self._moderate(request, next(verdicts))
@@ -152,12 +155,12 @@ class ModerationStage:
                 len(readable),
             )
             # Its metric names the pool it is routed to; a request that ends here has none.
-            emit.metric(request, work, pool=pool if outcome is None else None)
+            emit.metric(request, work, model, pool=pool if outcome is None else None)
             if outcome is None:
                 assert pool is not None  # a request no pool serves was refused above
                 emit.forward(self.topic_for(request, compute, pool), message)
             else:
-                emit.result(request, outcome, {"moderation": compute_ms})
+                emit.result(request, outcome, {"moderation": compute_ms}, model=model)
         return emit.take()
 
     def _assign(self, request: ImageRequest) -> bool:

@@ -88,8 +88,15 @@ class Rendered:
 
 
 def image_result(
-    request: ImageRequest, outcome: Outcome, timings_ms: dict[str, float], rendered: Rendered | None, pool: str | None
+    request: ImageRequest,
+    outcome: Outcome,
+    timings_ms: dict[str, float],
+    rendered: Rendered | None,
+    pool: str | None,
+    model: str | None = None,
 ) -> ImageResult:
+    """``model``: the model a request that ended unrendered would have run with (after its variants' overrides);
+    the request's own when None."""
     params = rendered.params if rendered else None
     return ImageResult(
         event_id=derived_event_id(request.request_id, "result"),
@@ -104,7 +111,7 @@ def image_result(
         ],
         error_code=outcome.error_code,
         error_message=outcome.error_message,
-        model=params.model if params else request.model,
+        model=params.model if params else (model or request.model),
         experiments=dict(request.experiments),
         variant=request.variant,
         request_created_at=request.created_at,

@@ -48,6 +48,15 @@ def final_model(request: ImageRequest, experiments: Mapping[str, Experiment]) ->
     return str(overrides.get("model", request.model)), set_by.get("model")
 
 
+def model_of_unrendered(request: ImageRequest, experiments: Mapping[str, Experiment]) -> str:
+    """The model a request that ends before its render is recorded with: its final model, or its own when it names
+    a variant the experiment lacks (that failure says so)."""
+    try:
+        return final_model(request, experiments)[0]
+    except KeyError:
+        return request.model
+
+
 def request_compute(
     request: ImageRequest, experiments: Mapping[str, Experiment], registry: ModelRegistry, limits: RequestLimits
 ) -> float | None:

@@ -50,7 +50,7 @@ from pixelpipe.processors.messages import (
 from pixelpipe.processors.models import BatchOutput, DiffusionModels
 from pixelpipe.processors.moderation import ImageModerator
 from pixelpipe.processors.outcomes import Outcome, Rendered, RenderParams, StageWork
-from pixelpipe.processors.params import resolve_params
+from pixelpipe.processors.params import model_of_unrendered, resolve_params
 from pixelpipe.processors.previews import Previews, PreviewSink, hook_for, previewing
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,8 @@ class RenderStage:
         self, emit: Emitter, request: ImageRequest, message: Inbound, started_s: float, model: str | None = None
     ) -> None:
         """A request cancelled before its model call: CANCELLED, no device time spent, none known to be saved."""
-        emit.result(request, Outcome.cancelled("cancelled before its render: nothing rendered"), {})
+        model = model or model_of_unrendered(request, self.experiments)
+        emit.result(request, Outcome.cancelled("cancelled before its render: nothing rendered"), {}, model=model)
         work = StageWork(self.name, "CANCELLED", queue_ms(message, started_s), 0.0, "none", 0.0)
         emit.metric(request, work, model)
 
@@ -324,8 +325,10 @@ class RenderStage:
         outcome: Outcome,
         model: str | None = None,
     ) -> None:
-        """A request FAILED before its model call: its result, and a metric with no device time."""
-        emit.result(request, outcome, {})
+        """A request FAILED before its model call: its result, and a metric with no device time, naming the model it
+        would have run with."""
+        model = model or model_of_unrendered(request, self.experiments)
+        emit.result(request, outcome, {}, model=model)
         emit.metric(request, StageWork(self.name, "FAILED", queue_ms(message, started_s), 0.0, "none", 0.0), model)
 
     def _fail_internally(

@@ -187,6 +187,15 @@ def test_a_render_waits_for_the_definition_moderation_assigned_it_under_and_rend
     assert sorted(models) == ["tiny-sd", "tiny-sd-b"] and ended == []
 
 
+def test_a_treated_request_that_ends_before_its_render_is_recorded_with_the_variant_s_model(render_stage):
+    stage, data = render_stage
+    data.update(table(rollout(25, 1)))
+    expired = assigned(1)
+    expired.deadline = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    _, (failed,) = planned(stage, [expired])
+    assert (failed.status, failed.error_code, failed.model) == ("FAILED", "DEADLINE_EXCEEDED", "tiny-sd-b")
+
+
 def test_a_render_whose_definition_never_arrives_fails_retryably_naming_the_experiment(render_stage, monkeypatch):
     stage, data = render_stage
     monkeypatch.setattr(render, "ASSIGNED_REVISION_WAIT_S", 0.2)

@@ -172,6 +172,9 @@ def test_moderation_routes_each_request_to_its_final_models_pool_and_fails_an_un
     assert results[unserved_by_variant.request_id].error_message.startswith(
         "model 'tiny-sd-b' (set by experiment b-model, variant big) is served by no pool (pools: sd)"
     )
+    # The result names the model the variant would have run with, not the request's own.
+    _, results = moderate_with_pools([moved], data)
+    assert (results[moved.request_id].error_code, results[moved.request_id].model) == ("MODEL_NOT_SERVED", "tiny-sd-b")
     assert edit.kind == "EDIT"
 
 
