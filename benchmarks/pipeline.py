@@ -352,7 +352,7 @@ def observation_cost_us(rounds: int = 20_000) -> float:
             TELEMETRY.events_in("generate", 32, pool="default")
         for work in works:
             TELEMETRY.work(work, 1e-7, pool="default")
-        TELEMETRY.result(succeeded, "GENERATE")
+        TELEMETRY.result(succeeded, "GENERATE", pool="default")
     TELEMETRY.fold()
     elapsed = time.perf_counter() - started
     TELEMETRY.enable(was)

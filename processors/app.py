@@ -59,7 +59,7 @@ from pixelpipe.processors.messages import Emission, Inbound
 from pixelpipe.processors.moderation_stage import ModerationStage
 from pixelpipe.processors.sender import EmissionSender
 from pixelpipe.processors.takes import InOrderAcknowledgement, in_thread, render_take
-from pixelpipe.processors.telemetry import TELEMETRY
+from pixelpipe.processors.telemetry import GPU, TELEMETRY
 
 if TYPE_CHECKING:
     from pixelpipe.processors.build import Stage
@@ -229,6 +229,7 @@ class Pipeline:
     # -- rendering ----------------------------------------------------------------------------------------------
     def _add_render_agent(self, kind: str, stage: RenderStage, topic: str) -> None:
         stage.preview_sink = self.sender.send_preview  # previews of images in progress go to reply topics
+        GPU.pool = stage.context.pool or ""  # a worker renders for one pool: its GPU series name it
         # Every render worker reads the whole compacted topic: cancellations are few and small.
         cancellations = self._global_table("cancellations", self.settings.topics.cancellations)
         stage.experiments = live = self._live_experiments(stage.experiments)

@@ -140,7 +140,7 @@ class Emitter:
         model of a request that ended unrendered (see ``image_result``)."""
         result = image_result(request, outcome, timings_ms, rendered, pool or self.pool, model)
         value = self.context.codec.encode(result)
-        TELEMETRY.result(outcome, request.kind)
+        TELEMETRY.result(outcome, request.kind, pool=result.pool)
         key = request.request_id.encode()
         self.emissions.append(Emission(self.context.topics.results, key, value))
         if request.reply_topic is not None and self._may_reply_to(request.reply_topic):
@@ -156,7 +156,7 @@ class Emitter:
 
     def unreadable(self, request_id: str, outcome: Outcome) -> None:
         self._emit(self.context.topics.results, request_id.encode(), unreadable_result(request_id, outcome, self.pool))
-        TELEMETRY.result(outcome, "unknown")
+        TELEMETRY.result(outcome, "unknown", pool=self.pool)
 
     def metric(
         self, request: ImageRequest, work: StageWork, model: str | None = None, *, pool: str | None = None

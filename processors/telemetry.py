@@ -81,7 +81,7 @@ class StageTelemetry(Collector):
 
     def __init__(self) -> None:
         self.enabled = False
-        # A StageMetric's observation waits as (work, cost, pool), a result's as (outcome, kind).
+        # An observation waits as (the method that folds it, its arguments).
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         # Per stage and pool, as the label values are: (stage, pool, ...).
@@ -92,9 +92,9 @@ class StageTelemetry(Collector):
         self._device: dict[tuple[str, str, str], float] = {}
         self._saved: dict[tuple[str, str], float] = {}
         self._cost: dict[tuple[str, str], float] = {}
-        self._results: dict[tuple[str, str], int] = {}
-        self._images: dict[str, int] = {}
-        self._rejections: dict[tuple[str, str], int] = {}
+        self._results: dict[tuple[str, str, str], int] = {}
+        self._images: dict[tuple[str, str], int] = {}
+        self._rejections: dict[tuple[str, str, str], int] = {}
 
     def enable(self, on: bool = True) -> None:
         self.enabled = on
@@ -106,13 +106,13 @@ class StageTelemetry(Collector):
     def work(self, work: StageWork, cost_usd: float, *, pool: str | None) -> None:
         """One StageMetric's worth: outcome, queue and compute time, batch size, device time and cost."""
         if self.enabled:
-            self._pending.append((work, cost_usd, pool or ""))
+            self._pending.append((self._fold_work, work, cost_usd, pool or ""))
             if len(self._pending) > FOLD_EVERY:
                 self.fold()
 
-    def result(self, outcome: Outcome, kind: str) -> None:
+    def result(self, outcome: Outcome, kind: str, *, pool: str | None) -> None:
         if self.enabled:
-            self._pending.append((outcome, kind))
+            self._pending.append((self._fold_result, outcome, kind, pool or ""))
             if len(self._pending) > FOLD_EVERY:
                 self.fold()
 
@@ -143,11 +143,8 @@ class StageTelemetry(Collector):
         with self._lock:
             pending = self._pending
             while pending:
-                observation = pending.popleft()
-                if len(observation) == 3:
-                    self._fold_work(*observation)
-                else:
-                    self._fold_result(*observation)
+                fold, *arguments = pending.popleft()
+                fold(*arguments)
 
     def _fold_work(self, work: StageWork, cost_usd: float, pool: str) -> None:
         stage = work.stage.lower()
@@ -167,14 +164,15 @@ class StageTelemetry(Collector):
             self._saved[series] = self._saved.get(series, 0.0) + (work.device_seconds_saved or 0.0)
         self._cost[series] = self._cost.get(series, 0.0) + cost_usd
 
-    def _fold_result(self, outcome: Outcome, kind: str) -> None:
-        key = (outcome.status, outcome.error_code or "")
+    def _fold_result(self, outcome: Outcome, kind: str, pool: str) -> None:
+        key = (outcome.status, outcome.error_code or "", pool)
         self._results[key] = self._results.get(key, 0) + 1
         if outcome.images:
-            self._images[kind.lower()] = self._images.get(kind.lower(), 0) + len(outcome.images)
+            images = (kind.lower(), pool)
+            self._images[images] = self._images.get(images, 0) + len(outcome.images)
         if outcome.status == "REJECTED":
             for category in outcome.rejected_categories or ["unknown"]:
-                rejection = ((outcome.moderation_stage or "").lower(), category)
+                rejection = ((outcome.moderation_stage or "").lower(), category, pool)
                 self._rejections[rejection] = self._rejections.get(rejection, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
@@ -219,21 +217,16 @@ class StageTelemetry(Collector):
             )
             yield _counter(
                 "pixelpipe_results",
-                "Terminal results, by status and error code ('' when none).",
-                ["status", "error_code"],
+                "Terminal results, by status, error code ('' when none) and the pool that ended them ('' for none).",
+                ["status", "error_code", "pool"],
                 self._results,
             )
-            yield _counter(
-                "pixelpipe_images",
-                "Images stored for succeeded requests.",
-                ["kind"],
-                {(k,): v for k, v in self._images.items()},
-            )
+            yield _counter("pixelpipe_images", "Images stored for succeeded requests.", ["kind", "pool"], self._images)
             yield _counter(
                 "pixelpipe_moderation_rejections",
                 "Requests rejected by moderation, by check and category (a request rejected for two categories counts "
                 "twice).",
-                ["check", "category"],
+                ["check", "category", "pool"],
                 self._rejections,
             )
 
@@ -247,30 +240,36 @@ def _counter(name: str, doc: str, labels: list[str], values: Mapping[tuple[str, 
 
 class GpuCollector(Collector):
     """GPU memory and utilisation at scrape time, where torch is loaded and sees CUDA devices; nothing otherwise
-    (a moderation worker never imports torch for this)."""
+    (a moderation worker never imports torch for this). Each series names the worker's model pool, which its render
+    stage sets ('' for the default pool), so utilisation reads per pool."""
+
+    def __init__(self) -> None:
+        self.pool = ""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
             return
-        allocated = GaugeMetricFamily("pixelpipe_gpu_memory_allocated_bytes", "Memory held by tensors.", labels=["gpu"])
+        labels = ["gpu", "pool"]
+        allocated = GaugeMetricFamily("pixelpipe_gpu_memory_allocated_bytes", "Memory held by tensors.", labels=labels)
         reserved = GaugeMetricFamily(
-            "pixelpipe_gpu_memory_reserved_bytes", "Memory reserved by torch's caching allocator.", labels=["gpu"]
+            "pixelpipe_gpu_memory_reserved_bytes", "Memory reserved by torch's caching allocator.", labels=labels
         )
-        total = GaugeMetricFamily("pixelpipe_gpu_memory_total_bytes", "The device's memory.", labels=["gpu"])
+        total = GaugeMetricFamily("pixelpipe_gpu_memory_total_bytes", "The device's memory.", labels=labels)
         utilisation = GaugeMetricFamily(
-            "pixelpipe_gpu_utilization_ratio", "Share of the last sample period a kernel ran (NVML).", labels=["gpu"]
+            "pixelpipe_gpu_utilization_ratio", "Share of the last sample period a kernel ran (NVML).", labels=labels
         )
         for index in range(torch.cuda.device_count()):
-            gpu = str(index)
-            allocated.add_metric([gpu], torch.cuda.memory_allocated(index))
-            reserved.add_metric([gpu], torch.cuda.memory_reserved(index))
-            total.add_metric([gpu], torch.cuda.get_device_properties(index).total_memory)
+            series = [str(index), self.pool]
+            allocated.add_metric(series, torch.cuda.memory_allocated(index))
+            reserved.add_metric(series, torch.cuda.memory_reserved(index))
+            total.add_metric(series, torch.cuda.get_device_properties(index).total_memory)
             with contextlib.suppress(Exception):  # no NVML (pynvml) on this host: memory only
-                utilisation.add_metric([gpu], torch.cuda.utilization(index) / 100.0)
+                utilisation.add_metric(series, torch.cuda.utilization(index) / 100.0)
         yield from (allocated, reserved, total, utilisation)
 
 
 TELEMETRY = StageTelemetry()
 REGISTRY.register(TELEMETRY)
-REGISTRY.register(GpuCollector())
+GPU = GpuCollector()
+REGISTRY.register(GPU)

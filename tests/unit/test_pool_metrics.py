@@ -2,6 +2,7 @@
 for a request that ended at moderation; and the Prometheus series of the stages say the same."""
 
 import dataclasses
+import sys
 import time
 
 from prometheus_client import REGISTRY
@@ -11,7 +12,7 @@ from pixelpipe.core.events import ImageResult, StageMetric
 from pixelpipe.core.pools import Pool
 from pixelpipe.core.settings import TopicSettings
 from pixelpipe.processors.messages import Emission, Inbound
-from pixelpipe.processors.telemetry import TELEMETRY
+from pixelpipe.processors.telemetry import TELEMETRY, GpuCollector
 from pixelpipe.producers import new_request
 from tests.unit.test_cancellation import null_registry, run, stage_for
 from tests.unit.test_pools import pooled_moderation, table
@@ -71,6 +72,11 @@ def test_the_stage_series_of_a_render_stage_carry_its_pool(tmp_path):
     stage.context = dataclasses.replace(stage.context, pool="tiny")
     finished = {"stage": "generate", "pool": "tiny", "outcome": "OK"}
     before = REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished) or 0.0
+    results_before = (
+        REGISTRY.get_sample_value("pixelpipe_results_total", {"status": "SUCCEEDED", "error_code": "", "pool": "tiny"})
+        or 0.0
+    )
+    images_before = REGISTRY.get_sample_value("pixelpipe_images_total", {"kind": "generate", "pool": "tiny"}) or 0.0
     was = TELEMETRY.enabled
     TELEMETRY.enable()
     try:
@@ -79,3 +85,28 @@ def test_the_stage_series_of_a_render_stage_carry_its_pool(tmp_path):
         TELEMETRY.enable(was)
     assert REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished) == before + 1
     assert REGISTRY.get_sample_value("pixelpipe_stage_events_out_total", finished | {"pool": ""}) is None
+    # Its results and images are counted under its pool too.
+    succeeded = {"status": "SUCCEEDED", "error_code": "", "pool": "tiny"}
+    assert REGISTRY.get_sample_value("pixelpipe_results_total", succeeded) == results_before + 1
+    assert (
+        REGISTRY.get_sample_value("pixelpipe_images_total", {"kind": "generate", "pool": "tiny"}) == images_before + 1
+    )
+
+
+def test_the_gpu_series_name_the_worker_s_pool(monkeypatch):
+    class OneGpu:
+        @staticmethod
+        def is_available():
+            return True
+
+        device_count = staticmethod(lambda: 1)
+        memory_allocated = memory_reserved = staticmethod(lambda index: 1024)
+        get_device_properties = staticmethod(lambda index: type("Properties", (), {"total_memory": 4096}))
+        utilization = staticmethod(lambda index: 50)
+
+    monkeypatch.setitem(sys.modules, "torch", type("Torch", (), {"cuda": OneGpu}))
+    collector = GpuCollector()
+    collector.pool = "sd-b"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}
+    assert samples[("pixelpipe_gpu_utilization_ratio", (("gpu", "0"), ("pool", "sd-b")))] == 0.5
+    assert samples[("pixelpipe_gpu_memory_total_bytes", (("gpu", "0"), ("pool", "sd-b")))] == 4096

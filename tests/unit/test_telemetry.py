@@ -99,9 +99,10 @@ def test_stage_telemetry_counts_only_when_enabled():
     assert sample("pixelpipe_stage_queue_seconds_count", generate) == before + 2
     assert sample("pixelpipe_stage_batch_size_bucket", generate | {"le": "4.0"}) >= 2
     rejected = Outcome.rejected("PROMPT", {"violence": 0.9}, ["violence"])
-    before = sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"})
-    telemetry.result(rejected, "GENERATE")
-    assert sample("pixelpipe_moderation_rejections_total", {"check": "prompt", "category": "violence"}) == before + 1
+    violence = {"check": "prompt", "category": "violence", "pool": ""}  # ended at moderation: no pool
+    before = sample("pixelpipe_moderation_rejections_total", violence)
+    telemetry.result(rejected, "GENERATE", pool=None)
+    assert sample("pixelpipe_moderation_rejections_total", violence) == before + 1
     stopped = StageWork("GENERATE", "CANCELLED", 10.0, 400.0, "cpu", 0.4, 1, 1.6)
     telemetry.work(stopped, 0.0, pool="sd")
     telemetry.work(StageWork("GENERATE", "CANCELLED", 10.0, 0.0, "none", 0.0), 0.0, pool="sd")  # queued: unknown
