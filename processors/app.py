@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -406,6 +407,9 @@ def run_worker(settings: Settings, stages: Sequence[str]) -> int:
     from pixelpipe.core import logs
     from pixelpipe.core.topics import ensure_topics, partition_count
 
+    # SIGUSR1 writes every thread's stack to the log while models load; once Faust's worker runs, its own handler
+    # adds every asyncio task's (mode's ``cry``).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     renders = any(kind in stages for kind in RENDER_KINDS)
     pool = settings.stages.pool
     if pool != DEFAULT_POOL and (not renders or "moderation" in stages):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -75,3 +76,15 @@ class WorkerProcess(PixelpipeProcess):
         self, settings: Settings, stages: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(settings, ["worker", "--stages", ",".join(stages)], log_path, env)
+
+    def stacks(self, wait_s: float = 2.0) -> str:
+        """What a live worker is doing: SIGUSR1 makes the worker (mode's) write every asyncio task's and thread's
+        stack to its log, read back here; empty when it has exited or its event loop does not answer."""
+        if self.process.poll() is not None:
+            return ""
+        before = self.log_path.stat().st_size
+        self.process.send_signal(signal.SIGUSR1)
+        time.sleep(wait_s)
+        with open(self.log_path, "rb") as log:
+            log.seek(before)
+            return log.read().decode(errors="replace")

@@ -274,10 +274,13 @@ class Harness:
         """Seconds until every one of ``request_ids`` has its result row; fails with the logs on timeout."""
         started = time.monotonic()
         while self.landed(request_ids) < len(request_ids):
-            assert time.monotonic() - started < timeout_s, (
-                f"{len(request_ids) - self.landed(request_ids)} of {len(request_ids)} results not in ClickHouse "
-                f"after {timeout_s:.0f}s\n{self.logs()}"
-            )
+            if time.monotonic() - started > timeout_s:
+                stacks = "\n".join(f"--- stacks of {w.log_path.name}\n{w.stacks()}" for w in self.workers)
+                missing = len(request_ids) - self.landed(request_ids)
+                raise AssertionError(
+                    f"{missing} of {len(request_ids)} results not in ClickHouse after {timeout_s:.0f}s\n{self.logs()}"
+                    f"\n{stacks}"
+                )
             time.sleep(0.5)
         return time.monotonic() - started
 
