@@ -79,6 +79,14 @@ def result_error(result: ImageResult) -> ApiError | None:
         return rate_limited(message, retry_after_s=1)
     if code == "DEADLINE_EXCEEDED":
         return ApiError(504, f"The image was not ready by the deadline: {message}", type="server_error", code="timeout")
+    if code == "EXPERIMENT_UNAVAILABLE":  # a renderer had not read the experiment it was assigned under: transient
+        return ApiError(
+            503,
+            f"The image could not be rendered yet ({message}); retry it.",
+            type="server_error",
+            code="experiment_unavailable",
+            retry_after_s=1,
+        )
     if code == "INVALID_REQUEST":
         field = message.split(":", 1)[0] if ":" in message else None
         return ApiError(400, message, param=field, code="invalid_value")

@@ -221,6 +221,8 @@ def test_results_map_to_openai_errors():
     assert (limited.status, limited.type, limited.code) == (429, "requests", "rate_limit_exceeded")
     assert limited.headers()["Retry-After"] == "1"
     assert result_error(result(status="FAILED", error_code="DEADLINE_EXCEEDED")).status == 504
+    unread = result_error(result(status="FAILED", error_code="EXPERIMENT_UNAVAILABLE", error_message="not rendered"))
+    assert (unread.status, unread.code, unread.headers()["Retry-After"]) == (503, "experiment_unavailable", "1")
     invalid = result(status="FAILED", error_code="INVALID_REQUEST", error_message="steps: x")
     assert result_error(invalid).param == "steps"
     failed = result_error(result(status="FAILED", error_code="INTERNAL_ERROR", error_message="RuntimeError('gpu 3')"))
